@@ -1,0 +1,95 @@
+//! Time, injectable so that tests control expiry and last-used.
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use time::{Duration, OffsetDateTime};
+
+/// A source of the current time. The service reads it on every verification (expiry) and
+/// creation.
+pub trait Clock: Debug + Send + Sync + 'static {
+    /// Now, in UTC.
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The operating system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// A clock that moves only when told to. Clones share the same time.
+///
+/// ```
+/// # use apikeys::{Clock, ManualClock};
+/// # use time::{Duration, macros::datetime};
+/// let clock = ManualClock::new(datetime!(2025-11-02 14:23 UTC));
+/// let service_side = clock.clone();
+/// clock.advance(Duration::hours(1));
+/// assert_eq!(service_side.now(), datetime!(2025-11-02 15:23 UTC));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<Mutex<OffsetDateTime>>);
+
+impl ManualClock {
+    /// A clock standing at `now`.
+    pub fn new(now: OffsetDateTime) -> Self {
+        Self(Arc::new(Mutex::new(now)))
+    }
+
+    /// Moves the clock to `now` (backwards too, to test clock steps).
+    pub fn set(&self, now: OffsetDateTime) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = now;
+    }
+
+    /// Moves the clock by `by`.
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A time as the library stores it: UTC, whole microseconds (what every backend, PostgreSQL
+/// included, keeps exactly).
+pub(crate) fn normalize(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let micros = at.microsecond();
+    at.replace_microsecond(micros).unwrap_or(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn normalize_keeps_microseconds_in_utc() {
+        let at = datetime!(2025-11-02 16:23:00.123456789 +02:00);
+        assert_eq!(normalize(at), datetime!(2025-11-02 14:23:00.123456 UTC));
+        assert_eq!(normalize(at).offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn the_manual_clock_moves_only_when_told() {
+        let clock = ManualClock::new(datetime!(2025-01-01 0:00 UTC));
+        assert_eq!(clock.now(), clock.now());
+        clock.advance(Duration::seconds(90));
+        assert_eq!(clock.now(), datetime!(2025-01-01 0:01:30 UTC));
+        clock.set(datetime!(2024-01-01 0:00 UTC));
+        assert_eq!(clock.now(), datetime!(2024-01-01 0:00 UTC));
+    }
+
+    #[test]
+    fn the_system_clock_is_utc() {
+        assert_eq!(SystemClock.now().offset(), time::UtcOffset::UTC);
+    }
+}

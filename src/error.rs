@@ -1,0 +1,118 @@
+//! The public error types.
+//!
+//! No message here ever repeats the input it rejects: a caller may paste a token where a key id
+//! or a name belongs, and an error message ends up in logs.
+
+use crate::store::StoreError;
+use crate::token::TokenError;
+
+/// A value given to the library is not valid. The message says what a valid one looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// An [`AccountId`](crate::AccountId) is empty, too long or not printable ASCII.
+    #[error("invalid account id: it must be 1 to 128 bytes of printable ASCII")]
+    AccountId,
+    /// A [`KeyId`](crate::KeyId) is not `ak_` followed by 26 lowercase Crockford base32 characters.
+    #[error(
+        "invalid key id: it must be `ak_` followed by 26 lowercase Crockford base32 characters, \
+         e.g. ak_01j9zxkp4qbc7n3m8td5e6fvg2"
+    )]
+    KeyId,
+    /// A key name is empty, longer than 255 characters or holds a control character.
+    #[error(
+        "invalid key name: it must be 1 to 255 characters without control characters, or absent"
+    )]
+    Name,
+    /// A new key's expiry is not in the future.
+    #[error("invalid expiry: expiresAt must be in the future")]
+    ExpiryNotInFuture,
+    /// A token namespace is not `[a-z][a-z0-9]{1,15}`.
+    #[error(
+        "invalid namespace: it must be a lowercase letter followed by 1 to 15 lowercase letters or digits"
+    )]
+    Namespace,
+    /// A token environment label is not `[a-z]{1,8}`.
+    #[error("invalid environment: it must be 1 to 8 lowercase letters, e.g. live or test")]
+    Environment,
+    /// A pepper is shorter than [`Pepper::MIN_LEN`](crate::Pepper::MIN_LEN) bytes.
+    #[error("invalid pepper: it must be at least 32 bytes of secret random data")]
+    PepperTooShort,
+    /// The environment variable that should hold the pepper is not set or not UTF-8.
+    #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
+    PepperMissing(&'static str),
+}
+
+/// The error of a [`KeyService`](crate::KeyService) operation other than verification.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument is not valid; nothing was changed.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The account already holds the maximum number of active keys.
+    #[error(
+        "the account already has the maximum of {limit} active keys: revoke one before creating another"
+    )]
+    KeyLimitReached {
+        /// The configured maximum of active keys per account.
+        limit: u32,
+    },
+    /// No active key of this account has this id. A key of another account, a revoked key and an
+    /// expired key are all reported this way, so that ids of other accounts cannot be probed.
+    #[error("no active key with this id in this account")]
+    NotFound,
+    /// A key tried to revoke itself; another key of the account, or the administrator path, can.
+    #[error(
+        "a key cannot revoke itself: use another key of the account, or revoke it as administrator"
+    )]
+    CannotRevokeSelf,
+    /// The operating system's random number generator failed, so no key could be made.
+    #[error("the operating system's random number generator failed")]
+    Random(#[source] rand::rngs::SysError),
+    /// The key store failed (the source says how). Each write is atomic: a failed create leaves no
+    /// key behind, though a connection lost mid-commit can leave the outcome unknown to the caller.
+    #[error("the key store failed")]
+    Store(#[source] StoreError),
+}
+
+/// Why a presented token was not accepted by [`KeyService::verify`](crate::KeyService::verify).
+///
+/// The reasons are for logs and metrics. Anything that faces a client should answer every
+/// rejection but [`Rejection::Store`] the same way ("unauthorized"), which is what the HTTP layer does.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The token is not of this service's format; the store was not asked.
+    #[error("malformed token: {0}")]
+    Malformed(#[from] TokenError),
+    /// The token is well formed but no key has its digest.
+    #[error("unknown key")]
+    Unknown,
+    /// The key was revoked.
+    #[error("revoked key")]
+    Revoked,
+    /// The key's expiry has passed.
+    #[error("expired key")]
+    Expired,
+    /// The store could not answer; this says nothing about the key, so it must not become a 401.
+    #[error("the key store failed")]
+    Store(#[source] StoreError),
+}
+
+impl Rejection {
+    /// Every value [`Rejection::reason`] can return: a closed set, fit for a metrics label.
+    pub const REASONS: [&'static str; 5] =
+        ["malformed", "unknown", "revoked", "expired", "store_error"];
+
+    /// A short, stable label of the reason, e.g. `"revoked"`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::Unknown => "unknown",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Store(_) => "store_error",
+        }
+    }
+}

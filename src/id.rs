@@ -1,0 +1,225 @@
+//! Identifiers: [`KeyId`], the public id of a key record, and [`AccountId`], the owner of keys.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::error::ValidationError;
+
+/// Lowercase Crockford base32, the alphabet of TypeID.
+const CROCKFORD: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+/// Characters after the `ak_` prefix: 128 bits in 26 characters, the first carrying only 3 bits.
+const SUFFIX_LEN: usize = 26;
+
+/// The public identifier of a key: a [TypeID](https://github.com/jetify-com/typeid) `ak_…`
+/// over a UUIDv7, so ids sort by creation time and can be pasted into logs and URLs.
+///
+/// ```
+/// # use apikeys::KeyId;
+/// let id: KeyId = "ak_01j9zxkp4qbc7n3m8td5e6fvg2".parse()?;
+/// assert_eq!(id.to_string(), "ak_01j9zxkp4qbc7n3m8td5e6fvg2");
+/// assert!("ak_01J9ZXKP4QBC7N3M8TD5E6FVG2".parse::<KeyId>().is_err()); // TypeIDs are lowercase
+/// # Ok::<(), apikeys::ValidationError>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(Uuid);
+
+impl KeyId {
+    /// The TypeID prefix of every key id.
+    pub const PREFIX: &'static str = "ak_";
+
+    /// A new id for a key created now (UUIDv7: time-ordered, 74 random bits).
+    pub(crate) fn generate() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The id of a UUID, for stores that keep ids as 16 bytes or a native `uuid` column.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID behind this id.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    fn encode(&self) -> [u8; 3 + SUFFIX_LEN] {
+        let mut out = [0u8; 3 + SUFFIX_LEN];
+        out[..3].copy_from_slice(Self::PREFIX.as_bytes());
+        let value = self.0.as_u128();
+        for (i, slot) in out[3..].iter_mut().enumerate() {
+            let shift = 5 * (SUFFIX_LEN - 1 - i);
+            *slot = CROCKFORD[((value >> shift) & 0x1f) as usize];
+        }
+        out
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let suffix = s
+            .strip_prefix(Self::PREFIX)
+            .filter(|suffix| suffix.len() == SUFFIX_LEN)
+            .ok_or(ValidationError::KeyId)?;
+        let mut value: u128 = 0;
+        for (i, byte) in suffix.bytes().enumerate() {
+            let digit = CROCKFORD
+                .iter()
+                .position(|&c| c == byte)
+                .ok_or(ValidationError::KeyId)?;
+            // The first character holds the top 3 of 130 bits: anything above 7 overflows 128 bits.
+            if i == 0 && digit > 7 {
+                return Err(ValidationError::KeyId);
+            }
+            value = (value << 5) | digit as u128;
+        }
+        Ok(Self(Uuid::from_u128(value)))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let encoded = self.encode();
+        f.write_str(std::str::from_utf8(&encoded).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// The owner of keys: an opaque id chosen by the embedding service, 1–128 bytes of printable
+/// ASCII (`' '` to `'~'`). Cheap to clone.
+///
+/// ```
+/// # use apikeys::AccountId;
+/// let account = AccountId::new("acct_42")?;
+/// assert_eq!(account.as_str(), "acct_42");
+/// assert!(AccountId::new("").is_err());
+/// assert!(AccountId::new("naïve").is_err());
+/// # Ok::<(), apikeys::ValidationError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(Arc<str>);
+
+impl AccountId {
+    /// The longest account id, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates an account id.
+    pub fn new(id: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let id = id.as_ref();
+        let printable = id.bytes().all(|b| (b' '..=b'~').contains(&b));
+        if id.is_empty() || id.len() > Self::MAX_LEN || !printable {
+            return Err(ValidationError::AccountId);
+        }
+        Ok(Self(id.into()))
+    }
+
+    /// The id as the embedding service gave it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AccountId {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccountId({:?})", &*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_id_round_trips_through_its_text_form() {
+        for value in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0192_3f4e_5a6b_7c8d_9eaf_b0c1_d2e3_f405,
+        ] {
+            let id = KeyId::from_uuid(Uuid::from_u128(value));
+            let text = id.to_string();
+            assert_eq!(text.len(), 29);
+            assert_eq!(text.parse::<KeyId>(), Ok(id));
+        }
+    }
+
+    #[test]
+    fn key_id_matches_the_typeid_reference_encoding() {
+        // From the TypeID spec's valid test vectors.
+        let id = KeyId::from_uuid(Uuid::parse_str("01890a5d-ac96-774b-bcce-b302099a8057").unwrap());
+        assert_eq!(id.to_string(), "ak_01h455vb4pex5vsknk084sn02q");
+        let max = KeyId::from_uuid(Uuid::max());
+        assert_eq!(max.to_string(), "ak_7zzzzzzzzzzzzzzzzzzzzzzzzz");
+    }
+
+    #[test]
+    fn generated_key_ids_are_version_7_and_sort_by_creation() {
+        let first = KeyId::generate();
+        let second = KeyId::generate();
+        assert_eq!(first.as_uuid().get_version_num(), 7);
+        assert!(first < second);
+        assert!(first.to_string() < second.to_string());
+    }
+
+    #[test]
+    fn malformed_key_ids_are_rejected() {
+        for bad in [
+            "",
+            "ak_",
+            "ak_01j9zxkp4qbc7n3m8td5e6fvg",   // 25 characters
+            "ak_01j9zxkp4qbc7n3m8td5e6fvg22", // 27 characters
+            "ak_81j9zxkp4qbc7n3m8td5e6fvg2",  // overflows 128 bits
+            "ak_01J9ZXKP4QBC7N3M8TD5E6FVG2",  // uppercase
+            "ak_01j9zxkp4qbc7n3m8td5e6fvgu",  // 'u' is not Crockford
+            "ak_02k0aylq5rcd8o4n9ue6f7gwh3",  // the seed's second id uses l, o, u
+            "xk_01j9zxkp4qbc7n3m8td5e6fvg2",
+            "01j9zxkp4qbc7n3m8td5e6fvg2",
+            "ak_01j9zxkp4qbc7n3m8td5e6fvé",
+            "550e8400-e29b-41d4-a716-446655440000",
+        ] {
+            assert_eq!(bad.parse::<KeyId>(), Err(ValidationError::KeyId), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn account_ids_are_printable_ascii_of_bounded_length() {
+        assert!(AccountId::new("a").is_ok());
+        assert!(AccountId::new("with space and ~!").is_ok());
+        assert!(AccountId::new("x".repeat(128)).is_ok());
+        for bad in ["", "tab\there", "new\nline", "nul\0", "ünïcode"] {
+            assert_eq!(
+                AccountId::new(bad),
+                Err(ValidationError::AccountId),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            AccountId::new("x".repeat(129)),
+            Err(ValidationError::AccountId)
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Coalescing of lastUsedAt writes (SPEC §4).
+//!
+//! A successful verification only notes the time in memory. At most once per interval, the
+//! verification that finds the interval elapsed writes every noted time in one batch, so a key
+//! costs at most one store write per interval however often it is used, and a crash loses at
+//! most one interval of lastUsedAt — never a key or a revocation. `list` overlays the noted
+//! times, so it always shows the newest time the service knows.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use time::OffsetDateTime;
+
+use crate::id::KeyId;
+
+#[derive(Debug)]
+pub(crate) struct LastUsed {
+    interval_micros: i64,
+    /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
+    /// one verification per interval writes.
+    next_flush_micros: AtomicI64,
+    noted: Mutex<HashMap<KeyId, Noted>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Noted {
+    at: OffsetDateTime,
+    /// Not yet handed to the store.
+    dirty: bool,
+}
+
+impl LastUsed {
+    pub(crate) fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval_micros: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
+            // The first use is written at once, so a new key shows as used in the store too.
+            next_flush_micros: AtomicI64::new(i64::MIN),
+            noted: Mutex::default(),
+        }
+    }
+
+    /// Notes a use; returns whether a batch is due and this caller should write it.
+    pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
+        {
+            let mut noted = self.lock();
+            let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
+            entry.at = entry.at.max(at);
+            entry.dirty = true;
+        }
+        self.claim_flush(at)
+    }
+
+    fn claim_flush(&self, now: OffsetDateTime) -> bool {
+        let now = unix_micros(now);
+        let due = self.next_flush_micros.load(Ordering::Relaxed);
+        now >= due
+            && self
+                .next_flush_micros
+                .compare_exchange(
+                    due,
+                    now.saturating_add(self.interval_micros),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Takes every time not yet written, marking it written. Forgets entries written by an
+    /// earlier batch and not used since: the store has them now.
+    pub(crate) fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
+        let mut noted = self.lock();
+        noted.retain(|_, entry| entry.dirty);
+        noted
+            .iter_mut()
+            .map(|(id, entry)| {
+                entry.dirty = false;
+                (*id, entry.at)
+            })
+            .collect()
+    }
+
+    /// Puts back a batch the store failed to write, to be retried with the next one.
+    pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
+        let mut noted = self.lock();
+        for &(id, at) in batch {
+            let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
+            entry.at = entry.at.max(at);
+            entry.dirty = true;
+        }
+    }
+
+    /// The newest time noted for each id, for overlaying on what the store returned.
+    pub(crate) fn newest(&self, ids: impl Iterator<Item = KeyId>) -> Vec<Option<OffsetDateTime>> {
+        let noted = self.lock();
+        ids.map(|id| noted.get(&id).map(|entry| entry.at)).collect()
+    }
+
+    /// How many noted times the store has not been given yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.lock().values().filter(|entry| entry.dirty).count()
+    }
+
+    // Nothing panics while the lock is held, and every state of the map is valid.
+    fn lock(&self) -> MutexGuard<'_, HashMap<KeyId, Noted>> {
+        self.noted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn unix_micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2025-01-01 0:00 UTC);
+
+    fn id() -> KeyId {
+        KeyId::generate()
+    }
+
+    #[test]
+    fn the_first_use_is_due_then_one_batch_per_interval() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let key = id();
+        assert!(last_used.note(key, T0));
+        assert!(!last_used.note(key, T0 + Duration::seconds(30)));
+        assert!(!last_used.note(key, T0 + Duration::seconds(59)));
+        assert!(last_used.note(key, T0 + Duration::seconds(60)));
+        assert!(!last_used.note(key, T0 + Duration::seconds(61)));
+    }
+
+    #[test]
+    fn a_batch_holds_the_newest_time_of_each_key_once() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let (a, b) = (id(), id());
+        last_used.note(a, T0 + Duration::seconds(5));
+        last_used.note(a, T0 + Duration::seconds(1)); // out of order: keeps the newest
+        last_used.note(b, T0 + Duration::seconds(2));
+        let mut batch = last_used.take_dirty();
+        batch.sort();
+        let mut expected = vec![
+            (a, T0 + Duration::seconds(5)),
+            (b, T0 + Duration::seconds(2)),
+        ];
+        expected.sort();
+        assert_eq!(batch, expected);
+        assert!(last_used.take_dirty().is_empty());
+        assert_eq!(last_used.pending(), 0);
+    }
+
+    #[test]
+    fn written_times_stay_visible_until_the_next_batch() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let key = id();
+        last_used.note(key, T0);
+        last_used.take_dirty();
+        assert_eq!(last_used.newest([key].into_iter()), vec![Some(T0)]);
+        last_used.take_dirty();
+        assert_eq!(last_used.newest([key].into_iter()), vec![None]);
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_with_the_next() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let key = id();
+        last_used.note(key, T0);
+        let batch = last_used.take_dirty();
+        last_used.restore(&batch);
+        assert_eq!(last_used.pending(), 1);
+        assert_eq!(last_used.take_dirty(), vec![(key, T0)]);
+    }
+
+    #[test]
+    fn a_zero_interval_writes_every_use() {
+        let last_used = LastUsed::new(std::time::Duration::ZERO);
+        let key = id();
+        assert!(last_used.note(key, T0));
+        assert!(last_used.note(key, T0));
+        assert!(last_used.note(key, T0 + Duration::seconds(1)));
+    }
+}

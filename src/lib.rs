@@ -1,0 +1,28 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod clock;
+mod digest;
+mod error;
+mod id;
+mod key;
+mod last_used;
+mod name;
+mod secret;
+mod service;
+pub mod store;
+mod token;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use digest::{Digest, DigestScheme, Pepper};
+pub use error::{Error, Rejection, ValidationError};
+pub use id::{AccountId, KeyId};
+pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
+pub use name::KeyName;
+pub use secret::SecretToken;
+pub use service::{KeyService, KeyServiceBuilder};
+pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+pub use token::{Environment, KeyFormat, TokenError, TokenParts};

@@ -1,0 +1,86 @@
+//! [`KeyName`], the human label of a key.
+
+use std::fmt;
+use std::ops::Deref;
+
+use crate::error::ValidationError;
+
+/// A key's label, e.g. `production-agent`: 1–255 characters, none of them a control character.
+/// Invalid names are refused, never truncated.
+///
+/// ```
+/// # use apikeys::KeyName;
+/// assert!(KeyName::new("production-agent").is_ok());
+/// assert!(KeyName::new("").is_err());
+/// assert!(KeyName::new("line\nbreak").is_err());
+/// assert!(KeyName::new("é".repeat(255)).is_ok()); // characters, not bytes
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyName(Box<str>);
+
+impl KeyName {
+    /// The most characters a name may have.
+    pub const MAX_CHARS: usize = 255;
+
+    /// Validates a name.
+    pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
+        let name = name.into();
+        let chars = name.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS || name.chars().any(char::is_control) {
+            return Err(ValidationError::Name);
+        }
+        Ok(Self(name.into_boxed_str()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for KeyName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_bounded_and_free_of_control_characters() {
+        assert!(KeyName::new("a").is_ok());
+        assert!(KeyName::new("x".repeat(255)).is_ok());
+        assert!(KeyName::new("'; DROP TABLE keys; --").is_ok());
+        assert!(KeyName::new("   ").is_ok());
+        for bad in [
+            String::new(),
+            "x".repeat(256),
+            "tab\t".into(),
+            "nul\0".into(),
+            "del\u{7f}".into(),
+            "c1\u{85}".into(),
+        ] {
+            assert_eq!(
+                KeyName::new(bad.clone()),
+                Err(ValidationError::Name),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! [`KeyService`]: every rule of SPEC §4 lives here, over any [`KeyStore`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock, normalize};
+use crate::digest::{Digest, Digester, Pepper};
+use crate::error::{Error, Rejection, ValidationError};
+use crate::id::{AccountId, KeyId};
+use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
+use crate::last_used::LastUsed;
+use crate::name::KeyName;
+use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::token::KeyFormat;
+
+/// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
+/// lastUsedAt buffer.
+///
+/// Build one with [`KeyService::builder`]. Call [`flush`](Self::flush) before shutdown, or the
+/// last interval of lastUsedAt is lost (keys and revocations never are).
+pub struct KeyService<S: KeyStore = Arc<dyn KeyStore>> {
+    inner: Arc<Inner<S>>,
+}
+
+struct Inner<S> {
+    store: S,
+    format: KeyFormat,
+    digester: Digester,
+    clock: Arc<dyn Clock>,
+    max_active: u32,
+    last_used: Option<LastUsed>,
+}
+
+/// Configures a [`KeyService`].
+#[must_use]
+pub struct KeyServiceBuilder<S> {
+    store: S,
+    format: KeyFormat,
+    pepper: Option<Pepper>,
+    clock: Arc<dyn Clock>,
+    max_active: u32,
+    last_used_interval: Option<Duration>,
+}
+
+impl<S: KeyStore> KeyServiceBuilder<S> {
+    /// Digests tokens with HMAC-SHA256 under `pepper` instead of plain SHA-256. Keys created
+    /// before a pepper was configured keep verifying (their digests record SHA-256).
+    pub fn pepper(mut self, pepper: Pepper) -> Self {
+        self.pepper = Some(pepper);
+        self
+    }
+
+    /// The clock for creation times, expiry and lastUsedAt; [`SystemClock`] by default.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Writes lastUsedAt at most once per `interval` per key (60 s by default). Zero writes on
+    /// every verification.
+    pub fn last_used_interval(mut self, interval: Duration) -> Self {
+        self.last_used_interval = Some(interval);
+        self
+    }
+
+    /// Turns lastUsedAt tracking off: verification then never writes.
+    pub fn without_last_used(mut self) -> Self {
+        self.last_used_interval = None;
+        self
+    }
+
+    /// The most active keys an account may hold (100 by default).
+    pub fn max_active_keys_per_account(mut self, max: u32) -> Self {
+        self.max_active = max;
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> KeyService<S> {
+        KeyService {
+            inner: Arc::new(Inner {
+                store: self.store,
+                digester: Digester::new(self.pepper.as_ref()),
+                format: self.format,
+                clock: self.clock,
+                max_active: self.max_active,
+                last_used: self.last_used_interval.map(LastUsed::new),
+            }),
+        }
+    }
+}
+
+impl<S: KeyStore> KeyService<S> {
+    /// The default limit of active keys per account.
+    pub const DEFAULT_MAX_ACTIVE_KEYS: u32 = 100;
+    /// The default interval between lastUsedAt writes.
+    pub const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(60);
+
+    /// Starts configuring a service over `store`, issuing tokens of `format`.
+    pub fn builder(store: S, format: KeyFormat) -> KeyServiceBuilder<S> {
+        KeyServiceBuilder {
+            store,
+            format,
+            pepper: None,
+            clock: Arc::new(SystemClock),
+            max_active: Self::DEFAULT_MAX_ACTIVE_KEYS,
+            last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
+        }
+    }
+
+    /// The store behind the service.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The format of the tokens this service issues and accepts.
+    pub fn format(&self) -> &KeyFormat {
+        &self.inner.format
+    }
+
+    /// Creates a key for `account`. The returned [`CreatedKey::key`] is the only copy of the token.
+    ///
+    /// Errors: [`Error::Invalid`] for a bad name or an expiry not in the future,
+    /// [`Error::KeyLimitReached`], [`Error::Random`], [`Error::Store`]. A failed create leaves
+    /// nothing behind.
+    pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
+        let name = new.name.map(KeyName::new).transpose()?;
+        let now = self.now();
+        let expires_at = new.expires_at.map(normalize);
+        if expires_at.is_some_and(|expiry| expiry <= now) {
+            return Err(ValidationError::ExpiryNotInFuture.into());
+        }
+        let (key, prefix) = self.inner.format.generate().map_err(Error::Random)?;
+        let record = KeyRecord {
+            id: KeyId::generate(),
+            account: account.clone(),
+            digest: self.inner.digester.digest(key.expose_secret()),
+            prefix,
+            name,
+            created_at: now,
+            expires_at,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        self.inner
+            .store
+            .insert(&record, self.inner.max_active)
+            .await
+            .map_err(|error| match error {
+                StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
+                other => Error::Store(other),
+            })?;
+        Ok(CreatedKey {
+            id: record.id,
+            key,
+            prefix: record.prefix,
+            name: record.name,
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+        })
+    }
+
+    /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
+    pub async fn list(&self, account: &AccountId) -> Result<Vec<ApiKey>, Error> {
+        let records = self
+            .inner
+            .store
+            .list_active(account, self.now())
+            .await
+            .map_err(Error::Store)?;
+        let mut keys: Vec<ApiKey> = records.into_iter().map(ApiKey::from).collect();
+        if let Some(last_used) = &self.inner.last_used {
+            let noted = last_used.newest(keys.iter().map(|key| key.id));
+            for (key, noted) in keys.iter_mut().zip(noted) {
+                key.last_used_at = key.last_used_at.max(noted);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Checks a presented token: its format first (no store access for a malformed one), then
+    /// one digest and one indexed read, then revocation and expiry against the clock.
+    ///
+    /// The lookup is by digest, so the time it takes does not depend on how close a guess is to
+    /// a real token; the found record's digest is compared again in constant time.
+    pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+        self.inner.format.parse(token)?;
+        let digester = &self.inner.digester;
+        let record = match self.find(&digester.digest(token)).await? {
+            Some(record) => record,
+            None => match digester.legacy_digest(token) {
+                Some(legacy) => self.find(&legacy).await?.ok_or(Rejection::Unknown)?,
+                None => return Err(Rejection::Unknown),
+            },
+        };
+        let now = self.now();
+        if record.revoked_at.is_some() {
+            return Err(Rejection::Revoked);
+        }
+        if record.expires_at.is_some_and(|expiry| now >= expiry) {
+            return Err(Rejection::Expired);
+        }
+        self.note_use(record.id, now).await;
+        Ok(AuthenticatedKey::from(record))
+    }
+
+    /// Revokes a key of the caller's own account. A key cannot revoke itself
+    /// ([`Error::CannotRevokeSelf`]); a key of another account, an unknown, revoked or expired key
+    /// are all [`Error::NotFound`]. Once this returns, no verification that starts afterwards
+    /// accepts the key.
+    pub async fn revoke(&self, caller: &AuthenticatedKey, id: &KeyId) -> Result<(), Error> {
+        if caller.id == *id {
+            return Err(Error::CannotRevokeSelf);
+        }
+        self.revoke_as_admin(&caller.account, id).await
+    }
+
+    /// Revokes any active key of `account`, including one in use: the administrator's
+    /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
+    /// accounts' keys are [`Error::NotFound`].
+    pub async fn revoke_as_admin(&self, account: &AccountId, id: &KeyId) -> Result<(), Error> {
+        let revoked = self
+            .inner
+            .store
+            .revoke(account, id, self.now())
+            .await
+            .map_err(Error::Store)?;
+        if revoked {
+            Ok(())
+        } else {
+            Err(Error::NotFound)
+        }
+    }
+
+    /// Writes every lastUsedAt noted since the last write. Call it before shutdown.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let Some(last_used) = &self.inner.last_used else {
+            return Ok(());
+        };
+        let batch = last_used.take_dirty();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .record_last_used(&batch)
+            .await
+            .map_err(|error| {
+                last_used.restore(&batch);
+                Error::Store(error)
+            })
+    }
+
+    /// Notes a successful verification and, once per interval, writes the batch. A failed write
+    /// does not fail the verification: the batch is kept and retried.
+    async fn note_use(&self, id: KeyId, now: time::OffsetDateTime) {
+        let Some(last_used) = &self.inner.last_used else {
+            return;
+        };
+        if last_used.note(id, now)
+            && let Err(error) = self.flush().await
+        {
+            let error: &dyn std::error::Error = &error;
+            tracing::warn!(
+                error,
+                "could not write lastUsedAt; will retry with the next batch"
+            );
+        }
+    }
+
+    /// The record with this digest, checked to really carry it.
+    async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
+        let found = self
+            .inner
+            .store
+            .find_by_digest(digest)
+            .await
+            .map_err(Rejection::Store)?;
+        Ok(found.filter(|record| record.digest.ct_eq(digest)))
+    }
+
+    fn now(&self) -> time::OffsetDateTime {
+        normalize(self.inner.clock.now())
+    }
+}
+
+impl<S: KeyStore> Clone for KeyService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: KeyStore> fmt::Debug for KeyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("KeyService")
+            .field("store", &inner.store)
+            .field("format", &inner.format)
+            .field("digester", &inner.digester)
+            .field("clock", &inner.clock)
+            .field("max_active", &inner.max_active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Drop for Inner<S> {
+    fn drop(&mut self) {
+        let pending = self.last_used.as_ref().map_or(0, LastUsed::pending);
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                "lastUsedAt of {pending} keys was never written: call KeyService::flush before shutdown"
+            );
+        }
+    }
+}

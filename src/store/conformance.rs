@@ -1,0 +1,579 @@
+//! The conformance suite: the contract of [`KeyStore`], as checks every backend must pass
+//! (feature `test-util`).
+//!
+//! Each check is a `pub async fn` over `&dyn KeyStore` that panics when the store breaks the
+//! contract. Checks use fresh, random accounts, so they can share one store. The concurrency checks
+//! run the store on several OS threads and need a multi-threaded tokio runtime.
+//!
+//! [`conformance_tests!`](crate::conformance_tests) turns the whole suite into one `#[tokio::test]`
+//! per check for a store of your own (your crate needs `tokio` as a dev-dependency):
+//!
+//! ```ignore
+//! apikeys::conformance_tests!(async { Box::new(MyStore::connect().await) });
+//! ```
+//!
+//! The expression is a future of anything that dereferences to a store, so a fixture can keep a
+//! temporary directory alive next to the store.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+use super::{KeyRecord, KeyStore, StoreError};
+use crate::digest::Digest;
+use crate::id::{AccountId, KeyId};
+use crate::name::KeyName;
+
+/// A base time with microseconds, to catch a store that rounds them away.
+const T0: OffsetDateTime = datetime!(2025-10-15 09:00:00.123456 UTC);
+
+fn account() -> AccountId {
+    AccountId::new(format!("conformance {}", KeyId::generate())).unwrap()
+}
+
+fn record(account: &AccountId, created_at: OffsetDateTime) -> KeyRecord {
+    let id = KeyId::generate();
+    KeyRecord {
+        id,
+        account: account.clone(),
+        digest: Digest::sha256(&format!("token of {id}")),
+        prefix: "as_live_v1_abcd".to_owned(),
+        name: None,
+        created_at,
+        expires_at: None,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+async fn insert(store: &dyn KeyStore, record: &KeyRecord) {
+    store.insert(record, u32::MAX).await.expect("insert");
+}
+
+async fn find(store: &dyn KeyStore, record: &KeyRecord) -> KeyRecord {
+    store
+        .find_by_digest(&record.digest)
+        .await
+        .expect("find_by_digest")
+        .expect("the record is stored")
+}
+
+async fn listed_ids(store: &dyn KeyStore, account: &AccountId, now: OffsetDateTime) -> Vec<KeyId> {
+    let listed = store.list_active(account, now).await.expect("list_active");
+    listed.iter().map(|record| record.id).collect()
+}
+
+/// Runs `work(i)` for `i in 0..threads`, each on its own OS thread, all at once.
+async fn in_parallel<T, F, Fut>(threads: usize, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> Fut + Sync,
+    Fut: Future<Output = T>,
+{
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|i| {
+                    let (work, runtime) = (&work, &runtime);
+                    scope.spawn(move || runtime.block_on(work(i)))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| {
+                    worker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    })
+}
+
+pub async fn insert_then_find_by_digest_returns_the_same_record(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.name = Some(KeyName::new("production-agent").unwrap());
+    stored.expires_at = Some(T0 + Duration::days(30));
+    insert(store, &stored).await;
+    assert_eq!(find(store, &stored).await, stored);
+}
+
+pub async fn find_by_an_unknown_digest_is_none(store: &dyn KeyStore) {
+    let unknown = Digest::sha256(&format!("never stored {}", KeyId::generate()));
+    assert_eq!(store.find_by_digest(&unknown).await.unwrap(), None);
+}
+
+pub async fn insert_refuses_a_duplicate_id(store: &dyn KeyStore) {
+    let account = account();
+    let first = record(&account, T0);
+    insert(store, &first).await;
+    let mut same_id = record(&account, T0 + Duration::seconds(1));
+    same_id.id = first.id;
+    let refused = store.insert(&same_id, u32::MAX).await;
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
+    assert_eq!(store.find_by_digest(&same_id.digest).await.unwrap(), None);
+    assert_eq!(find(store, &first).await, first);
+}
+
+pub async fn insert_refuses_a_duplicate_digest(store: &dyn KeyStore) {
+    let first = record(&account(), T0);
+    insert(store, &first).await;
+    let mut same_digest = record(&account(), T0);
+    same_digest.digest = first.digest;
+    let refused = store.insert(&same_digest, u32::MAX).await;
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
+    assert_eq!(find(store, &first).await, first);
+    assert!(listed_ids(store, &same_digest.account, T0).await.is_empty());
+}
+
+pub async fn every_field_round_trips_exactly(store: &dyn KeyStore) {
+    let account = AccountId::new(format!(
+        "acct 'quoted' \"double\" ; -- {}",
+        KeyId::generate()
+    ))
+    .unwrap();
+    let names = [
+        "'; DROP TABLE api_keys; --".to_owned(),
+        "日本語のキー 🔑".to_owned(),
+        "\u{202e}right-to-left".to_owned(),
+        "é".repeat(KeyName::MAX_CHARS),
+        "%_\\".to_owned(),
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        let mut stored = record(&account, T0 + Duration::microseconds(i as i64));
+        stored.name = Some(KeyName::new(name).unwrap());
+        stored.prefix = format!("namespace{i}_staging_v1_z7z7");
+        stored.expires_at = Some(datetime!(9999-12-31 23:59:59.999999 UTC));
+        stored.last_used_at = None;
+        insert(store, &stored).await;
+        assert_eq!(find(store, &stored).await, stored);
+    }
+    let long_account = AccountId::new("~".repeat(AccountId::MAX_LEN)).unwrap();
+    let mut old = record(&long_account, datetime!(1970-01-01 00:00:00.000001 UTC));
+    old.digest = Digest::hmac_sha256(&crate::Pepper::new([9u8; 32]).unwrap(), &old.id.to_string());
+    insert(store, &old).await;
+    assert_eq!(find(store, &old).await, old);
+}
+
+pub async fn list_active_is_oldest_first_then_by_id(store: &dyn KeyStore) {
+    let account = account();
+    let newest = record(&account, T0 + Duration::seconds(2));
+    let oldest = record(&account, T0);
+    let mut tied = [
+        record(&account, T0 + Duration::seconds(1)),
+        record(&account, T0 + Duration::seconds(1)),
+    ];
+    for stored in [&newest, &tied[1], &oldest, &tied[0]] {
+        insert(store, stored).await;
+    }
+    tied.sort_by_key(|stored| stored.id);
+    let expected = vec![oldest.id, tied[0].id, tied[1].id, newest.id];
+    assert_eq!(
+        listed_ids(store, &account, T0 + Duration::seconds(3)).await,
+        expected
+    );
+    let listed = store
+        .list_active(&account, T0 + Duration::seconds(3))
+        .await
+        .unwrap();
+    assert_eq!(listed[0], oldest, "list_active returns whole records");
+}
+
+pub async fn list_active_skips_revoked_and_expired_keys(store: &dyn KeyStore) {
+    let account = account();
+    let now = T0 + Duration::hours(1);
+    let live = record(&account, T0);
+    let revoked = record(&account, T0);
+    let mut expires_now = record(&account, T0);
+    expires_now.expires_at = Some(now);
+    let mut expires_next = record(&account, T0);
+    expires_next.expires_at = Some(now + Duration::microseconds(1));
+    for stored in [&live, &revoked, &expires_now, &expires_next] {
+        insert(store, stored).await;
+    }
+    assert!(
+        store
+            .revoke(&account, &revoked.id, T0 + Duration::minutes(1))
+            .await
+            .unwrap()
+    );
+    let listed: BTreeSet<KeyId> = listed_ids(store, &account, now).await.into_iter().collect();
+    assert_eq!(listed, BTreeSet::from([live.id, expires_next.id]));
+    assert_eq!(
+        listed_ids(store, &account, T0 - Duration::seconds(1))
+            .await
+            .len(),
+        3,
+        "the revoked key stays revoked"
+    );
+}
+
+pub async fn list_active_shows_only_the_accounts_own_keys(store: &dyn KeyStore) {
+    let (mine, theirs) = (account(), account());
+    let my_key = record(&mine, T0);
+    insert(store, &my_key).await;
+    insert(store, &record(&theirs, T0)).await;
+    assert_eq!(listed_ids(store, &mine, T0).await, vec![my_key.id]);
+    assert!(listed_ids(store, &account(), T0).await.is_empty());
+}
+
+pub async fn revoke_sets_revoked_at_once_and_nothing_else(store: &dyn KeyStore) {
+    let account = account();
+    let stored = record(&account, T0);
+    insert(store, &stored).await;
+    let at = T0 + Duration::minutes(5);
+    assert!(store.revoke(&account, &stored.id, at).await.unwrap());
+    assert_eq!(
+        find(store, &stored).await,
+        KeyRecord {
+            revoked_at: Some(at),
+            ..stored.clone()
+        }
+    );
+    assert!(
+        !store
+            .revoke(&account, &stored.id, at + Duration::minutes(1))
+            .await
+            .unwrap(),
+        "already revoked"
+    );
+    assert_eq!(
+        find(store, &stored).await.revoked_at,
+        Some(at),
+        "a second revoke moves nothing"
+    );
+}
+
+pub async fn revoke_of_another_accounts_key_changes_nothing(store: &dyn KeyStore) {
+    let (owner, intruder) = (account(), account());
+    let stored = record(&owner, T0);
+    insert(store, &stored).await;
+    assert!(
+        !store
+            .revoke(&intruder, &stored.id, T0 + Duration::minutes(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(find(store, &stored).await, stored);
+}
+
+pub async fn revoke_of_an_unknown_id_is_false(store: &dyn KeyStore) {
+    assert!(
+        !store
+            .revoke(&account(), &KeyId::generate(), T0)
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn revoke_of_an_expired_key_is_false(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.expires_at = Some(T0 + Duration::minutes(1));
+    insert(store, &stored).await;
+    assert!(
+        !store
+            .revoke(&account, &stored.id, T0 + Duration::minutes(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(find(store, &stored).await, stored);
+    let mut later = record(&account, T0);
+    later.expires_at = Some(T0 + Duration::minutes(1));
+    insert(store, &later).await;
+    assert!(
+        store
+            .revoke(&account, &later.id, T0 + Duration::seconds(59))
+            .await
+            .unwrap(),
+        "not yet expired"
+    );
+}
+
+pub async fn revoked_keys_are_still_found_by_digest(store: &dyn KeyStore) {
+    let account = account();
+    let stored = record(&account, T0);
+    insert(store, &stored).await;
+    store.revoke(&account, &stored.id, T0).await.unwrap();
+    assert_eq!(find(store, &stored).await.revoked_at, Some(T0));
+}
+
+pub async fn the_limit_counts_only_active_keys(store: &dyn KeyStore) {
+    let account = account();
+    let first = record(&account, T0);
+    let mut expiring = record(&account, T0);
+    expiring.expires_at = Some(T0 + Duration::hours(1));
+    store.insert(&first, 2).await.unwrap();
+    store.insert(&expiring, 2).await.unwrap();
+    let third = record(&account, T0 + Duration::minutes(1));
+    let refused = store.insert(&third, 2).await;
+    assert!(
+        matches!(refused, Err(StoreError::LimitReached { limit: 2 })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.find_by_digest(&third.digest).await.unwrap(),
+        None,
+        "a refused insert stores nothing"
+    );
+
+    store
+        .revoke(&account, &first.id, T0 + Duration::minutes(2))
+        .await
+        .unwrap();
+    let after_revoke = record(&account, T0 + Duration::minutes(3));
+    store
+        .insert(&after_revoke, 2)
+        .await
+        .expect("a revoked key frees its place");
+
+    let after_expiry = record(&account, T0 + Duration::hours(1));
+    store
+        .insert(&after_expiry, 2)
+        .await
+        .expect("an expired key frees its place");
+    let over = record(&account, T0 + Duration::hours(1));
+    assert!(matches!(
+        store.insert(&over, 2).await,
+        Err(StoreError::LimitReached { .. })
+    ));
+}
+
+pub async fn the_limit_is_per_account(store: &dyn KeyStore) {
+    let (a, b) = (account(), account());
+    store.insert(&record(&a, T0), 1).await.unwrap();
+    store
+        .insert(&record(&b, T0), 1)
+        .await
+        .expect("another account's key does not count");
+    assert!(matches!(
+        store.insert(&record(&a, T0), 1).await,
+        Err(StoreError::LimitReached { limit: 1 })
+    ));
+}
+
+pub async fn a_limit_of_zero_refuses_every_insert(store: &dyn KeyStore) {
+    let refused = store.insert(&record(&account(), T0), 0).await;
+    assert!(
+        matches!(refused, Err(StoreError::LimitReached { limit: 0 })),
+        "{refused:?}"
+    );
+}
+
+pub async fn record_last_used_keeps_the_newest_time(store: &dyn KeyStore) {
+    let stored = record(&account(), T0);
+    insert(store, &stored).await;
+    let (earlier, later) = (T0 + Duration::seconds(10), T0 + Duration::seconds(20));
+    store.record_last_used(&[(stored.id, later)]).await.unwrap();
+    store
+        .record_last_used(&[(stored.id, earlier)])
+        .await
+        .unwrap();
+    assert_eq!(
+        find(store, &stored).await.last_used_at,
+        Some(later),
+        "an older batch must not move it back"
+    );
+}
+
+pub async fn record_last_used_applies_a_whole_batch(store: &dyn KeyStore) {
+    let account = account();
+    let (a, b) = (record(&account, T0), record(&account, T0));
+    insert(store, &a).await;
+    insert(store, &b).await;
+    let batch = [
+        (a.id, T0 + Duration::seconds(1)),
+        (KeyId::generate(), T0 + Duration::seconds(2)),
+        (b.id, T0 + Duration::seconds(3)),
+        (a.id, T0 + Duration::seconds(4)),
+        (a.id, T0 + Duration::microseconds(2_500_001)),
+    ];
+    store
+        .record_last_used(&batch)
+        .await
+        .expect("unknown ids are ignored");
+    assert_eq!(
+        find(store, &a).await.last_used_at,
+        Some(T0 + Duration::seconds(4))
+    );
+    assert_eq!(
+        find(store, &b).await.last_used_at,
+        Some(T0 + Duration::seconds(3))
+    );
+    store
+        .record_last_used(&[])
+        .await
+        .expect("an empty batch is fine");
+}
+
+pub async fn record_last_used_changes_nothing_else(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.expires_at = Some(T0 + Duration::days(1));
+    insert(store, &stored).await;
+    store
+        .revoke(&account, &stored.id, T0 + Duration::seconds(5))
+        .await
+        .unwrap();
+    store
+        .record_last_used(&[(stored.id, T0 + Duration::seconds(9))])
+        .await
+        .unwrap();
+    let expected = KeyRecord {
+        revoked_at: Some(T0 + Duration::seconds(5)),
+        last_used_at: Some(T0 + Duration::seconds(9)),
+        ..stored.clone()
+    };
+    assert_eq!(find(store, &stored).await, expected);
+}
+
+pub async fn many_keys_list_in_order(store: &dyn KeyStore) {
+    let account = account();
+    let mut expected = Vec::new();
+    for i in 0..150 {
+        let stored = record(&account, T0 + Duration::milliseconds(i));
+        store.insert(&stored, 1_000).await.unwrap();
+        expected.push(stored.id);
+    }
+    assert_eq!(
+        listed_ids(store, &account, T0 + Duration::hours(1)).await,
+        expected
+    );
+}
+
+pub async fn concurrent_inserts_respect_the_limit(store: &dyn KeyStore) {
+    let account = account();
+    let outcomes = in_parallel(8, |i| {
+        let account = account.clone();
+        async move {
+            let mut outcomes = Vec::new();
+            for j in 0..3 {
+                let stored = record(&account, T0 + Duration::milliseconds((i * 3 + j) as i64));
+                outcomes.push(store.insert(&stored, 5).await);
+            }
+            outcomes
+        }
+    })
+    .await;
+    let outcomes: Vec<_> = outcomes.into_iter().flatten().collect();
+    let inserted = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert_eq!(inserted, 5, "exactly the limit is inserted: {outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(()) | Err(StoreError::LimitReached { limit: 5 }))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        listed_ids(store, &account, T0 + Duration::hours(1))
+            .await
+            .len(),
+        5
+    );
+}
+
+pub async fn concurrent_revokes_succeed_once(store: &dyn KeyStore) {
+    let account = account();
+    let stored = record(&account, T0);
+    insert(store, &stored).await;
+    let revoked = in_parallel(8, |i| {
+        store.revoke(&account, &stored.id, T0 + Duration::seconds(i as i64))
+    })
+    .await;
+    let succeeded: Vec<_> = revoked
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|&revoked| revoked)
+        .collect();
+    assert_eq!(succeeded.len(), 1);
+}
+
+pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore) {
+    let account = account();
+    let keys: Vec<KeyRecord> = (0..4).map(|_| record(&account, T0)).collect();
+    for stored in &keys {
+        insert(store, stored).await;
+    }
+    let revoked: Vec<AtomicBool> = keys.iter().map(|_| AtomicBool::new(false)).collect();
+    let readers_done = AtomicBool::new(false);
+    let (account, keys, revoked, readers_done) = (&account, &keys, &revoked, &readers_done);
+    in_parallel(3, |worker| async move {
+        if worker == 0 {
+            for (stored, flag) in keys.iter().zip(revoked) {
+                tokio::task::yield_now().await;
+                assert!(
+                    store
+                        .revoke(account, &stored.id, T0 + Duration::seconds(1))
+                        .await
+                        .unwrap()
+                );
+                flag.store(true, Ordering::SeqCst);
+            }
+            readers_done.store(true, Ordering::SeqCst);
+            return;
+        }
+        let mut reads = 0;
+        while !readers_done.load(Ordering::SeqCst) || reads < 200 {
+            let index = reads % keys.len();
+            let revoke_had_returned = revoked[index].load(Ordering::SeqCst);
+            let found = find(store, &keys[index]).await;
+            if revoke_had_returned {
+                assert!(
+                    found.revoked_at.is_some(),
+                    "a read that started after revoke returned saw the key active"
+                );
+            }
+            reads += 1;
+        }
+    })
+    .await;
+}
+
+/// Runs every check of the suite against a store made by an async expression, one `#[tokio::test]`
+/// per check. The expression's value must dereference to a [`KeyStore`](crate::KeyStore).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make_store:expr) => {
+        $crate::conformance_tests!(@each $make_store;
+            insert_then_find_by_digest_returns_the_same_record,
+            find_by_an_unknown_digest_is_none,
+            insert_refuses_a_duplicate_id,
+            insert_refuses_a_duplicate_digest,
+            every_field_round_trips_exactly,
+            list_active_is_oldest_first_then_by_id,
+            list_active_skips_revoked_and_expired_keys,
+            list_active_shows_only_the_accounts_own_keys,
+            revoke_sets_revoked_at_once_and_nothing_else,
+            revoke_of_another_accounts_key_changes_nothing,
+            revoke_of_an_unknown_id_is_false,
+            revoke_of_an_expired_key_is_false,
+            revoked_keys_are_still_found_by_digest,
+            the_limit_counts_only_active_keys,
+            the_limit_is_per_account,
+            a_limit_of_zero_refuses_every_insert,
+            record_last_used_keeps_the_newest_time,
+            record_last_used_applies_a_whole_batch,
+            record_last_used_changes_nothing_else,
+            many_keys_list_in_order,
+            concurrent_inserts_respect_the_limit,
+            concurrent_revokes_succeed_once,
+            a_finished_revoke_is_seen_by_every_later_read,
+        );
+    };
+    (@each $make_store:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let fixture = $make_store.await;
+                let store: &dyn $crate::KeyStore = &*fixture;
+                $crate::store::conformance::$check(store).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,18 @@
+//! The conformance suite against the memory store: directly, and through `Arc<dyn KeyStore>`
+//! (which exercises the trait's forwarding impls and object safety).
+
+use std::sync::Arc;
+
+use apikeys::{KeyStore, MemoryStore};
+
+mod direct {
+    use super::*;
+    apikeys::conformance_tests!(async { Box::new(MemoryStore::new()) });
+}
+
+mod through_arc_dyn {
+    use super::*;
+    apikeys::conformance_tests!(async {
+        Arc::new(Arc::new(MemoryStore::new()) as Arc<dyn KeyStore>)
+    });
+}
