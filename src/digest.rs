@@ -57,10 +57,7 @@ impl Digest {
 
     /// SHA-256 of a token.
     pub fn sha256(token: &str) -> Self {
-        Self::from_hash(
-            DigestScheme::Sha256,
-            Sha256::digest(token.as_bytes()).into(),
-        )
+        Self::from_hash(DigestScheme::Sha256, Sha256::digest(token.as_bytes()).into())
     }
 
     /// HMAC-SHA256 of a token under a pepper.
@@ -131,8 +128,7 @@ impl Pepper {
 
     /// The pepper held in an environment variable (its UTF-8 bytes, e.g. 64 hex characters).
     pub fn from_env(variable: &'static str) -> Result<Self, ValidationError> {
-        let value =
-            std::env::var(variable).map_err(|_| ValidationError::PepperMissing(variable))?;
+        let value = std::env::var(variable).map_err(|_| ValidationError::PepperMissing(variable))?;
         Self::new(value)
     }
 }
@@ -178,11 +174,7 @@ impl Digester {
 
 impl fmt::Debug for Digester {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.hmac.is_some() {
-            DigestScheme::HmacSha256
-        } else {
-            DigestScheme::Sha256
-        };
+        let scheme = if self.hmac.is_some() { DigestScheme::HmacSha256 } else { DigestScheme::Sha256 };
         write!(f, "Digester({})", scheme.label())
     }
 }
@@ -200,11 +192,7 @@ mod tests {
         let digest = Digest::sha256("abc");
         assert_eq!(digest.scheme(), DigestScheme::Sha256);
         assert_eq!(digest.as_bytes()[0], 1);
-        assert_eq!(
-            &digest.as_bytes()[1..5],
-            &[0xba, 0x78, 0x16, 0xbf],
-            "SHA-256(\"abc\") starts ba7816bf"
-        );
+        assert_eq!(&digest.as_bytes()[1..5], &[0xba, 0x78, 0x16, 0xbf], "SHA-256(\"abc\") starts ba7816bf");
     }
 
     #[test]
@@ -230,18 +218,12 @@ mod tests {
     #[test]
     fn a_peppered_digester_falls_back_to_sha256_for_older_keys() {
         assert_eq!(Digester::new(None).legacy_digest("t"), None);
-        assert_eq!(
-            Digester::new(Some(&pepper())).legacy_digest("t"),
-            Some(Digest::sha256("t"))
-        );
+        assert_eq!(Digester::new(Some(&pepper())).legacy_digest("t"), Some(Digest::sha256("t")));
     }
 
     #[test]
     fn peppers_are_long_enough_and_never_printed() {
-        assert_eq!(
-            Pepper::new([1u8; 31]).unwrap_err(),
-            ValidationError::PepperTooShort
-        );
+        assert_eq!(Pepper::new([1u8; 31]).unwrap_err(), ValidationError::PepperTooShort);
         let secret = "p".repeat(40);
         let pepper = Pepper::new(secret.clone()).unwrap();
         assert_eq!(format!("{pepper:?}"), "Pepper([REDACTED])");

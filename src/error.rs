@@ -20,17 +20,13 @@ pub enum ValidationError {
     )]
     KeyId,
     /// A key name is empty, longer than 255 characters or holds a control character.
-    #[error(
-        "invalid key name: it must be 1 to 255 characters without control characters, or absent"
-    )]
+    #[error("invalid key name: it must be 1 to 255 characters without control characters, or absent")]
     Name,
     /// A new key's expiry is not in the future.
     #[error("invalid expiry: expiresAt must be in the future")]
     ExpiryNotInFuture,
     /// A token namespace is not `[a-z][a-z0-9]{1,15}`.
-    #[error(
-        "invalid namespace: it must be a lowercase letter followed by 1 to 15 lowercase letters or digits"
-    )]
+    #[error("invalid namespace: it must be a lowercase letter followed by 1 to 15 lowercase letters or digits")]
     Namespace,
     /// A token environment label is not `[a-z]{1,8}`.
     #[error("invalid environment: it must be 1 to 8 lowercase letters, e.g. live or test")]
@@ -51,9 +47,7 @@ pub enum Error {
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     /// The account already holds the maximum number of active keys.
-    #[error(
-        "the account already has the maximum of {limit} active keys: revoke one before creating another"
-    )]
+    #[error("the account already has the maximum of {limit} active keys: revoke one before creating another")]
     KeyLimitReached {
         /// The configured maximum of active keys per account.
         limit: u32,
@@ -63,9 +57,7 @@ pub enum Error {
     #[error("no active key with this id in this account")]
     NotFound,
     /// A key tried to revoke itself; another key of the account, or the administrator path, can.
-    #[error(
-        "a key cannot revoke itself: use another key of the account, or revoke it as administrator"
-    )]
+    #[error("a key cannot revoke itself: use another key of the account, or revoke it as administrator")]
     CannotRevokeSelf,
     /// The operating system's random number generator failed, so no key could be made.
     #[error("the operating system's random number generator failed")]
@@ -102,8 +94,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every value [`Rejection::reason`] can return: a closed set, fit for a metrics label.
-    pub const REASONS: [&'static str; 5] =
-        ["malformed", "unknown", "revoked", "expired", "store_error"];
+    pub const REASONS: [&'static str; 5] = ["malformed", "unknown", "revoked", "expired", "store_error"];
 
     /// A short, stable label of the reason, e.g. `"revoked"`.
     pub fn reason(&self) -> &'static str {

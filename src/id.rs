@@ -61,16 +61,11 @@ impl FromStr for KeyId {
     type Err = ValidationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let suffix = s
-            .strip_prefix(Self::PREFIX)
-            .filter(|suffix| suffix.len() == SUFFIX_LEN)
-            .ok_or(ValidationError::KeyId)?;
+        let suffix =
+            s.strip_prefix(Self::PREFIX).filter(|suffix| suffix.len() == SUFFIX_LEN).ok_or(ValidationError::KeyId)?;
         let mut value: u128 = 0;
         for (i, byte) in suffix.bytes().enumerate() {
-            let digit = CROCKFORD
-                .iter()
-                .position(|&c| c == byte)
-                .ok_or(ValidationError::KeyId)?;
+            let digit = CROCKFORD.iter().position(|&c| c == byte).ok_or(ValidationError::KeyId)?;
             // The first character holds the top 3 of 130 bits: anything above 7 overflows 128 bits.
             if i == 0 && digit > 7 {
                 return Err(ValidationError::KeyId);
@@ -154,12 +149,7 @@ mod tests {
 
     #[test]
     fn key_id_round_trips_through_its_text_form() {
-        for value in [
-            0u128,
-            1,
-            u128::MAX,
-            0x0192_3f4e_5a6b_7c8d_9eaf_b0c1_d2e3_f405,
-        ] {
+        for value in [0u128, 1, u128::MAX, 0x0192_3f4e_5a6b_7c8d_9eaf_b0c1_d2e3_f405] {
             let id = KeyId::from_uuid(Uuid::from_u128(value));
             let text = id.to_string();
             assert_eq!(text.len(), 29);
@@ -211,15 +201,8 @@ mod tests {
         assert!(AccountId::new("with space and ~!").is_ok());
         assert!(AccountId::new("x".repeat(128)).is_ok());
         for bad in ["", "tab\there", "new\nline", "nul\0", "ünïcode"] {
-            assert_eq!(
-                AccountId::new(bad),
-                Err(ValidationError::AccountId),
-                "{bad:?}"
-            );
+            assert_eq!(AccountId::new(bad), Err(ValidationError::AccountId), "{bad:?}");
         }
-        assert_eq!(
-            AccountId::new("x".repeat(129)),
-            Err(ValidationError::AccountId)
-        );
+        assert_eq!(AccountId::new("x".repeat(129)), Err(ValidationError::AccountId));
     }
 }

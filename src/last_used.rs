@@ -57,12 +57,7 @@ impl LastUsed {
         now >= due
             && self
                 .next_flush_micros
-                .compare_exchange(
-                    due,
-                    now.saturating_add(self.interval_micros),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(due, now.saturating_add(self.interval_micros), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
     }
 
@@ -143,10 +138,7 @@ mod tests {
         last_used.note(b, T0 + Duration::seconds(2));
         let mut batch = last_used.take_dirty();
         batch.sort();
-        let mut expected = vec![
-            (a, T0 + Duration::seconds(5)),
-            (b, T0 + Duration::seconds(2)),
-        ];
+        let mut expected = vec![(a, T0 + Duration::seconds(5)), (b, T0 + Duration::seconds(2))];
         expected.sort();
         assert_eq!(batch, expected);
         assert!(last_used.take_dirty().is_empty());

@@ -68,19 +68,10 @@ mod tests {
         assert!(KeyName::new("x".repeat(255)).is_ok());
         assert!(KeyName::new("'; DROP TABLE keys; --").is_ok());
         assert!(KeyName::new("   ").is_ok());
-        for bad in [
-            String::new(),
-            "x".repeat(256),
-            "tab\t".into(),
-            "nul\0".into(),
-            "del\u{7f}".into(),
-            "c1\u{85}".into(),
-        ] {
-            assert_eq!(
-                KeyName::new(bad.clone()),
-                Err(ValidationError::Name),
-                "{bad:?}"
-            );
+        for bad in
+            [String::new(), "x".repeat(256), "tab\t".into(), "nul\0".into(), "del\u{7f}".into(), "c1\u{85}".into()]
+        {
+            assert_eq!(KeyName::new(bad.clone()), Err(ValidationError::Name), "{bad:?}");
         }
     }
 }

@@ -143,14 +143,10 @@ impl<S: KeyStore> KeyService<S> {
             last_used_at: None,
             revoked_at: None,
         };
-        self.inner
-            .store
-            .insert(&record, self.inner.max_active)
-            .await
-            .map_err(|error| match error {
-                StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
-                other => Error::Store(other),
-            })?;
+        self.inner.store.insert(&record, self.inner.max_active).await.map_err(|error| match error {
+            StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
+            other => Error::Store(other),
+        })?;
         Ok(CreatedKey {
             id: record.id,
             key,
@@ -163,12 +159,7 @@ impl<S: KeyStore> KeyService<S> {
 
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
     pub async fn list(&self, account: &AccountId) -> Result<Vec<ApiKey>, Error> {
-        let records = self
-            .inner
-            .store
-            .list_active(account, self.now())
-            .await
-            .map_err(Error::Store)?;
+        let records = self.inner.store.list_active(account, self.now()).await.map_err(Error::Store)?;
         let mut keys: Vec<ApiKey> = records.into_iter().map(ApiKey::from).collect();
         if let Some(last_used) = &self.inner.last_used {
             let noted = last_used.newest(keys.iter().map(|key| key.id));
@@ -220,17 +211,8 @@ impl<S: KeyStore> KeyService<S> {
     /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
     /// accounts' keys are [`Error::NotFound`].
     pub async fn revoke_as_admin(&self, account: &AccountId, id: &KeyId) -> Result<(), Error> {
-        let revoked = self
-            .inner
-            .store
-            .revoke(account, id, self.now())
-            .await
-            .map_err(Error::Store)?;
-        if revoked {
-            Ok(())
-        } else {
-            Err(Error::NotFound)
-        }
+        let revoked = self.inner.store.revoke(account, id, self.now()).await.map_err(Error::Store)?;
+        if revoked { Ok(()) } else { Err(Error::NotFound) }
     }
 
     /// Writes every lastUsedAt noted since the last write. Call it before shutdown.
@@ -242,14 +224,10 @@ impl<S: KeyStore> KeyService<S> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.inner
-            .store
-            .record_last_used(&batch)
-            .await
-            .map_err(|error| {
-                last_used.restore(&batch);
-                Error::Store(error)
-            })
+        self.inner.store.record_last_used(&batch).await.map_err(|error| {
+            last_used.restore(&batch);
+            Error::Store(error)
+        })
     }
 
     /// Notes a successful verification and, once per interval, writes the batch. A failed write
@@ -262,21 +240,13 @@ impl<S: KeyStore> KeyService<S> {
             && let Err(error) = self.flush().await
         {
             let error: &dyn std::error::Error = &error;
-            tracing::warn!(
-                error,
-                "could not write lastUsedAt; will retry with the next batch"
-            );
+            tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
         }
     }
 
     /// The record with this digest, checked to really carry it.
     async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
-        let found = self
-            .inner
-            .store
-            .find_by_digest(digest)
-            .await
-            .map_err(Rejection::Store)?;
+        let found = self.inner.store.find_by_digest(digest).await.map_err(Rejection::Store)?;
         Ok(found.filter(|record| record.digest.ct_eq(digest)))
     }
 
@@ -287,9 +257,7 @@ impl<S: KeyStore> KeyService<S> {
 
 impl<S: KeyStore> Clone for KeyService<S> {
     fn clone(&self) -> Self {
-        Self {
-            inner: Arc::clone(&self.inner),
-        }
+        Self { inner: Arc::clone(&self.inner) }
     }
 }
 

@@ -31,8 +31,7 @@ const VERSION: &str = "v1";
 /// Longest namespace, environment and token; anything longer is rejected before it is read.
 const MAX_NAMESPACE: usize = 16;
 const MAX_ENVIRONMENT: usize = 8;
-const MAX_TOKEN_LEN: usize =
-    MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1 + BODY_CHARS;
+const MAX_TOKEN_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1 + BODY_CHARS;
 
 /// Why a string is not a token of the expected format. None of these needed the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -119,11 +118,7 @@ impl KeyFormat {
             return Err(ValidationError::Namespace);
         }
         let lead = format!("{namespace}_{environment}_{VERSION}_").into_boxed_str();
-        Ok(Self {
-            namespace: namespace.into(),
-            environment,
-            lead,
-        })
+        Ok(Self { namespace: namespace.into(), environment, lead })
     }
 
     /// The namespace, e.g. `"as"`.
@@ -160,10 +155,7 @@ impl KeyFormat {
         // The common case, a token of this format, is settled by one comparison and one checksum.
         if token.len() == self.token_len() && token.starts_with(&*self.lead) {
             check_body(token, self.lead.len())?;
-            return Ok(TokenParts {
-                token,
-                lead_len: self.lead.len(),
-            });
+            return Ok(TokenParts { token, lead_len: self.lead.len() });
         }
         // Anything else is malformed; say how, for logs and metrics. A key of another service or
         // environment is named as such even if its checksum is wrong too.
@@ -261,10 +253,7 @@ fn check_body(token: &str, lead_len: usize) -> Result<(), TokenError> {
     if body.len() != BODY_CHARS {
         return Err(TokenError::Length);
     }
-    if !body
-        .iter()
-        .all(|&b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
-    {
+    if !body.iter().all(|&b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)) {
         return Err(TokenError::Alphabet);
     }
     let (checked, checksum) = token.split_at(token.len() - CHECKSUM_CHARS);
@@ -276,18 +265,14 @@ fn check_body(token: &str, lead_len: usize) -> Result<(), TokenError> {
 
 /// The CRC32 of `checked`, big-endian, as 7 base32 characters.
 fn checksum_chars(checked: &str) -> String {
-    base32::encode(
-        BODY_ALPHABET,
-        &crc32fast::hash(checked.as_bytes()).to_be_bytes(),
-    )
+    base32::encode(BODY_ALPHABET, &crc32fast::hash(checked.as_bytes()).to_be_bytes())
 }
 
 fn is_namespace(s: &str) -> bool {
     let b = s.as_bytes();
     (2..=MAX_NAMESPACE).contains(&b.len())
         && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 fn is_environment(s: &str) -> bool {
@@ -315,10 +300,7 @@ mod tests {
         assert!(token.starts_with(&prefix));
         assert_eq!(prefix.len(), "as_live_v1_".len() + 4);
         let body = &token["as_live_v1_".len()..];
-        assert!(
-            body.bytes()
-                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
-        );
+        assert!(body.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
     }
 
     #[test]
@@ -343,23 +325,12 @@ mod tests {
         let (token, prefix) = staging.generate().unwrap();
         assert!(prefix.starts_with("acme42_staging_v1_"));
         assert!(staging.parse(token.expose_secret()).is_ok());
-        assert_eq!(
-            live().parse(token.expose_secret()),
-            Err(TokenError::Namespace)
-        );
+        assert_eq!(live().parse(token.expose_secret()), Err(TokenError::Namespace));
         for bad in ["", "Live", "toolonglabel", "l1ve", "li_ve"] {
-            assert_eq!(
-                Environment::new(bad),
-                Err(ValidationError::Environment),
-                "{bad:?}"
-            );
+            assert_eq!(Environment::new(bad), Err(ValidationError::Environment), "{bad:?}");
         }
         for bad in ["", "a", "1as", "As", "a_s", "abcdefghijklmnopq"] {
-            assert_eq!(
-                KeyFormat::new(bad, Environment::LIVE),
-                Err(ValidationError::Namespace),
-                "{bad:?}"
-            );
+            assert_eq!(KeyFormat::new(bad, Environment::LIVE), Err(ValidationError::Namespace), "{bad:?}");
         }
     }
 
@@ -378,10 +349,7 @@ mod tests {
             (format!("as_live_v2_{body}"), TokenError::Version),
             (format!("AS_live_v1_{body}"), TokenError::Namespace),
             (good.to_uppercase(), TokenError::Namespace),
-            (
-                format!("as_live_v1_{}", body.to_uppercase()),
-                TokenError::Alphabet,
-            ),
+            (format!("as_live_v1_{}", body.to_uppercase()), TokenError::Alphabet),
             (format!("as_live_v1_{}1", &body[1..]), TokenError::Alphabet),
             (format!("as_live_v1_{}é", &body[2..]), TokenError::Alphabet),
             (format!("as_live_v1_{}\0", &body[1..]), TokenError::Alphabet),
@@ -397,10 +365,7 @@ mod tests {
     fn test_tokens_are_refused_by_live_and_the_other_way_round() {
         let test = KeyFormat::new("as", Environment::TEST).unwrap();
         let (test_token, _) = test.generate().unwrap();
-        assert_eq!(
-            live().parse(test_token.expose_secret()),
-            Err(TokenError::Environment)
-        );
+        assert_eq!(live().parse(test_token.expose_secret()), Err(TokenError::Environment));
         assert_eq!(test.parse(&token()), Err(TokenError::Environment));
     }
 
@@ -428,10 +393,7 @@ mod tests {
         let index = BODY_ALPHABET_CHARS.iter().position(|&c| c == last).unwrap();
         let mut bad = good.into_bytes();
         *bad.last_mut().unwrap() = BODY_ALPHABET_CHARS[index ^ 1];
-        assert_eq!(
-            live().parse(std::str::from_utf8(&bad).unwrap()),
-            Err(TokenError::Checksum)
-        );
+        assert_eq!(live().parse(std::str::from_utf8(&bad).unwrap()), Err(TokenError::Checksum));
     }
 
     const BODY_ALPHABET_CHARS: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";

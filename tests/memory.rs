@@ -12,7 +12,5 @@ mod direct {
 
 mod through_arc_dyn {
     use super::*;
-    apikeys::conformance_tests!(async {
-        Arc::new(Arc::new(MemoryStore::new()) as Arc<dyn KeyStore>)
-    });
+    apikeys::conformance_tests!(async { Arc::new(Arc::new(MemoryStore::new()) as Arc<dyn KeyStore>) });
 }

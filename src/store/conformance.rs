@@ -55,11 +55,7 @@ async fn insert(store: &dyn KeyStore, record: &KeyRecord) {
 }
 
 async fn find(store: &dyn KeyStore, record: &KeyRecord) -> KeyRecord {
-    store
-        .find_by_digest(&record.digest)
-        .await
-        .expect("find_by_digest")
-        .expect("the record is stored")
+    store.find_by_digest(&record.digest).await.expect("find_by_digest").expect("the record is stored")
 }
 
 async fn listed_ids(store: &dyn KeyStore, account: &AccountId, now: OffsetDateTime) -> Vec<KeyId> {
@@ -85,11 +81,7 @@ where
                 .collect();
             workers
                 .into_iter()
-                .map(|worker| {
-                    worker
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
+                .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
                 .collect()
         })
     })
@@ -133,11 +125,7 @@ pub async fn insert_refuses_a_duplicate_digest(store: &dyn KeyStore) {
 }
 
 pub async fn every_field_round_trips_exactly(store: &dyn KeyStore) {
-    let account = AccountId::new(format!(
-        "acct 'quoted' \"double\" ; -- {}",
-        KeyId::generate()
-    ))
-    .unwrap();
+    let account = AccountId::new(format!("acct 'quoted' \"double\" ; -- {}", KeyId::generate())).unwrap();
     let names = [
         "'; DROP TABLE api_keys; --".to_owned(),
         "日本語のキー 🔑".to_owned(),
@@ -165,23 +153,14 @@ pub async fn list_active_is_oldest_first_then_by_id(store: &dyn KeyStore) {
     let account = account();
     let newest = record(&account, T0 + Duration::seconds(2));
     let oldest = record(&account, T0);
-    let mut tied = [
-        record(&account, T0 + Duration::seconds(1)),
-        record(&account, T0 + Duration::seconds(1)),
-    ];
+    let mut tied = [record(&account, T0 + Duration::seconds(1)), record(&account, T0 + Duration::seconds(1))];
     for stored in [&newest, &tied[1], &oldest, &tied[0]] {
         insert(store, stored).await;
     }
     tied.sort_by_key(|stored| stored.id);
     let expected = vec![oldest.id, tied[0].id, tied[1].id, newest.id];
-    assert_eq!(
-        listed_ids(store, &account, T0 + Duration::seconds(3)).await,
-        expected
-    );
-    let listed = store
-        .list_active(&account, T0 + Duration::seconds(3))
-        .await
-        .unwrap();
+    assert_eq!(listed_ids(store, &account, T0 + Duration::seconds(3)).await, expected);
+    let listed = store.list_active(&account, T0 + Duration::seconds(3)).await.unwrap();
     assert_eq!(listed[0], oldest, "list_active returns whole records");
 }
 
@@ -197,21 +176,10 @@ pub async fn list_active_skips_revoked_and_expired_keys(store: &dyn KeyStore) {
     for stored in [&live, &revoked, &expires_now, &expires_next] {
         insert(store, stored).await;
     }
-    assert!(
-        store
-            .revoke(&account, &revoked.id, T0 + Duration::minutes(1))
-            .await
-            .unwrap()
-    );
+    assert!(store.revoke(&account, &revoked.id, T0 + Duration::minutes(1)).await.unwrap());
     let listed: BTreeSet<KeyId> = listed_ids(store, &account, now).await.into_iter().collect();
     assert_eq!(listed, BTreeSet::from([live.id, expires_next.id]));
-    assert_eq!(
-        listed_ids(store, &account, T0 - Duration::seconds(1))
-            .await
-            .len(),
-        3,
-        "the revoked key stays revoked"
-    );
+    assert_eq!(listed_ids(store, &account, T0 - Duration::seconds(1)).await.len(), 3, "the revoked key stays revoked");
 }
 
 pub async fn list_active_shows_only_the_accounts_own_keys(store: &dyn KeyStore) {
@@ -229,47 +197,21 @@ pub async fn revoke_sets_revoked_at_once_and_nothing_else(store: &dyn KeyStore) 
     insert(store, &stored).await;
     let at = T0 + Duration::minutes(5);
     assert!(store.revoke(&account, &stored.id, at).await.unwrap());
-    assert_eq!(
-        find(store, &stored).await,
-        KeyRecord {
-            revoked_at: Some(at),
-            ..stored.clone()
-        }
-    );
-    assert!(
-        !store
-            .revoke(&account, &stored.id, at + Duration::minutes(1))
-            .await
-            .unwrap(),
-        "already revoked"
-    );
-    assert_eq!(
-        find(store, &stored).await.revoked_at,
-        Some(at),
-        "a second revoke moves nothing"
-    );
+    assert_eq!(find(store, &stored).await, KeyRecord { revoked_at: Some(at), ..stored.clone() });
+    assert!(!store.revoke(&account, &stored.id, at + Duration::minutes(1)).await.unwrap(), "already revoked");
+    assert_eq!(find(store, &stored).await.revoked_at, Some(at), "a second revoke moves nothing");
 }
 
 pub async fn revoke_of_another_accounts_key_changes_nothing(store: &dyn KeyStore) {
     let (owner, intruder) = (account(), account());
     let stored = record(&owner, T0);
     insert(store, &stored).await;
-    assert!(
-        !store
-            .revoke(&intruder, &stored.id, T0 + Duration::minutes(1))
-            .await
-            .unwrap()
-    );
+    assert!(!store.revoke(&intruder, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
     assert_eq!(find(store, &stored).await, stored);
 }
 
 pub async fn revoke_of_an_unknown_id_is_false(store: &dyn KeyStore) {
-    assert!(
-        !store
-            .revoke(&account(), &KeyId::generate(), T0)
-            .await
-            .unwrap()
-    );
+    assert!(!store.revoke(&account(), &KeyId::generate(), T0).await.unwrap());
 }
 
 pub async fn revoke_of_an_expired_key_is_false(store: &dyn KeyStore) {
@@ -277,23 +219,12 @@ pub async fn revoke_of_an_expired_key_is_false(store: &dyn KeyStore) {
     let mut stored = record(&account, T0);
     stored.expires_at = Some(T0 + Duration::minutes(1));
     insert(store, &stored).await;
-    assert!(
-        !store
-            .revoke(&account, &stored.id, T0 + Duration::minutes(1))
-            .await
-            .unwrap()
-    );
+    assert!(!store.revoke(&account, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
     assert_eq!(find(store, &stored).await, stored);
     let mut later = record(&account, T0);
     later.expires_at = Some(T0 + Duration::minutes(1));
     insert(store, &later).await;
-    assert!(
-        store
-            .revoke(&account, &later.id, T0 + Duration::seconds(59))
-            .await
-            .unwrap(),
-        "not yet expired"
-    );
+    assert!(store.revoke(&account, &later.id, T0 + Duration::seconds(59)).await.unwrap(), "not yet expired");
 }
 
 pub async fn revoked_keys_are_still_found_by_digest(store: &dyn KeyStore) {
@@ -313,57 +244,29 @@ pub async fn the_limit_counts_only_active_keys(store: &dyn KeyStore) {
     store.insert(&expiring, 2).await.unwrap();
     let third = record(&account, T0 + Duration::minutes(1));
     let refused = store.insert(&third, 2).await;
-    assert!(
-        matches!(refused, Err(StoreError::LimitReached { limit: 2 })),
-        "{refused:?}"
-    );
-    assert_eq!(
-        store.find_by_digest(&third.digest).await.unwrap(),
-        None,
-        "a refused insert stores nothing"
-    );
+    assert!(matches!(refused, Err(StoreError::LimitReached { limit: 2 })), "{refused:?}");
+    assert_eq!(store.find_by_digest(&third.digest).await.unwrap(), None, "a refused insert stores nothing");
 
-    store
-        .revoke(&account, &first.id, T0 + Duration::minutes(2))
-        .await
-        .unwrap();
+    store.revoke(&account, &first.id, T0 + Duration::minutes(2)).await.unwrap();
     let after_revoke = record(&account, T0 + Duration::minutes(3));
-    store
-        .insert(&after_revoke, 2)
-        .await
-        .expect("a revoked key frees its place");
+    store.insert(&after_revoke, 2).await.expect("a revoked key frees its place");
 
     let after_expiry = record(&account, T0 + Duration::hours(1));
-    store
-        .insert(&after_expiry, 2)
-        .await
-        .expect("an expired key frees its place");
+    store.insert(&after_expiry, 2).await.expect("an expired key frees its place");
     let over = record(&account, T0 + Duration::hours(1));
-    assert!(matches!(
-        store.insert(&over, 2).await,
-        Err(StoreError::LimitReached { .. })
-    ));
+    assert!(matches!(store.insert(&over, 2).await, Err(StoreError::LimitReached { .. })));
 }
 
 pub async fn the_limit_is_per_account(store: &dyn KeyStore) {
     let (a, b) = (account(), account());
     store.insert(&record(&a, T0), 1).await.unwrap();
-    store
-        .insert(&record(&b, T0), 1)
-        .await
-        .expect("another account's key does not count");
-    assert!(matches!(
-        store.insert(&record(&a, T0), 1).await,
-        Err(StoreError::LimitReached { limit: 1 })
-    ));
+    store.insert(&record(&b, T0), 1).await.expect("another account's key does not count");
+    assert!(matches!(store.insert(&record(&a, T0), 1).await, Err(StoreError::LimitReached { limit: 1 })));
 }
 
 pub async fn a_limit_of_zero_refuses_every_insert(store: &dyn KeyStore) {
     let refused = store.insert(&record(&account(), T0), 0).await;
-    assert!(
-        matches!(refused, Err(StoreError::LimitReached { limit: 0 })),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(StoreError::LimitReached { limit: 0 })), "{refused:?}");
 }
 
 pub async fn record_last_used_keeps_the_newest_time(store: &dyn KeyStore) {
@@ -371,15 +274,8 @@ pub async fn record_last_used_keeps_the_newest_time(store: &dyn KeyStore) {
     insert(store, &stored).await;
     let (earlier, later) = (T0 + Duration::seconds(10), T0 + Duration::seconds(20));
     store.record_last_used(&[(stored.id, later)]).await.unwrap();
-    store
-        .record_last_used(&[(stored.id, earlier)])
-        .await
-        .unwrap();
-    assert_eq!(
-        find(store, &stored).await.last_used_at,
-        Some(later),
-        "an older batch must not move it back"
-    );
+    store.record_last_used(&[(stored.id, earlier)]).await.unwrap();
+    assert_eq!(find(store, &stored).await.last_used_at, Some(later), "an older batch must not move it back");
 }
 
 pub async fn record_last_used_applies_a_whole_batch(store: &dyn KeyStore) {
@@ -394,22 +290,10 @@ pub async fn record_last_used_applies_a_whole_batch(store: &dyn KeyStore) {
         (a.id, T0 + Duration::seconds(4)),
         (a.id, T0 + Duration::microseconds(2_500_001)),
     ];
-    store
-        .record_last_used(&batch)
-        .await
-        .expect("unknown ids are ignored");
-    assert_eq!(
-        find(store, &a).await.last_used_at,
-        Some(T0 + Duration::seconds(4))
-    );
-    assert_eq!(
-        find(store, &b).await.last_used_at,
-        Some(T0 + Duration::seconds(3))
-    );
-    store
-        .record_last_used(&[])
-        .await
-        .expect("an empty batch is fine");
+    store.record_last_used(&batch).await.expect("unknown ids are ignored");
+    assert_eq!(find(store, &a).await.last_used_at, Some(T0 + Duration::seconds(4)));
+    assert_eq!(find(store, &b).await.last_used_at, Some(T0 + Duration::seconds(3)));
+    store.record_last_used(&[]).await.expect("an empty batch is fine");
 }
 
 pub async fn record_last_used_changes_nothing_else(store: &dyn KeyStore) {
@@ -417,14 +301,8 @@ pub async fn record_last_used_changes_nothing_else(store: &dyn KeyStore) {
     let mut stored = record(&account, T0);
     stored.expires_at = Some(T0 + Duration::days(1));
     insert(store, &stored).await;
-    store
-        .revoke(&account, &stored.id, T0 + Duration::seconds(5))
-        .await
-        .unwrap();
-    store
-        .record_last_used(&[(stored.id, T0 + Duration::seconds(9))])
-        .await
-        .unwrap();
+    store.revoke(&account, &stored.id, T0 + Duration::seconds(5)).await.unwrap();
+    store.record_last_used(&[(stored.id, T0 + Duration::seconds(9))]).await.unwrap();
     let expected = KeyRecord {
         revoked_at: Some(T0 + Duration::seconds(5)),
         last_used_at: Some(T0 + Duration::seconds(9)),
@@ -441,10 +319,7 @@ pub async fn many_keys_list_in_order(store: &dyn KeyStore) {
         store.insert(&stored, 1_000).await.unwrap();
         expected.push(stored.id);
     }
-    assert_eq!(
-        listed_ids(store, &account, T0 + Duration::hours(1)).await,
-        expected
-    );
+    assert_eq!(listed_ids(store, &account, T0 + Duration::hours(1)).await, expected);
 }
 
 pub async fn concurrent_inserts_respect_the_limit(store: &dyn KeyStore) {
@@ -464,33 +339,16 @@ pub async fn concurrent_inserts_respect_the_limit(store: &dyn KeyStore) {
     let outcomes: Vec<_> = outcomes.into_iter().flatten().collect();
     let inserted = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
     assert_eq!(inserted, 5, "exactly the limit is inserted: {outcomes:?}");
-    assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, Ok(()) | Err(StoreError::LimitReached { limit: 5 }))),
-        "{outcomes:?}"
-    );
-    assert_eq!(
-        listed_ids(store, &account, T0 + Duration::hours(1))
-            .await
-            .len(),
-        5
-    );
+    assert!(outcomes.iter().all(|o| matches!(o, Ok(()) | Err(StoreError::LimitReached { limit: 5 }))), "{outcomes:?}");
+    assert_eq!(listed_ids(store, &account, T0 + Duration::hours(1)).await.len(), 5);
 }
 
 pub async fn concurrent_revokes_succeed_once(store: &dyn KeyStore) {
     let account = account();
     let stored = record(&account, T0);
     insert(store, &stored).await;
-    let revoked = in_parallel(8, |i| {
-        store.revoke(&account, &stored.id, T0 + Duration::seconds(i as i64))
-    })
-    .await;
-    let succeeded: Vec<_> = revoked
-        .into_iter()
-        .map(Result::unwrap)
-        .filter(|&revoked| revoked)
-        .collect();
+    let revoked = in_parallel(8, |i| store.revoke(&account, &stored.id, T0 + Duration::seconds(i as i64))).await;
+    let succeeded: Vec<_> = revoked.into_iter().map(Result::unwrap).filter(|&revoked| revoked).collect();
     assert_eq!(succeeded.len(), 1);
 }
 
@@ -507,12 +365,7 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         if worker == 0 {
             for (stored, flag) in keys.iter().zip(revoked) {
                 tokio::task::yield_now().await;
-                assert!(
-                    store
-                        .revoke(account, &stored.id, T0 + Duration::seconds(1))
-                        .await
-                        .unwrap()
-                );
+                assert!(store.revoke(account, &stored.id, T0 + Duration::seconds(1)).await.unwrap());
                 flag.store(true, Ordering::SeqCst);
             }
             readers_done.store(true, Ordering::SeqCst);
@@ -524,10 +377,7 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
             let revoke_had_returned = revoked[index].load(Ordering::SeqCst);
             let found = find(store, &keys[index]).await;
             if revoke_had_returned {
-                assert!(
-                    found.revoked_at.is_some(),
-                    "a read that started after revoke returned saw the key active"
-                );
+                assert!(found.revoked_at.is_some(), "a read that started after revoke returned saw the key active");
             }
             reads += 1;
         }

@@ -62,26 +62,15 @@ impl Inner {
         self.by_digest.get_mut(digest)
     }
 
-    fn account_records<'a>(
-        &'a self,
-        account: &AccountId,
-    ) -> impl Iterator<Item = &'a KeyRecord> + 'a {
-        let ids = self
-            .ids_of_account
-            .get(account)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        ids.iter()
-            .filter_map(|id| self.digest_of.get(id))
-            .filter_map(|digest| self.by_digest.get(digest))
+    fn account_records<'a>(&'a self, account: &AccountId) -> impl Iterator<Item = &'a KeyRecord> + 'a {
+        let ids = self.ids_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
+        ids.iter().filter_map(|id| self.digest_of.get(id)).filter_map(|digest| self.by_digest.get(digest))
     }
 }
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryStore")
-            .field("keys", &self.len())
-            .finish()
+        f.debug_struct("MemoryStore").field("keys", &self.len()).finish()
     }
 }
 
@@ -89,23 +78,16 @@ impl fmt::Debug for MemoryStore {
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let mut inner = self.write();
-        if inner.digest_of.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest)
-        {
+        if inner.digest_of.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest) {
             return Err(StoreError::Duplicate);
         }
-        let active = inner
-            .account_records(&record.account)
-            .filter(|existing| existing.is_active(record.created_at))
-            .count();
+        let active =
+            inner.account_records(&record.account).filter(|existing| existing.is_active(record.created_at)).count();
         if active >= max_active as usize {
             return Err(StoreError::LimitReached { limit: max_active });
         }
         inner.digest_of.insert(record.id, record.digest);
-        inner
-            .ids_of_account
-            .entry(record.account.clone())
-            .or_default()
-            .push(record.id);
+        inner.ids_of_account.entry(record.account.clone()).or_default().push(record.id);
         inner.by_digest.insert(record.digest, record.clone());
         Ok(())
     }
@@ -114,27 +96,15 @@ impl KeyStore for MemoryStore {
         Ok(self.read().by_digest.get(digest).cloned())
     }
 
-    async fn list_active(
-        &self,
-        account: &AccountId,
-        now: OffsetDateTime,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         let inner = self.read();
-        let mut active: Vec<KeyRecord> = inner
-            .account_records(account)
-            .filter(|record| record.is_active(now))
-            .cloned()
-            .collect();
+        let mut active: Vec<KeyRecord> =
+            inner.account_records(account).filter(|record| record.is_active(now)).cloned().collect();
         active.sort_by_key(|record| (record.created_at, record.id));
         Ok(active)
     }
 
-    async fn revoke(
-        &self,
-        account: &AccountId,
-        id: &KeyId,
-        at: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
         let mut inner = self.write();
         match inner.record_mut(id) {
             Some(record) if record.account == *account && record.is_active(at) => {

@@ -108,21 +108,12 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
 
     /// The account's records active at `now`, oldest first (by `created_at`, then `id`).
-    async fn list_active(
-        &self,
-        account: &AccountId,
-        now: OffsetDateTime,
-    ) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Sets `revoked_at = at` on the record with this id if it belongs to `account` and is active
     /// at `at`. Returns whether it did; `false` for an unknown id, another account's key, and a
     /// key already revoked or expired, so the three cannot be told apart.
-    async fn revoke(
-        &self,
-        account: &AccountId,
-        id: &KeyId,
-        at: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError>;
 
     /// Sets `last_used_at = max(last_used_at, at)` for each pair, in one transaction where the
     /// backend has them. Unknown ids are ignored. Out-of-order batches never move a time back.

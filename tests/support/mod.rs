@@ -1,0 +1,122 @@
+//! Shared by the integration tests: a store wrapper that counts and fails calls, and the
+//! model-based test of the service that every backend runs.
+#![allow(dead_code)]
+
+pub mod model;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use apikeys::store::BoxError;
+use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError};
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+/// Where the tests' manual clocks start.
+pub const T0: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
+
+pub fn live() -> KeyFormat {
+    KeyFormat::new("as", Environment::LIVE).unwrap()
+}
+
+pub fn account(name: &str) -> AccountId {
+    AccountId::new(name).unwrap()
+}
+
+/// Which store method a call was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Insert,
+    FindByDigest,
+    ListActive,
+    Revoke,
+    RecordLastUsed,
+}
+
+const CALLS: [Call; 5] = [Call::Insert, Call::FindByDigest, Call::ListActive, Call::Revoke, Call::RecordLastUsed];
+
+/// Wraps a store: counts calls per method and fails the methods it is told to fail.
+#[derive(Debug, Default)]
+pub struct Instrumented<S> {
+    pub inner: S,
+    counts: [AtomicUsize; 5],
+    failing: Mutex<Vec<Call>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure")]
+pub struct InjectedFailure;
+
+impl<S: KeyStore> Instrumented<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, counts: Default::default(), failing: Mutex::default() }
+    }
+
+    pub fn calls(&self, call: Call) -> usize {
+        self.counts[index(call)].load(Ordering::SeqCst)
+    }
+
+    pub fn total_calls(&self) -> usize {
+        CALLS.iter().map(|&call| self.calls(call)).sum()
+    }
+
+    pub fn fail(&self, call: Call, failing: bool) {
+        let mut calls = self.failing.lock().unwrap();
+        calls.retain(|&c| c != call);
+        if failing {
+            calls.push(call);
+        }
+    }
+
+    fn enter(&self, call: Call) -> Result<(), StoreError> {
+        self.counts[index(call)].fetch_add(1, Ordering::SeqCst);
+        if self.failing.lock().unwrap().contains(&call) {
+            return Err(StoreError::Backend(Box::new(InjectedFailure) as BoxError));
+        }
+        Ok(())
+    }
+}
+
+fn index(call: Call) -> usize {
+    CALLS.iter().position(|&c| c == call).unwrap()
+}
+
+#[async_trait]
+impl<S: KeyStore> KeyStore for Instrumented<S> {
+    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+        self.enter(Call::Insert)?;
+        self.inner.insert(record, max_active).await
+    }
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.enter(Call::FindByDigest)?;
+        self.inner.find_by_digest(digest).await
+    }
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
+        self.enter(Call::ListActive)?;
+        self.inner.list_active(account, now).await
+    }
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+        self.enter(Call::Revoke)?;
+        self.inner.revoke(account, id, at).await
+    }
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        self.enter(Call::RecordLastUsed)?;
+        self.inner.record_last_used(uses).await
+    }
+}
+
+/// Every window of `width` characters of the token's secret part (the body after the 4 visible
+/// prefix characters), to search any output for a leak.
+pub fn secret_windows(token: &str, width: usize) -> Vec<String> {
+    let body_start = token.rfind('_').unwrap() + 1 + 4;
+    let secret: Vec<char> = token[body_start..].chars().collect();
+    secret.windows(width).map(|window| window.iter().collect()).collect()
+}
+
+/// Panics if `output` holds any 8 consecutive characters of the token's secret part.
+pub fn assert_no_secret(output: &str, token: &str) {
+    for window in secret_windows(token, 8) {
+        assert!(!output.contains(&window), "secret material {window:?} found in output");
+    }
+}
