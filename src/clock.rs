@@ -66,6 +66,17 @@ pub(crate) fn normalize(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_microsecond(micros).unwrap_or(at)
 }
 
+/// A time as whole Unix microseconds, the form file stores keep.
+pub(crate) fn unix_micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// The inverse of [`unix_micros`]; `None` for a value outside the supported years.
+#[cfg_attr(not(any(feature = "sqlite", feature = "redb")), allow(dead_code))]
+pub(crate) fn from_unix_micros(micros: i64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +87,18 @@ mod tests {
         let at = datetime!(2025-11-02 16:23:00.123456789 +02:00);
         assert_eq!(normalize(at), datetime!(2025-11-02 14:23:00.123456 UTC));
         assert_eq!(normalize(at).offset(), time::UtcOffset::UTC);
+    }
+
+    #[test]
+    fn unix_micros_round_trip() {
+        for at in [
+            datetime!(1970-01-01 0:00 UTC),
+            datetime!(2025-11-02 14:23:00.123456 UTC),
+            datetime!(9999-12-31 23:59:59.999999 UTC),
+        ] {
+            assert_eq!(from_unix_micros(unix_micros(at)), Some(at));
+        }
+        assert_eq!(from_unix_micros(i64::MAX), None);
     }
 
     #[test]

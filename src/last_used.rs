@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
 
+use crate::clock::unix_micros;
 use crate::id::KeyId;
 
 #[derive(Debug)]
@@ -100,10 +101,6 @@ impl LastUsed {
     fn lock(&self) -> MutexGuard<'_, HashMap<KeyId, Noted>> {
         self.noted.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-fn unix_micros(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -24,5 +24,9 @@ pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
 pub use name::KeyName;
 pub use secret::SecretToken;
 pub use service::{KeyService, KeyServiceBuilder};
-pub use store::{KeyRecord, KeyStore, MemoryStore, StoreError};
+#[cfg(feature = "redb")]
+pub use store::RedbStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
+pub use store::{KeyRecord, KeyStore, MemoryStore, OpenError, StoreError};
 pub use token::{Environment, KeyFormat, TokenError, TokenParts};

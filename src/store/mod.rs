@@ -16,12 +16,21 @@ use crate::name::KeyName;
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
+mod error;
 mod memory;
+#[cfg(feature = "redb")]
+mod redb;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "redb"))]
+mod writer;
 
+pub use error::{BackendError, BoxError, OpenError, StoreError};
 pub use memory::MemoryStore;
-
-/// A boxed error of a store's backend, kept as the source of [`StoreError::Backend`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+#[cfg(feature = "redb")]
+pub use redb::RedbStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 /// One stored key: everything but the token.
 ///
@@ -53,31 +62,6 @@ impl KeyRecord {
     /// Neither revoked nor expired at `now`. A key expires at the instant of `expires_at`.
     pub fn is_active(&self, now: OffsetDateTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|expiry| now < expiry)
-    }
-}
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// [`KeyStore::insert`] found the account already at its limit of active keys.
-    #[error("the account already has the maximum of {limit} active keys")]
-    LimitReached {
-        /// The limit that was passed to `insert`.
-        limit: u32,
-    },
-    /// [`KeyStore::insert`] found a record with the same id or the same digest.
-    #[error("a key with the same id or digest is already stored")]
-    Duplicate,
-    /// The backend failed: I/O, connection, corruption, an incompatible schema.
-    #[error("the key store backend failed")]
-    Backend(#[source] BoxError),
-}
-
-impl StoreError {
-    /// Wraps any backend error.
-    pub fn backend(source: impl Into<BoxError>) -> Self {
-        Self::Backend(source.into())
     }
 }
 

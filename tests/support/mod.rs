@@ -13,6 +13,27 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use time::macros::datetime;
 
+/// A store on a file in its own temporary directory, deleted when the store is dropped.
+pub struct InTempDir<S> {
+    pub store: S,
+    pub dir: tempfile::TempDir,
+}
+
+impl<S> InTempDir<S> {
+    /// Opens a store on `file_name` in a fresh temporary directory.
+    pub fn open<E: std::fmt::Debug>(file_name: &str, open: impl FnOnce(std::path::PathBuf) -> Result<S, E>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self { store: open(dir.path().join(file_name)).unwrap(), dir }
+    }
+}
+
+impl<S> std::ops::Deref for InTempDir<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.store
+    }
+}
+
 /// Where the tests' manual clocks start.
 pub const T0: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
 

@@ -1,0 +1,147 @@
+//! Errors of stores: of an operation ([`StoreError`]) and of opening a file ([`OpenError`]).
+
+use std::path::{Path, PathBuf};
+
+/// A boxed error of a store's backend, kept as a source rather than flattened into a string.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// [`KeyStore::insert`](super::KeyStore::insert) found the account at its limit of active keys.
+    #[error("the account already has the maximum of {limit} active keys")]
+    LimitReached {
+        /// The limit that was passed to `insert`.
+        limit: u32,
+    },
+    /// [`KeyStore::insert`](super::KeyStore::insert) found a record with the same id or digest.
+    #[error("a key with the same id or digest is already stored")]
+    Duplicate,
+    /// The backend failed: I/O, a full disk, a lost connection, corrupt data.
+    #[error("the key store backend failed")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps any backend error.
+    pub fn backend(source: impl Into<BoxError>) -> Self {
+        Self::Backend(source.into())
+    }
+}
+
+/// A backend failure with what a person needs to act on it: which store, doing what.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} store {location}: {operation} failed")]
+pub struct BackendError {
+    backend: &'static str,
+    location: String,
+    operation: &'static str,
+    #[source]
+    source: BoxError,
+}
+
+impl BackendError {
+    /// A failure of `operation` (e.g. `"insert"`) in the `backend` store at `location`.
+    pub fn new(
+        backend: &'static str,
+        location: impl Into<String>,
+        operation: &'static str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self { backend, location: location.into(), operation, source: source.into() }
+    }
+}
+
+impl From<BackendError> for StoreError {
+    fn from(error: BackendError) -> Self {
+        Self::Backend(Box::new(error))
+    }
+}
+
+/// Why a file-backed store could not be opened. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The directory that should hold the file does not exist.
+    #[error("cannot open {path}: its directory does not exist; create it first")]
+    MissingDirectory {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file or its directory cannot be written: this process lacks permission, or the file
+    /// system is read-only. (SQLite also needs to create `-wal` and `-shm` files next to it.)
+    #[error("cannot write {path}: check the permissions of the file and its directory")]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another process holds the file (redb allows one process at a time).
+    #[error(
+        "{path} is in use by another process; stop it, or use the SQLite backend to share a file between processes"
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file exists but is not an apikeys database of this backend.
+    #[error("{path} is not an apikeys {backend} database; refusing to touch it")]
+    NotApikeys {
+        /// The file.
+        path: PathBuf,
+        /// `"sqlite"` or `"redb"`.
+        backend: &'static str,
+    },
+    /// The file was written by a newer version of apikeys.
+    #[error(
+        "{path} has schema version {found}, newer than the {supported} this version of apikeys understands: upgrade apikeys"
+    )]
+    SchemaTooNew {
+        /// The file.
+        path: PathBuf,
+        /// The version recorded in the file.
+        found: u64,
+        /// The newest version this build understands.
+        supported: u64,
+    },
+    /// The disk is full.
+    #[error("cannot write {path}: the disk is full")]
+    DiskFull {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Anything else; the source says what.
+    #[error("cannot open {path}")]
+    Other {
+        /// The file.
+        path: PathBuf,
+        /// What the backend reported.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl OpenError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::MissingDirectory { path }
+            | Self::ReadOnly { path }
+            | Self::InUse { path }
+            | Self::NotApikeys { path, .. }
+            | Self::SchemaTooNew { path, .. }
+            | Self::DiskFull { path }
+            | Self::Other { path, .. } => path,
+        }
+    }
+
+    /// Checks, before a backend would fail obscurely, that the file's directory exists.
+    pub(crate) fn check_directory(path: &Path) -> Result<(), Self> {
+        match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() && !parent.is_dir() => {
+                Err(Self::MissingDirectory { path: path.to_owned() })
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! [`RedbStore`]: an embedded, pure-Rust backend for one process (feature `redb`).
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::writer::Writer;
+use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, StoreError};
+use crate::clock::{from_unix_micros, unix_micros};
+use crate::digest::Digest;
+use crate::id::{AccountId, KeyId};
+use crate::name::KeyName;
+
+/// The schema this build writes and the newest it reads.
+const SCHEMA_VERSION: u64 = 1;
+/// What every redb file starts with.
+const REDB_MAGIC: &[u8] = b"redb";
+
+/// digest -> (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at); times
+/// in Unix microseconds. Verification reads this table only.
+type RecordValue =
+    (&'static [u8; 16], &'static str, &'static str, Option<&'static str>, i64, Option<i64>, Option<i64>, Option<i64>);
+const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys");
+/// id -> digest, for revocation and lastUsedAt.
+const IDS: TableDefinition<&[u8; 16], &[u8; Digest::LEN]> = TableDefinition::new("api_keys_by_id");
+/// (account, created_at, id) -> digest: an account's keys in list order.
+const BY_ACCOUNT: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
+    TableDefinition::new("api_keys_by_account");
+/// "schema_version" -> version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
+
+/// Keys in a redb file: pure Rust, no C compiler needed, one process at a time (a second process
+/// gets [`OpenError::InUse`]).
+///
+/// Reads run inline in their own read transaction (about a microsecond); writes run on a
+/// dedicated thread, each in one write transaction committed with `Durability::Immediate`, so
+/// an acknowledged create or revocation is on disk and the caller's executor never waits for
+/// fsync. The three tables (records by digest, id index, account index) change together in one
+/// transaction, so they never disagree.
+pub struct RedbStore {
+    location: String,
+    database: Arc<Database>,
+    writer: Writer<Arc<Database>>,
+}
+
+impl RedbStore {
+    /// Opens the redb file at `path`, creating it (and its tables) if it does not exist.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        OpenError::check_directory(path)?;
+        refuse_foreign_file(path)?;
+        let database = Database::create(path).map_err(|error| open_error(path, error.into()))?;
+        migrate(path, &database)?;
+        let database = Arc::new(database);
+        let writer = Writer::spawn("apikeys-redb-writer", Arc::clone(&database))
+            .map_err(|source| OpenError::Other { path: path.to_owned(), source: source.into() })?;
+        Ok(Self { location: path.display().to_string(), database, writer })
+    }
+
+    fn failed(&self, operation: &'static str) -> impl Fn(redb::Error) -> StoreError + '_ {
+        move |source| BackendError::new("redb", self.location.clone(), operation, source).into()
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        job: impl FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let location = self.location.clone();
+        self.writer
+            .run(move |database| {
+                let outcome = (|| -> Result<T, WriteError> {
+                    let mut transaction = database.begin_write()?;
+                    transaction.set_durability(Durability::Immediate)?;
+                    let value = job(&transaction)?;
+                    transaction.commit()?;
+                    Ok(value)
+                })();
+                outcome.map_err(|error| match error {
+                    WriteError::Store(error) => error,
+                    WriteError::Redb(source) => BackendError::new("redb", location, operation, source).into(),
+                })
+            })
+            .await
+    }
+}
+
+/// What a write can fail with: a rule of the store (nothing is committed), or redb.
+enum WriteError {
+    Store(StoreError),
+    Redb(redb::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for WriteError {
+    fn from(error: E) -> Self {
+        Self::Redb(error.into())
+    }
+}
+
+/// Refuses, without letting redb touch it, a file that is not empty and not a redb file.
+fn refuse_foreign_file(path: &Path) -> Result<(), OpenError> {
+    let mut start = [0u8; REDB_MAGIC.len()];
+    let read = std::fs::File::open(path).and_then(|mut file| file.read(&mut start));
+    match read {
+        Ok(0) => Ok(()),
+        Ok(n) if start[..n] == REDB_MAGIC[..n] => Ok(()),
+        Ok(_) => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(io_open_error(path, error)),
+    }
+}
+
+fn open_error(path: &Path, error: redb::Error) -> OpenError {
+    match error {
+        redb::Error::DatabaseAlreadyOpen => OpenError::InUse { path: path.to_owned() },
+        redb::Error::Io(io) => io_open_error(path, io),
+        other => OpenError::Other { path: path.to_owned(), source: other.into() },
+    }
+}
+
+fn io_open_error(path: &Path, error: std::io::Error) -> OpenError {
+    let path = path.to_owned();
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => OpenError::ReadOnly { path },
+        std::io::ErrorKind::StorageFull => OpenError::DiskFull { path },
+        std::io::ErrorKind::WouldBlock => OpenError::InUse { path },
+        _ => OpenError::Other { path, source: error.into() },
+    }
+}
+
+/// Creates the tables of a new file, refuses a newer or a foreign one.
+fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
+    let found = (|| -> Result<Option<u64>, redb::Error> {
+        let transaction = database.begin_write()?;
+        let tables = transaction.list_tables()?.count();
+        let found = transaction.open_table(META)?.get("schema_version")?.map(|version| version.value());
+        match found {
+            None if tables > 0 => return Ok(None),
+            Some(found) if found > SCHEMA_VERSION => return Ok(Some(found)),
+            _ => {}
+        }
+        transaction.open_table(RECORDS)?;
+        transaction.open_table(IDS)?;
+        transaction.open_table(BY_ACCOUNT)?;
+        transaction.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
+        transaction.commit()?;
+        Ok(Some(SCHEMA_VERSION))
+    })()
+    .map_err(|error| open_error(path, error))?;
+    match found {
+        None => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
+        Some(found) if found > SCHEMA_VERSION => {
+            Err(OpenError::SchemaTooNew { path: path.to_owned(), found, supported: SCHEMA_VERSION })
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
+    let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value;
+    let time = |micros: i64| from_unix_micros(micros).ok_or("invalid time in record");
+    Ok(KeyRecord {
+        id: KeyId::from_uuid(Uuid::from_bytes(*id)),
+        account: AccountId::new(account)?,
+        digest: Digest::from_bytes(digest).ok_or("invalid digest in record")?,
+        prefix: prefix.to_owned(),
+        name: name.map(KeyName::new).transpose()?,
+        created_at: time(created_at)?,
+        expires_at: expires_at.map(time).transpose()?,
+        last_used_at: last_used_at.map(time).transpose()?,
+        revoked_at: revoked_at.map(time).transpose()?,
+    })
+}
+
+type RecordValueRef<'a> = (&'a [u8; 16], &'a str, &'a str, Option<&'a str>, i64, Option<i64>, Option<i64>, Option<i64>);
+
+fn is_active(expires_at: Option<i64>, revoked_at: Option<i64>, now: i64) -> bool {
+    revoked_at.is_none() && expires_at.is_none_or(|expiry| now < expiry)
+}
+
+/// The range of `BY_ACCOUNT` keys that belong to `account`.
+fn account_range(account: &str) -> std::ops::RangeInclusive<(&str, i64, &'static [u8; 16])> {
+    (account, i64::MIN, &[0u8; 16])..=(account, i64::MAX, &[0xffu8; 16])
+}
+
+#[async_trait]
+impl KeyStore for RedbStore {
+    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.write("insert", move |transaction| {
+            let mut records = transaction.open_table(RECORDS)?;
+            let mut ids = transaction.open_table(IDS)?;
+            let mut by_account = transaction.open_table(BY_ACCOUNT)?;
+            let (id, digest) = (record.id.as_uuid().as_bytes(), record.digest.as_bytes());
+            if ids.get(id)?.is_some() || records.get(digest)?.is_some() {
+                return Err(WriteError::Store(StoreError::Duplicate));
+            }
+            let created_at = unix_micros(record.created_at);
+            let mut active = 0u64;
+            for entry in by_account.range(account_range(record.account.as_str()))? {
+                let (_, digest) = entry?;
+                if let Some(existing) = records.get(digest.value())? {
+                    let (.., expires_at, _, revoked_at) = existing.value();
+                    active += u64::from(is_active(expires_at, revoked_at, created_at));
+                }
+            }
+            if active >= u64::from(max_active) {
+                return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
+            }
+            let value = (
+                id,
+                record.account.as_str(),
+                record.prefix.as_str(),
+                record.name.as_deref(),
+                created_at,
+                record.expires_at.map(unix_micros),
+                record.last_used_at.map(unix_micros),
+                record.revoked_at.map(unix_micros),
+            );
+            records.insert(digest, value)?;
+            ids.insert(id, digest)?;
+            by_account.insert((record.account.as_str(), created_at, id), digest)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        let fail = self.failed("find_by_digest");
+        let transaction = self.database.begin_read().map_err(|e| fail(e.into()))?;
+        let records = transaction.open_table(RECORDS).map_err(|e| fail(e.into()))?;
+        let Some(found) = records.get(digest.as_bytes()).map_err(|e| fail(e.into()))? else {
+            return Ok(None);
+        };
+        record_from_value(digest.as_bytes(), found.value())
+            .map(Some)
+            .map_err(|source| self.corrupt("find_by_digest", source))
+    }
+
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
+        let fail = self.failed("list_active");
+        let transaction = self.database.begin_read().map_err(|e| fail(e.into()))?;
+        let records = transaction.open_table(RECORDS).map_err(|e| fail(e.into()))?;
+        let by_account = transaction.open_table(BY_ACCOUNT).map_err(|e| fail(e.into()))?;
+        let now = unix_micros(now);
+        let mut active = Vec::new();
+        for entry in by_account.range(account_range(account.as_str())).map_err(|e| fail(e.into()))? {
+            let (_, digest) = entry.map_err(|e| fail(e.into()))?;
+            let digest = digest.value();
+            let Some(found) = records.get(digest).map_err(|e| fail(e.into()))? else { continue };
+            let value = found.value();
+            if is_active(value.5, value.7, now) {
+                active.push(record_from_value(digest, value).map_err(|source| self.corrupt("list_active", source))?);
+            }
+        }
+        Ok(active)
+    }
+
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let (account, id) = (account.clone(), *id);
+        self.write("revoke", move |transaction| {
+            let ids = transaction.open_table(IDS)?;
+            let mut records = transaction.open_table(RECORDS)?;
+            let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
+                return Ok(false);
+            };
+            let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else {
+                return Ok(false);
+            };
+            let at = unix_micros(at);
+            if found.account != account.as_str() || !is_active(found.expires_at, found.revoked_at, at) {
+                return Ok(false);
+            }
+            found.revoked_at = Some(at);
+            records.insert(&digest, found.as_value())?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let uses = uses.to_vec();
+        self.write("record_last_used", move |transaction| {
+            let ids = transaction.open_table(IDS)?;
+            let mut records = transaction.open_table(RECORDS)?;
+            for (id, at) in uses {
+                let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else { continue };
+                let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else {
+                    continue;
+                };
+                let at = unix_micros(at);
+                if found.last_used_at.is_some_and(|last| last >= at) {
+                    continue;
+                }
+                found.last_used_at = Some(at);
+                records.insert(&digest, found.as_value())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A record value copied out of the database, to be changed and written back.
+struct StoredValue {
+    id: [u8; 16],
+    account: String,
+    prefix: String,
+    name: Option<String>,
+    created_at: i64,
+    expires_at: Option<i64>,
+    last_used_at: Option<i64>,
+    revoked_at: Option<i64>,
+}
+
+impl StoredValue {
+    fn copy(value: RecordValueRef<'_>) -> Self {
+        let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value;
+        let (account, prefix, name) = (account.to_owned(), prefix.to_owned(), name.map(str::to_owned));
+        Self { id: *id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at }
+    }
+
+    fn as_value(&self) -> RecordValueRef<'_> {
+        let name = self.name.as_deref();
+        (
+            &self.id,
+            &self.account,
+            &self.prefix,
+            name,
+            self.created_at,
+            self.expires_at,
+            self.last_used_at,
+            self.revoked_at,
+        )
+    }
+}
+
+impl RedbStore {
+    fn corrupt(&self, operation: &'static str, source: BoxError) -> StoreError {
+        BackendError::new("redb", self.location.clone(), operation, format!("corrupt record: {source}")).into()
+    }
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore").field("location", &self.location).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,411 @@
+//! [`SqliteStore`]: the embedded default backend (feature `sqlite`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::writer::Writer;
+use super::{BackendError, KeyRecord, KeyStore, OpenError, StoreError};
+use crate::clock::{from_unix_micros, unix_micros};
+use crate::digest::Digest;
+use crate::id::{AccountId, KeyId};
+use crate::name::KeyName;
+
+/// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
+const APPLICATION_ID: i32 = 0x6170_6b79;
+/// The schema this build writes and the newest it reads.
+const SCHEMA_VERSION: i64 = 1;
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle read connections kept for reuse.
+const MAX_IDLE_READERS: usize = 8;
+
+const MIGRATIONS: [&str; 1] = [
+    // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
+    // one B-tree descent that ends at the whole record.
+    "CREATE TABLE api_keys (
+        digest       BLOB    NOT NULL PRIMARY KEY,
+        id           BLOB    NOT NULL UNIQUE,
+        account      TEXT    NOT NULL,
+        prefix       TEXT    NOT NULL,
+        name         TEXT,
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER,
+        last_used_at INTEGER,
+        revoked_at   INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX api_keys_by_account ON api_keys (account, created_at, id);",
+];
+
+const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at";
+
+/// Keys in an SQLite file, in WAL mode: several processes on one machine may share the file
+/// (the server and the CLI do), and readers never wait for each other or for the writer.
+///
+/// - **Reads** (verification, lists) run on the caller's thread on a small pool of read-only
+///   connections: a point read takes a few microseconds, less than handing it to another thread.
+///   Each read sees every write committed before it started, in any process.
+/// - **Writes** run on one dedicated thread that owns the write connection, so a commit waiting
+///   for fsync never blocks the caller's async executor. Creates and revocations commit with
+///   `synchronous=FULL`: acknowledged means on disk. lastUsedAt batches commit with
+///   `synchronous=NORMAL`, which survives a crash of the process but not necessarily a power loss.
+/// - The file records its schema version; a file from a newer apikeys, or one that is not an
+///   apikeys database, is refused with an [`OpenError`] that names it.
+pub struct SqliteStore {
+    location: String,
+    readers: Readers,
+    writer: Writer<Connection>,
+}
+
+/// Where the database lives.
+#[derive(Clone)]
+enum Target {
+    File(PathBuf),
+    /// An in-memory database shared by this store's connections (the `memdb` VFS).
+    Memory(String),
+}
+
+impl SqliteStore {
+    /// Opens the database file at `path`, creating it (and its schema) if it does not exist.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        OpenError::check_directory(path)?;
+        Self::open_target(Target::File(path.to_owned()))
+    }
+
+    /// A fresh database in memory, for tests: same SQL, same semantics, gone when dropped.
+    pub fn open_in_memory() -> Result<Self, OpenError> {
+        Self::open_target(Target::Memory(format!("/apikeys-{}", Uuid::now_v7())))
+    }
+
+    fn open_target(target: Target) -> Result<Self, OpenError> {
+        let writer = target.connect(false)?;
+        target.check_writable(&writer)?;
+        target.migrate(&writer)?;
+        let readers = Readers { target: target.clone(), idle: Mutex::default() };
+        // Open one reader now, so that a file readers cannot use fails here and not at the first request.
+        readers.put_back(readers.take()?);
+        let writer = Writer::spawn("apikeys-sqlite-writer", writer)
+            .map_err(|source| OpenError::Other { path: target.path(), source: source.into() })?;
+        Ok(Self { location: target.path().display().to_string(), readers, writer })
+    }
+
+    fn failed(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| BackendError::new("sqlite", self.location.clone(), operation, source).into()
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        job: impl FnOnce(&mut Connection) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let location = self.location.clone();
+        self.writer
+            .run(move |connection| {
+                job(connection).map_err(|error| match error {
+                    WriteError::Store(error) => error,
+                    WriteError::Sqlite(source) => BackendError::new("sqlite", location, operation, source).into(),
+                })
+            })
+            .await
+    }
+}
+
+/// What a job on the writer thread can fail with: a rule of the store, or SQLite.
+enum WriteError {
+    Store(StoreError),
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for WriteError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error)
+    }
+}
+
+impl Target {
+    fn path(&self) -> PathBuf {
+        match self {
+            Self::File(path) => path.clone(),
+            Self::Memory(name) => PathBuf::from(format!(":memory:{name}")),
+        }
+    }
+
+    fn connect(&self, read_only: bool) -> Result<Connection, OpenError> {
+        let access = if read_only { OpenFlags::SQLITE_OPEN_READ_ONLY } else { OpenFlags::SQLITE_OPEN_READ_WRITE };
+        let flags =
+            access | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let flags = if read_only { flags - OpenFlags::SQLITE_OPEN_CREATE } else { flags };
+        let connection = match self {
+            Self::File(path) => Connection::open_with_flags(path, flags),
+            Self::Memory(name) => Connection::open_with_flags(format!("file:{name}?vfs=memdb"), flags),
+        }
+        .map_err(|error| self.open_error(error))?;
+        connection.busy_timeout(BUSY_TIMEOUT).map_err(|error| self.open_error(error))?;
+        if let Self::File(_) = self {
+            let mode: String = connection
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+                .map_err(|error| self.open_error(error))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(OpenError::Other {
+                    path: self.path(),
+                    source: format!("cannot use WAL mode (got {mode})").into(),
+                });
+            }
+        }
+        // Creates and revocations are acknowledged only once on disk.
+        connection.pragma_update(None, "synchronous", "FULL").map_err(|error| self.open_error(error))?;
+        if read_only {
+            connection.pragma_update(None, "query_only", true).map_err(|error| self.open_error(error))?;
+        }
+        Ok(connection)
+    }
+
+    fn check_writable(&self, connection: &Connection) -> Result<(), OpenError> {
+        if connection.is_readonly(rusqlite::MAIN_DB).map_err(|error| self.open_error(error))? {
+            return Err(OpenError::ReadOnly { path: self.path() });
+        }
+        Ok(())
+    }
+
+    /// Creates the schema of a new file, upgrades an older one, refuses a newer or a foreign one.
+    fn migrate(&self, connection: &Connection) -> Result<(), OpenError> {
+        let fail = |error| self.open_error(error);
+        let transaction =
+            rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate).map_err(fail)?;
+        let application_id: i32 =
+            transaction.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(fail)?;
+        let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
+        let tables: i64 =
+            transaction.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0)).map_err(fail)?;
+        let foreign = version < 0 || if application_id == 0 { tables > 0 } else { application_id != APPLICATION_ID };
+        if foreign {
+            return Err(OpenError::NotApikeys { path: self.path(), backend: "sqlite" });
+        }
+        if version > SCHEMA_VERSION {
+            let (found, supported) = (version.unsigned_abs(), SCHEMA_VERSION.unsigned_abs());
+            return Err(OpenError::SchemaTooNew { path: self.path(), found, supported });
+        }
+        for migration in &MIGRATIONS[version as usize..] {
+            transaction.execute_batch(migration).map_err(fail)?;
+        }
+        transaction.pragma_update(None, "application_id", APPLICATION_ID).map_err(fail)?;
+        transaction.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
+        transaction.commit().map_err(fail)
+    }
+
+    fn open_error(&self, error: rusqlite::Error) -> OpenError {
+        let path = self.path();
+        match error.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => OpenError::NotApikeys { path, backend: "sqlite" },
+            Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => OpenError::ReadOnly { path },
+            Some(ErrorCode::CannotOpen) if path.exists() => OpenError::ReadOnly { path },
+            Some(ErrorCode::DiskFull) => OpenError::DiskFull { path },
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => OpenError::InUse { path },
+            _ => OpenError::Other { path, source: error.into() },
+        }
+    }
+}
+
+/// Read-only connections, taken for one read and put back.
+struct Readers {
+    target: Target,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection, OpenError> {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        idle.map_or_else(|| self.target.connect(true), Ok)
+    }
+
+    fn put_back(&self, connection: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Runs `read` on a pooled read connection, on the caller's thread.
+    fn read<T>(
+        &self,
+        operation: &'static str,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connection = self.readers.take().map_err(|source| {
+            StoreError::from(BackendError::new("sqlite", self.location.clone(), operation, source))
+        })?;
+        let result = read(&connection).map_err(self.failed(operation));
+        self.readers.put_back(connection);
+        result
+    }
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
+    fn invalid(column: usize, what: &str) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Blob, format!("invalid {what}").into())
+    }
+    let time = |column: usize| -> rusqlite::Result<Option<OffsetDateTime>> {
+        row.get::<_, Option<i64>>(column)?
+            .map(|micros| from_unix_micros(micros).ok_or_else(|| invalid(column, "time")))
+            .transpose()
+    };
+    let id: [u8; 16] = row.get(0)?;
+    let account: String = row.get(1)?;
+    let digest: Vec<u8> = row.get(2)?;
+    let name: Option<String> = row.get(4)?;
+    Ok(KeyRecord {
+        id: KeyId::from_uuid(Uuid::from_bytes(id)),
+        account: AccountId::new(account).map_err(|_| invalid(1, "account"))?,
+        digest: Digest::from_bytes(&digest).ok_or_else(|| invalid(2, "digest"))?,
+        prefix: row.get(3)?,
+        name: name.map(KeyName::new).transpose().map_err(|_| invalid(4, "name"))?,
+        created_at: time(5)?.ok_or_else(|| invalid(5, "created_at"))?,
+        expires_at: time(6)?,
+        last_used_at: time(7)?,
+        revoked_at: time(8)?,
+    })
+}
+
+fn micros(at: Option<OffsetDateTime>) -> Option<i64> {
+    at.map(unix_micros)
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.write("insert", move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let active: i64 = transaction
+                .prepare_cached(
+                    "SELECT count(*) FROM api_keys WHERE account = ?1 AND revoked_at IS NULL
+                     AND (expires_at IS NULL OR expires_at > ?2)",
+                )?
+                .query_row(params![record.account.as_str(), unix_micros(record.created_at)], |row| row.get(0))?;
+            if active >= i64::from(max_active) {
+                return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
+            }
+            let inserted = transaction
+                .prepare_cached(&format!(
+                    "INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ))?
+                .execute(params![
+                    record.id.as_uuid().as_bytes(),
+                    record.account.as_str(),
+                    &record.digest.as_bytes()[..],
+                    record.prefix,
+                    record.name.as_deref(),
+                    unix_micros(record.created_at),
+                    micros(record.expires_at),
+                    micros(record.last_used_at),
+                    micros(record.revoked_at),
+                ]);
+            match inserted {
+                Err(error) if error.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+                    return Err(WriteError::Store(StoreError::Duplicate));
+                }
+                other => other?,
+            };
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.read("find_by_digest", |connection| {
+            connection
+                .prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))?
+                .query_row([&digest.as_bytes()[..]], record_from_row)
+                .optional()
+        })
+    }
+
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read("list_active", |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM api_keys WHERE account = ?1 AND revoked_at IS NULL
+                     AND (expires_at IS NULL OR expires_at > ?2) ORDER BY created_at, id"
+                ))?
+                .query_map(params![account.as_str(), unix_micros(now)], record_from_row)?
+                .collect()
+        })
+    }
+
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let (account, id) = (account.clone(), *id);
+        self.write("revoke", move |connection| {
+            let changed = connection
+                .prepare_cached(
+                    "UPDATE api_keys SET revoked_at = ?3 WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL
+                     AND (expires_at IS NULL OR expires_at > ?3)",
+                )?
+                .execute(params![id.as_uuid().as_bytes(), account.as_str(), unix_micros(at)])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let uses = uses.to_vec();
+        self.write("record_last_used", move |connection| {
+            // Metadata only: survive a process crash, skip the fsync a power loss would need.
+            connection.pragma_update(None, "synchronous", "NORMAL")?;
+            let written = write_last_used(connection, &uses);
+            connection.pragma_update(None, "synchronous", "FULL")?;
+            Ok(written?)
+        })
+        .await
+    }
+}
+
+fn write_last_used(connection: &mut Connection, uses: &[(KeyId, OffsetDateTime)]) -> rusqlite::Result<()> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut update = transaction
+            .prepare_cached("UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, ?2), ?2) WHERE id = ?1")?;
+        for (id, at) in uses {
+            update.execute(params![id.as_uuid().as_bytes(), unix_micros(*at)])?;
+        }
+    }
+    transaction.commit()
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").field("location", &self.location).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_version_matches_the_migrations() {
+        assert_eq!(MIGRATIONS.len() as i64, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_reader_sees_the_file_migrated() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let count: i64 =
+            store.read("test", |c| c.query_row("SELECT count(*) FROM api_keys", [], |row| row.get(0))).unwrap();
+        assert_eq!(count, 0);
+        let _: Option<Option<u8>> =
+            store.readers.take().unwrap().query_row("SELECT 1", [], |row| row.get(0)).optional().unwrap();
+    }
+}

@@ -1,0 +1,59 @@
+//! A dedicated thread that owns a file store's write handle.
+//!
+//! A durable commit waits for fsync (hundreds of microseconds to milliseconds), which must not
+//! stall the caller's async executor. Each write is sent to this thread and its answer awaited
+//! through a oneshot channel, which works under any executor. Reads stay on the caller's thread:
+//! a point read takes a few microseconds, less than a hand-off to another thread would cost.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use super::StoreError;
+
+type Job<C> = Box<dyn FnOnce(&mut C) + Send>;
+
+/// The writer thread of one store; dropping it finishes the queued writes and joins the thread.
+pub(crate) struct Writer<C> {
+    jobs: Option<mpsc::Sender<Job<C>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<C: Send + 'static> Writer<C> {
+    /// Starts a thread named `name` that owns `handle`.
+    pub(crate) fn spawn(name: &str, mut handle: C) -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job<C>>();
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            for job in queue {
+                job(&mut handle);
+            }
+        })?;
+        Ok(Self { jobs: Some(jobs), thread: Some(thread) })
+    }
+
+    /// Runs `job` on the writer thread and waits for its result without blocking the executor.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut C) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job<C> = Box::new(move |handle| {
+            // The caller may have gone away (a cancelled request); the write still happened.
+            let _ = reply.send(job(handle));
+        });
+        self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::backend("the store's writer thread has stopped")
+}
+
+impl<C> Drop for Writer<C> {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
