@@ -55,16 +55,29 @@ impl RedbStore {
         let path = path.as_ref();
         OpenError::check_directory(path)?;
         refuse_foreign_file(path)?;
-        let database = Database::create(path).map_err(|error| open_error(path, error.into()))?;
-        migrate(path, &database)?;
+        let opened = without_panics(|| {
+            Ok::<_, Panicked>(Database::create(path).map_err(|error| open_error(path, error.into())).and_then(
+                |database| {
+                    migrate(path, &database)?;
+                    Ok(database)
+                },
+            ))
+        });
+        let database = opened.map_err(|panic| OpenError::Other { path: path.to_owned(), source: panic.into() })??;
         let database = Arc::new(database);
         let writer = Writer::spawn("apikeys-redb-writer", Arc::clone(&database))
             .map_err(|source| OpenError::Other { path: path.to_owned(), source: source.into() })?;
         Ok(Self { location: path.display().to_string(), database, writer })
     }
 
-    fn failed(&self, operation: &'static str) -> impl Fn(redb::Error) -> StoreError + '_ {
-        move |source| BackendError::new("redb", self.location.clone(), operation, source).into()
+    /// Runs `read` in a read transaction on the caller's thread.
+    fn read<T>(
+        &self,
+        operation: &'static str,
+        read: impl FnOnce(&redb::ReadTransaction) -> Result<T, BoxError>,
+    ) -> Result<T, StoreError> {
+        without_panics(|| read(&self.database.begin_read()?))
+            .map_err(|source| BackendError::new("redb", self.location.clone(), operation, source).into())
     }
 
     async fn write<T: Send + 'static>(
@@ -75,13 +88,13 @@ impl RedbStore {
         let location = self.location.clone();
         self.writer
             .run(move |database| {
-                let outcome = (|| -> Result<T, WriteError> {
+                let outcome = without_panics(|| -> Result<T, WriteError> {
                     let mut transaction = database.begin_write()?;
                     transaction.set_durability(Durability::Immediate)?;
                     let value = job(&transaction)?;
                     transaction.commit()?;
                     Ok(value)
-                })();
+                });
                 outcome.map_err(|error| match error {
                     WriteError::Store(error) => error,
                     WriteError::Redb(source) => BackendError::new("redb", location, operation, source).into(),
@@ -94,13 +107,37 @@ impl RedbStore {
 /// What a write can fail with: a rule of the store (nothing is committed), or redb.
 enum WriteError {
     Store(StoreError),
-    Redb(redb::Error),
+    Redb(BoxError),
 }
 
 impl<E: Into<redb::Error>> From<E> for WriteError {
     fn from(error: E) -> Self {
-        Self::Redb(error.into())
+        Self::Redb(Box::new(error.into()))
     }
+}
+
+impl From<Panicked> for WriteError {
+    fn from(panic: Panicked) -> Self {
+        Self::Redb(Box::new(panic))
+    }
+}
+
+/// redb panicked: it does so on some kinds of corruption instead of returning an error.
+#[derive(Debug, thiserror::Error)]
+#[error("redb panicked ({0}); the file is probably corrupt")]
+struct Panicked(String);
+
+/// Runs `operation`, turning a panic inside redb into an error, so a corrupt file cannot take the
+/// service down (with `panic = "abort"` it still would).
+fn without_panics<T, E: From<Panicked>>(operation: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(operation)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Panicked(message).into())
+    })
 }
 
 /// Refuses, without letting redb touch it, a file that is not empty and not a redb file.
@@ -232,34 +269,30 @@ impl KeyStore for RedbStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        let fail = self.failed("find_by_digest");
-        let transaction = self.database.begin_read().map_err(|e| fail(e.into()))?;
-        let records = transaction.open_table(RECORDS).map_err(|e| fail(e.into()))?;
-        let Some(found) = records.get(digest.as_bytes()).map_err(|e| fail(e.into()))? else {
-            return Ok(None);
-        };
-        record_from_value(digest.as_bytes(), found.value())
-            .map(Some)
-            .map_err(|source| self.corrupt("find_by_digest", source))
+        self.read("find_by_digest", |transaction| {
+            let records = transaction.open_table(RECORDS)?;
+            let found = records.get(digest.as_bytes())?;
+            found.map(|found| record_from_value(digest.as_bytes(), found.value())).transpose()
+        })
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-        let fail = self.failed("list_active");
-        let transaction = self.database.begin_read().map_err(|e| fail(e.into()))?;
-        let records = transaction.open_table(RECORDS).map_err(|e| fail(e.into()))?;
-        let by_account = transaction.open_table(BY_ACCOUNT).map_err(|e| fail(e.into()))?;
-        let now = unix_micros(now);
-        let mut active = Vec::new();
-        for entry in by_account.range(account_range(account.as_str())).map_err(|e| fail(e.into()))? {
-            let (_, digest) = entry.map_err(|e| fail(e.into()))?;
-            let digest = digest.value();
-            let Some(found) = records.get(digest).map_err(|e| fail(e.into()))? else { continue };
-            let value = found.value();
-            if is_active(value.5, value.7, now) {
-                active.push(record_from_value(digest, value).map_err(|source| self.corrupt("list_active", source))?);
+        self.read("list_active", |transaction| {
+            let records = transaction.open_table(RECORDS)?;
+            let by_account = transaction.open_table(BY_ACCOUNT)?;
+            let now = unix_micros(now);
+            let mut active = Vec::new();
+            for entry in by_account.range(account_range(account.as_str()))? {
+                let (_, digest) = entry?;
+                let digest = digest.value();
+                let Some(found) = records.get(digest)? else { continue };
+                let value = found.value();
+                if is_active(value.5, value.7, now) {
+                    active.push(record_from_value(digest, value)?);
+                }
             }
-        }
-        Ok(active)
+            Ok(active)
+        })
     }
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
@@ -341,12 +374,6 @@ impl StoredValue {
             self.last_used_at,
             self.revoked_at,
         )
-    }
-}
-
-impl RedbStore {
-    fn corrupt(&self, operation: &'static str, source: BoxError) -> StoreError {
-        BackendError::new("redb", self.location.clone(), operation, format!("corrupt record: {source}")).into()
     }
 }
 

@@ -205,7 +205,8 @@ impl Target {
         match error.sqlite_error_code() {
             Some(ErrorCode::NotADatabase) => OpenError::NotApikeys { path, backend: "sqlite" },
             Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => OpenError::ReadOnly { path },
-            Some(ErrorCode::CannotOpen) if path.exists() => OpenError::ReadOnly { path },
+            // The directory exists (checked before): the file or the directory is not writable.
+            Some(ErrorCode::CannotOpen) => OpenError::ReadOnly { path },
             Some(ErrorCode::DiskFull) => OpenError::DiskFull { path },
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => OpenError::InUse { path },
             _ => OpenError::Other { path, source: error.into() },

@@ -1,0 +1,514 @@
+//! What only a file can get wrong, for both file backends: durability across `kill -9`, other
+//! processes, and a hostile environment (missing or read-only directory, full disk, foreign or
+//! newer files, locks).
+//!
+//! Several tests run a second process: this test binary again, with `APIKEYS_CHILD` naming what
+//! to do, through the ignored test `child_process` (see [`child`]).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore, OpenError, RedbStore, SqliteStore, StoreError};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Redb,
+}
+
+const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Redb];
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Redb => "redb",
+        }
+    }
+
+    fn parse(name: &str) -> Self {
+        if name == "sqlite" { Self::Sqlite } else { Self::Redb }
+    }
+
+    fn file_name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "keys.db",
+            Self::Redb => "keys.redb",
+        }
+    }
+
+    fn open(self, path: &Path) -> Result<Box<dyn KeyStore>, OpenError> {
+        Ok(match self {
+            Self::Sqlite => Box::new(SqliteStore::open(path)?),
+            Self::Redb => Box::new(RedbStore::open(path)?),
+        })
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn record(account: &AccountId, index: u64) -> KeyRecord {
+    let id = KeyId::from_uuid(uuid::Uuid::now_v7());
+    KeyRecord {
+        id,
+        account: account.clone(),
+        digest: Digest::sha256(&format!("{id}")),
+        prefix: "as_live_v1_abcd".into(),
+        name: Some(apikeys::KeyName::new(format!("key {index}")).unwrap()),
+        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+        expires_at: None,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+}
+
+/// A temporary directory that other users may enter, for children that run without privileges.
+fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// Not a test: the entry point of the child processes the other tests start.
+#[test]
+#[ignore = "entry point of child processes started by the other tests"]
+fn child_process() {
+    let Ok(task) = std::env::var("APIKEYS_CHILD") else { return };
+    let args: Vec<&str> = task.split(' ').collect();
+    runtime().block_on(child(&args));
+}
+
+/// Prints one line of a child's report, marked so the parent can tell it from the test harness's output.
+macro_rules! report {
+    ($($arg:tt)*) => { println!("{REPORT}{}", format_args!($($arg)*)) };
+}
+
+/// What starts every line of a child's report.
+const REPORT: &str = "@@ ";
+
+/// Runs one child task, reporting on standard output, one line per acknowledged operation.
+async fn child(args: &[&str]) {
+    let backend = Backend::parse(args[1]);
+    let path = Path::new(args[2]);
+    match args[0] {
+        // Opens the store and says how that went.
+        "open" => match backend.open(path) {
+            Ok(_) => report!("opened"),
+            Err(error) => report!("open-error {error}"),
+        },
+        // Writes until killed: a create, and every third step a revocation of an earlier key.
+        "write-forever" | "write-until-full" => {
+            let store = backend.open(path).unwrap();
+            let account = AccountId::new("crash").unwrap();
+            let mut created = Vec::new();
+            for index in 0.. {
+                let new = record(&account, index);
+                if let Err(error) = store.insert(&new, u32::MAX).await {
+                    report!("write-error {}", error_chain(&error));
+                    return;
+                }
+                report!("created {} {}", new.id, hex(new.digest.as_bytes()));
+                created.push(new.id);
+                if index % 3 == 2 {
+                    let victim = created[index as usize / 2];
+                    match store.revoke(&account, &victim, OffsetDateTime::now_utc()).await {
+                        Ok(true) => report!("revoked {victim}"),
+                        Ok(false) => {}
+                        Err(error) => {
+                            report!("write-error {}", error_chain(&error));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        // Revokes one key.
+        "revoke" => {
+            let store = backend.open(path).unwrap();
+            let account = AccountId::new(args[3]).unwrap();
+            let revoked = store.revoke(&account, &args[4].parse().unwrap(), OffsetDateTime::now_utc()).await.unwrap();
+            report!("revoked {revoked}");
+        }
+        other => panic!("unknown child task {other}"),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How to start a child: directly, or through a shell that sets limits first.
+enum Wrapper {
+    None,
+    /// Without any capability: as root, file permissions then apply as to anyone.
+    Unprivileged,
+    /// With a limit on file size, as if the disk were nearly full.
+    FileSizeLimit {
+        blocks_of_512: u64,
+    },
+}
+
+fn child_command(task: &str, wrapper: Wrapper) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let test_args = ["--ignored", "--exact", "child_process", "--nocapture", "--test-threads=1", "--quiet"];
+    let mut command = match wrapper {
+        Wrapper::None => Command::new(&exe),
+        Wrapper::Unprivileged if is_root() => {
+            let mut command = Command::new("setpriv");
+            command.args(["--bounding-set=-all", "--"]).arg(&exe);
+            command
+        }
+        Wrapper::Unprivileged => Command::new(&exe),
+        Wrapper::FileSizeLimit { blocks_of_512 } => {
+            let mut command = Command::new("sh");
+            command.args(["-c", &format!("trap '' XFSZ; ulimit -f {blocks_of_512}; exec \"$0\" \"$@\"")]).arg(&exe);
+            command
+        }
+    };
+    command.args(test_args).env("APIKEYS_CHILD", task).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    command
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|meta| meta.uid() == 0).unwrap_or(false)
+}
+
+/// Runs a child to its end and returns what it printed.
+fn run_child(task: &str, wrapper: Wrapper) -> Vec<String> {
+    let output = child_command(task, wrapper).output().unwrap();
+    assert!(output.status.success(), "child {task:?} failed: {:?}", output.status);
+    reports(String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned))
+}
+
+/// The report lines among a child's output, without their marker.
+fn reports(lines: impl IntoIterator<Item = String>) -> Vec<String> {
+    lines.into_iter().filter_map(|line| line.strip_prefix(REPORT).map(str::to_owned)).collect()
+}
+
+/// Creates and revocations a child acknowledged, by the lines it printed.
+#[derive(Default, Debug)]
+struct Acknowledged {
+    created: Vec<(KeyId, Digest)>,
+    revoked: Vec<KeyId>,
+}
+
+impl Acknowledged {
+    fn from_lines(lines: &[String]) -> Self {
+        let mut acknowledged = Self::default();
+        for line in lines {
+            let words: Vec<&str> = line.split(' ').collect();
+            match words[..] {
+                ["created", id, digest] => acknowledged
+                    .created
+                    .push((id.parse().unwrap(), Digest::from_bytes(&unhex(digest)).expect("a whole line"))),
+                ["revoked", id] => acknowledged.revoked.push(id.parse().unwrap()),
+                _ => {}
+            }
+        }
+        acknowledged
+    }
+
+    /// Panics unless every acknowledged create and revocation is in the store.
+    async fn assert_all_in(&self, store: &dyn KeyStore) {
+        for (id, digest) in &self.created {
+            let found = store.find_by_digest(digest).await.unwrap();
+            let found = found.unwrap_or_else(|| panic!("acknowledged key {id} was lost"));
+            assert_eq!(found.id, *id);
+            if self.revoked.contains(id) {
+                assert!(found.revoked_at.is_some(), "acknowledged revocation of {id} was lost");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability
+
+#[test]
+fn kill_minus_9_at_any_moment_loses_nothing_acknowledged() {
+    let iterations = 6;
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(backend.file_name());
+        let mut total = Acknowledged::default();
+        for iteration in 0..iterations {
+            let mut child =
+                child_command(&format!("write-forever {} {}", backend.name(), path.display()), Wrapper::None)
+                    .spawn()
+                    .unwrap();
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            let reader = std::thread::spawn(move || stdout.lines().map_while(Result::ok).collect::<Vec<_>>());
+            // A moment that differs run to run: somewhere in the middle of writing.
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+            std::thread::sleep(Duration::from_millis(150 + u64::from(nanos % 300) + 40 * iteration));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let lines = reports(reader.join().unwrap());
+            let acknowledged = Acknowledged::from_lines(&lines);
+            assert!(!acknowledged.created.is_empty(), "{backend:?}: the child wrote nothing before it was killed");
+            let store = backend.open(&path).unwrap();
+            runtime().block_on(acknowledged.assert_all_in(&*store));
+            drop(store);
+            total.created.extend(acknowledged.created);
+            total.revoked.extend(acknowledged.revoked);
+        }
+        let store = backend.open(&path).unwrap();
+        runtime().block_on(total.assert_all_in(&*store));
+        eprintln!(
+            "{backend:?}: {iterations} kills, {} acknowledged creates and {} revocations, none lost",
+            total.created.len(),
+            total.revoked.len()
+        );
+    }
+}
+
+#[test]
+fn records_survive_closing_and_reopening() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(backend.file_name());
+        let account = AccountId::new("reopen").unwrap();
+        let (kept, revoked) = (record(&account, 0), record(&account, 1));
+        runtime().block_on(async {
+            let store = backend.open(&path).unwrap();
+            store.insert(&kept, 10).await.unwrap();
+            store.insert(&revoked, 10).await.unwrap();
+            assert!(store.revoke(&account, &revoked.id, revoked.created_at).await.unwrap());
+        });
+        runtime().block_on(async {
+            let store = backend.open(&path).unwrap();
+            assert_eq!(store.find_by_digest(&kept.digest).await.unwrap(), Some(kept.clone()));
+            let found = store.find_by_digest(&revoked.digest).await.unwrap().unwrap();
+            assert_eq!(found.revoked_at, Some(revoked.created_at), "{backend:?}");
+        });
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_that_names_the_file_and_loses_nothing() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(backend.file_name());
+        // Create the file first, so the limit bites on records, not on the empty schema.
+        drop(backend.open(&path).unwrap());
+        // Room for a few hundred kilobytes more than the new file takes.
+        let blocks_of_512 = std::fs::metadata(&path).unwrap().len() / 512 + 1024;
+        let limit = Wrapper::FileSizeLimit { blocks_of_512 };
+        let lines = run_child(&format!("write-until-full {} {}", backend.name(), path.display()), limit);
+        let error = lines.iter().find_map(|line| line.strip_prefix("write-error ")).expect("the disk filled up");
+        assert!(error.contains(&path.display().to_string()), "{backend:?}: the error names the file: {error}");
+        let acknowledged = Acknowledged::from_lines(&lines);
+        assert!(acknowledged.created.len() > 20, "{backend:?}: only {} keys fit", acknowledged.created.len());
+        let store = backend.open(&path).unwrap();
+        runtime().block_on(acknowledged.assert_all_in(&*store));
+        eprintln!("{backend:?}: disk full after {} keys: {error}", acknowledged.created.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other processes
+
+#[test]
+fn a_revocation_by_another_process_is_seen_by_the_next_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let account = AccountId::new("shared").unwrap();
+    let key = record(&account, 0);
+    runtime().block_on(async {
+        store.insert(&key, 10).await.unwrap();
+        assert_eq!(store.find_by_digest(&key.digest).await.unwrap().unwrap().revoked_at, None);
+    });
+    let lines = run_child(&format!("revoke sqlite {} shared {}", path.display(), key.id), Wrapper::None);
+    assert_eq!(lines, ["revoked true"]);
+    let found = runtime().block_on(store.find_by_digest(&key.digest)).unwrap().unwrap();
+    assert!(found.revoked_at.is_some(), "the open store sees the other process's revocation at once");
+}
+
+#[test]
+fn redb_refuses_a_second_opener_while_the_file_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let _first = RedbStore::open(&path).unwrap();
+    let error = RedbStore::open(&path).unwrap_err();
+    assert!(matches!(error, OpenError::InUse { .. }), "{error:?}");
+    assert!(error.to_string().contains("in use by another process"), "{error}");
+    let lines = run_child(&format!("open redb {}", path.display()), Wrapper::None);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("open-error ") && lines[0].contains("in use"), "{lines:?}");
+}
+
+#[test]
+fn sqlite_waits_for_another_writer_and_reports_one_that_holds_the_lock_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let account = AccountId::new("locked").unwrap();
+
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        other.execute_batch("COMMIT").unwrap();
+        other
+    });
+    runtime().block_on(store.insert(&record(&account, 0), 10)).expect("waits for the other writer");
+    let other = release.join().unwrap();
+
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let error = runtime().block_on(store.insert(&record(&account, 1), 10)).unwrap_err();
+    other.execute_batch("ROLLBACK").unwrap();
+    let message = error_chain(&error);
+    assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
+    assert!(message.contains(&path.display().to_string()) && message.contains("locked"), "{message}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile environment
+
+#[test]
+fn a_missing_directory_is_a_clear_error() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join(backend.file_name());
+        let error = backend.open(&path).unwrap_err();
+        assert!(matches!(error, OpenError::MissingDirectory { .. }), "{backend:?}: {error:?}");
+        assert_eq!(error.path(), path);
+        assert!(error.to_string().contains("directory does not exist"), "{error}");
+    }
+}
+
+#[test]
+fn a_read_only_directory_or_file_is_a_clear_error() {
+    for backend in BACKENDS {
+        let dir = shared_tempdir();
+        let read_only_dir = dir.path().join("read-only");
+        std::fs::create_dir(&read_only_dir).unwrap();
+        std::fs::set_permissions(&read_only_dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let in_read_only_dir = read_only_dir.join(backend.file_name());
+
+        let read_only_file = dir.path().join(backend.file_name());
+        drop(backend.open(&read_only_file).unwrap());
+        std::fs::set_permissions(&read_only_file, std::fs::Permissions::from_mode(0o444)).unwrap();
+
+        for path in [in_read_only_dir, read_only_file] {
+            let lines = run_child(&format!("open {} {}", backend.name(), path.display()), Wrapper::Unprivileged);
+            let expected = format!("open-error cannot write {}: check the permissions", path.display());
+            assert!(lines.len() == 1 && lines[0].starts_with(&expected), "{backend:?}: {lines:?}");
+        }
+    }
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(backend.file_name());
+        let content = b"name,key\nprod,as_live_v1_not_a_database\n".repeat(200);
+        std::fs::write(&path, &content).unwrap();
+        let error = backend.open(&path).unwrap_err();
+        assert!(matches!(error, OpenError::NotApikeys { .. }), "{backend:?}: {error:?}");
+        assert!(error.to_string().contains("is not an apikeys"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), content, "{backend:?} changed a file it refused");
+    }
+}
+
+#[test]
+fn a_database_of_another_application_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = dir.path().join("other.db");
+    rusqlite::Connection::open(&sqlite).unwrap().execute_batch("CREATE TABLE invoices (id INTEGER)").unwrap();
+    assert!(matches!(SqliteStore::open(&sqlite), Err(OpenError::NotApikeys { .. })));
+
+    let redb_path = dir.path().join("other.redb");
+    {
+        let database = redb::Database::create(&redb_path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        let table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("invoices");
+        transaction.open_table(table).unwrap().insert("a", 1).unwrap();
+        transaction.commit().unwrap();
+    }
+    assert!(matches!(RedbStore::open(&redb_path), Err(OpenError::NotApikeys { .. })));
+}
+
+#[test]
+fn a_file_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = dir.path().join("keys.db");
+    drop(SqliteStore::open(&sqlite).unwrap());
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 2).unwrap();
+    let error = SqliteStore::open(&sqlite).unwrap_err();
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 2, supported: 1, .. }), "{error:?}");
+    assert!(error.to_string().contains("upgrade apikeys"), "{error}");
+
+    let redb_path = dir.path().join("keys.redb");
+    drop(RedbStore::open(&redb_path).unwrap());
+    {
+        let database = redb::Database::create(&redb_path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
+        transaction.open_table(meta).unwrap().insert("schema_version", 7).unwrap();
+        transaction.commit().unwrap();
+    }
+    let error = RedbStore::open(&redb_path).unwrap_err();
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 1, .. }), "{error:?}");
+}
+
+#[test]
+fn a_corrupt_file_gives_errors_never_panics() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(backend.file_name());
+        let account = AccountId::new("corrupt").unwrap();
+        let records: Vec<KeyRecord> = (0..200).map(|i| record(&account, i)).collect();
+        runtime().block_on(async {
+            let store = backend.open(&path).unwrap();
+            for key in &records {
+                store.insert(key, u32::MAX).await.unwrap();
+            }
+        });
+        // Overwrite the second half of the file with garbage, keeping its header.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let half = bytes.len() / 2;
+        for (i, byte) in bytes[half..].iter_mut().enumerate() {
+            *byte = (i as u8).wrapping_mul(151).wrapping_add(7);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let _ = std::fs::remove_file(path.with_extension("db-wal"));
+        // Opening may fail, or reads may fail: either way typed errors, and no panic.
+        if let Ok(store) = backend.open(&path) {
+            runtime().block_on(async {
+                for key in &records {
+                    let _ = store.find_by_digest(&key.digest).await;
+                }
+                let _ = store.list_active(&account, OffsetDateTime::now_utc()).await;
+            });
+        }
+    }
+}
