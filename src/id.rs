@@ -143,6 +143,28 @@ impl fmt::Debug for AccountId {
     }
 }
 
+/// Serializes as the text form; deserializing validates.
+#[cfg(feature = "serde")]
+macro_rules! serde_as_text {
+    ($($type:ty),*) => {$(
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+#[cfg(feature = "serde")]
+serde_as_text!(KeyId, AccountId, crate::name::KeyName);
+
 #[cfg(test)]
 mod tests {
     use super::*;

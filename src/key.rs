@@ -46,21 +46,27 @@ impl CreatedKey {
     pub const MESSAGE: &'static str = "Store this key securely. It will not be shown again.";
 }
 
-/// A key as lists show it: metadata only.
+/// A key as lists show it: metadata only. With feature `serde` it serializes as the seed's list
+/// item: `{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}`, times in RFC 3339.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "camelCase"))]
 #[non_exhaustive]
 pub struct ApiKey {
     /// The public id.
     pub id: KeyId,
     /// The visible start of the token.
+    #[cfg_attr(feature = "serde", serde(rename = "keyPrefix"))]
     pub prefix: String,
     /// The label given at creation.
     pub name: Option<KeyName>,
     /// The last successful verification the service knows of.
+    #[cfg_attr(feature = "serde", serde(with = "time::serde::rfc3339::option"))]
     pub last_used_at: Option<OffsetDateTime>,
     /// When the key stops verifying, if ever.
+    #[cfg_attr(feature = "serde", serde(with = "time::serde::rfc3339::option"))]
     pub expires_at: Option<OffsetDateTime>,
     /// When the key was created.
+    #[cfg_attr(feature = "serde", serde(with = "time::serde::rfc3339"))]
     pub created_at: OffsetDateTime,
 }
 

@@ -7,6 +7,8 @@
 mod clock;
 mod digest;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod id;
 mod key;
 mod last_used;
@@ -14,6 +16,8 @@ mod name;
 mod secret;
 mod service;
 pub mod store;
+#[cfg(feature = "metrics")]
+pub mod telemetry;
 mod token;
 
 pub use clock::{Clock, ManualClock, SystemClock};

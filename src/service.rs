@@ -175,7 +175,18 @@ impl<S: KeyStore> KeyService<S> {
     ///
     /// The lookup is by digest, so the time it takes does not depend on how close a guess is to
     /// a real token; the found record's digest is compared again in constant time.
+    ///
+    /// With feature `metrics`, every call is counted and timed (see `telemetry`).
     pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let outcome = self.check(token).await;
+        #[cfg(feature = "metrics")]
+        crate::telemetry::record_verification(&outcome, started.elapsed());
+        outcome
+    }
+
+    async fn check(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
         self.inner.format.parse(token)?;
         let digester = &self.inner.digester;
         let record = match self.find(&digester.digest(token)).await? {

@@ -136,6 +136,7 @@ impl OpenError {
     }
 
     /// Checks, before a backend would fail obscurely, that the file's directory exists.
+    #[cfg(any(feature = "sqlite", feature = "redb"))]
     pub(crate) fn check_directory(path: &Path) -> Result<(), Self> {
         match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() && !parent.is_dir() => {

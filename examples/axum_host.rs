@@ -1,0 +1,74 @@
+//! A service of its own that embeds apikeys: the seed's key-management API mounted next to the
+//! service's routes, which are authenticated with the same keys.
+//!
+//! ```sh
+//! cargo run --example axum_host --features http
+//! curl -H "x-api-key: $KEY" http://127.0.0.1:3000/whoami
+//! ```
+
+use std::sync::Arc;
+
+use apikeys::http::{Authenticated, require_api_key};
+use apikeys::{AccountId, AuthenticatedKey, Environment, KeyFormat, KeyService, KeyStore, MemoryStore, NewKey};
+use axum::extract::FromRef;
+use axum::routing::get;
+use axum::{Extension, Router};
+
+/// The host's own state: its key service next to whatever else it needs.
+#[derive(Clone)]
+struct AppState {
+    keys: KeyService,
+    greeting: &'static str,
+}
+
+/// What lets `Authenticated` find the key service in the host's state.
+impl FromRef<AppState> for KeyService {
+    fn from_ref(state: &AppState) -> Self {
+        state.keys.clone()
+    }
+}
+
+/// Any route can require a key by extracting `Authenticated`...
+async fn whoami(
+    Authenticated(caller): Authenticated,
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> String {
+    format!("{} account {} (key {})\n", state.greeting, caller.account, caller.id)
+}
+
+/// ...or accept anonymous requests with `Option<Authenticated>` (a bad key is still a 401).
+async fn hello(caller: Option<Authenticated>) -> String {
+    match caller {
+        Some(Authenticated(caller)) => format!("hello, {}\n", caller.account),
+        None => "hello, stranger\n".to_owned(),
+    }
+}
+
+/// A group of routes behind one layer; the handler reads the key the layer verified.
+async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> String {
+    format!("orders of {}\n", caller.account)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    let keys = KeyService::builder(store, KeyFormat::new("as", Environment::LIVE)?).build();
+    let first = keys.create(&AccountId::new("acme")?, NewKey::default()).await?;
+    println!("a key for account acme (shown once): {}", first.key.expose_secret());
+
+    let protected = Router::new()
+        .route("/orders", get(orders))
+        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_api_key));
+    let app = Router::new()
+        .route("/whoami", get(whoami))
+        .route("/hello", get(hello))
+        .merge(protected)
+        .merge(apikeys::http::router(keys.clone()))
+        .with_state(AppState { keys: keys.clone(), greeting: "you are" });
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    keys.flush().await?;
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! `apikeys`: the operator's command-line tool. Thin: it parses arguments and calls the library.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys::{
+    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyService, KeyStore, MemoryStore, NewKey, Pepper,
+    RedbStore, SqliteStore,
+};
+use axum::http::{HeaderName, StatusCode};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+/// Issue, list, verify and revoke API keys.
+#[derive(Parser)]
+#[command(
+    name = "apikeys",
+    version,
+    after_help = "Secrets come only from the environment, never from arguments:\n  \
+                  APIKEYS_PEPPER       a pepper (32 bytes or more) to digest keys with HMAC-SHA256\n  \
+                  APIKEYS_PEPPER_FILE  a file holding the pepper\n\
+                  `verify` reads the key from standard input."
+)]
+struct Cli {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Where keys are stored.
+    #[arg(long, value_enum, env = "APIKEYS_BACKEND", default_value_t = Backend::Sqlite, global = true)]
+    backend: Backend,
+    /// The database file [default: apikeys.db, or apikeys.redb with --backend redb].
+    #[arg(long, env = "APIKEYS_DB", global = true)]
+    db: Option<PathBuf>,
+    /// The token namespace: tokens look like {namespace}_{environment}_v1_….
+    #[arg(long, env = "APIKEYS_NAMESPACE", default_value = "as", global = true)]
+    namespace: String,
+    /// The token environment; keys of another environment are refused.
+    #[arg(long, env = "APIKEYS_ENVIRONMENT", default_value = "live", global = true)]
+    environment: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// An SQLite file, shared safely by several processes (the server and this tool).
+    Sqlite,
+    /// A redb file, for one process at a time.
+    Redb,
+    /// Process memory: gone when the process ends.
+    Memory,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API; on a store without keys for the account, create one and print it once.
+    Serve {
+        /// The address to listen on.
+        #[arg(long, env = "APIKEYS_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The account that gets a first key when it has none.
+        #[arg(long, default_value = "default")]
+        account: String,
+    },
+    /// Create a key and print it once.
+    Create {
+        /// The account that owns the key.
+        #[arg(long)]
+        account: String,
+        /// A label for the key.
+        #[arg(long)]
+        name: Option<String>,
+        /// Expire the key after this long, e.g. 30d, 12h, 90min.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// List an account's active keys (never their secrets).
+    List {
+        /// The account whose keys to list.
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a key at once, as administrator (any key of the account, including one in use).
+    Revoke {
+        /// The account that owns the key.
+        #[arg(long)]
+        account: String,
+        /// The key's id, ak_….
+        id: String,
+    },
+    /// Read a key from standard input and say whether it is valid: exit 0 valid, 1 rejected, 2 error.
+    Verify {
+        /// Refused: a key given as an argument ends up in shell history and the process list.
+        #[arg(hide = true)]
+        key: Option<String>,
+    },
+}
+
+/// A failure: the message for stderr. Exit code 2.
+struct Failure(String);
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self(message)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if error.use_stderr() => {
+            // clap repeats unexpected arguments; a key pasted into one must not be printed.
+            eprint!("{}", redact_tokens(&error.render().to_string()));
+            return ExitCode::from(2);
+        }
+        Err(help_or_version) => {
+            let _ = help_or_version.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(Failure::from(error)),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(failure) => fail(failure),
+    }
+}
+
+fn fail(Failure(message): Failure) -> ExitCode {
+    eprintln!("error: {}", redact_tokens(&message));
+    ExitCode::from(2)
+}
+
+/// Replaces what follows the visible prefix of anything shaped like a token (`…_v1_` and base32)
+/// with `[REDACTED]`.
+fn redact_tokens(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("_v1_") {
+        let (before, after) = rest.split_at(at + "_v1_".len());
+        redacted.push_str(before);
+        let secret_len = after.bytes().take_while(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(b)).count();
+        if secret_len > 4 {
+            redacted.push_str(&after[..4]);
+            redacted.push_str("[REDACTED]");
+        } else {
+            redacted.push_str(&after[..secret_len]);
+        }
+        rest = &after[secret_len..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let service = open_service(&cli.store)?;
+    let json = cli.json;
+    let code = match cli.command {
+        Command::Serve { listen, account } => serve(service.clone(), listen, &AccountId::new(account)?, json).await?,
+        Command::Create { account, name, expires_in } => {
+            let expires_at = expires_in.map(|ttl| time::OffsetDateTime::now_utc() + ttl);
+            let created = service.create(&AccountId::new(account)?, NewKey { name, expires_at }).await?;
+            print_created(&created, json);
+            ExitCode::SUCCESS
+        }
+        Command::List { account } => {
+            let keys = service.list(&AccountId::new(account)?).await?;
+            print_list(&keys, json)?;
+            ExitCode::SUCCESS
+        }
+        Command::Revoke { account, id } => {
+            let id: KeyId = id.parse()?;
+            service.revoke_as_admin(&AccountId::new(account)?, &id).await?;
+            print(json, json!({ "revoked": id }), &format!("revoked {id}"));
+            ExitCode::SUCCESS
+        }
+        Command::Verify { key: Some(_) } => {
+            return Err(Failure(
+                "verify reads the key from standard input, never from an argument (arguments end up in shell \
+                 history and the process list): echo \"$KEY\" | apikeys verify"
+                    .into(),
+            ));
+        }
+        Command::Verify { key: None } => verify(&service, json).await?,
+    };
+    service.flush().await?;
+    Ok(code)
+}
+
+fn open_service(args: &StoreArgs) -> Result<KeyService, Failure> {
+    let store: Arc<dyn KeyStore> = match args.backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?),
+        Backend::Redb => Arc::new(RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?),
+        Backend::Memory => Arc::new(MemoryStore::new()),
+    };
+    let format = KeyFormat::new(&args.namespace, Environment::new(&args.environment)?)?;
+    let mut builder = KeyService::builder(store, format);
+    if let Some(pepper) = pepper_from_environment()? {
+        builder = builder.pepper(pepper);
+    }
+    Ok(builder.build())
+}
+
+/// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE` (without a
+/// trailing newline), or none.
+fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
+    if std::env::var_os("APIKEYS_PEPPER").is_some() {
+        return Ok(Some(Pepper::from_env("APIKEYS_PEPPER")?));
+    }
+    let Some(file) = std::env::var_os("APIKEYS_PEPPER_FILE") else { return Ok(None) };
+    let mut secret = std::fs::read(&file).map_err(|error| {
+        Failure(format!("cannot read APIKEYS_PEPPER_FILE {}: {error}", PathBuf::from(&file).display()))
+    })?;
+    while secret.last().is_some_and(u8::is_ascii_whitespace) {
+        secret.pop();
+    }
+    Ok(Some(Pepper::new(secret)?))
+}
+
+async fn serve(service: KeyService, listen: SocketAddr, account: &AccountId, json: bool) -> Result<ExitCode, Failure> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APIKEYS_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    if service.list(account).await?.is_empty() {
+        let first = NewKey { name: Some("first key".into()), expires_at: None };
+        let created = service.create(account, first).await?;
+        if json {
+            print_created(&created, true);
+        } else {
+            println!(
+                "Created a first key for account {:?}. Store it securely; it will not be shown again:\n",
+                account.as_str()
+            );
+            println!("    {}\n", created.key.expose_secret());
+            println!("Try: curl http://{listen}/account/api-keys -H \"x-api-key: {}\"\n", created.key.expose_secret());
+        }
+    }
+    let app = apikeys::http::router(service.clone())
+        .fallback(|| async { apikeys::http::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
+        .method_not_allowed_fallback(|| async {
+            apikeys::http::ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed.")
+        })
+        .layer(axum::middleware::from_fn(apikeys::http::log_requests))
+        .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(
+            apikeys::http::X_API_KEY,
+        )]));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_requested()).await?;
+    tracing::info!("shutting down: writing pending lastUsedAt");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_requested() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminated => {}
+    }
+}
+
+async fn verify(service: &KeyService, json: bool) -> Result<ExitCode, Failure> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let token = line.trim();
+    match service.verify(token).await {
+        Ok(caller) => {
+            let summary = format!("valid: key {} of account {:?}", caller.id, caller.account.as_str());
+            print(
+                json,
+                json!({ "valid": true, "id": caller.id, "account": caller.account, "prefix": caller.prefix }),
+                &summary,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(apikeys::Rejection::Store(error)) => Err(error.into()),
+        Err(rejection) => {
+            let summary = format!("invalid: {rejection}");
+            print(json, json!({ "valid": false, "reason": rejection.reason() }), &summary);
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn print(json: bool, value: serde_json::Value, text: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn print_created(created: &CreatedKey, json: bool) {
+    let body = json!({
+        "id": created.id,
+        "key": created.key.expose_secret(),
+        "prefix": created.prefix,
+        "name": created.name,
+        "message": CreatedKey::MESSAGE,
+    });
+    let text = format!("{}\n{}  {}", created.key.expose_secret(), created.id, CreatedKey::MESSAGE);
+    print(json, body, &text);
+}
+
+fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
+    if json {
+        println!("{}", serde_json::to_string(&json!({ "data": keys }))?);
+        return Ok(());
+    }
+    let time = |at: Option<time::OffsetDateTime>| {
+        at.and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_else(|| "-".into())
+    };
+    let rows: Vec<[String; 6]> = keys
+        .iter()
+        .map(|key| {
+            let name = key.name.as_ref().map_or_else(|| "-".into(), ToString::to_string);
+            let created = time(Some(key.created_at));
+            [key.id.to_string(), key.prefix.clone(), name, created, time(key.expires_at), time(key.last_used_at)]
+        })
+        .collect();
+    let header = ["ID", "PREFIX", "NAME", "CREATED", "EXPIRES", "LAST USED"].map(String::from);
+    let widths: Vec<usize> = (0..6)
+        .map(|column| rows.iter().chain([&header]).map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_tokens;
+
+    #[test]
+    fn tokens_in_messages_keep_only_their_visible_prefix() {
+        let token = "as_live_v1_u2vf7e3rrrk5pn34orvzj42xyfmgjrhmaag7x6a";
+        assert_eq!(
+            redact_tokens(&format!("error: unexpected argument '{token}' found")),
+            "error: unexpected argument 'as_live_v1_u2vf[REDACTED]' found"
+        );
+        assert_eq!(redact_tokens("a_v1_ab and _v1_ and plain text"), "a_v1_ab and _v1_ and plain text");
+        assert_eq!(redact_tokens(&format!("{token} {token}")).matches("[REDACTED]").count(), 2);
+    }
+}

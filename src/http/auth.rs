@@ -1,0 +1,91 @@
+//! Authentication of requests by their `x-api-key` header: an extractor (required or optional)
+//! over the host's own state, and a layer for a whole group of routes.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{FromRef, FromRequestParts, OptionalFromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::ApiError;
+use crate::KeyService;
+use crate::id::KeyId;
+use crate::key::AuthenticatedKey;
+
+/// The header that carries the key.
+pub const X_API_KEY: &str = "x-api-key";
+
+/// The key that authenticated the request. Extract it in a handler to require a valid key
+/// (401 otherwise), or extract `Option<Authenticated>` to accept anonymous requests too (no
+/// header: `None`; a header with a bad key: still 401).
+///
+/// Works over any router state `S` from which a [`KeyService`] can be taken (`FromRef`). Behind
+/// [`require_api_key`], it reuses the layer's verification instead of verifying again.
+///
+/// ```
+/// use apikeys::http::Authenticated;
+///
+/// async fn orders(Authenticated(caller): Authenticated) -> String {
+///     format!("orders of {}", caller.account)
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub AuthenticatedKey);
+
+impl<S> FromRequestParts<S> for Authenticated
+where
+    KeyService: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match <Self as OptionalFromRequestParts<S>>::from_request_parts(parts, state).await? {
+            Some(authenticated) => Ok(authenticated),
+            None => Err(ApiError::unauthorized()),
+        }
+    }
+}
+
+impl<S> OptionalFromRequestParts<S> for Authenticated
+where
+    KeyService: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        if let Some(caller) = parts.extensions.get::<AuthenticatedKey>() {
+            return Ok(Some(Self(caller.clone())));
+        }
+        let Some(header) = parts.headers.get(X_API_KEY) else {
+            return Ok(None);
+        };
+        // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
+        let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
+        let caller = KeyService::from_ref(state).verify(token).await?;
+        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
+            let _ = slot.0.set(caller.id);
+        }
+        parts.extensions.insert(caller.clone());
+        Ok(Some(Self(caller)))
+    }
+}
+
+/// A layer function that requires a valid key on every route it wraps, for a group of routes:
+/// `router.route_layer(axum::middleware::from_fn_with_state(service, require_api_key))`.
+/// Handlers behind it can extract [`Authenticated`] (no second verification) or
+/// `Extension<AuthenticatedKey>`.
+pub async fn require_api_key(State(service): State<KeyService>, request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match <Authenticated as FromRequestParts<KeyService>>::from_request_parts(&mut parts, &service).await {
+        Ok(_) => next.run(Request::from_parts(parts, body)).await,
+        Err(error) => axum::response::IntoResponse::into_response(error),
+    }
+}
+
+/// Where the extractor leaves the id of the key that authenticated a request, for the request
+/// log to read once the response is ready.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallerSlot(pub(crate) Arc<OnceLock<KeyId>>);

@@ -1,0 +1,125 @@
+//! Every error the HTTP layer answers with: a status and `{"error":{"code","message"}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::{Error, Rejection, ValidationError};
+
+/// An error response: a status, a stable snake_case code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    /// The one answer to every authentication failure, whatever its reason: a client learns
+    /// nothing about which keys exist, were revoked or expired.
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "A valid API key is required in the x-api-key header.")
+    }
+
+    /// The store could not answer: nothing about the request's key or data is known.
+    pub fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "The key store is unavailable; try again later.",
+        )
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The snake_case code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { error: Inner { code: self.code, message: &self.message } };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::Store(error) => {
+                let error: &dyn std::error::Error = &error;
+                tracing::error!(error, "key store failed during verification");
+                Self::unavailable()
+            }
+            _ => Self::unauthorized(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Invalid(invalid) => invalid.into(),
+            Error::KeyLimitReached { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "key_limit_reached", error.to_string())
+            }
+            Error::NotFound => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", "No active API key with this id in this account.")
+            }
+            Error::CannotRevokeSelf => Self::new(
+                StatusCode::CONFLICT,
+                "cannot_revoke_current_key",
+                "You cannot revoke the key currently used to authenticate the request. \
+                 Use a different key (or the dashboard) to revoke a key in active use.",
+            ),
+            Error::Store(ref source) => {
+                let source: &dyn std::error::Error = source;
+                tracing::error!(error = source, "key store failed");
+                Self::unavailable()
+            }
+            other => {
+                let other: &dyn std::error::Error = &other;
+                tracing::error!(error = other, "internal error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.")
+            }
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(invalid: ValidationError) -> Self {
+        let code = match invalid {
+            ValidationError::KeyId => "invalid_key_id",
+            ValidationError::Name => "invalid_name",
+            ValidationError::ExpiryNotInFuture => "invalid_expires_at",
+            _ => "invalid_request",
+        };
+        Self::bad_request(code, invalid.to_string())
+    }
+}

@@ -1,0 +1,308 @@
+//! The `apikeys` binary, run as an operator would: create, list, revoke, verify and serve.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The tool, run in `dir` (where its default database file lives), with a clean environment.
+fn apikeys(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apikeys"));
+    command.current_dir(dir);
+    for variable in ["APIKEYS_DB", "APIKEYS_BACKEND", "APIKEYS_PEPPER", "APIKEYS_PEPPER_FILE", "APIKEYS_NAMESPACE"] {
+        command.env_remove(variable);
+    }
+    command
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    apikeys(dir).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn run_with_stdin(dir: &Path, args: &[&str], input: &str) -> Output {
+    let mut child =
+        apikeys(dir).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+/// Creates a key with `apikeys create --json`; returns the token and the id.
+fn create(dir: &Path, extra: &[&str]) -> (String, String) {
+    let output = run(dir, &[&["create", "--account", "acme", "--json"], extra].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let created: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    (created["key"].as_str().unwrap().to_owned(), created["id"].as_str().unwrap().to_owned())
+}
+
+fn body_of(token: &str) -> &str {
+    &token[token.rfind('_').unwrap() + 5..]
+}
+
+#[test]
+fn create_list_revoke_and_verify_as_an_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(dir.path(), &["create", "--account", "acme", "--name", "ci runner", "--expires-in", "30d"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed = stdout(&output);
+    let token = printed.lines().next().unwrap().to_owned();
+    assert!(token.starts_with("as_live_v1_") && token.len() == 50, "{printed}");
+    assert!(printed.contains("Store this key securely"));
+    assert!(dir.path().join("apikeys.db").exists(), "the default database is apikeys.db in the working directory");
+
+    let listed = run(dir.path(), &["list", "--account", "acme"]);
+    let table = stdout(&listed);
+    assert!(listed.status.success());
+    assert!(table.starts_with("ID") && table.contains("ci runner") && table.contains(&token[..15]), "{table}");
+    assert!(!table.contains(body_of(&token)), "a list never shows the secret");
+
+    let verified = run_with_stdin(dir.path(), &["verify"], &format!("{token}\n"));
+    assert_eq!(verified.status.code(), Some(0), "{}", stderr(&verified));
+    assert!(stdout(&verified).starts_with("valid: key ak_"));
+
+    let listed: Value =
+        serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "acme", "--json"]))).unwrap();
+    let id = listed["data"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed["data"][0]["name"], "ci runner");
+    assert!(listed["data"][0]["expiresAt"].is_string());
+
+    let revoked = run(dir.path(), &["revoke", "--account", "acme", &id, "--json"]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    assert_eq!(serde_json::from_str::<Value>(&stdout(&revoked)).unwrap()["revoked"], id);
+
+    let verified = run_with_stdin(dir.path(), &["verify", "--json"], &token);
+    assert_eq!(verified.status.code(), Some(1));
+    let answer: Value = serde_json::from_str(&stdout(&verified)).unwrap();
+    assert_eq!((answer["valid"].as_bool(), answer["reason"].as_str()), (Some(false), Some("revoked")));
+    assert!(stdout(&run(dir.path(), &["list", "--account", "acme"])).lines().count() == 1, "only the header is left");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, id) = create(dir.path(), &[]);
+    let cases: [(&[&str], &str); 7] = [
+        (&["create"], "--account"),
+        (&["revoke", "--account", "acme", "not-an-id"], "invalid key id"),
+        (&["revoke", "--account", "acme", "ak_01j9zxkp4qbc7n3m8td5e6fvg2"], "no active key with this id"),
+        (&["revoke", "--account", "other", &id], "no active key with this id"),
+        (&["create", "--account", "acme", "--expires-in", "soon"], "--expires-in"),
+        (&["list", "--account", ""], "invalid account id"),
+        (&["--backend", "mongodb", "list", "--account", "acme"], "mongodb"),
+    ];
+    for (args, expected) in cases {
+        let output = run(dir.path(), args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(!stderr(&output).contains("panicked"));
+    }
+    // A key is never an argument: it would end up in shell history and the process list.
+    for args in [&["verify", &token][..], &["list", "--account", "acme", &token]] {
+        let output = run(dir.path(), args);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(!stderr(&output).contains(body_of(&token)), "the error does not echo the key: {}", stderr(&output));
+    }
+    assert!(stderr(&run(dir.path(), &["verify", &token])).contains("standard input"));
+    for garbage in ["", "nonsense", "as_live_v1_aaaa", &token.to_uppercase()] {
+        let output = run_with_stdin(dir.path(), &["verify"], garbage);
+        assert_eq!(output.status.code(), Some(1), "{garbage:?}");
+        assert!(stdout(&output).starts_with("invalid: malformed token"), "{}", stdout(&output));
+    }
+    let missing_dir = run(dir.path(), &["--db", "no/such/dir/keys.db", "list", "--account", "acme"]);
+    assert_eq!(missing_dir.status.code(), Some(2));
+    assert!(stderr(&missing_dir).contains("no/such/dir/keys.db"), "{}", stderr(&missing_dir));
+}
+
+#[test]
+fn every_backend_and_a_pepper_work_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["sqlite", "redb"] {
+        let output = run(dir.path(), &["--backend", backend, "create", "--account", "acme", "--json"]);
+        assert!(output.status.success(), "{backend}: {}", stderr(&output));
+        let listed = run(dir.path(), &["--backend", backend, "list", "--account", "acme", "--json"]);
+        let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+        assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{backend}");
+    }
+    assert!(dir.path().join("apikeys.redb").exists());
+    let memory = run(dir.path(), &["--backend", "memory", "list", "--account", "acme"]);
+    assert!(memory.status.success());
+
+    let pepper = "0123456789abcdef0123456789abcdef";
+    let peppered_db = dir.path().join("peppered.db");
+    let peppered_db = peppered_db.to_str().unwrap();
+    let output = apikeys(dir.path())
+        .env("APIKEYS_PEPPER", pepper)
+        .args(["--db", peppered_db, "create", "--account", "acme", "--json"])
+        .output()
+        .unwrap();
+    let token = serde_json::from_str::<Value>(&stdout(&output)).unwrap()["key"].as_str().unwrap().to_owned();
+    let pepper_file = dir.path().join("pepper");
+    std::fs::write(&pepper_file, format!("{pepper}\n")).unwrap();
+    let verify = |pepper_env: Option<(&str, &str)>| {
+        let mut command = apikeys(dir.path());
+        command.args(["--db", peppered_db, "verify"]).stdin(Stdio::piped()).stdout(Stdio::piped());
+        if let Some((name, value)) = pepper_env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+        child.wait_with_output().unwrap().status.code()
+    };
+    assert_eq!(verify(Some(("APIKEYS_PEPPER", pepper))), Some(0));
+    assert_eq!(verify(Some(("APIKEYS_PEPPER_FILE", pepper_file.to_str().unwrap()))), Some(0));
+    assert_eq!(verify(None), Some(1), "without the pepper the key is unknown");
+    let short = apikeys(dir.path()).env("APIKEYS_PEPPER", "short").args(["list", "--account", "a"]).output().unwrap();
+    assert_eq!(short.status.code(), Some(2));
+    assert!(stderr(&short).contains("at least 32 bytes") && !stderr(&short).contains("short\""), "{}", stderr(&short));
+    let help = stdout(&run(dir.path(), &["--help"]));
+    assert!(help.contains("APIKEYS_PEPPER") && !help.contains(pepper));
+}
+
+/// Sends SIGTERM, as a service manager would.
+fn terminate(pid: u32) {
+    assert!(Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().unwrap().success());
+}
+
+/// A running `apikeys serve`, with its first key and address.
+struct Served {
+    child: Child,
+    address: String,
+    first_key: String,
+    log: mpsc::Receiver<String>,
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> Served {
+    let mut child = apikeys(dir)
+        .args([&["serve", "--listen", "127.0.0.1:0"], extra].concat())
+        .env("APIKEYS_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, log) = mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first_key = stdout
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| line.trim().strip_prefix("as_live_v1_").map(|body| format!("as_live_v1_{body}")))
+        .expect("serve prints a first key");
+    let address = loop {
+        let line = log.recv_timeout(Duration::from_secs(10)).expect("serve logs its address");
+        if let Some(address) = line.split("listening on http://").nth(1) {
+            break address.trim().to_owned();
+        }
+    };
+    Served { child, address, first_key, log }
+}
+
+impl Served {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Stops the server with SIGTERM; returns its exit code and every log line.
+    fn stop(mut self) -> (Option<i32>, Vec<String>) {
+        terminate(self.child.id());
+        let status = self.child.wait().unwrap();
+        (status.code(), self.log.try_iter().collect())
+    }
+}
+
+#[tokio::test]
+async fn serve_prints_a_first_key_answers_the_seeds_requests_and_honours_a_cli_revoke_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    let key = server.first_key.clone();
+
+    let created: Value = client
+        .post(server.url("/account/api-keys"))
+        .header("x-api-key", &key)
+        .header("Content-Type", "application/json")
+        .body(r#"{"name": "production-agent"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let second = created["key"].as_str().unwrap().to_owned();
+    let list = |key: String| {
+        let request = client.get(server.url("/account/api-keys")).header("x-api-key", key);
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(list(second.clone()).await.status(), 200);
+
+    // The operator revokes the second key from the command line while the server runs.
+    let revoked = run(dir.path(), &["revoke", "--account", "default", created["id"].as_str().unwrap()]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    assert_eq!(list(second.clone()).await.status(), 401, "the server refuses it at once");
+    let body: Value = list(key.clone()).await.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+
+    let (code, log) = server.stop();
+    assert_eq!(code, Some(0), "SIGTERM is a graceful shutdown");
+    let log = log.join("\n");
+    for token in [&key, &second] {
+        assert!(!log.contains(body_of(token)), "no token in the log");
+    }
+    assert!(log.contains("status=401") && log.contains("route=\"/account/api-keys\""), "{log}");
+}
+
+#[tokio::test]
+async fn serve_creates_no_second_first_key_and_flushes_last_used_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--account", "ops"]);
+    let client = reqwest::Client::new();
+    let get = |key: &str| client.get(server.url("/account/api-keys")).header("x-api-key", key).send();
+    get(&server.first_key).await.unwrap();
+    let created: Value = client
+        .post(server.url("/account/api-keys"))
+        .header("x-api-key", &server.first_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The first verification after start is written at once; later ones wait for the interval or a flush.
+    let second = created["key"].as_str().unwrap();
+    get(second).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    get(second).await.unwrap();
+    let before_stop: Value = get(&server.first_key).await.unwrap().json().await.unwrap();
+    let shown = before_stop["data"][1]["lastUsedAt"].as_str().unwrap().to_owned();
+    assert_eq!(server.stop().0, Some(0));
+
+    let listed: Value =
+        serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "ops", "--json"]))).unwrap();
+    assert_eq!(listed["data"][1]["lastUsedAt"], shown.as_str(), "the newest lastUsedAt was written at shutdown");
+
+    // A restart finds the account's key and prints no new one.
+    let restarted = apikeys(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--account", "ops"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    terminate(restarted.id());
+    let output = restarted.wait_with_output().unwrap();
+    assert_eq!(stdout(&output), "", "no new key is printed when the account has one");
+}

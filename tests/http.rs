@@ -1,0 +1,545 @@
+//! End-to-end tests of the HTTP API over a real socket: every row of SPEC §6, with the seed's
+//! requests. Every response is checked against the published OpenAPI document (its status is
+//! documented for the endpoint, its body matches the schema), and no response but a 201, and no
+//! log line, may hold a token.
+
+mod support;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use apikeys::http::{Authenticated, require_api_key};
+use apikeys::{AccountId, AuthenticatedKey, KeyService, KeyStore, ManualClock, MemoryStore, NewKey};
+use axum::extract::FromRef;
+use axum::routing::get;
+use axum::{Extension, Router};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Call, Instrumented, T0, assert_no_secret, live};
+use time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// The server under test, a client that checks every response, and the captured log
+
+/// Every log line of every test in this binary.
+fn log() -> &'static Mutex<Vec<u8>> {
+    static LOG: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        Mutex::default()
+    })
+}
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        log().lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The host's state in these tests: the key service and something of its own.
+#[derive(Clone)]
+struct HostState {
+    keys: KeyService,
+}
+
+impl FromRef<HostState> for KeyService {
+    fn from_ref(state: &HostState) -> Self {
+        state.keys.clone()
+    }
+}
+
+struct Server {
+    base: String,
+    service: KeyService,
+    store: Arc<Instrumented<MemoryStore>>,
+    clock: ManualClock,
+    client: reqwest::Client,
+    /// Every token this server handed out, to look for in responses and logs.
+    tokens: Mutex<Vec<String>>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        Self::start_with(|builder| builder).await
+    }
+
+    async fn start_with(
+        configure: impl FnOnce(
+            apikeys::KeyServiceBuilder<Arc<dyn KeyStore>>,
+        ) -> apikeys::KeyServiceBuilder<Arc<dyn KeyStore>>,
+    ) -> Self {
+        log();
+        let store = Arc::new(Instrumented::new(MemoryStore::new()));
+        let clock = ManualClock::new(T0);
+        let dyn_store: Arc<dyn KeyStore> = store.clone();
+        let service = configure(KeyService::builder(dyn_store, live()).clock(clock.clone())).build();
+        let host_routes = Router::new()
+            .route("/whoami", get(whoami))
+            .route("/hello", get(hello))
+            .merge(
+                Router::new()
+                    .route("/orders", get(orders))
+                    .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key)),
+            )
+            .with_state(HostState { keys: service.clone() });
+        let app = apikeys::http::router(service.clone())
+            .merge(host_routes)
+            .layer(axum::middleware::from_fn(apikeys::http::log_requests));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { base, service, store, clock, client: reqwest::Client::new(), tokens: Mutex::default() }
+    }
+
+    /// A key for `account`, created through the library (the administrator's path).
+    async fn key(&self, account: &str) -> (String, apikeys::KeyId) {
+        let created = self.service.create(&AccountId::new(account).unwrap(), NewKey::default()).await.unwrap();
+        let token = created.key.expose_secret().to_owned();
+        self.tokens.lock().unwrap().push(token.clone());
+        (token, created.id)
+    }
+
+    fn request(&self, method: Method, path: &str) -> Request<'_> {
+        Request {
+            server: self,
+            builder: self.client.request(method.clone(), format!("{}{path}", self.base)),
+            method,
+            path: path.to_owned(),
+        }
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> Request<'_> {
+        self.request(Method::GET, path).key(key)
+    }
+
+    fn post(&self, key: &str) -> Request<'_> {
+        self.request(Method::POST, "/account/api-keys").key(Some(key))
+    }
+
+    fn delete(&self, id: &str, key: &str) -> Request<'_> {
+        self.request(Method::DELETE, &format!("/account/api-keys/{id}")).key(Some(key))
+    }
+
+    /// Checks that nothing this server logged holds any of its tokens.
+    fn assert_log_clean(&self) {
+        let log = String::from_utf8_lossy(&log().lock().unwrap()).into_owned();
+        for token in self.tokens.lock().unwrap().iter() {
+            assert_no_secret(&log, token);
+        }
+    }
+}
+
+struct Request<'a> {
+    server: &'a Server,
+    builder: reqwest::RequestBuilder,
+    method: Method,
+    path: String,
+}
+
+impl Request<'_> {
+    fn key(mut self, key: Option<&str>) -> Self {
+        if let Some(key) = key {
+            self.builder = self.builder.header("x-api-key", key);
+        }
+        self
+    }
+
+    fn json(mut self, body: &Value) -> Self {
+        self.builder = self.builder.header("content-type", "application/json").body(body.to_string());
+        self
+    }
+
+    fn raw(mut self, content_type: &str, body: impl Into<reqwest::Body>) -> Self {
+        self.builder = self.builder.header("content-type", content_type).body(body);
+        self
+    }
+
+    fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        let value = reqwest::header::HeaderValue::from_bytes(value.as_ref()).unwrap();
+        self.builder = self.builder.header(name, value);
+        self
+    }
+
+    /// Sends the request; checks the response against the OpenAPI document and for leaked
+    /// tokens; returns its status and JSON body (`Null` when empty).
+    async fn send(self) -> (StatusCode, Value) {
+        let response = self.builder.send().await.unwrap();
+        let status = response.status();
+        let cache_control = response.headers().get("cache-control").map(|value| value.to_str().unwrap().to_owned());
+        let text = response.text().await.unwrap();
+        let body: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() };
+        if let Some(route) = api_route(&self.path) {
+            contract::check(&self.method, route, status, &body);
+        }
+        if status == StatusCode::CREATED {
+            let token = body["key"].as_str().unwrap().to_owned();
+            assert_eq!(cache_control.as_deref(), Some("no-store"), "a response with a token must not be cached");
+            self.server.tokens.lock().unwrap().push(token);
+        } else {
+            for token in self.server.tokens.lock().unwrap().iter() {
+                assert_no_secret(&text, token);
+            }
+        }
+        (status, body)
+    }
+}
+
+/// The OpenAPI path of a request path of the key API, if it is one.
+fn api_route(path: &str) -> Option<&'static str> {
+    match path {
+        "/account/api-keys" => Some("/account/api-keys"),
+        "/openapi.json" => Some("/openapi.json"),
+        _ if path.starts_with("/account/api-keys/") => Some("/account/api-keys/{id}"),
+        _ => None,
+    }
+}
+
+/// Checks responses against the published OpenAPI document.
+mod contract {
+    use super::*;
+
+    fn document() -> &'static Value {
+        static DOCUMENT: OnceLock<Value> = OnceLock::new();
+        DOCUMENT.get_or_init(|| serde_json::from_str(apikeys::http::OPENAPI_JSON).unwrap())
+    }
+
+    /// Follows a local `$ref`.
+    fn resolve(value: &Value) -> &Value {
+        match value.get("$ref").and_then(Value::as_str) {
+            Some(reference) => document().pointer(reference.trim_start_matches('#')).unwrap(),
+            None => value,
+        }
+    }
+
+    pub fn check(method: &Method, route: &str, status: StatusCode, body: &Value) {
+        let operation = &document()["paths"][route][method.as_str().to_lowercase()];
+        assert!(operation.is_object(), "{method} {route} is not in the OpenAPI document");
+        let documented = &operation["responses"][status.as_str()];
+        assert!(documented.is_object(), "{method} {route} answered {status}, which the OpenAPI document does not list");
+        let documented = resolve(documented);
+        match documented.pointer("/content/application~1json/schema") {
+            Some(schema) => {
+                let mut root = schema.clone();
+                root["components"] = document()["components"].clone();
+                let validator = jsonschema::draft202012::new(&root).unwrap();
+                let errors: Vec<String> = validator.iter_errors(body).map(|error| error.to_string()).collect();
+                assert!(
+                    errors.is_empty(),
+                    "{method} {route} {status}: body {body} does not match its schema: {errors:?}"
+                );
+            }
+            None => assert_eq!(body, &Value::Null, "{method} {route} {status} documents no body"),
+        }
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers of the host, for the extractor tests
+
+async fn whoami(Authenticated(caller): Authenticated) -> String {
+    caller.account.to_string()
+}
+
+async fn hello(caller: Option<Authenticated>) -> String {
+    caller.map_or_else(|| "stranger".to_owned(), |Authenticated(caller)| caller.account.to_string())
+}
+
+async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> String {
+    format!("orders of {}", caller.account)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The seed's requests
+
+#[tokio::test]
+async fn the_seeds_create_list_and_revoke_requests_behave_as_the_seed_says() {
+    let server = Server::start().await;
+    let (key, key_id) = server.key("acme").await;
+
+    let (status, created) = server.post(&key).json(&json!({"name": "production-agent"})).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["name"], "production-agent");
+    assert_eq!(created["message"], "Store this key securely. It will not be shown again.");
+    let new_key = created["key"].as_str().unwrap();
+    assert!(new_key.starts_with(created["prefix"].as_str().unwrap()));
+
+    let (status, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!(status, StatusCode::OK);
+    let data = listed["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["id"], key_id.to_string());
+    assert_eq!(data[1]["id"], created["id"]);
+    assert_eq!(data[1]["keyPrefix"], created["prefix"]);
+    assert_eq!(data[1]["name"], "production-agent");
+    assert_eq!(data[1]["lastUsedAt"], Value::Null);
+    assert_eq!(data[1]["expiresAt"], Value::Null);
+    assert_eq!(data[1]["createdAt"], "2025-10-15T09:00:00Z");
+    assert_eq!(data[0]["lastUsedAt"], "2025-10-15T09:00:00Z", "the listing key was just used");
+
+    let (status, body) = server.delete(created["id"].as_str().unwrap(), &key).send().await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null));
+    let (status, _) = server.get("/account/api-keys", Some(new_key)).send().await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked at once");
+    let (_, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    server.assert_log_clean();
+}
+
+#[tokio::test]
+async fn create_accepts_no_body_a_null_name_and_an_expiry() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let (status, created) = server.post(&key).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["name"], Value::Null);
+    let (status, created) = server.post(&key).json(&json!({"name": null})).send().await;
+    assert_eq!((status, &created["name"]), (StatusCode::CREATED, &Value::Null));
+    let (status, _) = server.post(&key).json(&json!({"expiresAt": "2026-01-01T00:00:00Z"})).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = server.post(&key).raw("application/json; charset=utf-8", "{}").send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    let expiries: Vec<&Value> = listed["data"].as_array().unwrap().iter().map(|key| &key["expiresAt"]).collect();
+    assert_eq!(expiries.iter().filter(|at| **at == "2026-01-01T00:00:00Z").count(), 1);
+}
+
+#[tokio::test]
+async fn create_refuses_bad_bodies_with_400_415_413() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let cases: [(Value, &str); 8] = [
+        (json!({"name": ""}), "invalid_name"),
+        (json!({"name": "x".repeat(256)}), "invalid_name"),
+        (json!({"name": "tab\there"}), "invalid_name"),
+        (json!({"name": 42}), "invalid_name"),
+        (json!({"expiresAt": "2025-01-01T00:00:00Z"}), "invalid_expires_at"),
+        (json!({"expiresAt": "tomorrow"}), "invalid_expires_at"),
+        (json!({"expires_at": "2027-01-01T00:00:00Z"}), "unknown_field"),
+        (json!(["production-agent"]), "invalid_json"),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = server.post(&key).json(&body).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, expected), "{body}");
+    }
+    let (status, answer) = server.post(&key).raw("application/json", "{\"name\": ").send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, "invalid_json"));
+    let (status, answer) = server.post(&key).raw("text/plain", "name=production-agent").send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"));
+    let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(17 * 1024));
+    let (status, answer) = server.post(&key).raw("application/json", huge).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
+    assert_eq!(server.store.calls(Call::Insert), 1, "only the test's own key was inserted");
+}
+
+#[tokio::test]
+async fn create_over_the_key_limit_is_422() {
+    let server = Server::start_with(|builder| builder.max_active_keys_per_account(2)).await;
+    let (key, _) = server.key("acme").await;
+    assert_eq!(server.post(&key).send().await.0, StatusCode::CREATED);
+    let (status, answer) = server.post(&key).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, "key_limit_reached"));
+}
+
+#[tokio::test]
+async fn revoke_answers_400_404_and_409_as_documented() {
+    let server = Server::start().await;
+    let (key, own_id) = server.key("acme").await;
+    let (_, other_account_key) = server.key("mallory").await;
+    let (_, revoked_id) = server.key("acme").await;
+    server.service.revoke_as_admin(&AccountId::new("acme").unwrap(), &revoked_id).await.unwrap();
+
+    for malformed in ["not-an-id", "ak_123", "ak_01J9ZXKP4QBC7N3M8TD5E6FVG2", "550e8400-e29b-41d4-a716-446655440000"] {
+        let (status, answer) = server.delete(malformed, &key).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, "invalid_key_id"), "{malformed}");
+    }
+    for missing in [other_account_key.to_string(), revoked_id.to_string(), "ak_01j9zxkp4qbc7n3m8td5e6fvg2".into()] {
+        let (status, answer) = server.delete(&missing, &key).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::NOT_FOUND, "not_found"), "{missing}");
+    }
+    let (status, answer) = server.delete(&own_id.to_string(), &key).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::CONFLICT, "cannot_revoke_current_key"));
+    assert_eq!(server.get("/account/api-keys", Some(&key)).send().await.0, StatusCode::OK, "still works");
+}
+
+#[tokio::test]
+async fn every_authentication_failure_is_the_same_401() {
+    let server = Server::start().await;
+    let (revoked, revoked_id) = server.key("acme").await;
+    server.service.revoke_as_admin(&AccountId::new("acme").unwrap(), &revoked_id).await.unwrap();
+    let expiring = server
+        .service
+        .create(&AccountId::new("acme").unwrap(), NewKey { name: None, expires_at: Some(T0 + Duration::minutes(1)) })
+        .await
+        .unwrap();
+    let expired = expiring.key.expose_secret().to_owned();
+    server.tokens.lock().unwrap().push(expired.clone());
+    server.clock.advance(Duration::minutes(1));
+    let (unknown, _) = live().generate().unwrap();
+    let (good, _) = server.key("acme").await;
+    let mut bad_checksum = good.clone();
+    bad_checksum.replace_range(12..13, if &good[12..13] == "a" { "b" } else { "a" });
+
+    let mut answers = Vec::new();
+    answers.push(server.get("/account/api-keys", None).send().await);
+    for key in [
+        "".to_owned(),
+        "Bearer x".to_owned(),
+        revoked,
+        expired,
+        unknown.expose_secret().to_owned(),
+        bad_checksum,
+        good.replace("live", "test"),
+        format!("{good}'; DROP TABLE api_keys; --"),
+        "x".repeat(32 * 1024),
+    ] {
+        answers.push(server.get("/account/api-keys", Some(&key)).send().await);
+        answers.push(server.post(&key).json(&json!({"name": "x"})).send().await);
+        answers.push(server.delete("ak_01j9zxkp4qbc7n3m8td5e6fvg2", &key).send().await);
+    }
+    answers.push(server.get("/account/api-keys", None).header("x-api-key", b"as_live_v1_\xff\xfe").send().await);
+    let first = &answers[0];
+    assert_eq!(first.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(code(&first.1), "unauthorized");
+    for answer in &answers {
+        assert_eq!(answer, first, "every 401 must be identical");
+    }
+    assert_eq!(server.store.calls(Call::Insert), 3, "no failed authentication created anything");
+    server.assert_log_clean();
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused_from_its_expiry() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let (_, created) = server.post(&key).json(&json!({"expiresAt": "2025-10-15T10:00:00Z"})).send().await;
+    let expiring = created["key"].as_str().unwrap();
+    server.clock.advance(Duration::minutes(59));
+    assert_eq!(server.get("/account/api-keys", Some(expiring)).send().await.0, StatusCode::OK);
+    server.clock.advance(Duration::minutes(1));
+    assert_eq!(server.get("/account/api-keys", Some(expiring)).send().await.0, StatusCode::UNAUTHORIZED);
+    let (_, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "the expired key is no longer listed");
+}
+
+#[tokio::test]
+async fn last_used_at_shows_the_last_authenticated_request() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let (other, other_id) = server.key("acme").await;
+    server.clock.advance(Duration::minutes(5));
+    server.get("/account/api-keys", Some(&other)).send().await;
+    server.clock.advance(Duration::minutes(5));
+    let (_, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    let other_listed = listed["data"].as_array().unwrap().iter().find(|key| key["id"] == other_id.to_string()).unwrap();
+    assert_eq!(other_listed["lastUsedAt"], "2025-10-15T09:05:00Z");
+    assert_eq!(listed["data"][0]["lastUsedAt"], "2025-10-15T09:10:00Z");
+}
+
+#[tokio::test]
+async fn a_failing_store_is_503_never_401() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    server.store.fail(Call::FindByDigest, true);
+    let (status, answer) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"));
+    server.store.fail(Call::FindByDigest, false);
+    for call in [Call::Insert, Call::ListActive, Call::Revoke] {
+        server.store.fail(call, true);
+    }
+    assert_eq!(server.post(&key).send().await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.get("/account/api-keys", Some(&key)).send().await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) = server.delete("ak_01j9zxkp4qbc7n3m8td5e6fvg2", &key).send().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_is_openapi_3_1() {
+    let server = Server::start().await;
+    let (status, document) = server.get("/openapi.json", None).send().await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
+    assert_eq!(document["components"]["securitySchemes"]["ApiKeyAuth"]["name"], "x-api-key");
+    for (path, method) in
+        [("/account/api-keys", "post"), ("/account/api-keys", "get"), ("/account/api-keys/{id}", "delete")]
+    {
+        let responses = document["paths"][path][method]["responses"].as_object().unwrap();
+        assert!(responses.contains_key("401") && responses.contains_key("503"), "{method} {path}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The extractor and the layer on the host's own routes
+
+#[tokio::test]
+async fn the_required_extractor_authenticates_host_routes() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let response = server.client.get(format!("{}/whoami", server.base)).header("x-api-key", &key).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.unwrap(), "acme");
+    let response = server.client.get(format!("{}/whoami", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(code(&body), "unauthorized");
+}
+
+#[tokio::test]
+async fn the_optional_extractor_accepts_no_key_but_not_a_bad_one() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let hello = |key: Option<&str>| {
+        let mut request = server.client.get(format!("{}/hello", server.base));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(hello(None).await, (StatusCode::OK, "stranger".to_owned()));
+    assert_eq!(hello(Some(&key)).await, (StatusCode::OK, "acme".to_owned()));
+    assert_eq!(hello(Some("as_live_v1_bogus")).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_layer_guards_a_group_of_routes_and_verifies_once() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let response = server.client.get(format!("{}/orders", server.base)).header("x-api-key", &key).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.unwrap(), "orders of acme");
+    assert_eq!(server.store.calls(Call::FindByDigest), 1, "one verification per request");
+    let response = server.client.get(format!("{}/orders", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_request_log_has_one_line_per_request_with_the_key_id_and_no_token() {
+    let server = Server::start().await;
+    let (key, key_id) = server.key("acme").await;
+    server.get("/account/api-keys", Some(&key)).send().await;
+    // A token pasted into the path must not reach the log either.
+    server.delete(&key, &key).send().await;
+    server.assert_log_clean();
+    let log = String::from_utf8_lossy(&log().lock().unwrap()).into_owned();
+    let line = log.lines().find(|line| line.contains(&key_id.to_string()) && line.contains("status=200")).unwrap();
+    assert!(
+        line.contains("method=GET") && line.contains("route=\"/account/api-keys\"") && line.contains("latency_us="),
+        "{line}"
+    );
+}
