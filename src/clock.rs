@@ -72,7 +72,6 @@ pub(crate) fn unix_micros(at: OffsetDateTime) -> i64 {
 }
 
 /// The inverse of [`unix_micros`]; `None` for a value outside the supported years.
-#[cfg_attr(not(any(feature = "sqlite", feature = "redb")), allow(dead_code))]
 pub(crate) fn from_unix_micros(micros: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok()
 }

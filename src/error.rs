@@ -22,6 +22,9 @@ pub enum ValidationError {
     /// A key name is empty, longer than 255 characters or holds a control character.
     #[error("invalid key name: it must be 1 to 255 characters without control characters, or absent")]
     Name,
+    /// A key prefix is not `{namespace}_{environment}_v1_` and 4 base32 characters.
+    #[error("invalid key prefix: it must be {{namespace}}_{{environment}}_v1_ and 4 base32 characters")]
+    Prefix,
     /// A new key's expiry is not in the future.
     #[error("invalid expiry: expiresAt must be in the future")]
     ExpiryNotInFuture,

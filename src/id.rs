@@ -23,8 +23,16 @@ const SUFFIX_LEN: usize = 26;
 /// assert!("ak_01J9ZXKP4QBC7N3M8TD5E6FVG2".parse::<KeyId>().is_err()); // TypeIDs are lowercase
 /// # Ok::<(), apikeys::ValidationError>(())
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyId(Uuid);
+
+impl std::hash::Hash for KeyId {
+    /// Both halves folded into one word: a UUIDv7's low half is random, its high half a time.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (high, low) = self.0.as_u64_pair();
+        state.write_u64(high ^ low);
+    }
+}
 
 impl KeyId {
     /// The TypeID prefix of every key id.
@@ -163,7 +171,7 @@ macro_rules! serde_as_text {
 }
 
 #[cfg(feature = "serde")]
-serde_as_text!(KeyId, AccountId, crate::name::KeyName);
+serde_as_text!(KeyId, AccountId, crate::name::KeyName, crate::token::KeyPrefix);
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@ use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
 use crate::secret::SecretToken;
 use crate::store::KeyRecord;
+use crate::token::KeyPrefix;
 
 /// What to create: an optional name and an optional expiry.
 ///
@@ -32,7 +33,7 @@ pub struct CreatedKey {
     /// The full token. Show it once; it cannot be recovered.
     pub key: SecretToken,
     /// The visible start of the token, as lists show it.
-    pub prefix: String,
+    pub prefix: KeyPrefix,
     /// The label given at creation.
     pub name: Option<KeyName>,
     /// When the key was created.
@@ -56,7 +57,7 @@ pub struct ApiKey {
     pub id: KeyId,
     /// The visible start of the token.
     #[cfg_attr(feature = "serde", serde(rename = "keyPrefix"))]
-    pub prefix: String,
+    pub prefix: KeyPrefix,
     /// The label given at creation.
     pub name: Option<KeyName>,
     /// The last successful verification the service knows of.
@@ -93,7 +94,7 @@ pub struct AuthenticatedKey {
     /// The account the key belongs to: the one the request acts for.
     pub account: AccountId,
     /// The visible start of the token, for logs.
-    pub prefix: String,
+    pub prefix: KeyPrefix,
     /// The key's label.
     pub name: Option<KeyName>,
     /// When the key was created.

@@ -6,14 +6,17 @@
 //! most one interval of lastUsedAt — never a key or a revocation. `list` overlays the noted
 //! times, so it always shows the newest time the service knows.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
 
-use crate::clock::unix_micros;
+use crate::clock::{from_unix_micros, unix_micros};
 use crate::id::KeyId;
+use crate::prehashed::PrehashedMap;
+
+/// Shards of the noted times, so that verifications on different threads rarely meet on a lock.
+const SHARDS: usize = 16;
 
 #[derive(Debug)]
 pub(crate) struct LastUsed {
@@ -21,13 +24,13 @@ pub(crate) struct LastUsed {
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
     /// one verification per interval writes.
     next_flush_micros: AtomicI64,
-    noted: Mutex<HashMap<KeyId, Noted>>,
+    shards: [Mutex<PrehashedMap<KeyId, Noted>>; SHARDS],
 }
 
+/// The newest use of a key, in Unix microseconds, and whether the store has it yet.
 #[derive(Debug, Clone, Copy)]
 struct Noted {
-    at: OffsetDateTime,
-    /// Not yet handed to the store.
+    at: i64,
     dirty: bool,
 }
 
@@ -37,23 +40,18 @@ impl LastUsed {
             interval_micros: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
             // The first use is written at once, so a new key shows as used in the store too.
             next_flush_micros: AtomicI64::new(i64::MIN),
-            noted: Mutex::default(),
+            shards: std::array::from_fn(|_| Mutex::default()),
         }
     }
 
     /// Notes a use; returns whether a batch is due and this caller should write it.
     pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
-        {
-            let mut noted = self.lock();
-            let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
-            entry.at = entry.at.max(at);
-            entry.dirty = true;
-        }
+        let at = unix_micros(at);
+        self.shard(id).entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
         self.claim_flush(at)
     }
 
-    fn claim_flush(&self, now: OffsetDateTime) -> bool {
-        let now = unix_micros(now);
+    fn claim_flush(&self, now: i64) -> bool {
         let due = self.next_flush_micros.load(Ordering::Relaxed);
         now >= due
             && self
@@ -65,42 +63,54 @@ impl LastUsed {
     /// Takes every time not yet written, marking it written. Forgets entries written by an
     /// earlier batch and not used since: the store has them now.
     pub(crate) fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
-        let mut noted = self.lock();
-        noted.retain(|_, entry| entry.dirty);
-        noted
-            .iter_mut()
-            .map(|(id, entry)| {
+        let mut batch = Vec::new();
+        for shard in &self.shards {
+            let mut noted = lock(shard);
+            noted.retain(|_, entry| entry.dirty);
+            for (id, entry) in noted.iter_mut() {
                 entry.dirty = false;
-                (*id, entry.at)
-            })
-            .collect()
+                batch.extend(from_unix_micros(entry.at).map(|at| (*id, at)));
+            }
+        }
+        batch
     }
 
     /// Puts back a batch the store failed to write, to be retried with the next one.
     pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
-        let mut noted = self.lock();
         for &(id, at) in batch {
-            let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
-            entry.at = entry.at.max(at);
-            entry.dirty = true;
+            let at = unix_micros(at);
+            self.shard(id).entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
         }
     }
 
     /// The newest time noted for each id, for overlaying on what the store returned.
     pub(crate) fn newest(&self, ids: impl Iterator<Item = KeyId>) -> Vec<Option<OffsetDateTime>> {
-        let noted = self.lock();
-        ids.map(|id| noted.get(&id).map(|entry| entry.at)).collect()
+        ids.map(|id| self.shard(id).get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
     }
 
     /// How many noted times the store has not been given yet.
     pub(crate) fn pending(&self) -> usize {
-        self.lock().values().filter(|entry| entry.dirty).count()
+        self.shards.iter().map(|shard| lock(shard).values().filter(|noted| noted.dirty).count()).sum()
     }
 
-    // Nothing panics while the lock is held, and every state of the map is valid.
-    fn lock(&self) -> MutexGuard<'_, HashMap<KeyId, Noted>> {
-        self.noted.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The shard of an id, chosen by bits of its hash that the map uses neither for the bucket
+    /// (low bits) nor for the tag (top bits).
+    fn shard(&self, id: KeyId) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+        let (high, low) = id.as_uuid().as_u64_pair();
+        lock(&self.shards[(((high ^ low) >> 32) % SHARDS as u64) as usize])
     }
+}
+
+impl Noted {
+    fn note(&mut self, at: i64) {
+        self.at = self.at.max(at);
+        self.dirty = true;
+    }
+}
+
+// Nothing panics while a shard is locked, and every state of a map is valid.
+fn lock(shard: &Mutex<PrehashedMap<KeyId, Noted>>) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod id;
 mod key;
 mod last_used;
 mod name;
+mod prehashed;
 mod secret;
 mod service;
 pub mod store;
@@ -33,4 +34,4 @@ pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{KeyRecord, KeyStore, MemoryStore, OpenError, StoreError};
-pub use token::{Environment, KeyFormat, TokenError, TokenParts};
+pub use token::{Environment, KeyFormat, KeyPrefix, TokenError, TokenParts};

@@ -3,11 +3,12 @@
 use std::fmt;
 use std::ops::Deref;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::error::ValidationError;
 
 /// A key's label, e.g. `production-agent`: 1–255 characters, none of them a control character.
-/// Invalid names are refused, never truncated.
+/// Invalid names are refused, never truncated. Cheap to clone.
 ///
 /// ```
 /// # use apikeys::KeyName;
@@ -17,20 +18,20 @@ use crate::error::ValidationError;
 /// assert!(KeyName::new("é".repeat(255)).is_ok()); // characters, not bytes
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyName(Box<str>);
+pub struct KeyName(Arc<str>);
 
 impl KeyName {
     /// The most characters a name may have.
     pub const MAX_CHARS: usize = 255;
 
     /// Validates a name.
-    pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
-        let name = name.into();
+    pub fn new(name: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let name = name.as_ref();
         let chars = name.chars().count();
         if chars == 0 || chars > Self::MAX_CHARS || name.chars().any(char::is_control) {
             return Err(ValidationError::Name);
         }
-        Ok(Self(name.into_boxed_str()))
+        Ok(Self(name.into()))
     }
 
     /// The name as text.

@@ -14,6 +14,7 @@ use rand::rngs::{SysError, SysRng};
 
 use crate::error::ValidationError;
 use crate::secret::SecretToken;
+use zeroize::Zeroizing;
 
 /// RFC 4648 base32, lowercase, no padding: the alphabet of the body.
 const BODY_ALPHABET: Alphabet = Alphabet::Rfc4648Lower { padding: false };
@@ -31,7 +32,9 @@ const VERSION: &str = "v1";
 /// Longest namespace, environment and token; anything longer is rejected before it is read.
 const MAX_NAMESPACE: usize = 16;
 const MAX_ENVIRONMENT: usize = 8;
-const MAX_TOKEN_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1 + BODY_CHARS;
+const MAX_LEAD_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1;
+const MAX_TOKEN_LEN: usize = MAX_LEAD_LEN + BODY_CHARS;
+const MAX_PREFIX_LEN: usize = MAX_LEAD_LEN + PREFIX_BODY_CHARS;
 
 /// Why a string is not a token of the expected format. None of these needed the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +91,67 @@ impl fmt::Display for Environment {
     }
 }
 
+/// The visible start of a token, `{namespace}_{environment}_v1_` and 4 characters of its body,
+/// e.g. `as_live_v1_4xkq`: shown in lists so people can tell keys apart. Not secret, not unique.
+/// Kept inline (no heap), so records are cheap to copy.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyPrefix {
+    len: u8,
+    bytes: [u8; MAX_PREFIX_LEN],
+}
+
+impl KeyPrefix {
+    /// Validates a prefix read back from a store.
+    pub fn new(prefix: &str) -> Result<Self, ValidationError> {
+        let (_, _, lead_len) = split_lead(prefix).map_err(|_| ValidationError::Prefix)?;
+        let body = &prefix.as_bytes()[lead_len..];
+        if body.len() != PREFIX_BODY_CHARS || !body.iter().all(|&c| is_body_char(c)) {
+            return Err(ValidationError::Prefix);
+        }
+        Ok(Self::of_checked(prefix))
+    }
+
+    /// A prefix cut from a token this module made or checked.
+    fn of_checked(prefix: &str) -> Self {
+        let mut bytes = [0u8; MAX_PREFIX_LEN];
+        bytes[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        Self { len: prefix.len() as u8, bytes }
+    }
+
+    /// The prefix as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for KeyPrefix {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::str::FromStr for KeyPrefix {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// A service's token format: its namespace and environment.
 ///
 /// ```
@@ -96,7 +160,7 @@ impl fmt::Display for Environment {
 /// let (token, prefix) = format.generate()?;
 /// assert!(token.expose_secret().starts_with("as_live_v1_"));
 /// assert_eq!(prefix.len(), "as_live_v1_".len() + 4);
-/// assert_eq!(format.parse(token.expose_secret())?.prefix(), prefix);
+/// assert_eq!(format.parse(token.expose_secret())?.prefix(), prefix.as_str());
 ///
 /// let test_keys = KeyFormat::new("as", Environment::TEST)?;
 /// assert_eq!(test_keys.parse(token.expose_secret()).unwrap_err(), TokenError::Environment);
@@ -137,16 +201,16 @@ impl KeyFormat {
     }
 
     /// A new token from the operating system's random generator, and its display prefix.
-    pub fn generate(&self) -> Result<(SecretToken, String), SysError> {
+    pub fn generate(&self) -> Result<(SecretToken, KeyPrefix), SysError> {
         let mut random = [0u8; RANDOM_BYTES];
         SysRng.try_fill_bytes(&mut random)?;
         let mut token = String::with_capacity(self.token_len());
         token.push_str(&self.lead);
-        token.push_str(&base32::encode(BODY_ALPHABET, &random));
+        token.push_str(&Zeroizing::new(base32::encode(BODY_ALPHABET, &random)));
         let checksum = checksum_chars(&token);
         token.push_str(&checksum);
         random.fill(0);
-        let prefix = token[..self.lead.len() + PREFIX_BODY_CHARS].to_owned();
+        let prefix = KeyPrefix::of_checked(&token[..self.lead.len() + PREFIX_BODY_CHARS]);
         Ok((SecretToken::from(token), prefix))
     }
 
@@ -253,19 +317,42 @@ fn check_body(token: &str, lead_len: usize) -> Result<(), TokenError> {
     if body.len() != BODY_CHARS {
         return Err(TokenError::Length);
     }
-    if !body.iter().all(|&b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)) {
+    // One table lookup per character; any byte outside the alphabet sets the high bit.
+    if body.iter().fold(0u8, |seen, &c| seen | BASE32_VALUE[usize::from(c)]) & INVALID != 0 {
         return Err(TokenError::Alphabet);
     }
     let (checked, checksum) = token.split_at(token.len() - CHECKSUM_CHARS);
-    if checksum_chars(checked).as_bytes() != checksum.as_bytes() {
+    // The 7 characters carry 35 bits: the CRC32 followed by 3 zero bits.
+    let presented = checksum.bytes().fold(0u64, |bits, c| (bits << 5) | u64::from(BASE32_VALUE[usize::from(c)]));
+    if presented != u64::from(crc32fast::hash(checked.as_bytes())) << 3 {
         return Err(TokenError::Checksum);
     }
     Ok(())
 }
 
+/// Marks a byte outside the body alphabet in [`BASE32_VALUE`].
+const INVALID: u8 = 0x80;
+
+/// The value of each byte in lowercase RFC 4648 base32 (`a`–`z` are 0–25, `2`–`7` are 26–31),
+/// or [`INVALID`].
+const BASE32_VALUE: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 32 {
+        let c = if i < 26 { b'a' + i as u8 } else { b'2' + (i - 26) as u8 };
+        table[c as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
 /// The CRC32 of `checked`, big-endian, as 7 base32 characters.
 fn checksum_chars(checked: &str) -> String {
     base32::encode(BODY_ALPHABET, &crc32fast::hash(checked.as_bytes()).to_be_bytes())
+}
+
+fn is_body_char(c: u8) -> bool {
+    BASE32_VALUE[usize::from(c)] != INVALID
 }
 
 fn is_namespace(s: &str) -> bool {
@@ -297,10 +384,29 @@ mod tests {
         let token = token.expose_secret();
         assert_eq!(token.len(), "as_live_v1_".len() + 39);
         assert!(token.starts_with("as_live_v1_"));
-        assert!(token.starts_with(&prefix));
+        assert!(token.starts_with(prefix.as_str()));
         assert_eq!(prefix.len(), "as_live_v1_".len() + 4);
+        assert_eq!(KeyPrefix::new(&prefix), Ok(prefix));
         let body = &token["as_live_v1_".len()..];
         assert!(body.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        for good in ["as_live_v1_abcd", "acme42_staging_v1_z7z7", "abcdefghijklmnop_abcdefgh_v1_2345"] {
+            assert_eq!(KeyPrefix::new(good).map(|prefix| prefix.to_string()), Ok(good.to_owned()));
+        }
+        for bad in [
+            "",
+            "as_live_v1_",
+            "as_live_v1_abc",
+            "as_live_v1_abcde",
+            "as_live_v1_ABCD",
+            "as_live_v2_abcd",
+            "x_live_v1_abcd",
+        ] {
+            assert_eq!(KeyPrefix::new(bad), Err(ValidationError::Prefix), "{bad:?}");
+        }
     }
 
     #[test]

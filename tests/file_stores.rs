@@ -61,7 +61,7 @@ fn record(account: &AccountId, index: u64) -> KeyRecord {
         id,
         account: account.clone(),
         digest: Digest::sha256(&format!("{id}")),
-        prefix: "as_live_v1_abcd".into(),
+        prefix: "as_live_v1_abcd".parse().unwrap(),
         name: Some(apikeys::KeyName::new(format!("key {index}")).unwrap()),
         created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
         expires_at: None,
@@ -511,4 +511,35 @@ fn a_corrupt_file_gives_errors_never_panics() {
             });
         }
     }
+}
+
+#[test]
+fn import_stores_everything_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let account = AccountId::new("import").unwrap();
+    let first: Vec<KeyRecord> = (0..3).map(|i| record(&account, i)).collect();
+    let fresh = record(&account, 3);
+    let second = vec![fresh.clone(), first[0].clone()];
+    let sqlite = SqliteStore::open(dir.path().join("import.db")).unwrap();
+    let redb = RedbStore::open(dir.path().join("import.redb")).unwrap();
+    let memory = apikeys::MemoryStore::new();
+    runtime().block_on(async {
+        sqlite.import(first.clone()).await.unwrap();
+        redb.import(first.clone()).await.unwrap();
+        memory.import(first.clone()).unwrap();
+        assert!(matches!(sqlite.import(second.clone()).await, Err(StoreError::Duplicate)));
+        assert!(matches!(redb.import(second.clone()).await, Err(StoreError::Duplicate)));
+        assert!(matches!(memory.import(second.clone()), Err(StoreError::Duplicate)));
+        let stores: [&dyn KeyStore; 3] = [&sqlite, &redb, &memory];
+        for store in stores {
+            for key in &first {
+                assert_eq!(store.find_by_digest(&key.digest).await.unwrap().as_ref(), Some(key), "{store:?}");
+            }
+            assert_eq!(
+                store.find_by_digest(&fresh.digest).await.unwrap(),
+                None,
+                "{store:?}: a failed import stores nothing"
+            );
+        }
+    });
 }

@@ -56,7 +56,7 @@ async fn create_returns_the_key_once_with_id_prefix_name_and_message() {
     let token = created.key.expose_secret();
     assert!(token.starts_with("as_live_v1_"));
     assert_eq!(token.len(), 50);
-    assert_eq!(created.prefix, token[..15]);
+    assert_eq!(created.prefix.as_str(), &token[..15]);
     assert_eq!(created.name.as_deref(), Some("production-agent"));
     assert_eq!(created.created_at, T0);
     assert_eq!(created.expires_at, None);

@@ -348,7 +348,7 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         .map(|key| {
             let name = key.name.as_ref().map_or_else(|| "-".into(), ToString::to_string);
             let created = time(Some(key.created_at));
-            [key.id.to_string(), key.prefix.clone(), name, created, time(key.expires_at), time(key.last_used_at)]
+            [key.id.to_string(), key.prefix.to_string(), name, created, time(key.expires_at), time(key.last_used_at)]
         })
         .collect();
     let header = ["ID", "PREFIX", "NAME", "CREATED", "EXPIRES", "LAST USED"].map(String::from);

@@ -27,6 +27,7 @@ use super::{KeyRecord, KeyStore, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::token::KeyPrefix;
 
 /// A base time with microseconds, to catch a store that rounds them away.
 const T0: OffsetDateTime = datetime!(2025-10-15 09:00:00.123456 UTC);
@@ -41,7 +42,7 @@ fn record(account: &AccountId, created_at: OffsetDateTime) -> KeyRecord {
         id,
         account: account.clone(),
         digest: Digest::sha256(&format!("token of {id}")),
-        prefix: "as_live_v1_abcd".to_owned(),
+        prefix: KeyPrefix::new("as_live_v1_abcd").unwrap(),
         name: None,
         created_at,
         expires_at: None,
@@ -136,7 +137,7 @@ pub async fn every_field_round_trips_exactly(store: &dyn KeyStore) {
     for (i, name) in names.into_iter().enumerate() {
         let mut stored = record(&account, T0 + Duration::microseconds(i as i64));
         stored.name = Some(KeyName::new(name).unwrap());
-        stored.prefix = format!("namespace{i}_staging_v1_z7z7");
+        stored.prefix = KeyPrefix::new(&format!("namespace{i}_staging_v1_z7z7")).unwrap();
         stored.expires_at = Some(datetime!(9999-12-31 23:59:59.999999 UTC));
         stored.last_used_at = None;
         insert(store, &stored).await;

@@ -1,9 +1,9 @@
 //! [`MemoryStore`]: keys in a map, for tests and ephemeral services; the reference every other
 //! backend is compared with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -11,22 +11,33 @@ use time::OffsetDateTime;
 use super::{KeyRecord, KeyStore, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
+use crate::prehashed::PrehashedMap;
+
+/// Shards of the records, so that verifications on different threads rarely share a lock.
+const SHARDS: usize = 16;
 
 /// Keys in process memory, lost when the process ends.
 ///
-/// Records are kept inline in a map keyed by digest, so verification is one hash-map probe with
-/// no further pointer to chase. Every call completes without waiting, so the methods run inline
-/// on the caller's executor.
-#[derive(Default)]
+/// Records live inline in maps keyed by digest, split into shards that each have their own
+/// read-write lock: a verification is one probe under one shard's read lock, and verifications
+/// on other threads almost never touch the same lock. Writes are serialised by the index lock,
+/// which also guards the id and account indexes, so each write is atomic. Every call completes
+/// without waiting on I/O, so the methods run inline on the caller's executor.
 pub struct MemoryStore {
-    inner: RwLock<Inner>,
+    shards: [RwLock<PrehashedMap<Digest, KeyRecord>>; SHARDS],
+    index: Mutex<Index>,
 }
 
 #[derive(Default)]
-struct Inner {
-    by_digest: HashMap<Digest, KeyRecord>,
-    digest_of: HashMap<KeyId, Digest>,
+struct Index {
+    digest_of: PrehashedMap<KeyId, Digest>,
     ids_of_account: HashMap<AccountId, Vec<KeyId>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self { shards: std::array::from_fn(|_| RwLock::default()), index: Mutex::default() }
+    }
 }
 
 impl MemoryStore {
@@ -35,9 +46,27 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Stores many records at once, with no active-key limit: for imports and benchmarks. All or
+    /// nothing; [`StoreError::Duplicate`] if any id or digest is already present (or repeated).
+    pub fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        let mut index = self.index();
+        let (mut ids, mut digests) = (HashSet::new(), HashSet::new());
+        for record in &records {
+            let stored =
+                index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest);
+            if stored || !ids.insert(record.id) || !digests.insert(record.digest) {
+                return Err(StoreError::Duplicate);
+            }
+        }
+        for record in records {
+            self.add(&mut index, record);
+        }
+        Ok(())
+    }
+
     /// How many records the store holds, revoked and expired ones included.
     pub fn len(&self) -> usize {
-        self.read().by_digest.len()
+        self.index().digest_of.len()
     }
 
     /// Whether the store holds no record.
@@ -45,26 +74,45 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    fn add(&self, index: &mut Index, record: KeyRecord) {
+        index.digest_of.insert(record.id, record.digest);
+        index.ids_of_account.entry(record.account.clone()).or_default().push(record.id);
+        self.write(&record.digest).insert(record.digest, record);
+    }
+
+    /// Applies `change` to the record with this id, under the index lock the caller holds.
+    fn update<T>(&self, index: &Index, id: &KeyId, change: impl FnOnce(&mut KeyRecord) -> T) -> Option<T> {
+        let digest = index.digest_of.get(id)?;
+        self.write(digest).get_mut(digest).map(change)
+    }
+
+    /// The account's records for which `keep` holds, cloned, under the index lock the caller holds.
+    fn account_records(&self, index: &Index, account: &AccountId, keep: impl Fn(&KeyRecord) -> bool) -> Vec<KeyRecord> {
+        let ids = index.ids_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
+        ids.iter()
+            .filter_map(|id| index.digest_of.get(id))
+            .filter_map(|digest| self.read(digest).get(digest).filter(|record| keep(record)).cloned())
+            .collect()
+    }
+
+    /// The shard of a digest, chosen by a byte the map's hash does not use (bytes 1 to 8), so that
+    /// the keys of one shard still spread over all of its buckets.
+    fn shard(&self, digest: &Digest) -> &RwLock<PrehashedMap<Digest, KeyRecord>> {
+        &self.shards[usize::from(digest.as_bytes()[Digest::LEN - 1]) % SHARDS]
+    }
+
     // A panic never leaves a half-applied write (each write checks before it changes anything),
     // so a poisoned lock still guards consistent data.
-    fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self, digest: &Digest) -> RwLockReadGuard<'_, PrehashedMap<Digest, KeyRecord>> {
+        self.shard(digest).read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Inner {
-    fn record_mut(&mut self, id: &KeyId) -> Option<&mut KeyRecord> {
-        let digest = self.digest_of.get(id)?;
-        self.by_digest.get_mut(digest)
+    fn write(&self, digest: &Digest) -> RwLockWriteGuard<'_, PrehashedMap<Digest, KeyRecord>> {
+        self.shard(digest).write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn account_records<'a>(&'a self, account: &AccountId) -> impl Iterator<Item = &'a KeyRecord> + 'a {
-        let ids = self.ids_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
-        ids.iter().filter_map(|id| self.digest_of.get(id)).filter_map(|digest| self.by_digest.get(digest))
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -77,50 +125,46 @@ impl fmt::Debug for MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        let mut inner = self.write();
-        if inner.digest_of.contains_key(&record.id) || inner.by_digest.contains_key(&record.digest) {
+        let mut index = self.index();
+        if index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest) {
             return Err(StoreError::Duplicate);
         }
         let active =
-            inner.account_records(&record.account).filter(|existing| existing.is_active(record.created_at)).count();
+            self.account_records(&index, &record.account, |existing| existing.is_active(record.created_at)).len();
         if active >= max_active as usize {
             return Err(StoreError::LimitReached { limit: max_active });
         }
-        inner.digest_of.insert(record.id, record.digest);
-        inner.ids_of_account.entry(record.account.clone()).or_default().push(record.id);
-        inner.by_digest.insert(record.digest, record.clone());
+        self.add(&mut index, record.clone());
         Ok(())
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.read().by_digest.get(digest).cloned())
+        Ok(self.read(digest).get(digest).cloned())
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-        let inner = self.read();
-        let mut active: Vec<KeyRecord> =
-            inner.account_records(account).filter(|record| record.is_active(now)).cloned().collect();
+        let index = self.index();
+        let mut active = self.account_records(&index, account, |record| record.is_active(now));
         active.sort_by_key(|record| (record.created_at, record.id));
         Ok(active)
     }
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let mut inner = self.write();
-        match inner.record_mut(id) {
-            Some(record) if record.account == *account && record.is_active(at) => {
+        let index = self.index();
+        let revoked = self.update(&index, id, |record| {
+            let revocable = record.account == *account && record.is_active(at);
+            if revocable {
                 record.revoked_at = Some(at);
-                Ok(true)
             }
-            _ => Ok(false),
-        }
+            revocable
+        });
+        Ok(revoked.unwrap_or(false))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        let mut inner = self.write();
+        let index = self.index();
         for (id, at) in uses {
-            if let Some(record) = inner.record_mut(id) {
-                record.last_used_at = record.last_used_at.max(Some(*at));
-            }
+            self.update(&index, id, |record| record.last_used_at = record.last_used_at.max(Some(*at)));
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::token::KeyPrefix;
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
@@ -45,7 +46,7 @@ pub struct KeyRecord {
     /// The unique lookup key: a hash of the token.
     pub digest: Digest,
     /// The visible start of the token, e.g. `as_live_v1_4xkq`; not unique.
-    pub prefix: String,
+    pub prefix: KeyPrefix,
     /// The label given at creation.
     pub name: Option<KeyName>,
     /// When the key was created.

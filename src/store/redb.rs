@@ -16,6 +16,7 @@ use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::token::KeyPrefix;
 
 /// The schema this build writes and the newest it reads.
 const SCHEMA_VERSION: u64 = 1;
@@ -68,6 +69,16 @@ impl RedbStore {
         let writer = Writer::spawn("apikeys-redb-writer", Arc::clone(&database))
             .map_err(|source| OpenError::Other { path: path.to_owned(), source: source.into() })?;
         Ok(Self { location: path.display().to_string(), database, writer })
+    }
+
+    /// Stores many records in one durable transaction, with no active-key limit: for imports
+    /// from another system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any
+    /// id or digest is already present.
+    pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        self.write("import", move |transaction| {
+            records.iter().try_for_each(|record| insert_record(transaction, record))
+        })
+        .await
     }
 
     /// Runs `read` in a read transaction on the caller's thread.
@@ -206,7 +217,7 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
         id: KeyId::from_uuid(Uuid::from_bytes(*id)),
         account: AccountId::new(account)?,
         digest: Digest::from_bytes(digest).ok_or("invalid digest in record")?,
-        prefix: prefix.to_owned(),
+        prefix: KeyPrefix::new(prefix)?,
         name: name.map(KeyName::new).transpose()?,
         created_at: time(created_at)?,
         expires_at: expires_at.map(time).transpose()?,
@@ -231,39 +242,10 @@ impl KeyStore for RedbStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let record = record.clone();
         self.write("insert", move |transaction| {
-            let mut records = transaction.open_table(RECORDS)?;
-            let mut ids = transaction.open_table(IDS)?;
-            let mut by_account = transaction.open_table(BY_ACCOUNT)?;
-            let (id, digest) = (record.id.as_uuid().as_bytes(), record.digest.as_bytes());
-            if ids.get(id)?.is_some() || records.get(digest)?.is_some() {
-                return Err(WriteError::Store(StoreError::Duplicate));
-            }
-            let created_at = unix_micros(record.created_at);
-            let mut active = 0u64;
-            for entry in by_account.range(account_range(record.account.as_str()))? {
-                let (_, digest) = entry?;
-                if let Some(existing) = records.get(digest.value())? {
-                    let (.., expires_at, _, revoked_at) = existing.value();
-                    active += u64::from(is_active(expires_at, revoked_at, created_at));
-                }
-            }
-            if active >= u64::from(max_active) {
+            if count_active(transaction, &record.account, unix_micros(record.created_at))? >= u64::from(max_active) {
                 return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
             }
-            let value = (
-                id,
-                record.account.as_str(),
-                record.prefix.as_str(),
-                record.name.as_deref(),
-                created_at,
-                record.expires_at.map(unix_micros),
-                record.last_used_at.map(unix_micros),
-                record.revoked_at.map(unix_micros),
-            );
-            records.insert(digest, value)?;
-            ids.insert(id, digest)?;
-            by_account.insert((record.account.as_str(), created_at, id), digest)?;
-            Ok(())
+            insert_record(transaction, &record)
         })
         .await
     }
@@ -341,6 +323,48 @@ impl KeyStore for RedbStore {
         })
         .await
     }
+}
+
+/// How many of the account's keys are active at `now`.
+fn count_active(transaction: &redb::WriteTransaction, account: &AccountId, now: i64) -> Result<u64, WriteError> {
+    let records = transaction.open_table(RECORDS)?;
+    let by_account = transaction.open_table(BY_ACCOUNT)?;
+    let mut active = 0;
+    for entry in by_account.range(account_range(account.as_str()))? {
+        let (_, digest) = entry?;
+        if let Some(existing) = records.get(digest.value())? {
+            let (.., expires_at, _, revoked_at) = existing.value();
+            active += u64::from(is_active(expires_at, revoked_at, now));
+        }
+    }
+    Ok(active)
+}
+
+/// Inserts a record into the three tables; an id or digest already present is
+/// [`StoreError::Duplicate`].
+fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Result<(), WriteError> {
+    let mut records = transaction.open_table(RECORDS)?;
+    let mut ids = transaction.open_table(IDS)?;
+    let mut by_account = transaction.open_table(BY_ACCOUNT)?;
+    let (id, digest) = (record.id.as_uuid().as_bytes(), record.digest.as_bytes());
+    if ids.get(id)?.is_some() || records.get(digest)?.is_some() {
+        return Err(WriteError::Store(StoreError::Duplicate));
+    }
+    let created_at = unix_micros(record.created_at);
+    let value = (
+        id,
+        record.account.as_str(),
+        record.prefix.as_str(),
+        record.name.as_deref(),
+        created_at,
+        record.expires_at.map(unix_micros),
+        record.last_used_at.map(unix_micros),
+        record.revoked_at.map(unix_micros),
+    );
+    records.insert(digest, value)?;
+    ids.insert(id, digest)?;
+    by_account.insert((record.account.as_str(), created_at, id), digest)?;
+    Ok(())
 }
 
 /// A record value copied out of the database, to be changed and written back.

@@ -56,7 +56,7 @@ struct ModelKey {
     id: KeyId,
     account: usize,
     token: String,
-    prefix: String,
+    prefix: apikeys::KeyPrefix,
     name: Option<String>,
     created_at: OffsetDateTime,
     expires_at: Option<OffsetDateTime>,
@@ -74,7 +74,7 @@ impl ModelKey {
 #[derive(Debug, PartialEq, Eq)]
 struct Row {
     id: KeyId,
-    prefix: String,
+    prefix: apikeys::KeyPrefix,
     name: Option<String>,
     expires_at: Option<OffsetDateTime>,
     created_at: OffsetDateTime,
@@ -109,7 +109,7 @@ impl Model {
         keys.iter()
             .map(|key| Row {
                 id: key.id,
-                prefix: key.prefix.clone(),
+                prefix: key.prefix,
                 name: key.name.clone(),
                 expires_at: key.expires_at,
                 created_at: key.created_at,
@@ -125,7 +125,7 @@ fn listed(keys: &[ApiKey]) -> Vec<Row> {
             let name = key.name.as_ref().map(|name| name.to_string());
             Row {
                 id: key.id,
-                prefix: key.prefix.clone(),
+                prefix: key.prefix,
                 name,
                 expires_at: key.expires_at,
                 created_at: key.created_at,
@@ -160,7 +160,7 @@ async fn run_async<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), TestCaseErro
         let stored = service.store().find_by_digest(&Digest::sha256(&key.token)).await.unwrap();
         let stored = stored.expect("every created key is stored");
         assert_no_secret(&format!("{stored:?}"), &key.token);
-        prop_assert!(key.token.starts_with(&stored.prefix));
+        prop_assert!(key.token.starts_with(stored.prefix.as_str()));
     }
     Ok(())
 }
@@ -186,14 +186,14 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             } else {
                 let created = outcome.unwrap();
                 let token = created.key.expose_secret().to_owned();
-                prop_assert!(token.starts_with(&created.prefix));
+                prop_assert!(token.starts_with(created.prefix.as_str()));
                 prop_assert_eq!(created.created_at, now);
                 assert_no_secret(&format!("{created:?}"), &token);
                 model.keys.push(ModelKey {
                     id: created.id,
                     account: *account,
                     token,
-                    prefix: created.prefix.clone(),
+                    prefix: created.prefix,
                     name: name.clone(),
                     created_at: now,
                     expires_at,

@@ -1,0 +1,450 @@
+//! Verification against the raw cost of its parts, every backend over identical data, in one run
+//! so that every ratio compares numbers measured side by side.
+//!
+//! ```sh
+//! cargo bench --bench verify --all-features            # 10 k and 1 M keys
+//! APIKEYS_BENCH_SIZES=10000 cargo bench --bench verify --all-features
+//! python3 benches/report.py                             # the README table from the results
+//! ```
+//!
+//! Each "raw" baseline is the same operation the store performs, without the service: the same
+//! SQL statement and row decoding, the same redb read transaction and value decoding, the same
+//! map probe reading the record it finds. Lookups go to random keys, in an order unrelated to
+//! insertion, so caches help no more than they would in production.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use apikeys::{
+    AccountId, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore, MemoryStore, NewKey,
+    RedbStore, SqliteStore,
+};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use time::OffsetDateTime;
+
+/// Counts live heap bytes, to report the memory a key costs in `MemoryStore`.
+struct CountingAllocator;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// How many verification targets each benchmark cycles through.
+const SAMPLE: usize = 4096;
+
+fn format() -> KeyFormat {
+    KeyFormat::new("as", Environment::LIVE).unwrap()
+}
+
+/// `n` keys over `n / 50` accounts, and a random sample of their tokens to verify.
+struct Dataset {
+    records: Vec<KeyRecord>,
+    tokens: Vec<String>,
+}
+
+impl Dataset {
+    fn new(n: usize) -> Self {
+        let format = format();
+        let created_at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let accounts: Vec<AccountId> =
+            (0..n.div_ceil(50)).map(|i| AccountId::new(format!("account-{i}")).unwrap()).collect();
+        let mut tokens = Vec::with_capacity(SAMPLE);
+        let stride = n / SAMPLE.min(n);
+        let records = (0..n)
+            .map(|i| {
+                let (token, prefix) = format.generate().unwrap();
+                if i % stride == 0 && tokens.len() < SAMPLE {
+                    tokens.push(token.expose_secret().to_owned());
+                }
+                KeyRecord {
+                    id: KeyId::from_uuid(uuid::Uuid::now_v7()),
+                    account: accounts[i % accounts.len()].clone(),
+                    digest: Digest::sha256(token.expose_secret()),
+                    prefix,
+                    name: (i % 2 == 0).then(|| KeyName::new(format!("key {i}")).unwrap()),
+                    created_at,
+                    expires_at: None,
+                    last_used_at: None,
+                    revoked_at: None,
+                }
+            })
+            .collect();
+        // Visit the sample in an order unrelated to insertion.
+        let mut shuffled: Vec<(u64, String)> =
+            tokens.into_iter().map(|token| (crc32fast::hash(token.as_bytes()) as u64, token)).collect();
+        shuffled.sort();
+        Self { records, tokens: shuffled.into_iter().map(|(_, token)| token).collect() }
+    }
+
+    fn digests(&self) -> Vec<Digest> {
+        self.tokens.iter().map(|token| Digest::sha256(token)).collect()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Runs `iters` operations split over `threads` threads, each cycling through the sample from
+/// its own offset; returns the wall time.
+fn on_threads(threads: usize, iters: u64, operation: impl Fn(usize) + Sync) -> Duration {
+    let per_thread = iters.div_ceil(threads as u64);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let operation = &operation;
+            scope.spawn(move || {
+                for i in 0..per_thread as usize {
+                    operation(thread * 997 + i);
+                }
+            });
+        }
+    });
+    started.elapsed()
+}
+
+/// Verifies sample tokens through `service` on `threads` threads, each with its own runtime.
+fn verify_on_threads<S: KeyStore>(service: &KeyService<S>, tokens: &[String], threads: usize, iters: u64) -> Duration {
+    let per_thread = iters.div_ceil(threads as u64) as usize;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            scope.spawn(move || {
+                runtime().block_on(async {
+                    for i in 0..per_thread {
+                        let token = &tokens[(thread * 997 + i) % tokens.len()];
+                        black_box(service.verify(token).await.unwrap());
+                    }
+                })
+            });
+        }
+    });
+    started.elapsed()
+}
+
+fn sizes() -> Vec<usize> {
+    std::env::var("APIKEYS_BENCH_SIZES")
+        .unwrap_or_else(|_| "10000,1000000".into())
+        .split(',')
+        .map(|size| size.trim().parse().expect("APIKEYS_BENCH_SIZES: comma-separated key counts"))
+        .collect()
+}
+
+/// Figures that are not timings (bytes per key), for `report.py`.
+fn record_figure(name: &str, value: f64) {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-figures.txt");
+    let mut figures = std::fs::read_to_string(&path).unwrap_or_default();
+    figures.push_str(&format!("{name} {value}\n"));
+    std::fs::write(path, figures).unwrap();
+    eprintln!("{name}: {value:.0}");
+}
+
+fn parts(c: &mut Criterion) {
+    let data = Dataset::new(SAMPLE);
+    let format = format();
+    let mut group = c.benchmark_group("parts");
+    let mut i = 0;
+    group.bench_function("parse", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(format.parse(&data.tokens[i % SAMPLE]).unwrap());
+        })
+    });
+    group.bench_function("sha256", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(Digest::sha256(&data.tokens[i % SAMPLE]));
+        })
+    });
+    group.bench_function("clock", |b| b.iter(|| black_box(OffsetDateTime::now_utc())));
+    let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(&[7u8; 32]).unwrap();
+    group.bench_function("hmac_sha256_prekeyed", |b| {
+        b.iter(|| {
+            i += 1;
+            let mut mac = keyed.clone();
+            mac.update(data.tokens[i % SAMPLE].as_bytes());
+            black_box(mac.finalize().into_bytes());
+        })
+    });
+    let service = KeyService::builder(MemoryStore::new(), format.clone()).build();
+    let mut bad = data.tokens[0].clone();
+    bad.replace_range(20..21, if &bad[20..21] == "a" { "b" } else { "a" });
+    let runtime = runtime();
+    group.bench_function("reject_bad_checksum", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    black_box(service.verify(&bad).await.unwrap_err());
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+fn memory(c: &mut Criterion) {
+    for n in sizes() {
+        let data = Dataset::new(n);
+        let digests = data.digests();
+        let mut group = c.benchmark_group("memory");
+        group.throughput(Throughput::Elements(1));
+
+        // Raw: a map of records by digest, probed for a random key, reading the record found.
+        let map: HashMap<Digest, KeyRecord> =
+            data.records.iter().map(|record| (record.digest, record.clone())).collect();
+        let map = std::sync::RwLock::new(map);
+        let raw = |i: usize| {
+            let map = map.read().unwrap();
+            let record = map.get(&digests[i % digests.len()]).unwrap();
+            black_box((record.revoked_at, record.expires_at, &record.account));
+        };
+        for threads in [1, 2] {
+            group.bench_function(BenchmarkId::new(format!("raw_map_hit/threads={threads}"), n), |b| {
+                b.iter_custom(|iters| on_threads(threads, iters, raw))
+            });
+        }
+        drop(map);
+
+        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let store = MemoryStore::new();
+        store.import(data.records.clone()).unwrap();
+        let bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        record_figure(&format!("memory_bytes_per_key/{n}"), bytes as f64 / n as f64);
+        let store = Arc::new(store);
+        bench_service(&mut group, n, store, &data.tokens);
+        group.finish();
+    }
+}
+
+/// verify with and without lastUsed tracking, on one thread and two.
+fn bench_service<S: KeyStore + Clone>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    n: usize,
+    store: S,
+    tokens: &[String],
+) {
+    let tracking = KeyService::builder(store.clone(), format()).build();
+    let untracked = KeyService::builder(store, format()).without_last_used().build();
+    for threads in [1, 2] {
+        group.bench_function(BenchmarkId::new(format!("verify/threads={threads}"), n), |b| {
+            b.iter_custom(|iters| verify_on_threads(&tracking, tokens, threads, iters))
+        });
+    }
+    group.bench_function(BenchmarkId::new("verify_without_last_used/threads=1", n), |b| {
+        b.iter_custom(|iters| verify_on_threads(&untracked, tokens, 1, iters))
+    });
+    runtime().block_on(tracking.flush()).unwrap();
+}
+
+fn sqlite(c: &mut Criterion) {
+    for n in sizes() {
+        let data = Dataset::new(n);
+        let digests = data.digests();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bench.db");
+        let store = SqliteStore::open(&path).unwrap();
+        runtime().block_on(store.import(data.records.clone())).unwrap();
+        let mut group = c.benchmark_group("sqlite");
+        group.throughput(Throughput::Elements(1));
+
+        // Raw: the store's statement and row decoding on a connection of its own.
+        let connect = || {
+            let connection =
+                rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            connection.pragma_update(None, "query_only", true).unwrap();
+            connection.pragma_update(None, "mmap_size", 1i64 << 30).unwrap();
+            connection
+        };
+        let connections: Vec<std::sync::Mutex<rusqlite::Connection>> =
+            (0..2).map(|_| std::sync::Mutex::new(connect())).collect();
+        let raw = |i: usize| {
+            let connection = connections[i % 2].lock().unwrap();
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at \
+                     FROM api_keys WHERE digest = ?1",
+                )
+                .unwrap();
+            let row = statement
+                .query_row([&digests[i % digests.len()].as_bytes()[..]], |row| {
+                    Ok((
+                        row.get::<_, [u8; 16]>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, Option<String>>(4)?,
+                        row.get::<_, i64>(5)?,
+                        row.get::<_, Option<i64>>(6)?,
+                        row.get::<_, Option<i64>>(7)?,
+                        row.get::<_, Option<i64>>(8)?,
+                    ))
+                })
+                .unwrap();
+            black_box(row);
+        };
+        for threads in [1, 2] {
+            // Each thread uses its own connection (offsets differ by thread, so i % 2 splits them).
+            group.bench_function(BenchmarkId::new(format!("raw_select/threads={threads}"), n), |b| {
+                b.iter_custom(|iters| {
+                    let started = Instant::now();
+                    std::thread::scope(|scope| {
+                        for thread in 0..threads {
+                            let raw = &raw;
+                            scope.spawn(move || {
+                                for i in 0..iters.div_ceil(threads as u64) as usize {
+                                    raw(2 * i + thread);
+                                }
+                            });
+                        }
+                    });
+                    started.elapsed()
+                })
+            });
+        }
+        drop(connections);
+        record_figure(&format!("sqlite_bytes_per_key/{n}"), file_size(&path) as f64 / n as f64);
+        bench_service(&mut group, n, Arc::new(store), &data.tokens);
+        group.finish();
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    let wal = path.with_extension("db-wal");
+    std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0)
+        + std::fs::metadata(wal).map(|meta| meta.len()).unwrap_or(0)
+}
+
+fn redb(c: &mut Criterion) {
+    type Value = (
+        &'static [u8; 16],
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys");
+    for n in sizes() {
+        let data = Dataset::new(n);
+        let digests = data.digests();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bench.redb");
+        runtime().block_on(RedbStore::open(&path).unwrap().import(data.records.clone())).unwrap();
+        let mut group = c.benchmark_group("redb");
+        group.throughput(Throughput::Elements(1));
+        {
+            // Raw: the store's read transaction, table and value decoding, on the same file.
+            use redb::ReadableDatabase;
+            let database = redb::Database::open(&path).unwrap();
+            let raw = |i: usize| {
+                let transaction = database.begin_read().unwrap();
+                let table = transaction.open_table(RECORDS).unwrap();
+                let found = table.get(digests[i % digests.len()].as_bytes()).unwrap().unwrap();
+                let (id, account, prefix, name, created, expires, used, revoked) = found.value();
+                black_box((
+                    *id,
+                    account.to_owned(),
+                    prefix.to_owned(),
+                    name.map(str::to_owned),
+                    created,
+                    expires,
+                    used,
+                    revoked,
+                ));
+            };
+            for threads in [1, 2] {
+                group.bench_function(BenchmarkId::new(format!("raw_get/threads={threads}"), n), |b| {
+                    b.iter_custom(|iters| on_threads(threads, iters, raw))
+                });
+            }
+        }
+        record_figure(&format!("redb_bytes_per_key/{n}"), std::fs::metadata(&path).unwrap().len() as f64 / n as f64);
+        let store = Arc::new(RedbStore::open(&path).unwrap());
+        bench_service(&mut group, n, store, &data.tokens);
+        group.finish();
+    }
+}
+
+/// Durable creates: one per transaction through the service, and imports of 100 per transaction.
+fn create(c: &mut Criterion) {
+    let mut group = c.benchmark_group("create");
+    group.sample_size(10).measurement_time(Duration::from_secs(5));
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<(&str, Arc<dyn KeyStore>)> = vec![
+        ("sqlite", Arc::new(SqliteStore::open(dir.path().join("create.db")).unwrap())),
+        ("redb", Arc::new(RedbStore::open(dir.path().join("create.redb")).unwrap())),
+    ];
+    let runtime = runtime();
+    for (backend, store) in stores {
+        let service = KeyService::builder(store, format()).max_active_keys_per_account(u32::MAX).build();
+        let mut account = 0u64;
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("{backend}/single"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        account += 1;
+                        let account = AccountId::new(format!("create-{}", account % 1000)).unwrap();
+                        black_box(service.create(&account, NewKey::default()).await.unwrap());
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    for (backend, batch) in [("sqlite", 100u64), ("redb", 100)] {
+        let sqlite = SqliteStore::open(dir.path().join("batch.db")).unwrap();
+        let redb = RedbStore::open(dir.path().join("batch.redb")).unwrap();
+        group.throughput(Throughput::Elements(batch));
+        group.bench_function(format!("{backend}/batch_{batch}"), |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let records = Dataset::new(batch as usize).records;
+                    let started = Instant::now();
+                    runtime.block_on(async {
+                        match backend {
+                            "sqlite" => sqlite.import(records).await.unwrap(),
+                            _ => redb.import(records).await.unwrap(),
+                        }
+                    });
+                    elapsed += started.elapsed();
+                }
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = parts, memory, sqlite, redb, create
+}
+criterion_main!(benches);
