@@ -56,15 +56,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let first = keys.create(&AccountId::new("acme")?, NewKey::default()).await?;
     println!("a key for account acme (shown once): {}", first.key.expose_secret());
 
+    let state = AppState { keys: keys.clone(), greeting: "you are" };
     let protected = Router::new()
         .route("/orders", get(orders))
-        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_api_key));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key::<AppState>));
     let app = Router::new()
         .route("/whoami", get(whoami))
         .route("/hello", get(hello))
         .merge(protected)
         .merge(apikeys::http::router(keys.clone()))
-        .with_state(AppState { keys: keys.clone(), greeting: "you are" });
+        .with_state(state);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);

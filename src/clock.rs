@@ -59,11 +59,10 @@ impl Clock for ManualClock {
 }
 
 /// A time as the library stores it: UTC, whole microseconds (what every backend, PostgreSQL
-/// included, keeps exactly).
-pub(crate) fn normalize(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    let micros = at.microsecond();
-    at.replace_microsecond(micros).unwrap_or(at)
+/// included, keeps exactly). `None` if the time is not representable in UTC (past year 9999).
+pub(crate) fn normalize(at: OffsetDateTime) -> Option<OffsetDateTime> {
+    let at = at.checked_to_offset(time::UtcOffset::UTC)?;
+    at.replace_microsecond(at.microsecond()).ok()
 }
 
 /// A time as whole Unix microseconds, the form file stores keep.
@@ -84,8 +83,9 @@ mod tests {
     #[test]
     fn normalize_keeps_microseconds_in_utc() {
         let at = datetime!(2025-11-02 16:23:00.123456789 +02:00);
-        assert_eq!(normalize(at), datetime!(2025-11-02 14:23:00.123456 UTC));
-        assert_eq!(normalize(at).offset(), time::UtcOffset::UTC);
+        assert_eq!(normalize(at), Some(datetime!(2025-11-02 14:23:00.123456 UTC)));
+        assert_eq!(normalize(at).unwrap().offset(), time::UtcOffset::UTC);
+        assert_eq!(normalize(datetime!(9999-12-31 23:59:59 -01:00)), None, "past year 9999 in UTC");
     }
 
     #[test]

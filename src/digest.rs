@@ -1,9 +1,9 @@
 //! What is stored instead of a token: SHA-256 of it, or HMAC-SHA256 under a server-side pepper.
 //!
 //! A [`Digest`] is 33 bytes: one byte naming the scheme that made it, then the 32-byte hash. The
-//! scheme byte is part of the unique index, so introducing a pepper later does not break keys
-//! created before it: the service looks a token up under its current scheme first and falls back
-//! to plain SHA-256 only when that finds nothing.
+//! scheme byte is part of the unique index, so a pepper can be introduced later without breaking
+//! keys created before it: a service configured with `accept_unpeppered_keys` looks a token up
+//! under HMAC first and falls back to plain SHA-256 only when that finds nothing.
 
 use std::fmt;
 
@@ -154,6 +154,8 @@ impl fmt::Debug for Pepper {
 #[derive(Clone)]
 pub(crate) struct Digester {
     hmac: Option<Hmac<Sha256>>,
+    /// With a pepper: also accept keys stored under plain SHA-256 (made before the pepper).
+    accept_unpeppered: bool,
 }
 
 impl Digester {
@@ -162,7 +164,11 @@ impl Digester {
             // HMAC accepts keys of any length, so this cannot fail.
             <Hmac<Sha256> as KeyInit>::new_from_slice(&pepper.0).unwrap_or_else(|_| unreachable!())
         });
-        Self { hmac }
+        Self { hmac, accept_unpeppered: false }
+    }
+
+    pub(crate) fn accepting_unpeppered(self, accept: bool) -> Self {
+        Self { accept_unpeppered: accept, ..self }
     }
 
     /// The digest under the current scheme.
@@ -177,9 +183,10 @@ impl Digester {
         }
     }
 
-    /// The digest keys created before the pepper was introduced were stored under, if any.
+    /// The digest keys created before the pepper was introduced were stored under, if those
+    /// are accepted.
     pub(crate) fn legacy_digest(&self, token: &str) -> Option<Digest> {
-        self.hmac.is_some().then(|| Digest::sha256(token))
+        (self.hmac.is_some() && self.accept_unpeppered).then(|| Digest::sha256(token))
     }
 }
 
@@ -227,9 +234,11 @@ mod tests {
     }
 
     #[test]
-    fn a_peppered_digester_falls_back_to_sha256_for_older_keys() {
-        assert_eq!(Digester::new(None).legacy_digest("t"), None);
-        assert_eq!(Digester::new(Some(&pepper())).legacy_digest("t"), Some(Digest::sha256("t")));
+    fn a_peppered_digester_falls_back_to_sha256_only_when_told() {
+        assert_eq!(Digester::new(None).accepting_unpeppered(true).legacy_digest("t"), None);
+        assert_eq!(Digester::new(Some(&pepper())).legacy_digest("t"), None);
+        let migrating = Digester::new(Some(&pepper())).accepting_unpeppered(true);
+        assert_eq!(migrating.legacy_digest("t"), Some(Digest::sha256("t")));
     }
 
     #[test]

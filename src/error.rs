@@ -28,6 +28,9 @@ pub enum ValidationError {
     /// A new key's expiry is not in the future.
     #[error("invalid expiry: expiresAt must be in the future")]
     ExpiryNotInFuture,
+    /// A new key's expiry is past the last representable time (the end of year 9999, UTC).
+    #[error("invalid expiry: expiresAt must be before the year 10000 (UTC)")]
+    ExpiryOutOfRange,
     /// A token namespace is not `[a-z][a-z0-9]{1,15}`.
     #[error("invalid namespace: it must be a lowercase letter followed by 1 to 15 lowercase letters or digits")]
     Namespace,
@@ -40,6 +43,17 @@ pub enum ValidationError {
     /// The environment variable that should hold the pepper is not set or not UTF-8.
     #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
     PepperMissing(&'static str),
+}
+
+/// The operating system's random number generator failed (the source says how).
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random number generator failed")]
+pub struct RandomError(#[source] Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl RandomError {
+    pub(crate) fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(source))
+    }
 }
 
 /// The error of a [`KeyService`](crate::KeyService) operation other than verification.
@@ -63,8 +77,8 @@ pub enum Error {
     #[error("a key cannot revoke itself: use another key of the account, or revoke it as administrator")]
     CannotRevokeSelf,
     /// The operating system's random number generator failed, so no key could be made.
-    #[error("the operating system's random number generator failed")]
-    Random(#[source] rand::rngs::SysError),
+    #[error(transparent)]
+    Random(#[from] RandomError),
     /// The key store failed (the source says how). Each write is atomic: a failed create leaves no
     /// key behind, though a connection lost mid-commit can leave the outcome unknown to the caller.
     #[error("the key store failed")]

@@ -103,8 +103,9 @@ pub struct AuthenticatedKey {
     pub expires_at: Option<OffsetDateTime>,
 }
 
-impl From<KeyRecord> for AuthenticatedKey {
-    fn from(record: KeyRecord) -> Self {
+impl AuthenticatedKey {
+    /// Only the service vouches for a key, after verifying it.
+    pub(crate) fn verified(record: KeyRecord) -> Self {
         Self {
             id: record.id,
             account: record.account,

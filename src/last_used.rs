@@ -20,7 +20,10 @@ const SHARDS: usize = 16;
 
 #[derive(Debug)]
 pub(crate) struct LastUsed {
+    interval: std::time::Duration,
     interval_micros: i64,
+    /// A background task writes batches: verifications only note times.
+    in_background: std::sync::atomic::AtomicBool,
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
     /// one verification per interval writes.
     next_flush_micros: AtomicI64,
@@ -37,18 +40,33 @@ struct Noted {
 impl LastUsed {
     pub(crate) fn new(interval: std::time::Duration) -> Self {
         Self {
+            interval,
             interval_micros: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
+            in_background: std::sync::atomic::AtomicBool::new(false),
             // The first use is written at once, so a new key shows as used in the store too.
             next_flush_micros: AtomicI64::new(i64::MIN),
             shards: std::array::from_fn(|_| Mutex::default()),
         }
     }
 
-    /// Notes a use; returns whether a batch is due and this caller should write it.
+    /// Notes a use; returns whether a batch is due and this caller should write it (never, when
+    /// a background task writes them).
     pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
         let at = unix_micros(at);
         self.shard(id).entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
-        self.claim_flush(at)
+        !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at)
+    }
+
+    /// The interval between batches.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn interval(&self) -> std::time::Duration {
+        self.interval
+    }
+
+    /// From now on a background task writes the batches.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn write_in_background(&self) {
+        self.in_background.store(true, Ordering::Relaxed);
     }
 
     fn claim_flush(&self, now: i64) -> bool {

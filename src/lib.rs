@@ -23,7 +23,7 @@ mod token;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
-pub use error::{Error, Rejection, ValidationError};
+pub use error::{Error, RandomError, Rejection, ValidationError};
 pub use id::{AccountId, KeyId};
 pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
 pub use name::KeyName;

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use crate::error::ValidationError;
 
 /// A key's label, e.g. `production-agent`: 1–255 characters, none of them a control character.
-/// Invalid names are refused, never truncated. Cheap to clone.
+/// Line and paragraph separators (U+2028, U+2029) and bidirectional overrides (U+202A–U+202E,
+/// U+2066–U+2069, U+200E, U+200F) count as control characters here: they would let a name break
+/// a log line or a table, or display as something else. Invalid names are refused, never
+/// truncated. Cheap to clone.
 ///
 /// ```
 /// # use apikeys::KeyName;
@@ -28,7 +31,7 @@ impl KeyName {
     pub fn new(name: impl AsRef<str>) -> Result<Self, ValidationError> {
         let name = name.as_ref();
         let chars = name.chars().count();
-        if chars == 0 || chars > Self::MAX_CHARS || name.chars().any(char::is_control) {
+        if chars == 0 || chars > Self::MAX_CHARS || name.chars().any(is_control) {
             return Err(ValidationError::Name);
         }
         Ok(Self(name.into()))
@@ -38,6 +41,12 @@ impl KeyName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Control characters, and the invisible ones that reorder or break text.
+fn is_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
 }
 
 impl FromStr for KeyName {

@@ -38,16 +38,26 @@ pub struct KeyServiceBuilder<S> {
     store: S,
     format: KeyFormat,
     pepper: Option<Pepper>,
+    accept_unpeppered: bool,
     clock: Arc<dyn Clock>,
     max_active: u32,
     last_used_interval: Option<Duration>,
 }
 
 impl<S: KeyStore> KeyServiceBuilder<S> {
-    /// Digests tokens with HMAC-SHA256 under `pepper` instead of plain SHA-256. Keys created
-    /// before a pepper was configured keep verifying (their digests record SHA-256).
+    /// Digests tokens with HMAC-SHA256 under `pepper` instead of plain SHA-256, so that a copy of
+    /// the store alone cannot be used to check candidate tokens.
     pub fn pepper(mut self, pepper: Pepper) -> Self {
         self.pepper = Some(pepper);
+        self
+    }
+
+    /// With a pepper, also accepts keys created before it, whose stored digests are plain SHA-256
+    /// (each digest records its scheme). Off by default: it costs a second lookup for every
+    /// unknown token, and it lets whoever can write to the store add keys without the pepper.
+    /// Turn it on while keys from before the pepper are still in use.
+    pub fn accept_unpeppered_keys(mut self) -> Self {
+        self.accept_unpeppered = true;
         self
     }
 
@@ -81,7 +91,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         KeyService {
             inner: Arc::new(Inner {
                 store: self.store,
-                digester: Digester::new(self.pepper.as_ref()),
+                digester: Digester::new(self.pepper.as_ref()).accepting_unpeppered(self.accept_unpeppered),
                 format: self.format,
                 clock: self.clock,
                 max_active: self.max_active,
@@ -103,6 +113,7 @@ impl<S: KeyStore> KeyService<S> {
             store,
             format,
             pepper: None,
+            accept_unpeppered: false,
             clock: Arc::new(SystemClock),
             max_active: Self::DEFAULT_MAX_ACTIVE_KEYS,
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
@@ -127,11 +138,11 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
         let name = new.name.map(KeyName::new).transpose()?;
         let now = self.now();
-        let expires_at = new.expires_at.map(normalize);
+        let expires_at = new.expires_at.map(|at| normalize(at).ok_or(ValidationError::ExpiryOutOfRange)).transpose()?;
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, prefix) = self.inner.format.generate().map_err(Error::Random)?;
+        let (key, prefix) = self.inner.format.generate()?;
         let record = KeyRecord {
             id: KeyId::generate(),
             account: account.clone(),
@@ -204,7 +215,7 @@ impl<S: KeyStore> KeyService<S> {
             return Err(Rejection::Expired);
         }
         self.note_use(record.id, now).await;
-        Ok(AuthenticatedKey::from(record))
+        Ok(AuthenticatedKey::verified(record))
     }
 
     /// Revokes a key of the caller's own account. A key cannot revoke itself
@@ -241,6 +252,33 @@ impl<S: KeyStore> KeyService<S> {
         })
     }
 
+    /// Writes lastUsedAt every interval from a tokio task, so that times reach the store on
+    /// schedule even when traffic stops, and no verification waits for that write. Call it once,
+    /// from within a tokio runtime; the task ends by itself once every clone of the service is
+    /// dropped. Without it, the first verification after each interval writes the batch.
+    #[cfg(feature = "tokio")]
+    pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
+        let interval = self.inner.last_used.as_ref().map(|last_used| {
+            last_used.write_in_background();
+            last_used.interval().max(Duration::from_millis(1))
+        });
+        let service = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let Some(interval) = interval else { return };
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(inner) = service.upgrade() else { return };
+                if let Err(error) = (KeyService { inner }).flush().await {
+                    let error: &dyn std::error::Error = &error;
+                    tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+                }
+            }
+        })
+    }
+
     /// Notes a successful verification and, once per interval, writes the batch. A failed write
     /// does not fail the verification: the batch is kept and retried.
     async fn note_use(&self, id: KeyId, now: time::OffsetDateTime) {
@@ -262,7 +300,8 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     fn now(&self) -> time::OffsetDateTime {
-        normalize(self.inner.clock.now())
+        let now = self.inner.clock.now();
+        normalize(now).unwrap_or(now)
     }
 }
 

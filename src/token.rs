@@ -10,9 +10,9 @@ use std::fmt;
 
 use base32::Alphabet;
 use rand::TryRng;
-use rand::rngs::{SysError, SysRng};
+use rand::rngs::SysRng;
 
-use crate::error::ValidationError;
+use crate::error::{RandomError, ValidationError};
 use crate::secret::SecretToken;
 use zeroize::Zeroizing;
 
@@ -201,15 +201,14 @@ impl KeyFormat {
     }
 
     /// A new token from the operating system's random generator, and its display prefix.
-    pub fn generate(&self) -> Result<(SecretToken, KeyPrefix), SysError> {
-        let mut random = [0u8; RANDOM_BYTES];
-        SysRng.try_fill_bytes(&mut random)?;
+    pub fn generate(&self) -> Result<(SecretToken, KeyPrefix), RandomError> {
+        let mut random = Zeroizing::new([0u8; RANDOM_BYTES]);
+        SysRng.try_fill_bytes(&mut *random).map_err(RandomError::new)?;
         let mut token = String::with_capacity(self.token_len());
         token.push_str(&self.lead);
-        token.push_str(&Zeroizing::new(base32::encode(BODY_ALPHABET, &random)));
+        token.push_str(&Zeroizing::new(base32::encode(BODY_ALPHABET, &*random)));
         let checksum = checksum_chars(&token);
         token.push_str(&checksum);
-        random.fill(0);
         let prefix = KeyPrefix::of_checked(&token[..self.lead.len() + PREFIX_BODY_CHARS]);
         Ok((SecretToken::from(token), prefix))
     }

@@ -91,12 +91,13 @@ fn create_list_revoke_and_verify_as_an_operator() {
 fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let (token, id) = create(dir.path(), &[]);
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["create"], "--account"),
         (&["revoke", "--account", "acme", "not-an-id"], "invalid key id"),
         (&["revoke", "--account", "acme", "ak_01j9zxkp4qbc7n3m8td5e6fvg2"], "no active key with this id"),
         (&["revoke", "--account", "other", &id], "no active key with this id"),
         (&["create", "--account", "acme", "--expires-in", "soon"], "--expires-in"),
+        (&["create", "--account", "acme", "--expires-in", "100000years"], "too long"),
         (&["list", "--account", ""], "invalid account id"),
         (&["--backend", "mongodb", "list", "--account", "acme"], "mongodb"),
     ];
@@ -294,7 +295,7 @@ async fn serve_creates_no_second_first_key_and_flushes_last_used_on_shutdown() {
         serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "ops", "--json"]))).unwrap();
     assert_eq!(listed["data"][1]["lastUsedAt"], shown.as_str(), "the newest lastUsedAt was written at shutdown");
 
-    // A restart finds the account's key and prints no new one.
+    // A restart finds a store that is not empty and prints no new key.
     let restarted = apikeys(dir.path())
         .args(["serve", "--listen", "127.0.0.1:0", "--account", "ops"])
         .stdout(Stdio::piped())
@@ -304,5 +305,5 @@ async fn serve_creates_no_second_first_key_and_flushes_last_used_on_shutdown() {
     std::thread::sleep(Duration::from_millis(500));
     terminate(restarted.id());
     let output = restarted.wait_with_output().unwrap();
-    assert_eq!(stdout(&output), "", "no new key is printed when the account has one");
+    assert_eq!(stdout(&output), "", "no new key is printed when the store has keys");
 }

@@ -445,6 +445,12 @@ fn a_database_of_another_application_is_refused() {
     let sqlite = dir.path().join("other.db");
     rusqlite::Connection::open(&sqlite).unwrap().execute_batch("CREATE TABLE invoices (id INTEGER)").unwrap();
     assert!(matches!(SqliteStore::open(&sqlite), Err(OpenError::NotApikeys { .. })));
+    let mode: String = rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .pragma_query_value(None, "journal_mode", |row| row.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete", "the refused file was not switched to WAL");
+    assert!(!dir.path().join("other.db-wal").exists());
 
     let redb_path = dir.path().join("other.redb");
     {

@@ -89,7 +89,7 @@ impl Server {
             .merge(
                 Router::new()
                     .route("/orders", get(orders))
-                    .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key)),
+                    .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key::<KeyService>)),
             )
             .with_state(HostState { keys: service.clone() });
         let app = apikeys::http::router(service.clone())
@@ -321,13 +321,14 @@ async fn create_accepts_no_body_a_null_name_and_an_expiry() {
 async fn create_refuses_bad_bodies_with_400_415_413() {
     let server = Server::start().await;
     let (key, _) = server.key("acme").await;
-    let cases: [(Value, &str); 8] = [
+    let cases: [(Value, &str); 9] = [
         (json!({"name": ""}), "invalid_name"),
         (json!({"name": "x".repeat(256)}), "invalid_name"),
         (json!({"name": "tab\there"}), "invalid_name"),
         (json!({"name": 42}), "invalid_name"),
         (json!({"expiresAt": "2025-01-01T00:00:00Z"}), "invalid_expires_at"),
         (json!({"expiresAt": "tomorrow"}), "invalid_expires_at"),
+        (json!({"expiresAt": "9999-12-31T23:59:59-01:00"}), "invalid_expires_at"),
         (json!({"expires_at": "2027-01-01T00:00:00Z"}), "unknown_field"),
         (json!(["production-agent"]), "invalid_json"),
     ];
@@ -542,4 +543,17 @@ async fn the_request_log_has_one_line_per_request_with_the_key_id_and_no_token()
         line.contains("method=GET") && line.contains("route=\"/account/api-keys\"") && line.contains("latency_us="),
         "{line}"
     );
+}
+
+#[tokio::test]
+async fn odd_methods_and_paths_get_json_errors_too() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let response =
+        server.client.put(format!("{}/account/api-keys", server.base)).header("x-api-key", &key).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(code(&body), "method_not_allowed");
+    let (status, body) = server.delete("%FF%FE", &key).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_key_id"));
 }

@@ -127,6 +127,9 @@ async fn expiry_must_be_in_the_future() {
         assert!(matches!(refused, Err(Error::Invalid(ValidationError::ExpiryNotInFuture))), "{refused:?}");
     }
     assert!(service.create(&account("acme"), expiring_in(Duration::microseconds(1))).await.is_ok());
+    let beyond_utc = time::macros::datetime!(9999-12-31 23:59:59 -01:00);
+    let refused = service.create(&account("acme"), NewKey { name: None, expires_at: Some(beyond_utc) }).await;
+    assert!(matches!(refused, Err(Error::Invalid(ValidationError::ExpiryOutOfRange))), "{refused:?}");
 }
 
 #[tokio::test]
@@ -347,7 +350,7 @@ async fn a_failed_create_leaves_nothing_that_could_verify() {
 }
 
 #[tokio::test]
-async fn a_pepper_makes_hmac_digests_and_keeps_older_keys_working() {
+async fn a_pepper_makes_hmac_digests_and_keeps_older_keys_working_only_when_told() {
     let store = Arc::new(MemoryStore::new());
     let plain = KeyService::builder(store.clone(), live()).build();
     let acme = account("acme");
@@ -359,8 +362,11 @@ async fn a_pepper_makes_hmac_digests_and_keeps_older_keys_working() {
     let stored = store.find_by_digest(&apikeys::Digest::hmac_sha256(&pepper, after.key.expose_secret())).await.unwrap();
     assert_eq!(stored.unwrap().digest.scheme(), DigestScheme::HmacSha256);
 
-    assert!(peppered.verify(before.key.expose_secret()).await.is_ok(), "a key from before the pepper still verifies");
     assert!(peppered.verify(after.key.expose_secret()).await.is_ok());
+    assert!(matches!(peppered.verify(before.key.expose_secret()).await, Err(Rejection::Unknown)), "off by default");
+    let migrating = KeyService::builder(store.clone(), live()).pepper(pepper.clone()).accept_unpeppered_keys().build();
+    assert!(migrating.verify(before.key.expose_secret()).await.is_ok(), "a key from before the pepper");
+    assert!(migrating.verify(after.key.expose_secret()).await.is_ok());
     assert!(matches!(plain.verify(after.key.expose_secret()).await, Err(Rejection::Unknown)), "no pepper, no match");
     let other_pepper = KeyService::builder(store, live()).pepper(Pepper::new([1u8; 32]).unwrap()).build();
     assert!(matches!(other_pepper.verify(after.key.expose_secret()).await, Err(Rejection::Unknown)));
@@ -402,4 +408,24 @@ async fn errors_say_what_to_do_and_never_echo_input() {
     }
     assert!(messages[0].contains("ak_"), "{}", messages[0]);
     assert!(messages[3].contains("revoke one"), "{}", messages[3]);
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn the_background_flusher_writes_on_schedule_and_no_verification_waits_for_it() {
+    let Fixture { service, store, .. } =
+        fixture_with(|builder| builder.last_used_interval(std::time::Duration::from_millis(50)));
+    let flusher = service.spawn_flusher();
+    let created = service.create(&account("acme"), NewKey::default()).await.unwrap();
+    service.verify(created.key.expose_secret()).await.unwrap();
+    assert_eq!(store.calls(Call::RecordLastUsed), 0, "the verification only noted the time");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(store.calls(Call::RecordLastUsed) >= 1, "the flusher wrote it without further traffic");
+    let stored = store.find_by_digest(&apikeys::Digest::sha256(created.key.expose_secret())).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(T0));
+    drop(service);
+    tokio::time::timeout(std::time::Duration::from_secs(5), flusher)
+        .await
+        .expect("the task ends with the service")
+        .unwrap();
 }

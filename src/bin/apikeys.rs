@@ -49,6 +49,9 @@ struct StoreArgs {
     /// The token environment; keys of another environment are refused.
     #[arg(long, env = "APIKEYS_ENVIRONMENT", default_value = "live", global = true)]
     environment: String,
+    /// With a pepper, also accept keys created before it (stored under plain SHA-256).
+    #[arg(long, env = "APIKEYS_ACCEPT_UNPEPPERED_KEYS", global = true)]
+    accept_unpeppered_keys: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,12 +66,12 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the HTTP API; on a store without keys for the account, create one and print it once.
+    /// Serve the HTTP API; on an empty store, first create a key for --account and print it once.
     Serve {
         /// The address to listen on.
         #[arg(long, env = "APIKEYS_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// The account that gets a first key when it has none.
+        /// The account that gets the first key when the store holds none.
         #[arg(long, default_value = "default")]
         account: String,
     },
@@ -172,12 +175,22 @@ fn redact_tokens(text: &str) -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
-    let service = open_service(&cli.store)?;
+    if let Command::Verify { key: Some(_) } = cli.command {
+        return Err(Failure(
+            "verify reads the key from standard input, never from an argument (arguments end up in shell \
+             history and the process list): echo \"$KEY\" | apikeys verify"
+                .into(),
+        ));
+    }
+    let (service, store_is_empty) = open_service(&cli.store)?;
     let json = cli.json;
     let code = match cli.command {
-        Command::Serve { listen, account } => serve(service.clone(), listen, &AccountId::new(account)?, json).await?,
+        Command::Serve { listen, account } => {
+            let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
+            serve(service.clone(), listen, first_key_for, json).await?
+        }
         Command::Create { account, name, expires_in } => {
-            let expires_at = expires_in.map(|ttl| time::OffsetDateTime::now_utc() + ttl);
+            let expires_at = expires_in.map(expiry_after).transpose()?;
             let created = service.create(&AccountId::new(account)?, NewKey { name, expires_at }).await?;
             print_created(&created, json);
             ExitCode::SUCCESS
@@ -193,31 +206,44 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print(json, json!({ "revoked": id }), &format!("revoked {id}"));
             ExitCode::SUCCESS
         }
-        Command::Verify { key: Some(_) } => {
-            return Err(Failure(
-                "verify reads the key from standard input, never from an argument (arguments end up in shell \
-                 history and the process list): echo \"$KEY\" | apikeys verify"
-                    .into(),
-            ));
-        }
-        Command::Verify { key: None } => verify(&service, json).await?,
+        Command::Verify { .. } => verify(&service, json).await?,
     };
     service.flush().await?;
     Ok(code)
 }
 
-fn open_service(args: &StoreArgs) -> Result<KeyService, Failure> {
-    let store: Arc<dyn KeyStore> = match args.backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?),
-        Backend::Redb => Arc::new(RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?),
-        Backend::Memory => Arc::new(MemoryStore::new()),
+/// Now plus `ttl`, or a clear error if that is past what a timestamp can hold.
+fn expiry_after(ttl: Duration) -> Result<time::OffsetDateTime, Failure> {
+    time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| time::OffsetDateTime::now_utc().checked_add(ttl))
+        .ok_or_else(|| Failure("--expires-in is too long: the expiry must be before the year 10000".into()))
+}
+
+/// The service over the chosen store, and whether that store holds no key at all.
+fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
+    let (store, empty): (Arc<dyn KeyStore>, bool) = match args.backend {
+        Backend::Sqlite => {
+            let store = SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?;
+            let empty = store.is_empty()?;
+            (Arc::new(store), empty)
+        }
+        Backend::Redb => {
+            let store = RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?;
+            let empty = store.is_empty()?;
+            (Arc::new(store), empty)
+        }
+        Backend::Memory => (Arc::new(MemoryStore::new()), true),
     };
     let format = KeyFormat::new(&args.namespace, Environment::new(&args.environment)?)?;
     let mut builder = KeyService::builder(store, format);
     if let Some(pepper) = pepper_from_environment()? {
         builder = builder.pepper(pepper);
     }
-    Ok(builder.build())
+    if args.accept_unpeppered_keys {
+        builder = builder.accept_unpeppered_keys();
+    }
+    Ok((builder.build(), empty))
 }
 
 /// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE` (without a
@@ -236,13 +262,19 @@ fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
     Ok(Some(Pepper::new(secret)?))
 }
 
-async fn serve(service: KeyService, listen: SocketAddr, account: &AccountId, json: bool) -> Result<ExitCode, Failure> {
+/// Serves the HTTP API; first creates and prints a key for `first_key_for`, if given (an empty store).
+async fn serve(
+    service: KeyService,
+    listen: SocketAddr,
+    first_key_for: Option<AccountId>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APIKEYS_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    if service.list(account).await?.is_empty() {
+    if let Some(account) = &first_key_for {
         let first = NewKey { name: Some("first key".into()), expires_at: None };
         let created = service.create(account, first).await?;
         if json {
@@ -256,11 +288,9 @@ async fn serve(service: KeyService, listen: SocketAddr, account: &AccountId, jso
             println!("Try: curl http://{listen}/account/api-keys -H \"x-api-key: {}\"\n", created.key.expose_secret());
         }
     }
+    service.spawn_flusher();
     let app = apikeys::http::router(service.clone())
         .fallback(|| async { apikeys::http::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
-        .method_not_allowed_fallback(|| async {
-            apikeys::http::ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed.")
-        })
         .layer(axum::middleware::from_fn(apikeys::http::log_requests))
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(
             apikeys::http::X_API_KEY,

@@ -56,7 +56,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        if let Some(caller) = parts.extensions.get::<AuthenticatedKey>() {
+        if let Some(Verified(caller)) = parts.extensions.get::<Verified>() {
             return Ok(Some(Self(caller.clone())));
         }
         let Some(header) = parts.headers.get(X_API_KEY) else {
@@ -68,18 +68,28 @@ where
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
             let _ = slot.0.set(caller.id);
         }
+        parts.extensions.insert(Verified(caller.clone()));
         parts.extensions.insert(caller.clone());
         Ok(Some(Self(caller)))
     }
 }
 
+/// The key this crate verified for the request; private, so that no other code can plant one.
+#[derive(Clone)]
+struct Verified(AuthenticatedKey);
+
 /// A layer function that requires a valid key on every route it wraps, for a group of routes:
-/// `router.route_layer(axum::middleware::from_fn_with_state(service, require_api_key))`.
-/// Handlers behind it can extract [`Authenticated`] (no second verification) or
-/// `Extension<AuthenticatedKey>`.
-pub async fn require_api_key(State(service): State<KeyService>, request: Request, next: Next) -> Response {
+/// `router.route_layer(axum::middleware::from_fn_with_state(state, require_api_key::<AppState>))`,
+/// where the state is your app's (holding a [`KeyService`] reachable through `FromRef`) or the
+/// `KeyService` itself. Handlers behind it can extract [`Authenticated`] (no second
+/// verification) or `Extension<AuthenticatedKey>`.
+pub async fn require_api_key<S>(State(state): State<S>, request: Request, next: Next) -> Response
+where
+    KeyService: FromRef<S>,
+    S: Send + Sync,
+{
     let (mut parts, body) = request.into_parts();
-    match <Authenticated as FromRequestParts<KeyService>>::from_request_parts(&mut parts, &service).await {
+    match <Authenticated as FromRequestParts<S>>::from_request_parts(&mut parts, &state).await {
         Ok(_) => next.run(Request::from_parts(parts, body)).await,
         Err(error) => axum::response::IntoResponse::into_response(error),
     }

@@ -117,7 +117,7 @@ impl From<ValidationError> for ApiError {
         let code = match invalid {
             ValidationError::KeyId => "invalid_key_id",
             ValidationError::Name => "invalid_name",
-            ValidationError::ExpiryNotInFuture => "invalid_expires_at",
+            ValidationError::ExpiryNotInFuture | ValidationError::ExpiryOutOfRange => "invalid_expires_at",
             _ => "invalid_request",
         };
         Self::bad_request(code, invalid.to_string())

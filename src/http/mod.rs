@@ -42,7 +42,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -60,7 +60,7 @@ pub use error::ApiError;
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, NewKey};
-use crate::{KeyName, KeyService};
+use crate::{KeyName, KeyService, ValidationError};
 
 /// The largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -75,6 +75,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(service: KeyService) -> Router<S
         .route("/account/api-keys", post(create_key).get(list_keys))
         .route("/account/api-keys/{id}", delete(revoke_key))
         .route("/openapi.json", get(openapi))
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
         .with_state(service)
@@ -149,11 +150,16 @@ async fn list_keys(
 async fn revoke_key(
     State(service): State<KeyService>,
     Authenticated(caller): Authenticated,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id: KeyId = id.parse()?;
+    // A path that is not even UTF-8 is as malformed an id as any other.
+    let id: KeyId = id.map_err(|_| ValidationError::KeyId)?.0.parse()?;
     service.revoke(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "This endpoint does not support this method.")
 }
 
 async fn openapi() -> impl IntoResponse {

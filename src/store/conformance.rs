@@ -130,7 +130,7 @@ pub async fn every_field_round_trips_exactly(store: &dyn KeyStore) {
     let names = [
         "'; DROP TABLE api_keys; --".to_owned(),
         "日本語のキー 🔑".to_owned(),
-        "\u{202e}right-to-left".to_owned(),
+        "עברית and English".to_owned(),
         "é".repeat(KeyName::MAX_CHARS),
         "%_\\".to_owned(),
     ];

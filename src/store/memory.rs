@@ -31,7 +31,9 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Index {
     digest_of: PrehashedMap<KeyId, Digest>,
-    ids_of_account: HashMap<AccountId, Vec<KeyId>>,
+    /// Each account's keys that are not revoked: revocation removes them, so counting and
+    /// listing never wade through revoked keys.
+    unrevoked_of_account: HashMap<AccountId, Vec<KeyId>>,
 }
 
 impl Default for MemoryStore {
@@ -76,7 +78,7 @@ impl MemoryStore {
 
     fn add(&self, index: &mut Index, record: KeyRecord) {
         index.digest_of.insert(record.id, record.digest);
-        index.ids_of_account.entry(record.account.clone()).or_default().push(record.id);
+        index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
         self.write(&record.digest).insert(record.digest, record);
     }
 
@@ -88,7 +90,7 @@ impl MemoryStore {
 
     /// The account's records for which `keep` holds, cloned, under the index lock the caller holds.
     fn account_records(&self, index: &Index, account: &AccountId, keep: impl Fn(&KeyRecord) -> bool) -> Vec<KeyRecord> {
-        let ids = index.ids_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
+        let ids = index.unrevoked_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
         ids.iter()
             .filter_map(|id| index.digest_of.get(id))
             .filter_map(|digest| self.read(digest).get(digest).filter(|record| keep(record)).cloned())
@@ -150,7 +152,7 @@ impl KeyStore for MemoryStore {
     }
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let index = self.index();
+        let mut index = self.index();
         let revoked = self.update(&index, id, |record| {
             let revocable = record.account == *account && record.is_active(at);
             if revocable {
@@ -158,7 +160,13 @@ impl KeyStore for MemoryStore {
             }
             revocable
         });
-        Ok(revoked.unwrap_or(false))
+        if revoked != Some(true) {
+            return Ok(false);
+        }
+        if let Some(unrevoked) = index.unrevoked_of_account.get_mut(account) {
+            unrevoked.retain(|unrevoked| unrevoked != id);
+        }
+        Ok(true)
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

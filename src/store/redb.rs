@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -30,7 +30,8 @@ type RecordValue =
 const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys");
 /// id -> digest, for revocation and lastUsedAt.
 const IDS: TableDefinition<&[u8; 16], &[u8; Digest::LEN]> = TableDefinition::new("api_keys_by_id");
-/// (account, created_at, id) -> digest: an account's keys in list order.
+/// (account, created_at, id) -> digest: an account's keys that are not revoked, in list order.
+/// Revocation removes the entry, so counting and listing never wade through revoked keys.
 const BY_ACCOUNT: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
     TableDefinition::new("api_keys_by_account");
 /// "schema_version" -> version.
@@ -79,6 +80,11 @@ impl RedbStore {
             records.iter().try_for_each(|record| insert_record(transaction, record))
         })
         .await
+    }
+
+    /// Whether the store holds no key at all, revoked and expired ones included.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        self.read("is_empty", |transaction| Ok(transaction.open_table(RECORDS)?.is_empty()?))
     }
 
     /// Runs `read` in a read transaction on the caller's thread.
@@ -282,6 +288,7 @@ impl KeyStore for RedbStore {
         self.write("revoke", move |transaction| {
             let ids = transaction.open_table(IDS)?;
             let mut records = transaction.open_table(RECORDS)?;
+            let mut by_account = transaction.open_table(BY_ACCOUNT)?;
             let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
                 return Ok(false);
             };
@@ -294,6 +301,7 @@ impl KeyStore for RedbStore {
             }
             found.revoked_at = Some(at);
             records.insert(&digest, found.as_value())?;
+            by_account.remove((found.account.as_str(), found.created_at, id.as_uuid().as_bytes()))?;
             Ok(true)
         })
         .await

@@ -41,7 +41,9 @@ const MIGRATIONS: [&str; 1] = [
         last_used_at INTEGER,
         revoked_at   INTEGER
     ) WITHOUT ROWID;
-    CREATE INDEX api_keys_by_account ON api_keys (account, created_at, id);",
+    -- Only keys not revoked: counting and listing an account's keys never wade through the
+    -- revoked ones, however many a create-then-revoke loop has left.
+    CREATE INDEX api_keys_unrevoked_by_account ON api_keys (account, created_at, id) WHERE revoked_at IS NULL;",
 ];
 
 /// The columns of a record, in the order `record_from_row` reads them.
@@ -102,6 +104,9 @@ impl SqliteStore {
     fn open_target(target: Target) -> Result<Self, OpenError> {
         let writer = target.connect(false)?;
         target.check_writable(&writer)?;
+        // Refuse a foreign or newer file before changing anything in it, WAL mode included.
+        target.identify(&writer)?;
+        target.enable_wal(&writer)?;
         target.migrate(&writer)?;
         let readers = Readers::new(target.clone());
         // Open one reader now, so that a file readers cannot use fails here and not at the first request.
@@ -115,7 +120,7 @@ impl SqliteStore {
     /// from another system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any
     /// id or digest is already present.
     pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.write("import", move |connection| {
+        self.write("import", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for record in &records {
                 insert_row(&transaction, record)?;
@@ -126,19 +131,36 @@ impl SqliteStore {
         .await
     }
 
+    /// Whether the store holds no key at all, revoked and expired ones included.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        self.read("is_empty", |connection| {
+            connection.query_row("SELECT NOT EXISTS (SELECT 1 FROM api_keys)", [], |row| row.get(0))
+        })
+    }
+
     fn failed(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
         move |source| BackendError::new("sqlite", self.location.clone(), operation, source).into()
     }
 
+    /// Runs `job` on the writer thread, committing with `synchronous=FULL` when `durable` (creates,
+    /// revocations) and `NORMAL` otherwise (lastUsedAt: survives a crash of the process, not
+    /// necessarily a power loss). Each job sets its own level, so one failure cannot leave the
+    /// next job less durable than it asked.
     async fn write<T: Send + 'static>(
         &self,
         operation: &'static str,
+        durable: bool,
         job: impl FnOnce(&mut Connection) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let location = self.location.clone();
         self.writer
             .run(move |connection| {
-                job(connection).map_err(|error| match error {
+                let synchronous = if durable { "FULL" } else { "NORMAL" };
+                let outcome = connection
+                    .pragma_update(None, "synchronous", synchronous)
+                    .map_err(WriteError::from)
+                    .and_then(|()| job(connection));
+                outcome.map_err(|error| match error {
                     WriteError::Store(error) => error,
                     WriteError::Sqlite(source) => BackendError::new("sqlite", location, operation, source).into(),
                 })
@@ -178,19 +200,6 @@ impl Target {
         }
         .map_err(|error| self.open_error(error))?;
         connection.busy_timeout(BUSY_TIMEOUT).map_err(|error| self.open_error(error))?;
-        if let Self::File(_) = self {
-            let mode: String = connection
-                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-                .map_err(|error| self.open_error(error))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                return Err(OpenError::Other {
-                    path: self.path(),
-                    source: format!("cannot use WAL mode (got {mode})").into(),
-                });
-            }
-        }
-        // Creates and revocations are acknowledged only once on disk.
-        connection.pragma_update(None, "synchronous", "FULL").map_err(|error| self.open_error(error))?;
         if read_only {
             connection.pragma_update(None, "query_only", true).map_err(|error| self.open_error(error))?;
             // Pages are read through a memory map instead of a read() per page.
@@ -206,16 +215,30 @@ impl Target {
         Ok(())
     }
 
-    /// Creates the schema of a new file, upgrades an older one, refuses a newer or a foreign one.
-    fn migrate(&self, connection: &Connection) -> Result<(), OpenError> {
+    /// WAL: readers never wait for the writer, and several processes can share the file.
+    fn enable_wal(&self, connection: &Connection) -> Result<(), OpenError> {
+        if let Self::Memory(_) = self {
+            return Ok(());
+        }
+        let mode: String = connection
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(|error| self.open_error(error))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            let source = format!("cannot switch to WAL mode (the file stays in {mode} mode)").into();
+            return Err(OpenError::Other { path: self.path(), source });
+        }
+        Ok(())
+    }
+
+    /// The schema version of an apikeys file (0 for a new, empty file); refuses a file of another
+    /// application and one from a newer apikeys. Only reads.
+    fn identify(&self, connection: &Connection) -> Result<i64, OpenError> {
         let fail = |error| self.open_error(error);
-        let transaction =
-            rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate).map_err(fail)?;
         let application_id: i32 =
-            transaction.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(fail)?;
-        let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
+            connection.pragma_query_value(None, "application_id", |row| row.get(0)).map_err(fail)?;
+        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
         let tables: i64 =
-            transaction.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0)).map_err(fail)?;
+            connection.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0)).map_err(fail)?;
         let foreign = version < 0 || if application_id == 0 { tables > 0 } else { application_id != APPLICATION_ID };
         if foreign {
             return Err(OpenError::NotApikeys { path: self.path(), backend: "sqlite" });
@@ -224,7 +247,17 @@ impl Target {
             let (found, supported) = (version.unsigned_abs(), SCHEMA_VERSION.unsigned_abs());
             return Err(OpenError::SchemaTooNew { path: self.path(), found, supported });
         }
-        for migration in &MIGRATIONS[version as usize..] {
+        Ok(version)
+    }
+
+    /// Creates the schema of a new file and upgrades an older one, in one transaction that holds
+    /// the write lock, so two processes opening a new file at once migrate it once.
+    fn migrate(&self, connection: &Connection) -> Result<(), OpenError> {
+        let fail = |error| self.open_error(error);
+        let transaction =
+            rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate).map_err(fail)?;
+        let version = self.identify(&transaction)?;
+        for migration in &MIGRATIONS[version.unsigned_abs() as usize..] {
             transaction.execute_batch(migration).map_err(fail)?;
         }
         transaction.pragma_update(None, "application_id", APPLICATION_ID).map_err(fail)?;
@@ -336,7 +369,7 @@ fn micros(at: Option<OffsetDateTime>) -> Option<i64> {
 impl KeyStore for SqliteStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let record = record.clone();
-        self.write("insert", move |connection| {
+        self.write("insert", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let active: i64 = transaction
                 .prepare_cached(
@@ -371,7 +404,7 @@ impl KeyStore for SqliteStore {
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
         let (account, id) = (account.clone(), *id);
-        self.write("revoke", move |connection| {
+        self.write("revoke", true, move |connection| {
             let changed = connection
                 .prepare_cached(
                     "UPDATE api_keys SET revoked_at = ?3 WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL
@@ -388,14 +421,7 @@ impl KeyStore for SqliteStore {
             return Ok(());
         }
         let uses = uses.to_vec();
-        self.write("record_last_used", move |connection| {
-            // Metadata only: survive a process crash, skip the fsync a power loss would need.
-            connection.pragma_update(None, "synchronous", "NORMAL")?;
-            let written = write_last_used(connection, &uses);
-            connection.pragma_update(None, "synchronous", "FULL")?;
-            Ok(written?)
-        })
-        .await
+        self.write("record_last_used", false, move |connection| Ok(write_last_used(connection, &uses)?)).await
     }
 }
 

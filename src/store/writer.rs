@@ -24,7 +24,9 @@ impl<C: Send + 'static> Writer<C> {
         let (jobs, queue) = mpsc::channel::<Job<C>>();
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
             for job in queue {
-                job(&mut handle);
+                // A job that panics drops its reply (its caller gets an error); the thread lives on
+                // for the next one.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut handle)));
             }
         })?;
         Ok(Self { jobs: Some(jobs), thread: Some(thread) })
@@ -46,7 +48,7 @@ impl<C: Send + 'static> Writer<C> {
 }
 
 fn stopped() -> StoreError {
-    StoreError::backend("the store's writer thread has stopped")
+    StoreError::backend("the store's writer thread stopped, or the write panicked")
 }
 
 impl<C> Drop for Writer<C> {
