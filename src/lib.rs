@@ -34,4 +34,6 @@ pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{KeyRecord, KeyStore, MemoryStore, OpenError, StoreError};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenError, TokenParts};

@@ -307,3 +307,32 @@ async fn serve_creates_no_second_first_key_and_flushes_last_used_on_shutdown() {
     let output = restarted.wait_with_output().unwrap();
     assert_eq!(stdout(&output), "", "no new key is printed when the store has keys");
 }
+
+#[test]
+fn the_postgres_backend_works_from_the_command_line_where_a_server_answers() {
+    let url = std::env::var("APIKEYS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let reachable =
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:5432".parse().unwrap(), Duration::from_secs(2)).is_ok();
+    if !reachable && std::env::var("CI").as_deref() != Ok("true") {
+        let _ = writeln!(std::io::stderr(), "*** SKIPPING the CLI's PostgreSQL test: no server at 127.0.0.1:5432 ***");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A schema of this run's own; the PostgreSQL tests drop such schemas once they are an hour old.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let schema = format!("apikeys_test_{now}_cli{}", std::process::id());
+    let account = "acme";
+    let with_database = |args: &[&str]| {
+        let backend = ["--backend", "postgres", "--schema", &schema];
+        apikeys(dir.path()).env("APIKEYS_DATABASE_URL", &url).args([&backend[..], args].concat()).output().unwrap()
+    };
+    let created = with_database(&["create", "--account", account, "--json"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let listed: Value =
+        serde_json::from_str(&stdout(&with_database(&["list", "--account", account, "--json"]))).unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    let missing_url = run(dir.path(), &["--backend", "postgres", "list", "--account", "a"]);
+    assert_eq!(missing_url.status.code(), Some(2));
+    assert!(stderr(&missing_url).contains("--database-url"), "{}", stderr(&missing_url));
+}

@@ -7,10 +7,11 @@
 
 mod support;
 
+use support::child::{self, Wrapper, report};
+
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore, OpenError, RedbStore, SqliteStore, StoreError};
@@ -97,14 +98,6 @@ fn child_process() {
     runtime().block_on(child(&args));
 }
 
-/// Prints one line of a child's report, marked so the parent can tell it from the test harness's output.
-macro_rules! report {
-    ($($arg:tt)*) => { println!("{REPORT}{}", format_args!($($arg)*)) };
-}
-
-/// What starts every line of a child's report.
-const REPORT: &str = "@@ ";
-
 /// Runs one child task, reporting on standard output, one line per acknowledged operation.
 async fn child(args: &[&str]) {
     let backend = Backend::parse(args[1]);
@@ -163,54 +156,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// How to start a child: directly, or through a shell that sets limits first.
-enum Wrapper {
-    None,
-    /// Without any capability: as root, file permissions then apply as to anyone.
-    Unprivileged,
-    /// With a limit on file size, as if the disk were nearly full.
-    FileSizeLimit {
-        blocks_of_512: u64,
-    },
-}
-
-fn child_command(task: &str, wrapper: Wrapper) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let test_args = ["--ignored", "--exact", "child_process", "--nocapture", "--test-threads=1", "--quiet"];
-    let mut command = match wrapper {
-        Wrapper::None => Command::new(&exe),
-        Wrapper::Unprivileged if is_root() => {
-            let mut command = Command::new("setpriv");
-            command.args(["--bounding-set=-all", "--"]).arg(&exe);
-            command
-        }
-        Wrapper::Unprivileged => Command::new(&exe),
-        Wrapper::FileSizeLimit { blocks_of_512 } => {
-            let mut command = Command::new("sh");
-            command.args(["-c", &format!("trap '' XFSZ; ulimit -f {blocks_of_512}; exec \"$0\" \"$@\"")]).arg(&exe);
-            command
-        }
-    };
-    command.args(test_args).env("APIKEYS_CHILD", task).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    command
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|meta| meta.uid() == 0).unwrap_or(false)
-}
-
-/// Runs a child to its end and returns what it printed.
-fn run_child(task: &str, wrapper: Wrapper) -> Vec<String> {
-    let output = child_command(task, wrapper).output().unwrap();
-    assert!(output.status.success(), "child {task:?} failed: {:?}", output.status);
-    reports(String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned))
-}
-
-/// The report lines among a child's output, without their marker.
-fn reports(lines: impl IntoIterator<Item = String>) -> Vec<String> {
-    lines.into_iter().filter_map(|line| line.strip_prefix(REPORT).map(str::to_owned)).collect()
-}
-
 /// Creates and revocations a child acknowledged, by the lines it printed.
 #[derive(Default, Debug)]
 struct Acknowledged {
@@ -259,7 +204,7 @@ fn kill_minus_9_at_any_moment_loses_nothing_acknowledged() {
         let mut total = Acknowledged::default();
         for iteration in 0..iterations {
             let mut child =
-                child_command(&format!("write-forever {} {}", backend.name(), path.display()), Wrapper::None)
+                child::command(&format!("write-forever {} {}", backend.name(), path.display()), Wrapper::None)
                     .spawn()
                     .unwrap();
             let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -269,7 +214,7 @@ fn kill_minus_9_at_any_moment_loses_nothing_acknowledged() {
             std::thread::sleep(Duration::from_millis(150 + u64::from(nanos % 300) + 40 * iteration));
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
-            let lines = reports(reader.join().unwrap());
+            let lines = child::reports(reader.join().unwrap());
             let acknowledged = Acknowledged::from_lines(&lines);
             assert!(!acknowledged.created.is_empty(), "{backend:?}: the child wrote nothing before it was killed");
             let store = backend.open(&path).unwrap();
@@ -320,7 +265,7 @@ fn a_full_disk_is_a_clear_error_that_names_the_file_and_loses_nothing() {
         // Room for a few hundred kilobytes more than the new file takes.
         let blocks_of_512 = std::fs::metadata(&path).unwrap().len() / 512 + 1024;
         let limit = Wrapper::FileSizeLimit { blocks_of_512 };
-        let lines = run_child(&format!("write-until-full {} {}", backend.name(), path.display()), limit);
+        let lines = child::run(&format!("write-until-full {} {}", backend.name(), path.display()), limit);
         let error = lines.iter().find_map(|line| line.strip_prefix("write-error ")).expect("the disk filled up");
         assert!(error.contains(&path.display().to_string()), "{backend:?}: the error names the file: {error}");
         let acknowledged = Acknowledged::from_lines(&lines);
@@ -345,7 +290,7 @@ fn a_revocation_by_another_process_is_seen_by_the_next_verification() {
         store.insert(&key, 10).await.unwrap();
         assert_eq!(store.find_by_digest(&key.digest).await.unwrap().unwrap().revoked_at, None);
     });
-    let lines = run_child(&format!("revoke sqlite {} shared {}", path.display(), key.id), Wrapper::None);
+    let lines = child::run(&format!("revoke sqlite {} shared {}", path.display(), key.id), Wrapper::None);
     assert_eq!(lines, ["revoked true"]);
     let found = runtime().block_on(store.find_by_digest(&key.digest)).unwrap().unwrap();
     assert!(found.revoked_at.is_some(), "the open store sees the other process's revocation at once");
@@ -359,7 +304,7 @@ fn redb_refuses_a_second_opener_while_the_file_is_in_use() {
     let error = RedbStore::open(&path).unwrap_err();
     assert!(matches!(error, OpenError::InUse { .. }), "{error:?}");
     assert!(error.to_string().contains("in use by another process"), "{error}");
-    let lines = run_child(&format!("open redb {}", path.display()), Wrapper::None);
+    let lines = child::run(&format!("open redb {}", path.display()), Wrapper::None);
     assert_eq!(lines.len(), 1);
     assert!(lines[0].starts_with("open-error ") && lines[0].contains("in use"), "{lines:?}");
 }
@@ -418,7 +363,7 @@ fn a_read_only_directory_or_file_is_a_clear_error() {
         std::fs::set_permissions(&read_only_file, std::fs::Permissions::from_mode(0o444)).unwrap();
 
         for path in [in_read_only_dir, read_only_file] {
-            let lines = run_child(&format!("open {} {}", backend.name(), path.display()), Wrapper::Unprivileged);
+            let lines = child::run(&format!("open {} {}", backend.name(), path.display()), Wrapper::Unprivileged);
             let expected = format!("open-error cannot write {}: check the permissions", path.display());
             assert!(lines.len() == 1 && lines[0].starts_with(&expected), "{backend:?}: {lines:?}");
         }

@@ -16,7 +16,7 @@ proptest! {
     /// Random operation sequences: every outcome and every list equal the model's.
     #[test]
     fn the_service_over_the_memory_store_behaves_like_the_model(ops in support::model::ops()) {
-        support::model::run(MemoryStore::new(), &ops)?;
+        support::model::run(|| async { MemoryStore::new() }, &ops)?;
     }
 
     #[test]

@@ -17,6 +17,6 @@ proptest! {
     #[test]
     fn the_service_over_redb_behaves_like_the_model(ops in support::model::ops()) {
         let fixture = InTempDir::open("keys.redb", RedbStore::open);
-        support::model::run(fixture.store, &ops)?;
+        support::model::run(|| async { fixture.store }, &ops)?;
     }
 }

@@ -21,6 +21,6 @@ proptest! {
     #[test]
     fn the_service_over_sqlite_behaves_like_the_model(ops in support::model::ops()) {
         let fixture = InTempDir::open("keys.db", SqliteStore::open);
-        support::model::run(fixture.store, &ops)?;
+        support::model::run(|| async { fixture.store }, &ops)?;
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyService, KeyStore, MemoryStore, NewKey, Pepper,
-    RedbStore, SqliteStore,
+    PostgresOptions, PostgresStore, RedbStore, SqliteStore,
 };
 use axum::http::{HeaderName, StatusCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -43,6 +43,12 @@ struct StoreArgs {
     /// The database file [default: apikeys.db, or apikeys.redb with --backend redb].
     #[arg(long, env = "APIKEYS_DB", global = true)]
     db: Option<PathBuf>,
+    /// With --backend postgres: the server, e.g. postgres://user:password@host:5432/db.
+    #[arg(long, env = "APIKEYS_DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// With --backend postgres: the schema that holds the tables.
+    #[arg(long, env = "APIKEYS_SCHEMA", default_value = "apikeys", global = true)]
+    schema: String,
     /// The token namespace: tokens look like {namespace}_{environment}_v1_….
     #[arg(long, env = "APIKEYS_NAMESPACE", default_value = "as", global = true)]
     namespace: String,
@@ -60,6 +66,8 @@ enum Backend {
     Sqlite,
     /// A redb file, for one process at a time.
     Redb,
+    /// A PostgreSQL database, shared by service instances on several machines.
+    Postgres,
     /// Process memory: gone when the process ends.
     Memory,
 }
@@ -182,7 +190,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .into(),
         ));
     }
-    let (service, store_is_empty) = open_service(&cli.store)?;
+    let (service, store_is_empty) = open_service(&cli.store).await?;
     let json = cli.json;
     let code = match cli.command {
         Command::Serve { listen, account } => {
@@ -221,7 +229,7 @@ fn expiry_after(ttl: Duration) -> Result<time::OffsetDateTime, Failure> {
 }
 
 /// The service over the chosen store, and whether that store holds no key at all.
-fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
+async fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
     let (store, empty): (Arc<dyn KeyStore>, bool) = match args.backend {
         Backend::Sqlite => {
             let store = SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?;
@@ -231,6 +239,17 @@ fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
         Backend::Redb => {
             let store = RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?;
             let empty = store.is_empty()?;
+            (Arc::new(store), empty)
+        }
+        Backend::Postgres => {
+            let url = args
+                .database_url
+                .as_deref()
+                .ok_or_else(|| Failure("--backend postgres needs --database-url (or APIKEYS_DATABASE_URL)".into()))?;
+            let mut options = PostgresOptions::default();
+            options.schema = args.schema.clone();
+            let store = PostgresStore::connect_with(url, options).await?;
+            let empty = store.is_empty().await?;
             (Arc::new(store), empty)
         }
         Backend::Memory => (Arc::new(MemoryStore::new()), true),

@@ -388,9 +388,15 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
 
 /// Runs every check of the suite against a store made by an async expression, one `#[tokio::test]`
 /// per check. The expression's value must dereference to a [`KeyStore`](crate::KeyStore).
+///
+/// `conformance_tests!(optional EXPR)` takes an expression whose value is an `Option` of such a
+/// fixture, and skips each check where it is `None` (a database server that is not there).
 #[macro_export]
 macro_rules! conformance_tests {
-    ($make_store:expr) => {
+    (optional $make_store:expr) => {
+        $crate::conformance_tests!(@all $make_store);
+    };
+    (@all $make_store:expr) => {
         $crate::conformance_tests!(@each $make_store;
             insert_then_find_by_digest_returns_the_same_record,
             find_by_an_unknown_digest_is_none,
@@ -421,10 +427,13 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
-                let fixture = $make_store.await;
+                let ::core::option::Option::Some(fixture) = $make_store.await else { return };
                 let store: &dyn $crate::KeyStore = &*fixture;
                 $crate::store::conformance::$check(store).await;
             }
         )*
+    };
+    ($make_store:expr) => {
+        $crate::conformance_tests!(@all async { ::core::option::Option::Some($make_store.await) });
     };
 }

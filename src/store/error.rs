@@ -59,7 +59,8 @@ impl From<BackendError> for StoreError {
     }
 }
 
-/// Why a file-backed store could not be opened. Every variant names the file.
+/// Why a store could not be opened. Every variant names the file (for PostgreSQL:
+/// `postgres://user@host:port/db?schema=…`, never with the password).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {

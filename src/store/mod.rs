@@ -19,6 +19,8 @@ use crate::token::KeyPrefix;
 pub mod conformance;
 mod error;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redb")]
 mod redb;
 #[cfg(feature = "sqlite")]
@@ -28,6 +30,8 @@ mod writer;
 
 pub use error::{BackendError, BoxError, OpenError, StoreError};
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};
 #[cfg(feature = "redb")]
 pub use redb::RedbStore;
 #[cfg(feature = "sqlite")]

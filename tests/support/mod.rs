@@ -1,7 +1,8 @@
 //! Shared by the integration tests: a store wrapper that counts and fails calls, and the
 //! model-based test of the service that every backend runs.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
+pub mod child;
 pub mod model;
 
 use std::sync::Mutex;

@@ -135,10 +135,11 @@ fn listed(keys: &[ApiKey]) -> Vec<Row> {
         .collect()
 }
 
-/// Applies `ops` to a service over `store` and to the model, comparing at every step.
-pub fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), TestCaseError> {
+/// Applies `ops` to a service over the store `make` opens and to the model, comparing at every
+/// step. The store is opened inside the test's runtime (a PostgreSQL pool belongs to one).
+pub fn run<S: KeyStore, F: Future<Output = S>>(make: impl FnOnce() -> F, ops: &[Op]) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(run_async(store, ops))
+    runtime.block_on(async { run_async(make().await, ops).await })
 }
 
 async fn run_async<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), TestCaseError> {

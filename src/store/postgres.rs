@@ -1,0 +1,492 @@
+//! [`PostgresStore`]: one key store shared by service instances on many machines (feature
+//! `postgres`).
+//!
+//! Built on tokio-postgres with a deadpool-postgres pool: both are maintained, small, async
+//! throughout, and need no compile-time database access (sqlx's checked queries would, and bring
+//! far more code). Every statement is prepared once per connection and cached.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, StoreError};
+use crate::digest::Digest;
+use crate::id::{AccountId, KeyId};
+use crate::name::KeyName;
+use crate::token::KeyPrefix;
+
+/// The schema this build writes and the newest it reads.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How to reach the database and what to ask of it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// The PostgreSQL schema (namespace) that holds the tables: `[a-z_][a-z0-9_]{0,62}`.
+    /// Default `apikeys`.
+    pub schema: String,
+    /// Connections in the pool. Default 16.
+    pub max_connections: usize,
+    /// How long a call waits for a free connection before failing. Default 5 s.
+    pub pool_timeout: Duration,
+    /// How long one call (connecting included) may take before failing, so that a stalled
+    /// network cannot hang a request. Default 5 s.
+    pub call_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: "apikeys".into(),
+            max_connections: 16,
+            pool_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Keys in PostgreSQL, for services that run on more than one machine: every instance sees every
+/// create, revocation and lastUsedAt write of the others at its next read.
+///
+/// - **Verification** is one indexed read by digest (the primary key).
+/// - **Create** locks the account's row in a small `api_key_accounts` table, then counts and
+///   inserts in the same transaction, so the active-key limit holds across instances.
+/// - **Revocation** is one conditional `UPDATE` that also checks the account.
+/// - **lastUsedAt** batches are one `UPDATE … FROM unnest(…)` with `GREATEST`, in one round trip.
+/// - Acknowledged means committed. A lost connection, a restarted server or an exhausted pool is
+///   a [`StoreError::Backend`] that names the server; broken connections are dropped from the
+///   pool, so the store recovers by itself once the database is back.
+///
+/// The SQL avoids PostgreSQL-only features where that costs nothing (no advisory locks, no
+/// `LISTEN`), so it also suits PostgreSQL-compatible distributed databases; the partial index and
+/// `unnest` of two arrays are the parts to check on such an engine.
+pub struct PostgresStore {
+    pool: Pool,
+    location: String,
+    call_timeout: Duration,
+    sql: Statements,
+}
+
+/// The statements, with the schema filled in.
+struct Statements {
+    find_by_digest: String,
+    lock_account: String,
+    insert_within_limit: String,
+    import: String,
+    list_active: String,
+    revoke: String,
+    record_last_used: String,
+    is_empty: String,
+}
+
+const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at";
+
+impl Statements {
+    fn new(schema: &str) -> Self {
+        let keys = format!("{schema}.api_keys");
+        Self {
+            find_by_digest: format!("SELECT {COLUMNS} FROM {keys} WHERE digest = $1"),
+            lock_account: format!(
+                "INSERT INTO {schema}.api_key_accounts (account) VALUES ($1) \
+                 ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
+            ),
+            insert_within_limit: format!(
+                "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                 WHERE (SELECT count(*) FROM {keys} WHERE account = $2 AND revoked_at IS NULL \
+                        AND (expires_at IS NULL OR expires_at > $6)) < $10"
+            ),
+            import: format!("INSERT INTO {keys} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            list_active: format!(
+                "SELECT {COLUMNS} FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, id"
+            ),
+            revoke: format!(
+                "UPDATE {keys} SET revoked_at = $3 WHERE id = $1 AND account = $2 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $3)"
+            ),
+            record_last_used: format!(
+                "UPDATE {keys} AS k SET last_used_at = GREATEST(k.last_used_at, u.at) \
+                 FROM (SELECT id, max(at) AS at FROM unnest($1::uuid[], $2::timestamptz[]) AS t (id, at) \
+                       GROUP BY id) AS u \
+                 WHERE k.id = u.id"
+            ),
+            is_empty: format!("SELECT NOT EXISTS (SELECT 1 FROM {keys})"),
+        }
+    }
+}
+
+/// Version 1: the keys, the account rows that serialise creates, and the index of unrevoked keys.
+fn migrations(schema: &str) -> [String; 1] {
+    [format!(
+        "CREATE TABLE {schema}.api_keys (
+            digest       BYTEA       NOT NULL PRIMARY KEY,
+            id           UUID        NOT NULL UNIQUE,
+            account      TEXT        NOT NULL,
+            prefix       TEXT        NOT NULL,
+            name         TEXT,
+            created_at   TIMESTAMPTZ NOT NULL,
+            expires_at   TIMESTAMPTZ,
+            last_used_at TIMESTAMPTZ,
+            revoked_at   TIMESTAMPTZ
+        );
+        CREATE INDEX api_keys_unrevoked_by_account ON {schema}.api_keys (account, created_at, id)
+            WHERE revoked_at IS NULL;
+        CREATE TABLE {schema}.api_key_accounts (account TEXT NOT NULL PRIMARY KEY);"
+    )]
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (e.g. `postgres://user:password@host:5432/db`), creating
+    /// or upgrading the schema `apikeys` in it.
+    pub async fn connect(url: &str) -> Result<Self, OpenError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects with `options`.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, OpenError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|source| OpenError::Other { path: PathBuf::from("(PostgreSQL URL)"), source: Box::new(source) })?;
+        let location = describe(&config, &options.schema);
+        let path = || PathBuf::from(&location);
+        if !is_identifier(&options.schema) {
+            let source = "the schema must match [a-z_][a-z0-9_]{0,62}".into();
+            return Err(OpenError::Other { path: path(), source });
+        }
+        config.connect_timeout(options.call_timeout);
+        config.application_name("apikeys");
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .wait_timeout(Some(options.pool_timeout))
+            .create_timeout(Some(options.call_timeout))
+            .recycle_timeout(Some(options.call_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|source| OpenError::Other { path: path(), source: Box::new(source) })?;
+        let store = Self {
+            pool,
+            location: location.clone(),
+            call_timeout: options.call_timeout,
+            sql: Statements::new(&options.schema),
+        };
+        store.migrate(&options.schema).await?;
+        Ok(store)
+    }
+
+    /// Creates the schema of a new database and upgrades an older one; refuses a newer one and
+    /// one whose tables belong to something else. Two instances starting at once migrate once:
+    /// the version row is locked for the migration, and a lost race to create it is retried.
+    async fn migrate(&self, schema: &str) -> Result<(), OpenError> {
+        let path = || PathBuf::from(&self.location);
+        let other = |source: BoxError| OpenError::Other { path: path(), source };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.try_migrate(schema).await {
+                Ok(Migrated::Done) => return Ok(()),
+                Ok(Migrated::Foreign) => return Err(OpenError::NotApikeys { path: path(), backend: "postgres" }),
+                Ok(Migrated::TooNew(found)) => {
+                    let (found, supported) = (found.unsigned_abs(), SCHEMA_VERSION.unsigned_abs());
+                    return Err(OpenError::SchemaTooNew { path: path(), found, supported });
+                }
+                Err(Failure::Postgres(error)) if attempts < 3 && is_creation_race(&error) => continue,
+                Err(Failure::Postgres(error)) => return Err(other(Box::new(error))),
+                Err(Failure::Pool(error)) => return Err(other(Box::new(error))),
+                Err(Failure::Corrupt(message)) => return Err(other(message.into())),
+                Err(Failure::Timeout) => return Err(other("timed out".into())),
+            }
+        }
+    }
+
+    async fn try_migrate(&self, schema: &str) -> Result<Migrated, Failure> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        transaction
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS {schema}.apikeys_meta (name TEXT NOT NULL PRIMARY KEY, value BIGINT NOT NULL);"
+            ))
+            .await?;
+        let created = transaction
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.apikeys_meta (name, value) VALUES ('schema_version', 0) \
+                     ON CONFLICT (name) DO NOTHING"
+                ),
+                &[],
+            )
+            .await?;
+        let version: i64 = transaction
+            .query_one(
+                &format!("SELECT value FROM {schema}.apikeys_meta WHERE name = 'schema_version' FOR UPDATE"),
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        if created == 1 {
+            let tables: i64 = transaction
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name <> 'apikeys_meta'",
+                    &[&schema],
+                )
+                .await?
+                .try_get(0)?;
+            if tables > 0 {
+                return Ok(Migrated::Foreign);
+            }
+        }
+        if version > SCHEMA_VERSION {
+            return Ok(Migrated::TooNew(version));
+        }
+        for migration in &migrations(schema)[version.unsigned_abs() as usize..] {
+            transaction.batch_execute(migration).await?;
+        }
+        transaction
+            .execute(
+                &format!("UPDATE {schema}.apikeys_meta SET value = $1 WHERE name = 'schema_version'"),
+                &[&SCHEMA_VERSION],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(Migrated::Done)
+    }
+
+    /// Stores many records in one transaction, with no active-key limit: for imports from another
+    /// system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any id or digest is
+    /// already present.
+    pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        self.call("import", async {
+            let mut client = self.pool.get().await?;
+            let transaction = client.transaction().await?;
+            let statement = transaction.prepare_cached(&self.sql.import).await?;
+            for record in &records {
+                transaction.execute(&statement, &Columns::of(record).with(&[])).await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the store holds no key at all, revoked and expired ones included.
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        self.call("is_empty", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&self.sql.is_empty).await?;
+            Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
+        })
+        .await
+    }
+
+    /// Runs one call with the time limit, mapping every failure to a [`StoreError`] that names
+    /// the database and the operation.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, StoreError> {
+        let outcome = tokio::time::timeout(self.call_timeout, call).await.unwrap_or(Err(Failure::Timeout));
+        outcome.map_err(|failure| {
+            let source: BoxError = match failure {
+                Failure::Postgres(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    return StoreError::Duplicate;
+                }
+                Failure::Postgres(error) => Box::new(error),
+                Failure::Pool(PoolError::Timeout(_)) => {
+                    "no free connection in the pool in time (pool exhausted, or the server unreachable)".into()
+                }
+                Failure::Pool(error) => Box::new(error),
+                Failure::Corrupt(message) => message.into(),
+                Failure::Timeout => format!("no answer within {:?}", self.call_timeout).into(),
+            };
+            BackendError::new("postgres", self.location.clone(), operation, source).into()
+        })
+    }
+}
+
+enum Migrated {
+    Done,
+    Foreign,
+    TooNew(i64),
+}
+
+/// What a call can fail with, before it becomes a [`StoreError`].
+enum Failure {
+    Postgres(tokio_postgres::Error),
+    Pool(PoolError),
+    Corrupt(String),
+    Timeout,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Self::Postgres(error)
+    }
+}
+
+impl From<PoolError> for Failure {
+    fn from(error: PoolError) -> Self {
+        match error {
+            PoolError::Backend(error) => Self::Postgres(error),
+            other => Self::Pool(other),
+        }
+    }
+}
+
+/// Two instances creating the schema at the same moment: one of them loses and tries again.
+fn is_creation_race(error: &tokio_postgres::Error) -> bool {
+    matches!(error.code(), Some(code) if *code == SqlState::UNIQUE_VIOLATION || *code == SqlState::DUPLICATE_SCHEMA)
+}
+
+/// `postgres://user@host:port/db?schema=…`: where the store is, without the password.
+fn describe(config: &tokio_postgres::Config, schema: &str) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().map(|user| format!("{user}@")).unwrap_or_default();
+    let database = config.get_dbname().unwrap_or_default();
+    format!("postgres://{user}{host}:{port}/{database}?schema={schema}")
+}
+
+fn is_identifier(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && (bytes[0].is_ascii_lowercase() || bytes[0] == b'_')
+        && bytes.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+/// A record's column values, in [`COLUMNS`] order, borrowed for a statement's parameters.
+struct Columns<'a> {
+    id: &'a Uuid,
+    account: &'a str,
+    digest: &'a [u8],
+    prefix: &'a str,
+    name: Option<&'a str>,
+    times: [Option<OffsetDateTime>; 4],
+}
+
+impl<'a> Columns<'a> {
+    fn of(record: &'a KeyRecord) -> Self {
+        Self {
+            id: record.id.as_uuid(),
+            account: record.account.as_str(),
+            digest: &record.digest.as_bytes()[..],
+            prefix: record.prefix.as_str(),
+            name: record.name.as_ref().map(|name| name.as_str()),
+            times: [Some(record.created_at), record.expires_at, record.last_used_at, record.revoked_at],
+        }
+    }
+
+    /// The nine parameters, then `extra` (the limit, for a create).
+    fn with<'b>(&'b self, extra: &'b [&'b (dyn ToSql + Sync)]) -> Vec<&'b (dyn ToSql + Sync)> {
+        let [created, expires, used, revoked] = &self.times;
+        let columns: [&(dyn ToSql + Sync); 9] =
+            [self.id, &self.account, &self.digest, &self.prefix, &self.name, created, expires, used, revoked];
+        columns.into_iter().chain(extra.iter().copied()).collect()
+    }
+}
+
+fn record_from_row(row: &Row) -> Result<KeyRecord, Failure> {
+    Ok(KeyRecord {
+        id: KeyId::from_uuid(row.try_get::<_, Uuid>(0)?),
+        account: AccountId::new(row.try_get::<_, &str>(1)?).map_err(|error| corrupt("account", error))?,
+        digest: Digest::from_bytes(row.try_get::<_, &[u8]>(2)?).ok_or_else(|| corrupt("digest", "unknown scheme"))?,
+        prefix: KeyPrefix::new(row.try_get::<_, &str>(3)?).map_err(|error| corrupt("prefix", error))?,
+        name: row
+            .try_get::<_, Option<&str>>(4)?
+            .map(KeyName::new)
+            .transpose()
+            .map_err(|error| corrupt("name", error))?,
+        created_at: row.try_get(5)?,
+        expires_at: row.try_get(6)?,
+        last_used_at: row.try_get(7)?,
+        revoked_at: row.try_get(8)?,
+    })
+}
+
+/// A stored value this version cannot accept.
+fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
+    Failure::Corrupt(format!("corrupt {column} in a stored record: {error}"))
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+        let inserted = self
+            .call("insert", async {
+                let mut client = self.pool.get().await?;
+                let transaction = client.transaction().await?;
+                let lock = transaction.prepare_cached(&self.sql.lock_account).await?;
+                transaction.execute(&lock, &[&record.account.as_str()]).await?;
+                let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
+                let limit = i64::from(max_active);
+                let inserted = transaction.execute(&insert, &Columns::of(record).with(&[&limit])).await?;
+                transaction.commit().await?;
+                Ok(inserted)
+            })
+            .await?;
+        if inserted == 0 { Err(StoreError::LimitReached { limit: max_active }) } else { Ok(()) }
+    }
+
+    async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.call("find_by_digest", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&self.sql.find_by_digest).await?;
+            let row = client.query_opt(&statement, &[&&digest.as_bytes()[..]]).await?;
+            row.as_ref().map(record_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
+        self.call("list_active", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&self.sql.list_active).await?;
+            let rows = client.query(&statement, &[&account.as_str(), &now]).await?;
+            rows.iter().map(record_from_row).collect()
+        })
+        .await
+    }
+
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+        self.call("revoke", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&self.sql.revoke).await?;
+            Ok(client.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1)
+        })
+        .await
+    }
+
+    async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = uses.iter().map(|(id, _)| *id.as_uuid()).collect();
+        let times: Vec<OffsetDateTime> = uses.iter().map(|(_, at)| *at).collect();
+        self.call("record_last_used", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&self.sql.record_last_used).await?;
+            client.execute(&statement, &[&ids, &times]).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore").field("location", &self.location).finish_non_exhaustive()
+    }
+}
