@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo bench --bench verify --all-features            # 10 k and 1 M keys
 //! APIKEYS_BENCH_SIZES=10000 cargo bench --bench verify --all-features
+//! APIKEYS_BENCH_POSTGRES_URL=postgres://… (default: the local server; sizes in
+//! APIKEYS_BENCH_POSTGRES_SIZES, default 10000)
 //! python3 benches/report.py                             # the README table from the results
 //! ```
 //!
@@ -49,8 +51,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// How many verification targets each benchmark cycles through.
-const SAMPLE: usize = 4096;
+/// How many verification targets each benchmark cycles through: enough that at 1 M keys the
+/// records touched do not fit in the CPU caches, as in production.
+const SAMPLE: usize = 65_536;
 
 fn format() -> KeyFormat {
     KeyFormat::new("as", Environment::LIVE).unwrap()
@@ -89,11 +92,14 @@ impl Dataset {
                 }
             })
             .collect();
-        // Visit the sample in an order unrelated to insertion.
+        // Visit the sample in an order unrelated to insertion, so that the records looked up are
+        // scattered; but lay the tokens out in memory in visiting order, so that reading the next
+        // token is as cheap as reading a request that just arrived.
         let mut shuffled: Vec<(u64, String)> =
             tokens.into_iter().map(|token| (crc32fast::hash(token.as_bytes()) as u64, token)).collect();
         shuffled.sort();
-        Self { records, tokens: shuffled.into_iter().map(|(_, token)| token).collect() }
+        let tokens = shuffled.iter().map(|(_, token)| token.as_str().to_owned()).collect();
+        Self { records, tokens }
     }
 
     fn digests(&self) -> Vec<Digest> {
@@ -389,6 +395,78 @@ fn redb(c: &mut Criterion) {
     }
 }
 
+fn postgres(c: &mut Criterion) {
+    let url = std::env::var("APIKEYS_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let sizes: Vec<usize> = std::env::var("APIKEYS_BENCH_POSTGRES_SIZES")
+        .unwrap_or_else(|_| "10000".into())
+        .split(',')
+        .map(|size| size.trim().parse().expect("APIKEYS_BENCH_POSTGRES_SIZES: comma-separated key counts"))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for n in sizes {
+        let schema = format!("apikeys_bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+        let mut options = apikeys::PostgresOptions::default();
+        options.schema = schema.clone();
+        let Ok(store) = runtime.block_on(apikeys::PostgresStore::connect_with(&url, options)) else {
+            eprintln!("no PostgreSQL at {url}: skipping the postgres benchmarks");
+            return;
+        };
+        let data = Dataset::new(n);
+        let digests = data.digests();
+        runtime.block_on(store.import(data.records.clone())).unwrap();
+        let mut group = c.benchmark_group("postgres");
+        group.throughput(Throughput::Elements(1));
+
+        // Raw: the store's statement and row decoding on one connection of its own, over loopback.
+        let (client, connection) = runtime.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+        runtime.spawn(connection);
+        let sql = format!(
+            "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at \
+             FROM {schema}.api_keys WHERE digest = $1"
+        );
+        let statement = runtime.block_on(client.prepare(&sql)).unwrap();
+        group.bench_function(BenchmarkId::new("raw_select/threads=1", n), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    for i in 0..iters as usize {
+                        let row =
+                            client.query_one(&statement, &[&&digests[i % digests.len()].as_bytes()[..]]).await.unwrap();
+                        black_box((
+                            row.get::<_, uuid::Uuid>(0),
+                            row.get::<_, String>(1),
+                            row.get::<_, Vec<u8>>(2),
+                            row.get::<_, String>(3),
+                            row.get::<_, Option<String>>(4),
+                            row.get::<_, OffsetDateTime>(5),
+                            row.get::<_, Option<OffsetDateTime>>(6),
+                            row.get::<_, Option<OffsetDateTime>>(7),
+                            row.get::<_, Option<OffsetDateTime>>(8),
+                        ));
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+        let service = KeyService::builder(Arc::new(store), format()).build();
+        group.bench_function(BenchmarkId::new("verify/threads=1", n), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    for i in 0..iters as usize {
+                        black_box(service.verify(&data.tokens[i % data.tokens.len()]).await.unwrap());
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+        group.finish();
+        runtime.block_on(service.flush()).unwrap();
+        runtime.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))).unwrap();
+    }
+}
+
 /// Durable creates: one per transaction through the service, and imports of 100 per transaction.
 fn create(c: &mut Criterion) {
     let mut group = c.benchmark_group("create");
@@ -445,6 +523,6 @@ fn create(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, create
+    targets = parts, memory, sqlite, redb, postgres, create
 }
 criterion_main!(benches);

@@ -383,3 +383,34 @@ async fn a_stalled_server_and_an_exhausted_pool_are_typed_errors_in_bounded_time
     proxy.set(FORWARD);
     assert_eq!(store.find_by_digest(&digest).await.unwrap(), None, "recovered");
 }
+
+#[tokio::test]
+async fn import_stores_everything_or_nothing() {
+    let Some(store) = store().await else { return };
+    let format = live();
+    let account = AccountId::new(format!("import-{}", uuid::Uuid::now_v7().simple())).unwrap();
+    let record = |i: usize| {
+        let (token, prefix) = format.generate().unwrap();
+        apikeys::KeyRecord {
+            id: apikeys::KeyId::from_uuid(uuid::Uuid::now_v7()),
+            account: account.clone(),
+            digest: apikeys::Digest::sha256(token.expose_secret()),
+            prefix,
+            name: i.is_multiple_of(2).then(|| apikeys::KeyName::new(format!("key {i}")).unwrap()),
+            created_at: support::T0,
+            expires_at: None,
+            last_used_at: None,
+            revoked_at: None,
+        }
+    };
+    let first: Vec<_> = (0..2500).map(record).collect();
+    store.import(first.clone()).await.unwrap();
+    let fresh = record(9999);
+    let refused = store.import(vec![fresh.clone(), first[7].clone()]).await;
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
+    assert_eq!(store.find_by_digest(&fresh.digest).await.unwrap(), None, "a failed import stores nothing");
+    for key in [&first[0], &first[1], &first[2499]] {
+        assert_eq!(store.find_by_digest(&key.digest).await.unwrap().as_ref(), Some(key));
+    }
+    assert_eq!(store.list_active(&account, support::T0).await.unwrap().len(), 2500);
+}

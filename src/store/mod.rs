@@ -19,6 +19,8 @@ use crate::token::KeyPrefix;
 pub mod conformance;
 mod error;
 mod memory;
+#[cfg(feature = "test-util")]
+pub mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redb")]

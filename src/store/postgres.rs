@@ -103,7 +103,10 @@ impl Statements {
                  WHERE (SELECT count(*) FROM {keys} WHERE account = $2 AND revoked_at IS NULL \
                         AND (expires_at IS NULL OR expires_at > $6)) < $10"
             ),
-            import: format!("INSERT INTO {keys} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            import: format!(
+                "INSERT INTO {keys} ({COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], \
+                 $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])"
+            ),
             list_active: format!(
                 "SELECT {COLUMNS} FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
                  AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, id"
@@ -264,12 +267,28 @@ impl PostgresStore {
     /// system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any id or digest is
     /// already present.
     pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.call("import", async {
+        self.call_within("import", self.call_timeout * 60, async {
             let mut client = self.pool.get().await?;
             let transaction = client.transaction().await?;
             let statement = transaction.prepare_cached(&self.sql.import).await?;
-            for record in &records {
-                transaction.execute(&statement, &Columns::of(record).with(&[])).await?;
+            // A thousand rows per statement, as arrays: a round trip per thousand keys, not per key.
+            for chunk in records.chunks(1000) {
+                let ids: Vec<Uuid> = chunk.iter().map(|record| *record.id.as_uuid()).collect();
+                let accounts: Vec<&str> = chunk.iter().map(|record| record.account.as_str()).collect();
+                let digests: Vec<&[u8]> = chunk.iter().map(|record| &record.digest.as_bytes()[..]).collect();
+                let prefixes: Vec<&str> = chunk.iter().map(|record| record.prefix.as_str()).collect();
+                let names: Vec<Option<&str>> =
+                    chunk.iter().map(|record| record.name.as_ref().map(|name| name.as_str())).collect();
+                let times = |time: fn(&KeyRecord) -> Option<OffsetDateTime>| chunk.iter().map(time).collect::<Vec<_>>();
+                let created = times(|record| Some(record.created_at));
+                let (expires, used, revoked) = (
+                    times(|record| record.expires_at),
+                    times(|record| record.last_used_at),
+                    times(|record| record.revoked_at),
+                );
+                let parameters: [&(dyn ToSql + Sync); 9] =
+                    [&ids, &accounts, &digests, &prefixes, &names, &created, &expires, &used, &revoked];
+                transaction.execute(&statement, &parameters).await?;
             }
             transaction.commit().await?;
             Ok(())
@@ -294,7 +313,16 @@ impl PostgresStore {
         operation: &'static str,
         call: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, StoreError> {
-        let outcome = tokio::time::timeout(self.call_timeout, call).await.unwrap_or(Err(Failure::Timeout));
+        self.call_within(operation, self.call_timeout, call).await
+    }
+
+    async fn call_within<T>(
+        &self,
+        operation: &'static str,
+        limit: Duration,
+        call: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, StoreError> {
+        let outcome = tokio::time::timeout(limit, call).await.unwrap_or(Err(Failure::Timeout));
         outcome.map_err(|failure| {
             let source: BoxError = match failure {
                 Failure::Postgres(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -306,7 +334,7 @@ impl PostgresStore {
                 }
                 Failure::Pool(error) => Box::new(error),
                 Failure::Corrupt(message) => message.into(),
-                Failure::Timeout => format!("no answer within {:?}", self.call_timeout).into(),
+                Failure::Timeout => format!("no answer within {limit:?}").into(),
             };
             BackendError::new("postgres", self.location.clone(), operation, source).into()
         })
@@ -389,12 +417,10 @@ impl<'a> Columns<'a> {
         }
     }
 
-    /// The nine parameters, then `extra` (the limit, for a create).
-    fn with<'b>(&'b self, extra: &'b [&'b (dyn ToSql + Sync)]) -> Vec<&'b (dyn ToSql + Sync)> {
+    /// The nine parameters, then the limit.
+    fn with_limit<'b>(&'b self, limit: &'b i64) -> [&'b (dyn ToSql + Sync); 10] {
         let [created, expires, used, revoked] = &self.times;
-        let columns: [&(dyn ToSql + Sync); 9] =
-            [self.id, &self.account, &self.digest, &self.prefix, &self.name, created, expires, used, revoked];
-        columns.into_iter().chain(extra.iter().copied()).collect()
+        [self.id, &self.account, &self.digest, &self.prefix, &self.name, created, expires, used, revoked, limit]
     }
 }
 
@@ -432,7 +458,7 @@ impl KeyStore for PostgresStore {
                 transaction.execute(&lock, &[&record.account.as_str()]).await?;
                 let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
                 let limit = i64::from(max_active);
-                let inserted = transaction.execute(&insert, &Columns::of(record).with(&[&limit])).await?;
+                let inserted = transaction.execute(&insert, &Columns::of(record).with_limit(&limit)).await?;
                 transaction.commit().await?;
                 Ok(inserted)
             })
