@@ -10,7 +10,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::writer::Writer;
+use super::writer::{self, Writer};
 use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
@@ -112,30 +112,23 @@ impl RedbStore {
                     transaction.commit()?;
                     Ok(value)
                 });
-                outcome.map_err(|error| match error {
-                    WriteError::Store(error) => error,
-                    WriteError::Redb(source) => BackendError::new("redb", location, operation, source).into(),
-                })
+                outcome.map_err(|error| error.into_store_error("redb", location, operation))
             })
             .await
     }
 }
 
-/// What a write can fail with: a rule of the store (nothing is committed), or redb.
-enum WriteError {
-    Store(StoreError),
-    Redb(BoxError),
-}
+type WriteError = writer::WriteError<BoxError>;
 
 impl<E: Into<redb::Error>> From<E> for WriteError {
     fn from(error: E) -> Self {
-        Self::Redb(Box::new(error.into()))
+        Self::Backend(Box::new(error.into()))
     }
 }
 
 impl From<Panicked> for WriteError {
     fn from(panic: Panicked) -> Self {
-        Self::Redb(Box::new(panic))
+        Self::Backend(Box::new(panic))
     }
 }
 

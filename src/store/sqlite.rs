@@ -10,7 +10,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::writer::Writer;
+use super::writer::{self, Writer};
 use super::{BackendError, KeyRecord, KeyStore, OpenError, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
@@ -160,24 +160,17 @@ impl SqliteStore {
                     .pragma_update(None, "synchronous", synchronous)
                     .map_err(WriteError::from)
                     .and_then(|()| job(connection));
-                outcome.map_err(|error| match error {
-                    WriteError::Store(error) => error,
-                    WriteError::Sqlite(source) => BackendError::new("sqlite", location, operation, source).into(),
-                })
+                outcome.map_err(|error| error.into_store_error("sqlite", location, operation))
             })
             .await
     }
 }
 
-/// What a job on the writer thread can fail with: a rule of the store, or SQLite.
-enum WriteError {
-    Store(StoreError),
-    Sqlite(rusqlite::Error),
-}
+type WriteError = writer::WriteError<rusqlite::Error>;
 
 impl From<rusqlite::Error> for WriteError {
     fn from(error: rusqlite::Error) -> Self {
-        Self::Sqlite(error)
+        Self::Backend(error)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use super::StoreError;
+use super::{BackendError, BoxError, StoreError};
 
 type Job<C> = Box<dyn FnOnce(&mut C) + Send>;
 
@@ -56,6 +56,28 @@ impl<C> Drop for Writer<C> {
         drop(self.jobs.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// What a job on a writer thread can fail with: a rule of the store (nothing was committed), or
+/// the backend.
+pub(crate) enum WriteError<E> {
+    Store(StoreError),
+    Backend(E),
+}
+
+impl<E: Into<BoxError>> WriteError<E> {
+    /// The [`StoreError`] a caller sees: a rule as it is, a backend failure naming the store.
+    pub(crate) fn into_store_error(
+        self,
+        backend: &'static str,
+        location: String,
+        operation: &'static str,
+    ) -> StoreError {
+        match self {
+            Self::Store(error) => error,
+            Self::Backend(source) => BackendError::new(backend, location, operation, source).into(),
         }
     }
 }
