@@ -557,3 +557,62 @@ async fn odd_methods_and_paths_get_json_errors_too() {
     let (status, body) = server.delete("%FF%FE", &key).send().await;
     assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_key_id"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_revoke_has_answered_no_request_started_later_gets_in() {
+    let server = Arc::new(Server::start().await);
+    let (admin, _) = server.key("acme").await;
+    let mut targets = Vec::new();
+    for _ in 0..5 {
+        targets.push(server.key("acme").await);
+    }
+    let targets = Arc::new(targets);
+    let revoked_at: Arc<Mutex<Vec<Option<std::time::Instant>>>> = Arc::new(Mutex::new(vec![None; targets.len()]));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let verifiers: Vec<_> = (0..2)
+        .map(|worker| {
+            let (server, targets, done) = (server.clone(), targets.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut after_done = 0;
+                for i in worker.. {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        after_done += 1;
+                        if after_done > 50 {
+                            break;
+                        }
+                    }
+                    let target = i % targets.len();
+                    let started = std::time::Instant::now();
+                    let response = server
+                        .client
+                        .get(format!("{}/account/api-keys", server.base))
+                        .header("x-api-key", &targets[target].0)
+                        .send()
+                        .await
+                        .unwrap();
+                    seen.push((target, started, response.status()));
+                }
+                seen
+            })
+        })
+        .collect();
+    for (index, (_, id)) in targets.iter().enumerate() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let (status, _) = server.delete(&id.to_string(), &admin).send().await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        revoked_at.lock().unwrap()[index] = Some(std::time::Instant::now());
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let revoked_at = revoked_at.lock().unwrap().clone();
+    let mut after_revocation = 0;
+    for verifier in verifiers {
+        for (target, started, status) in verifier.await.unwrap() {
+            if revoked_at[target].is_some_and(|revoked| started > revoked) {
+                after_revocation += 1;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "a request that started after the revoke answered got in");
+            }
+        }
+    }
+    assert!(after_revocation > 50, "only {after_revocation} requests started after a revocation");
+}

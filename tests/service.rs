@@ -429,3 +429,87 @@ async fn the_background_flusher_writes_on_schedule_and_no_verification_waits_for
         .expect("the task ends with the service")
         .unwrap();
 }
+
+/// A store that answers a lookup with the record of another key (a bug, or a corrupt index).
+#[derive(Debug)]
+struct Confused {
+    inner: MemoryStore,
+    decoy: apikeys::Digest,
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Confused {
+    async fn insert(&self, record: &apikeys::KeyRecord, max_active: u32) -> Result<(), apikeys::StoreError> {
+        self.inner.insert(record, max_active).await
+    }
+    async fn find_by_digest(&self, _: &apikeys::Digest) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
+        self.inner.find_by_digest(&self.decoy).await
+    }
+    async fn list_active(
+        &self,
+        account: &AccountId,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<apikeys::KeyRecord>, apikeys::StoreError> {
+        self.inner.list_active(account, now).await
+    }
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: time::OffsetDateTime,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.inner.revoke(account, id, at).await
+    }
+    async fn record_last_used(&self, uses: &[(KeyId, time::OffsetDateTime)]) -> Result<(), apikeys::StoreError> {
+        self.inner.record_last_used(uses).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_answers_with_the_wrong_record_never_lets_a_key_in() {
+    let plain = KeyService::builder(MemoryStore::new(), live()).build();
+    let decoy = plain.create(&account("victim"), NewKey::default()).await.unwrap();
+    let inner = MemoryStore::new();
+    let digest = apikeys::Digest::sha256(decoy.key.expose_secret());
+    let victim_record = plain.store().find_by_digest(&digest).await.unwrap().unwrap();
+    inner.import(vec![victim_record]).unwrap();
+    let confused = KeyService::builder(Confused { inner, decoy: digest }, live()).build();
+    let (attacker, _) = live().generate().unwrap();
+    let outcome = confused.verify(attacker.expose_secret()).await;
+    assert!(matches!(outcome, Err(Rejection::Unknown)), "the digest is checked again: {outcome:?}");
+    assert!(confused.verify(decoy.key.expose_secret()).await.is_ok(), "the right key still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_verification_that_starts_after_the_clock_passes_expiry_succeeds() {
+    let Fixture { service, clock, .. } = fixture();
+    let created = service.create(&account("acme"), expiring_in(Duration::seconds(10))).await.unwrap();
+    let token = created.key.expose_secret().to_owned();
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let verifiers: Vec<_> = (0..2)
+        .map(|_| {
+            let (service, token, expired) = (service.clone(), token.clone(), expired.clone());
+            tokio::spawn(async move {
+                let mut after_expiry = 0;
+                for _ in 0..2_000 {
+                    let started_after_expiry = expired.load(std::sync::atomic::Ordering::SeqCst);
+                    let outcome = service.verify(&token).await;
+                    if started_after_expiry {
+                        assert!(matches!(outcome, Err(Rejection::Expired)), "{outcome:?}");
+                        after_expiry += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                after_expiry
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    clock.advance(Duration::seconds(10));
+    expired.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut checked = 0;
+    for verifier in verifiers {
+        checked += verifier.await.unwrap();
+    }
+    assert!(checked > 0, "some verifications started after the expiry");
+}
