@@ -2,7 +2,8 @@
 //! service's routes, which are authenticated with the same keys.
 //!
 //! ```sh
-//! cargo run --example axum_host --features http
+//! cargo run --example axum_host --features http            # keys in memory
+//! APIKEYS_EXAMPLE_DB=keys.db cargo run --example axum_host --features http,sqlite
 //! curl -H "x-api-key: $KEY" http://127.0.0.1:3000/whoami
 //! ```
 
@@ -51,8 +52,15 @@ async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn KeyStore> = match std::env::var_os("APIKEYS_EXAMPLE_DB") {
+        #[cfg(feature = "sqlite")]
+        Some(path) => Arc::new(apikeys::SqliteStore::open(path)?),
+        #[cfg(not(feature = "sqlite"))]
+        Some(_) => return Err("APIKEYS_EXAMPLE_DB needs the sqlite feature".into()),
+        None => Arc::new(MemoryStore::new()),
+    };
     let keys = KeyService::builder(store, KeyFormat::new("as", Environment::LIVE)?).build();
+    keys.spawn_flusher();
     let first = keys.create(&AccountId::new("acme")?, NewKey::default()).await?;
     println!("a key for account acme (shown once): {}", first.key.expose_secret());
 
