@@ -217,6 +217,12 @@ impl Served {
         format!("http://{}{path}", self.address)
     }
 
+    /// Kills the server with SIGKILL, as a crash or the OOM killer would.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Stops the server with SIGTERM; returns its exit code and every log line.
     fn stop(mut self) -> (Option<i32>, Vec<String>) {
         terminate(self.child.id());
@@ -335,4 +341,68 @@ fn the_postgres_backend_works_from_the_command_line_where_a_server_answers() {
     let missing_url = run(dir.path(), &["--backend", "postgres", "list", "--account", "a"]);
     assert_eq!(missing_url.status.code(), Some(2));
     assert!(stderr(&missing_url).contains("--database-url"), "{}", stderr(&missing_url));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_9_of_the_server_loses_no_acknowledged_create_or_revocation() {
+    for backend in ["sqlite", "redb"] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = serve(dir.path(), &["--backend", backend]);
+        let key = server.first_key.clone();
+        let url = server.url("/account/api-keys");
+        // Four clients create keys and revoke every other one they made, until the server dies.
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, key) = (url.clone(), key.clone());
+                tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    let (mut created, mut revoked) = (Vec::new(), Vec::new());
+                    loop {
+                        let Ok(response) = client.post(&url).header("x-api-key", &key).send().await else { break };
+                        if response.status() != 201 {
+                            break;
+                        }
+                        let Ok(body) = response.json::<Value>().await else { break };
+                        let id = body["id"].as_str().unwrap().to_owned();
+                        created.push(id.clone());
+                        if created.len() % 2 == 0 {
+                            let request = client.delete(format!("{url}/{id}")).header("x-api-key", &key);
+                            match request.send().await {
+                                Ok(response) if response.status() == 204 => revoked.push(id),
+                                _ => break,
+                            }
+                        }
+                    }
+                    (created, revoked)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        server.kill();
+        let (mut created, mut revoked) = (Vec::new(), Vec::new());
+        for client in clients {
+            let (c, r) = client.await.unwrap();
+            created.extend(c);
+            revoked.extend(r);
+        }
+        assert!(created.len() > 10, "{backend}: only {} creates before the kill", created.len());
+        let listed = run(dir.path(), &["--backend", backend, "list", "--account", "default", "--json"]);
+        assert!(listed.status.success(), "{backend}: {}", stderr(&listed));
+        let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+        let active: std::collections::HashSet<&str> =
+            listed["data"].as_array().unwrap().iter().map(|key| key["id"].as_str().unwrap()).collect();
+        for id in &created {
+            if revoked.contains(id) {
+                assert!(!active.contains(id.as_str()), "{backend}: acknowledged revocation of {id} was lost");
+            } else {
+                assert!(active.contains(id.as_str()), "{backend}: acknowledged key {id} was lost");
+            }
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "{backend}: server killed after {} acknowledged creates and {} revocations, none lost",
+            created.len(),
+            revoked.len()
+        );
+    }
 }
