@@ -513,3 +513,47 @@ async fn no_verification_that_starts_after_the_clock_passes_expiry_succeeds() {
     }
     assert!(checked > 0, "some verifications started after the expiry");
 }
+
+#[tokio::test]
+async fn a_failure_at_any_store_call_is_typed_and_leaves_a_consistent_store() {
+    // A fixed scenario, run once per store call, failing that call; then checked with a healthy store.
+    for failing in 0..12 {
+        let Fixture { service, store, .. } =
+            fixture_with(|builder| builder.last_used_interval(std::time::Duration::ZERO));
+        let acme = account("acme");
+        store.fail_call_number(failing);
+        let mut created = Vec::new();
+        let mut revoked = Vec::new();
+        for _ in 0..3 {
+            match service.create(&acme, NewKey::default()).await {
+                Ok(key) => created.push(key),
+                Err(error) => assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}"),
+            }
+        }
+        for key in &created {
+            match service.verify(key.key.expose_secret()).await {
+                Ok(_) => {}
+                Err(rejection) => assert!(matches!(rejection, Rejection::Store(_)), "call {failing}: {rejection:?}"),
+            }
+        }
+        if let Some(first) = created.first() {
+            match service.revoke_as_admin(&acme, &first.id).await {
+                Ok(()) => revoked.push(first.id),
+                Err(error) => assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}"),
+            }
+        }
+        if let Err(error) = service.list(&acme).await {
+            assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}");
+        }
+        // With the store healthy again: exactly the acknowledged keys exist, revoked as acknowledged.
+        store.fail_call_number(usize::MAX);
+        let listed: Vec<KeyId> = service.list(&acme).await.unwrap().iter().map(|key| key.id).collect();
+        let expected: Vec<KeyId> = created.iter().map(|key| key.id).filter(|id| !revoked.contains(id)).collect();
+        assert_eq!(listed, expected, "call {failing}");
+        assert_eq!(store.inner.len(), created.len(), "call {failing}: a failed create left a record");
+        for key in &created {
+            let outcome = service.verify(key.key.expose_secret()).await;
+            assert_eq!(outcome.is_ok(), !revoked.contains(&key.id), "call {failing}: {outcome:?}");
+        }
+    }
+}

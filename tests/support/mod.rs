@@ -64,6 +64,9 @@ pub struct Instrumented<S> {
     pub inner: S,
     counts: [AtomicUsize; 5],
     failing: Mutex<Vec<Call>>,
+    /// Fails the call with this number (counting every method from 0), once.
+    fail_number: std::sync::atomic::AtomicUsize,
+    calls_so_far: AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +75,13 @@ pub struct InjectedFailure;
 
 impl<S: KeyStore> Instrumented<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, counts: Default::default(), failing: Mutex::default() }
+        Self {
+            inner,
+            counts: Default::default(),
+            failing: Mutex::default(),
+            fail_number: AtomicUsize::new(usize::MAX),
+            calls_so_far: AtomicUsize::new(0),
+        }
     }
 
     pub fn calls(&self, call: Call) -> usize {
@@ -91,9 +100,16 @@ impl<S: KeyStore> Instrumented<S> {
         }
     }
 
+    /// Fails the `n`th call from now on (0: the next one), whatever its method.
+    pub fn fail_call_number(&self, n: usize) {
+        self.calls_so_far.store(0, Ordering::SeqCst);
+        self.fail_number.store(n, Ordering::SeqCst);
+    }
+
     fn enter(&self, call: Call) -> Result<(), StoreError> {
         self.counts[index(call)].fetch_add(1, Ordering::SeqCst);
-        if self.failing.lock().unwrap().contains(&call) {
+        let number = self.calls_so_far.fetch_add(1, Ordering::SeqCst);
+        if number == self.fail_number.load(Ordering::SeqCst) || self.failing.lock().unwrap().contains(&call) {
             return Err(StoreError::Backend(Box::new(InjectedFailure) as BoxError));
         }
         Ok(())
