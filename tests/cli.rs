@@ -169,6 +169,19 @@ fn every_backend_and_a_pepper_work_from_the_command_line() {
     assert!(help.contains("APIKEYS_PEPPER") && !help.contains(pepper));
 }
 
+/// `POST /account/api-keys` with `body` (JSON, or empty); the 201's body.
+async fn create_over_http(client: &reqwest::Client, server: &Served, key: &str, body: &str) -> Value {
+    let request = client.post(server.url("/account/api-keys")).header("x-api-key", key);
+    let request = if body.is_empty() {
+        request
+    } else {
+        request.header("Content-Type", "application/json").body(body.to_owned())
+    };
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    response.json().await.unwrap()
+}
+
 /// Sends SIGTERM, as a service manager would.
 fn terminate(pid: u32) {
     assert!(Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().unwrap().success());
@@ -238,17 +251,7 @@ async fn serve_prints_a_first_key_answers_the_seeds_requests_and_honours_a_cli_r
     let client = reqwest::Client::new();
     let key = server.first_key.clone();
 
-    let created: Value = client
-        .post(server.url("/account/api-keys"))
-        .header("x-api-key", &key)
-        .header("Content-Type", "application/json")
-        .body(r#"{"name": "production-agent"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_over_http(&client, &server, &key, r#"{"name": "production-agent"}"#).await;
     let second = created["key"].as_str().unwrap().to_owned();
     let list = |key: String| {
         let request = client.get(server.url("/account/api-keys")).header("x-api-key", key);
@@ -279,15 +282,7 @@ async fn serve_creates_no_second_first_key_and_flushes_last_used_on_shutdown() {
     let client = reqwest::Client::new();
     let get = |key: &str| client.get(server.url("/account/api-keys")).header("x-api-key", key).send();
     get(&server.first_key).await.unwrap();
-    let created: Value = client
-        .post(server.url("/account/api-keys"))
-        .header("x-api-key", &server.first_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_over_http(&client, &server, &server.first_key, "").await;
     // The first verification after start is written at once; later ones wait for the interval or a flush.
     let second = created["key"].as_str().unwrap();
     get(second).await.unwrap();
