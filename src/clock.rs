@@ -67,7 +67,8 @@ pub(crate) fn normalize(at: OffsetDateTime) -> Option<OffsetDateTime> {
 
 /// A time as whole Unix microseconds, the form file stores keep.
 pub(crate) fn unix_micros(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+    // Seconds and microseconds separately: no 128-bit division on the verification path.
+    at.unix_timestamp().saturating_mul(1_000_000).saturating_add(i64::from(at.microsecond()))
 }
 
 /// The inverse of [`unix_micros`]; `None` for a value outside the supported years.
