@@ -266,6 +266,7 @@ struct Proxy {
     port: u16,
     mode: Arc<AtomicU8>,
     cut: tokio::sync::watch::Sender<u64>,
+    freeze: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -274,6 +275,7 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(FORWARD));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (freeze, freezes) = tokio::sync::watch::channel(0u64);
         let accepting = mode.clone();
         tokio::spawn(async move {
             loop {
@@ -281,8 +283,9 @@ impl Proxy {
                 if accepting.load(Ordering::SeqCst) == CUT {
                     continue; // dropped: the connection is refused
                 }
-                let mut cuts = cuts.clone();
+                let (mut cuts, mut freezes) = (cuts.clone(), freezes.clone());
                 cuts.borrow_and_update(); // only cuts from now on end this connection
+                freezes.borrow_and_update();
                 let mode = accepting.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(address()).await else { return };
@@ -292,11 +295,13 @@ impl Proxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = cuts.changed() => {}
+                        // Frozen: the sockets stay open, nothing passes, until a cut.
+                        _ = freezes.changed() => { let _ = cuts.changed().await; }
                     }
                 });
             }
         });
-        Self { port, mode, cut }
+        Self { port, mode, cut, freeze }
     }
 
     fn url(&self) -> String {
@@ -316,6 +321,12 @@ impl Proxy {
     fn cut(&self) {
         self.mode.store(CUT, Ordering::SeqCst);
         self.cut.send_modify(|cuts| *cuts += 1);
+    }
+
+    /// Open connections stop passing anything, without closing (a half-open peer); new
+    /// connections work.
+    fn freeze(&self) {
+        self.freeze.send_modify(|freezes| *freezes += 1);
     }
 
     fn set(&self, mode: u8) {
@@ -413,4 +424,23 @@ async fn import_stores_everything_or_nothing() {
         assert_eq!(store.find_by_digest(&key.digest).await.unwrap().as_ref(), Some(key));
     }
     assert_eq!(store.list_active(&account, support::T0).await.unwrap().len(), 2500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_stops_answering_is_dropped_not_reused() {
+    if !available() {
+        return;
+    }
+    let proxy = Proxy::start().await;
+    let mut options = options(schema());
+    options.max_connections = 1;
+    options.call_timeout = Duration::from_millis(800);
+    let store = PostgresStore::connect_with(&proxy.url(), options).await.unwrap();
+    let digest = apikeys::Digest::sha256("anything");
+    assert_eq!(store.find_by_digest(&digest).await.unwrap(), None);
+    proxy.freeze();
+    let started = std::time::Instant::now();
+    assert!(matches!(store.find_by_digest(&digest).await, Err(StoreError::Backend(_))));
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert_eq!(store.find_by_digest(&digest).await.unwrap(), None, "a fresh connection, not the frozen one");
 }

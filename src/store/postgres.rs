@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -165,6 +165,8 @@ impl PostgresStore {
             return Err(OpenError::Other { path: path(), source });
         }
         config.connect_timeout(options.call_timeout);
+        // Notice a dead peer on an idle pooled connection in seconds, not hours.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
         config.application_name("apikeys");
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -194,7 +196,9 @@ impl PostgresStore {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.try_migrate(schema).await {
+            let limit = self.call_timeout.saturating_mul(4);
+            let attempt = tokio::time::timeout(limit, self.try_migrate(schema)).await.unwrap_or(Err(Failure::Timeout));
+            match attempt {
                 Ok(Migrated::Done) => return Ok(()),
                 Ok(Migrated::Foreign) => return Err(OpenError::NotApikeys { path: path(), backend: "postgres" }),
                 Ok(Migrated::TooNew(found)) => {
@@ -250,7 +254,8 @@ impl PostgresStore {
         if version > SCHEMA_VERSION {
             return Ok(Migrated::TooNew(version));
         }
-        for migration in &migrations(schema)[version.unsigned_abs() as usize..] {
+        let applied = usize::try_from(version).map_err(|_| corrupt("schema_version", version))?;
+        for migration in &migrations(schema)[applied..] {
             transaction.batch_execute(migration).await?;
         }
         transaction
@@ -267,8 +272,7 @@ impl PostgresStore {
     /// system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any id or digest is
     /// already present.
     pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.call_within("import", self.call_timeout * 60, async {
-            let mut client = self.pool.get().await?;
+        self.call_within("import", self.call_timeout.saturating_mul(60), async |client| {
             let transaction = client.transaction().await?;
             let statement = transaction.prepare_cached(&self.sql.import).await?;
             // A thousand rows per statement, as arrays: a round trip per thousand keys, not per key.
@@ -298,31 +302,42 @@ impl PostgresStore {
 
     /// Whether the store holds no key at all, revoked and expired ones included.
     pub async fn is_empty(&self) -> Result<bool, StoreError> {
-        self.call("is_empty", async {
-            let client = self.pool.get().await?;
+        self.call("is_empty", async |client| {
             let statement = client.prepare_cached(&self.sql.is_empty).await?;
             Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
         })
         .await
     }
 
-    /// Runs one call with the time limit, mapping every failure to a [`StoreError`] that names
-    /// the database and the operation.
+    /// Runs one call on a pooled connection within the time limit, mapping every failure to a
+    /// [`StoreError`] that names the database and the operation.
     async fn call<T>(
         &self,
         operation: &'static str,
-        call: impl Future<Output = Result<T, Failure>>,
+        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         self.call_within(operation, self.call_timeout, call).await
     }
 
+    /// [`call`](Self::call) with another time limit. A connection whose call ran out of time is
+    /// dropped, not returned to the pool: it may still be busy with the abandoned request.
     async fn call_within<T>(
         &self,
         operation: &'static str,
         limit: Duration,
-        call: impl Future<Output = Result<T, Failure>>,
+        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
-        let outcome = tokio::time::timeout(limit, call).await.unwrap_or(Err(Failure::Timeout));
+        let outcome = match tokio::time::timeout(limit, self.pool.get()).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(error)) => Err(Failure::from(error)),
+            Ok(Ok(mut client)) => match tokio::time::timeout(limit, call(&mut client)).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    drop(Client::take(client));
+                    Err(Failure::Timeout)
+                }
+            },
+        };
         outcome.map_err(|failure| {
             let source: BoxError = match failure {
                 Failure::Postgres(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -451,8 +466,7 @@ fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
 impl KeyStore for PostgresStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let inserted = self
-            .call("insert", async {
-                let mut client = self.pool.get().await?;
+            .call("insert", async |client| {
                 let transaction = client.transaction().await?;
                 let lock = transaction.prepare_cached(&self.sql.lock_account).await?;
                 transaction.execute(&lock, &[&record.account.as_str()]).await?;
@@ -467,8 +481,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.call("find_by_digest", async {
-            let client = self.pool.get().await?;
+        self.call("find_by_digest", async |client| {
             let statement = client.prepare_cached(&self.sql.find_by_digest).await?;
             let row = client.query_opt(&statement, &[&&digest.as_bytes()[..]]).await?;
             row.as_ref().map(record_from_row).transpose()
@@ -477,8 +490,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-        self.call("list_active", async {
-            let client = self.pool.get().await?;
+        self.call("list_active", async |client| {
             let statement = client.prepare_cached(&self.sql.list_active).await?;
             let rows = client.query(&statement, &[&account.as_str(), &now]).await?;
             rows.iter().map(record_from_row).collect()
@@ -487,8 +499,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        self.call("revoke", async {
-            let client = self.pool.get().await?;
+        self.call("revoke", async |client| {
             let statement = client.prepare_cached(&self.sql.revoke).await?;
             Ok(client.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1)
         })
@@ -501,8 +512,7 @@ impl KeyStore for PostgresStore {
         }
         let ids: Vec<Uuid> = uses.iter().map(|(id, _)| *id.as_uuid()).collect();
         let times: Vec<OffsetDateTime> = uses.iter().map(|(_, at)| *at).collect();
-        self.call("record_last_used", async {
-            let client = self.pool.get().await?;
+        self.call("record_last_used", async |client| {
             let statement = client.prepare_cached(&self.sql.record_last_used).await?;
             client.execute(&statement, &[&ids, &times]).await?;
             Ok(())
