@@ -208,13 +208,24 @@ fn kill_minus_9_at_any_moment_loses_nothing_acknowledged() {
                     .spawn()
                     .unwrap();
             let stdout = BufReader::new(child.stdout.take().unwrap());
-            let reader = std::thread::spawn(move || stdout.lines().map_while(Result::ok).collect::<Vec<_>>());
-            // A moment that differs run to run: somewhere in the middle of writing.
+            let (lines, received) = std::sync::mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                for line in stdout.lines().map_while(Result::ok) {
+                    let _ = lines.send(line);
+                }
+            });
+            // Once the child is writing, a moment that differs run to run: somewhere in the middle.
+            let mut output = Vec::new();
+            while !output.last().is_some_and(|line: &String| line.starts_with(child::REPORT)) {
+                output.push(received.recv_timeout(Duration::from_secs(30)).expect("the child starts writing"));
+            }
             let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-            std::thread::sleep(Duration::from_millis(150 + u64::from(nanos % 300) + 40 * iteration));
+            std::thread::sleep(Duration::from_millis(50 + u64::from(nanos % 300) + 40 * iteration));
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
-            let lines = child::reports(reader.join().unwrap());
+            reader.join().unwrap();
+            output.extend(received.try_iter());
+            let lines = child::reports(output);
             let acknowledged = Acknowledged::from_lines(&lines);
             assert!(!acknowledged.created.is_empty(), "{backend:?}: the child wrote nothing before it was killed");
             let store = backend.open(&path).unwrap();
