@@ -317,6 +317,20 @@ impl Proxy {
         }
     }
 
+    /// A store in this run's schema that reaches the server through the proxy.
+    async fn store(
+        &self,
+        max_connections: usize,
+        call_timeout: Duration,
+        pool_timeout: Duration,
+    ) -> Arc<PostgresStore> {
+        let mut options = options(schema());
+        options.max_connections = max_connections;
+        options.call_timeout = call_timeout;
+        options.pool_timeout = pool_timeout;
+        Arc::new(PostgresStore::connect_with(&self.url(), options).await.unwrap())
+    }
+
     /// Cuts every open connection, and refuses new ones until `set(FORWARD)`.
     fn cut(&self) {
         self.mode.store(CUT, Ordering::SeqCst);
@@ -340,10 +354,7 @@ async fn a_lost_connection_is_a_typed_error_and_the_store_recovers_by_itself() {
         return;
     }
     let proxy = Proxy::start().await;
-    let mut options = options(schema());
-    options.call_timeout = Duration::from_secs(2);
-    options.pool_timeout = Duration::from_secs(1);
-    let store = Arc::new(PostgresStore::connect_with(&proxy.url(), options).await.unwrap());
+    let store = proxy.store(16, Duration::from_secs(2), Duration::from_secs(1)).await;
     let service = KeyService::builder(store.clone() as Arc<dyn KeyStore>, live()).build();
     let account = AccountId::new(format!("cut-{}", uuid::Uuid::now_v7().simple())).unwrap();
     let created = service.create(&account, NewKey::default()).await.unwrap();
@@ -367,11 +378,7 @@ async fn a_stalled_server_and_an_exhausted_pool_are_typed_errors_in_bounded_time
         return;
     }
     let proxy = Proxy::start().await;
-    let mut options = options(schema());
-    options.max_connections = 1;
-    options.call_timeout = Duration::from_millis(1500);
-    options.pool_timeout = Duration::from_millis(200);
-    let store = Arc::new(PostgresStore::connect_with(&proxy.url(), options).await.unwrap());
+    let store = proxy.store(1, Duration::from_millis(1500), Duration::from_millis(200)).await;
     let digest = apikeys::Digest::sha256("anything");
     assert_eq!(store.find_by_digest(&digest).await.unwrap(), None);
 
@@ -432,10 +439,7 @@ async fn a_pooled_connection_that_stops_answering_is_dropped_not_reused() {
         return;
     }
     let proxy = Proxy::start().await;
-    let mut options = options(schema());
-    options.max_connections = 1;
-    options.call_timeout = Duration::from_millis(800);
-    let store = PostgresStore::connect_with(&proxy.url(), options).await.unwrap();
+    let store = proxy.store(1, Duration::from_millis(800), Duration::from_secs(5)).await;
     let digest = apikeys::Digest::sha256("anything");
     assert_eq!(store.find_by_digest(&digest).await.unwrap(), None);
     proxy.freeze();
