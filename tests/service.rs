@@ -8,7 +8,7 @@ use apikeys::{
     AccountId, DigestScheme, Environment, Error, KeyFormat, KeyId, KeyService, KeyStore, ManualClock, MemoryStore,
     NewKey, Pepper, Rejection, TokenError, ValidationError,
 };
-use support::{Call, Instrumented, T0, account, assert_no_secret, live};
+use support::{Call, Fault, Instrumented, T0, account, assert_no_secret, live};
 use time::Duration;
 
 type Service = KeyService<Arc<Instrumented<MemoryStore>>>;
@@ -519,45 +519,113 @@ async fn no_verification_that_starts_after_the_clock_passes_expiry_succeeds() {
 }
 
 #[tokio::test]
-async fn a_failure_at_any_store_call_is_typed_and_leaves_a_consistent_store() {
-    // A fixed scenario, run once per store call, failing that call; then checked with a healthy store.
-    for failing in 0..12 {
-        let Fixture { service, store, .. } =
-            fixture_with(|builder| builder.last_used_interval(std::time::Duration::ZERO));
-        let acme = account("acme");
-        store.fail_call_number(failing);
-        let mut created = Vec::new();
-        let mut revoked = Vec::new();
-        for _ in 0..3 {
-            match service.create(&acme, NewKey::default()).await {
-                Ok(key) => created.push(key),
-                Err(error) => assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}"),
+async fn a_fault_at_any_store_call_is_typed_and_leaves_a_consistent_store() {
+    // A fixed scenario, run once per store call and fault, faulting that call; then checked with
+    // a healthy store. A lost acknowledgement means the call took effect but reported a failure.
+    for fault in [Fault::Fail, Fault::LoseAcknowledgement] {
+        let took_effect = fault == Fault::LoseAcknowledgement;
+        for faulty in 0..12 {
+            let case = format!("{fault:?} at call {faulty}");
+            let Fixture { service, store, .. } =
+                fixture_with(|builder| builder.last_used_interval(std::time::Duration::ZERO));
+            let acme = account("acme");
+            store.fault_call_number(faulty, fault);
+            let (mut created, mut failed_creates, mut revoked, mut failed_revokes) = (vec![], 0, vec![], vec![]);
+            let mut errors = Vec::new();
+            for _ in 0..3 {
+                match service.create(&acme, NewKey::default()).await {
+                    Ok(key) => created.push(key),
+                    Err(error) => {
+                        assert!(matches!(error, Error::Store(_)), "{case}: {error:?}");
+                        failed_creates += 1;
+                        errors.push(format!("{error:?} {error}"));
+                    }
+                }
+            }
+            for key in &created {
+                if let Err(rejection) = service.verify(key.key.expose_secret()).await {
+                    assert!(matches!(rejection, Rejection::Store(_)), "{case}: {rejection:?}");
+                    errors.push(format!("{rejection:?} {rejection}"));
+                }
+            }
+            if let Some(first) = created.first() {
+                match service.revoke_as_admin(&acme, &first.id).await {
+                    Ok(()) => revoked.push(first.id),
+                    Err(error) => {
+                        assert!(matches!(error, Error::Store(_)), "{case}: {error:?}");
+                        failed_revokes.push(first.id);
+                    }
+                }
+            }
+            if let Err(error) = service.list(&acme).await {
+                assert!(matches!(error, Error::Store(_)), "{case}: {error:?}");
+            }
+            for (error, key) in errors.iter().zip(&created) {
+                assert_no_secret(error, key.key.expose_secret());
+            }
+
+            // With the store healthy again: every acknowledged key exists, revoked as acknowledged;
+            // a create whose acknowledgement was lost left a key whose token nobody holds.
+            store.heal();
+            let revoked_in_fact = |id: &KeyId| revoked.contains(id) || (took_effect && failed_revokes.contains(id));
+            let orphans = if took_effect { failed_creates } else { 0 };
+            assert_eq!(store.inner.len(), created.len() + orphans, "{case}: records left");
+            let listed: Vec<KeyId> = service.list(&acme).await.unwrap().iter().map(|key| key.id).collect();
+            let expected: Vec<KeyId> = created.iter().map(|key| key.id).filter(|id| !revoked_in_fact(id)).collect();
+            assert_eq!(listed.len(), expected.len() + orphans, "{case}");
+            assert!(expected.iter().all(|id| listed.contains(id)), "{case}");
+            for key in &created {
+                let outcome = service.verify(key.key.expose_secret()).await;
+                assert_eq!(outcome.is_ok(), !revoked_in_fact(&key.id), "{case}: {outcome:?}");
             }
         }
-        for key in &created {
-            match service.verify(key.key.expose_secret()).await {
-                Ok(_) => {}
-                Err(rejection) => assert!(matches!(rejection, Rejection::Store(_)), "call {failing}: {rejection:?}"),
-            }
+    }
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn a_last_used_write_that_never_returns_holds_up_no_verification() {
+    let Fixture { service, store, clock } =
+        fixture_with(|builder| builder.last_used_interval(std::time::Duration::from_millis(5)));
+    store.inject(Call::RecordLastUsed, Some(Fault::Hang));
+    let _flusher = service.spawn_flusher();
+    let created = service.create(&account("acme"), NewKey::default()).await.unwrap();
+    // Bounded only to turn a hang into a failure; nothing here depends on how long a call takes.
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while store.calls(Call::RecordLastUsed) == 0 {
+            clock.advance(Duration::seconds(1));
+            service.verify(created.key.expose_secret()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        if let Some(first) = created.first() {
-            match service.revoke_as_admin(&acme, &first.id).await {
-                Ok(()) => revoked.push(first.id),
-                Err(error) => assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}"),
-            }
+        for _ in 0..100 {
+            clock.advance(Duration::seconds(1));
+            service.verify(created.key.expose_secret()).await.unwrap();
         }
-        if let Err(error) = service.list(&acme).await {
-            assert!(matches!(error, Error::Store(_)), "call {failing}: {error:?}");
-        }
-        // With the store healthy again: exactly the acknowledged keys exist, revoked as acknowledged.
-        store.fail_call_number(usize::MAX);
-        let listed: Vec<KeyId> = service.list(&acme).await.unwrap().iter().map(|key| key.id).collect();
-        let expected: Vec<KeyId> = created.iter().map(|key| key.id).filter(|id| !revoked.contains(id)).collect();
-        assert_eq!(listed, expected, "call {failing}");
-        assert_eq!(store.inner.len(), created.len(), "call {failing}: a failed create left a record");
-        for key in &created {
-            let outcome = service.verify(key.key.expose_secret()).await;
-            assert_eq!(outcome.is_ok(), !revoked.contains(&key.id), "call {failing}: {outcome:?}");
-        }
+    })
+    .await
+    .expect("verification went on while the store's lastUsedAt write hung");
+    let listed = service.list(&account("acme")).await.unwrap();
+    assert_eq!(listed[0].last_used_at, Some(apikeys::Clock::now(&clock)), "the noted time is still shown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_slow_reads_no_verification_that_starts_after_a_revoke_returned_succeeds() {
+    let Fixture { service, store, .. } = fixture();
+    let created = service.create(&account("acme"), NewKey::default()).await.unwrap();
+    store.inject(Call::FindByDigest, Some(Fault::Delay(std::time::Duration::from_millis(20))));
+    store.inject(Call::Revoke, Some(Fault::Delay(std::time::Duration::from_millis(20))));
+    let token = created.key.expose_secret().to_owned();
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            let (service, token) = (service.clone(), token.clone());
+            tokio::spawn(async move { service.verify(&token).await.map(|_| ()) })
+        })
+        .collect();
+    service.revoke_as_admin(&account("acme"), &created.id).await.unwrap();
+    let after = service.verify(&token).await;
+    assert!(matches!(after, Err(Rejection::Revoked)), "{after:?}");
+    for verification in in_flight {
+        let outcome = verification.await.unwrap();
+        assert!(matches!(outcome, Ok(()) | Err(Rejection::Revoked)), "{outcome:?}");
     }
 }

@@ -58,14 +58,28 @@ pub enum Call {
 
 const CALLS: [Call; 5] = [Call::Insert, Call::FindByDigest, Call::ListActive, Call::Revoke, Call::RecordLastUsed];
 
-/// Wraps a store: counts calls per method and fails the methods it is told to fail.
+/// What a wrapped call does wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails before reaching the store: nothing happens.
+    Fail,
+    /// Reaches the store, then fails: the effect happened but its acknowledgement is lost, as
+    /// when a connection drops after a commit.
+    LoseAcknowledgement,
+    /// Takes this long, then answers normally.
+    Delay(std::time::Duration),
+    /// Never answers.
+    Hang,
+}
+
+/// Wraps a store: counts calls per method and injects the faults it is told to.
 #[derive(Debug, Default)]
 pub struct Instrumented<S> {
     pub inner: S,
     counts: [AtomicUsize; 5],
-    failing: Mutex<Vec<Call>>,
-    /// Fails the call with this number (counting every method from 0), once.
-    fail_number: std::sync::atomic::AtomicUsize,
+    faults: Mutex<Vec<(Call, Fault)>>,
+    /// Fails the call with this number (counting every method from 0), once, in this way.
+    numbered: Mutex<Option<(usize, Fault)>>,
     calls_so_far: AtomicUsize,
 }
 
@@ -73,13 +87,17 @@ pub struct Instrumented<S> {
 #[error("injected failure")]
 pub struct InjectedFailure;
 
+fn injected() -> StoreError {
+    StoreError::Backend(Box::new(InjectedFailure) as BoxError)
+}
+
 impl<S: KeyStore> Instrumented<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
             counts: Default::default(),
-            failing: Mutex::default(),
-            fail_number: AtomicUsize::new(usize::MAX),
+            faults: Mutex::default(),
+            numbered: Mutex::default(),
             calls_so_far: AtomicUsize::new(0),
         }
     }
@@ -92,27 +110,58 @@ impl<S: KeyStore> Instrumented<S> {
         CALLS.iter().map(|&call| self.calls(call)).sum()
     }
 
+    /// Fails every call of this method (`true`), or no longer (`false`).
     pub fn fail(&self, call: Call, failing: bool) {
-        let mut calls = self.failing.lock().unwrap();
-        calls.retain(|&c| c != call);
-        if failing {
-            calls.push(call);
-        }
+        self.inject(call, failing.then_some(Fault::Fail));
+    }
+
+    /// Gives every call of this method this fault, or none.
+    pub fn inject(&self, call: Call, fault: Option<Fault>) {
+        let mut faults = self.faults.lock().unwrap();
+        faults.retain(|&(c, _)| c != call);
+        faults.extend(fault.map(|fault| (call, fault)));
     }
 
     /// Fails the `n`th call from now on (0: the next one), whatever its method.
     pub fn fail_call_number(&self, n: usize) {
-        self.calls_so_far.store(0, Ordering::SeqCst);
-        self.fail_number.store(n, Ordering::SeqCst);
+        self.fault_call_number(n, Fault::Fail);
     }
 
-    fn enter(&self, call: Call) -> Result<(), StoreError> {
+    /// Gives the `n`th call from now on (0: the next one) this fault, whatever its method.
+    pub fn fault_call_number(&self, n: usize, fault: Fault) {
+        self.calls_so_far.store(0, Ordering::SeqCst);
+        *self.numbered.lock().unwrap() = Some((n, fault));
+    }
+
+    /// No more faults.
+    pub fn heal(&self) {
+        self.faults.lock().unwrap().clear();
+        *self.numbered.lock().unwrap() = None;
+    }
+
+    fn fault(&self, call: Call) -> Option<Fault> {
         self.counts[index(call)].fetch_add(1, Ordering::SeqCst);
         let number = self.calls_so_far.fetch_add(1, Ordering::SeqCst);
-        if number == self.fail_number.load(Ordering::SeqCst) || self.failing.lock().unwrap().contains(&call) {
-            return Err(StoreError::Backend(Box::new(InjectedFailure) as BoxError));
+        if let Some((n, fault)) = *self.numbered.lock().unwrap()
+            && n == number
+        {
+            return Some(fault);
         }
-        Ok(())
+        self.faults.lock().unwrap().iter().find(|&&(c, _)| c == call).map(|&(_, fault)| fault)
+    }
+
+    /// Runs one call of the inner store with the fault this call is to have.
+    async fn call<T>(&self, call: Call, inner: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        match self.fault(call) {
+            None => inner.await,
+            Some(Fault::Fail) => Err(injected()),
+            Some(Fault::LoseAcknowledgement) => inner.await.and(Err(injected())),
+            Some(Fault::Delay(delay)) => {
+                tokio::time::sleep(delay).await;
+                inner.await
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
     }
 }
 
@@ -123,24 +172,19 @@ fn index(call: Call) -> usize {
 #[async_trait]
 impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        self.enter(Call::Insert)?;
-        self.inner.insert(record, max_active).await
+        self.call(Call::Insert, self.inner.insert(record, max_active)).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.enter(Call::FindByDigest)?;
-        self.inner.find_by_digest(digest).await
+        self.call(Call::FindByDigest, self.inner.find_by_digest(digest)).await
     }
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-        self.enter(Call::ListActive)?;
-        self.inner.list_active(account, now).await
+        self.call(Call::ListActive, self.inner.list_active(account, now)).await
     }
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        self.enter(Call::Revoke)?;
-        self.inner.revoke(account, id, at).await
+        self.call(Call::Revoke, self.inner.revoke(account, id, at)).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        self.enter(Call::RecordLastUsed)?;
-        self.inner.record_last_used(uses).await
+        self.call(Call::RecordLastUsed, self.inner.record_last_used(uses)).await
     }
 }
 
