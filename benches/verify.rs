@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use apikeys::{
     AccountId, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore, MemoryStore, NewKey,
-    RedbStore, SqliteStore,
+    RedbStore, Scopes, SqliteStore,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hmac::{Hmac, KeyInit, Mac};
@@ -66,7 +66,12 @@ struct Dataset {
 }
 
 impl Dataset {
+    /// Keys holding `*`, as keys from before scopes do.
     fn new(n: usize) -> Self {
+        Self::with_scopes(n, &Scopes::all())
+    }
+
+    fn with_scopes(n: usize, scopes: &Scopes) -> Self {
         let format = format();
         let created_at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
         let accounts: Vec<AccountId> =
@@ -89,6 +94,9 @@ impl Dataset {
                     expires_at: None,
                     last_used_at: None,
                     revoked_at: None,
+                    scopes: scopes.clone(),
+                    rotated_from: None,
+                    replaced_by: None,
                 }
             })
             .collect();
@@ -289,8 +297,8 @@ fn sqlite(c: &mut Criterion) {
             let connection = connections[i % 2].lock().unwrap();
             let mut statement = connection
                 .prepare_cached(
-                    "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at \
-                     FROM api_keys WHERE digest = ?1",
+                    "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, \
+                     scopes, rotated_from, replaced_by FROM api_keys WHERE digest = ?1",
                 )
                 .unwrap();
             let row = statement
@@ -305,6 +313,9 @@ fn sqlite(c: &mut Criterion) {
                         row.get::<_, Option<i64>>(6)?,
                         row.get::<_, Option<i64>>(7)?,
                         row.get::<_, Option<i64>>(8)?,
+                        row.get::<_, String>(9)?,
+                        row.get::<_, Option<[u8; 16]>>(10)?,
+                        row.get::<_, Option<[u8; 16]>>(11)?,
                     ))
                 })
                 .unwrap();
@@ -352,8 +363,11 @@ fn redb(c: &mut Criterion) {
         Option<i64>,
         Option<i64>,
         Option<i64>,
+        &'static str,
+        Option<&'static [u8; 16]>,
+        Option<&'static [u8; 16]>,
     );
-    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys");
+    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys_v2");
     for n in sizes() {
         let data = Dataset::new(n);
         let digests = data.digests();
@@ -370,7 +384,8 @@ fn redb(c: &mut Criterion) {
                 let transaction = database.begin_read().unwrap();
                 let table = transaction.open_table(RECORDS).unwrap();
                 let found = table.get(digests[i % digests.len()].as_bytes()).unwrap().unwrap();
-                let (id, account, prefix, name, created, expires, used, revoked) = found.value();
+                let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by) =
+                    found.value();
                 black_box((
                     *id,
                     account.to_owned(),
@@ -380,6 +395,9 @@ fn redb(c: &mut Criterion) {
                     expires,
                     used,
                     revoked,
+                    scopes.to_owned(),
+                    rotated_from.copied(),
+                    replaced_by.copied(),
                 ));
             };
             for threads in [1, 2] {
@@ -393,6 +411,40 @@ fn redb(c: &mut Criterion) {
         bench_service(&mut group, n, store, &data.tokens);
         group.finish();
     }
+}
+
+/// Verification of keys that hold `*` (as every key from before scopes) against keys that hold
+/// three grants, verified and then checked for a scope, over the same number of keys.
+fn scopes(c: &mut Criterion) {
+    let n = 10_000;
+    let scoped = Scopes::new(["orders:read", "orders:write", "reports:*"]).unwrap();
+    let mut group = c.benchmark_group("scopes");
+    group.throughput(Throughput::Elements(1));
+    for (label, scopes) in [("all", Scopes::all()), ("three_grants", scoped)] {
+        let data = Dataset::with_scopes(n, &scopes);
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(dir.path().join("scopes.db")).unwrap();
+        runtime().block_on(sqlite.import(data.records.clone())).unwrap();
+        let memory = MemoryStore::new();
+        memory.import(data.records.clone()).unwrap();
+        let stores: [(&str, Arc<dyn KeyStore>); 2] = [("memory", Arc::new(memory)), ("sqlite", Arc::new(sqlite))];
+        for (backend, store) in stores {
+            let service = KeyService::builder(store, format()).build();
+            let runtime = runtime();
+            let mut i = 0;
+            group.bench_function(BenchmarkId::new(format!("{backend}/verify_and_require/{label}"), n), |b| {
+                b.iter(|| {
+                    i += 1;
+                    runtime.block_on(async {
+                        let caller = service.verify(&data.tokens[i % data.tokens.len()]).await.unwrap();
+                        black_box(caller.require("orders:read")).unwrap();
+                    })
+                })
+            });
+            runtime.block_on(service.flush()).unwrap();
+        }
+    }
+    group.finish();
 }
 
 fn postgres(c: &mut Criterion) {
@@ -422,8 +474,8 @@ fn postgres(c: &mut Criterion) {
         let (client, connection) = runtime.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
         runtime.spawn(connection);
         let sql = format!(
-            "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at \
-             FROM {schema}.api_keys WHERE digest = $1"
+            "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, \
+             scopes, rotated_from, replaced_by FROM {schema}.api_keys WHERE digest = $1"
         );
         let statement = runtime.block_on(client.prepare(&sql)).unwrap();
         group.bench_function(BenchmarkId::new("raw_select/threads=1", n), |b| {
@@ -443,6 +495,9 @@ fn postgres(c: &mut Criterion) {
                             row.get::<_, Option<OffsetDateTime>>(6),
                             row.get::<_, Option<OffsetDateTime>>(7),
                             row.get::<_, Option<OffsetDateTime>>(8),
+                            row.get::<_, String>(9),
+                            row.get::<_, Option<uuid::Uuid>>(10),
+                            row.get::<_, Option<uuid::Uuid>>(11),
                         ));
                     }
                     started.elapsed()
@@ -523,6 +578,6 @@ fn create(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, postgres, create
+    targets = parts, memory, sqlite, redb, postgres, create, scopes
 }
 criterion_main!(benches);

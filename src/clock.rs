@@ -58,6 +58,9 @@ impl Clock for ManualClock {
     }
 }
 
+/// The last time the library can store: the end of year 9999, UTC.
+pub(crate) const LATEST: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
+
 /// A time as the library stores it: UTC, whole microseconds (what every backend, PostgreSQL
 /// included, keeps exactly). `None` if the time is not representable in UTC (past year 9999).
 pub(crate) fn normalize(at: OffsetDateTime) -> Option<OffsetDateTime> {

@@ -40,6 +40,18 @@ pub enum ValidationError {
     /// A pepper is shorter than [`Pepper::MIN_LEN`](crate::Pepper::MIN_LEN) bytes.
     #[error("invalid pepper: it must be at least 32 bytes of secret random data")]
     PepperTooShort,
+    /// A scope or grant does not follow the grammar of [`Scopes`](crate::Scopes).
+    #[error(
+        "invalid scope: a scope is 1 to 8 `:`-joined segments of a lowercase letter followed by up to 31 \
+         lowercase letters, digits, `_` or `-` (at most 128 characters); a grant is a scope, `prefix:*` or `*`"
+    )]
+    Scope,
+    /// More grants than [`Scopes::MAX_GRANTS`](crate::Scopes::MAX_GRANTS).
+    #[error("too many scopes: a key holds at most 64 grants")]
+    TooManyScopes,
+    /// A roll's grace period is longer than the service allows.
+    #[error("invalid grace period: it must be between 0 and the service's maximum (7 days by default)")]
+    GraceOutOfRange,
     /// The environment variable that should hold the pepper is not set or not UTF-8.
     #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
     PepperMissing(&'static str),
@@ -76,6 +88,24 @@ pub enum Error {
     /// A key tried to revoke itself; another key of the account, or the administrator path, can.
     #[error("a key cannot revoke itself: use another key of the account, or revoke it as administrator")]
     CannotRevokeSelf,
+    /// A key tried to roll itself with no grace period, which would end it at once; a grace
+    /// period, another key of the account, or the administrator path can.
+    #[error("a key cannot roll itself without a grace period: give one, or use another key of the account")]
+    CannotExpireCurrentKey,
+    /// The calling key lacks a scope this operation needs.
+    #[error("this key lacks the scope `{required}`")]
+    InsufficientScope {
+        /// The scope that was required.
+        required: Box<str>,
+    },
+    /// The operation would make, roll or revoke a key more capable than the calling key: with a
+    /// scope the caller does not hold, or living longer than the caller.
+    #[error("a key can only make, roll or revoke keys with no scope it lacks and no later expiry than its own")]
+    ScopeEscalation,
+    /// The key changed every time a roll was about to apply (other rolls kept winning); nothing
+    /// was changed, and trying again is safe.
+    #[error("the key changed while it was being rolled: try again")]
+    RollConflict,
     /// The operating system's random number generator failed, so no key could be made.
     #[error(transparent)]
     Random(#[from] RandomError),

@@ -3,13 +3,15 @@
 
 use time::OffsetDateTime;
 
+use crate::error::Error;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::secret::SecretToken;
 use crate::store::KeyRecord;
 use crate::token::KeyPrefix;
 
-/// What to create: an optional name and an optional expiry.
+/// What to create: an optional name, expiry and set of scopes.
 ///
 /// ```
 /// # use apikeys::NewKey;
@@ -22,6 +24,9 @@ pub struct NewKey {
     pub name: Option<String>,
     /// When the key stops verifying; must be in the future.
     pub expires_at: Option<OffsetDateTime>,
+    /// What the key may do. `None`: `["*"]` on the administrator's path, the caller's own
+    /// scopes when a key creates it.
+    pub scopes: Option<Scopes>,
 }
 
 /// A key just created: the only time its token exists outside the client.
@@ -40,6 +45,8 @@ pub struct CreatedKey {
     pub created_at: OffsetDateTime,
     /// When the key stops verifying, if ever.
     pub expires_at: Option<OffsetDateTime>,
+    /// What the key may do.
+    pub scopes: Scopes,
 }
 
 impl CreatedKey {
@@ -47,8 +54,31 @@ impl CreatedKey {
     pub const MESSAGE: &'static str = "Store this key securely. It will not be shown again.";
 }
 
+/// The outcome of a roll: the new key, and the old one's new expiry.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RolledKey {
+    /// The new key, with the old one's name, scopes and expiry.
+    pub key: CreatedKey,
+    /// The key that was rolled.
+    pub previous: PreviousKey,
+}
+
+/// The key a roll replaced, which now lives only until `expires_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "camelCase"))]
+#[non_exhaustive]
+pub struct PreviousKey {
+    /// Its id.
+    pub id: KeyId,
+    /// When it stops verifying: the end of the grace period, or its own earlier expiry.
+    #[cfg_attr(feature = "serde", serde(with = "time::serde::rfc3339"))]
+    pub expires_at: OffsetDateTime,
+}
+
 /// A key as lists show it: metadata only. With feature `serde` it serializes as the seed's list
-/// item: `{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}`, times in RFC 3339.
+/// item, `{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}` with times in RFC 3339,
+/// plus `scopes`, and `rotatedFrom` / `replacedBy` where a roll set them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "camelCase"))]
 #[non_exhaustive]
@@ -69,6 +99,14 @@ pub struct ApiKey {
     /// When the key was created.
     #[cfg_attr(feature = "serde", serde(with = "time::serde::rfc3339"))]
     pub created_at: OffsetDateTime,
+    /// What the key may do.
+    pub scopes: Scopes,
+    /// The key this one was rolled from, if it was.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub rotated_from: Option<KeyId>,
+    /// The key this one was rolled into, if it was; it then expires at the end of its grace period.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub replaced_by: Option<KeyId>,
 }
 
 impl From<KeyRecord> for ApiKey {
@@ -80,6 +118,9 @@ impl From<KeyRecord> for ApiKey {
             last_used_at: record.last_used_at,
             expires_at: record.expires_at,
             created_at: record.created_at,
+            scopes: record.scopes,
+            rotated_from: record.rotated_from,
+            replaced_by: record.replaced_by,
         }
     }
 }
@@ -101,9 +142,30 @@ pub struct AuthenticatedKey {
     pub created_at: OffsetDateTime,
     /// When the key stops verifying, if ever.
     pub expires_at: Option<OffsetDateTime>,
+    /// What the key may do.
+    pub scopes: Scopes,
 }
 
 impl AuthenticatedKey {
+    /// Succeeds if the key holds a grant that covers `scope`, e.g. `"orders:read"`; otherwise
+    /// [`Error::InsufficientScope`] (HTTP 403 `insufficient_scope`). A string that is not a valid
+    /// scope is never covered, so a typo fails closed.
+    ///
+    /// ```
+    /// # async fn handler(caller: apikeys::AuthenticatedKey) -> Result<(), apikeys::Error> {
+    /// caller.require("orders:read")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn require(&self, scope: &str) -> Result<(), Error> {
+        if self.scopes.allows(scope) { Ok(()) } else { Err(Error::InsufficientScope { required: scope.into() }) }
+    }
+
+    /// Whether this key may make, roll or revoke a key like `record`: one with no scope this key
+    /// lacks and no later expiry than this key's (SPEC §10).
+    pub fn can_manage(&self, record: &KeyRecord) -> bool {
+        record.scopes.is_within(&self.scopes) && expires_no_later(record.expires_at, self.expires_at)
+    }
+
     /// Only the service vouches for a key, after verifying it.
     pub(crate) fn verified(record: KeyRecord) -> Self {
         Self {
@@ -113,6 +175,16 @@ impl AuthenticatedKey {
             name: record.name,
             created_at: record.created_at,
             expires_at: record.expires_at,
+            scopes: record.scopes,
         }
+    }
+}
+
+/// Whether an expiry `a` comes no later than `b`, where `None` is never.
+pub(crate) fn expires_no_later(a: Option<OffsetDateTime>, b: Option<OffsetDateTime>) -> bool {
+    match (a, b) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(a), Some(b)) => a <= b,
     }
 }

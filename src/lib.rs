@@ -14,6 +14,7 @@ mod key;
 mod last_used;
 mod name;
 mod prehashed;
+mod scope;
 mod secret;
 mod service;
 pub mod store;
@@ -25,8 +26,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
 pub use error::{Error, RandomError, Rejection, ValidationError};
 pub use id::{AccountId, KeyId};
-pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
+pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 pub use name::KeyName;
+pub use scope::Scopes;
 pub use secret::SecretToken;
 pub use service::{KeyService, KeyServiceBuilder};
 #[cfg(feature = "redb")]

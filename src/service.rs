@@ -8,10 +8,12 @@ use crate::clock::{Clock, SystemClock, normalize};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, Rejection, ValidationError};
 use crate::id::{AccountId, KeyId};
-use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey};
+use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey, expires_no_later};
 use crate::last_used::LastUsed;
 use crate::name::KeyName;
-use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::scope::Scopes;
+use crate::secret::SecretToken;
+use crate::store::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::token::KeyFormat;
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
@@ -29,6 +31,7 @@ struct Inner<S> {
     digester: Digester,
     clock: Arc<dyn Clock>,
     max_active: u32,
+    max_grace: Duration,
     last_used: Option<LastUsed>,
 }
 
@@ -41,6 +44,7 @@ pub struct KeyServiceBuilder<S> {
     accept_unpeppered: bool,
     clock: Arc<dyn Clock>,
     max_active: u32,
+    max_grace: Duration,
     last_used_interval: Option<Duration>,
 }
 
@@ -86,6 +90,12 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// The longest grace period a roll may give the old key (7 days by default).
+    pub fn max_grace(mut self, max: Duration) -> Self {
+        self.max_grace = max;
+        self
+    }
+
     /// The service.
     pub fn build(self) -> KeyService<S> {
         KeyService {
@@ -95,6 +105,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 format: self.format,
                 clock: self.clock,
                 max_active: self.max_active,
+                max_grace: self.max_grace,
                 last_used: self.last_used_interval.map(LastUsed::new),
             }),
         }
@@ -106,6 +117,8 @@ impl<S: KeyStore> KeyService<S> {
     pub const DEFAULT_MAX_ACTIVE_KEYS: u32 = 100;
     /// The default interval between lastUsedAt writes.
     pub const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(60);
+    /// The default longest grace period of a roll.
+    pub const DEFAULT_MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
     /// Starts configuring a service over `store`, issuing tokens of `format`.
     pub fn builder(store: S, format: KeyFormat) -> KeyServiceBuilder<S> {
@@ -116,6 +129,7 @@ impl<S: KeyStore> KeyService<S> {
             accept_unpeppered: false,
             clock: Arc::new(SystemClock),
             max_active: Self::DEFAULT_MAX_ACTIVE_KEYS,
+            max_grace: Self::DEFAULT_MAX_GRACE,
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
         }
     }
@@ -130,7 +144,9 @@ impl<S: KeyStore> KeyService<S> {
         &self.inner.format
     }
 
-    /// Creates a key for `account`. The returned [`CreatedKey::key`] is the only copy of the token.
+    /// Creates a key for `account` on the administrator's path: no caller key, so no limit on
+    /// its scopes (omitted: `["*"]`) or expiry. The returned [`CreatedKey::key`] is the only copy
+    /// of the token.
     ///
     /// Errors: [`Error::Invalid`] for a bad name or an expiry not in the future,
     /// [`Error::KeyLimitReached`], [`Error::Random`], [`Error::Store`]. A failed create leaves
@@ -138,34 +154,63 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
         let name = new.name.map(KeyName::new).transpose()?;
         let now = self.now();
-        let expires_at = new.expires_at.map(|at| normalize(at).ok_or(ValidationError::ExpiryOutOfRange)).transpose()?;
+        let expires_at = self.future_expiry(new.expires_at, now)?;
+        let (key, record) = self.new_record(account, name, expires_at, new.scopes.unwrap_or_default(), None, now)?;
+        self.insert(key, record).await
+    }
+
+    /// Creates a key through the `caller`'s key, which needs scope `keys:write`. The new key can
+    /// do no more than the caller: requested scopes must be within the caller's and omitted
+    /// ones are the caller's; a requested expiry may not be later than the caller's, and an
+    /// omitted one is the caller's.
+    ///
+    /// Errors: those of [`create`](Self::create), [`Error::InsufficientScope`] and
+    /// [`Error::ScopeEscalation`].
+    pub async fn create_as(&self, caller: &AuthenticatedKey, new: NewKey) -> Result<CreatedKey, Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
+        let name = new.name.map(KeyName::new).transpose()?;
+        let now = self.now();
+        let expires_at = self.future_expiry(new.expires_at, now)?.or(caller.expires_at);
+        let scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
+        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, None, now)?;
+        if !caller.can_manage(&record) {
+            return Err(Error::ScopeEscalation);
+        }
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, prefix) = self.inner.format.generate()?;
-        let record = KeyRecord {
-            id: KeyId::generate(),
-            account: account.clone(),
-            digest: self.inner.digester.digest(key.expose_secret()),
-            prefix,
-            name,
-            created_at: now,
-            expires_at,
-            last_used_at: None,
-            revoked_at: None,
-        };
-        self.inner.store.insert(&record, self.inner.max_active).await.map_err(|error| match error {
-            StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
-            other => Error::Store(other),
-        })?;
-        Ok(CreatedKey {
-            id: record.id,
-            key,
-            prefix: record.prefix,
-            name: record.name,
-            created_at: record.created_at,
-            expires_at: record.expires_at,
-        })
+        self.insert(key, record).await
+    }
+
+    /// Rolls the key `id` of the caller's account (SPEC §10): makes a new key with its name,
+    /// scopes and expiry, and lets the old one live only `grace` longer (never longer than it
+    /// would have). Needs scope `keys:write`, and the old key must be one the caller
+    /// [can manage](AuthenticatedKey::can_manage). A key may roll itself with a grace period
+    /// (it keeps working until it ends), not without one ([`Error::CannotExpireCurrentKey`]).
+    /// A key already in its grace period may be rolled again.
+    ///
+    /// One atomic step in the store: either both the new key and the old key's new expiry are
+    /// there, or neither.
+    ///
+    /// Errors: [`Error::InsufficientScope`], [`Error::Invalid`] for a grace period over
+    /// [`max_grace`](KeyServiceBuilder::max_grace), [`Error::CannotExpireCurrentKey`],
+    /// [`Error::NotFound`] (unknown, revoked, expired or another account's key),
+    /// [`Error::ScopeEscalation`], [`Error::KeyLimitReached`] (rolling a key already replaced),
+    /// [`Error::RollConflict`], [`Error::Random`], [`Error::Store`].
+    pub async fn roll(&self, caller: &AuthenticatedKey, id: &KeyId, grace: Duration) -> Result<RolledKey, Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
+        self.check_grace(grace)?;
+        if caller.id == *id && grace.is_zero() {
+            return Err(Error::CannotExpireCurrentKey);
+        }
+        self.roll_checked(&caller.account, id, grace, Some(caller)).await
+    }
+
+    /// Rolls any active key of `account`, on the administrator's path: as [`roll`](Self::roll),
+    /// with no caller to check, so a grace period of zero ends the old key at once.
+    pub async fn roll_as_admin(&self, account: &AccountId, id: &KeyId, grace: Duration) -> Result<RolledKey, Error> {
+        self.check_grace(grace)?;
+        self.roll_checked(account, id, grace, None).await
     }
 
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
@@ -218,13 +263,21 @@ impl<S: KeyStore> KeyService<S> {
         Ok(AuthenticatedKey::verified(record))
     }
 
-    /// Revokes a key of the caller's own account. A key cannot revoke itself
-    /// ([`Error::CannotRevokeSelf`]); a key of another account, an unknown, revoked or expired key
-    /// are all [`Error::NotFound`]. Once this returns, no verification that starts afterwards
-    /// accepts the key.
+    /// Revokes a key of the caller's own account. The caller needs scope `keys:write`, and may
+    /// only revoke keys it [can manage](AuthenticatedKey::can_manage)
+    /// ([`Error::ScopeEscalation`]). A key cannot revoke itself ([`Error::CannotRevokeSelf`]); a
+    /// key of another account, an unknown, revoked or expired key are all [`Error::NotFound`].
+    /// Once this returns, no verification that starts afterwards accepts the key.
     pub async fn revoke(&self, caller: &AuthenticatedKey, id: &KeyId) -> Result<(), Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
         if caller.id == *id {
             return Err(Error::CannotRevokeSelf);
+        }
+        // A key's scopes never change and its expiry only ever moves earlier, so what is checked
+        // here still holds when the revocation lands.
+        let target = self.active_key(&caller.account, id, self.now()).await?;
+        if !caller.can_manage(&target) {
+            return Err(Error::ScopeEscalation);
         }
         self.revoke_as_admin(&caller.account, id).await
     }
@@ -299,9 +352,128 @@ impl<S: KeyStore> KeyService<S> {
         Ok(found.filter(|record| record.digest.ct_eq(digest)))
     }
 
+    fn check_grace(&self, grace: Duration) -> Result<(), Error> {
+        if grace > self.inner.max_grace {
+            return Err(ValidationError::GraceOutOfRange.into());
+        }
+        Ok(())
+    }
+
+    /// Validates a requested expiry: normalised, and in the future.
+    fn future_expiry(
+        &self,
+        expires_at: Option<time::OffsetDateTime>,
+        now: time::OffsetDateTime,
+    ) -> Result<Option<time::OffsetDateTime>, Error> {
+        let expires_at = expires_at.map(|at| normalize(at).ok_or(ValidationError::ExpiryOutOfRange)).transpose()?;
+        if expires_at.is_some_and(|expiry| expiry <= now) {
+            return Err(ValidationError::ExpiryNotInFuture.into());
+        }
+        Ok(expires_at)
+    }
+
+    /// A fresh token and the record of its key.
+    fn new_record(
+        &self,
+        account: &AccountId,
+        name: Option<KeyName>,
+        expires_at: Option<time::OffsetDateTime>,
+        scopes: Scopes,
+        rotated_from: Option<KeyId>,
+        now: time::OffsetDateTime,
+    ) -> Result<(SecretToken, KeyRecord), Error> {
+        let (key, prefix) = self.inner.format.generate()?;
+        let record = KeyRecord {
+            id: KeyId::generate(),
+            account: account.clone(),
+            digest: self.inner.digester.digest(key.expose_secret()),
+            prefix,
+            name,
+            created_at: now,
+            expires_at,
+            last_used_at: None,
+            revoked_at: None,
+            scopes,
+            rotated_from,
+            replaced_by: None,
+        };
+        Ok((key, record))
+    }
+
+    async fn insert(&self, key: SecretToken, record: KeyRecord) -> Result<CreatedKey, Error> {
+        self.inner.store.insert(&record, self.inner.max_active).await.map_err(limit_or_store_error)?;
+        Ok(created(key, record))
+    }
+
+    /// The account's key `id` if it is active at `now`; [`Error::NotFound`] otherwise.
+    async fn active_key(&self, account: &AccountId, id: &KeyId, now: time::OffsetDateTime) -> Result<KeyRecord, Error> {
+        let found = self.inner.store.find_by_id(account, id).await.map_err(Error::Store)?;
+        found.filter(|record| record.is_active(now)).ok_or(Error::NotFound)
+    }
+
+    /// Reads the old key, checks it against the caller, and applies the roll if the key is still
+    /// as read; a key changed in between (another roll won) is read again, a few times.
+    async fn roll_checked(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        grace: Duration,
+        caller: Option<&AuthenticatedKey>,
+    ) -> Result<RolledKey, Error> {
+        const ATTEMPTS: usize = 8;
+        for _ in 0..ATTEMPTS {
+            let now = self.now();
+            let old = self.active_key(account, id, now).await?;
+            if caller.is_some_and(|caller| !caller.can_manage(&old)) {
+                return Err(Error::ScopeEscalation);
+            }
+            let grace_ends = now.checked_add(grace.try_into().unwrap_or(time::Duration::MAX));
+            let grace_ends = grace_ends.and_then(normalize).unwrap_or(crate::clock::LATEST);
+            let old_expires_at = match old.expires_at {
+                Some(expiry) if expiry <= grace_ends => expiry,
+                _ => grace_ends,
+            };
+            let (key, new) =
+                self.new_record(account, old.name.clone(), old.expires_at, old.scopes.clone(), Some(old.id), now)?;
+            let roll = Roll {
+                account: account.clone(),
+                old: old.id,
+                seen_expires_at: old.expires_at,
+                seen_replaced_by: old.replaced_by,
+                old_expires_at: Some(old_expires_at),
+                new,
+            };
+            debug_assert!(expires_no_later(roll.old_expires_at, roll.seen_expires_at));
+            if self.inner.store.roll(&roll, self.inner.max_active).await.map_err(limit_or_store_error)? {
+                let previous = PreviousKey { id: old.id, expires_at: old_expires_at };
+                return Ok(RolledKey { key: created(key, roll.new), previous });
+            }
+        }
+        Err(Error::RollConflict)
+    }
+
     fn now(&self) -> time::OffsetDateTime {
         let now = self.inner.clock.now();
         normalize(now).unwrap_or(now)
+    }
+}
+
+fn limit_or_store_error(error: StoreError) -> Error {
+    match error {
+        StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
+        other => Error::Store(other),
+    }
+}
+
+fn created(key: SecretToken, record: KeyRecord) -> CreatedKey {
+    CreatedKey {
+        id: record.id,
+        key,
+        prefix: record.prefix,
+        name: record.name,
+        created_at: record.created_at,
+        expires_at: record.expires_at,
+        scopes: record.scopes,
     }
 }
 
@@ -320,6 +492,7 @@ impl<S: KeyStore> fmt::Debug for KeyService<S> {
             .field("digester", &inner.digester)
             .field("clock", &inner.clock)
             .field("max_active", &inner.max_active)
+            .field("max_grace", &inner.max_grace)
             .finish_non_exhaustive()
     }
 }

@@ -68,6 +68,9 @@ fn record(account: &AccountId, index: u64) -> KeyRecord {
         expires_at: None,
         last_used_at: None,
         revoked_at: None,
+        scopes: apikeys::Scopes::all(),
+        rotated_from: None,
+        replaced_by: None,
     }
 }
 
@@ -424,9 +427,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 2).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 3).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 2, supported: 1, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 3, supported: 2, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -439,7 +442,129 @@ fn a_file_from_a_newer_version_is_refused() {
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 1, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 2, .. }), "{error:?}");
+}
+
+/// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding one active
+/// and one revoked key.
+struct V1File {
+    active: KeyRecord,
+    revoked: KeyRecord,
+}
+
+impl V1File {
+    fn new() -> Self {
+        let account = AccountId::new("upgraded").unwrap();
+        let mut revoked = record(&account, 1);
+        revoked.revoked_at = Some(revoked.created_at);
+        Self { active: record(&account, 0), revoked }
+    }
+
+    fn write_sqlite(&self, path: &std::path::Path) {
+        let connection = rusqlite::Connection::open(path).unwrap();
+        connection
+            .execute_batch(
+                "CREATE TABLE api_keys (
+                    digest BLOB NOT NULL PRIMARY KEY, id BLOB NOT NULL UNIQUE, account TEXT NOT NULL,
+                    prefix TEXT NOT NULL, name TEXT, created_at INTEGER NOT NULL, expires_at INTEGER,
+                    last_used_at INTEGER, revoked_at INTEGER
+                ) WITHOUT ROWID;
+                CREATE INDEX api_keys_unrevoked_by_account ON api_keys (account, created_at, id) WHERE revoked_at IS NULL;
+                PRAGMA application_id = 1634757497;
+                PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        for record in [&self.active, &self.revoked] {
+            let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+            connection
+                .execute(
+                    "INSERT INTO api_keys VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7)",
+                    rusqlite::params![
+                        &record.digest.as_bytes()[..],
+                        record.id.as_uuid().as_bytes(),
+                        record.account.as_str(),
+                        record.prefix.as_str(),
+                        record.name.as_deref(),
+                        micros(record.created_at),
+                        record.revoked_at.map(micros),
+                    ],
+                )
+                .unwrap();
+        }
+    }
+
+    fn write_redb(&self, path: &std::path::Path) {
+        type V1 = (
+            &'static [u8; 16],
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let records: redb::TableDefinition<&[u8; 33], V1> = redb::TableDefinition::new("api_keys");
+        let ids: redb::TableDefinition<&[u8; 16], &[u8; 33]> = redb::TableDefinition::new("api_keys_by_id");
+        let by_account: redb::TableDefinition<(&str, i64, &[u8; 16]), &[u8; 33]> =
+            redb::TableDefinition::new("api_keys_by_account");
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
+        let database = redb::Database::create(path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        for record in [&self.active, &self.revoked] {
+            let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+            let (id, digest) = (record.id.as_uuid().as_bytes(), record.digest.as_bytes());
+            let value = (
+                id,
+                record.account.as_str(),
+                record.prefix.as_str(),
+                record.name.as_deref(),
+                micros(record.created_at),
+                None,
+                None,
+                record.revoked_at.map(micros),
+            );
+            transaction.open_table(records).unwrap().insert(digest, value).unwrap();
+            transaction.open_table(ids).unwrap().insert(id, digest).unwrap();
+            if record.revoked_at.is_none() {
+                let key = (record.account.as_str(), micros(record.created_at), id);
+                transaction.open_table(by_account).unwrap().insert(key, digest).unwrap();
+            }
+        }
+        transaction.open_table(meta).unwrap().insert("schema_version", 1).unwrap();
+        transaction.commit().unwrap();
+    }
+
+    /// The upgraded store holds both keys exactly, with every scope and no roll, and works on.
+    async fn check(&self, store: &dyn KeyStore) {
+        for expected in [&self.active, &self.revoked] {
+            let found = store.find_by_digest(&expected.digest).await.unwrap().expect("kept by the upgrade");
+            assert_eq!(&found, expected);
+            assert_eq!(found.scopes, apikeys::Scopes::all());
+        }
+        let listed = store.list_active(&self.active.account, OffsetDateTime::now_utc()).await.unwrap();
+        assert_eq!(listed, std::slice::from_ref(&self.active));
+        assert!(store.revoke(&self.active.account, &self.active.id, OffsetDateTime::now_utc()).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = V1File::new();
+    let sqlite = dir.path().join("v1.db");
+    v1.write_sqlite(&sqlite);
+    v1.check(&SqliteStore::open(&sqlite).unwrap()).await;
+    let version: i64 = rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+
+    let redb_path = dir.path().join("v1.redb");
+    v1.write_redb(&redb_path);
+    v1.check(&RedbStore::open(&redb_path).unwrap()).await;
+    drop(RedbStore::open(&redb_path).unwrap()); // opens again as version 2
 }
 
 #[test]

@@ -199,6 +199,7 @@ fn api_route(path: &str) -> Option<&'static str> {
     match path {
         "/account/api-keys" => Some("/account/api-keys"),
         "/openapi.json" => Some("/openapi.json"),
+        _ if path.starts_with("/account/api-keys/") && path.ends_with("/roll") => Some("/account/api-keys/{id}/roll"),
         _ if path.starts_with("/account/api-keys/") => Some("/account/api-keys/{id}"),
         _ => None,
     }
@@ -383,7 +384,10 @@ async fn every_authentication_failure_is_the_same_401() {
     server.service.revoke_as_admin(&AccountId::new("acme").unwrap(), &revoked_id).await.unwrap();
     let expiring = server
         .service
-        .create(&AccountId::new("acme").unwrap(), NewKey { name: None, expires_at: Some(T0 + Duration::minutes(1)) })
+        .create(
+            &AccountId::new("acme").unwrap(),
+            NewKey { expires_at: Some(T0 + Duration::minutes(1)), ..NewKey::default() },
+        )
         .await
         .unwrap();
     let expired = expiring.key.expose_secret().to_owned();
@@ -458,7 +462,7 @@ async fn a_failing_store_is_503_never_401() {
     let (status, answer) = server.get("/account/api-keys", Some(&key)).send().await;
     assert_eq!((status, code(&answer)), (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"));
     server.store.fail(Call::FindByDigest, false);
-    for call in [Call::Insert, Call::ListActive, Call::Revoke] {
+    for call in [Call::Insert, Call::ListActive, Call::FindById, Call::Revoke, Call::Roll] {
         server.store.fail(call, true);
     }
     assert_eq!(server.post(&key).send().await.0, StatusCode::SERVICE_UNAVAILABLE);

@@ -151,7 +151,7 @@ async fn migrations_record_a_version_and_refuse_a_newer_or_foreign_schema() {
             .await
             .unwrap();
         let error = PostgresStore::connect_with(&url(), options(&fresh)).await.unwrap_err();
-        assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 1, .. }), "{error:?}");
+        assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 2, .. }), "{error:?}");
         assert!(error.to_string().contains("upgrade apikeys") && !error.to_string().contains("password"), "{error}");
     })
     .await;
@@ -161,6 +161,57 @@ async fn migrations_record_a_version_and_refuse_a_newer_or_foreign_schema() {
         client.batch_execute(&format!("CREATE SCHEMA {fresh}; CREATE TABLE {fresh}.invoices (id INT)")).await.unwrap();
         let error = PostgresStore::connect_with(&url(), options(&fresh)).await.unwrap_err();
         assert!(matches!(error, OpenError::NotApikeys { .. }), "{error:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_schema_of_version_1_is_upgraded_in_place_keeping_every_key() {
+    if !available() {
+        return;
+    }
+    in_fresh_schema(|fresh| async move {
+        let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        // Version 1 as apikeys 0.1 created it, with one key.
+        let id = uuid::Uuid::now_v7();
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA {fresh};
+                 CREATE TABLE {fresh}.apikeys_meta (name TEXT NOT NULL PRIMARY KEY, value BIGINT NOT NULL);
+                 INSERT INTO {fresh}.apikeys_meta VALUES ('schema_version', 1);
+                 CREATE TABLE {fresh}.api_keys (
+                     digest BYTEA NOT NULL PRIMARY KEY, id UUID NOT NULL UNIQUE, account TEXT NOT NULL,
+                     prefix TEXT NOT NULL, name TEXT, created_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ,
+                     last_used_at TIMESTAMPTZ, revoked_at TIMESTAMPTZ);
+                 CREATE INDEX api_keys_unrevoked_by_account ON {fresh}.api_keys (account, created_at, id)
+                     WHERE revoked_at IS NULL;
+                 CREATE TABLE {fresh}.api_key_accounts (account TEXT NOT NULL PRIMARY KEY);"
+            ))
+            .await
+            .unwrap();
+        let digest = apikeys::Digest::sha256("a token from version 1");
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {fresh}.api_keys (digest, id, account, prefix, name, created_at) \
+                     VALUES ($1, $2, 'old', 'as_live_v1_abcd', 'legacy', now())"
+                ),
+                &[&&digest.as_bytes()[..], &id],
+            )
+            .await
+            .unwrap();
+        let store = PostgresStore::connect_with(&url(), options(&fresh)).await.unwrap();
+        let found = store.find_by_digest(&digest).await.unwrap().expect("kept by the upgrade");
+        assert_eq!(found.scopes, apikeys::Scopes::all());
+        assert_eq!((found.rotated_from, found.replaced_by), (None, None));
+        assert_eq!(found.name.unwrap().as_str(), "legacy");
+        let version: i64 = client
+            .query_one(&format!("SELECT value FROM {fresh}.apikeys_meta WHERE name = 'schema_version'"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, 2);
     })
     .await;
 }
@@ -419,6 +470,9 @@ async fn import_stores_everything_or_nothing() {
             expires_at: None,
             last_used_at: None,
             revoked_at: None,
+            scopes: apikeys::Scopes::new([format!("s{}", i % 3)]).unwrap(),
+            rotated_from: None,
+            replaced_by: None,
         }
     };
     let first: Vec<_> = (0..2500).map(record).collect();

@@ -18,7 +18,7 @@ async fn issue_keys(store: Arc<dyn KeyStore>, count: usize) -> Vec<String> {
     let mut tokens = Vec::new();
     for i in 0..count {
         let created =
-            service.create(&account, NewKey { name: Some(format!("key {i}")), expires_at: None }).await.unwrap();
+            service.create(&account, NewKey { name: Some(format!("key {i}")), ..NewKey::default() }).await.unwrap();
         let token = created.key.expose_secret().to_owned();
         service.verify(&token).await.unwrap();
         if i % 3 == 0 {

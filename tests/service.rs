@@ -35,11 +35,11 @@ fn fixture_with(
 }
 
 fn named(name: &str) -> NewKey {
-    NewKey { name: Some(name.to_owned()), expires_at: None }
+    NewKey { name: Some(name.to_owned()), expires_at: None, scopes: None }
 }
 
 fn expiring_in(duration: Duration) -> NewKey {
-    NewKey { name: None, expires_at: Some(T0 + duration) }
+    NewKey { name: None, expires_at: Some(T0 + duration), scopes: None }
 }
 
 /// Creates a key and verifies it: the key and its caller identity.
@@ -111,7 +111,8 @@ async fn list_shows_active_keys_oldest_first_with_metadata_only() {
 async fn names_are_validated_never_truncated() {
     let Fixture { service, store, .. } = fixture();
     for bad in [String::new(), "x".repeat(256), "a\u{0}b".into(), "new\nline".into()] {
-        let refused = service.create(&account("acme"), NewKey { name: Some(bad), expires_at: None }).await;
+        let refused =
+            service.create(&account("acme"), NewKey { name: Some(bad), expires_at: None, scopes: None }).await;
         assert!(matches!(refused, Err(Error::Invalid(ValidationError::Name))), "{refused:?}");
     }
     assert_eq!(store.calls(Call::Insert), 0, "invalid input never reaches the store");
@@ -128,7 +129,8 @@ async fn expiry_must_be_in_the_future() {
     }
     assert!(service.create(&account("acme"), expiring_in(Duration::microseconds(1))).await.is_ok());
     let beyond_utc = time::macros::datetime!(9999-12-31 23:59:59 -01:00);
-    let refused = service.create(&account("acme"), NewKey { name: None, expires_at: Some(beyond_utc) }).await;
+    let refused =
+        service.create(&account("acme"), NewKey { name: None, expires_at: Some(beyond_utc), scopes: None }).await;
     assert!(matches!(refused, Err(Error::Invalid(ValidationError::ExpiryOutOfRange))), "{refused:?}");
 }
 
@@ -462,6 +464,16 @@ impl KeyStore for Confused {
     }
     async fn record_last_used(&self, uses: &[(KeyId, time::OffsetDateTime)]) -> Result<(), apikeys::StoreError> {
         self.inner.record_last_used(uses).await
+    }
+    async fn find_by_id(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+    ) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
+        self.inner.find_by_id(account, id).await
+    }
+    async fn roll(&self, roll: &apikeys::store::Roll, max_active: u32) -> Result<bool, apikeys::StoreError> {
+        self.inner.roll(roll, max_active).await
     }
 }
 

@@ -3,14 +3,17 @@
 #![no_main]
 
 use apikeys::MemoryStore;
-use apikeys::store::model::{ACCOUNTS, Op};
+use apikeys::store::model::{ACCOUNTS, MAX_GRACE, Op};
 use arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
 /// An operation, in a form `arbitrary` can build.
 #[derive(Arbitrary, Debug)]
 enum Step {
-    Create { account: u8, name: Option<String>, expires_in: Option<i16> },
+    Create { account: u8, name: Option<String>, expires_in: Option<i16>, scopes: Option<u8> },
+    CreateAs { caller: u8, expires_in: Option<i16>, scopes: Option<u8> },
+    Roll { caller: u8, target: u8, grace: u16 },
+    RollAsAdmin { account: u8, target: u8, grace: u16 },
     Verify { key: u8 },
     VerifyMutated { key: u8, position: u8, replacement: char },
     Revoke { caller: u8, target: u8 },
@@ -22,9 +25,18 @@ enum Step {
 impl From<Step> for Op {
     fn from(step: Step) -> Self {
         let account = |account: u8| usize::from(account) % ACCOUNTS;
+        // Up to just over the maximum, so that a grace period too long is tried too.
+        let grace = |grace: u16| i64::from(grace) % (MAX_GRACE + 2);
         match step {
-            Step::Create { account: a, name, expires_in } => {
-                Op::Create { account: account(a), name, expires_in: expires_in.map(i64::from) }
+            Step::Create { account: a, name, expires_in, scopes } => {
+                Op::Create { account: account(a), name, expires_in: expires_in.map(i64::from), scopes }
+            }
+            Step::CreateAs { caller, expires_in, scopes } => {
+                Op::CreateAs { caller: caller.into(), expires_in: expires_in.map(i64::from), scopes }
+            }
+            Step::Roll { caller, target, grace: g } => Op::Roll { caller: caller.into(), target: target.into(), grace: grace(g) },
+            Step::RollAsAdmin { account: a, target, grace: g } => {
+                Op::RollAsAdmin { account: account(a), target: target.into(), grace: grace(g) }
             }
             Step::Verify { key } => Op::Verify { key: key.into() },
             Step::VerifyMutated { key, position, replacement } => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyService, KeyStore, MemoryStore, NewKey, Pepper,
-    PostgresOptions, PostgresStore, RedbStore, SqliteStore,
+    PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
 };
 use axum::http::{HeaderName, StatusCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -94,6 +94,22 @@ enum Command {
         /// Expire the key after this long, e.g. 30d, 12h, 90min.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// A grant the key holds, e.g. orders:read, reports:* or *; repeat for more
+        /// [default: *, every scope].
+        #[arg(long = "scope", value_name = "GRANT")]
+        scopes: Vec<String>,
+    },
+    /// Roll a key as administrator: print a new key with the same name, scopes and expiry, and
+    /// let the old one work only for the grace period (never longer than it would have).
+    Roll {
+        /// The account that owns the key.
+        #[arg(long)]
+        account: String,
+        /// The key's id, ak_….
+        id: String,
+        /// How long the old key keeps working, e.g. 1d, 2h, 0s (at most 7 days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Duration,
     },
     /// List an account's active keys (never their secrets).
     List {
@@ -197,10 +213,19 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
             serve(service.clone(), listen, first_key_for, json).await?
         }
-        Command::Create { account, name, expires_in } => {
+        Command::Create { account, name, expires_in, scopes } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
-            let created = service.create(&AccountId::new(account)?, NewKey { name, expires_at }).await?;
+            let scopes = if scopes.is_empty() { None } else { Some(Scopes::new(scopes)?) };
+            let created = service.create(&AccountId::new(account)?, NewKey { name, expires_at, scopes }).await?;
             print_created(&created, json);
+            ExitCode::SUCCESS
+        }
+        Command::Roll { account, id, grace } => {
+            let id: KeyId = id.parse()?;
+            let rolled = service.roll_as_admin(&AccountId::new(account)?, &id, grace).await?;
+            print_created(&rolled.key, json);
+            let until = rolled.previous.expires_at.format(&time::format_description::well_known::Rfc3339)?;
+            print(json, json!({ "previous": rolled.previous }), &format!("{id} now expires at {until}"));
             ExitCode::SUCCESS
         }
         Command::List { account } => {
@@ -294,7 +319,7 @@ async fn serve(
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APIKEYS_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     if let Some(account) = &first_key_for {
-        let first = NewKey { name: Some("first key".into()), expires_at: None };
+        let first = NewKey { name: Some("first key".into()), ..NewKey::default() };
         let created = service.create(account, first).await?;
         if json {
             print_created(&created, true);
@@ -350,7 +375,10 @@ async fn verify(service: &KeyService, json: bool) -> Result<ExitCode, Failure> {
             let summary = format!("valid: key {} of account {:?}", caller.id, caller.account.as_str());
             print(
                 json,
-                json!({ "valid": true, "id": caller.id, "account": caller.account, "prefix": caller.prefix }),
+                json!({
+                    "valid": true, "id": caller.id, "account": caller.account, "prefix": caller.prefix,
+                    "scopes": caller.scopes,
+                }),
                 &summary,
             );
             Ok(ExitCode::SUCCESS)
@@ -378,6 +406,8 @@ fn print_created(created: &CreatedKey, json: bool) {
         "key": created.key.expose_secret(),
         "prefix": created.prefix,
         "name": created.name,
+        "scopes": created.scopes,
+        "expiresAt": created.expires_at.map(rfc3339),
         "message": CreatedKey::MESSAGE,
     });
     let text = format!("{}\n{}  {}", created.key.expose_secret(), created.id, CreatedKey::MESSAGE);
@@ -389,19 +419,28 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string(&json!({ "data": keys }))?);
         return Ok(());
     }
-    let time = |at: Option<time::OffsetDateTime>| {
-        at.and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_else(|| "-".into())
-    };
-    let rows: Vec<[String; 6]> = keys
+    let time = |at: Option<time::OffsetDateTime>| at.map_or_else(|| "-".into(), rfc3339);
+    let rows: Vec<[String; 8]> = keys
         .iter()
         .map(|key| {
             let name = key.name.as_ref().map_or_else(|| "-".into(), ToString::to_string);
             let created = time(Some(key.created_at));
-            [key.id.to_string(), key.prefix.to_string(), name, created, time(key.expires_at), time(key.last_used_at)]
+            let replaced_by = key.replaced_by.map_or_else(|| "-".into(), |id| id.to_string());
+            let (expires, last_used) = (time(key.expires_at), time(key.last_used_at));
+            [
+                key.id.to_string(),
+                key.prefix.to_string(),
+                name,
+                key.scopes.to_string(),
+                created,
+                expires,
+                last_used,
+                replaced_by,
+            ]
         })
         .collect();
-    let header = ["ID", "PREFIX", "NAME", "CREATED", "EXPIRES", "LAST USED"].map(String::from);
-    let widths: Vec<usize> = (0..6)
+    let header = ["ID", "PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "ROLLED INTO"].map(String::from);
+    let widths: Vec<usize> = (0..header.len())
         .map(|column| rows.iter().chain([&header]).map(|row| row[column].chars().count()).max().unwrap_or(0))
         .collect();
     for row in std::iter::once(&header).chain(&rows) {
@@ -409,6 +448,10 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         println!("{}", cells.join("  ").trim_end());
     }
     Ok(())
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]

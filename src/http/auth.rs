@@ -95,6 +95,59 @@ where
     }
 }
 
+/// What [`require_scope`] checks: the service that verifies keys, and the scope a route needs.
+///
+/// ```
+/// # fn app(service: apikeys::KeyService) -> Result<axum::Router, apikeys::ValidationError> {
+/// use apikeys::http::{Authenticated, ScopeGuard, require_scope};
+/// use axum::{Router, middleware::from_fn_with_state, routing::get};
+///
+/// async fn orders(Authenticated(caller): Authenticated) -> String {
+///     format!("orders of {}", caller.account)
+/// }
+///
+/// let guard = ScopeGuard::new(service, "orders:read")?;
+/// Ok(Router::new().route("/orders", get(orders)).route_layer(from_fn_with_state(guard, require_scope)))
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ScopeGuard {
+    service: KeyService,
+    scope: Arc<str>,
+}
+
+impl ScopeGuard {
+    /// Guards with `scope`, checked to be a valid scope now rather than refused at every request.
+    pub fn new(service: KeyService, scope: &str) -> Result<Self, crate::ValidationError> {
+        if !crate::scope::is_scope(scope) {
+            return Err(crate::ValidationError::Scope);
+        }
+        Ok(Self { service, scope: scope.into() })
+    }
+}
+
+impl FromRef<ScopeGuard> for KeyService {
+    fn from_ref(guard: &ScopeGuard) -> Self {
+        guard.service.clone()
+    }
+}
+
+/// A layer function that requires a valid key holding the guard's scope on every route it
+/// wraps: 401 without a valid key, 403 `insufficient_scope` without the scope. Use with
+/// `route_layer(axum::middleware::from_fn_with_state(guard, require_scope))`; behind
+/// [`require_api_key`] it reuses that verification. Handlers can extract [`Authenticated`].
+pub async fn require_scope(State(guard): State<ScopeGuard>, request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let checked = match <Authenticated as FromRequestParts<ScopeGuard>>::from_request_parts(&mut parts, &guard).await {
+        Ok(Authenticated(caller)) => caller.require(&guard.scope).map_err(ApiError::from),
+        Err(error) => Err(error),
+    };
+    match checked {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(error) => axum::response::IntoResponse::into_response(error),
+    }
+}
+
 /// Where the extractor leaves the id of the key that authenticated a request, for the request
 /// log to read once the response is ready.
 #[derive(Debug, Clone, Default)]

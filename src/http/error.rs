@@ -98,6 +98,16 @@ impl From<Error> for ApiError {
                 "You cannot revoke the key currently used to authenticate the request. \
                  Use a different key (or the dashboard) to revoke a key in active use.",
             ),
+            Error::CannotExpireCurrentKey => Self::new(
+                StatusCode::CONFLICT,
+                "cannot_expire_current_key",
+                "A key cannot roll itself without a grace period: give graceSeconds, or roll it with another key.",
+            ),
+            Error::RollConflict => Self::new(StatusCode::CONFLICT, "roll_conflict", error.to_string()),
+            Error::InsufficientScope { .. } => {
+                Self::new(StatusCode::FORBIDDEN, "insufficient_scope", error.to_string())
+            }
+            Error::ScopeEscalation => Self::new(StatusCode::FORBIDDEN, "scope_escalation", error.to_string()),
             Error::Store(ref source) => {
                 let source: &dyn std::error::Error = source;
                 tracing::error!(error = source, "key store failed");
@@ -118,6 +128,8 @@ impl From<ValidationError> for ApiError {
             ValidationError::KeyId => "invalid_key_id",
             ValidationError::Name => "invalid_name",
             ValidationError::ExpiryNotInFuture | ValidationError::ExpiryOutOfRange => "invalid_expires_at",
+            ValidationError::Scope | ValidationError::TooManyScopes => "invalid_scopes",
+            ValidationError::GraceOutOfRange => "invalid_grace",
             _ => "invalid_request",
         };
         Self::bad_request(code, invalid.to_string())

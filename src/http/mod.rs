@@ -3,10 +3,16 @@
 //!
 //! | request | success | errors |
 //! | --- | --- | --- |
-//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null}` (body optional) | 201 `{"id","key","prefix","name","message"}` | 400, 401, 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
-//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}]}` | 401, 503 |
-//! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 404, 409 (`cannot_revoke_current_key`), 503 |
+//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}` | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
+//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` where set | 401, 403 (`insufficient_scope`), 503 |
+//! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
+//! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | `GET /openapi.json` | 200, the OpenAPI 3.1 document of the above | — |
+//!
+//! Scopes (SPEC §10): listing needs `keys:read`, the other key routes `keys:write`; keys made
+//! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
+//! than itself; a created key inherits the caller's scopes and expiry unless it names narrower
+//! ones.
 //!
 //! Errors are `{"error":{"code":"snake_case","message":"…"}}`. Every authentication failure is
 //! the same 401; a failing store is a 503, never a 401. Unknown body fields are refused (400
@@ -55,12 +61,12 @@ use time::format_description::well_known::Rfc3339;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use auth::CallerSlot;
-pub use auth::{Authenticated, X_API_KEY, require_api_key};
+pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_scope};
 pub use error::ApiError;
 
 use crate::id::KeyId;
-use crate::key::{ApiKey, CreatedKey, NewKey};
-use crate::{KeyName, KeyService, ValidationError};
+use crate::key::{ApiKey, CreatedKey, NewKey, PreviousKey};
+use crate::{KeyName, KeyService, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -74,6 +80,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(service: KeyService) -> Router<S
     Router::new()
         .route("/account/api-keys", post(create_key).get(list_keys))
         .route("/account/api-keys/{id}", delete(revoke_key))
+        .route("/account/api-keys/{id}/roll", post(roll_key))
         .route("/openapi.json", get(openapi))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -106,12 +113,39 @@ pub async fn log_requests(mut request: Request, next: Next) -> Response {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct CreatedBody<'a> {
     id: KeyId,
     key: &'a str,
     prefix: &'a str,
     name: Option<&'a KeyName>,
+    scopes: &'a Scopes,
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
     message: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous: Option<PreviousKey>,
+}
+
+impl<'a> CreatedBody<'a> {
+    fn of(created: &'a CreatedKey, previous: Option<PreviousKey>) -> Self {
+        Self {
+            id: created.id,
+            key: created.key.expose_secret(),
+            prefix: &created.prefix,
+            name: created.name.as_ref(),
+            scopes: &created.scopes,
+            expires_at: created.expires_at,
+            message: CreatedKey::MESSAGE,
+            previous,
+        }
+    }
+
+    /// 201, with no cache allowed to keep the token: the only responses that carry one.
+    fn into_response(self) -> Response {
+        let no_store = [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
+        (StatusCode::CREATED, no_store, Json(self)).into_response()
+    }
 }
 
 #[derive(Serialize)]
@@ -125,24 +159,19 @@ async fn create_key(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let new = new_key_from_body(&headers, body)?;
-    let created: CreatedKey = service.create(&caller.account, new).await?;
-    let body = CreatedBody {
-        id: created.id,
-        key: created.key.expose_secret(),
-        prefix: &created.prefix,
-        name: created.name.as_ref(),
-        message: CreatedKey::MESSAGE,
+    let new = match json_object(&headers, body)? {
+        Some(fields) => new_key_from(fields)?,
+        None => NewKey::default(),
     };
-    // The only response that carries a token: no cache may keep it.
-    let no_store = [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
-    Ok((StatusCode::CREATED, no_store, Json(body)).into_response())
+    let created = service.create_as(&caller, new).await?;
+    Ok(CreatedBody::of(&created, None).into_response())
 }
 
 async fn list_keys(
     State(service): State<KeyService>,
     Authenticated(caller): Authenticated,
 ) -> Result<Json<ListBody>, ApiError> {
+    caller.require(Scopes::KEYS_READ)?;
     let keys = service.list(&caller.account).await?;
     Ok(Json(ListBody { data: keys }))
 }
@@ -152,10 +181,29 @@ async fn revoke_key(
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    // A path that is not even UTF-8 is as malformed an id as any other.
-    let id: KeyId = id.map_err(|_| ValidationError::KeyId)?.0.parse()?;
-    service.revoke(&caller, &id).await?;
+    service.revoke(&caller, &key_id(id)?).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn roll_key(
+    State(service): State<KeyService>,
+    Authenticated(caller): Authenticated,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = key_id(id)?;
+    let grace = match json_object(&headers, body)? {
+        Some(fields) => grace_from(fields)?,
+        None => std::time::Duration::ZERO,
+    };
+    let rolled = service.roll(&caller, &id, grace).await?;
+    Ok(CreatedBody::of(&rolled.key, Some(rolled.previous)).into_response())
+}
+
+/// The key id in the path. A path that is not even UTF-8 is as malformed an id as any other.
+fn key_id(id: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError> {
+    Ok(id.map_err(|_| ValidationError::KeyId)?.0.parse()?)
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -166,8 +214,11 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], OPENAPI_JSON)
 }
 
-/// Reads the optional create body: `{"name": …, "expiresAt": …}`, every field optional.
-fn new_key_from_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<NewKey, ApiError> {
+/// Reads an optional JSON object body: `None` when the body is empty.
+fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Option<serde_json::Map<String, Value>>, ApiError> {
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -177,7 +228,7 @@ fn new_key_from_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -
         _ => ApiError::bad_request("invalid_body", "The request body could not be read."),
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(NewKey::default());
+        return Ok(None);
     }
     if !is_json(headers) {
         return Err(ApiError::new(
@@ -190,26 +241,55 @@ fn new_key_from_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -
         let at = format!("line {}, column {}", error.line(), error.column());
         ApiError::bad_request("invalid_json", format!("The body is not valid JSON ({at})."))
     })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request("invalid_json", "The body must be a JSON object."));
-    };
+    match value {
+        Value::Object(fields) => Ok(Some(fields)),
+        _ => Err(ApiError::bad_request("invalid_json", "The body must be a JSON object.")),
+    }
+}
+
+/// The create body: `{"name", "expiresAt", "scopes"}`, every field optional or null.
+fn new_key_from(fields: serde_json::Map<String, Value>) -> Result<NewKey, ApiError> {
     let mut new = NewKey::default();
     for (field, value) in fields {
         match (field.as_str(), value) {
-            ("name", Value::Null) | ("expiresAt", Value::Null) => {}
+            ("name" | "expiresAt" | "scopes", Value::Null) => {}
             ("name", Value::String(name)) => new.name = Some(name),
             ("name", _) => return Err(ApiError::bad_request("invalid_name", "name must be a string or null.")),
             ("expiresAt", Value::String(at)) => new.expires_at = Some(parse_timestamp(&at)?),
             ("expiresAt", _) => return Err(invalid_expires_at()),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "unknown_field",
-                    "The body has a field this API does not know; the fields are name and expiresAt.",
-                ));
+            ("scopes", Value::Array(grants)) => {
+                let grants: Option<Vec<&str>> = grants.iter().map(Value::as_str).collect();
+                let grants = grants.ok_or(ValidationError::Scope)?;
+                new.scopes = Some(Scopes::new(grants)?);
             }
+            ("scopes", _) => return Err(ValidationError::Scope.into()),
+            _ => return Err(unknown_field("name, expiresAt and scopes")),
         }
     }
     Ok(new)
+}
+
+/// The roll body: `{"graceSeconds": whole seconds}`, optional or null (no grace).
+fn grace_from(fields: serde_json::Map<String, Value>) -> Result<std::time::Duration, ApiError> {
+    let mut grace = std::time::Duration::ZERO;
+    for (field, value) in fields {
+        match (field.as_str(), value) {
+            ("graceSeconds", Value::Null) => {}
+            ("graceSeconds", value) => {
+                let seconds = value.as_u64().ok_or(ValidationError::GraceOutOfRange)?;
+                grace = std::time::Duration::from_secs(seconds);
+            }
+            _ => return Err(unknown_field("graceSeconds")),
+        }
+    }
+    Ok(grace)
+}
+
+fn unknown_field(known: &str) -> ApiError {
+    ApiError::bad_request(
+        "unknown_field",
+        format!("The body has a field this API does not know; the fields are {known}."),
+    )
 }
 
 fn parse_timestamp(text: &str) -> Result<OffsetDateTime, ApiError> {

@@ -27,6 +27,7 @@ use super::{KeyRecord, KeyStore, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 /// A base time with microseconds, to catch a store that rounds them away.
@@ -48,6 +49,9 @@ fn record(account: &AccountId, created_at: OffsetDateTime) -> KeyRecord {
         expires_at: None,
         last_used_at: None,
         revoked_at: None,
+        scopes: Scopes::all(),
+        rotated_from: None,
+        replaced_by: None,
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::{KeyRecord, KeyStore, StoreError};
+use super::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::prehashed::PrehashedMap;
@@ -54,9 +54,7 @@ impl MemoryStore {
         let mut index = self.index();
         let (mut ids, mut digests) = (HashSet::new(), HashSet::new());
         for record in &records {
-            let stored =
-                index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest);
-            if stored || !ids.insert(record.id) || !digests.insert(record.digest) {
+            if self.holds(&index, record) || !ids.insert(record.id) || !digests.insert(record.digest) {
                 return Err(StoreError::Duplicate);
             }
         }
@@ -80,6 +78,17 @@ impl MemoryStore {
         index.digest_of.insert(record.id, record.digest);
         index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
         self.write(&record.digest).insert(record.digest, record);
+    }
+
+    /// Whether a record with this id or digest is stored, under the index lock the caller holds.
+    fn holds(&self, index: &Index, record: &KeyRecord) -> bool {
+        index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest)
+    }
+
+    /// How many of the account's keys count towards its limit at `now`, leaving out `except`.
+    fn counted(&self, index: &Index, account: &AccountId, now: OffsetDateTime, except: Option<&KeyId>) -> usize {
+        self.account_records(index, account, |record| record.counts_towards_limit(now) && Some(&record.id) != except)
+            .len()
     }
 
     /// Applies `change` to the record with this id, under the index lock the caller holds.
@@ -128,12 +137,10 @@ impl fmt::Debug for MemoryStore {
 impl KeyStore for MemoryStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let mut index = self.index();
-        if index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest) {
+        if self.holds(&index, record) {
             return Err(StoreError::Duplicate);
         }
-        let active =
-            self.account_records(&index, &record.account, |existing| existing.is_active(record.created_at)).len();
-        if active >= max_active as usize {
+        if self.counted(&index, &record.account, record.created_at, None) >= max_active as usize {
             return Err(StoreError::LimitReached { limit: max_active });
         }
         self.add(&mut index, record.clone());
@@ -166,6 +173,40 @@ impl KeyStore for MemoryStore {
         if let Some(unrevoked) = index.unrevoked_of_account.get_mut(account) {
             unrevoked.retain(|unrevoked| unrevoked != id);
         }
+        Ok(true)
+    }
+
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(digest) = self.index().digest_of.get(id).copied() else {
+            return Ok(None);
+        };
+        Ok(self.read(&digest).get(&digest).filter(|record| record.account == *account).cloned())
+    }
+
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        let mut index = self.index();
+        let applies = index
+            .digest_of
+            .get(&roll.old)
+            .is_some_and(|digest| self.read(digest).get(digest).is_some_and(|old| roll.applies_to(old)));
+        if !applies {
+            return Ok(false);
+        }
+        if self.holds(&index, &roll.new) {
+            return Err(StoreError::Duplicate);
+        }
+        // Rolling a key that still counts swaps it for the new one; only re-rolling a replaced key
+        // adds one to the count.
+        let adds_one = roll.seen_replaced_by.is_some();
+        if adds_one && self.counted(&index, &roll.account, roll.new.created_at, Some(&roll.old)) >= max_active as usize
+        {
+            return Err(StoreError::LimitReached { limit: max_active });
+        }
+        self.update(&index, &roll.old, |old| {
+            old.expires_at = roll.old_expires_at;
+            old.replaced_by = Some(roll.new.id);
+        });
+        self.add(&mut index, roll.new.clone());
         Ok(true)
     }
 

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 #[cfg(feature = "test-util")]
@@ -63,12 +64,54 @@ pub struct KeyRecord {
     pub last_used_at: Option<OffsetDateTime>,
     /// When the key was revoked, if it was.
     pub revoked_at: Option<OffsetDateTime>,
+    /// What the key may do; `["*"]` for keys stored before scopes existed.
+    pub scopes: Scopes,
+    /// The key this one was rolled from, if it was.
+    pub rotated_from: Option<KeyId>,
+    /// The key this one was rolled into, if it was: it then lives only until its (shortened)
+    /// expiry, and no longer counts towards the account's limit.
+    pub replaced_by: Option<KeyId>,
 }
 
 impl KeyRecord {
     /// Neither revoked nor expired at `now`. A key expires at the instant of `expires_at`.
     pub fn is_active(&self, now: OffsetDateTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|expiry| now < expiry)
+    }
+
+    /// Active at `now` and not replaced by a roll: what the active-key limit counts.
+    pub fn counts_towards_limit(&self, now: OffsetDateTime) -> bool {
+        self.is_active(now) && self.replaced_by.is_none()
+    }
+}
+
+/// A roll for [`KeyStore::roll`], worked out by the service: the old key's new state, and the
+/// new key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roll {
+    /// The account both keys belong to.
+    pub account: AccountId,
+    /// The key being rolled.
+    pub old: KeyId,
+    /// The old key's `expires_at` as the service read it; the roll applies only if unchanged.
+    pub seen_expires_at: Option<OffsetDateTime>,
+    /// The old key's `replaced_by` as the service read it; the roll applies only if unchanged.
+    pub seen_replaced_by: Option<KeyId>,
+    /// The old key's new `expires_at` (never later than `seen_expires_at`).
+    pub old_expires_at: Option<OffsetDateTime>,
+    /// The new key, with `rotated_from` set to `old`; its `created_at` is the roll's instant.
+    pub new: KeyRecord,
+}
+
+impl Roll {
+    /// Whether `old` is still the key the service read: in the account, active at the roll's
+    /// instant, and with the expiry and successor it had then.
+    pub fn applies_to(&self, old: &KeyRecord) -> bool {
+        old.id == self.old
+            && old.account == self.account
+            && old.is_active(self.new.created_at)
+            && old.expires_at == self.seen_expires_at
+            && old.replaced_by == self.seen_replaced_by
     }
 }
 
@@ -87,8 +130,9 @@ impl KeyRecord {
 /// - A record is *active* at `now` when [`KeyRecord::is_active`] says so.
 #[async_trait]
 pub trait KeyStore: Debug + Send + Sync + 'static {
-    /// Stores a new record if its account has fewer than `max_active` records active at
-    /// `record.created_at`; the count and the insert are one atomic step.
+    /// Stores a new record if its account has fewer than `max_active` records that [count
+    /// towards the limit](KeyRecord::counts_towards_limit) at `record.created_at`; the count and
+    /// the insert are one atomic step.
     ///
     /// Errors: [`StoreError::LimitReached`] (nothing stored), [`StoreError::Duplicate`] when the id
     /// or the digest is already present (nothing stored).
@@ -105,6 +149,21 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// at `at`. Returns whether it did; `false` for an unknown id, another account's key, and a
     /// key already revoked or expired, so the three cannot be told apart.
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError>;
+
+    /// The account's record with this id, in any state; `None` for an unknown id and for another
+    /// account's key alike.
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Applies a roll as one atomic step, if [`Roll::applies_to`] the old key as stored: sets its
+    /// `expires_at` to `roll.old_expires_at` and its `replaced_by` to the new key's id, and
+    /// inserts the new key. Returns whether it did; `false` (nothing changed) when the old key is
+    /// gone, another account's, or changed since the service read it.
+    ///
+    /// Errors, nothing changed: [`StoreError::LimitReached`] when the old key was already
+    /// replaced (so the roll adds one key that [counts towards the
+    /// limit](KeyRecord::counts_towards_limit)) and `max_active` other keys of the account
+    /// count at the roll's instant; [`StoreError::Duplicate`] as for [`insert`](Self::insert).
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
 
     /// Sets `last_used_at = max(last_used_at, at)` for each pair, in one transaction where the
     /// backend has them. Unknown ids are ignored. Out-of-order batches never move a time back.
@@ -127,6 +186,12 @@ macro_rules! forward_key_store {
             }
             async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
                 (**self).revoke(account, id, at).await
+            }
+            async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+                (**self).find_by_id(account, id).await
+            }
+            async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+                (**self).roll(roll, max_active).await
             }
             async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
                 (**self).record_last_used(uses).await

@@ -9,7 +9,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     AccountId, ApiKey, AuthenticatedKey, Digest, Error, KeyFormat, KeyId, KeyService, KeyStore, ManualClock, NewKey,
-    Rejection,
+    Rejection, Scopes,
 };
 
 /// Accounts the model uses; few, so operations often meet another account's keys.
@@ -18,16 +18,64 @@ pub const ACCOUNTS: usize = 3;
 pub const MAX_ACTIVE: u32 = 3;
 /// Where the model's clock starts.
 pub const T0: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
+/// The longest grace period of a roll, in seconds: short, so grace periods often end.
+pub const MAX_GRACE: i64 = 600;
+/// The grants operations pick scopes from: `keys:*` ones, so that scopes decide what a key may
+/// do to other keys, and others that nest.
+pub const GRANTS: [&str; 8] =
+    ["*", "keys:*", "keys:read", "keys:write", "orders:*", "orders:read", "orders:read:own", "reports"];
+
+/// The grants picked by the bits of `mask`.
+pub fn scopes_of(mask: u8) -> Scopes {
+    let grants = GRANTS.iter().enumerate().filter(|(bit, _)| mask & (1 << bit) != 0).map(|(_, grant)| *grant);
+    Scopes::new(grants).unwrap_or_else(|_| Scopes::none())
+}
 
 /// One step. Indexes into the keys created so far are taken modulo their number.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Create { account: usize, name: Option<String>, expires_in: Option<i64> },
-    Verify { key: usize },
-    VerifyMutated { key: usize, position: usize, replacement: char },
-    Revoke { caller: usize, target: usize },
-    RevokeAsAdmin { account: usize, target: usize },
-    Advance { seconds: i64 },
+    /// The administrator's create; `scopes` is a mask over [`GRANTS`].
+    Create {
+        account: usize,
+        name: Option<String>,
+        expires_in: Option<i64>,
+        scopes: Option<u8>,
+    },
+    /// A create through the caller's key.
+    CreateAs {
+        caller: usize,
+        expires_in: Option<i64>,
+        scopes: Option<u8>,
+    },
+    Roll {
+        caller: usize,
+        target: usize,
+        grace: i64,
+    },
+    RollAsAdmin {
+        account: usize,
+        target: usize,
+        grace: i64,
+    },
+    Verify {
+        key: usize,
+    },
+    VerifyMutated {
+        key: usize,
+        position: usize,
+        replacement: char,
+    },
+    Revoke {
+        caller: usize,
+        target: usize,
+    },
+    RevokeAsAdmin {
+        account: usize,
+        target: usize,
+    },
+    Advance {
+        seconds: i64,
+    },
     Flush,
 }
 
@@ -68,11 +116,24 @@ struct ModelKey {
     expires_at: Option<OffsetDateTime>,
     revoked: bool,
     last_used_at: Option<OffsetDateTime>,
+    scopes: Scopes,
+    rotated_from: Option<KeyId>,
+    replaced_by: Option<KeyId>,
 }
 
 impl ModelKey {
     fn is_active(&self, now: OffsetDateTime) -> bool {
         !self.revoked && self.expires_at.is_none_or(|expiry| now < expiry)
+    }
+
+    /// SPEC §10: no scope `self` lacks, no later expiry.
+    fn can_manage(&self, scopes: &Scopes, expires_at: Option<OffsetDateTime>) -> bool {
+        scopes.is_within(&self.scopes)
+            && match (expires_at, self.expires_at) {
+                (_, None) => true,
+                (None, Some(_)) => false,
+                (Some(theirs), Some(mine)) => theirs <= mine,
+            }
     }
 }
 
@@ -85,6 +146,9 @@ struct Row {
     expires_at: Option<OffsetDateTime>,
     created_at: OffsetDateTime,
     last_used_at: Option<OffsetDateTime>,
+    scopes: Scopes,
+    rotated_from: Option<KeyId>,
+    replaced_by: Option<KeyId>,
 }
 
 struct Model {
@@ -98,9 +162,42 @@ impl Model {
         crate::Clock::now(&self.clock)
     }
 
-    fn active_count(&self, account: usize) -> usize {
+    /// The account's keys that count towards its limit (active, not replaced), `except` aside.
+    fn counted(&self, account: usize, except: Option<usize>) -> usize {
         let now = self.now();
-        self.keys.iter().filter(|key| key.account == account && key.is_active(now)).count()
+        let counts = |(index, key): &(usize, &ModelKey)| {
+            key.account == account && key.is_active(now) && key.replaced_by.is_none() && Some(*index) != except
+        };
+        self.keys.iter().enumerate().filter(counts).count()
+    }
+
+    /// Records a key the service created and checks what it returned.
+    fn add(
+        &mut self,
+        created: &crate::CreatedKey,
+        account: usize,
+        name: Option<String>,
+        rotated_from: Option<KeyId>,
+    ) -> Result<(), String> {
+        let token = created.key.expose_secret().to_owned();
+        ensure!(token.starts_with(created.prefix.as_str()), "the prefix is not the token's");
+        ensure_eq!(created.created_at, self.now());
+        ensure!(!leaks(&format!("{created:?}"), &token), "Debug of a created key shows the secret");
+        self.keys.push(ModelKey {
+            id: created.id,
+            account,
+            token,
+            prefix: created.prefix,
+            name,
+            created_at: created.created_at,
+            expires_at: created.expires_at,
+            revoked: false,
+            last_used_at: None,
+            scopes: created.scopes.clone(),
+            rotated_from,
+            replaced_by: None,
+        });
+        Ok(())
     }
 
     fn pick(&self, index: usize) -> Option<usize> {
@@ -120,6 +217,9 @@ impl Model {
                 expires_at: key.expires_at,
                 created_at: key.created_at,
                 last_used_at: key.last_used_at,
+                scopes: key.scopes.clone(),
+                rotated_from: key.rotated_from,
+                replaced_by: key.replaced_by,
             })
             .collect()
     }
@@ -136,6 +236,9 @@ fn listed(keys: &[ApiKey]) -> Vec<Row> {
                 expires_at: key.expires_at,
                 created_at: key.created_at,
                 last_used_at: key.last_used_at,
+                scopes: key.scopes.clone(),
+                rotated_from: key.rotated_from,
+                replaced_by: key.replaced_by,
             }
         })
         .collect()
@@ -149,6 +252,7 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
         KeyService::builder(store, KeyFormat::new("as", crate::Environment::LIVE).map_err(|error| error.to_string())?)
             .clock(clock.clone())
             .max_active_keys_per_account(MAX_ACTIVE)
+            .max_grace(std::time::Duration::from_secs(MAX_GRACE.unsigned_abs()))
             .build();
     let accounts = (0..ACCOUNTS)
         .map(|i| AccountId::new(format!("model-{i}-{}", KeyId::generate())).map_err(|e| e.to_string()))
@@ -156,7 +260,11 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
     let mut model = Model { accounts, keys: Vec::new(), clock };
 
     for op in ops {
+        let expiries: Vec<Option<OffsetDateTime>> = model.keys.iter().map(|key| key.expires_at).collect();
         apply(&service, &mut model, op).await?;
+        for (key, before) in model.keys.iter().zip(expiries) {
+            ensure!(crate::key::expires_no_later(key.expires_at, before), "an expiry moved later after {:?}", op);
+        }
         for account in 0..ACCOUNTS {
             let keys = service.list(&model.accounts[account]).await.map_err(|error| format!("list: {error}"))?;
             ensure_eq!(listed(&keys), model.expected_list(account), "list of account {} after {:?}", account, op);
@@ -175,9 +283,10 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
 async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op) -> Result<(), String> {
     let now = model.now();
     match op {
-        Op::Create { account, name, expires_in } => {
+        Op::Create { account, name, expires_in, scopes } => {
             let expires_at = expires_in.map(|seconds| now + Duration::seconds(seconds));
-            let request = NewKey { name: name.clone(), expires_at };
+            let scopes = scopes.map(scopes_of);
+            let request = NewKey { name: name.clone(), expires_at, scopes: scopes.clone() };
             let outcome = service.create(&model.accounts[*account], request).await;
             let name_valid = name.as_ref().is_none_or(|name| crate::KeyName::new(name.clone()).is_ok());
             if !name_valid {
@@ -188,25 +297,76 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                     "{:?}",
                     outcome
                 );
-            } else if model.active_count(*account) >= MAX_ACTIVE as usize {
+            } else if model.counted(*account, None) >= MAX_ACTIVE as usize {
                 ensure!(matches!(outcome, Err(Error::KeyLimitReached { limit: MAX_ACTIVE })), "{:?}", outcome);
             } else {
                 let created = outcome.map_err(|error| format!("create failed: {error}"))?;
-                let token = created.key.expose_secret().to_owned();
-                ensure!(token.starts_with(created.prefix.as_str()), "the prefix is not the token's");
-                ensure_eq!(created.created_at, now);
-                ensure!(!leaks(&format!("{created:?}"), &token), "Debug of a created key shows the secret");
-                model.keys.push(ModelKey {
-                    id: created.id,
-                    account: *account,
-                    token,
-                    prefix: created.prefix,
-                    name: name.clone(),
-                    created_at: now,
-                    expires_at,
-                    revoked: false,
-                    last_used_at: None,
-                });
+                ensure_eq!(created.scopes, scopes.unwrap_or_default());
+                ensure_eq!(created.expires_at, expires_at);
+                model.add(&created, *account, name.clone(), None)?;
+            }
+        }
+        Op::CreateAs { caller, expires_in, scopes } => {
+            let Some(caller) = model.pick(*caller) else { return Ok(()) };
+            let Some(authenticated) = verify_as_model_says(service, model, caller).await? else { return Ok(()) };
+            let requested_expiry = expires_in.map(|seconds| now + Duration::seconds(seconds));
+            let requested_scopes = scopes.map(scopes_of);
+            let request = NewKey { name: None, expires_at: requested_expiry, scopes: requested_scopes.clone() };
+            let outcome = service.create_as(&authenticated, request).await;
+            let creator = &model.keys[caller];
+            let scopes = requested_scopes.unwrap_or_else(|| creator.scopes.clone());
+            let expires_at = requested_expiry.or(creator.expires_at);
+            let account = creator.account;
+            if !creator.scopes.allows(Scopes::KEYS_WRITE) {
+                ensure!(matches!(outcome, Err(Error::InsufficientScope { .. })), "{:?}", outcome);
+            } else if requested_expiry.is_some_and(|expiry| expiry <= now) {
+                ensure!(
+                    matches!(outcome, Err(Error::Invalid(crate::ValidationError::ExpiryNotInFuture))),
+                    "{:?}",
+                    outcome
+                );
+            } else if !creator.can_manage(&scopes, expires_at) {
+                ensure!(matches!(outcome, Err(Error::ScopeEscalation)), "{:?}", outcome);
+            } else if model.counted(account, None) >= MAX_ACTIVE as usize {
+                ensure!(matches!(outcome, Err(Error::KeyLimitReached { limit: MAX_ACTIVE })), "{:?}", outcome);
+            } else {
+                let created = outcome.map_err(|error| format!("create through a key failed: {error}"))?;
+                ensure_eq!(created.scopes, scopes);
+                ensure_eq!(created.expires_at, expires_at);
+                ensure!(created.scopes.is_within(&model.keys[caller].scopes), "a key made a more capable key");
+                model.add(&created, account, None, None)?;
+            }
+        }
+        Op::Roll { caller, target, grace } => {
+            let (Some(caller), Some(target)) = (model.pick(*caller), model.pick(*target)) else { return Ok(()) };
+            let Some(authenticated) = verify_as_model_says(service, model, caller).await? else { return Ok(()) };
+            let outcome = service.roll(&authenticated, &model.keys[target].id, grace_of(*grace)).await;
+            let (roller, old) = (&model.keys[caller], &model.keys[target]);
+            if !roller.scopes.allows(Scopes::KEYS_WRITE) {
+                ensure!(matches!(outcome, Err(Error::InsufficientScope { .. })), "{:?}", outcome);
+            } else if *grace > MAX_GRACE {
+                expect_invalid_grace(&outcome)?;
+            } else if caller == target && *grace == 0 {
+                ensure!(matches!(outcome, Err(Error::CannotExpireCurrentKey)), "{:?}", outcome);
+            } else if old.account != roller.account || !old.is_active(now) {
+                ensure!(matches!(outcome, Err(Error::NotFound)), "{:?}", outcome);
+            } else if !roller.can_manage(&old.scopes, old.expires_at) {
+                ensure!(matches!(outcome, Err(Error::ScopeEscalation)), "{:?}", outcome);
+            } else {
+                expect_roll(model, target, *grace, outcome)?;
+            }
+        }
+        Op::RollAsAdmin { account, target, grace } => {
+            let Some(target) = model.pick(*target) else { return Ok(()) };
+            let outcome =
+                service.roll_as_admin(&model.accounts[*account], &model.keys[target].id, grace_of(*grace)).await;
+            let old = &model.keys[target];
+            if *grace > MAX_GRACE {
+                expect_invalid_grace(&outcome)?;
+            } else if old.account != *account || !old.is_active(now) {
+                ensure!(matches!(outcome, Err(Error::NotFound)), "{:?}", outcome);
+            } else {
+                expect_roll(model, target, *grace, outcome)?;
             }
         }
         Op::Verify { key } => {
@@ -233,12 +393,16 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let (Some(caller), Some(target)) = (model.pick(*caller), model.pick(*target)) else { return Ok(()) };
             let Some(authenticated) = verify_as_model_says(service, model, caller).await? else { return Ok(()) };
             let outcome = service.revoke(&authenticated, &model.keys[target].id).await;
-            if caller == target {
+            let (revoker, target_key) = (&model.keys[caller], &model.keys[target]);
+            let found = target_key.account == revoker.account && target_key.is_active(now);
+            if !revoker.scopes.allows(Scopes::KEYS_WRITE) {
+                ensure!(matches!(outcome, Err(Error::InsufficientScope { .. })), "{:?}", outcome);
+            } else if caller == target {
                 ensure!(matches!(outcome, Err(Error::CannotRevokeSelf)), "{:?}", outcome);
+            } else if found && !revoker.can_manage(&target_key.scopes, target_key.expires_at) {
+                ensure!(matches!(outcome, Err(Error::ScopeEscalation)), "{:?}", outcome);
             } else {
-                let target_key = &model.keys[target];
-                let revocable = target_key.account == model.keys[caller].account && target_key.is_active(now);
-                expect_revocation(model, target, revocable, outcome)?;
+                expect_revocation(model, target, found, outcome)?;
             }
         }
         Op::RevokeAsAdmin { account, target } => {
@@ -273,6 +437,8 @@ async fn verify_as_model_says<S: KeyStore>(
         let authenticated = outcome.map_err(|rejection| format!("a valid key was refused: {rejection}"))?;
         ensure_eq!(authenticated.id, key.id);
         ensure_eq!(&authenticated.account, &model.accounts[key.account]);
+        ensure_eq!(&authenticated.scopes, &key.scopes);
+        ensure_eq!(authenticated.expires_at, key.expires_at);
         key.last_used_at = Some(now);
         Ok(Some(authenticated))
     }
@@ -290,5 +456,44 @@ fn expect_revocation(
     } else {
         ensure!(matches!(outcome, Err(Error::NotFound)), "{:?}", outcome);
     }
+    Ok(())
+}
+
+fn grace_of(seconds: i64) -> std::time::Duration {
+    std::time::Duration::from_secs(seconds.unsigned_abs())
+}
+
+fn expect_invalid_grace(outcome: &Result<crate::RolledKey, Error>) -> Result<(), String> {
+    ensure!(matches!(outcome, Err(Error::Invalid(crate::ValidationError::GraceOutOfRange))), "{:?}", outcome);
+    Ok(())
+}
+
+/// Checks a roll of key `target` the model allows, and applies it to the model: the new key
+/// copies name, scopes and expiry; the old one ends at the grace period's end or its own expiry.
+fn expect_roll(
+    model: &mut Model,
+    target: usize,
+    grace: i64,
+    outcome: Result<crate::RolledKey, Error>,
+) -> Result<(), String> {
+    let now = model.now();
+    let old = &model.keys[target];
+    if old.replaced_by.is_some() && model.counted(old.account, Some(target)) >= MAX_ACTIVE as usize {
+        ensure!(matches!(outcome, Err(Error::KeyLimitReached { limit: MAX_ACTIVE })), "{:?}", outcome);
+        return Ok(());
+    }
+    let rolled = outcome.map_err(|error| format!("roll failed: {error}"))?;
+    let grace_ends = now + Duration::seconds(grace);
+    let old_expires_at = old.expires_at.map_or(grace_ends, |expiry| expiry.min(grace_ends));
+    ensure_eq!(rolled.previous.id, old.id);
+    ensure_eq!(rolled.previous.expires_at, old_expires_at);
+    ensure_eq!(rolled.key.scopes, old.scopes);
+    ensure_eq!(rolled.key.expires_at, old.expires_at);
+    ensure_eq!(rolled.key.name.as_ref().map(|name| name.to_string()), old.name);
+    let (account, name, old_id) = (old.account, old.name.clone(), old.id);
+    model.add(&rolled.key, account, name, Some(old_id))?;
+    let old = &mut model.keys[target];
+    old.expires_at = Some(old_expires_at);
+    old.replaced_by = Some(rolled.key.id);
     Ok(())
 }

@@ -17,14 +17,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -78,6 +79,10 @@ pub struct PostgresStore {
 /// The statements, with the schema filled in.
 struct Statements {
     find_by_digest: String,
+    find_by_id: String,
+    find_for_roll: String,
+    count_for_roll: String,
+    apply_roll: String,
     lock_account: String,
     insert_within_limit: String,
     import: String,
@@ -87,25 +92,34 @@ struct Statements {
     is_empty: String,
 }
 
-const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at";
+const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, rotated_from, replaced_by";
 
 impl Statements {
     fn new(schema: &str) -> Self {
         let keys = format!("{schema}.api_keys");
         Self {
             find_by_digest: format!("SELECT {COLUMNS} FROM {keys} WHERE digest = $1"),
+            find_by_id: format!("SELECT {COLUMNS} FROM {keys} WHERE id = $1 AND account = $2"),
+            // Under the account's lock: the row cannot change until the roll commits.
+            find_for_roll: format!("SELECT {COLUMNS} FROM {keys} WHERE id = $1 AND account = $2 FOR UPDATE"),
+            count_for_roll: format!(
+                "SELECT count(*) FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) AND replaced_by IS NULL AND id <> $3"
+            ),
+            apply_roll: format!("UPDATE {keys} SET expires_at = $2, replaced_by = $3 WHERE id = $1"),
             lock_account: format!(
                 "INSERT INTO {schema}.api_key_accounts (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
             ),
             insert_within_limit: format!(
-                "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
                  WHERE (SELECT count(*) FROM {keys} WHERE account = $2 AND revoked_at IS NULL \
-                        AND (expires_at IS NULL OR expires_at > $6)) < $10"
+                        AND (expires_at IS NULL OR expires_at > $6) AND replaced_by IS NULL) < $13"
             ),
             import: format!(
                 "INSERT INTO {keys} ({COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], \
-                 $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])"
+                 $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
+                 $10::text[], $11::uuid[], $12::uuid[])"
             ),
             list_active: format!(
                 "SELECT {COLUMNS} FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
@@ -127,9 +141,11 @@ impl Statements {
 }
 
 /// Version 1: the keys, the account rows that serialise creates, and the index of unrevoked keys.
-fn migrations(schema: &str) -> [String; 1] {
-    [format!(
-        "CREATE TABLE {schema}.api_keys (
+/// Version 2: scopes (grants joined by spaces; keys from version 1 hold every scope) and rolls.
+fn migrations(schema: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE TABLE {schema}.api_keys (
             digest       BYTEA       NOT NULL PRIMARY KEY,
             id           UUID        NOT NULL UNIQUE,
             account      TEXT        NOT NULL,
@@ -143,7 +159,12 @@ fn migrations(schema: &str) -> [String; 1] {
         CREATE INDEX api_keys_unrevoked_by_account ON {schema}.api_keys (account, created_at, id)
             WHERE revoked_at IS NULL;
         CREATE TABLE {schema}.api_key_accounts (account TEXT NOT NULL PRIMARY KEY);"
-    )]
+        ),
+        format!(
+            "ALTER TABLE {schema}.api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '*',
+                ADD COLUMN rotated_from UUID, ADD COLUMN replaced_by UUID;"
+        ),
+    ]
 }
 
 impl PostgresStore {
@@ -290,8 +311,26 @@ impl PostgresStore {
                     times(|record| record.last_used_at),
                     times(|record| record.revoked_at),
                 );
-                let parameters: [&(dyn ToSql + Sync); 9] =
-                    [&ids, &accounts, &digests, &prefixes, &names, &created, &expires, &used, &revoked];
+                let scopes: Vec<String> = chunk.iter().map(|record| record.scopes.to_text()).collect();
+                let key_ids = |id: fn(&KeyRecord) -> Option<KeyId>| {
+                    chunk.iter().map(|record| id(record).map(|id| *id.as_uuid())).collect::<Vec<_>>()
+                };
+                let (rotated_from, replaced_by) =
+                    (key_ids(|record| record.rotated_from), key_ids(|record| record.replaced_by));
+                let parameters: [&(dyn ToSql + Sync); 12] = [
+                    &ids,
+                    &accounts,
+                    &digests,
+                    &prefixes,
+                    &names,
+                    &created,
+                    &expires,
+                    &used,
+                    &revoked,
+                    &scopes,
+                    &rotated_from,
+                    &replaced_by,
+                ];
                 transaction.execute(&statement, &parameters).await?;
             }
             transaction.commit().await?;
@@ -418,6 +457,8 @@ struct Columns<'a> {
     prefix: &'a str,
     name: Option<&'a str>,
     times: [Option<OffsetDateTime>; 4],
+    scopes: String,
+    rolls: [Option<&'a Uuid>; 2],
 }
 
 impl<'a> Columns<'a> {
@@ -429,13 +470,18 @@ impl<'a> Columns<'a> {
             prefix: record.prefix.as_str(),
             name: record.name.as_ref().map(|name| name.as_str()),
             times: [Some(record.created_at), record.expires_at, record.last_used_at, record.revoked_at],
+            scopes: record.scopes.to_text(),
+            rolls: [record.rotated_from.as_ref().map(KeyId::as_uuid), record.replaced_by.as_ref().map(KeyId::as_uuid)],
         }
     }
 
-    /// The nine parameters, then the limit.
-    fn with_limit<'b>(&'b self, limit: &'b i64) -> [&'b (dyn ToSql + Sync); 10] {
+    /// The twelve parameters, then the limit.
+    fn with_limit<'b>(&'b self, limit: &'b i64) -> [&'b (dyn ToSql + Sync); 13] {
         let [created, expires, used, revoked] = &self.times;
-        [self.id, &self.account, &self.digest, &self.prefix, &self.name, created, expires, used, revoked, limit]
+        let [rotated_from, replaced_by] = &self.rolls;
+        let (id, account, digest, prefix, name, scopes) =
+            (self.id, &self.account, &self.digest, &self.prefix, &self.name, &self.scopes);
+        [id, account, digest, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by, limit]
     }
 }
 
@@ -454,6 +500,9 @@ fn record_from_row(row: &Row) -> Result<KeyRecord, Failure> {
         expires_at: row.try_get(6)?,
         last_used_at: row.try_get(7)?,
         revoked_at: row.try_get(8)?,
+        scopes: Scopes::from_text(row.try_get::<_, &str>(9)?).ok_or_else(|| corrupt("scopes", "not a valid set"))?,
+        rotated_from: row.try_get::<_, Option<Uuid>>(10)?.map(KeyId::from_uuid),
+        replaced_by: row.try_get::<_, Option<Uuid>>(11)?.map(KeyId::from_uuid),
     })
 }
 
@@ -504,6 +553,50 @@ impl KeyStore for PostgresStore {
             Ok(client.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1)
         })
         .await
+    }
+
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.call("find_by_id", async |client| {
+            let statement = client.prepare_cached(&self.sql.find_by_id).await?;
+            let row = client.query_opt(&statement, &[id.as_uuid(), &account.as_str()]).await?;
+            row.as_ref().map(record_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        let rolled = self
+            .call("roll", async |client| {
+                let transaction = client.transaction().await?;
+                let lock = transaction.prepare_cached(&self.sql.lock_account).await?;
+                transaction.execute(&lock, &[&roll.account.as_str()]).await?;
+                let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
+                let old = transaction.query_opt(&find, &[roll.old.as_uuid(), &roll.account.as_str()]).await?;
+                if !old.as_ref().map(record_from_row).transpose()?.is_some_and(|old| roll.applies_to(&old)) {
+                    return Ok(Some(false));
+                }
+                if roll.seen_replaced_by.is_some() {
+                    let count = transaction.prepare_cached(&self.sql.count_for_roll).await?;
+                    let parameters: [&(dyn ToSql + Sync); 3] =
+                        [&roll.account.as_str(), &roll.new.created_at, roll.old.as_uuid()];
+                    let counted: i64 = transaction.query_one(&count, &parameters).await?.try_get(0)?;
+                    if counted >= i64::from(max_active) {
+                        return Ok(None);
+                    }
+                }
+                let apply = transaction.prepare_cached(&self.sql.apply_roll).await?;
+                let parameters: [&(dyn ToSql + Sync); 3] =
+                    [roll.old.as_uuid(), &roll.old_expires_at, roll.new.id.as_uuid()];
+                transaction.execute(&apply, &parameters).await?;
+                let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
+                // The limit was checked above where it applies; the new key is inserted as is.
+                let no_limit = i64::MAX;
+                transaction.execute(&insert, &Columns::of(&roll.new).with_limit(&no_limit)).await?;
+                transaction.commit().await?;
+                Ok(Some(true))
+            })
+            .await?;
+        rolled.ok_or(StoreError::LimitReached { limit: max_active })
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -11,23 +11,41 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::writer::{self, Writer};
-use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION: u64 = 2;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
-/// digest -> (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at); times
-/// in Unix microseconds. Verification reads this table only.
-type RecordValue =
+/// digest -> (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes,
+/// rotated_from, replaced_by); times in Unix microseconds, scopes joined by spaces. Verification
+/// reads this table only.
+type RecordValue = RecordValueRef<'static>;
+const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys_v2");
+type RecordValueRef<'a> = (
+    &'a [u8; 16],
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    &'a str,
+    Option<&'a [u8; 16]>,
+    Option<&'a [u8; 16]>,
+);
+/// Schema version 1's records: the same without the last three fields. Migration moves them.
+type RecordValueV1 =
     (&'static [u8; 16], &'static str, &'static str, Option<&'static str>, i64, Option<i64>, Option<i64>, Option<i64>);
-const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys");
+const RECORDS_V1: TableDefinition<&[u8; Digest::LEN], RecordValueV1> = TableDefinition::new("api_keys");
 /// id -> digest, for revocation and lastUsedAt.
 const IDS: TableDefinition<&[u8; 16], &[u8; Digest::LEN]> = TableDefinition::new("api_keys_by_id");
 /// (account, created_at, id) -> digest: an account's keys that are not revoked, in list order.
@@ -181,7 +199,7 @@ fn io_open_error(path: &Path, error: std::io::Error) -> OpenError {
     }
 }
 
-/// Creates the tables of a new file, refuses a newer or a foreign one.
+/// Creates the tables of a new file, upgrades an older one, refuses a newer or a foreign one.
 fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
     let found = (|| -> Result<Option<u64>, redb::Error> {
         let transaction = database.begin_write()?;
@@ -191,6 +209,9 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
             None if tables > 0 => return Ok(None),
             Some(found) if found > SCHEMA_VERSION => return Ok(Some(found)),
             _ => {}
+        }
+        if found == Some(1) {
+            upgrade_from_v1(&transaction)?;
         }
         transaction.open_table(RECORDS)?;
         transaction.open_table(IDS)?;
@@ -209,8 +230,39 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
     }
 }
 
+/// Version 1 to 2: every record moves to the new table with scopes `*` and no roll, in the
+/// migration's one transaction.
+fn upgrade_from_v1(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = transaction.open_table(RECORDS_V1)?;
+        let mut records = transaction.open_table(RECORDS)?;
+        for entry in old.iter()? {
+            let (digest, value) = entry?;
+            let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value.value();
+            let upgraded =
+                (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, "*", None, None);
+            records.insert(digest.value(), upgraded)?;
+        }
+    }
+    transaction.delete_table(RECORDS_V1)?;
+    Ok(())
+}
+
 fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
-    let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value;
+    let (
+        id,
+        account,
+        prefix,
+        name,
+        created_at,
+        expires_at,
+        last_used_at,
+        revoked_at,
+        scopes,
+        rotated_from,
+        replaced_by,
+    ) = value;
+    let key_id = |id: &[u8; 16]| KeyId::from_uuid(Uuid::from_bytes(*id));
     let time = |micros: i64| from_unix_micros(micros).ok_or("invalid time in record");
     Ok(KeyRecord {
         id: KeyId::from_uuid(Uuid::from_bytes(*id)),
@@ -222,13 +274,27 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
         expires_at: expires_at.map(time).transpose()?,
         last_used_at: last_used_at.map(time).transpose()?,
         revoked_at: revoked_at.map(time).transpose()?,
+        scopes: Scopes::from_text(scopes).ok_or("invalid scopes in record")?,
+        rotated_from: rotated_from.map(key_id),
+        replaced_by: replaced_by.map(key_id),
     })
 }
 
-type RecordValueRef<'a> = (&'a [u8; 16], &'a str, &'a str, Option<&'a str>, i64, Option<i64>, Option<i64>, Option<i64>);
-
 fn is_active(expires_at: Option<i64>, revoked_at: Option<i64>, now: i64) -> bool {
     revoked_at.is_none() && expires_at.is_none_or(|expiry| now < expiry)
+}
+
+/// The record with this id, read in a write transaction, with its digest.
+fn find_in(
+    transaction: &redb::WriteTransaction,
+    id: &KeyId,
+) -> Result<Option<([u8; Digest::LEN], StoredValue)>, WriteError> {
+    let ids = transaction.open_table(IDS)?;
+    let records = transaction.open_table(RECORDS)?;
+    let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
+        return Ok(None);
+    };
+    Ok(records.get(&digest)?.map(|found| (digest, StoredValue::copy(found.value()))))
 }
 
 /// The range of `BY_ACCOUNT` keys that belong to `account`.
@@ -241,7 +307,8 @@ impl KeyStore for RedbStore {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
         let record = record.clone();
         self.write("insert", move |transaction| {
-            if count_active(transaction, &record.account, unix_micros(record.created_at))? >= u64::from(max_active) {
+            let now = unix_micros(record.created_at);
+            if count_towards_limit(transaction, &record.account, now, None)? >= u64::from(max_active) {
                 return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
             }
             insert_record(transaction, &record)
@@ -279,15 +346,11 @@ impl KeyStore for RedbStore {
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
         let (account, id) = (account.clone(), *id);
         self.write("revoke", move |transaction| {
-            let ids = transaction.open_table(IDS)?;
+            let Some((digest, mut found)) = find_in(transaction, &id)? else {
+                return Ok(false);
+            };
             let mut records = transaction.open_table(RECORDS)?;
             let mut by_account = transaction.open_table(BY_ACCOUNT)?;
-            let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
-                return Ok(false);
-            };
-            let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else {
-                return Ok(false);
-            };
             let at = unix_micros(at);
             if found.account != account.as_str() || !is_active(found.expires_at, found.revoked_at, at) {
                 return Ok(false);
@@ -300,25 +363,57 @@ impl KeyStore for RedbStore {
         .await
     }
 
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.read("find_by_id", |transaction| {
+            let ids = transaction.open_table(IDS)?;
+            let records = transaction.open_table(RECORDS)?;
+            let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
+                return Ok(None);
+            };
+            let found = records.get(&digest)?;
+            let record = found.map(|found| record_from_value(&digest, found.value())).transpose()?;
+            Ok(record.filter(|record| record.account == *account))
+        })
+    }
+
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        let roll = roll.clone();
+        self.write("roll", move |transaction| {
+            let Some((digest, mut old)) = find_in(transaction, &roll.old)? else {
+                return Ok(false);
+            };
+            if !roll.applies_to(&record_from_value(&digest, old.as_value()).map_err(WriteError::Backend)?) {
+                return Ok(false);
+            }
+            if roll.seen_replaced_by.is_some() {
+                let now = unix_micros(roll.new.created_at);
+                if count_towards_limit(transaction, &roll.account, now, Some(&roll.old))? >= u64::from(max_active) {
+                    return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
+                }
+            }
+            old.expires_at = roll.old_expires_at.map(unix_micros);
+            old.replaced_by = Some(*roll.new.id.as_uuid().as_bytes());
+            transaction.open_table(RECORDS)?.insert(&digest, old.as_value())?;
+            insert_record(transaction, &roll.new)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         if uses.is_empty() {
             return Ok(());
         }
         let uses = uses.to_vec();
         self.write("record_last_used", move |transaction| {
-            let ids = transaction.open_table(IDS)?;
-            let mut records = transaction.open_table(RECORDS)?;
             for (id, at) in uses {
-                let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else { continue };
-                let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else {
-                    continue;
-                };
+                let Some((digest, mut found)) = find_in(transaction, &id)? else { continue };
                 let at = unix_micros(at);
                 if found.last_used_at.is_some_and(|last| last >= at) {
                     continue;
                 }
                 found.last_used_at = Some(at);
-                records.insert(&digest, found.as_value())?;
+                transaction.open_table(RECORDS)?.insert(&digest, found.as_value())?;
             }
             Ok(())
         })
@@ -326,19 +421,27 @@ impl KeyStore for RedbStore {
     }
 }
 
-/// How many of the account's keys are active at `now`.
-fn count_active(transaction: &redb::WriteTransaction, account: &AccountId, now: i64) -> Result<u64, WriteError> {
+/// How many of the account's keys, `except` aside, count towards its limit at `now`: active and
+/// not replaced.
+fn count_towards_limit(
+    transaction: &redb::WriteTransaction,
+    account: &AccountId,
+    now: i64,
+    except: Option<&KeyId>,
+) -> Result<u64, WriteError> {
     let records = transaction.open_table(RECORDS)?;
     let by_account = transaction.open_table(BY_ACCOUNT)?;
-    let mut active = 0;
+    let except = except.map(|id| *id.as_uuid().as_bytes());
+    let mut counted = 0;
     for entry in by_account.range(account_range(account.as_str()))? {
         let (_, digest) = entry?;
         if let Some(existing) = records.get(digest.value())? {
-            let (.., expires_at, _, revoked_at) = existing.value();
-            active += u64::from(is_active(expires_at, revoked_at, now));
+            let (id, .., expires_at, _, revoked_at, _, _, replaced_by) = existing.value();
+            let counts = is_active(expires_at, revoked_at, now) && replaced_by.is_none() && Some(*id) != except;
+            counted += u64::from(counts);
         }
     }
-    Ok(active)
+    Ok(counted)
 }
 
 /// Inserts a record into the three tables; an id or digest already present is
@@ -352,6 +455,9 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
         return Err(WriteError::Store(StoreError::Duplicate));
     }
     let created_at = unix_micros(record.created_at);
+    let scopes = record.scopes.to_text();
+    let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
+    let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
     let value = (
         id,
         record.account.as_str(),
@@ -361,6 +467,9 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
         record.expires_at.map(unix_micros),
         record.last_used_at.map(unix_micros),
         record.revoked_at.map(unix_micros),
+        scopes.as_str(),
+        rotated_from.as_ref(),
+        replaced_by.as_ref(),
     );
     records.insert(digest, value)?;
     ids.insert(id, digest)?;
@@ -378,13 +487,39 @@ struct StoredValue {
     expires_at: Option<i64>,
     last_used_at: Option<i64>,
     revoked_at: Option<i64>,
+    scopes: String,
+    rotated_from: Option<[u8; 16]>,
+    replaced_by: Option<[u8; 16]>,
 }
 
 impl StoredValue {
     fn copy(value: RecordValueRef<'_>) -> Self {
-        let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value;
-        let (account, prefix, name) = (account.to_owned(), prefix.to_owned(), name.map(str::to_owned));
-        Self { id: *id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at }
+        let (
+            id,
+            account,
+            prefix,
+            name,
+            created_at,
+            expires_at,
+            last_used_at,
+            revoked_at,
+            scopes,
+            rotated_from,
+            replaced_by,
+        ) = value;
+        Self {
+            id: *id,
+            account: account.to_owned(),
+            prefix: prefix.to_owned(),
+            name: name.map(str::to_owned),
+            created_at,
+            expires_at,
+            last_used_at,
+            revoked_at,
+            scopes: scopes.to_owned(),
+            rotated_from: rotated_from.copied(),
+            replaced_by: replaced_by.copied(),
+        }
     }
 
     fn as_value(&self) -> RecordValueRef<'_> {
@@ -398,6 +533,9 @@ impl StoredValue {
             self.expires_at,
             self.last_used_at,
             self.revoked_at,
+            &self.scopes,
+            self.rotated_from.as_ref(),
+            self.replaced_by.as_ref(),
         )
     }
 }

@@ -11,23 +11,24 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::writer::{self, Writer};
-use super::{BackendError, KeyRecord, KeyStore, OpenError, StoreError};
+use super::{BackendError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
+use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of the file readers map into memory.
 const MMAP_SIZE: i64 = 1 << 30;
 
-const MIGRATIONS: [&str; 1] = [
+const MIGRATIONS: [&str; 2] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -44,17 +45,27 @@ const MIGRATIONS: [&str; 1] = [
     -- Only keys not revoked: counting and listing an account's keys never wade through the
     -- revoked ones, however many a create-then-revoke loop has left.
     CREATE INDEX api_keys_unrevoked_by_account ON api_keys (account, created_at, id) WHERE revoked_at IS NULL;",
+    // Version 2: scopes (grants joined by spaces; keys from version 1 hold every scope) and rolls.
+    "ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '*';
+    ALTER TABLE api_keys ADD COLUMN rotated_from BLOB;
+    ALTER TABLE api_keys ADD COLUMN replaced_by BLOB;",
 ];
 
 /// The columns of a record, in the order `record_from_row` reads them.
 macro_rules! columns {
     () => {
-        "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at"
+        "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, rotated_from, \
+         replaced_by"
     };
 }
 
-const INSERT: &str = concat!("INSERT INTO api_keys (", columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
+const INSERT: &str =
+    concat!("INSERT INTO api_keys (", columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)");
 const FIND_BY_DIGEST: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE digest = ?1");
+const FIND_BY_ID: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE id = ?1 AND account = ?2");
+/// The account's keys that count towards its limit at ?2, leaving out the key with id ?3 (if any).
+const COUNT_TOWARDS_LIMIT: &str = "SELECT count(*) FROM api_keys WHERE account = ?1 AND revoked_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > ?2) AND replaced_by IS NULL AND id IS NOT ?3";
 const LIST_ACTIVE: &str = concat!(
     "SELECT ",
     columns!(),
@@ -341,6 +352,9 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
     };
     let id: [u8; 16] = row.get(0)?;
     let name = row.get_ref(4)?.as_str_or_null()?;
+    let key_id = |column: usize| -> rusqlite::Result<Option<KeyId>> {
+        Ok(row.get::<_, Option<[u8; 16]>>(column)?.map(|id| KeyId::from_uuid(Uuid::from_bytes(id))))
+    };
     Ok(KeyRecord {
         id: KeyId::from_uuid(Uuid::from_bytes(id)),
         account: AccountId::new(row.get_ref(1)?.as_str()?).map_err(|_| invalid(1, "account"))?,
@@ -351,6 +365,9 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         expires_at: time(6)?,
         last_used_at: time(7)?,
         revoked_at: time(8)?,
+        scopes: Scopes::from_text(row.get_ref(9)?.as_str()?).ok_or_else(|| invalid(9, "scopes"))?,
+        rotated_from: key_id(10)?,
+        replaced_by: key_id(11)?,
     })
 }
 
@@ -364,15 +381,7 @@ impl KeyStore for SqliteStore {
         let record = record.clone();
         self.write("insert", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let active: i64 = transaction
-                .prepare_cached(
-                    "SELECT count(*) FROM api_keys WHERE account = ?1 AND revoked_at IS NULL
-                     AND (expires_at IS NULL OR expires_at > ?2)",
-                )?
-                .query_row(params![record.account.as_str(), unix_micros(record.created_at)], |row| row.get(0))?;
-            if active >= i64::from(max_active) {
-                return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
-            }
+            check_limit(&transaction, &record.account, record.created_at, None, max_active)?;
             insert_row(&transaction, &record)?;
             transaction.commit()?;
             Ok(())
@@ -409,6 +418,41 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.read("find_by_id", |connection| {
+            let mut statement = connection.prepare_cached(FIND_BY_ID)?;
+            statement.query_row(params![id.as_uuid().as_bytes(), account.as_str()], record_from_row).optional()
+        })
+    }
+
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        let roll = roll.clone();
+        self.write("roll", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let old = transaction
+                .prepare_cached(FIND_BY_ID)?
+                .query_row(params![roll.old.as_uuid().as_bytes(), roll.account.as_str()], record_from_row)
+                .optional()?;
+            if !old.is_some_and(|old| roll.applies_to(&old)) {
+                return Ok(false);
+            }
+            if roll.seen_replaced_by.is_some() {
+                check_limit(&transaction, &roll.account, roll.new.created_at, Some(&roll.old), max_active)?;
+            }
+            transaction
+                .prepare_cached("UPDATE api_keys SET expires_at = ?2, replaced_by = ?3 WHERE id = ?1")?
+                .execute(params![
+                    roll.old.as_uuid().as_bytes(),
+                    micros(roll.old_expires_at),
+                    roll.new.id.as_uuid().as_bytes()
+                ])?;
+            insert_row(&transaction, &roll.new)?;
+            transaction.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         if uses.is_empty() {
             return Ok(());
@@ -416,6 +460,25 @@ impl KeyStore for SqliteStore {
         let uses = uses.to_vec();
         self.write("record_last_used", false, move |connection| Ok(write_last_used(connection, &uses)?)).await
     }
+}
+
+/// Fails with [`StoreError::LimitReached`] if `max_active` of the account's keys, `except` aside,
+/// count towards its limit at `now`.
+fn check_limit(
+    transaction: &rusqlite::Transaction<'_>,
+    account: &AccountId,
+    now: OffsetDateTime,
+    except: Option<&KeyId>,
+    max_active: u32,
+) -> Result<(), WriteError> {
+    let except = except.map(|id| id.as_uuid().as_bytes());
+    let counted: i64 = transaction
+        .prepare_cached(COUNT_TOWARDS_LIMIT)?
+        .query_row(params![account.as_str(), unix_micros(now), except], |row| row.get(0))?;
+    if counted >= i64::from(max_active) {
+        return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
+    }
+    Ok(())
 }
 
 /// Inserts one row; an id or digest already present is [`StoreError::Duplicate`].
@@ -430,6 +493,9 @@ fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Re
         micros(record.expires_at),
         micros(record.last_used_at),
         micros(record.revoked_at),
+        record.scopes.to_text(),
+        record.rotated_from.map(|id| *id.as_uuid().as_bytes()),
+        record.replaced_by.map(|id| *id.as_uuid().as_bytes()),
     ]);
     match inserted {
         Err(error) if error.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use apikeys::store::BoxError;
+use apikeys::store::Roll;
 use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError};
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -54,9 +55,19 @@ pub enum Call {
     ListActive,
     Revoke,
     RecordLastUsed,
+    FindById,
+    Roll,
 }
 
-const CALLS: [Call; 5] = [Call::Insert, Call::FindByDigest, Call::ListActive, Call::Revoke, Call::RecordLastUsed];
+const CALLS: [Call; 7] = [
+    Call::Insert,
+    Call::FindByDigest,
+    Call::ListActive,
+    Call::Revoke,
+    Call::RecordLastUsed,
+    Call::FindById,
+    Call::Roll,
+];
 
 /// What a wrapped call does wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +87,7 @@ pub enum Fault {
 #[derive(Debug, Default)]
 pub struct Instrumented<S> {
     pub inner: S,
-    counts: [AtomicUsize; 5],
+    counts: [AtomicUsize; CALLS.len()],
     faults: Mutex<Vec<(Call, Fault)>>,
     /// Fails the call with this number (counting every method from 0), once, in this way.
     numbered: Mutex<Option<(usize, Fault)>>,
@@ -185,6 +196,12 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.call(Call::RecordLastUsed, self.inner.record_last_used(uses)).await
+    }
+    async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.call(Call::FindById, self.inner.find_by_id(account, id)).await
+    }
+    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        self.call(Call::Roll, self.inner.roll(roll, max_active)).await
     }
 }
 

@@ -2,7 +2,7 @@
 //! opens the store inside the test's runtime (a PostgreSQL pool belongs to one).
 
 use apikeys::KeyStore;
-use apikeys::store::model::{ACCOUNTS, Op};
+use apikeys::store::model::{ACCOUNTS, GRANTS, MAX_GRACE, Op};
 use proptest::prelude::*;
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -13,9 +13,17 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => Just(Some("bad\nname".to_owned())),
         1 => Just(Some("x".repeat(256))),
     ];
-    let expires_in = prop_oneof![3 => Just(None), 3 => (1i64..600).prop_map(Some), 1 => (-60i64..=0).prop_map(Some)];
+    let expires_in = || prop_oneof![3 => Just(None), 3 => (1i64..600).prop_map(Some), 1 => (-60i64..=0).prop_map(Some)];
+    // Half the keys hold every scope, as keys from before scopes do.
+    let scopes = || prop_oneof![2 => Just(None), 2 => (0u8..=u8::MAX >> (8 - GRANTS.len())).prop_map(Some)];
+    let grace = prop_oneof![2 => Just(0i64), 3 => 1i64..=MAX_GRACE, 1 => Just(MAX_GRACE + 1)];
     prop_oneof![
-        4 => (0..ACCOUNTS, name, expires_in).prop_map(|(account, name, expires_in)| Op::Create { account, name, expires_in }),
+        4 => (0..ACCOUNTS, name, expires_in(), scopes())
+            .prop_map(|(account, name, expires_in, scopes)| Op::Create { account, name, expires_in, scopes }),
+        3 => (any::<usize>(), expires_in(), scopes())
+            .prop_map(|(caller, expires_in, scopes)| Op::CreateAs { caller, expires_in, scopes }),
+        3 => (any::<usize>(), any::<usize>(), grace.clone()).prop_map(|(caller, target, grace)| Op::Roll { caller, target, grace }),
+        1 => (0..ACCOUNTS, any::<usize>(), grace).prop_map(|(account, target, grace)| Op::RollAsAdmin { account, target, grace }),
         6 => any::<usize>().prop_map(|key| Op::Verify { key }),
         2 => (any::<usize>(), any::<usize>(), prop::sample::select(vec!['a', 'q', '2', '7', '_', 'Z', '0', 'é']))
             .prop_map(|(key, position, replacement)| Op::VerifyMutated { key, position, replacement }),

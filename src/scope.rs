@@ -1,0 +1,310 @@
+//! [`Scopes`]: what a key may do, as a set of grants (SPEC §10).
+//!
+//! A *scope* names one permission, e.g. `orders:read`: 1 to 8 segments joined by `:`, each a
+//! lowercase letter followed by up to 31 lowercase letters, digits, `_` or `-`, at most 128
+//! characters in all. A *grant* is a scope, a wildcard `prefix:*` (every scope that starts with
+//! `prefix:`), or `*` (every scope).
+//!
+//! One rule decides everything: a grant `g` covers a grant or scope `s` when `g` is `s`, or `g`
+//! ends in `*` and `s` starts with what precedes the `*`. So `orders:*` covers `orders:read`,
+//! `orders:read:own` and `orders:archive:*`, but not `orders` and not `*`: a wildcard is covered
+//! only by an equal or wider wildcard, never by any number of concrete grants.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::ValidationError;
+
+/// The grants of a key: the scopes it may act in. Cheap to clone; `["*"]` (every scope, which
+/// keys made before scopes existed hold) takes no allocation.
+///
+/// Kept in a canonical form: sorted, without duplicates and without grants that another grant
+/// covers, so two sets that allow the same scopes are equal.
+///
+/// ```
+/// # use apikeys::Scopes;
+/// let scopes = Scopes::new(["orders:read", "reports:*"]).unwrap();
+/// assert!(scopes.allows("orders:read"));
+/// assert!(scopes.allows("reports:monthly:pdf"));
+/// assert!(!scopes.allows("orders:write"));
+/// assert!(Scopes::new(["reports:monthly"]).unwrap().is_within(&scopes));
+/// assert!(!Scopes::all().is_within(&scopes));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Scopes(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    /// `["*"]`.
+    All,
+    /// Any other canonical set, `[]` included.
+    Listed(Arc<[Box<str>]>),
+}
+
+impl Scopes {
+    /// The most grants one key may hold.
+    pub const MAX_GRANTS: usize = 64;
+    /// The longest scope or grant, in characters.
+    pub const MAX_LEN: usize = 128;
+    /// Reading the account's keys through the HTTP API.
+    pub const KEYS_READ: &'static str = "keys:read";
+    /// Creating, rolling and revoking the account's keys through a key.
+    pub const KEYS_WRITE: &'static str = "keys:write";
+
+    /// Validates a set of grants. Order and duplicates do not matter.
+    pub fn new<I>(grants: I) -> Result<Self, ValidationError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut grants = grants
+            .into_iter()
+            .map(|grant| {
+                let grant = grant.as_ref();
+                is_grant(grant).then(|| Box::<str>::from(grant)).ok_or(ValidationError::Scope)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if grants.len() > Self::MAX_GRANTS {
+            return Err(ValidationError::TooManyScopes);
+        }
+        grants.sort_unstable();
+        grants.dedup();
+        let redundant: Vec<bool> =
+            grants.iter().map(|grant| grants.iter().any(|other| other != grant && covers(other, grant))).collect();
+        let mut redundant = redundant.into_iter();
+        grants.retain(|_| !redundant.next().unwrap_or(false));
+        if grants.len() == 1 && &*grants[0] == "*" {
+            return Ok(Self::all());
+        }
+        Ok(Self(Repr::Listed(grants.into())))
+    }
+
+    /// `["*"]`: every scope.
+    pub const fn all() -> Self {
+        Self(Repr::All)
+    }
+
+    /// `[]`: no scope at all. Such a key authenticates, but every scope check refuses it.
+    pub fn none() -> Self {
+        Self(Repr::Listed(Arc::new([])))
+    }
+
+    /// Whether a grant covers `scope`. A string that is not a valid scope is never allowed, not
+    /// even by `*`, so a typo in a route's requirement fails closed.
+    pub fn allows(&self, scope: &str) -> bool {
+        is_scope(scope) && self.iter().any(|grant| covers(grant, scope))
+    }
+
+    /// Whether every grant of `self` is covered by a grant of `other`: a key with `self` can do
+    /// nothing that a key with `other` cannot.
+    pub fn is_within(&self, other: &Self) -> bool {
+        matches!(other.0, Repr::All) || self.iter().all(|grant| other.iter().any(|wider| covers(wider, grant)))
+    }
+
+    /// The grants, in canonical order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> {
+        let grants: &[Box<str>] = match &self.0 {
+            Repr::All => &[],
+            Repr::Listed(grants) => grants,
+        };
+        let all = matches!(self.0, Repr::All).then_some("*");
+        // One of the two is empty; chaining keeps a single iterator type.
+        OneOrMany { one: all, many: grants.iter() }
+    }
+
+    /// How many grants.
+    pub fn len(&self) -> usize {
+        self.iter().len()
+    }
+
+    /// Whether there is no grant (`[]`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The grants joined by single spaces (no grant holds one), as the SQLite and redb stores
+    /// keep them: `""` for `[]`.
+    pub(crate) fn to_text(&self) -> String {
+        self.iter().collect::<Vec<_>>().join(" ")
+    }
+
+    /// Reads what [`to_text`](Self::to_text) wrote; `None` if it is not a valid set.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "redb", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn from_text(text: &str) -> Option<Self> {
+        if text == "*" {
+            return Some(Self::all());
+        }
+        Self::new(text.split(' ').filter(|grant| !grant.is_empty())).ok()
+    }
+}
+
+impl Default for Scopes {
+    /// `["*"]`, what keys made without naming scopes hold.
+    fn default() -> Self {
+        Self::all()
+    }
+}
+
+struct OneOrMany<'a> {
+    one: Option<&'static str>,
+    many: std::slice::Iter<'a, Box<str>>,
+}
+
+impl<'a> Iterator for OneOrMany<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        self.one.take().or_else(|| self.many.next().map(|grant| &**grant))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let len = usize::from(self.one.is_some()) + self.many.len();
+        (len, Some(len))
+    }
+}
+
+impl ExactSizeIterator for OneOrMany<'_> {}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("(none)");
+        }
+        f.write_str(&self.to_text())
+    }
+}
+
+/// `grant` covers `other` (a scope or a grant): see the module docs.
+pub(crate) fn covers(grant: &str, other: &str) -> bool {
+    match grant.strip_suffix('*') {
+        Some(prefix) => other.starts_with(prefix),
+        None => grant == other,
+    }
+}
+
+/// 1–8 segments of `[a-z][a-z0-9_-]{0,31}` joined by `:`, at most 128 characters.
+pub(crate) fn is_scope(scope: &str) -> bool {
+    scope.len() <= Scopes::MAX_LEN && segments_valid(scope, 8)
+}
+
+/// `*`, a scope, or `prefix:*` where `prefix` is a scope of at most 7 segments (so that some
+/// scope can start with `prefix:`).
+fn is_grant(grant: &str) -> bool {
+    if grant.len() > Scopes::MAX_LEN {
+        return false;
+    }
+    match grant.strip_suffix(":*") {
+        _ if grant == "*" => true,
+        Some(prefix) => segments_valid(prefix, 7),
+        None => segments_valid(grant, 8),
+    }
+}
+
+fn segments_valid(text: &str, max_segments: usize) -> bool {
+    let mut count = 0;
+    text.split(':').all(|segment| {
+        count += 1;
+        let mut bytes = segment.bytes();
+        segment.len() <= 32
+            && bytes.next().is_some_and(|first| first.is_ascii_lowercase())
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    }) && count <= max_segments
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Scopes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Scopes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let grants = <Vec<String> as serde::Deserialize>::deserialize(deserializer)?;
+        Self::new(grants).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_and_grants_follow_the_grammar() {
+        for valid in ["orders", "orders:read", "a:b:c:d:e:f:g:h", "x_1-y:z9", &"a".repeat(32)] {
+            assert!(is_scope(valid), "{valid}");
+            assert!(is_grant(valid), "{valid}");
+        }
+        let long = ["abcdefghijklmnop"; 8].join(":"); // 8 × 16 + 7 = 135 characters
+        for invalid in [
+            "",
+            "Orders",
+            "1orders",
+            "orders:",
+            ":read",
+            "a::b",
+            "a:b:c:d:e:f:g:h:i",
+            "é",
+            "a b",
+            "*",
+            "a:*",
+            &long,
+            &"a".repeat(33),
+        ] {
+            assert!(!is_scope(invalid), "{invalid}");
+        }
+        for grant in ["*", "orders:*", "a:b:c:d:e:f:g:*"] {
+            assert!(is_grant(grant), "{grant}");
+        }
+        for invalid in ["**", "orders*", "orders:**", "*:read", "a:b:c:d:e:f:g:h:*", ":*", "orders:*:read"] {
+            assert!(!is_grant(invalid), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn wildcards_cover_by_prefix_and_only_wider_wildcards_cover_them() {
+        assert!(covers("*", "orders:read") && covers("*", "orders:*") && covers("*", "*"));
+        assert!(covers("orders:*", "orders:read") && covers("orders:*", "orders:read:own"));
+        assert!(covers("orders:*", "orders:archive:*") && covers("orders:*", "orders:*"));
+        assert!(!covers("orders:*", "orders") && !covers("orders:*", "*") && !covers("orders:*", "ordersx:read"));
+        assert!(!covers("orders:read", "orders:*") && !covers("orders:read", "orders:read:own"));
+    }
+
+    #[test]
+    fn the_canonical_form_drops_duplicates_and_covered_grants() {
+        let scopes = Scopes::new(["orders:read", "orders:*", "b", "b", "orders:x:*"]).unwrap();
+        assert_eq!(scopes.iter().collect::<Vec<_>>(), ["b", "orders:*"]);
+        assert_eq!(Scopes::new(["*", "orders:read"]).unwrap(), Scopes::all());
+        assert_eq!(Scopes::new(Vec::<String>::new()).unwrap(), Scopes::none());
+        assert_eq!(Scopes::all().iter().collect::<Vec<_>>(), ["*"]);
+    }
+
+    #[test]
+    fn the_number_of_grants_is_bounded() {
+        let grants: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+        assert_eq!(Scopes::new(&grants), Err(ValidationError::TooManyScopes));
+        assert!(Scopes::new(&grants[..64]).is_ok());
+    }
+
+    #[test]
+    fn text_round_trips() {
+        for scopes in [Scopes::all(), Scopes::none(), Scopes::new(["a:*", "b:c"]).unwrap()] {
+            assert_eq!(Scopes::from_text(&scopes.to_text()), Some(scopes));
+        }
+        assert_eq!(Scopes::from_text("NOT VALID"), None);
+    }
+
+    #[test]
+    fn an_invalid_scope_is_never_allowed() {
+        assert!(!Scopes::all().allows("Not A Scope"));
+        assert!(!Scopes::all().allows(""));
+        assert!(Scopes::all().allows("anything:at:all"));
+    }
+}
