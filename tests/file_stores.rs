@@ -111,7 +111,8 @@ async fn child(args: &[&str]) {
             Ok(_) => report!("opened"),
             Err(error) => report!("open-error {error}"),
         },
-        // Writes until killed: a create, and every third step a revocation of an earlier key.
+        // Writes until killed: a create; every third step a roll of the key just created, and
+        // every third step a revocation of an earlier key.
         "write-forever" | "write-until-full" => {
             let store = backend.open(path).unwrap();
             let account = AccountId::new("crash").unwrap();
@@ -124,6 +125,26 @@ async fn child(args: &[&str]) {
                 }
                 report!("created {} {}", new.id, hex(new.digest.as_bytes()));
                 created.push(new.id);
+                if index % 3 == 1 {
+                    let mut successor = record(&account, index);
+                    successor.rotated_from = Some(new.id);
+                    let roll = apikeys::store::Roll {
+                        account: account.clone(),
+                        old: new.id,
+                        seen_expires_at: None,
+                        seen_replaced_by: None,
+                        old_expires_at: Some(new.created_at + time::Duration::hours(1)),
+                        new: successor,
+                    };
+                    match store.roll(&roll, u32::MAX).await {
+                        Ok(true) => report!("rolled {} {} {}", new.id, roll.new.id, hex(roll.new.digest.as_bytes())),
+                        Ok(false) => panic!("the roll of a key just created did not apply"),
+                        Err(error) => {
+                            report!("write-error {}", error_chain(&error));
+                            return;
+                        }
+                    }
+                }
                 if index % 3 == 2 {
                     let victim = created[index as usize / 2];
                     match store.revoke(&account, &victim, OffsetDateTime::now_utc()).await {
@@ -164,6 +185,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 struct Acknowledged {
     created: Vec<(KeyId, Digest)>,
     revoked: Vec<KeyId>,
+    /// (old, new) of each acknowledged roll.
+    rolled: Vec<(KeyId, KeyId)>,
 }
 
 impl Acknowledged {
@@ -176,13 +199,19 @@ impl Acknowledged {
                     .created
                     .push((id.parse().unwrap(), Digest::from_bytes(&unhex(digest)).expect("a whole line"))),
                 ["revoked", id] => acknowledged.revoked.push(id.parse().unwrap()),
+                ["rolled", old, new, digest] => {
+                    let new_id = new.parse().unwrap();
+                    acknowledged.rolled.push((old.parse().unwrap(), new_id));
+                    acknowledged.created.push((new_id, Digest::from_bytes(&unhex(digest)).expect("a whole line")));
+                }
                 _ => {}
             }
         }
         acknowledged
     }
 
-    /// Panics unless every acknowledged create and revocation is in the store.
+    /// Panics unless every acknowledged create, roll and revocation is in the store, and no roll
+    /// is there by half.
     async fn assert_all_in(&self, store: &dyn KeyStore) {
         for (id, digest) in &self.created {
             let found = store.find_by_digest(digest).await.unwrap();
@@ -190,6 +219,21 @@ impl Acknowledged {
             assert_eq!(found.id, *id);
             if self.revoked.contains(id) {
                 assert!(found.revoked_at.is_some(), "acknowledged revocation of {id} was lost");
+            }
+        }
+        let account = AccountId::new("crash").unwrap();
+        for (old, new) in &self.rolled {
+            let old = store.find_by_id(&account, old).await.unwrap().unwrap();
+            assert_eq!(old.replaced_by, Some(*new), "acknowledged roll of {} was lost", old.id);
+        }
+        for key in store.list_active(&account, OffsetDateTime::now_utc()).await.unwrap() {
+            if let Some(new) = key.replaced_by {
+                let new = store.find_by_id(&account, &new).await.unwrap().expect("a roll's new key exists");
+                assert_eq!(new.rotated_from, Some(key.id), "half a roll");
+            }
+            if let Some(old) = key.rotated_from {
+                let old = store.find_by_id(&account, &old).await.unwrap().expect("a roll's old key exists");
+                assert_eq!(old.replaced_by, Some(key.id), "half a roll: {} replaced by nothing", old.id);
             }
         }
     }
@@ -236,12 +280,14 @@ fn kill_minus_9_at_any_moment_loses_nothing_acknowledged() {
             drop(store);
             total.created.extend(acknowledged.created);
             total.revoked.extend(acknowledged.revoked);
+            total.rolled.extend(acknowledged.rolled);
         }
         let store = backend.open(&path).unwrap();
         runtime().block_on(total.assert_all_in(&*store));
         eprintln!(
-            "{backend:?}: {iterations} kills, {} acknowledged creates and {} revocations, none lost",
-            total.created.len(),
+            "{backend:?}: {iterations} kills, {} acknowledged creates, {} rolls and {} revocations, none lost, no roll by half",
+            total.created.len() - total.rolled.len(),
+            total.rolled.len(),
             total.revoked.len()
         );
     }

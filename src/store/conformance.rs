@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
-use super::{KeyRecord, KeyStore, StoreError};
+use super::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
@@ -327,6 +327,139 @@ pub async fn many_keys_list_in_order(store: &dyn KeyStore) {
     assert_eq!(listed_ids(store, &account, T0 + Duration::hours(1)).await, expected);
 }
 
+/// A roll of `old` (as it is now) at `at` into a fresh key that ends the old one at `old_ends`.
+fn roll_of(old: &KeyRecord, at: OffsetDateTime, old_ends: OffsetDateTime) -> Roll {
+    let mut new = record(&old.account, at);
+    new.scopes = old.scopes.clone();
+    new.expires_at = old.expires_at;
+    new.rotated_from = Some(old.id);
+    Roll {
+        account: old.account.clone(),
+        old: old.id,
+        seen_expires_at: old.expires_at,
+        seen_replaced_by: old.replaced_by,
+        old_expires_at: Some(old_ends),
+        new,
+    }
+}
+
+pub async fn find_by_id_finds_only_the_accounts_own_key(store: &dyn KeyStore) {
+    let (mine, other) = (account(), account());
+    let mut stored = record(&mine, T0);
+    stored.scopes = Scopes::new(["orders:read", "reports:*"]).unwrap();
+    insert(store, &stored).await;
+    assert_eq!(store.find_by_id(&mine, &stored.id).await.unwrap(), Some(stored.clone()));
+    assert_eq!(store.find_by_id(&other, &stored.id).await.unwrap(), None);
+    assert_eq!(store.find_by_id(&mine, &KeyId::generate()).await.unwrap(), None);
+    assert!(store.revoke(&mine, &stored.id, T0).await.unwrap());
+    let revoked = store.find_by_id(&mine, &stored.id).await.unwrap().expect("revoked keys are found too");
+    assert_eq!(revoked.revoked_at, Some(T0));
+}
+
+pub async fn roll_shortens_the_old_key_and_adds_the_new_one_at_once(store: &dyn KeyStore) {
+    let account = account();
+    let mut old = record(&account, T0);
+    old.scopes = Scopes::new(["orders:*"]).unwrap();
+    old.expires_at = Some(T0 + Duration::days(30));
+    insert(store, &old).await;
+    let at = T0 + Duration::hours(1);
+    let roll = roll_of(&old, at, at + Duration::days(1));
+    assert!(store.roll(&roll, 10).await.unwrap());
+    let rolled_old = find(store, &old).await;
+    assert_eq!(rolled_old.expires_at, Some(at + Duration::days(1)));
+    assert_eq!(rolled_old.replaced_by, Some(roll.new.id));
+    assert_eq!(KeyRecord { expires_at: old.expires_at, replaced_by: None, ..rolled_old }, old, "nothing else changed");
+    assert_eq!(find(store, &roll.new).await, roll.new);
+    assert_eq!(listed_ids(store, &account, at).await, [old.id, roll.new.id]);
+    assert_eq!(listed_ids(store, &account, at + Duration::days(1)).await, [roll.new.id], "the grace period ended");
+}
+
+pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(store: &dyn KeyStore) {
+    let account = account();
+    let old = record(&account, T0);
+    insert(store, &old).await;
+    let at = T0 + Duration::minutes(1);
+    // Changed since it was read: another roll got there first.
+    let first = roll_of(&old, at, at + Duration::hours(1));
+    let stale = roll_of(&old, at, at + Duration::hours(2));
+    assert!(store.roll(&first, 10).await.unwrap());
+    assert!(!store.roll(&stale, 10).await.unwrap(), "the old key changed since it was read");
+    assert_eq!(store.find_by_digest(&stale.new.digest).await.unwrap(), None);
+    // Rolled again from what it is now: allowed, a key in its grace period may be rolled.
+    let again = roll_of(&find(store, &old).await, at, at + Duration::minutes(30));
+    assert!(store.roll(&again, 10).await.unwrap());
+    // Another account's, revoked, expired, unknown: nothing happens.
+    let mut foreign = roll_of(&find(store, &old).await, at, at);
+    foreign.account = self::account();
+    foreign.new.account = foreign.account.clone();
+    let expired = roll_of(&find(store, &old).await, at + Duration::hours(3), at + Duration::hours(3));
+    let mut unknown = roll_of(&old, at, at);
+    unknown.old = KeyId::generate();
+    for roll in [foreign, expired, unknown] {
+        assert!(!store.roll(&roll, 10).await.unwrap());
+        assert_eq!(store.find_by_digest(&roll.new.digest).await.unwrap(), None, "no half-done roll");
+    }
+    let revoked = record(&account, T0);
+    insert(store, &revoked).await;
+    assert!(store.revoke(&account, &revoked.id, at).await.unwrap());
+    let roll = roll_of(&find(store, &revoked).await, at, at);
+    assert!(!store.roll(&roll, 10).await.unwrap());
+    assert_eq!(store.find_by_digest(&roll.new.digest).await.unwrap(), None);
+}
+
+pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: &dyn KeyStore) {
+    let account = account();
+    let at = T0 + Duration::minutes(1);
+    let old = record(&account, T0);
+    insert(store, &old).await;
+    // At the limit, rolling a key that counts swaps one for one.
+    let roll = roll_of(&old, at, at + Duration::hours(1));
+    assert!(store.roll(&roll, 1).await.unwrap());
+    // The replaced key no longer counts; its successor does.
+    assert!(matches!(store.insert(&record(&account, at), 1).await, Err(StoreError::LimitReached { limit: 1 })));
+    // Rolling the replaced key again would add one: refused at the limit, nothing changed.
+    let reroll = roll_of(&find(store, &old).await, at, at + Duration::minutes(5));
+    assert!(matches!(store.roll(&reroll, 1).await, Err(StoreError::LimitReached { limit: 1 })));
+    assert_eq!(find(store, &old).await.expires_at, Some(at + Duration::hours(1)));
+    assert_eq!(store.find_by_digest(&reroll.new.digest).await.unwrap(), None);
+    assert!(store.roll(&reroll, 2).await.unwrap());
+    // A roll whose new key repeats an id is a duplicate, and changes nothing.
+    let mut duplicate = roll_of(&roll.new, at, at);
+    duplicate.new.id = old.id;
+    assert!(matches!(store.roll(&duplicate, 10).await, Err(StoreError::Duplicate)));
+    assert_eq!(find(store, &roll.new).await.replaced_by, None);
+}
+
+pub async fn concurrent_rolls_and_a_revoke_leave_one_consistent_outcome(store: &dyn KeyStore) {
+    let account = account();
+    let old = record(&account, T0);
+    insert(store, &old).await;
+    let at = T0 + Duration::minutes(1);
+    let rolls: Vec<Roll> = (0..6).map(|i| roll_of(&old, at, at + Duration::minutes(i + 1))).collect();
+    let (rolls, account_ref, old_ref) = (&rolls, &account, &old);
+    let outcomes = in_parallel(7, |i| async move {
+        if i == 6 { store.revoke(account_ref, &old_ref.id, at).await } else { store.roll(&rolls[i], 10).await }
+    })
+    .await;
+    let succeeded: Vec<usize> = (0..6).filter(|&i| *outcomes[i].as_ref().unwrap()).collect();
+    let revoked = *outcomes[6].as_ref().unwrap();
+    assert!(succeeded.len() <= 1, "all rolls read the same state, so at most one applies: {outcomes:?}");
+    assert!(revoked, "a roll leaves the key active at the instant of the revoke: {outcomes:?}");
+    let stored_old = find(store, &old).await;
+    for (i, roll) in rolls.iter().enumerate() {
+        let new = store.find_by_digest(&roll.new.digest).await.unwrap();
+        assert_eq!(new.is_some(), succeeded.contains(&i), "the new key exists exactly when its roll applied");
+    }
+    match succeeded.first() {
+        Some(&i) => {
+            assert_eq!(stored_old.replaced_by, Some(rolls[i].new.id));
+            assert_eq!(stored_old.expires_at, rolls[i].old_expires_at);
+        }
+        None => assert_eq!((stored_old.replaced_by, stored_old.expires_at), (None, None)),
+    }
+    assert_eq!(stored_old.revoked_at.is_some(), revoked);
+}
+
 pub async fn concurrent_inserts_respect_the_limit(store: &dyn KeyStore) {
     let account = account();
     let outcomes = in_parallel(8, |i| {
@@ -425,6 +558,11 @@ macro_rules! conformance_tests {
             concurrent_inserts_respect_the_limit,
             concurrent_revokes_succeed_once,
             a_finished_revoke_is_seen_by_every_later_read,
+            find_by_id_finds_only_the_accounts_own_key,
+            roll_shortens_the_old_key_and_adds_the_new_one_at_once,
+            roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
+            replaced_keys_do_not_count_and_rerolling_respects_the_limit,
+            concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
         );
     };
     (@each $make_store:expr; $($check:ident),* $(,)?) => {
