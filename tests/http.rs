@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use apikeys::http::{Authenticated, require_api_key};
+use apikeys::http::{Authenticated, ScopeGuard, require_api_key, require_scope};
 use apikeys::{AccountId, AuthenticatedKey, KeyService, KeyStore, ManualClock, MemoryStore, NewKey};
 use axum::extract::FromRef;
 use axum::routing::get;
@@ -91,6 +91,10 @@ impl Server {
                     .route("/orders", get(orders))
                     .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key::<KeyService>)),
             )
+            .merge(Router::new().route("/reports", get(whoami)).route_layer(axum::middleware::from_fn_with_state(
+                ScopeGuard::new(service.clone(), "reports:read").unwrap(),
+                require_scope,
+            )))
             .with_state(HostState { keys: service.clone() });
         let app = apikeys::http::router(service.clone())
             .merge(host_routes)
@@ -103,7 +107,12 @@ impl Server {
 
     /// A key for `account`, created through the library (the administrator's path).
     async fn key(&self, account: &str) -> (String, apikeys::KeyId) {
-        let created = self.service.create(&AccountId::new(account).unwrap(), NewKey::default()).await.unwrap();
+        self.key_with(account, NewKey::default()).await
+    }
+
+    /// A key for `account` as `new` describes it, created on the administrator's path.
+    async fn key_with(&self, account: &str, new: NewKey) -> (String, apikeys::KeyId) {
+        let created = self.service.create(&AccountId::new(account).unwrap(), new).await.unwrap();
         let token = created.key.expose_secret().to_owned();
         self.tokens.lock().unwrap().push(token.clone());
         (token, created.id)
@@ -128,6 +137,10 @@ impl Server {
 
     fn delete(&self, id: &str, key: &str) -> Request<'_> {
         self.request(Method::DELETE, &format!("/account/api-keys/{id}")).key(Some(key))
+    }
+
+    fn roll(&self, id: &str, key: &str) -> Request<'_> {
+        self.request(Method::POST, &format!("/account/api-keys/{id}/roll")).key(Some(key))
     }
 
     /// Checks that nothing this server logged holds any of its tokens.
@@ -686,4 +699,130 @@ async fn hostile_inputs_get_exactly_the_documented_answer() {
         server.client.get(format!("{}/hello", server.base)).header("x-api-key", "x".repeat(1 << 20)).send().await;
     assert_eq!(response.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     server.assert_log_clean();
+}
+
+fn scoped(grants: &[&str]) -> NewKey {
+    NewKey { scopes: Some(apikeys::Scopes::new(grants).unwrap()), ..NewKey::default() }
+}
+
+#[tokio::test]
+async fn roll_answers_201_with_the_new_key_and_the_old_ones_end() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let (old, old_id) = server.key_with("acme", NewKey { name: Some("ci".into()), ..scoped(&["orders:read"]) }).await;
+    let (status, rolled) = server.roll(&old_id.to_string(), &key).json(&json!({"graceSeconds": 3600})).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(rolled["previous"], json!({"id": old_id.to_string(), "expiresAt": "2025-10-15T10:00:00Z"}));
+    assert_eq!(
+        (&rolled["name"], &rolled["scopes"]),
+        (&json!("ci"), &json!(["orders:read"])),
+        "copied from the old key"
+    );
+    let new = rolled["key"].as_str().unwrap().to_owned();
+    let (_, listed) = server.get("/account/api-keys", Some(&key)).send().await;
+    let listed = listed["data"].as_array().unwrap();
+    assert_eq!(listed[1]["replacedBy"], rolled["id"]);
+    assert_eq!(listed[2]["rotatedFrom"], json!(old_id.to_string()));
+    assert!(listed[0].get("replacedBy").is_none(), "absent where not set");
+    // Both work during the grace period; then only the new one.
+    assert_eq!(server.get("/reports", Some(&old)).send().await.0, StatusCode::FORBIDDEN, "orders:read only");
+    assert!(server.service.verify(&old).await.is_ok() && server.service.verify(&new).await.is_ok());
+    server.clock.advance(Duration::hours(1));
+    assert!(server.service.verify(&old).await.is_err() && server.service.verify(&new).await.is_ok());
+    // No body: no grace, the old key ends at once.
+    let (status, rolled) = server.roll(rolled["id"].as_str().unwrap(), &key).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(server.service.verify(&new).await.is_err());
+    assert!(server.service.verify(rolled["key"].as_str().unwrap()).await.is_ok());
+}
+
+#[tokio::test]
+async fn roll_answers_400_403_404_and_409_as_documented() {
+    let server = Server::start().await;
+    let (key, own_id) = server.key("acme").await;
+    let (_, foreign_id) = server.key("mallory").await;
+    let (reader, _) = server.key_with("acme", scoped(&["keys:read"])).await;
+    let (narrow, narrow_id) = server.key_with("acme", scoped(&["keys:write"])).await;
+    let own = own_id.to_string();
+    let cases: Vec<(Request<'_>, (StatusCode, &str))> = vec![
+        (server.roll(&own, &key), (StatusCode::CONFLICT, "cannot_expire_current_key")),
+        (
+            server.roll(&own, &key).json(&json!({"graceSeconds": 0})),
+            (StatusCode::CONFLICT, "cannot_expire_current_key"),
+        ),
+        (server.roll(&own, &key).json(&json!({"graceSeconds": 604_801})), (StatusCode::BAD_REQUEST, "invalid_grace")),
+        (server.roll(&own, &key).json(&json!({"graceSeconds": -1})), (StatusCode::BAD_REQUEST, "invalid_grace")),
+        (server.roll(&own, &key).json(&json!({"graceSeconds": "1d"})), (StatusCode::BAD_REQUEST, "invalid_grace")),
+        (server.roll(&own, &key).json(&json!({"grace": 60})), (StatusCode::BAD_REQUEST, "unknown_field")),
+        (server.roll("not-an-id", &key), (StatusCode::BAD_REQUEST, "invalid_key_id")),
+        (server.roll(&foreign_id.to_string(), &key), (StatusCode::NOT_FOUND, "not_found")),
+        (server.roll(&own, &reader), (StatusCode::FORBIDDEN, "insufficient_scope")),
+        (server.roll(&own, &narrow).json(&json!({"graceSeconds": 60})), (StatusCode::FORBIDDEN, "scope_escalation")),
+    ];
+    for (request, expected) in cases {
+        let path = request.path.clone();
+        let (status, body) = request.send().await;
+        assert_eq!((status, code(&body)), expected, "{path}");
+    }
+    // A key may roll itself with a grace period; the narrow key may roll itself too.
+    let (status, body) = server.roll(&own, &key).json(&json!({"graceSeconds": 60})).send().await;
+    assert_eq!((status, &body["previous"]["expiresAt"]), (StatusCode::CREATED, &json!("2025-10-15T09:01:00Z")));
+    let (status, _) = server.roll(&narrow_id.to_string(), &narrow).json(&json!({"graceSeconds": 1})).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn scopes_are_enforced_and_never_escalated() {
+    let server = Server::start().await;
+    let (admin_key, admin_id) = server.key("acme").await;
+    let (orders, _) = server.key_with("acme", scoped(&["orders:read"])).await;
+    let (manager, _) = server
+        .key_with(
+            "acme",
+            NewKey { expires_at: Some(T0 + Duration::days(1)), ..scoped(&["keys:*", "orders:read", "reports:*"]) },
+        )
+        .await;
+
+    // Without keys:read / keys:write, the key routes are closed; host routes follow their scope.
+    let forbidden = (StatusCode::FORBIDDEN, "insufficient_scope");
+    let (status, body) = server.get("/account/api-keys", Some(&orders)).send().await;
+    assert_eq!((status, code(&body)), forbidden);
+    let (status, body) = server.post(&orders).send().await;
+    assert_eq!((status, code(&body)), forbidden);
+    let (status, body) = server.get("/reports", Some(&orders)).send().await;
+    assert_eq!((status, code(&body)), forbidden);
+    let reports = server.client.get(format!("{}/reports", server.base)).header("x-api-key", &manager).send().await;
+    assert_eq!(reports.unwrap().status(), StatusCode::OK);
+    assert_eq!(server.get("/reports", None).send().await.0, StatusCode::UNAUTHORIZED);
+
+    // Creating through a key: within its scopes and expiry, or 403 scope_escalation.
+    let escalations = [
+        json!({"scopes": ["orders:*"]}),
+        json!({"scopes": ["*"]}),
+        json!({"scopes": ["orders:read", "billing:read"]}),
+        json!({"expiresAt": "2025-10-17T00:00:00Z"}),
+    ];
+    for body in escalations {
+        let (status, answer) = server.post(&manager).json(&body).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"), "{body}");
+    }
+    let (status, created) =
+        server.post(&manager).json(&json!({"scopes": ["reports:monthly", "orders:read"]})).send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["scopes"], json!(["orders:read", "reports:monthly"]));
+    assert_eq!(created["expiresAt"], json!("2025-10-16T09:00:00Z"), "the caller's expiry is inherited");
+    let (_, inherited) = server.post(&manager).send().await;
+    assert_eq!(inherited["scopes"], json!(["keys:*", "orders:read", "reports:*"]));
+    for bad in [json!({"scopes": ["Orders"]}), json!({"scopes": "orders:read"}), json!({"scopes": [1]})] {
+        let (status, answer) = server.post(&manager).json(&bad).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, "invalid_scopes"), "{bad}");
+    }
+
+    // Revoking a more capable key is an escalation too; the administrator's key can.
+    let (status, answer) = server.delete(&admin_id.to_string(), &manager).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
+    let (_, listed) = server.get("/account/api-keys", Some(&admin_key)).send().await;
+    assert_eq!(listed["data"][0]["scopes"], json!(["*"]));
+    let narrow_id = listed["data"][1]["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.delete(&narrow_id, &admin_key).send().await.0, StatusCode::NO_CONTENT);
 }
