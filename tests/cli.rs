@@ -401,3 +401,36 @@ async fn kill_minus_9_of_the_server_loses_no_acknowledged_create_or_revocation()
         );
     }
 }
+
+#[test]
+fn create_with_scopes_and_roll_with_a_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let output =
+        run(dir.path(), &["create", "--account", "acme", "--scope", "orders:read", "--scope", "reports:*", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let created: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(created["scopes"], serde_json::json!(["orders:read", "reports:*"]));
+    let id = created["id"].as_str().unwrap();
+    let listed = stdout(&run(dir.path(), &["list", "--account", "acme"]));
+    assert!(listed.contains("SCOPES") && listed.contains("orders:read reports:*"), "{listed}");
+
+    let output = run(dir.path(), &["roll", "--account", "acme", id, "--grace", "1h", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<Value> = stdout(&output).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines[0]["scopes"], created["scopes"], "the new key has the old one's scopes");
+    assert_eq!(lines[1]["previous"]["id"], created["id"]);
+    let listed = stdout(&run(dir.path(), &["list", "--account", "acme"]));
+    assert!(listed.contains(lines[0]["id"].as_str().unwrap()), "{listed}");
+    assert_eq!(listed.lines().count(), 3, "both keys are listed during the grace period: {listed}");
+
+    for (args, expected) in [
+        (&["create", "--account", "acme", "--scope", "Orders"][..], "invalid scope"),
+        (&["roll", "--account", "acme", id, "--grace", "8d"][..], "grace period"),
+        (&["roll", "--account", "acme", id][..], "--grace"),
+        (&["roll", "--account", "other", id, "--grace", "0s"][..], "no active key"),
+    ] {
+        let output = run(dir.path(), args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+}
