@@ -106,8 +106,9 @@ where
 ///     format!("orders of {}", caller.account)
 /// }
 ///
-/// let guard = ScopeGuard::new(service, "orders:read")?;
-/// Ok(Router::new().route("/orders", get(orders)).route_layer(from_fn_with_state(guard, require_scope)))
+/// let guard = ScopeGuard::new(service.clone(), "orders:read")?;
+/// let routes = Router::new().route("/orders", get(orders)).route_layer(from_fn_with_state(guard, require_scope));
+/// Ok(routes.with_state(service))
 /// # }
 /// ```
 #[derive(Debug, Clone)]
