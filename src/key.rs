@@ -163,7 +163,12 @@ impl AuthenticatedKey {
     /// Whether this key may make, roll or revoke a key like `record`: one with no scope this key
     /// lacks and no later expiry than this key's (SPEC §10).
     pub fn can_manage(&self, record: &KeyRecord) -> bool {
-        record.scopes.is_within(&self.scopes) && expires_no_later(record.expires_at, self.expires_at)
+        self.covers(&record.scopes, record.expires_at)
+    }
+
+    /// Whether a key with these scopes and this expiry would be no more capable than this one.
+    pub(crate) fn covers(&self, scopes: &Scopes, expires_at: Option<OffsetDateTime>) -> bool {
+        scopes.is_within(&self.scopes) && expires_no_later(expires_at, self.expires_at)
     }
 
     /// Only the service vouches for a key, after verifying it.

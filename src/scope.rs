@@ -37,8 +37,9 @@ pub struct Scopes(Repr);
 enum Repr {
     /// `["*"]`.
     All,
-    /// Any other canonical set, `[]` included.
-    Listed(Arc<[Box<str>]>),
+    /// Any other canonical set, as its grants joined by single spaces (no grant holds one):
+    /// the form the stores keep, so reading one back is a check and one allocation. `""` is `[]`.
+    Listed(Arc<str>),
 }
 
 impl Scopes {
@@ -57,26 +58,24 @@ impl Scopes {
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        let mut grants = grants
-            .into_iter()
-            .map(|grant| {
-                let grant = grant.as_ref();
-                is_grant(grant).then(|| Box::<str>::from(grant)).ok_or(ValidationError::Scope)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let grants: Vec<I::Item> = grants.into_iter().collect();
         if grants.len() > Self::MAX_GRANTS {
             return Err(ValidationError::TooManyScopes);
         }
-        grants.sort_unstable();
-        grants.dedup();
-        let redundant: Vec<bool> =
-            grants.iter().map(|grant| grants.iter().any(|other| other != grant && covers(other, grant))).collect();
-        let mut redundant = redundant.into_iter();
-        grants.retain(|_| !redundant.next().unwrap_or(false));
-        if grants.len() == 1 && &*grants[0] == "*" {
-            return Ok(Self::all());
+        let mut grants: Vec<&str> = grants.iter().map(AsRef::as_ref).collect();
+        if !grants.iter().all(|grant| is_grant(grant)) {
+            return Err(ValidationError::Scope);
         }
-        Ok(Self(Repr::Listed(grants.into())))
+        grants.sort_unstable();
+        // Sorted, the grants a wildcard covers follow it directly (they share its prefix, and
+        // `*` sorts before every other character a grant may hold), so one pass drops them.
+        let mut canonical: Vec<&str> = Vec::with_capacity(grants.len());
+        for grant in grants {
+            if !canonical.last().is_some_and(|kept| covers(kept, grant)) {
+                canonical.push(grant);
+            }
+        }
+        Ok(Self::from_canonical(&canonical.join(" ")))
     }
 
     /// `["*"]`: every scope.
@@ -86,7 +85,7 @@ impl Scopes {
 
     /// `[]`: no scope at all. Such a key authenticates, but every scope check refuses it.
     pub fn none() -> Self {
-        Self(Repr::Listed(Arc::new([])))
+        Self(Repr::Listed("".into()))
     }
 
     /// Whether a grant covers `scope`. A string that is not a valid scope is never allowed, not
@@ -102,40 +101,58 @@ impl Scopes {
     }
 
     /// The grants, in canonical order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> {
-        let grants: &[Box<str>] = match &self.0 {
-            Repr::All => &[],
-            Repr::Listed(grants) => grants,
-        };
-        let all = matches!(self.0, Repr::All).then_some("*");
-        // One of the two is empty; chaining keeps a single iterator type.
-        OneOrMany { one: all, many: grants.iter() }
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.as_text().split(' ').filter(|grant| !grant.is_empty())
     }
 
     /// How many grants.
     pub fn len(&self) -> usize {
-        self.iter().len()
+        self.iter().count()
     }
 
     /// Whether there is no grant (`[]`).
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.as_text().is_empty()
     }
 
-    /// The grants joined by single spaces (no grant holds one), as the SQLite and redb stores
-    /// keep them: `""` for `[]`.
-    pub(crate) fn to_text(&self) -> String {
-        self.iter().collect::<Vec<_>>().join(" ")
+    /// The grants joined by single spaces, as the stores keep them: `""` for `[]`.
+    pub(crate) fn as_text(&self) -> &str {
+        match &self.0 {
+            Repr::All => "*",
+            Repr::Listed(text) => text,
+        }
     }
 
-    /// Reads what [`to_text`](Self::to_text) wrote; `None` if it is not a valid set.
+    /// Reads what [`as_text`](Self::as_text) gave; `None` if it is not a valid set. Text in
+    /// canonical form, which is all a store ever holds, is only checked, in one pass.
     #[cfg_attr(not(any(feature = "sqlite", feature = "redb", feature = "postgres")), allow(dead_code))]
     pub(crate) fn from_text(text: &str) -> Option<Self> {
-        if text == "*" {
-            return Some(Self::all());
+        if is_canonical(text) {
+            return Some(Self::from_canonical(text));
         }
         Self::new(text.split(' ').filter(|grant| !grant.is_empty())).ok()
     }
+
+    fn from_canonical(text: &str) -> Self {
+        if text == "*" { Self::all() } else { Self(Repr::Listed(text.into())) }
+    }
+}
+
+/// Whether `text` is a canonical set: valid grants joined by single spaces, at most
+/// [`Scopes::MAX_GRANTS`], each sorting after the one before and not covered by it (which is
+/// enough, see [`Scopes::new`]).
+fn is_canonical(text: &str) -> bool {
+    if text.is_empty() {
+        return true;
+    }
+    let mut previous: Option<&str> = None;
+    let mut count = 0;
+    text.split(' ').all(|grant| {
+        count += 1;
+        let in_order = previous.is_none_or(|before| before < grant && !covers(before, grant));
+        previous = Some(grant);
+        in_order && is_grant(grant)
+    }) && count <= Scopes::MAX_GRANTS
 }
 
 impl Default for Scopes {
@@ -144,26 +161,6 @@ impl Default for Scopes {
         Self::all()
     }
 }
-
-struct OneOrMany<'a> {
-    one: Option<&'static str>,
-    many: std::slice::Iter<'a, Box<str>>,
-}
-
-impl<'a> Iterator for OneOrMany<'a> {
-    type Item = &'a str;
-
-    fn next(&mut self) -> Option<&'a str> {
-        self.one.take().or_else(|| self.many.next().map(|grant| &**grant))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let len = usize::from(self.one.is_some()) + self.many.len();
-        (len, Some(len))
-    }
-}
-
-impl ExactSizeIterator for OneOrMany<'_> {}
 
 impl fmt::Debug for Scopes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -176,7 +173,7 @@ impl fmt::Display for Scopes {
         if self.is_empty() {
             return f.write_str("(none)");
         }
-        f.write_str(&self.to_text())
+        f.write_str(self.as_text())
     }
 }
 
@@ -296,9 +293,12 @@ mod tests {
     #[test]
     fn text_round_trips() {
         for scopes in [Scopes::all(), Scopes::none(), Scopes::new(["a:*", "b:c"]).unwrap()] {
-            assert_eq!(Scopes::from_text(&scopes.to_text()), Some(scopes));
+            assert_eq!(Scopes::from_text(scopes.as_text()), Some(scopes));
         }
         assert_eq!(Scopes::from_text("NOT VALID"), None);
+        // Text not in canonical form (written by hand, say) is put into it.
+        assert_eq!(Scopes::from_text("b a:* a:b"), Some(Scopes::new(["a:*", "b"]).unwrap()));
+        assert_eq!(Scopes::from_text("a  b"), Some(Scopes::new(["a", "b"]).unwrap()));
     }
 
     #[test]

@@ -172,13 +172,13 @@ impl<S: KeyStore> KeyService<S> {
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?.or(caller.expires_at);
         let scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
-        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, None, now)?;
-        if !caller.can_manage(&record) {
+        if !caller.covers(&scopes, expires_at) {
             return Err(Error::ScopeEscalation);
         }
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
+        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, None, now)?;
         self.insert(key, record).await
     }
 

@@ -311,7 +311,7 @@ impl PostgresStore {
                     times(|record| record.last_used_at),
                     times(|record| record.revoked_at),
                 );
-                let scopes: Vec<String> = chunk.iter().map(|record| record.scopes.to_text()).collect();
+                let scopes: Vec<&str> = chunk.iter().map(|record| record.scopes.as_text()).collect();
                 let key_ids = |id: fn(&KeyRecord) -> Option<KeyId>| {
                     chunk.iter().map(|record| id(record).map(|id| *id.as_uuid())).collect::<Vec<_>>()
                 };
@@ -457,7 +457,7 @@ struct Columns<'a> {
     prefix: &'a str,
     name: Option<&'a str>,
     times: [Option<OffsetDateTime>; 4],
-    scopes: String,
+    scopes: &'a str,
     rolls: [Option<&'a Uuid>; 2],
 }
 
@@ -470,7 +470,7 @@ impl<'a> Columns<'a> {
             prefix: record.prefix.as_str(),
             name: record.name.as_ref().map(|name| name.as_str()),
             times: [Some(record.created_at), record.expires_at, record.last_used_at, record.revoked_at],
-            scopes: record.scopes.to_text(),
+            scopes: record.scopes.as_text(),
             rolls: [record.rotated_from.as_ref().map(KeyId::as_uuid), record.replaced_by.as_ref().map(KeyId::as_uuid)],
         }
     }

@@ -455,7 +455,7 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
         return Err(WriteError::Store(StoreError::Duplicate));
     }
     let created_at = unix_micros(record.created_at);
-    let scopes = record.scopes.to_text();
+    let scopes = record.scopes.as_text();
     let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
     let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
     let value = (
@@ -467,7 +467,7 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
         record.expires_at.map(unix_micros),
         record.last_used_at.map(unix_micros),
         record.revoked_at.map(unix_micros),
-        scopes.as_str(),
+        scopes,
         rotated_from.as_ref(),
         replaced_by.as_ref(),
     );

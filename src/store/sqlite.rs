@@ -493,7 +493,7 @@ fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Re
         micros(record.expires_at),
         micros(record.last_used_at),
         micros(record.revoked_at),
-        record.scopes.to_text(),
+        record.scopes.as_text(),
         record.rotated_from.map(|id| *id.as_uuid().as_bytes()),
         record.replaced_by.map(|id| *id.as_uuid().as_bytes()),
     ]);
