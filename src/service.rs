@@ -8,7 +8,7 @@ use crate::clock::{Clock, SystemClock, normalize};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, Rejection, ValidationError};
 use crate::id::{AccountId, KeyId};
-use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey, expires_no_later};
+use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 use crate::last_used::LastUsed;
 use crate::name::KeyName;
 use crate::scope::Scopes;
@@ -155,7 +155,7 @@ impl<S: KeyStore> KeyService<S> {
         let name = new.name.map(KeyName::new).transpose()?;
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?;
-        let (key, record) = self.new_record(account, name, expires_at, new.scopes.unwrap_or_default(), None, now)?;
+        let (key, record) = self.new_record(account, name, expires_at, new.scopes.unwrap_or_default(), now)?;
         self.insert(key, record).await
     }
 
@@ -178,7 +178,7 @@ impl<S: KeyStore> KeyService<S> {
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, None, now)?;
+        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, now)?;
         self.insert(key, record).await
     }
 
@@ -372,14 +372,13 @@ impl<S: KeyStore> KeyService<S> {
         Ok(expires_at)
     }
 
-    /// A fresh token and the record of its key.
+    /// A fresh token and the record of its key (its successor's, when a roll makes it).
     fn new_record(
         &self,
         account: &AccountId,
         name: Option<KeyName>,
         expires_at: Option<time::OffsetDateTime>,
         scopes: Scopes,
-        rotated_from: Option<KeyId>,
         now: time::OffsetDateTime,
     ) -> Result<(SecretToken, KeyRecord), Error> {
         let (key, prefix) = self.inner.format.generate()?;
@@ -394,7 +393,7 @@ impl<S: KeyStore> KeyService<S> {
             last_used_at: None,
             revoked_at: None,
             scopes,
-            rotated_from,
+            rotated_from: None,
             replaced_by: None,
         };
         Ok((key, record))
@@ -429,24 +428,11 @@ impl<S: KeyStore> KeyService<S> {
             }
             let grace_ends = now.checked_add(grace.try_into().unwrap_or(time::Duration::MAX));
             let grace_ends = grace_ends.and_then(normalize).unwrap_or(crate::clock::LATEST);
-            let old_expires_at = match old.expires_at {
-                Some(expiry) if expiry <= grace_ends => expiry,
-                _ => grace_ends,
-            };
-            let (key, new) =
-                self.new_record(account, old.name.clone(), old.expires_at, old.scopes.clone(), Some(old.id), now)?;
-            let roll = Roll {
-                account: account.clone(),
-                old: old.id,
-                seen_expires_at: old.expires_at,
-                seen_replaced_by: old.replaced_by,
-                old_expires_at: Some(old_expires_at),
-                new,
-            };
-            debug_assert!(expires_no_later(roll.old_expires_at, roll.seen_expires_at));
+            let (key, new) = self.new_record(account, old.name.clone(), old.expires_at, old.scopes.clone(), now)?;
+            let roll = Roll::new(&old, new, grace_ends);
             if self.inner.store.roll(&roll, self.inner.max_active).await.map_err(limit_or_store_error)? {
-                let previous = PreviousKey { id: old.id, expires_at: old_expires_at };
-                return Ok(RolledKey { key: created(key, roll.new), previous });
+                let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
+                return Ok(RolledKey { key: created(key, roll.into_new_key()), previous });
             }
         }
         Err(Error::RollConflict)

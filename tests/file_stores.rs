@@ -126,18 +126,13 @@ async fn child(args: &[&str]) {
                 report!("created {} {}", new.id, hex(new.digest.as_bytes()));
                 created.push(new.id);
                 if index % 3 == 1 {
-                    let mut successor = record(&account, index);
-                    successor.rotated_from = Some(new.id);
-                    let roll = apikeys::store::Roll {
-                        account: account.clone(),
-                        old: new.id,
-                        seen_expires_at: None,
-                        seen_replaced_by: None,
-                        old_expires_at: Some(new.created_at + time::Duration::hours(1)),
-                        new: successor,
-                    };
+                    let grace_ends = new.created_at + time::Duration::hours(1);
+                    let roll = apikeys::store::Roll::new(&new, record(&account, index), grace_ends);
                     match store.roll(&roll, u32::MAX).await {
-                        Ok(true) => report!("rolled {} {} {}", new.id, roll.new.id, hex(roll.new.digest.as_bytes())),
+                        Ok(true) => {
+                            let successor = roll.new_key();
+                            report!("rolled {} {} {}", new.id, successor.id, hex(successor.digest.as_bytes()))
+                        }
                         Ok(false) => panic!("the roll of a key just created did not apply"),
                         Err(error) => {
                             report!("write-error {}", error_chain(&error));

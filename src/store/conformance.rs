@@ -327,20 +327,13 @@ pub async fn many_keys_list_in_order(store: &dyn KeyStore) {
     assert_eq!(listed_ids(store, &account, T0 + Duration::hours(1)).await, expected);
 }
 
-/// A roll of `old` (as it is now) at `at` into a fresh key that ends the old one at `old_ends`.
+/// A roll of `old` (as it is now) at `at` into a fresh key that ends the old one at `old_ends`
+/// (or its own earlier expiry).
 fn roll_of(old: &KeyRecord, at: OffsetDateTime, old_ends: OffsetDateTime) -> Roll {
     let mut new = record(&old.account, at);
     new.scopes = old.scopes.clone();
     new.expires_at = old.expires_at;
-    new.rotated_from = Some(old.id);
-    Roll {
-        account: old.account.clone(),
-        old: old.id,
-        seen_expires_at: old.expires_at,
-        seen_replaced_by: old.replaced_by,
-        old_expires_at: Some(old_ends),
-        new,
-    }
+    Roll::new(old, new, old_ends)
 }
 
 pub async fn find_by_id_finds_only_the_accounts_own_key(store: &dyn KeyStore) {
@@ -367,11 +360,15 @@ pub async fn roll_shortens_the_old_key_and_adds_the_new_one_at_once(store: &dyn 
     assert!(store.roll(&roll, 10).await.unwrap());
     let rolled_old = find(store, &old).await;
     assert_eq!(rolled_old.expires_at, Some(at + Duration::days(1)));
-    assert_eq!(rolled_old.replaced_by, Some(roll.new.id));
+    assert_eq!(rolled_old.replaced_by, Some(roll.new_key().id));
     assert_eq!(KeyRecord { expires_at: old.expires_at, replaced_by: None, ..rolled_old }, old, "nothing else changed");
-    assert_eq!(find(store, &roll.new).await, roll.new);
-    assert_eq!(listed_ids(store, &account, at).await, [old.id, roll.new.id]);
-    assert_eq!(listed_ids(store, &account, at + Duration::days(1)).await, [roll.new.id], "the grace period ended");
+    assert_eq!(find(store, roll.new_key()).await, *roll.new_key());
+    assert_eq!(listed_ids(store, &account, at).await, [old.id, roll.new_key().id]);
+    assert_eq!(
+        listed_ids(store, &account, at + Duration::days(1)).await,
+        [roll.new_key().id],
+        "the grace period ended"
+    );
 }
 
 pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(store: &dyn KeyStore) {
@@ -384,27 +381,28 @@ pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(st
     let stale = roll_of(&old, at, at + Duration::hours(2));
     assert!(store.roll(&first, 10).await.unwrap());
     assert!(!store.roll(&stale, 10).await.unwrap(), "the old key changed since it was read");
-    assert_eq!(store.find_by_digest(&stale.new.digest).await.unwrap(), None);
+    assert_eq!(store.find_by_digest(&stale.new_key().digest).await.unwrap(), None);
     // Rolled again from what it is now: allowed, a key in its grace period may be rolled.
     let again = roll_of(&find(store, &old).await, at, at + Duration::minutes(30));
     assert!(store.roll(&again, 10).await.unwrap());
     // Another account's, revoked, expired, unknown: nothing happens.
-    let mut foreign = roll_of(&find(store, &old).await, at, at);
-    foreign.account = self::account();
-    foreign.new.account = foreign.account.clone();
+    let mut as_if_foreign = find(store, &old).await;
+    as_if_foreign.account = self::account();
+    let foreign = roll_of(&as_if_foreign, at, at);
     let expired = roll_of(&find(store, &old).await, at + Duration::hours(3), at + Duration::hours(3));
-    let mut unknown = roll_of(&old, at, at);
-    unknown.old = KeyId::generate();
+    let mut as_if_unknown = old.clone();
+    as_if_unknown.id = KeyId::generate();
+    let unknown = roll_of(&as_if_unknown, at, at);
     for roll in [foreign, expired, unknown] {
         assert!(!store.roll(&roll, 10).await.unwrap());
-        assert_eq!(store.find_by_digest(&roll.new.digest).await.unwrap(), None, "no half-done roll");
+        assert_eq!(store.find_by_digest(&roll.new_key().digest).await.unwrap(), None, "no half-done roll");
     }
     let revoked = record(&account, T0);
     insert(store, &revoked).await;
     assert!(store.revoke(&account, &revoked.id, at).await.unwrap());
     let roll = roll_of(&find(store, &revoked).await, at, at);
     assert!(!store.roll(&roll, 10).await.unwrap());
-    assert_eq!(store.find_by_digest(&roll.new.digest).await.unwrap(), None);
+    assert_eq!(store.find_by_digest(&roll.new_key().digest).await.unwrap(), None);
 }
 
 pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: &dyn KeyStore) {
@@ -421,13 +419,14 @@ pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: 
     let reroll = roll_of(&find(store, &old).await, at, at + Duration::minutes(5));
     assert!(matches!(store.roll(&reroll, 1).await, Err(StoreError::LimitReached { limit: 1 })));
     assert_eq!(find(store, &old).await.expires_at, Some(at + Duration::hours(1)));
-    assert_eq!(store.find_by_digest(&reroll.new.digest).await.unwrap(), None);
+    assert_eq!(store.find_by_digest(&reroll.new_key().digest).await.unwrap(), None);
     assert!(store.roll(&reroll, 2).await.unwrap());
     // A roll whose new key repeats an id is a duplicate, and changes nothing.
-    let mut duplicate = roll_of(&roll.new, at, at);
-    duplicate.new.id = old.id;
+    let mut twin = record(&account, at);
+    twin.id = old.id;
+    let duplicate = Roll::new(&find(store, roll.new_key()).await, twin, at);
     assert!(matches!(store.roll(&duplicate, 10).await, Err(StoreError::Duplicate)));
-    assert_eq!(find(store, &roll.new).await.replaced_by, None);
+    assert_eq!(find(store, roll.new_key()).await.replaced_by, None);
 }
 
 pub async fn concurrent_rolls_and_a_revoke_leave_one_consistent_outcome(store: &dyn KeyStore) {
@@ -447,13 +446,13 @@ pub async fn concurrent_rolls_and_a_revoke_leave_one_consistent_outcome(store: &
     assert!(revoked, "a roll leaves the key active at the instant of the revoke: {outcomes:?}");
     let stored_old = find(store, &old).await;
     for (i, roll) in rolls.iter().enumerate() {
-        let new = store.find_by_digest(&roll.new.digest).await.unwrap();
+        let new = store.find_by_digest(&roll.new_key().digest).await.unwrap();
         assert_eq!(new.is_some(), succeeded.contains(&i), "the new key exists exactly when its roll applied");
     }
     match succeeded.first() {
         Some(&i) => {
-            assert_eq!(stored_old.replaced_by, Some(rolls[i].new.id));
-            assert_eq!(stored_old.expires_at, rolls[i].old_expires_at);
+            assert_eq!(stored_old.replaced_by, Some(rolls[i].new_key().id));
+            assert_eq!(stored_old.expires_at, Some(rolls[i].old_expires_at()));
         }
         None => assert_eq!((stored_old.replaced_by, stored_old.expires_at), (None, None)),
     }

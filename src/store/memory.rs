@@ -187,26 +187,25 @@ impl KeyStore for MemoryStore {
         let mut index = self.index();
         let applies = index
             .digest_of
-            .get(&roll.old)
+            .get(roll.old())
             .is_some_and(|digest| self.read(digest).get(digest).is_some_and(|old| roll.applies_to(old)));
         if !applies {
             return Ok(false);
         }
-        if self.holds(&index, &roll.new) {
+        let new = roll.new_key();
+        if self.holds(&index, new) {
             return Err(StoreError::Duplicate);
         }
-        // Rolling a key that still counts swaps it for the new one; only re-rolling a replaced key
-        // adds one to the count.
-        let adds_one = roll.seen_replaced_by.is_some();
-        if adds_one && self.counted(&index, &roll.account, roll.new.created_at, Some(&roll.old)) >= max_active as usize
+        if roll.adds_to_count()
+            && self.counted(&index, roll.account(), new.created_at, Some(roll.old())) >= max_active as usize
         {
             return Err(StoreError::LimitReached { limit: max_active });
         }
-        self.update(&index, &roll.old, |old| {
-            old.expires_at = roll.old_expires_at;
-            old.replaced_by = Some(roll.new.id);
+        self.update(&index, roll.old(), |old| {
+            old.expires_at = Some(roll.old_expires_at());
+            old.replaced_by = Some(new.id);
         });
-        self.add(&mut index, roll.new.clone());
+        self.add(&mut index, new.clone());
         Ok(true)
     }
 

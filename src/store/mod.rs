@@ -85,30 +85,65 @@ impl KeyRecord {
     }
 }
 
-/// A roll for [`KeyStore::roll`], worked out by the service: the old key's new state, and the
-/// new key.
+/// A roll for [`KeyStore::roll`], worked out by the service: the old key as it was read, its new
+/// expiry, and the new key. Built only by [`Roll::new`], which makes the new key the old one's
+/// successor in the same account and never lets the old key's expiry move later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roll {
-    /// The account both keys belong to.
-    pub account: AccountId,
-    /// The key being rolled.
-    pub old: KeyId,
-    /// The old key's `expires_at` as the service read it; the roll applies only if unchanged.
-    pub seen_expires_at: Option<OffsetDateTime>,
-    /// The old key's `replaced_by` as the service read it; the roll applies only if unchanged.
-    pub seen_replaced_by: Option<KeyId>,
-    /// The old key's new `expires_at` (never later than `seen_expires_at`).
-    pub old_expires_at: Option<OffsetDateTime>,
-    /// The new key, with `rotated_from` set to `old`; its `created_at` is the roll's instant.
-    pub new: KeyRecord,
+    old: KeyId,
+    seen_expires_at: Option<OffsetDateTime>,
+    seen_replaced_by: Option<KeyId>,
+    old_expires_at: OffsetDateTime,
+    new: KeyRecord,
 }
 
 impl Roll {
+    /// Rolls `old` (as just read) into `new`, whose `created_at` is the roll's instant: `new`
+    /// gets the old key's account and `rotated_from = old`, and the old key will end at
+    /// `min(its expiry, grace_ends)`.
+    pub fn new(old: &KeyRecord, mut new: KeyRecord, grace_ends: OffsetDateTime) -> Self {
+        new.account = old.account.clone();
+        new.rotated_from = Some(old.id);
+        let old_expires_at = old.expires_at.map_or(grace_ends, |expiry| expiry.min(grace_ends));
+        Self { old: old.id, seen_expires_at: old.expires_at, seen_replaced_by: old.replaced_by, old_expires_at, new }
+    }
+
+    /// The key being rolled.
+    pub fn old(&self) -> &KeyId {
+        &self.old
+    }
+
+    /// The account both keys belong to.
+    pub fn account(&self) -> &AccountId {
+        &self.new.account
+    }
+
+    /// The old key's new `expires_at`.
+    pub fn old_expires_at(&self) -> OffsetDateTime {
+        self.old_expires_at
+    }
+
+    /// The new key.
+    pub fn new_key(&self) -> &KeyRecord {
+        &self.new
+    }
+
+    /// The new key, once the roll is applied.
+    pub fn into_new_key(self) -> KeyRecord {
+        self.new
+    }
+
+    /// Whether the roll adds a key that counts towards the limit: only when the old key was
+    /// already replaced (a key that still counts is swapped for the new one).
+    pub fn adds_to_count(&self) -> bool {
+        self.seen_replaced_by.is_some()
+    }
+
     /// Whether `old` is still the key the service read: in the account, active at the roll's
     /// instant, and with the expiry and successor it had then.
     pub fn applies_to(&self, old: &KeyRecord) -> bool {
         old.id == self.old
-            && old.account == self.account
+            && old.account == self.new.account
             && old.is_active(self.new.created_at)
             && old.expires_at == self.seen_expires_at
             && old.replaced_by == self.seen_replaced_by
@@ -155,14 +190,14 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Applies a roll as one atomic step, if [`Roll::applies_to`] the old key as stored: sets its
-    /// `expires_at` to `roll.old_expires_at` and its `replaced_by` to the new key's id, and
-    /// inserts the new key. Returns whether it did; `false` (nothing changed) when the old key is
-    /// gone, another account's, or changed since the service read it.
+    /// `expires_at` to [`Roll::old_expires_at`] and its `replaced_by` to the new key's id, and
+    /// inserts [`Roll::new_key`]. Returns whether it did; `false` (nothing changed) when the old
+    /// key is gone, another account's, or changed since the service read it.
     ///
-    /// Errors, nothing changed: [`StoreError::LimitReached`] when the old key was already
-    /// replaced (so the roll adds one key that [counts towards the
-    /// limit](KeyRecord::counts_towards_limit)) and `max_active` other keys of the account
-    /// count at the roll's instant; [`StoreError::Duplicate`] as for [`insert`](Self::insert).
+    /// Errors, nothing changed: [`StoreError::LimitReached`] when the roll
+    /// [adds to the count](Roll::adds_to_count) and `max_active` other keys of the account
+    /// [count towards the limit](KeyRecord::counts_towards_limit) at the roll's instant;
+    /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
 
     /// Sets `last_used_at = max(last_used_at, at)` for each pair, in one transaction where the

@@ -565,33 +565,32 @@ impl KeyStore for PostgresStore {
     }
 
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+        let (account, old, new) = (roll.account().as_str(), roll.old().as_uuid(), roll.new_key());
         let rolled = self
             .call("roll", async |client| {
                 let transaction = client.transaction().await?;
                 let lock = transaction.prepare_cached(&self.sql.lock_account).await?;
-                transaction.execute(&lock, &[&roll.account.as_str()]).await?;
+                transaction.execute(&lock, &[&account]).await?;
                 let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
-                let old = transaction.query_opt(&find, &[roll.old.as_uuid(), &roll.account.as_str()]).await?;
-                if !old.as_ref().map(record_from_row).transpose()?.is_some_and(|old| roll.applies_to(&old)) {
+                let old_row = transaction.query_opt(&find, &[old, &account]).await?;
+                if !old_row.as_ref().map(record_from_row).transpose()?.is_some_and(|old| roll.applies_to(&old)) {
                     return Ok(Some(false));
                 }
-                if roll.seen_replaced_by.is_some() {
+                if roll.adds_to_count() {
                     let count = transaction.prepare_cached(&self.sql.count_for_roll).await?;
-                    let parameters: [&(dyn ToSql + Sync); 3] =
-                        [&roll.account.as_str(), &roll.new.created_at, roll.old.as_uuid()];
+                    let parameters: [&(dyn ToSql + Sync); 3] = [&account, &new.created_at, old];
                     let counted: i64 = transaction.query_one(&count, &parameters).await?.try_get(0)?;
                     if counted >= i64::from(max_active) {
                         return Ok(None);
                     }
                 }
                 let apply = transaction.prepare_cached(&self.sql.apply_roll).await?;
-                let parameters: [&(dyn ToSql + Sync); 3] =
-                    [roll.old.as_uuid(), &roll.old_expires_at, roll.new.id.as_uuid()];
+                let parameters: [&(dyn ToSql + Sync); 3] = [old, &roll.old_expires_at(), new.id.as_uuid()];
                 transaction.execute(&apply, &parameters).await?;
                 let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
                 // The limit was checked above where it applies; the new key is inserted as is.
                 let no_limit = i64::MAX;
-                transaction.execute(&insert, &Columns::of(&roll.new).with_limit(&no_limit)).await?;
+                transaction.execute(&insert, &Columns::of(new).with_limit(&no_limit)).await?;
                 transaction.commit().await?;
                 Ok(Some(true))
             })

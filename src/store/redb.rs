@@ -379,22 +379,23 @@ impl KeyStore for RedbStore {
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         let roll = roll.clone();
         self.write("roll", move |transaction| {
-            let Some((digest, mut old)) = find_in(transaction, &roll.old)? else {
+            let Some((digest, mut old)) = find_in(transaction, roll.old())? else {
                 return Ok(false);
             };
             if !roll.applies_to(&record_from_value(&digest, old.as_value()).map_err(WriteError::Backend)?) {
                 return Ok(false);
             }
-            if roll.seen_replaced_by.is_some() {
-                let now = unix_micros(roll.new.created_at);
-                if count_towards_limit(transaction, &roll.account, now, Some(&roll.old))? >= u64::from(max_active) {
+            let new = roll.new_key();
+            if roll.adds_to_count() {
+                let now = unix_micros(new.created_at);
+                if count_towards_limit(transaction, roll.account(), now, Some(roll.old()))? >= u64::from(max_active) {
                     return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
                 }
             }
-            old.expires_at = roll.old_expires_at.map(unix_micros);
-            old.replaced_by = Some(*roll.new.id.as_uuid().as_bytes());
+            old.expires_at = Some(unix_micros(roll.old_expires_at()));
+            old.replaced_by = Some(*new.id.as_uuid().as_bytes());
             transaction.open_table(RECORDS)?.insert(&digest, old.as_value())?;
-            insert_record(transaction, &roll.new)?;
+            insert_record(transaction, new)?;
             Ok(true)
         })
         .await

@@ -429,24 +429,25 @@ impl KeyStore for SqliteStore {
         let roll = roll.clone();
         self.write("roll", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let old = transaction
+            let (old, new) = (roll.old(), roll.new_key());
+            let old_record = transaction
                 .prepare_cached(FIND_BY_ID)?
-                .query_row(params![roll.old.as_uuid().as_bytes(), roll.account.as_str()], record_from_row)
+                .query_row(params![old.as_uuid().as_bytes(), roll.account().as_str()], record_from_row)
                 .optional()?;
-            if !old.is_some_and(|old| roll.applies_to(&old)) {
+            if !old_record.is_some_and(|old| roll.applies_to(&old)) {
                 return Ok(false);
             }
-            if roll.seen_replaced_by.is_some() {
-                check_limit(&transaction, &roll.account, roll.new.created_at, Some(&roll.old), max_active)?;
+            if roll.adds_to_count() {
+                check_limit(&transaction, roll.account(), new.created_at, Some(old), max_active)?;
             }
             transaction
                 .prepare_cached("UPDATE api_keys SET expires_at = ?2, replaced_by = ?3 WHERE id = ?1")?
                 .execute(params![
-                    roll.old.as_uuid().as_bytes(),
-                    micros(roll.old_expires_at),
-                    roll.new.id.as_uuid().as_bytes()
+                    old.as_uuid().as_bytes(),
+                    unix_micros(roll.old_expires_at()),
+                    new.id.as_uuid().as_bytes()
                 ])?;
-            insert_row(&transaction, &roll.new)?;
+            insert_row(&transaction, new)?;
             transaction.commit()?;
             Ok(true)
         })
