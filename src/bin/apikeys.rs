@@ -224,7 +224,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let id: KeyId = id.parse()?;
             let rolled = service.roll_as_admin(&AccountId::new(account)?, &id, grace).await?;
             print_created(&rolled.key, json);
-            let until = rolled.previous.expires_at.format(&time::format_description::well_known::Rfc3339)?;
+            let until = rfc3339(rolled.previous.expires_at);
             print(json, json!({ "previous": rolled.previous }), &format!("{id} now expires at {until}"));
             ExitCode::SUCCESS
         }
