@@ -5,8 +5,13 @@
 //! costs at most one store write per interval however often it is used, and a crash loses at
 //! most one interval of lastUsedAt — never a key or a revocation. `list` overlays the noted
 //! times, so it always shows the newest time the service knows.
+//!
+//! Noting a use appends to a short buffer instead of updating a per-key map: a map entry of a
+//! random key is a cache miss (two, with its control bytes) on every verification, while the
+//! buffer's end is always in cache. A full buffer is folded into the map at once, where the
+//! lookups are independent of each other and the CPU overlaps their misses.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
@@ -18,16 +23,28 @@ use crate::prehashed::PrehashedMap;
 /// Shards of the noted times, so that verifications on different threads rarely meet on a lock.
 const SHARDS: usize = 16;
 
+/// How many uses a shard buffers before folding them into its map: 6 KiB per shard.
+const BUFFERED: usize = 256;
+
 #[derive(Debug)]
 pub(crate) struct LastUsed {
     interval: std::time::Duration,
     interval_micros: i64,
     /// A background task writes batches: verifications only note times.
-    in_background: std::sync::atomic::AtomicBool,
+    in_background: AtomicBool,
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
     /// one verification per interval writes.
     next_flush_micros: AtomicI64,
-    shards: [Mutex<PrehashedMap<KeyId, Noted>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
+}
+
+/// The uses noted for the keys of one shard.
+#[derive(Debug, Default)]
+struct Shard {
+    /// The newest noted use of each key, folded from `buffered`.
+    noted: PrehashedMap<KeyId, Noted>,
+    /// Uses not yet folded into `noted`, in the order they were noted.
+    buffered: Vec<(KeyId, i64)>,
 }
 
 /// The newest use of a key, in Unix microseconds, and whether the store has it yet.
@@ -42,7 +59,7 @@ impl LastUsed {
         Self {
             interval,
             interval_micros: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
-            in_background: std::sync::atomic::AtomicBool::new(false),
+            in_background: AtomicBool::new(false),
             // The first use is written at once, so a new key shows as used in the store too.
             next_flush_micros: AtomicI64::new(i64::MIN),
             shards: std::array::from_fn(|_| Mutex::default()),
@@ -53,7 +70,7 @@ impl LastUsed {
     /// a background task writes them).
     pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
         let at = unix_micros(at);
-        self.shard(id).entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
+        self.shard(id).buffer(id, at);
         !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at)
     }
 
@@ -83,7 +100,8 @@ impl LastUsed {
     pub(crate) fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
         let mut batch = Vec::new();
         for shard in &self.shards {
-            let mut noted = lock(shard);
+            let mut shard = lock(shard);
+            let noted = &mut shard.folded().noted;
             noted.retain(|_, entry| entry.dirty);
             for (id, entry) in noted.iter_mut() {
                 entry.dirty = false;
@@ -96,26 +114,47 @@ impl LastUsed {
     /// Puts back a batch the store failed to write, to be retried with the next one.
     pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
         for &(id, at) in batch {
-            let at = unix_micros(at);
-            self.shard(id).entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
+            self.shard(id).buffer(id, unix_micros(at));
         }
     }
 
     /// The newest time noted for each id, for overlaying on what the store returned.
     pub(crate) fn newest(&self, ids: impl Iterator<Item = KeyId>) -> Vec<Option<OffsetDateTime>> {
-        ids.map(|id| self.shard(id).get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
+        ids.map(|id| self.shard(id).folded().noted.get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
     }
 
     /// How many noted times the store has not been given yet.
     pub(crate) fn pending(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).values().filter(|noted| noted.dirty).count()).sum()
+        self.shards.iter().map(|shard| lock(shard).folded().noted.values().filter(|noted| noted.dirty).count()).sum()
     }
 
     /// The shard of an id, chosen by bits of its hash that the map uses neither for the bucket
     /// (low bits) nor for the tag (top bits).
-    fn shard(&self, id: KeyId) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+    fn shard(&self, id: KeyId) -> MutexGuard<'_, Shard> {
         let (high, low) = id.as_uuid().as_u64_pair();
         lock(&self.shards[(((high ^ low) >> 32) % SHARDS as u64) as usize])
+    }
+}
+
+impl Shard {
+    /// Notes a use, folding the buffer into the map when it is full.
+    fn buffer(&mut self, id: KeyId, at: i64) {
+        if self.buffered.len() == BUFFERED {
+            self.fold();
+        }
+        self.buffered.push((id, at));
+    }
+
+    /// The shard with every buffered use folded into the map, for reading it.
+    fn folded(&mut self) -> &mut Self {
+        self.fold();
+        self
+    }
+
+    fn fold(&mut self) {
+        for (id, at) in self.buffered.drain(..) {
+            self.noted.entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
+        }
     }
 }
 
@@ -126,8 +165,8 @@ impl Noted {
     }
 }
 
-// Nothing panics while a shard is locked, and every state of a map is valid.
-fn lock(shard: &Mutex<PrehashedMap<KeyId, Noted>>) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+// Nothing panics while a shard is locked, and every state of a shard is valid.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -168,6 +207,29 @@ mod tests {
         assert_eq!(batch, expected);
         assert!(last_used.take_dirty().is_empty());
         assert_eq!(last_used.pending(), 0);
+    }
+
+    #[test]
+    fn folding_full_buffers_keeps_the_newest_time_of_each_key() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let keys: Vec<KeyId> = (0..7).map(|_| id()).collect();
+        let mut newest = std::collections::HashMap::new();
+        // Enough uses to fill every shard's buffer several times, in no order of time.
+        for i in 0..40 * BUFFERED {
+            let (key, at) = (keys[i % keys.len()], T0 + Duration::seconds(((i * 7919) % 1000) as i64));
+            last_used.note(key, at);
+            newest.entry(key).and_modify(|newest: &mut OffsetDateTime| *newest = (*newest).max(at)).or_insert(at);
+        }
+        assert_eq!(
+            last_used.newest(keys.iter().copied()),
+            keys.iter().map(|key| Some(newest[key])).collect::<Vec<_>>()
+        );
+        assert_eq!(last_used.pending(), keys.len());
+        let mut batch = last_used.take_dirty();
+        batch.sort();
+        let mut expected: Vec<_> = newest.into_iter().collect();
+        expected.sort();
+        assert_eq!(batch, expected);
     }
 
     #[test]
