@@ -2,12 +2,15 @@
 //! so that every ratio compares numbers measured side by side.
 //!
 //! ```sh
-//! cargo bench --bench verify --all-features            # 10 k and 1 M keys
-//! APIKEYS_BENCH_SIZES=10000 cargo bench --bench verify --all-features
+//! cargo bench --bench verify --features sqlite,redb,postgres            # 10 k and 1 M keys
+//! APIKEYS_BENCH_SIZES=10000 cargo bench --bench verify --features sqlite,redb,postgres
 //! APIKEYS_BENCH_POSTGRES_URL=postgres://… (default: the local server; sizes in
 //! APIKEYS_BENCH_POSTGRES_SIZES, default 10000)
 //! python3 benches/report.py                             # the README table from the results
 //! ```
+//!
+//! Feature `metrics` is left out: it adds its own cost (two monotonic clock reads and the
+//! recorder's lookups) to every verification, which the README reports separately.
 //!
 //! Each "raw" baseline is the same operation the store performs, without the service: the same
 //! SQL statement and row decoding, the same redb read transaction and value decoding, the same

@@ -5,12 +5,13 @@
 //! cargo run --example axum_host --features http            # keys in memory
 //! APIKEYS_EXAMPLE_DB=keys.db cargo run --example axum_host --features http,sqlite
 //! curl -H "x-api-key: $KEY" http://127.0.0.1:3000/whoami
+//! curl -H "x-api-key: $READER" http://127.0.0.1:3000/reports   # 403: the key lacks reports:read
 //! ```
 
 use std::sync::Arc;
 
-use apikeys::http::{Authenticated, require_api_key};
-use apikeys::{AccountId, AuthenticatedKey, Environment, KeyFormat, KeyService, KeyStore, MemoryStore, NewKey};
+use apikeys::http::{ApiError, Authenticated, ScopeGuard, require_api_key, require_scope};
+use apikeys::{AccountId, AuthenticatedKey, Environment, KeyFormat, KeyService, KeyStore, MemoryStore, NewKey, Scopes};
 use axum::extract::FromRef;
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -45,9 +46,16 @@ async fn hello(caller: Option<Authenticated>) -> String {
     }
 }
 
-/// A group of routes behind one layer; the handler reads the key the layer verified.
-async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> String {
-    format!("orders of {}\n", caller.account)
+/// A group of routes behind one layer; the handler reads the key the layer verified and checks
+/// a scope itself (403 `insufficient_scope` when the key lacks it).
+async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> Result<String, ApiError> {
+    caller.require("orders:read")?;
+    Ok(format!("orders of {}\n", caller.account))
+}
+
+/// A route whose layer requires a scope before the handler runs.
+async fn reports(Authenticated(caller): Authenticated) -> String {
+    format!("reports of {}\n", caller.account)
 }
 
 #[tokio::main]
@@ -63,15 +71,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     keys.spawn_flusher();
     let first = keys.create(&AccountId::new("acme")?, NewKey::default()).await?;
     println!("a key for account acme (shown once): {}", first.key.expose_secret());
+    let reader = NewKey { scopes: Some(Scopes::new(["orders:read"])?), ..NewKey::default() };
+    let reader = keys.create(&AccountId::new("acme")?, reader).await?;
+    println!("a key that may only read orders (403 on /reports): {}", reader.key.expose_secret());
 
     let state = AppState { keys: keys.clone(), greeting: "you are" };
     let protected = Router::new()
         .route("/orders", get(orders))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key::<AppState>));
+    let reports_guard = ScopeGuard::new(keys.clone(), "reports:read")?;
+    let guarded = Router::new()
+        .route("/reports", get(reports))
+        .route_layer(axum::middleware::from_fn_with_state(reports_guard, require_scope));
     let app = Router::new()
         .route("/whoami", get(whoami))
         .route("/hello", get(hello))
         .merge(protected)
+        .merge(guarded)
         .merge(apikeys::http::router(keys.clone()))
         .with_state(state);
 

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use metrics::{Key, Label, Level, Metadata};
+
 use crate::error::Rejection;
 use crate::key::AuthenticatedKey;
 
@@ -18,11 +20,39 @@ pub const VERIFY_TOTAL: &str = "apikeys_verify_total";
 /// Histogram of verification latency, in seconds.
 pub const VERIFY_DURATION_SECONDS: &str = "apikeys_verify_duration_seconds";
 
+/// What the facade's macros would pass as the metrics' origin.
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+// Every key recorded, built at compile time: recording a verification then allocates and hashes
+// nothing, where the facade's macros build a key for labels chosen at run time on every call.
+macro_rules! key {
+    ($name:expr, $($label:literal => $value:expr),+) => {{
+        static LABELS: &[Label] = &[$(Label::from_static_parts($label, $value)),+];
+        Key::from_static_parts($name, LABELS)
+    }};
+}
+static ACCEPTED: Key = key!(VERIFY_TOTAL, "outcome" => "accepted", "reason" => "none");
+/// In the order of [`Rejection::REASONS`].
+static REJECTED: [Key; 5] = [
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[0]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[1]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[2]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[3]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[4]),
+];
+static ACCEPTED_DURATION: Key = key!(VERIFY_DURATION_SECONDS, "outcome" => "accepted");
+static REJECTED_DURATION: Key = key!(VERIFY_DURATION_SECONDS, "outcome" => "rejected");
+
 pub(crate) fn record_verification(outcome: &Result<AuthenticatedKey, Rejection>, elapsed: Duration) {
-    let (outcome, reason) = match outcome {
-        Ok(_) => ("accepted", "none"),
-        Err(rejection) => ("rejected", rejection.reason()),
+    let (total, duration) = match outcome {
+        Ok(_) => (&ACCEPTED, &ACCEPTED_DURATION),
+        Err(rejection) => {
+            let reason = Rejection::REASONS.iter().position(|reason| *reason == rejection.reason()).unwrap_or(0);
+            (&REJECTED[reason], &REJECTED_DURATION)
+        }
     };
-    metrics::counter!(VERIFY_TOTAL, "outcome" => outcome, "reason" => reason).increment(1);
-    metrics::histogram!(VERIFY_DURATION_SECONDS, "outcome" => outcome).record(elapsed.as_secs_f64());
+    metrics::with_recorder(|recorder| {
+        recorder.register_counter(total, &METADATA).increment(1);
+        recorder.register_histogram(duration, &METADATA).record(elapsed.as_secs_f64());
+    });
 }

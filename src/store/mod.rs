@@ -5,6 +5,8 @@
 //! new backend cannot get them wrong.
 
 use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -205,31 +207,44 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
 }
 
+/// What a [`KeyStore`] method returns once `#[async_trait]` has expanded it.
+type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 /// Forwards every method, so `Arc<S>`, `Box<S>`, `Arc<dyn KeyStore>` and `Box<dyn KeyStore>` are stores too.
+///
+/// The methods hand back the inner store's future itself rather than awaiting it in a future of
+/// their own: a verification through `Arc<dyn KeyStore>` then allocates one future, not two.
+/// The signatures are what `#[async_trait]` makes of the trait's.
 macro_rules! forward_key_store {
     ($($pointer:ident),*) => {$(
-        #[async_trait]
         impl<S: KeyStore + ?Sized> KeyStore for $pointer<S> {
-            async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-                (**self).insert(record, max_active).await
+            fn insert<'s, 'r, 'f>(&'s self, record: &'r KeyRecord, max_active: u32) -> StoreFuture<'f, ()>
+            where 's: 'f, 'r: 'f, Self: 'f {
+                (**self).insert(record, max_active)
             }
-            async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-                (**self).find_by_digest(digest).await
+            fn find_by_digest<'s, 'd, 'f>(&'s self, digest: &'d Digest) -> StoreFuture<'f, Option<KeyRecord>>
+            where 's: 'f, 'd: 'f, Self: 'f {
+                (**self).find_by_digest(digest)
             }
-            async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-                (**self).list_active(account, now).await
+            fn list_active<'s, 'a, 'f>(&'s self, account: &'a AccountId, now: OffsetDateTime) -> StoreFuture<'f, Vec<KeyRecord>>
+            where 's: 'f, 'a: 'f, Self: 'f {
+                (**self).list_active(account, now)
             }
-            async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-                (**self).revoke(account, id, at).await
+            fn revoke<'s, 'a, 'i, 'f>(&'s self, account: &'a AccountId, id: &'i KeyId, at: OffsetDateTime) -> StoreFuture<'f, bool>
+            where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
+                (**self).revoke(account, id, at)
             }
-            async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-                (**self).find_by_id(account, id).await
+            fn find_by_id<'s, 'a, 'i, 'f>(&'s self, account: &'a AccountId, id: &'i KeyId) -> StoreFuture<'f, Option<KeyRecord>>
+            where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
+                (**self).find_by_id(account, id)
             }
-            async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-                (**self).roll(roll, max_active).await
+            fn roll<'s, 'r, 'f>(&'s self, roll: &'r Roll, max_active: u32) -> StoreFuture<'f, bool>
+            where 's: 'f, 'r: 'f, Self: 'f {
+                (**self).roll(roll, max_active)
             }
-            async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-                (**self).record_last_used(uses).await
+            fn record_last_used<'s, 'u, 'f>(&'s self, uses: &'u [(KeyId, OffsetDateTime)]) -> StoreFuture<'f, ()>
+            where 's: 'f, 'u: 'f, Self: 'f {
+                (**self).record_last_used(uses)
             }
         }
     )*};
