@@ -226,15 +226,28 @@ macro_rules! forward_key_store {
             where 's: 'f, 'd: 'f, Self: 'f {
                 (**self).find_by_digest(digest)
             }
-            fn list_active<'s, 'a, 'f>(&'s self, account: &'a AccountId, now: OffsetDateTime) -> StoreFuture<'f, Vec<KeyRecord>>
+            fn list_active<'s, 'a, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                now: OffsetDateTime,
+            ) -> StoreFuture<'f, Vec<KeyRecord>>
             where 's: 'f, 'a: 'f, Self: 'f {
                 (**self).list_active(account, now)
             }
-            fn revoke<'s, 'a, 'i, 'f>(&'s self, account: &'a AccountId, id: &'i KeyId, at: OffsetDateTime) -> StoreFuture<'f, bool>
+            fn revoke<'s, 'a, 'i, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                id: &'i KeyId,
+                at: OffsetDateTime,
+            ) -> StoreFuture<'f, bool>
             where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
                 (**self).revoke(account, id, at)
             }
-            fn find_by_id<'s, 'a, 'i, 'f>(&'s self, account: &'a AccountId, id: &'i KeyId) -> StoreFuture<'f, Option<KeyRecord>>
+            fn find_by_id<'s, 'a, 'i, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                id: &'i KeyId,
+            ) -> StoreFuture<'f, Option<KeyRecord>>
             where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
                 (**self).find_by_id(account, id)
             }
@@ -242,7 +255,10 @@ macro_rules! forward_key_store {
             where 's: 'f, 'r: 'f, Self: 'f {
                 (**self).roll(roll, max_active)
             }
-            fn record_last_used<'s, 'u, 'f>(&'s self, uses: &'u [(KeyId, OffsetDateTime)]) -> StoreFuture<'f, ()>
+            fn record_last_used<'s, 'u, 'f>(
+                &'s self,
+                uses: &'u [(KeyId, OffsetDateTime)],
+            ) -> StoreFuture<'f, ()>
             where 's: 'f, 'u: 'f, Self: 'f {
                 (**self).record_last_used(uses)
             }
