@@ -145,12 +145,41 @@ impl Rejection {
 
     /// A short, stable label of the reason, e.g. `"revoked"`.
     pub fn reason(&self) -> &'static str {
+        Self::REASONS[self.reason_index()]
+    }
+
+    /// Where [`reason`](Self::reason) is in [`REASONS`](Self::REASONS).
+    pub(crate) fn reason_index(&self) -> usize {
         match self {
-            Self::Malformed(_) => "malformed",
-            Self::Unknown => "unknown",
-            Self::Revoked => "revoked",
-            Self::Expired => "expired",
-            Self::Store(_) => "store_error",
+            Self::Malformed(_) => 0,
+            Self::Unknown => 1,
+            Self::Revoked => 2,
+            Self::Expired => 3,
+            Self::Store(_) => 4,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BackendError;
+
+    #[test]
+    fn each_rejection_has_its_own_reason() {
+        let store =
+            StoreError::from(BackendError::new("test", "nowhere", "find_by_digest", std::io::Error::other("down")));
+        let reasons: Vec<&str> = [
+            Rejection::Malformed(crate::token::TokenError::Length),
+            Rejection::Unknown,
+            Rejection::Revoked,
+            Rejection::Expired,
+            Rejection::Store(store),
+        ]
+        .iter()
+        .map(Rejection::reason)
+        .collect();
+        assert_eq!(reasons, ["malformed", "unknown", "revoked", "expired", "store_error"]);
+        assert_eq!(reasons, Rejection::REASONS);
     }
 }

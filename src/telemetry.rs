@@ -33,7 +33,7 @@ macro_rules! key {
 }
 static ACCEPTED: Key = key!(VERIFY_TOTAL, "outcome" => "accepted", "reason" => "none");
 /// In the order of [`Rejection::REASONS`].
-static REJECTED: [Key; 5] = [
+static REJECTED: [Key; Rejection::REASONS.len()] = [
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[0]),
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[1]),
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[2]),
@@ -46,10 +46,7 @@ static REJECTED_DURATION: Key = key!(VERIFY_DURATION_SECONDS, "outcome" => "reje
 pub(crate) fn record_verification(outcome: &Result<AuthenticatedKey, Rejection>, elapsed: Duration) {
     let (total, duration) = match outcome {
         Ok(_) => (&ACCEPTED, &ACCEPTED_DURATION),
-        Err(rejection) => {
-            let reason = Rejection::REASONS.iter().position(|reason| *reason == rejection.reason()).unwrap_or(0);
-            (&REJECTED[reason], &REJECTED_DURATION)
-        }
+        Err(rejection) => (&REJECTED[rejection.reason_index()], &REJECTED_DURATION),
     };
     metrics::with_recorder(|recorder| {
         recorder.register_counter(total, &METADATA).increment(1);
