@@ -1,9 +1,9 @@
 //! Identifiers: [`KeyId`], the public id of a key record, and [`AccountId`], the owner of keys.
 
-use smol_str::SmolStr;
 use std::fmt;
 use std::str::FromStr;
 
+use smol_str::SmolStr;
 use uuid::Uuid;
 
 use crate::error::ValidationError;

@@ -1,9 +1,10 @@
 //! [`KeyName`], the human label of a key.
 
-use smol_str::SmolStr;
 use std::fmt;
 use std::ops::Deref;
 use std::str::FromStr;
+
+use smol_str::SmolStr;
 
 use crate::error::ValidationError;
 
