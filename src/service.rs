@@ -348,8 +348,12 @@ impl<S: KeyStore> KeyService<S> {
 
     /// The record with this digest, checked to really carry it.
     async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
-        let found = self.inner.store.find_by_digest(digest).await.map_err(Rejection::Store)?;
-        Ok(found.filter(|record| record.digest.ct_eq(digest)))
+        let store = &self.inner.store;
+        let found = match store.find_by_digest_now(digest) {
+            Some(found) => found,
+            None => store.find_by_digest(digest).await,
+        };
+        Ok(found.map_err(Rejection::Store)?.filter(|record| record.digest.ct_eq(digest)))
     }
 
     fn check_grace(&self, grace: Duration) -> Result<(), Error> {

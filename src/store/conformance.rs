@@ -60,7 +60,25 @@ async fn insert(store: &dyn KeyStore, record: &KeyRecord) {
 }
 
 async fn find(store: &dyn KeyStore, record: &KeyRecord) -> KeyRecord {
-    store.find_by_digest(&record.digest).await.expect("find_by_digest").expect("the record is stored")
+    found(store, &record.digest).await.expect("the record is stored")
+}
+
+/// The record with this digest, read both ways a store offers, which must agree.
+async fn found(store: &dyn KeyStore, digest: &Digest) -> Option<KeyRecord> {
+    let awaited = found_one_way(store, digest, false).await;
+    assert_eq!(found_one_way(store, digest, true).await, awaited, "find_by_digest_now disagrees with find_by_digest");
+    awaited
+}
+
+/// The record with this digest, read by `find_by_digest_now` if `now` and the store offers it,
+/// else by `find_by_digest`: for reads that race writes, where two reads may rightly differ.
+async fn found_one_way(store: &dyn KeyStore, digest: &Digest, now: bool) -> Option<KeyRecord> {
+    let answered_now = if now { store.find_by_digest_now(digest) } else { None };
+    let read = match answered_now {
+        Some(read) => read,
+        None => store.find_by_digest(digest).await,
+    };
+    read.expect("find_by_digest")
 }
 
 async fn listed_ids(store: &dyn KeyStore, account: &AccountId, now: OffsetDateTime) -> Vec<KeyId> {
@@ -103,7 +121,7 @@ pub async fn insert_then_find_by_digest_returns_the_same_record(store: &dyn KeyS
 
 pub async fn find_by_an_unknown_digest_is_none(store: &dyn KeyStore) {
     let unknown = Digest::sha256(&format!("never stored {}", KeyId::generate()));
-    assert_eq!(store.find_by_digest(&unknown).await.unwrap(), None);
+    assert_eq!(found(store, &unknown).await, None);
 }
 
 pub async fn insert_refuses_a_duplicate_id(store: &dyn KeyStore) {
@@ -114,7 +132,7 @@ pub async fn insert_refuses_a_duplicate_id(store: &dyn KeyStore) {
     same_id.id = first.id;
     let refused = store.insert(&same_id, u32::MAX).await;
     assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
-    assert_eq!(store.find_by_digest(&same_id.digest).await.unwrap(), None);
+    assert_eq!(found(store, &same_id.digest).await, None);
     assert_eq!(find(store, &first).await, first);
 }
 
@@ -250,7 +268,7 @@ pub async fn the_limit_counts_only_active_keys(store: &dyn KeyStore) {
     let third = record(&account, T0 + Duration::minutes(1));
     let refused = store.insert(&third, 2).await;
     assert!(matches!(refused, Err(StoreError::LimitReached { limit: 2 })), "{refused:?}");
-    assert_eq!(store.find_by_digest(&third.digest).await.unwrap(), None, "a refused insert stores nothing");
+    assert_eq!(found(store, &third.digest).await, None, "a refused insert stores nothing");
 
     store.revoke(&account, &first.id, T0 + Duration::minutes(2)).await.unwrap();
     let after_revoke = record(&account, T0 + Duration::minutes(3));
@@ -381,7 +399,7 @@ pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(st
     let stale = roll_of(&old, at, at + Duration::hours(2));
     assert!(store.roll(&first, 10).await.unwrap());
     assert!(!store.roll(&stale, 10).await.unwrap(), "the old key changed since it was read");
-    assert_eq!(store.find_by_digest(&stale.new_key().digest).await.unwrap(), None);
+    assert_eq!(found(store, &stale.new_key().digest).await, None);
     // Rolled again from what it is now: allowed, a key in its grace period may be rolled.
     let again = roll_of(&find(store, &old).await, at, at + Duration::minutes(30));
     assert!(store.roll(&again, 10).await.unwrap());
@@ -395,14 +413,14 @@ pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(st
     let unknown = roll_of(&as_if_unknown, at, at);
     for roll in [foreign, expired, unknown] {
         assert!(!store.roll(&roll, 10).await.unwrap());
-        assert_eq!(store.find_by_digest(&roll.new_key().digest).await.unwrap(), None, "no half-done roll");
+        assert_eq!(found(store, &roll.new_key().digest).await, None, "no half-done roll");
     }
     let revoked = record(&account, T0);
     insert(store, &revoked).await;
     assert!(store.revoke(&account, &revoked.id, at).await.unwrap());
     let roll = roll_of(&find(store, &revoked).await, at, at);
     assert!(!store.roll(&roll, 10).await.unwrap());
-    assert_eq!(store.find_by_digest(&roll.new_key().digest).await.unwrap(), None);
+    assert_eq!(found(store, &roll.new_key().digest).await, None);
 }
 
 pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: &dyn KeyStore) {
@@ -419,7 +437,7 @@ pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: 
     let reroll = roll_of(&find(store, &old).await, at, at + Duration::minutes(5));
     assert!(matches!(store.roll(&reroll, 1).await, Err(StoreError::LimitReached { limit: 1 })));
     assert_eq!(find(store, &old).await.expires_at, Some(at + Duration::hours(1)));
-    assert_eq!(store.find_by_digest(&reroll.new_key().digest).await.unwrap(), None);
+    assert_eq!(found(store, &reroll.new_key().digest).await, None);
     assert!(store.roll(&reroll, 2).await.unwrap());
     // A roll whose new key repeats an id is a duplicate, and changes nothing.
     let mut twin = record(&account, at);
@@ -446,7 +464,7 @@ pub async fn concurrent_rolls_and_a_revoke_leave_one_consistent_outcome(store: &
     assert!(revoked, "a roll leaves the key active at the instant of the revoke: {outcomes:?}");
     let stored_old = find(store, &old).await;
     for (i, roll) in rolls.iter().enumerate() {
-        let new = store.find_by_digest(&roll.new_key().digest).await.unwrap();
+        let new = found(store, &roll.new_key().digest).await;
         assert_eq!(new.is_some(), succeeded.contains(&i), "the new key exists exactly when its roll applied");
     }
     match succeeded.first() {
@@ -512,7 +530,8 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         while !readers_done.load(Ordering::SeqCst) || reads < 200 {
             let index = reads % keys.len();
             let revoke_had_returned = revoked[index].load(Ordering::SeqCst);
-            let found = find(store, &keys[index]).await;
+            // Half the reads through each path: verification reads `find_by_digest_now` first.
+            let found = found_one_way(store, &keys[index].digest, reads % 2 == 0).await.expect("stored");
             if revoke_had_returned {
                 assert!(found.revoked_at.is_some(), "a read that started after revoke returned saw the key active");
             }

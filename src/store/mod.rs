@@ -179,6 +179,17 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// why a key is refused). This is the hot path of verification: one indexed read, no write.
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// What [`find_by_digest`](Self::find_by_digest) would return, if the store can answer at
+    /// once (like `now_or_never` on its future): `None`, the default, means "await
+    /// `find_by_digest`". A store that reads without waiting on the network, from process memory
+    /// or from an embedded file on the calling thread, answers here, and verification then skips
+    /// a heap-allocated future and two async frames. When it answers, the answer must equal
+    /// `find_by_digest`'s.
+    fn find_by_digest_now(&self, digest: &Digest) -> Option<Result<Option<KeyRecord>, StoreError>> {
+        let _ = digest;
+        None
+    }
+
     /// The account's records active at `now`, oldest first (by `created_at`, then `id`).
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError>;
 
@@ -225,6 +236,9 @@ macro_rules! forward_key_store {
             fn find_by_digest<'s, 'd, 'f>(&'s self, digest: &'d Digest) -> StoreFuture<'f, Option<KeyRecord>>
             where 's: 'f, 'd: 'f, Self: 'f {
                 (**self).find_by_digest(digest)
+            }
+            fn find_by_digest_now(&self, digest: &Digest) -> Option<Result<Option<KeyRecord>, StoreError>> {
+                (**self).find_by_digest_now(digest)
             }
             fn list_active<'s, 'a, 'f>(
                 &'s self,

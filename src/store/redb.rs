@@ -105,6 +105,15 @@ impl RedbStore {
         self.read("is_empty", |transaction| Ok(transaction.open_table(RECORDS)?.is_empty()?))
     }
 
+    /// The record with this digest: verification's read, on the caller's thread.
+    fn get(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.read("find_by_digest", |transaction| {
+            let records = transaction.open_table(RECORDS)?;
+            let found = records.get(digest.as_bytes())?;
+            found.map(|found| record_from_value(digest.as_bytes(), found.value())).transpose()
+        })
+    }
+
     /// Runs `read` in a read transaction on the caller's thread.
     fn read<T>(
         &self,
@@ -317,11 +326,11 @@ impl KeyStore for RedbStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.read("find_by_digest", |transaction| {
-            let records = transaction.open_table(RECORDS)?;
-            let found = records.get(digest.as_bytes())?;
-            found.map(|found| record_from_value(digest.as_bytes(), found.value())).transpose()
-        })
+        self.get(digest)
+    }
+
+    fn find_by_digest_now(&self, digest: &Digest) -> Option<Result<Option<KeyRecord>, StoreError>> {
+        Some(self.get(digest))
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {

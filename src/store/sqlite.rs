@@ -327,6 +327,13 @@ fn thread_number() -> usize {
 }
 
 impl SqliteStore {
+    /// The record with this digest: verification's read, on the caller's thread.
+    fn get(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        self.read("find_by_digest", |connection| {
+            connection.prepare_cached(FIND_BY_DIGEST)?.query_row([&digest.as_bytes()[..]], record_from_row).optional()
+        })
+    }
+
     /// Runs `read` on a read connection, on the caller's thread.
     fn read<T>(
         &self,
@@ -390,9 +397,11 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.read("find_by_digest", |connection| {
-            connection.prepare_cached(FIND_BY_DIGEST)?.query_row([&digest.as_bytes()[..]], record_from_row).optional()
-        })
+        self.get(digest)
+    }
+
+    fn find_by_digest_now(&self, digest: &Digest) -> Option<Result<Option<KeyRecord>, StoreError>> {
+        Some(self.get(digest))
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {

@@ -180,6 +180,8 @@ fn index(call: Call) -> usize {
     CALLS.iter().position(|&c| c == call).unwrap()
 }
 
+/// `find_by_digest_now` keeps its default (`None`), so every verification through this wrapper
+/// takes the awaited path, where faults can be injected and calls counted.
 #[async_trait]
 impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
