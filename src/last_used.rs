@@ -10,20 +10,27 @@
 //! random key is a cache miss (two, with its control bytes) on every verification, while the
 //! buffer's end is always in cache. A full buffer is folded into the map at once, where the
 //! lookups are independent of each other and the CPU overlaps their misses.
+//!
+//! Each thread notes into a buffer of its own (one of [`SLOTS`], chosen when the thread first
+//! notes), so verifications on different cores do not pass the lines of one lock and buffer back
+//! and forth. A full buffer is swapped for an empty one under its lock and merged into the map
+//! under the map's lock; a reader takes the map's lock and then empties every buffer into it, so
+//! a use noted by a verification that has returned is always seen.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
 
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::id::KeyId;
+use crate::padded::CachePadded;
 use crate::prehashed::PrehashedMap;
 
-/// Shards of the noted times, so that verifications on different threads rarely meet on a lock.
-const SHARDS: usize = 16;
+/// Buffers per service: more than the cores of most hosts, so threads rarely share one.
+const SLOTS: usize = 16;
 
-/// How many uses a shard buffers before folding them into its map: 6 KiB per shard.
+/// How many uses a buffer holds before it is folded into the map: 6 KiB per buffer.
 const BUFFERED: usize = 256;
 
 #[derive(Debug)]
@@ -35,17 +42,14 @@ pub(crate) struct LastUsed {
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
     /// one verification per interval writes.
     next_flush_micros: AtomicI64,
-    shards: [Mutex<Shard>; SHARDS],
+    /// Uses not yet folded into `noted`, in the order each thread noted them.
+    buffers: [CachePadded<Mutex<Vec<Use>>>; SLOTS],
+    /// The newest folded use of each key.
+    noted: Mutex<PrehashedMap<KeyId, Noted>>,
 }
 
-/// The uses noted for the keys of one shard.
-#[derive(Debug, Default)]
-struct Shard {
-    /// The newest noted use of each key, folded from `buffered`.
-    noted: PrehashedMap<KeyId, Noted>,
-    /// Uses not yet folded into `noted`, in the order they were noted.
-    buffered: Vec<(KeyId, i64)>,
-}
+/// A use of a key at a time in Unix microseconds, as buffered.
+type Use = (KeyId, i64);
 
 /// The newest use of a key, in Unix microseconds, and whether the store has it yet.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +66,8 @@ impl LastUsed {
             in_background: AtomicBool::new(false),
             // The first use is written at once, so a new key shows as used in the store too.
             next_flush_micros: AtomicI64::new(i64::MIN),
-            shards: std::array::from_fn(|_| Mutex::default()),
+            buffers: std::array::from_fn(|_| CachePadded(Mutex::new(Vec::with_capacity(BUFFERED)))),
+            noted: Mutex::default(),
         }
     }
 
@@ -70,7 +75,7 @@ impl LastUsed {
     /// a background task writes them).
     pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
         let at = unix_micros(at);
-        self.shard(id).buffer(id, at);
+        self.buffer(id, at);
         !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at)
     }
 
@@ -98,76 +103,84 @@ impl LastUsed {
     /// Takes every time not yet written, marking it written. Forgets entries written by an
     /// earlier batch and not used since: the store has them now.
     pub(crate) fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
-        let mut batch = Vec::new();
-        for shard in &self.shards {
-            let mut shard = lock(shard);
-            let noted = &mut shard.folded().noted;
-            noted.retain(|_, entry| entry.dirty);
-            for (id, entry) in noted.iter_mut() {
-                entry.dirty = false;
-                batch.extend(from_unix_micros(entry.at).map(|at| (*id, at)));
-            }
+        let mut noted = self.folded();
+        noted.retain(|_, entry| entry.dirty);
+        let mut batch = Vec::with_capacity(noted.len());
+        for (id, entry) in noted.iter_mut() {
+            entry.dirty = false;
+            batch.extend(from_unix_micros(entry.at).map(|at| (*id, at)));
         }
         batch
     }
 
     /// Puts back a batch the store failed to write, to be retried with the next one.
     pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
+        let mut noted = lock(&self.noted);
         for &(id, at) in batch {
-            self.shard(id).buffer(id, unix_micros(at));
+            note(&mut noted, id, unix_micros(at));
         }
     }
 
     /// The newest time noted for each id, for overlaying on what the store returned.
     pub(crate) fn newest(&self, ids: impl Iterator<Item = KeyId>) -> Vec<Option<OffsetDateTime>> {
-        ids.map(|id| self.shard(id).folded().noted.get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
+        let noted = self.folded();
+        ids.map(|id| noted.get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
     }
 
     /// How many noted times the store has not been given yet.
     pub(crate) fn pending(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).folded().noted.values().filter(|noted| noted.dirty).count()).sum()
+        self.folded().values().filter(|noted| noted.dirty).count()
     }
 
-    /// The shard of an id, chosen by bits of its hash that the map uses neither for the bucket
-    /// (low bits) nor for the tag (top bits).
-    fn shard(&self, id: KeyId) -> MutexGuard<'_, Shard> {
-        let (high, low) = id.as_uuid().as_u64_pair();
-        lock(&self.shards[(((high ^ low) >> 32) % SHARDS as u64) as usize])
-    }
-}
-
-impl Shard {
-    /// Notes a use, folding the buffer into the map when it is full.
-    fn buffer(&mut self, id: KeyId, at: i64) {
-        if self.buffered.len() == BUFFERED {
-            self.fold();
+    /// Appends a use to this thread's buffer, folding the buffer into the map when it is full.
+    fn buffer(&self, id: KeyId, at: i64) {
+        let slot = &self.buffers[slot()];
+        let mut buffer = lock(slot);
+        if buffer.len() == BUFFERED {
+            let full = std::mem::replace(&mut *buffer, Vec::with_capacity(BUFFERED));
+            drop(buffer);
+            fold(&mut lock(&self.noted), full);
+            buffer = lock(slot);
         }
-        self.buffered.push((id, at));
+        buffer.push((id, at));
     }
 
-    /// The shard with every buffered use folded into the map, for reading it.
-    fn folded(&mut self) -> &mut Self {
-        self.fold();
-        self
-    }
-
-    fn fold(&mut self) {
-        for (id, at) in self.buffered.drain(..) {
-            self.noted.entry(id).and_modify(|noted| noted.note(at)).or_insert(Noted { at, dirty: true });
+    /// The map, with every buffered use folded in, for reading it. Takes the map's lock before
+    /// each buffer's, where `buffer` never holds both.
+    fn folded(&self) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+        let mut noted = lock(&self.noted);
+        for buffer in &self.buffers {
+            fold(&mut noted, lock(buffer).drain(..));
         }
+        noted
     }
 }
 
-impl Noted {
-    fn note(&mut self, at: i64) {
-        self.at = self.at.max(at);
-        self.dirty = true;
+/// This thread's buffer: threads take the slots in turn as they first note a use.
+fn slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+    }
+    SLOT.with(|slot| *slot)
+}
+
+fn fold(noted: &mut PrehashedMap<KeyId, Noted>, uses: impl IntoIterator<Item = Use>) {
+    for (id, at) in uses {
+        note(noted, id, at);
     }
 }
 
-// Nothing panics while a shard is locked, and every state of a shard is valid.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(PoisonError::into_inner)
+/// Keeps the newer of `at` and the time already noted for `id`, to be written.
+fn note(noted: &mut PrehashedMap<KeyId, Noted>, id: KeyId, at: i64) {
+    let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
+    entry.at = entry.at.max(at);
+    entry.dirty = true;
+}
+
+// Nothing panics while a lock is held, and every state of a buffer and of the map is valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -230,6 +243,28 @@ mod tests {
         let mut expected: Vec<_> = newest.into_iter().collect();
         expected.sort();
         assert_eq!(batch, expected);
+    }
+
+    #[test]
+    fn uses_noted_on_many_threads_are_all_seen() {
+        const THREADS: usize = SLOTS + 3;
+        const USES: usize = 3 * BUFFERED + 7;
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        // Three keys per thread, so each key's newest use sits in one thread's unfolded buffer.
+        let keys: Vec<[KeyId; 3]> = (0..THREADS).map(|_| [id(), id(), id()]).collect();
+        let at = |i: usize| T0 + Duration::seconds(i as i64);
+        std::thread::scope(|scope| {
+            for own in &keys {
+                let last_used = &last_used;
+                scope.spawn(move || (0..USES).for_each(|i| _ = last_used.note(own[i % 3], at(i))));
+            }
+        });
+        let last_use_of = |key: usize| (0..USES).filter(|i| i % 3 == key).max().map(at);
+        let newest: Vec<_> = keys.iter().flat_map(|_| [0, 1, 2].map(last_use_of)).collect();
+        assert_eq!(last_used.newest(keys.iter().flatten().copied()), newest);
+        assert_eq!(last_used.pending(), 3 * THREADS);
+        assert_eq!(last_used.take_dirty().len(), 3 * THREADS);
+        assert_eq!(last_used.pending(), 0);
     }
 
     #[test]

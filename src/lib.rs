@@ -13,6 +13,7 @@ mod id;
 mod key;
 mod last_used;
 mod name;
+mod padded;
 mod prehashed;
 mod scope;
 mod secret;

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use super::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
+use crate::padded::CachePadded;
 use crate::prehashed::PrehashedMap;
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
@@ -20,11 +21,12 @@ const SHARDS: usize = 16;
 ///
 /// Records live inline in maps keyed by digest, split into shards that each have their own
 /// read-write lock: a verification is one probe under one shard's read lock, and verifications
-/// on other threads almost never touch the same lock. Writes are serialised by the index lock,
-/// which also guards the id and account indexes, so each write is atomic. Every call completes
-/// without waiting on I/O, so the methods run inline on the caller's executor.
+/// on other threads almost never touch the same lock, nor its cache lines (each shard has its
+/// own). Writes are serialised by the index lock, which also guards the id and account indexes,
+/// so each write is atomic. Every call completes without waiting on I/O, so the methods run
+/// inline on the caller's executor.
 pub struct MemoryStore {
-    shards: [RwLock<PrehashedMap<Digest, KeyRecord>>; SHARDS],
+    shards: [CachePadded<RwLock<PrehashedMap<Digest, KeyRecord>>>; SHARDS],
     index: Mutex<Index>,
 }
 
@@ -38,7 +40,7 @@ struct Index {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self { shards: std::array::from_fn(|_| RwLock::default()), index: Mutex::default() }
+        Self { shards: std::array::from_fn(|_| CachePadded::default()), index: Mutex::default() }
     }
 }
 
