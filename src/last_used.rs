@@ -17,15 +17,15 @@
 //! under the map's lock; a reader takes the map's lock and then empties every buffer into it, so
 //! a use noted by a verification that has returned is always seen.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
 
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::id::KeyId;
-use crate::padded::CachePadded;
 use crate::prehashed::PrehashedMap;
+use crate::spread::{CachePadded, thread_number};
 
 /// Buffers per service: more than the cores of most hosts, so threads rarely share one.
 const SLOTS: usize = 16;
@@ -134,7 +134,7 @@ impl LastUsed {
 
     /// Appends a use to this thread's buffer, folding the buffer into the map when it is full.
     fn buffer(&self, id: KeyId, at: i64) {
-        let slot = &self.buffers[slot()];
+        let slot = &self.buffers[thread_number() % SLOTS];
         let mut buffer = lock(slot);
         if buffer.len() == BUFFERED {
             let full = std::mem::replace(&mut *buffer, Vec::with_capacity(BUFFERED));
@@ -154,15 +154,6 @@ impl LastUsed {
         }
         noted
     }
-}
-
-/// This thread's buffer: threads take the slots in turn as they first note a use.
-fn slot() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
-    }
-    SLOT.with(|slot| *slot)
 }
 
 fn fold(noted: &mut PrehashedMap<KeyId, Noted>, uses: impl IntoIterator<Item = Use>) {

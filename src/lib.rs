@@ -13,11 +13,11 @@ mod id;
 mod key;
 mod last_used;
 mod name;
-mod padded;
 mod prehashed;
 mod scope;
 mod secret;
 mod service;
+mod spread;
 pub mod store;
 #[cfg(feature = "metrics")]
 pub mod telemetry;

@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use super::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
-use crate::padded::CachePadded;
 use crate::prehashed::PrehashedMap;
+use crate::spread::CachePadded;
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
 const SHARDS: usize = 16;

@@ -17,6 +17,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
+use crate::spread::{CachePadded, thread_number};
 use crate::token::KeyPrefix;
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
@@ -288,13 +289,14 @@ impl Target {
 /// connections (and their cache lines) on every read.
 struct Readers {
     target: Target,
-    slots: Vec<Mutex<Option<Connection>>>,
+    /// Each slot owns its cache lines: two threads taking their own readers never share one.
+    slots: Vec<CachePadded<Mutex<Option<Connection>>>>,
 }
 
 impl Readers {
     fn new(target: Target) -> Self {
         let slots = std::thread::available_parallelism().map_or(4, |cores| 2 * cores.get()).max(4);
-        Self { target, slots: (0..slots).map(|_| Mutex::new(None)).collect() }
+        Self { target, slots: (0..slots).map(|_| CachePadded(Mutex::new(None))).collect() }
     }
 
     /// Runs `read` on a reader: this thread's own if free, else any free one, else waits for its own.
@@ -315,15 +317,6 @@ impl Readers {
         *slot = Some(connection);
         Ok(result)
     }
-}
-
-/// A small number that identifies the current thread, for choosing its reader.
-fn thread_number() -> usize {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    thread_local! {
-        static NUMBER: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    NUMBER.with(|number| *number)
 }
 
 impl SqliteStore {
