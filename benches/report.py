@@ -64,6 +64,15 @@ for backend, raw_name in raw_names.items():
               f"{fmt(off)} | {ratio(verify1, off)} | {ratio(verify1, verify2)} | {ratio(raw1, raw2)} |")
 print()
 
+for n in sizes_of("memory"):
+    probe = ns("memory", "raw_map_probe_three_fields_threads=1", str(n))
+    verify1 = ns("memory", "verify_threads=1", str(n))
+    if None not in (probe, verify1, parse, sha, clock):
+        limit = parse + sha + clock + probe
+        print(f"Memory, {n:,} keys, against the narrower probe that reads three fields in place: raw {fmt(probe)}, "
+              f"limit {fmt(limit)}, ratio {ratio(verify1, limit)}.")
+print()
+
 if len(sizes) > 1:
     small, large = sizes[0], sizes[-1]
     print(f"| backend | verify, {small:,} keys | verify, {large:,} keys | growth |")
