@@ -42,7 +42,7 @@ hmac, bad = ns("parts", "hmac_sha256_prekeyed"), ns("parts", "reject_bad_checksu
 print("| part | time |")
 print("| --- | --- |")
 for name, value in [("parse + checksum", parse), ("SHA-256 of the token", sha), ("HMAC-SHA256, pre-keyed", hmac),
-                    ("read the clock", clock), ("reject a bad checksum (whole `verify`, no store call)", bad)]:
+                    ("read the clock (`SystemTime::now`)", clock), ("reject a bad checksum (whole `verify`, no store call)", bad)]:
     print(f"| {name} | {fmt(value)} |")
 print()
 

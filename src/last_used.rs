@@ -71,12 +71,11 @@ impl LastUsed {
         }
     }
 
-    /// Notes a use; returns whether a batch is due and this caller should write it (never, when
+    /// Notes a use at a time in Unix microseconds; returns whether a batch is due and this caller should write it (never, when
     /// a background task writes them).
-    pub(crate) fn note(&self, id: KeyId, at: OffsetDateTime) -> bool {
-        let at = unix_micros(at);
-        self.buffer(id, at);
-        !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at)
+    pub(crate) fn note(&self, id: KeyId, at_micros: i64) -> bool {
+        self.buffer(id, at_micros);
+        !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at_micros)
     }
 
     /// The interval between batches.
@@ -190,20 +189,20 @@ mod tests {
     fn the_first_use_is_due_then_one_batch_per_interval() {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let key = id();
-        assert!(last_used.note(key, T0));
-        assert!(!last_used.note(key, T0 + Duration::seconds(30)));
-        assert!(!last_used.note(key, T0 + Duration::seconds(59)));
-        assert!(last_used.note(key, T0 + Duration::seconds(60)));
-        assert!(!last_used.note(key, T0 + Duration::seconds(61)));
+        assert!(last_used.note(key, unix_micros(T0)));
+        assert!(!last_used.note(key, unix_micros(T0 + Duration::seconds(30))));
+        assert!(!last_used.note(key, unix_micros(T0 + Duration::seconds(59))));
+        assert!(last_used.note(key, unix_micros(T0 + Duration::seconds(60))));
+        assert!(!last_used.note(key, unix_micros(T0 + Duration::seconds(61))));
     }
 
     #[test]
     fn a_batch_holds_the_newest_time_of_each_key_once() {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let (a, b) = (id(), id());
-        last_used.note(a, T0 + Duration::seconds(5));
-        last_used.note(a, T0 + Duration::seconds(1)); // out of order: keeps the newest
-        last_used.note(b, T0 + Duration::seconds(2));
+        last_used.note(a, unix_micros(T0 + Duration::seconds(5)));
+        last_used.note(a, unix_micros(T0 + Duration::seconds(1))); // out of order: keeps the newest
+        last_used.note(b, unix_micros(T0 + Duration::seconds(2)));
         let mut batch = last_used.take_dirty();
         batch.sort();
         let mut expected = vec![(a, T0 + Duration::seconds(5)), (b, T0 + Duration::seconds(2))];
@@ -221,7 +220,7 @@ mod tests {
         // Enough uses to fill every shard's buffer several times, in no order of time.
         for i in 0..40 * BUFFERED {
             let (key, at) = (keys[i % keys.len()], T0 + Duration::seconds(((i * 7919) % 1000) as i64));
-            last_used.note(key, at);
+            last_used.note(key, unix_micros(at));
             newest.entry(key).and_modify(|newest: &mut OffsetDateTime| *newest = (*newest).max(at)).or_insert(at);
         }
         assert_eq!(
@@ -247,7 +246,7 @@ mod tests {
         std::thread::scope(|scope| {
             for own in &keys {
                 let last_used = &last_used;
-                scope.spawn(move || (0..USES).for_each(|i| _ = last_used.note(own[i % 3], at(i))));
+                scope.spawn(move || (0..USES).for_each(|i| _ = last_used.note(own[i % 3], unix_micros(at(i)))));
             }
         });
         let last_use_of = |key: usize| (0..USES).filter(|i| i % 3 == key).max().map(at);
@@ -262,7 +261,7 @@ mod tests {
     fn written_times_stay_visible_until_the_next_batch() {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let key = id();
-        last_used.note(key, T0);
+        last_used.note(key, unix_micros(T0));
         last_used.take_dirty();
         assert_eq!(last_used.newest([key].into_iter()), vec![Some(T0)]);
         last_used.take_dirty();
@@ -273,7 +272,7 @@ mod tests {
     fn a_failed_batch_is_retried_with_the_next() {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let key = id();
-        last_used.note(key, T0);
+        last_used.note(key, unix_micros(T0));
         let batch = last_used.take_dirty();
         last_used.restore(&batch);
         assert_eq!(last_used.pending(), 1);
@@ -284,8 +283,8 @@ mod tests {
     fn a_zero_interval_writes_every_use() {
         let last_used = LastUsed::new(std::time::Duration::ZERO);
         let key = id();
-        assert!(last_used.note(key, T0));
-        assert!(last_used.note(key, T0));
-        assert!(last_used.note(key, T0 + Duration::seconds(1)));
+        assert!(last_used.note(key, unix_micros(T0)));
+        assert!(last_used.note(key, unix_micros(T0)));
+        assert!(last_used.note(key, unix_micros(T0 + Duration::seconds(1))));
     }
 }
