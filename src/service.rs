@@ -350,11 +350,15 @@ impl<S: KeyStore> KeyService<S> {
     /// The record with this digest, checked to really carry it.
     async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
         let store = &self.inner.store;
-        let found = match store.find_by_digest_now(digest) {
+        let mut found = match store.find_by_digest_now(digest) {
             Some(found) => found,
             None => store.find_by_digest(digest).await,
-        };
-        Ok(found.map_err(Rejection::Store)?.filter(|record| record.digest.ct_eq(digest)))
+        }
+        .map_err(Rejection::Store)?;
+        if found.as_ref().is_some_and(|record| !record.digest.ct_eq(digest)) {
+            found = None;
+        }
+        Ok(found)
     }
 
     fn check_grace(&self, grace: Duration) -> Result<(), Error> {
