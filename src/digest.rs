@@ -52,17 +52,23 @@ impl DigestScheme {
 pub struct Digest([u8; Digest::LEN]);
 
 impl std::hash::Hash for Digest {
-    /// Eight bytes of the hash: they are uniformly random already, and equal digests agree on them.
+    /// [`Digest::prehash`]: with a pass-through hasher, the table's hash is eight bytes of the digest.
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&self.0[1..9]);
-        state.write_u64(u64::from_le_bytes(word));
+        state.write_u64(self.prehash());
     }
 }
 
 impl Digest {
     /// Bytes in a digest: the scheme tag and 32 bytes of hash.
     pub const LEN: usize = 33;
+
+    /// Eight bytes of the hash (bytes 1 to 8), as a hash-table hash: they are uniformly random
+    /// already, and equal digests agree on them.
+    pub(crate) fn prehash(&self) -> u64 {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[1..9]);
+        u64::from_le_bytes(word)
+    }
 
     /// SHA-256 of a token.
     pub fn sha256(token: &str) -> Self {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
+use hashbrown::HashTable;
 use time::OffsetDateTime;
 
 use super::{KeyRecord, KeyStore, Roll, StoreError};
@@ -19,20 +20,25 @@ const SHARDS: usize = 16;
 
 /// Keys in process memory, lost when the process ends.
 ///
-/// Records live inline in maps keyed by digest, split into shards that each have their own
-/// read-write lock: a verification is one probe under one shard's read lock, and verifications
-/// on other threads almost never touch the same lock, nor its cache lines (each shard has its
-/// own). Writes are serialised by the index lock, which also guards the id and account indexes,
-/// so each write is atomic. Every call completes without waiting on I/O, so the methods run
-/// inline on the caller's executor.
+/// Records live inline in hash tables keyed by their own digest (no second copy of it), split
+/// into shards that each have their own read-write lock: a verification is one probe under one
+/// shard's read lock, and verifications on other threads almost never touch the same lock, nor
+/// its cache lines (each shard has its own). Writes are serialised by the index lock, which also
+/// guards the id and account indexes, so each write is atomic. Every call completes without
+/// waiting on I/O, so the methods run inline on the caller's executor.
 pub struct MemoryStore {
-    shards: [CachePadded<RwLock<PrehashedMap<Digest, KeyRecord>>>; SHARDS],
+    shards: [CachePadded<RwLock<Shard>>; SHARDS],
     index: Mutex<Index>,
 }
 
+/// Records by digest, hashed by [`Digest::prehash`].
+type Shard = HashTable<KeyRecord>;
+
 #[derive(Default)]
 struct Index {
-    digest_of: PrehashedMap<KeyId, Digest>,
+    /// The digest hash of every record by id, revoked ones included: it picks the shard and the
+    /// place in the shard's table where the record with that id is.
+    hash_of: PrehashedMap<KeyId, u64>,
     /// Each account's keys that are not revoked: revocation removes them, so counting and
     /// listing never wade through revoked keys.
     unrevoked_of_account: HashMap<AccountId, Vec<KeyId>>,
@@ -68,7 +74,7 @@ impl MemoryStore {
 
     /// How many records the store holds, revoked and expired ones included.
     pub fn len(&self) -> usize {
-        self.index().digest_of.len()
+        self.index().hash_of.len()
     }
 
     /// Whether the store holds no record.
@@ -77,14 +83,23 @@ impl MemoryStore {
     }
 
     fn add(&self, index: &mut Index, record: KeyRecord) {
-        index.digest_of.insert(record.id, record.digest);
+        let hash = record.digest.prehash();
+        index.hash_of.insert(record.id, hash);
         index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
-        self.write(&record.digest).insert(record.digest, record);
+        self.write(hash).insert_unique(hash, record, |record| record.digest.prehash());
+    }
+
+    /// The record with this digest, copied out of its shard.
+    fn get(&self, digest: &Digest) -> Option<KeyRecord> {
+        let hash = digest.prehash();
+        self.read(hash).find(hash, |record| record.digest == *digest).cloned()
     }
 
     /// Whether a record with this id or digest is stored, under the index lock the caller holds.
     fn holds(&self, index: &Index, record: &KeyRecord) -> bool {
-        index.digest_of.contains_key(&record.id) || self.read(&record.digest).contains_key(&record.digest)
+        let hash = record.digest.prehash();
+        index.hash_of.contains_key(&record.id)
+            || self.read(hash).find(hash, |stored| stored.digest == record.digest).is_some()
     }
 
     /// How many of the account's keys count towards its limit at `now`, leaving out `except`.
@@ -93,40 +108,39 @@ impl MemoryStore {
             .len()
     }
 
+    /// Reads the record with this id, under the index lock the caller holds.
+    fn with_id<T>(&self, index: &Index, id: &KeyId, read: impl FnOnce(&KeyRecord) -> T) -> Option<T> {
+        let hash = *index.hash_of.get(id)?;
+        self.read(hash).find(hash, |record| record.id == *id).map(read)
+    }
+
     /// Applies `change` to the record with this id, under the index lock the caller holds.
     fn update<T>(&self, index: &Index, id: &KeyId, change: impl FnOnce(&mut KeyRecord) -> T) -> Option<T> {
-        let digest = index.digest_of.get(id)?;
-        self.write(digest).get_mut(digest).map(change)
+        let hash = *index.hash_of.get(id)?;
+        self.write(hash).find_mut(hash, |record| record.id == *id).map(change)
     }
 
     /// The account's records for which `keep` holds, cloned, under the index lock the caller holds.
     fn account_records(&self, index: &Index, account: &AccountId, keep: impl Fn(&KeyRecord) -> bool) -> Vec<KeyRecord> {
         let ids = index.unrevoked_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
-        ids.iter()
-            .filter_map(|id| index.digest_of.get(id))
-            .filter_map(|digest| self.read(digest).get(digest).filter(|record| keep(record)).cloned())
-            .collect()
+        ids.iter().filter_map(|id| self.with_id(index, id, |record| keep(record).then(|| record.clone()))?).collect()
     }
 
-    /// The record with this digest, copied out of its shard.
-    fn get(&self, digest: &Digest) -> Option<KeyRecord> {
-        self.read(digest).get(digest).cloned()
-    }
-
-    /// The shard of a digest, chosen by a byte the map's hash does not use (bytes 1 to 8), so that
-    /// the keys of one shard still spread over all of its buckets.
-    fn shard(&self, digest: &Digest) -> &RwLock<PrehashedMap<Digest, KeyRecord>> {
-        &self.shards[usize::from(digest.as_bytes()[Digest::LEN - 1]) % SHARDS]
+    /// The shard of a digest hash, chosen by bits the tables use neither for the bucket (the low
+    /// bits) nor for the tag (the top seven), so that the keys of one shard still spread over all
+    /// of its buckets.
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[((hash >> 40) % SHARDS as u64) as usize]
     }
 
     // A panic never leaves a half-applied write (each write checks before it changes anything),
     // so a poisoned lock still guards consistent data.
-    fn read(&self, digest: &Digest) -> RwLockReadGuard<'_, PrehashedMap<Digest, KeyRecord>> {
-        self.shard(digest).read().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard> {
+        self.shard(hash).read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self, digest: &Digest) -> RwLockWriteGuard<'_, PrehashedMap<Digest, KeyRecord>> {
-        self.shard(digest).write().unwrap_or_else(PoisonError::into_inner)
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard> {
+        self.shard(hash).write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
@@ -188,19 +202,13 @@ impl KeyStore for MemoryStore {
     }
 
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let Some(digest) = self.index().digest_of.get(id).copied() else {
-            return Ok(None);
-        };
-        Ok(self.read(&digest).get(&digest).filter(|record| record.account == *account).cloned())
+        let found = self.with_id(&self.index(), id, |record| (record.account == *account).then(|| record.clone()));
+        Ok(found.flatten())
     }
 
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         let mut index = self.index();
-        let applies = index
-            .digest_of
-            .get(roll.old())
-            .is_some_and(|digest| self.read(digest).get(digest).is_some_and(|old| roll.applies_to(old)));
-        if !applies {
+        if self.with_id(&index, roll.old(), |old| roll.applies_to(old)) != Some(true) {
             return Ok(false);
         }
         let new = roll.new_key();
