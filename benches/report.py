@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Turns the results of `cargo bench --bench verify` into the README's performance table.
 
-Reads criterion's estimates (median, ns) under target/criterion and the byte figures the bench
-wrote, computes every ratio against the raw parts measured in the same run, and prints Markdown.
+Reads the interleaved ratios and the byte figures the bench wrote (target/tmp/bench-figures.txt)
+and criterion's estimates (median, ns) under target/criterion, and prints Markdown.
 Usage: python3 benches/report.py [TARGET_DIR]
 """
 
@@ -46,22 +46,43 @@ for name, value in [("parse + checksum", parse), ("SHA-256 of the token", sha), 
     print(f"| {name} | {fmt(value)} |")
 print()
 
+figures_path = target / "tmp" / "bench-figures.txt"
+figures = {}
+if figures_path.exists():
+    for line in figures_path.read_text().splitlines():
+        name, value = line.split()
+        figures[name] = float(value)
+
+
+def interleaved(backend, n, name):
+    return figures.get(f"interleaved/{backend}/{n}/{name}")
+
+
+def times(value):
+    return "—" if value is None else f"{value:.2f}×"
+
+
+print("| backend | keys | limit (parse + SHA-256 + clock + raw read, as one operation) | verify | ratio | "
+      "lastUsed on/off | 2 threads vs 1: verify | 2 threads vs 1: raw read | verify's scaling / raw's |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for backend in ["memory", "sqlite", "redb", "postgres"]:
+    for n in sorted({int(name.split("/")[2]) for name in figures if name.startswith(f"interleaved/{backend}/")}):
+        get = lambda name: interleaved(backend, n, name)
+        print(f"| {backend} | {n:,} | {fmt(get('limit_ns'))} | {fmt(get('verify_ns'))} | {times(get('verify_vs_limit'))} | "
+              f"{times(get('last_used_on_vs_off'))} | {times(get('verify_two_threads_vs_one'))} | "
+              f"{times(get('raw_two_threads_vs_one'))} | {times(get('scaling_vs_raw_scaling'))} |")
+print()
+
 raw_names = {"memory": "raw_map_hit", "sqlite": "raw_select", "redb": "raw_get", "postgres": "raw_select"}
-print("| backend | keys | raw read | limit (parse + SHA-256 + clock + raw read) | verify | ratio | "
-      "verify, lastUsed off | on/off | 2 threads vs 1: verify | 2 threads vs 1: raw read |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| backend | keys | raw read (criterion) | verify (criterion) | verify / (parts + raw read) |")
+print("| --- | ---: | ---: | ---: | ---: |")
 for backend, raw_name in raw_names.items():
     for n in sizes_of(backend):
         raw1 = ns(backend, f"{raw_name}_threads=1", str(n))
-        raw2 = ns(backend, f"{raw_name}_threads=2", str(n))
         verify1 = ns(backend, "verify_threads=1", str(n))
-        verify2 = ns(backend, "verify_threads=2", str(n))
-        off = ns(backend, "verify_without_last_used_threads=1", str(n))
         if None in (raw1, verify1, parse, sha, clock):
             continue
-        limit = parse + sha + clock + raw1
-        print(f"| {backend} | {n:,} | {fmt(raw1)} | {fmt(limit)} | {fmt(verify1)} | {ratio(verify1, limit)} | "
-              f"{fmt(off)} | {ratio(verify1, off)} | {ratio(verify1, verify2)} | {ratio(raw1, raw2)} |")
+        print(f"| {backend} | {n:,} | {fmt(raw1)} | {fmt(verify1)} | {ratio(verify1, parse + sha + clock + raw1)} |")
 print()
 
 for n in sizes_of("memory"):
@@ -70,7 +91,7 @@ for n in sizes_of("memory"):
     if None not in (probe, verify1, parse, sha, clock):
         limit = parse + sha + clock + probe
         print(f"Memory, {n:,} keys, against the narrower probe that reads three fields in place: raw {fmt(probe)}, "
-              f"limit {fmt(limit)}, ratio {ratio(verify1, limit)}.")
+              f"parts + probe {fmt(limit)}, ratio {ratio(verify1, limit)}.")
 print()
 
 if len(sizes) > 1:
@@ -92,13 +113,9 @@ for backend in ["sqlite", "redb"]:
             print(f"| {backend}, {label} | {fmt(value / per)} | {1e9 * per / value:,.0f} |")
 print()
 
-figures = target / "tmp" / "bench-figures.txt"
-if figures.exists():
-    latest = {}
-    for line in figures.read_text().splitlines():
-        name, value = line.split()
-        latest[name] = float(value)
+sizes_in_bytes = {name: value for name, value in figures.items() if "_bytes_per_key/" in name}
+if sizes_in_bytes:
     print("| size | bytes per key |")
     print("| --- | ---: |")
-    for name, value in sorted(latest.items()):
+    for name, value in sorted(sizes_in_bytes.items()):
         print(f"| {name.replace('_bytes_per_key/', ', ')} keys | {value:.0f} |")

@@ -14,8 +14,15 @@
 //!
 //! Each "raw" baseline is the same operation the store performs, without the service: the same
 //! SQL statement and row decoding, the same redb read transaction and value decoding, the same
-//! map probe reading the record it finds. Lookups go to random keys, in an order unrelated to
+//! map probe copying out the record it finds. Lookups go to random keys, in an order unrelated to
 //! insertion, so caches help no more than they would in production.
+//!
+//! The ratios the targets are judged by come from interleaved runs ([`interleaved`]): the limit
+//! (every unavoidable part as one operation), the raw read on one and two threads, and verify on
+//! one and two threads and without lastUsed, run in turn, fifteen rounds, each ratio taken within
+//! a round. This machine's speed swings by tens of percent over seconds, so ratios of criterion
+//! estimates taken minutes apart can be off by that much; criterion's own estimates are reported
+//! beside them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
@@ -24,7 +31,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use apikeys::{
     AccountId, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore, MemoryStore, NewKey,
@@ -142,14 +149,15 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs `iters` operations split over `threads` threads, each cycling through the sample from
-/// its own offset; returns the wall time.
+/// `start` plus an offset of its own; returns the wall time. An operation gets its thread's number
+/// (for backends with a connection per thread) and a sample index.
 ///
 /// Each operation returns a number read from the record it found, always 0 but unknown to the
 /// CPU until the read completes, and the next operation's index includes it. So an operation
 /// starts only once the previous one has read its record, as one verification ends before the
 /// next begins. Without this dependency the CPU overlaps the cache misses of consecutive map
 /// probes, and a probe at 1 M keys looks two to four times cheaper than it is for a verification.
-fn on_threads(threads: usize, iters: u64, operation: impl Fn(usize) -> usize + Sync) -> Duration {
+fn on_threads(threads: usize, start: usize, iters: u64, operation: impl Fn(usize, usize) -> usize + Sync) -> Duration {
     let per_thread = iters.div_ceil(threads as u64);
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -158,7 +166,7 @@ fn on_threads(threads: usize, iters: u64, operation: impl Fn(usize) -> usize + S
             scope.spawn(move || {
                 let mut read = 0;
                 for i in 0..per_thread as usize {
-                    read = operation(thread * 997 + i + read);
+                    read = operation(thread, start + thread * 997 + i + read);
                 }
             });
         }
@@ -167,7 +175,13 @@ fn on_threads(threads: usize, iters: u64, operation: impl Fn(usize) -> usize + S
 }
 
 /// Verifies sample tokens through `service` on `threads` threads, each with its own runtime.
-fn verify_on_threads<S: KeyStore>(service: &KeyService<S>, tokens: &[String], threads: usize, iters: u64) -> Duration {
+fn verify_on_threads<S: KeyStore>(
+    service: &KeyService<S>,
+    tokens: &[String],
+    threads: usize,
+    start: usize,
+    iters: u64,
+) -> Duration {
     let per_thread = iters.div_ceil(threads as u64) as usize;
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -175,7 +189,7 @@ fn verify_on_threads<S: KeyStore>(service: &KeyService<S>, tokens: &[String], th
             scope.spawn(move || {
                 runtime().block_on(async {
                     for i in 0..per_thread {
-                        let token = &tokens[(thread * 997 + i) % tokens.len()];
+                        let token = &tokens[(start + thread * 997 + i) % tokens.len()];
                         black_box(service.verify(token).await.unwrap());
                     }
                 })
@@ -183,6 +197,89 @@ fn verify_on_threads<S: KeyStore>(service: &KeyService<S>, tokens: &[String], th
         }
     });
     started.elapsed()
+}
+
+/// How many times an interleaved measurement runs each of its variants.
+const ROUNDS: usize = 15;
+
+/// Runs each variant (given a sample offset, it runs `ops` operations and returns the wall time)
+/// once per round, in an order that rotates from round to round, and returns each variant's time
+/// per operation in each round. A ratio taken within a round compares runs made moments apart,
+/// so the swings of a shared machine, which last seconds, slow both sides of it alike.
+fn alternate(ops: u64, variants: &[&dyn Fn(usize) -> Duration]) -> Vec<Vec<f64>> {
+    let mut times = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    for round in 0..ROUNDS {
+        for turn in 0..variants.len() {
+            let variant = (round + turn) % variants.len();
+            let start = (round * variants.len() + turn) * ops as usize;
+            times[variant].push(variants[variant](start).as_nanos() as f64 / ops as f64);
+        }
+    }
+    times
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Verification against its limit, interleaved (see [`alternate`]): the limit is one operation
+/// doing every part verification cannot avoid (parse and checksum, SHA-256, reading the clock, the
+/// backend's raw read of the digest), so the parts share the caches as they do in a verification.
+/// Records the medians of the times and of the per-round ratios for `report.py`.
+fn interleaved<S: KeyStore>(
+    backend: &str,
+    n: usize,
+    data: &Dataset,
+    ops: u64,
+    raw: impl Fn(usize, &Digest) -> usize + Sync,
+    store: S,
+) where
+    S: Clone,
+{
+    let format = format();
+    let (tokens, digests) = (&data.tokens, data.digests());
+    let limit = |thread: usize, i: usize| {
+        let token = &tokens[i % tokens.len()];
+        black_box(format.parse(token).unwrap());
+        let digest = Digest::sha256(token);
+        black_box(SystemTime::now());
+        raw(thread, &digest)
+    };
+    let raw_read = |thread: usize, i: usize| raw(thread, &digests[i % digests.len()]);
+    let tracking = KeyService::builder(store.clone(), format.clone()).build();
+    let untracked = KeyService::builder(store, format.clone()).without_last_used().build();
+    let times = alternate(
+        ops,
+        &[
+            &|start| on_threads(1, start, ops, limit),
+            &|start| on_threads(1, start, ops, raw_read),
+            &|start| on_threads(2, start, ops, raw_read),
+            &|start| verify_on_threads(&tracking, tokens, 1, start, ops),
+            &|start| verify_on_threads(&tracking, tokens, 2, start, ops),
+            &|start| verify_on_threads(&untracked, tokens, 1, start, ops),
+        ],
+    );
+    runtime().block_on(tracking.flush()).unwrap();
+    let [limit, raw1, raw2, verify1, verify2, untracked1] = [0, 1, 2, 3, 4, 5].map(|v| &times[v]);
+    let per_round = |ratio: &dyn Fn(usize) -> f64| median((0..ROUNDS).map(ratio).collect());
+    let figures = [
+        ("limit_ns", median(limit.clone())),
+        ("raw_ns", median(raw1.clone())),
+        ("verify_ns", median(verify1.clone())),
+        ("verify_vs_limit", per_round(&|r| verify1[r] / limit[r])),
+        ("last_used_on_vs_off", per_round(&|r| verify1[r] / untracked1[r])),
+        ("verify_two_threads_vs_one", per_round(&|r| verify1[r] / verify2[r])),
+        ("raw_two_threads_vs_one", per_round(&|r| raw1[r] / raw2[r])),
+        ("scaling_vs_raw_scaling", per_round(&|r| (verify1[r] / verify2[r]) / (raw1[r] / raw2[r]))),
+    ];
+    record_interleaved(backend, n, &figures);
+}
+
+fn record_interleaved(backend: &str, n: usize, figures: &[(&str, f64)]) {
+    for (name, value) in figures {
+        record_figure(&format!("interleaved/{backend}/{n}/{name}"), *value);
+    }
 }
 
 fn sizes() -> Vec<usize> {
@@ -193,7 +290,16 @@ fn sizes() -> Vec<usize> {
         .collect()
 }
 
-/// Figures that are not timings (bytes per key), for `report.py`.
+/// Whether the command line's filter (criterion's free argument) selects `group`, so that
+/// `cargo bench --bench verify -- scopes` skips the other groups' setup and interleaved runs, as
+/// criterion skips their benchmarks.
+fn selected(group: &str) -> bool {
+    let filter = std::env::args().skip(1).find(|argument| !argument.starts_with('-'));
+    filter.is_none_or(|filter| filter.contains(group) || group.contains(&filter))
+}
+
+/// Figures criterion does not produce (bytes per key, interleaved times and ratios), for
+/// `report.py`.
 fn record_figure(name: &str, value: f64) {
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-figures.txt");
     let mut figures = std::fs::read_to_string(&path).unwrap_or_default();
@@ -221,7 +327,7 @@ fn parts(c: &mut Criterion) {
     });
     // The clock as the operating system gives it, not as a calendar date (`OffsetDateTime`),
     // whose conversion verification does not need.
-    group.bench_function("clock", |b| b.iter(|| black_box(std::time::SystemTime::now())));
+    group.bench_function("clock", |b| b.iter(|| black_box(SystemTime::now())));
     let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(&[7u8; 32]).unwrap();
     group.bench_function("hmac_sha256_prekeyed", |b| {
         b.iter(|| {
@@ -250,6 +356,9 @@ fn parts(c: &mut Criterion) {
 }
 
 fn memory(c: &mut Criterion) {
+    if !selected("memory") {
+        return;
+    }
     for n in sizes() {
         let data = Dataset::new(n);
         let digests = data.digests();
@@ -262,29 +371,26 @@ fn memory(c: &mut Criterion) {
         let map: HashMap<Digest, KeyRecord, BuildHasherDefault<OwnBits>> =
             data.records.iter().map(|record| (record.digest, record.clone())).collect();
         let map = std::sync::RwLock::new(map);
-        let raw = |i: usize| {
-            let record = map.read().unwrap().get(&digests[i % digests.len()]).cloned().unwrap();
+        let raw = |_: usize, digest: &Digest| {
+            let record = map.read().unwrap().get(digest).cloned().unwrap();
             let read = usize::from(record.revoked_at.is_some());
             black_box(record);
             read
         };
-        for threads in [1, 2] {
-            group.bench_function(BenchmarkId::new(format!("raw_map_hit/threads={threads}"), n), |b| {
-                b.iter_custom(|iters| on_threads(threads, iters, raw))
-            });
-        }
+        group.bench_function(BenchmarkId::new("raw_map_hit/threads=1", n), |b| {
+            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+        });
         // For reference, the narrower probe earlier runs used as the baseline: three fields read
         // in place, so fewer of the record's cache lines are touched.
-        let probe = |i: usize| {
+        let probe = |_: usize, i: usize| {
             let map = map.read().unwrap();
             let record = map.get(&digests[i % digests.len()]).unwrap();
             black_box((record.revoked_at, record.expires_at, &record.account));
             usize::from(record.revoked_at.is_some())
         };
         group.bench_function(BenchmarkId::new("raw_map_probe_three_fields/threads=1", n), |b| {
-            b.iter_custom(|iters| on_threads(1, iters, probe))
+            b.iter_custom(|iters| on_threads(1, 0, iters, probe))
         });
-        drop(map);
 
         let before = LIVE_BYTES.load(Ordering::Relaxed);
         let store = MemoryStore::new();
@@ -292,32 +398,30 @@ fn memory(c: &mut Criterion) {
         let bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
         record_figure(&format!("memory_bytes_per_key/{n}"), bytes as f64 / n as f64);
         let store = Arc::new(store);
-        bench_service(&mut group, n, store, &data.tokens);
+        bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
+        interleaved("memory", n, &data, 50_000, raw, store);
     }
 }
 
-/// verify with and without lastUsed tracking, on one thread and two.
-fn bench_service<S: KeyStore + Clone>(
+/// verify on one thread, with lastUsed tracking (the default).
+fn bench_verify<S: KeyStore + Clone>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     n: usize,
-    store: S,
+    store: &S,
     tokens: &[String],
 ) {
-    let tracking = KeyService::builder(store.clone(), format()).build();
-    let untracked = KeyService::builder(store, format()).without_last_used().build();
-    for threads in [1, 2] {
-        group.bench_function(BenchmarkId::new(format!("verify/threads={threads}"), n), |b| {
-            b.iter_custom(|iters| verify_on_threads(&tracking, tokens, threads, iters))
-        });
-    }
-    group.bench_function(BenchmarkId::new("verify_without_last_used/threads=1", n), |b| {
-        b.iter_custom(|iters| verify_on_threads(&untracked, tokens, 1, iters))
+    let service = KeyService::builder(store.clone(), format()).build();
+    group.bench_function(BenchmarkId::new("verify/threads=1", n), |b| {
+        b.iter_custom(|iters| verify_on_threads(&service, tokens, 1, 0, iters))
     });
-    runtime().block_on(tracking.flush()).unwrap();
+    runtime().block_on(service.flush()).unwrap();
 }
 
 fn sqlite(c: &mut Criterion) {
+    if !selected("sqlite") {
+        return;
+    }
     for n in sizes() {
         let data = Dataset::new(n);
         let digests = data.digests();
@@ -336,10 +440,11 @@ fn sqlite(c: &mut Criterion) {
             connection.pragma_update(None, "mmap_size", 1i64 << 30).unwrap();
             connection
         };
+        // One connection per thread, as the store's readers are.
         let connections: Vec<std::sync::Mutex<rusqlite::Connection>> =
             (0..2).map(|_| std::sync::Mutex::new(connect())).collect();
-        let raw = |i: usize| {
-            let connection = connections[i % 2].lock().unwrap();
+        let raw = |thread: usize, digest: &Digest| {
+            let connection = connections[thread].lock().unwrap();
             let mut statement = connection
                 .prepare_cached(
                     "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, \
@@ -347,7 +452,7 @@ fn sqlite(c: &mut Criterion) {
                 )
                 .unwrap();
             let row = statement
-                .query_row([&digests[i % digests.len()].as_bytes()[..]], |row| {
+                .query_row([&digest.as_bytes()[..]], |row| {
                     Ok((
                         row.get::<_, [u8; 16]>(0)?,
                         row.get::<_, String>(1)?,
@@ -364,31 +469,18 @@ fn sqlite(c: &mut Criterion) {
                     ))
                 })
                 .unwrap();
+            let read = usize::from(row.8.is_some());
             black_box(row);
+            read
         };
-        for threads in [1, 2] {
-            // Each thread uses its own connection (offsets differ by thread, so i % 2 splits them).
-            group.bench_function(BenchmarkId::new(format!("raw_select/threads={threads}"), n), |b| {
-                b.iter_custom(|iters| {
-                    let started = Instant::now();
-                    std::thread::scope(|scope| {
-                        for thread in 0..threads {
-                            let raw = &raw;
-                            scope.spawn(move || {
-                                for i in 0..iters.div_ceil(threads as u64) as usize {
-                                    raw(2 * i + thread);
-                                }
-                            });
-                        }
-                    });
-                    started.elapsed()
-                })
-            });
-        }
-        drop(connections);
+        group.bench_function(BenchmarkId::new("raw_select/threads=1", n), |b| {
+            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+        });
         record_figure(&format!("sqlite_bytes_per_key/{n}"), file_size(&path) as f64 / n as f64);
-        bench_service(&mut group, n, Arc::new(store), &data.tokens);
+        let store = Arc::new(store);
+        bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
+        interleaved("sqlite", n, &data, 10_000, raw, store);
     }
 }
 
@@ -399,6 +491,9 @@ fn file_size(path: &Path) -> u64 {
 }
 
 fn redb(c: &mut Criterion) {
+    if !selected("redb") {
+        return;
+    }
     type Value = (
         &'static [u8; 16],
         &'static str,
@@ -421,41 +516,41 @@ fn redb(c: &mut Criterion) {
         runtime().block_on(RedbStore::open(&path).unwrap().import(data.records.clone())).unwrap();
         let mut group = c.benchmark_group("redb");
         group.throughput(Throughput::Elements(1));
-        {
-            // Raw: the store's read transaction, table and value decoding, on the same file.
-            use redb::ReadableDatabase;
-            let database = redb::Database::open(&path).unwrap();
-            let raw = |i: usize| {
-                let transaction = database.begin_read().unwrap();
-                let table = transaction.open_table(RECORDS).unwrap();
-                let found = table.get(digests[i % digests.len()].as_bytes()).unwrap().unwrap();
-                let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by) =
-                    found.value();
-                black_box((
-                    *id,
-                    account.to_owned(),
-                    prefix.to_owned(),
-                    name.map(str::to_owned),
-                    created,
-                    expires,
-                    used,
-                    revoked,
-                    scopes.to_owned(),
-                    rotated_from.copied(),
-                    replaced_by.copied(),
-                ));
-                usize::from(revoked.is_some())
-            };
-            for threads in [1, 2] {
-                group.bench_function(BenchmarkId::new(format!("raw_get/threads={threads}"), n), |b| {
-                    b.iter_custom(|iters| on_threads(threads, iters, raw))
-                });
-            }
-        }
+        // Raw: the store's read transaction, table and value decoding, on a copy of the file
+        // (redb lets one handle at a time open a file, and the store holds the original).
+        use redb::ReadableDatabase;
+        let copy = dir.path().join("raw.redb");
+        std::fs::copy(&path, &copy).unwrap();
+        let database = redb::Database::open(&copy).unwrap();
+        let raw = |_: usize, digest: &Digest| {
+            let transaction = database.begin_read().unwrap();
+            let table = transaction.open_table(RECORDS).unwrap();
+            let found = table.get(digest.as_bytes()).unwrap().unwrap();
+            let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by) =
+                found.value();
+            black_box((
+                *id,
+                account.to_owned(),
+                prefix.to_owned(),
+                name.map(str::to_owned),
+                created,
+                expires,
+                used,
+                revoked,
+                scopes.to_owned(),
+                rotated_from.copied(),
+                replaced_by.copied(),
+            ));
+            usize::from(revoked.is_some())
+        };
+        group.bench_function(BenchmarkId::new("raw_get/threads=1", n), |b| {
+            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+        });
         record_figure(&format!("redb_bytes_per_key/{n}"), std::fs::metadata(&path).unwrap().len() as f64 / n as f64);
         let store = Arc::new(RedbStore::open(&path).unwrap());
-        bench_service(&mut group, n, store, &data.tokens);
+        bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
+        interleaved("redb", n, &data, 10_000, raw, store);
     }
 }
 
@@ -494,6 +589,9 @@ fn scopes(c: &mut Criterion) {
 }
 
 fn postgres(c: &mut Criterion) {
+    if !selected("postgres") {
+        return;
+    }
     let url = std::env::var("APIKEYS_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let sizes: Vec<usize> = std::env::var("APIKEYS_BENCH_POSTGRES_SIZES")
@@ -524,45 +622,74 @@ fn postgres(c: &mut Criterion) {
              scopes, rotated_from, replaced_by FROM {schema}.api_keys WHERE digest = $1"
         );
         let statement = runtime.block_on(client.prepare(&sql)).unwrap();
+        let raw = async |digest: &Digest| {
+            let row = client.query_one(&statement, &[&&digest.as_bytes()[..]]).await.unwrap();
+            black_box((
+                row.get::<_, uuid::Uuid>(0),
+                row.get::<_, String>(1),
+                row.get::<_, Vec<u8>>(2),
+                row.get::<_, String>(3),
+                row.get::<_, Option<String>>(4),
+                row.get::<_, OffsetDateTime>(5),
+                row.get::<_, Option<OffsetDateTime>>(6),
+                row.get::<_, Option<OffsetDateTime>>(7),
+                row.get::<_, Option<OffsetDateTime>>(8),
+                row.get::<_, String>(9),
+                row.get::<_, Option<uuid::Uuid>>(10),
+                row.get::<_, Option<uuid::Uuid>>(11),
+            ));
+        };
+        let format = format();
+        let tokens = &data.tokens;
+        // Every part verification cannot avoid, in one operation, as in `interleaved`.
+        let limit = |start: usize, iters: u64| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for i in 0..iters as usize {
+                    let token = &tokens[(start + i) % tokens.len()];
+                    black_box(format.parse(token).unwrap());
+                    let digest = Digest::sha256(token);
+                    black_box(SystemTime::now());
+                    raw(&digest).await;
+                }
+                started.elapsed()
+            })
+        };
+        let service = KeyService::builder(Arc::new(store), format.clone()).build();
+        let verify = |start: usize, iters: u64| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for i in 0..iters as usize {
+                    black_box(service.verify(&tokens[(start + i) % tokens.len()]).await.unwrap());
+                }
+                started.elapsed()
+            })
+        };
         group.bench_function(BenchmarkId::new("raw_select/threads=1", n), |b| {
             b.iter_custom(|iters| {
                 runtime.block_on(async {
                     let started = Instant::now();
                     for i in 0..iters as usize {
-                        let row =
-                            client.query_one(&statement, &[&&digests[i % digests.len()].as_bytes()[..]]).await.unwrap();
-                        black_box((
-                            row.get::<_, uuid::Uuid>(0),
-                            row.get::<_, String>(1),
-                            row.get::<_, Vec<u8>>(2),
-                            row.get::<_, String>(3),
-                            row.get::<_, Option<String>>(4),
-                            row.get::<_, OffsetDateTime>(5),
-                            row.get::<_, Option<OffsetDateTime>>(6),
-                            row.get::<_, Option<OffsetDateTime>>(7),
-                            row.get::<_, Option<OffsetDateTime>>(8),
-                            row.get::<_, String>(9),
-                            row.get::<_, Option<uuid::Uuid>>(10),
-                            row.get::<_, Option<uuid::Uuid>>(11),
-                        ));
+                        raw(&digests[i % digests.len()]).await;
                     }
                     started.elapsed()
                 })
             })
         });
-        let service = KeyService::builder(Arc::new(store), format()).build();
-        group.bench_function(BenchmarkId::new("verify/threads=1", n), |b| {
-            b.iter_custom(|iters| {
-                runtime.block_on(async {
-                    let started = Instant::now();
-                    for i in 0..iters as usize {
-                        black_box(service.verify(&data.tokens[i % data.tokens.len()]).await.unwrap());
-                    }
-                    started.elapsed()
-                })
-            })
-        });
+        group.bench_function(BenchmarkId::new("verify/threads=1", n), |b| b.iter_custom(|iters| verify(0, iters)));
         group.finish();
+        let ops = 500;
+        let times = alternate(ops, &[&|start| limit(start, ops), &|start| verify(start, ops)]);
+        let (limit, verify) = (&times[0], &times[1]);
+        record_interleaved(
+            "postgres",
+            n,
+            &[
+                ("limit_ns", median(limit.clone())),
+                ("verify_ns", median(verify.clone())),
+                ("verify_vs_limit", median((0..ROUNDS).map(|r| verify[r] / limit[r]).collect())),
+            ],
+        );
         runtime.block_on(service.flush()).unwrap();
         runtime.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))).unwrap();
     }
