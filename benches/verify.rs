@@ -227,16 +227,14 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// doing every part verification cannot avoid (parse and checksum, SHA-256, reading the clock, the
 /// backend's raw read of the digest), so the parts share the caches as they do in a verification.
 /// Records the medians of the times and of the per-round ratios for `report.py`.
-fn interleaved<S: KeyStore>(
+fn interleaved<S: KeyStore + Clone>(
     backend: &str,
     n: usize,
     data: &Dataset,
     ops: u64,
     raw: impl Fn(usize, &Digest) -> usize + Sync,
     store: S,
-) where
-    S: Clone,
-{
+) {
     let format = format();
     let (tokens, digests) = (&data.tokens, data.digests());
     let limit = |thread: usize, i: usize| {
