@@ -52,7 +52,8 @@ impl DigestScheme {
 pub struct Digest([u8; Digest::LEN]);
 
 impl std::hash::Hash for Digest {
-    /// [`Digest::prehash`]: with a pass-through hasher, the table's hash is eight bytes of the digest.
+    /// Writes eight bytes of the digest as one `u64`: with a pass-through hasher, they are the
+    /// table's hash.
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(self.prehash());
     }
