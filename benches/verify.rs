@@ -203,19 +203,29 @@ fn verify_on_threads<S: KeyStore>(
 const ROUNDS: usize = 15;
 
 /// Runs each variant (given a sample offset, it runs `ops` operations and returns the wall time)
-/// once per round, in an order that rotates from round to round, and returns each variant's time
-/// per operation in each round. A ratio taken within a round compares runs made moments apart,
-/// so the swings of a shared machine, which last seconds, slow both sides of it alike.
+/// once per round, in an order shuffled anew each round, and returns each variant's time per
+/// operation in each round. A ratio taken within a round compares runs made moments apart, so
+/// the swings of a shared machine, which last seconds, slow both sides of it alike; the shuffle
+/// keeps any variant from always running after the same other one, in the caches it left.
 fn alternate(ops: u64, variants: &[&dyn Fn(usize) -> Duration]) -> Vec<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(ROUNDS); variants.len()];
     for round in 0..ROUNDS {
-        for turn in 0..variants.len() {
-            let variant = (round + turn) % variants.len();
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        order.sort_by_key(|&variant| scramble((round * 16 + variant) as u64));
+        for (turn, variant) in order.into_iter().enumerate() {
             let start = (round * variants.len() + turn) * ops as usize;
             times[variant].push(variants[variant](start).as_nanos() as f64 / ops as f64);
         }
     }
     times
+}
+
+/// A fixed pseudo-random permutation of `u64`s (SplitMix64's finaliser), for shuffling.
+fn scramble(mut x: u64) -> u64 {
+    x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
