@@ -85,6 +85,12 @@ for backend, raw_name in raw_names.items():
         print(f"| {backend} | {n:,} | {fmt(raw1)} | {fmt(verify1)} | {ratio(verify1, parse + sha + clock + raw1)} |")
 print()
 
+for backend in ["memory", "sqlite"]:
+    scoped = figures.get(f"interleaved/scopes_{backend}/10000/three_grants_vs_all")
+    if scoped is not None:
+        print(f"Scopes, {backend}, 10,000 keys: verify and require with three grants vs `*`, interleaved: {times(scoped)}.")
+print()
+
 for n in sizes_of("memory"):
     probe = ns("memory", "raw_map_probe_three_fields_threads=1", str(n))
     verify1 = ns("memory", "verify_threads=1", str(n))

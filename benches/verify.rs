@@ -565,32 +565,62 @@ fn redb(c: &mut Criterion) {
 /// Verification of keys that hold `*` (as every key from before scopes) against keys that hold
 /// three grants, verified and then checked for a scope, over the same number of keys.
 fn scopes(c: &mut Criterion) {
+    if !selected("scopes") {
+        return;
+    }
     let n = 10_000;
+    let dir = tempfile::tempdir().unwrap();
     let scoped = Scopes::new(["orders:read", "orders:write", "reports:*"]).unwrap();
+    let labelled =
+        [("all", Dataset::with_scopes(n, &Scopes::all())), ("three_grants", Dataset::with_scopes(n, &scoped))];
+    let verify_and_require = |service: &KeyService, tokens: &[String], start: usize, iters: u64| {
+        runtime().block_on(async {
+            let started = Instant::now();
+            for i in 0..iters as usize {
+                let caller = service.verify(&tokens[(start + i) % tokens.len()]).await.unwrap();
+                black_box(caller.require("orders:read")).unwrap();
+            }
+            started.elapsed()
+        })
+    };
     let mut group = c.benchmark_group("scopes");
     group.throughput(Throughput::Elements(1));
-    for (label, scopes) in [("all", Scopes::all()), ("three_grants", scoped)] {
-        let data = Dataset::with_scopes(n, &scopes);
-        let dir = tempfile::tempdir().unwrap();
-        let sqlite = SqliteStore::open(dir.path().join("scopes.db")).unwrap();
-        runtime().block_on(sqlite.import(data.records.clone())).unwrap();
-        let memory = MemoryStore::new();
-        memory.import(data.records.clone()).unwrap();
-        let stores: [(&str, Arc<dyn KeyStore>); 2] = [("memory", Arc::new(memory)), ("sqlite", Arc::new(sqlite))];
-        for (backend, store) in stores {
-            let service = KeyService::builder(store, format()).build();
-            let runtime = runtime();
-            let mut i = 0;
+    for backend in ["memory", "sqlite"] {
+        let services: Vec<KeyService> = labelled
+            .iter()
+            .map(|(label, data)| {
+                let store: Arc<dyn KeyStore> = match backend {
+                    "memory" => {
+                        let memory = MemoryStore::new();
+                        memory.import(data.records.clone()).unwrap();
+                        Arc::new(memory)
+                    }
+                    _ => {
+                        let sqlite = SqliteStore::open(dir.path().join(format!("scopes-{label}.db"))).unwrap();
+                        runtime().block_on(sqlite.import(data.records.clone())).unwrap();
+                        Arc::new(sqlite)
+                    }
+                };
+                KeyService::builder(store, format()).build()
+            })
+            .collect();
+        for ((label, data), service) in labelled.iter().zip(&services) {
             group.bench_function(BenchmarkId::new(format!("{backend}/verify_and_require/{label}"), n), |b| {
-                b.iter(|| {
-                    i += 1;
-                    runtime.block_on(async {
-                        let caller = service.verify(&data.tokens[i % data.tokens.len()]).await.unwrap();
-                        black_box(caller.require("orders:read")).unwrap();
-                    })
-                })
+                b.iter_custom(|iters| verify_and_require(service, &data.tokens, 0, iters))
             });
-            runtime.block_on(service.flush()).unwrap();
+        }
+        let ops = if backend == "memory" { 50_000 } else { 10_000 };
+        let [(_, all), (_, three)] = &labelled;
+        let times = alternate(
+            ops,
+            &[&|start| verify_and_require(&services[0], &all.tokens, start, ops), &|start| {
+                verify_and_require(&services[1], &three.tokens, start, ops)
+            }],
+        );
+        let ratio = median((0..ROUNDS).map(|round| times[1][round] / times[0][round]).collect());
+        record_interleaved(&format!("scopes_{backend}"), n, &[("three_grants_vs_all", ratio)]);
+        for service in &services {
+            runtime().block_on(service.flush()).unwrap();
         }
     }
     group.finish();
