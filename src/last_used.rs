@@ -11,11 +11,11 @@
 //! buffer's end is always in cache. A full buffer is folded into the map at once, where the
 //! lookups are independent of each other and the CPU overlaps their misses.
 //!
-//! Each thread notes into a buffer of its own (one of [`SLOTS`], chosen when the thread first
-//! notes), so verifications on different cores do not pass the lines of one lock and buffer back
-//! and forth. A full buffer is swapped for an empty one under its lock and merged into the map
-//! under the map's lock; a reader takes the map's lock and then empties every buffer into it, so
-//! a use noted by a verification that has returned is always seen.
+//! Each thread notes into the buffer its thread number picks (one of [`SLOTS`]), so
+//! verifications on different cores do not pass the lines of one lock and buffer back and forth;
+//! threads that share a buffer are still correct, only slower. Whoever folds (a full buffer, or a
+//! reader every buffer) takes the map's lock first and then the buffer's, so a use noted by a
+//! verification that has returned is always in a buffer or in the map, and a reader sees it.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -27,7 +27,8 @@ use crate::id::KeyId;
 use crate::prehashed::PrehashedMap;
 use crate::spread::{CachePadded, thread_number};
 
-/// Buffers per service: more than the cores of most hosts, so threads rarely share one.
+/// Buffers per service: more than the cores of most hosts, so that the threads of a runtime
+/// rarely share one.
 const SLOTS: usize = 16;
 
 /// How many uses a buffer holds before it is folded into the map: 6 KiB per buffer.
@@ -42,7 +43,7 @@ pub(crate) struct LastUsed {
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
     /// one verification per interval writes.
     next_flush_micros: AtomicI64,
-    /// Uses not yet folded into `noted`, in the order each thread noted them.
+    /// Uses not yet folded into `noted`, in the order they were noted.
     buffers: [CachePadded<Mutex<Vec<Use>>>; SLOTS],
     /// The newest folded use of each key.
     noted: Mutex<PrehashedMap<KeyId, Noted>>,
@@ -131,21 +132,22 @@ impl LastUsed {
         self.folded().values().filter(|noted| noted.dirty).count()
     }
 
-    /// Appends a use to this thread's buffer, folding the buffer into the map when it is full.
+    /// Appends a use to this thread's buffer, first folding the buffer into the map when it is
+    /// full. The fold takes the map's lock before the buffer's, as readers do, so the buffered
+    /// uses are always in the buffer or in the map for a reader to find, never in between.
     fn buffer(&self, id: KeyId, at: i64) {
         let slot = &self.buffers[thread_number() % SLOTS];
         let mut buffer = lock(slot);
-        if buffer.len() == BUFFERED {
-            let full = std::mem::replace(&mut *buffer, Vec::with_capacity(BUFFERED));
+        if buffer.len() >= BUFFERED {
             drop(buffer);
-            fold(&mut lock(&self.noted), full);
+            let mut noted = lock(&self.noted);
             buffer = lock(slot);
+            fold(&mut noted, buffer.drain(..));
         }
         buffer.push((id, at));
     }
 
-    /// The map, with every buffered use folded in, for reading it. Takes the map's lock before
-    /// each buffer's, where `buffer` never holds both.
+    /// The map, with every buffered use folded in, for reading it.
     fn folded(&self) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
         let mut noted = lock(&self.noted);
         for buffer in &self.buffers {
@@ -255,6 +257,34 @@ mod tests {
         assert_eq!(last_used.pending(), 3 * THREADS);
         assert_eq!(last_used.take_dirty().len(), 3 * THREADS);
         assert_eq!(last_used.pending(), 0);
+    }
+
+    #[test]
+    fn a_use_is_seen_by_every_read_after_its_note_returns_even_during_a_fold() {
+        const USES: i64 = 40 * BUFFERED as i64;
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let keys = [id(), id()];
+        let noted: [AtomicI64; 2] = [AtomicI64::new(-1), AtomicI64::new(-1)];
+        std::thread::scope(|scope| {
+            for (key, noted) in keys.iter().zip(&noted) {
+                let last_used = &last_used;
+                scope.spawn(move || {
+                    for at in 0..USES {
+                        last_used.note(*key, unix_micros(T0) + at);
+                        noted.store(at, Ordering::SeqCst);
+                    }
+                });
+            }
+            // Reads race the notes and the folds of full buffers.
+            while noted.iter().any(|noted| noted.load(Ordering::SeqCst) < USES - 1) {
+                for (key, noted) in keys.iter().zip(&noted) {
+                    let returned = noted.load(Ordering::SeqCst);
+                    let seen =
+                        last_used.newest([*key].into_iter())[0].map_or(-1, |at| unix_micros(at) - unix_micros(T0));
+                    assert!(seen >= returned, "a use whose note had returned was missing: {seen} < {returned}");
+                }
+            }
+        });
     }
 
     #[test]

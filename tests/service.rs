@@ -437,6 +437,8 @@ async fn the_background_flusher_writes_on_schedule_and_no_verification_waits_for
 struct Confused {
     inner: MemoryStore,
     decoy: apikeys::Digest,
+    /// Whether it answers through `find_by_digest_now` too (the path verification tries first).
+    answers_now: bool,
 }
 
 #[async_trait::async_trait]
@@ -446,6 +448,12 @@ impl KeyStore for Confused {
     }
     async fn find_by_digest(&self, _: &apikeys::Digest) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
         self.inner.find_by_digest(&self.decoy).await
+    }
+    fn find_by_digest_now(
+        &self,
+        _: &apikeys::Digest,
+    ) -> Option<Result<Option<apikeys::KeyRecord>, apikeys::StoreError>> {
+        self.answers_now.then(|| self.inner.find_by_digest_now(&self.decoy)).flatten()
     }
     async fn list_active(
         &self,
@@ -481,15 +489,17 @@ impl KeyStore for Confused {
 async fn a_store_that_answers_with_the_wrong_record_never_lets_a_key_in() {
     let plain = KeyService::builder(MemoryStore::new(), live()).build();
     let decoy = plain.create(&account("victim"), NewKey::default()).await.unwrap();
-    let inner = MemoryStore::new();
     let digest = apikeys::Digest::sha256(decoy.key.expose_secret());
     let victim_record = plain.store().find_by_digest(&digest).await.unwrap().unwrap();
-    inner.import(vec![victim_record]).unwrap();
-    let confused = KeyService::builder(Confused { inner, decoy: digest }, live()).build();
-    let (attacker, _) = live().generate().unwrap();
-    let outcome = confused.verify(attacker.expose_secret()).await;
-    assert!(matches!(outcome, Err(Rejection::Unknown)), "the digest is checked again: {outcome:?}");
-    assert!(confused.verify(decoy.key.expose_secret()).await.is_ok(), "the right key still works");
+    for answers_now in [false, true] {
+        let inner = MemoryStore::new();
+        inner.import(vec![victim_record.clone()]).unwrap();
+        let confused = KeyService::builder(Confused { inner, decoy: digest, answers_now }, live()).build();
+        let (attacker, _) = live().generate().unwrap();
+        let outcome = confused.verify(attacker.expose_secret()).await;
+        assert!(matches!(outcome, Err(Rejection::Unknown)), "the digest is checked again: {outcome:?}");
+        assert!(confused.verify(decoy.key.expose_secret()).await.is_ok(), "the right key still works");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

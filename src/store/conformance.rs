@@ -530,8 +530,9 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         while !readers_done.load(Ordering::SeqCst) || reads < 200 {
             let index = reads % keys.len();
             let revoke_had_returned = revoked[index].load(Ordering::SeqCst);
-            // Half the reads through each path: verification reads `find_by_digest_now` first.
-            let found = found_one_way(store, &keys[index].digest, reads % 2 == 0).await.expect("stored");
+            // Every key is read through each path in turn: verification reads `find_by_digest_now` first.
+            let now = (reads / keys.len()) % 2 == 0;
+            let found = found_one_way(store, &keys[index].digest, now).await.expect("stored");
             if revoke_had_returned {
                 assert!(found.revoked_at.is_some(), "a read that started after revoke returned saw the key active");
             }
