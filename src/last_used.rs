@@ -72,8 +72,8 @@ impl LastUsed {
         }
     }
 
-    /// Notes a use at a time in Unix microseconds; returns whether a batch is due and this caller should write it (never, when
-    /// a background task writes them).
+    /// Notes a use at a time in Unix microseconds; returns whether a batch is due and this caller
+    /// should write it (never, when a background task writes them).
     pub(crate) fn note(&self, id: KeyId, at_micros: i64) -> bool {
         self.buffer(id, at_micros);
         !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at_micros)

@@ -13,7 +13,7 @@ use crate::last_used::LastUsed;
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
-use crate::store::{KeyRecord, KeyStore, Roll, StoreError};
+use crate::store::{KeyRecord, KeyStore, Roll, StoreError, find_by_digest_now_or_await};
 use crate::token::KeyFormat;
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
@@ -349,12 +349,7 @@ impl<S: KeyStore> KeyService<S> {
 
     /// The record with this digest, checked to really carry it.
     async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
-        let store = &self.inner.store;
-        let mut found = match store.find_by_digest_now(digest) {
-            Some(found) => found,
-            None => store.find_by_digest(digest).await,
-        }
-        .map_err(Rejection::Store)?;
+        let mut found = find_by_digest_now_or_await(&self.inner.store, digest).await.map_err(Rejection::Store)?;
         if found.as_ref().is_some_and(|record| !record.digest.ct_eq(digest)) {
             found = None;
         }

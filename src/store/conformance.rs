@@ -73,11 +73,8 @@ async fn found(store: &dyn KeyStore, digest: &Digest) -> Option<KeyRecord> {
 /// The record with this digest, read by `find_by_digest_now` if `now` and the store offers it,
 /// else by `find_by_digest`: for reads that race writes, where two reads may rightly differ.
 async fn found_one_way(store: &dyn KeyStore, digest: &Digest, now: bool) -> Option<KeyRecord> {
-    let answered_now = if now { store.find_by_digest_now(digest) } else { None };
-    let read = match answered_now {
-        Some(read) => read,
-        None => store.find_by_digest(digest).await,
-    };
+    let read =
+        if now { super::find_by_digest_now_or_await(store, digest).await } else { store.find_by_digest(digest).await };
     read.expect("find_by_digest")
 }
 

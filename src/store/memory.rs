@@ -91,15 +91,18 @@ impl MemoryStore {
 
     /// The record with this digest, copied out of its shard.
     fn get(&self, digest: &Digest) -> Option<KeyRecord> {
+        self.with_digest(digest, KeyRecord::clone)
+    }
+
+    /// Reads the record with this digest under its shard's read lock.
+    fn with_digest<T>(&self, digest: &Digest, read: impl FnOnce(&KeyRecord) -> T) -> Option<T> {
         let hash = digest.prehash();
-        self.read(hash).find(hash, |record| record.digest == *digest).cloned()
+        self.read(hash).find(hash, |record| record.digest == *digest).map(read)
     }
 
     /// Whether a record with this id or digest is stored, under the index lock the caller holds.
     fn holds(&self, index: &Index, record: &KeyRecord) -> bool {
-        let hash = record.digest.prehash();
-        index.hash_of.contains_key(&record.id)
-            || self.read(hash).find(hash, |stored| stored.digest == record.digest).is_some()
+        index.hash_of.contains_key(&record.id) || self.with_digest(&record.digest, |_| ()).is_some()
     }
 
     /// How many of the account's keys count towards its limit at `now`, leaving out `except`.

@@ -218,6 +218,18 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
 }
 
+/// The record with this digest as verification reads it: [`KeyStore::find_by_digest_now`] if the
+/// store answers it, else the awaited [`KeyStore::find_by_digest`].
+pub(crate) async fn find_by_digest_now_or_await<S: KeyStore + ?Sized>(
+    store: &S,
+    digest: &Digest,
+) -> Result<Option<KeyRecord>, StoreError> {
+    match store.find_by_digest_now(digest) {
+        Some(found) => found,
+        None => store.find_by_digest(digest).await,
+    }
+}
+
 /// What a [`KeyStore`] method returns once `#[async_trait]` has expanded it.
 type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 

@@ -274,7 +274,7 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
     let key_id = |id: &[u8; 16]| KeyId::from_uuid(Uuid::from_bytes(*id));
     let time = |micros: i64| from_unix_micros(micros).ok_or("invalid time in record");
     Ok(KeyRecord {
-        id: KeyId::from_uuid(Uuid::from_bytes(*id)),
+        id: key_id(id),
         account: AccountId::new(account)?,
         digest: Digest::from_bytes(digest).ok_or("invalid digest in record")?,
         prefix: KeyPrefix::new(prefix)?,
