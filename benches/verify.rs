@@ -28,8 +28,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use apikeys::{
@@ -42,21 +42,40 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-/// Counts live heap bytes, to report the memory a key costs in `MemoryStore`.
+/// Counts heap bytes while [`heap_growth`] runs, to report the memory a key costs in
+/// `MemoryStore`.
 struct CountingAllocator;
 
+/// Off while anything is timed: two threads adding to one counter on every allocation would pass
+/// its cache line back and forth, and slow a backend's two-thread runs in proportion to how much
+/// it allocates, which is not what they measure.
+static COUNTING: AtomicBool = AtomicBool::new(false);
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        }
         unsafe { System.dealloc(ptr, layout) }
     }
+}
+
+/// What `build` returns, and how many more heap bytes are live after it than before. Call it
+/// with no other thread running.
+fn heap_growth<T>(build: impl FnOnce() -> T) -> (T, isize) {
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    let built = build();
+    COUNTING.store(false, Ordering::Relaxed);
+    (built, LIVE_BYTES.load(Ordering::Relaxed) - before)
 }
 
 #[global_allocator]
@@ -179,55 +198,115 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// Runs `iters` operations split over `threads` threads, each cycling through the sample from
-/// `start` plus an offset of its own; returns the wall time. An operation gets its thread's number
-/// (for backends with a connection per thread) and a sample index.
+/// One thread's share of a run: `ops` operations, cycling through the sample from `start` plus
+/// an offset of the thread's own. An operation gets the thread's index (for backends with a
+/// connection per thread) and a sample index.
 ///
 /// Each operation returns a number read from the record it found, always 0 but unknown to the
 /// CPU until the read completes, and the next operation's index includes it. So an operation
 /// starts only once the previous one has read its record, as one verification ends before the
 /// next begins. Without this dependency the CPU overlaps the cache misses of consecutive map
 /// probes, and a probe at 1 M keys looks two to four times cheaper than it is for a verification.
-fn on_threads(threads: usize, start: usize, iters: u64, operation: impl Fn(usize, usize) -> usize + Sync) -> Duration {
-    let per_thread = iters.div_ceil(threads as u64);
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for thread in 0..threads {
-            let operation = &operation;
-            scope.spawn(move || {
-                let mut read = 0;
-                for i in 0..per_thread as usize {
-                    read = operation(thread, start + thread * 997 + i + read);
-                }
-            });
+fn cycle(thread: usize, start: usize, ops: u64, operation: &impl Fn(usize, usize) -> usize) {
+    let mut read = 0;
+    for i in 0..ops as usize {
+        read = operation(thread, start + thread * 997 + i + read);
+    }
+}
+
+/// One thread's share of a run of verifications of sample tokens, as [`cycle`] picks them.
+fn verify_cycle<S: KeyStore>(
+    service: &KeyService<S>,
+    tokens: &[String],
+    runtime: &tokio::runtime::Runtime,
+    thread: usize,
+    start: usize,
+    ops: u64,
+) {
+    runtime.block_on(async {
+        for i in 0..ops as usize {
+            black_box(service.verify(&tokens[(start + thread * 997 + i) % tokens.len()]).await.unwrap());
         }
-    });
+    })
+}
+
+/// The wall time of `run`.
+fn timed(run: impl FnOnce()) -> Duration {
+    let started = Instant::now();
+    run();
     started.elapsed()
 }
 
-/// Verifies sample tokens through `service` on `threads` threads, each with its own runtime.
-fn verify_on_threads<S: KeyStore>(
-    service: &KeyService<S>,
-    tokens: &[String],
-    threads: usize,
-    start: usize,
-    iters: u64,
-) -> Duration {
-    let per_thread = iters.div_ceil(threads as u64) as usize;
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for thread in 0..threads {
-            scope.spawn(move || {
-                runtime().block_on(async {
-                    for i in 0..per_thread {
-                        let token = &tokens[(start + thread * 997 + i) % tokens.len()];
-                        black_box(service.verify(token).await.unwrap());
+/// Long-lived threads for the interleaved runs, each with a runtime of its own, as a server's
+/// worker threads are: a thread keeps its number from one run to the next, and so its slot in a
+/// store's per-thread structures (SQLite's reader, lastUsed's buffer). Fresh threads for every
+/// run, as earlier versions used, land on other slots each time.
+struct Workers<'env> {
+    jobs: Vec<mpsc::Sender<Job<'env>>>,
+    finished: mpsc::Receiver<()>,
+}
+
+type Job<'env> = Box<dyn FnOnce(&tokio::runtime::Runtime) + Send + 'env>;
+
+impl<'env> Workers<'env> {
+    fn spawn<'scope>(scope: &'scope std::thread::Scope<'scope, 'env>, threads: usize) -> Self {
+        let (done, finished) = mpsc::channel();
+        let jobs = (0..threads)
+            .map(|_| {
+                let (jobs, received) = mpsc::channel::<Job<'env>>();
+                let done = done.clone();
+                scope.spawn(move || {
+                    let runtime = runtime();
+                    for job in received {
+                        job(&runtime);
+                        done.send(()).unwrap();
                     }
-                })
-            });
-        }
-    });
-    started.elapsed()
+                });
+                jobs
+            })
+            .collect();
+        Self { jobs, finished }
+    }
+
+    /// Runs `job` on the first `threads` workers at once, giving each its index; returns the wall
+    /// time until the last one finishes.
+    fn run(&self, threads: usize, job: impl Fn(usize, &tokio::runtime::Runtime) + Send + Sync + 'env) -> Duration {
+        let job = Arc::new(job);
+        timed(|| {
+            for (thread, worker) in self.jobs[..threads].iter().enumerate() {
+                let job = Arc::clone(&job);
+                worker.send(Box::new(move |runtime| job(thread, runtime))).unwrap();
+            }
+            for _ in 0..threads {
+                self.finished.recv().unwrap();
+            }
+        })
+    }
+
+    /// Runs `ops` operations split over `threads` workers, as [`cycle`] does them.
+    fn cycle(
+        &self,
+        threads: usize,
+        start: usize,
+        ops: u64,
+        operation: &'env (impl Fn(usize, usize) -> usize + Sync),
+    ) -> Duration {
+        let ops = ops.div_ceil(threads as u64);
+        self.run(threads, move |thread, _| cycle(thread, start, ops, operation))
+    }
+
+    /// Verifies `ops` sample tokens split over `threads` workers.
+    fn verify<S: KeyStore>(
+        &self,
+        service: &'env KeyService<S>,
+        tokens: &'env [String],
+        threads: usize,
+        start: usize,
+        ops: u64,
+    ) -> Duration {
+        let ops = ops.div_ceil(threads as u64);
+        self.run(threads, move |thread, runtime| verify_cycle(service, tokens, runtime, thread, start, ops))
+    }
 }
 
 /// How many times an interleaved measurement runs each of its variants.
@@ -288,17 +367,21 @@ fn interleaved<S: KeyStore + Clone>(
     let raw_read = |thread: usize, i: usize| raw(thread, &digests[i % digests.len()]);
     let tracking = KeyService::builder(store.clone(), format.clone()).build();
     let untracked = KeyService::builder(store, format.clone()).without_last_used().build();
-    let times = alternate(
-        ops,
-        &[
-            &|start| on_threads(1, start, ops, limit),
-            &|start| on_threads(1, start, ops, raw_read),
-            &|start| on_threads(2, start, ops, raw_read),
-            &|start| verify_on_threads(&tracking, tokens, 1, start, ops),
-            &|start| verify_on_threads(&tracking, tokens, 2, start, ops),
-            &|start| verify_on_threads(&untracked, tokens, 1, start, ops),
-        ],
-    );
+    let (limit, raw_read, tracking, untracked) = (&limit, &raw_read, &tracking, &untracked);
+    let times = std::thread::scope(|scope| {
+        let workers = Workers::spawn(scope, 2);
+        alternate(
+            ops,
+            &[
+                &|start| workers.cycle(1, start, ops, limit),
+                &|start| workers.cycle(1, start, ops, raw_read),
+                &|start| workers.cycle(2, start, ops, raw_read),
+                &|start| workers.verify(tracking, tokens, 1, start, ops),
+                &|start| workers.verify(tracking, tokens, 2, start, ops),
+                &|start| workers.verify(untracked, tokens, 1, start, ops),
+            ],
+        )
+    });
     runtime().block_on(tracking.flush()).unwrap();
     let [limit, raw1, raw2, verify1, verify2, untracked1] = [0, 1, 2, 3, 4, 5].map(|v| &times[v]);
     let per_round = |ratio: &dyn Fn(usize) -> f64| median((0..ROUNDS).map(ratio).collect());
@@ -428,7 +511,7 @@ fn memory(c: &mut Criterion) {
             read
         };
         group.bench_function(BenchmarkId::new("raw_map_hit/threads=1", n), |b| {
-            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+            b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &|thread, i| raw(thread, &digests[i % digests.len()]))))
         });
         // For reference, the narrower probe earlier runs used as the baseline: three fields read
         // in place, so fewer of the record's cache lines are touched.
@@ -440,13 +523,14 @@ fn memory(c: &mut Criterion) {
             usize::from(record.revoked_at.is_some())
         };
         group.bench_function(BenchmarkId::new("raw_map_probe_three_fields/threads=1", n), |b| {
-            b.iter_custom(|iters| on_threads(1, 0, iters, probe))
+            b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &probe)))
         });
 
-        let before = LIVE_BYTES.load(Ordering::Relaxed);
-        let store = MemoryStore::new();
-        store.import(data.records.clone()).unwrap();
-        let bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        let (store, bytes) = heap_growth(|| {
+            let store = MemoryStore::new();
+            store.import(data.records.clone()).unwrap();
+            store
+        });
         record_figure(&format!("memory_bytes_per_key/{n}"), bytes as f64 / n as f64);
         let store = Arc::new(store);
         bench_verify(&mut group, n, &store, &data.tokens);
@@ -464,7 +548,10 @@ fn bench_verify<S: KeyStore + Clone>(
 ) {
     let service = KeyService::builder(store.clone(), format()).build();
     group.bench_function(BenchmarkId::new("verify/threads=1", n), |b| {
-        b.iter_custom(|iters| verify_on_threads(&service, tokens, 1, 0, iters))
+        b.iter_custom(|iters| {
+            let runtime = runtime();
+            timed(|| verify_cycle(&service, tokens, &runtime, 0, 0, iters))
+        })
     });
     runtime().block_on(service.flush()).unwrap();
 }
@@ -525,13 +612,13 @@ fn sqlite(c: &mut Criterion) {
             read
         };
         group.bench_function(BenchmarkId::new("raw_select/threads=1", n), |b| {
-            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+            b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &|thread, i| raw(thread, &digests[i % digests.len()]))))
         });
         record_figure(&format!("sqlite_bytes_per_key/{n}"), file_size(&path) as f64 / n as f64);
         let store = Arc::new(store);
         bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
-        interleaved("sqlite", n, &data, 10_000, raw, store);
+        interleaved("sqlite", n, &data, 40_000, raw, store);
     }
 }
 
@@ -595,7 +682,7 @@ fn redb(c: &mut Criterion) {
             usize::from(revoked.is_some())
         };
         group.bench_function(BenchmarkId::new("raw_get/threads=1", n), |b| {
-            b.iter_custom(|iters| on_threads(1, 0, iters, |thread, i| raw(thread, &digests[i % digests.len()])))
+            b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &|thread, i| raw(thread, &digests[i % digests.len()]))))
         });
         record_figure(&format!("redb_bytes_per_key/{n}"), std::fs::metadata(&path).unwrap().len() as f64 / n as f64);
         let store = Arc::new(RedbStore::open(&path).unwrap());
