@@ -671,3 +671,37 @@ fn import_stores_everything_or_nothing() {
         }
     });
 }
+
+#[test]
+fn imported_times_read_back_to_the_microsecond_from_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let account = AccountId::new("import-precision").unwrap();
+    let at = |nanos: u32| OffsetDateTime::now_utc().replace_nanosecond(nanos).unwrap();
+    let imported = KeyRecord {
+        created_at: at(123_456_789),
+        expires_at: Some(at(999_999_999) + time::Duration::days(1)),
+        last_used_at: Some(at(1)),
+        ..record(&account, 0)
+    };
+    let whole_micros = |at: OffsetDateTime| at.replace_nanosecond(at.microsecond() * 1_000).unwrap();
+    let expected = KeyRecord {
+        created_at: whole_micros(imported.created_at),
+        expires_at: imported.expires_at.map(whole_micros),
+        last_used_at: imported.last_used_at.map(whole_micros),
+        ..imported.clone()
+    };
+    assert_ne!(expected, imported, "the times must carry nanoseconds for this test to say anything");
+    let sqlite = SqliteStore::open(dir.path().join("precision.db")).unwrap();
+    let redb = RedbStore::open(dir.path().join("precision.redb")).unwrap();
+    let memory = apikeys::MemoryStore::new();
+    runtime().block_on(async {
+        sqlite.import(vec![imported.clone()]).await.unwrap();
+        redb.import(vec![imported.clone()]).await.unwrap();
+        memory.import(vec![imported.clone()]).unwrap();
+        let stores: [&dyn KeyStore; 3] = [&sqlite, &redb, &memory];
+        for store in stores {
+            let found = store.find_by_digest(&imported.digest).await.unwrap();
+            assert_eq!(found.as_ref(), Some(&expected), "{store:?}");
+        }
+    });
+}

@@ -58,6 +58,8 @@ impl MemoryStore {
 
     /// Stores many records at once, with no active-key limit: for imports and benchmarks. All or
     /// nothing; [`StoreError::Duplicate`] if any id or digest is already present (or repeated).
+    /// Times are kept to the whole microsecond, as every other store keeps them, so a record reads
+    /// back the same from each.
     pub fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
         let mut index = self.index();
         let (mut ids, mut digests) = (HashSet::new(), HashSet::new());
@@ -67,7 +69,7 @@ impl MemoryStore {
             }
         }
         for record in records {
-            self.add(&mut index, record);
+            self.add(&mut index, to_whole_micros(record));
         }
         Ok(())
     }
@@ -238,4 +240,14 @@ impl KeyStore for MemoryStore {
         }
         Ok(())
     }
+}
+
+/// The record with its times cut to whole microseconds (the service only ever stores such times).
+fn to_whole_micros(mut record: KeyRecord) -> KeyRecord {
+    let cut = |at: OffsetDateTime| at.replace_microsecond(at.microsecond()).unwrap_or(at);
+    record.created_at = cut(record.created_at);
+    for at in [&mut record.expires_at, &mut record.last_used_at, &mut record.revoked_at] {
+        *at = at.map(cut);
+    }
+    record
 }
