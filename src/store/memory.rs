@@ -244,7 +244,9 @@ impl KeyStore for MemoryStore {
 
 /// The record with its times cut to whole microseconds (the service only ever stores such times).
 fn to_whole_micros(mut record: KeyRecord) -> KeyRecord {
-    let cut = |at: OffsetDateTime| at.replace_microsecond(at.microsecond()).unwrap_or(at);
+    fn cut(at: OffsetDateTime) -> OffsetDateTime {
+        at.replace_microsecond(at.microsecond()).unwrap_or(at)
+    }
     record.created_at = cut(record.created_at);
     for at in [&mut record.expires_at, &mut record.last_used_at, &mut record.revoked_at] {
         *at = at.map(cut);
