@@ -69,6 +69,9 @@ pub struct RedbStore {
     writer: Writer<Arc<Database>>,
 }
 
+/// redb's readers take no lock a writer could hold for them: nothing to keep between writes.
+impl writer::Handle for Arc<Database> {}
+
 impl RedbStore {
     /// Opens the redb file at `path`, creating it (and its tables) if it does not exist.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {

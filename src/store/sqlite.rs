@@ -89,7 +89,7 @@ const LIST_ACTIVE: &str = concat!(
 pub struct SqliteStore {
     location: String,
     readers: Readers,
-    writer: Writer<Connection>,
+    writer: Writer<WriteConnection>,
 }
 
 /// Where the database lives.
@@ -123,6 +123,7 @@ impl SqliteStore {
         let readers = Readers::new(target.clone());
         // Open one reader now, so that a file readers cannot use fails here and not at the first request.
         readers.with(|_| Ok(()))?.map_err(|error| target.open_error(error))?;
+        let writer = WriteConnection { anchors: matches!(target, Target::File(_)), connection: writer };
         let writer = Writer::spawn("apikeys-sqlite-writer", writer)
             .map_err(|source| OpenError::Other { path: target.path(), source: source.into() })?;
         Ok(Self { location: target.path().display().to_string(), readers, writer })
@@ -166,7 +167,7 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let location = self.location.clone();
         self.writer
-            .run(move |connection| {
+            .run(move |WriteConnection { connection, .. }| {
                 let synchronous = if durable { "FULL" } else { "NORMAL" };
                 let outcome = connection
                     .pragma_update(None, "synchronous", synchronous)
@@ -179,6 +180,74 @@ impl SqliteStore {
 }
 
 type WriteError = writer::WriteError<rusqlite::Error>;
+
+/// How often the writer thread moves its anchor to the newest commit while no write comes: how
+/// long a commit by another process can go unshared by this one's readers, and the longest the
+/// anchor holds back a checkpoint.
+const ANCHOR_REFRESH: Duration = Duration::from_millis(100);
+
+/// The write connection, which between writes also keeps a read transaction open: the anchor.
+///
+/// In WAL mode every read transaction takes a shared lock on a read mark in the `-shm` file and
+/// releases it when it ends. SQLite's unix VFS makes each of those an `fcntl` system call, under
+/// a mutex shared by every connection of the process, unless another connection of the process
+/// already holds that lock. So a lone point read paid two system calls, about half its time on
+/// a VM, and two threads reading at once queued on that mutex and slept: two threads verified
+/// no faster than one. While the anchor holds the read mark that reads of the newest commit use,
+/// readers find it held and make neither call.
+///
+/// The anchor never changes what a read sees: each read still starts a transaction of its own on
+/// the newest commit. It is let go before every write, so it never holds back this process's
+/// writes or checkpoints, and taken up again on the new commit after it; and it is moved every
+/// [`ANCHOR_REFRESH`], so that readers soon share it again after another process commits, and a
+/// checkpoint is never held back for longer than that. A database in memory has no `-shm` file
+/// and keeps no anchor.
+struct WriteConnection {
+    connection: Connection,
+    /// Whether this connection keeps an anchor (files only).
+    anchors: bool,
+}
+
+impl WriteConnection {
+    /// Ends the anchor's read transaction, if it is open.
+    fn let_go(&mut self) {
+        if !self.connection.is_autocommit() {
+            // Ending a read transaction cannot fail in a way that leaves it open; if it did, the
+            // write's own BEGIN would report it.
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Ends the anchor if it is open and starts it again on the newest commit. A failure (a
+    /// moment of recovery, a busy file) only leaves readers without it until the next try.
+    fn take_up(&mut self) {
+        self.let_go();
+        // BEGIN starts no transaction until the first read; reading the schema starts it.
+        let began = self
+            .connection
+            .execute_batch("BEGIN")
+            .and_then(|()| self.connection.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())));
+        if began.is_err() {
+            self.let_go();
+        }
+    }
+}
+
+impl writer::Handle for WriteConnection {
+    fn refresh_every(&self) -> Option<Duration> {
+        self.anchors.then_some(ANCHOR_REFRESH)
+    }
+
+    fn before_write(&mut self) {
+        self.let_go();
+    }
+
+    fn between_writes(&mut self) {
+        if self.anchors {
+            self.take_up();
+        }
+    }
+}
 
 impl From<rusqlite::Error> for WriteError {
     fn from(error: rusqlite::Error) -> Self {
