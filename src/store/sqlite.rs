@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -94,6 +95,8 @@ const LIST_ACTIVE: &str = concat!(
 pub struct SqliteStore {
     location: String,
     readers: Readers,
+    /// Files only: a database in memory has no `-shm` file.
+    anchor: Option<Arc<Anchor>>,
     writer: Writer<WriteConnection>,
 }
 
@@ -128,10 +131,14 @@ impl SqliteStore {
         let readers = Readers::new(target.clone());
         // Open one reader now, so that a file readers cannot use fails here and not at the first request.
         readers.with(|_| Ok(()))?.map_err(|error| target.open_error(error))?;
-        let writer = WriteConnection { anchors: matches!(target, Target::File(_)), connection: writer };
+        let anchor = match target {
+            Target::File(_) => Some(Arc::new(Anchor::new(target.connect(true)?))),
+            Target::Memory(_) => None,
+        };
+        let writer = WriteConnection { connection: writer, anchor: anchor.clone() };
         let writer = Writer::spawn("apikeys-sqlite-writer", writer)
             .map_err(|source| OpenError::Other { path: target.path(), source: source.into() })?;
-        Ok(Self { location: target.path().display().to_string(), readers, writer })
+        Ok(Self { location: target.path().display().to_string(), readers, anchor, writer })
     }
 
     /// Stores many records in one durable transaction, with no active-key limit: for imports
@@ -186,12 +193,13 @@ impl SqliteStore {
 
 type WriteError = writer::WriteError<rusqlite::Error>;
 
-/// How often the writer thread moves its anchor to the newest commit while no write comes: how
-/// long a commit by another process can go unshared by this one's readers, and the longest the
-/// anchor holds back a checkpoint.
-const ANCHOR_REFRESH: Duration = Duration::from_millis(100);
+/// How often the writer thread moves the anchor to the newest commit, or lets it go if nothing
+/// was read since the last time: how long a commit by another process can go unshared by this
+/// one's readers, and how long the anchor can hold back another process's log.
+const ANCHOR_REFRESH: Duration = Duration::from_millis(25);
 
-/// The write connection, which between writes also keeps a read transaction open: the anchor.
+/// A read transaction kept open while this process reads, so that its reads skip two system
+/// calls each.
 ///
 /// In WAL mode every read transaction takes a shared lock on a read mark in the `-shm` file and
 /// releases it when it ends. SQLite's unix VFS makes each of those an `fcntl` system call, under
@@ -202,54 +210,174 @@ const ANCHOR_REFRESH: Duration = Duration::from_millis(100);
 /// readers find it held and make neither call.
 ///
 /// The anchor never changes what a read sees: each read still starts a transaction of its own on
-/// the newest commit. It is let go before every write, so it never holds back this process's
-/// writes or checkpoints, and taken up again on the new commit after it; and it is moved every
-/// [`ANCHOR_REFRESH`], so that readers soon share it again after another process commits, and a
-/// checkpoint is never held back for longer than that. A database in memory has no `-shm` file
-/// and keeps no anchor.
-struct WriteConnection {
-    connection: Connection,
-    /// Whether this connection keeps an anchor (files only).
-    anchors: bool,
+/// the newest commit. But a held read mark keeps checkpoints from copying later commits into the
+/// database, and the log from starting over, in every process: held for good, it let another
+/// process's log grow without bound (measured: 50 MB after 3,000 commits, against 4 MB). So it is
+/// held only as a busy process's own reads would hold marks anyway:
+/// - a read takes it up when it is not held (on the newest commit);
+/// - the writer thread lets it go before each write (so it never holds back this process's
+///   writes and checkpoints), and readers take it up again after;
+/// - every [`ANCHOR_REFRESH`], the writer thread moves it to the newest commit if anything was
+///   read since the last time, and lets it go if nothing was: an idle process holds no mark;
+/// - if another process committed since the last refresh, it is let go for [`ANCHOR_PAUSE`]
+///   refreshes (1 s): a mark held while another process writes on and on, even one moved every
+///   100 ms, kept that process's log from ever starting over (50 MB after 3,000 commits while
+///   this process read; 4 MB with no anchor). With the pause the log stays near 4 MB, as without
+///   an anchor, and a lone process, or one beside a CLI that writes now and then, keeps the
+///   anchor nearly always.
+struct Anchor {
+    connection: Mutex<Connection>,
+    /// What the anchor knew at the last refresh, to tell another process's commits from ours.
+    seen: Mutex<Seen>,
+    /// This process's writes so far.
+    writes: AtomicU64,
+    /// Whether the read transaction is open; read by every read, written rarely.
+    held: AtomicBool,
+    /// Whether anything was read since the last refresh; written once per refresh at most.
+    read_since_refresh: AtomicBool,
+    /// A write is under way, or another process writes: readers leave the anchor alone.
+    writing: AtomicBool,
 }
 
-impl WriteConnection {
-    /// Ends the anchor's read transaction, if it is open.
-    fn let_go(&mut self) {
-        if !self.connection.is_autocommit() {
-            // Ending a read transaction cannot fail in a way that leaves it open; if it did, the
-            // write's own BEGIN would report it.
-            let _ = self.connection.execute_batch("ROLLBACK");
+/// The database's `data_version` and this process's write count at the last refresh that read
+/// them (`None`: none since the store was idle), and how many refreshes the anchor still stays
+/// let go for.
+#[derive(Default)]
+struct Seen {
+    data_version: Option<i64>,
+    writes: u64,
+    paused_for: u32,
+}
+
+/// How long the anchor stays let go once another process has committed, in refreshes: 1 s.
+const ANCHOR_PAUSE: u32 = 40;
+
+impl Anchor {
+    fn new(connection: Connection) -> Self {
+        Self {
+            connection: Mutex::new(connection),
+            seen: Mutex::default(),
+            writes: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            read_since_refresh: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
         }
     }
 
-    /// Ends the anchor if it is open and starts it again on the newest commit. A failure (a
-    /// moment of recovery, a busy file) only leaves readers without it until the next try.
-    fn take_up(&mut self) {
-        self.let_go();
-        // BEGIN starts no transaction until the first read; reading the schema starts it.
-        let began = self
-            .connection
-            .execute_batch("BEGIN")
-            .and_then(|()| self.connection.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())));
-        if began.is_err() {
-            self.let_go();
+    /// After a read: notes it, and takes the anchor up if it is not held and no write is under
+    /// way (without waiting, if another thread is at it).
+    fn read(&self) {
+        if !self.read_since_refresh.load(Ordering::Relaxed) {
+            self.read_since_refresh.store(true, Ordering::Relaxed);
+        }
+        if !self.held.load(Ordering::Relaxed)
+            && let Ok(connection) = self.connection.try_lock()
+            && !self.writing.load(Ordering::Acquire)
+        {
+            self.held.store(begin(&connection), Ordering::Relaxed);
         }
     }
+
+    /// Before a write: lets go until [`written`](Self::written).
+    fn write(&self) {
+        self.writing.store(true, Ordering::Release);
+        end(&self.lock());
+        self.held.store(false, Ordering::Relaxed);
+    }
+
+    /// After a write: readers may take the anchor up again, on the new commit, unless another
+    /// process writes too.
+    fn written(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let paused = self.seen.lock().unwrap_or_else(PoisonError::into_inner).paused_for > 0;
+        self.writing.store(paused, Ordering::Release);
+    }
+
+    /// Every [`ANCHOR_REFRESH`]: onto the newest commit if anything was read since the last
+    /// time, else let go; and let go for [`ANCHOR_PAUSE`] refreshes if another process has
+    /// committed.
+    fn refresh(&self) {
+        let connection = self.lock();
+        end(&connection);
+        let read = self.read_since_refresh.swap(false, Ordering::Relaxed);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if read || seen.paused_for > 0 {
+            // Changes when any other connection commits, ours included: with no write of ours
+            // since the last look, a change is another process's commit.
+            let now = data_version(&connection).ok();
+            let writes = self.writes.load(Ordering::Relaxed);
+            if seen.data_version.is_some_and(|before| Some(before) != now) && writes == seen.writes {
+                seen.paused_for = ANCHOR_PAUSE;
+            }
+            (seen.data_version, seen.writes) = (now, writes);
+        } else {
+            // Idle: nothing to protect, and no need to look.
+            seen.data_version = None;
+        }
+        seen.paused_for = seen.paused_for.saturating_sub(1);
+        let paused = seen.paused_for > 0;
+        self.writing.store(paused, Ordering::Release);
+        self.held.store(read && !paused && begin(&connection), Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A number that changes whenever another connection commits to the database.
+fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
+    connection.query_row("PRAGMA data_version", [], |row| row.get(0))
+}
+
+/// Starts a read transaction on the newest commit; whether it did. A failure (a moment of
+/// recovery, a busy file) only leaves readers without the anchor until the next try.
+fn begin(connection: &Connection) -> bool {
+    end(connection);
+    // BEGIN starts no transaction until the first read; reading the schema starts it.
+    let began = connection
+        .execute_batch("BEGIN")
+        .and_then(|()| connection.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())));
+    if began.is_err() {
+        end(connection);
+    }
+    began.is_ok()
+}
+
+/// Ends the read transaction, if one is open. Ending one cannot fail in a way that leaves it
+/// open; if it did, the next BEGIN would fail and the anchor would stay let go.
+fn end(connection: &Connection) {
+    if !connection.is_autocommit() {
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+}
+
+/// The write connection, and the anchor it lets go of while it writes.
+struct WriteConnection {
+    connection: Connection,
+    anchor: Option<Arc<Anchor>>,
 }
 
 impl writer::Handle for WriteConnection {
-    fn refresh_every(&self) -> Option<Duration> {
-        self.anchors.then_some(ANCHOR_REFRESH)
+    fn tick_every(&self) -> Option<Duration> {
+        self.anchor.as_ref().map(|_| ANCHOR_REFRESH)
     }
 
     fn before_write(&mut self) {
-        self.let_go();
+        if let Some(anchor) = &self.anchor {
+            anchor.write();
+        }
     }
 
-    fn between_writes(&mut self) {
-        if self.anchors {
-            self.take_up();
+    fn after_write(&mut self) {
+        if let Some(anchor) = &self.anchor {
+            anchor.written();
+        }
+    }
+
+    fn tick(&mut self) {
+        if let Some(anchor) = &self.anchor {
+            anchor.refresh();
         }
     }
 }
@@ -407,7 +535,11 @@ impl SqliteStore {
         operation: &'static str,
         read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let result = self.readers.with(read).map_err(|source| {
+        let result = self.readers.with(read);
+        if let Some(anchor) = &self.anchor {
+            anchor.read();
+        }
+        let result = result.map_err(|source| {
             StoreError::from(BackendError::new("sqlite", self.location.clone(), operation, source))
         })?;
         result.map_err(self.failed(operation))

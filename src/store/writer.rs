@@ -15,20 +15,23 @@ type Job<C> = Box<dyn FnOnce(&mut C) + Send>;
 
 /// What a writer thread owns. Between jobs a handle may keep something for the readers' sake
 /// (SQLite's keeps a read transaction open, see `sqlite::WriteConnection`): it lets go of it
-/// before each job, and takes it up again after each job and every [`refresh_every`](Self::refresh_every)
-/// while no job comes.
+/// before each job, takes it up again after each job, and looks after it every
+/// [`tick_every`](Self::tick_every) while no job comes.
 pub(crate) trait Handle: Send + 'static {
-    /// How often [`between_writes`](Self::between_writes) runs while the thread waits for a
-    /// job; `None` (the default): only after jobs.
-    fn refresh_every(&self) -> Option<Duration> {
+    /// How often [`tick`](Self::tick) runs while the thread waits for a job; `None` (the
+    /// default): never.
+    fn tick_every(&self) -> Option<Duration> {
         None
     }
 
     /// Runs before each job.
     fn before_write(&mut self) {}
 
-    /// Runs after each job, and every `refresh_every` while no job comes.
-    fn between_writes(&mut self) {}
+    /// Runs after each job.
+    fn after_write(&mut self) {}
+
+    /// Runs when the thread starts, and every `tick_every` while no job comes.
+    fn tick(&mut self) {}
 }
 
 /// The writer thread of one store; dropping it finishes the queued writes and joins the thread.
@@ -42,9 +45,9 @@ impl<C: Handle> Writer<C> {
     pub(crate) fn spawn(name: &str, mut handle: C) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job<C>>();
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            handle.between_writes();
+            handle.tick();
             loop {
-                let next = match handle.refresh_every() {
+                let next = match handle.tick_every() {
                     Some(every) => queue.recv_timeout(every).map(Some).or_else(|error| match error {
                         mpsc::RecvTimeoutError::Timeout => Ok(None),
                         mpsc::RecvTimeoutError::Disconnected => Err(()),
@@ -53,13 +56,16 @@ impl<C: Handle> Writer<C> {
                 };
                 // Every sender is gone: the store was dropped.
                 let Ok(next) = next else { break };
-                if let Some(job) = next {
-                    handle.before_write();
-                    // A job that panics drops its reply (its caller gets an error); the thread
-                    // lives on for the next one.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut handle)));
+                match next {
+                    Some(job) => {
+                        handle.before_write();
+                        // A job that panics drops its reply (its caller gets an error); the thread
+                        // lives on for the next one.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut handle)));
+                        handle.after_write();
+                    }
+                    None => handle.tick(),
                 }
-                handle.between_writes();
             }
         })?;
         Ok(Self { jobs: Some(jobs), thread: Some(thread) })
