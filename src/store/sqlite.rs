@@ -80,12 +80,12 @@ const LIST_ACTIVE: &str = concat!(
 ///
 /// - **Reads** (verification, lists) run on the caller's thread on a small pool of read-only
 ///   connections: a point read takes a few microseconds, less than handing it to another thread.
-///   Each read sees every write committed before it started, in any process. Between writes
-///   the write connection keeps a read transaction open, which holds SQLite's WAL read lock for
-///   the whole process: reads then skip the two system calls each would make for it, which were
-///   half a point read's time and made concurrent readers queue. It is moved to the newest
-///   commit after each write and every 100 ms, so it holds back another process's checkpoint
-///   at most that long.
+///   Each read sees every write committed before it started, in any process. While the process
+///   reads, one more connection keeps a read transaction open, which holds SQLite's WAL read
+///   lock for the whole process: reads then skip the two system calls each would make for it,
+///   which were half a point read's time and made concurrent readers queue. It is let go before
+///   each write, when the process stops reading, and while another process writes, so that it
+///   never keeps another process's log from being checkpointed and starting over.
 /// - **Writes** run on one dedicated thread that owns the write connection, so a commit waiting
 ///   for fsync never blocks the caller's async executor. Creates and revocations commit with
 ///   `synchronous=FULL`: acknowledged means on disk. lastUsedAt batches commit with
