@@ -211,9 +211,8 @@ const ANCHOR_REFRESH: Duration = Duration::from_millis(25);
 ///
 /// The anchor never changes what a read sees: each read still starts a transaction of its own on
 /// the newest commit. But a held read mark keeps checkpoints from copying later commits into the
-/// database, and the log from starting over, in every process: held for good, it let another
-/// process's log grow without bound (measured: 50 MB after 3,000 commits, against 4 MB). So it is
-/// held only as a busy process's own reads would hold marks anyway:
+/// database, and the log from starting over, in every process. So it is held only as a busy
+/// process's own reads would hold marks anyway:
 /// - a read takes it up when it is not held (on the newest commit);
 /// - the writer thread lets it go before each write (so it never holds back this process's
 ///   writes and checkpoints), and readers take it up again after;
