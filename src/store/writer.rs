@@ -13,10 +13,9 @@ use super::{BackendError, BoxError, StoreError};
 
 type Job<C> = Box<dyn FnOnce(&mut C) + Send>;
 
-/// What a writer thread owns. Between jobs a handle may keep something for the readers' sake
-/// (SQLite's keeps a read transaction open, see `sqlite::WriteConnection`): it lets go of it
-/// before each job, takes it up again after each job, and looks after it every
-/// [`tick_every`](Self::tick_every) while no job comes.
+/// What a writer thread owns. A handle may look after something its store's readers share
+/// (SQLite's anchor, see `sqlite::Anchor`): it is told before and after each job, and ticks
+/// every [`tick_every`](Self::tick_every) while no job comes.
 pub(crate) trait Handle: Send + 'static {
     /// How often [`tick`](Self::tick) runs while the thread waits for a job; `None` (the
     /// default): never.
@@ -47,15 +46,18 @@ impl<C: Handle> Writer<C> {
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
             handle.tick();
             loop {
+                // A closed queue means every sender is gone: the store was dropped.
                 let next = match handle.tick_every() {
-                    Some(every) => queue.recv_timeout(every).map(Some).or_else(|error| match error {
-                        mpsc::RecvTimeoutError::Timeout => Ok(None),
-                        mpsc::RecvTimeoutError::Disconnected => Err(()),
-                    }),
-                    None => queue.recv().map(Some).map_err(|_| ()),
+                    Some(every) => match queue.recv_timeout(every) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    },
+                    None => match queue.recv() {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvError) => break,
+                    },
                 };
-                // Every sender is gone: the store was dropped.
-                let Ok(next) = next else { break };
                 match next {
                     Some(job) => {
                         handle.before_write();
