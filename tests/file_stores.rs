@@ -351,20 +351,24 @@ fn a_revocation_by_another_process_is_seen_by_the_next_verification() {
     assert!(found.revoked_at.is_some(), "the open store sees the other process's revocation at once");
 }
 
+/// An SQLite store in a directory of its own, holding one key of `account`.
+fn sqlite_store_with_a_key(account: &str) -> (tempfile::TempDir, std::path::PathBuf, SqliteStore, KeyRecord) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let key = record(&AccountId::new(account).unwrap(), 0);
+    runtime().block_on(store.insert(&key, 10)).unwrap();
+    (dir, path, store, key)
+}
+
 /// While it reads, the store keeps a read transaction open so that its reads skip two system
-/// calls each (the "anchor", see `src/store/sqlite.rs`), moved to the newest commit every 100 ms
+/// calls each (the "anchor", see `src/store/sqlite.rs`), moved to the newest commit every 25 ms
 /// and let go when nothing was read since. So once this store stops reading, another process can
 /// copy everything it wrote from the write-ahead log into the database.
 #[test]
 fn sqlite_lets_another_process_checkpoint_its_writes_within_moments() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.db");
-    let store = SqliteStore::open(&path).unwrap();
-    let key = record(&AccountId::new("anchored").unwrap(), 0);
-    runtime().block_on(async {
-        store.insert(&key, 10).await.unwrap();
-        store.find_by_digest(&key.digest).await.unwrap();
-    });
+    let (_dir, path, store, key) = sqlite_store_with_a_key("anchored");
+    runtime().block_on(store.find_by_digest(&key.digest)).unwrap();
 
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE scratch (x)").unwrap();
@@ -387,14 +391,10 @@ fn sqlite_lets_another_process_checkpoint_its_writes_within_moments() {
 /// A store that reads without pause beside another process that commits without pause: the
 /// other process's write-ahead log must still start over now and then, as it does beside plain
 /// readers (about 4 MB here), and not grow with every commit (an anchor held on, even one moved
-/// every 100 ms, let it grow by every commit: 24 MB here, 50 MB in a run of durable creates).
+/// every 100 ms, let it grow by every commit: 26–35 MB here, 50 MB in a run of durable creates).
 #[test]
 fn sqlite_reading_on_does_not_let_another_process_log_grow_without_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.db");
-    let store = SqliteStore::open(&path).unwrap();
-    let key = record(&AccountId::new("reader").unwrap(), 0);
-    runtime().block_on(store.insert(&key, 10)).unwrap();
+    let (_dir, path, store, key) = sqlite_store_with_a_key("reader");
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE scratch (x)").unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);

@@ -10,6 +10,7 @@ use hashbrown::HashTable;
 use time::OffsetDateTime;
 
 use super::{KeyRecord, KeyStore, Roll, StoreError};
+use crate::clock::normalize;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::prehashed::PrehashedMap;
@@ -242,10 +243,11 @@ impl KeyStore for MemoryStore {
     }
 }
 
-/// The record with its times cut to whole microseconds (the service only ever stores such times).
+/// The record with its times as the service stores them: UTC, whole microseconds (a time that
+/// has no UTC form is kept as it is).
 fn to_whole_micros(mut record: KeyRecord) -> KeyRecord {
     fn cut(at: OffsetDateTime) -> OffsetDateTime {
-        at.replace_microsecond(at.microsecond()).unwrap_or(at)
+        normalize(at).unwrap_or(at)
     }
     record.created_at = cut(record.created_at);
     for at in [&mut record.expires_at, &mut record.last_used_at, &mut record.revoked_at] {

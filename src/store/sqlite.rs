@@ -235,7 +235,7 @@ struct Anchor {
     /// Whether anything was read since the last refresh; written once per refresh at most.
     read_since_refresh: AtomicBool,
     /// A write is under way, or another process writes: readers leave the anchor alone.
-    writing: AtomicBool,
+    suspended: AtomicBool,
 }
 
 /// The database's `data_version` and this process's write count at the last refresh that read
@@ -259,7 +259,7 @@ impl Anchor {
             writes: AtomicU64::new(0),
             held: AtomicBool::new(false),
             read_since_refresh: AtomicBool::new(false),
-            writing: AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
         }
     }
 
@@ -271,7 +271,7 @@ impl Anchor {
         }
         if !self.held.load(Ordering::Relaxed)
             && let Ok(connection) = self.connection.try_lock()
-            && !self.writing.load(Ordering::Acquire)
+            && !self.suspended.load(Ordering::Acquire)
         {
             self.held.store(begin(&connection), Ordering::Relaxed);
         }
@@ -279,7 +279,7 @@ impl Anchor {
 
     /// Before a write: lets go until [`written`](Self::written).
     fn write(&self) {
-        self.writing.store(true, Ordering::Release);
+        self.suspended.store(true, Ordering::Release);
         end(&self.lock());
         self.held.store(false, Ordering::Relaxed);
     }
@@ -289,7 +289,7 @@ impl Anchor {
     fn written(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
         let paused = self.seen.lock().unwrap_or_else(PoisonError::into_inner).paused_for > 0;
-        self.writing.store(paused, Ordering::Release);
+        self.suspended.store(paused, Ordering::Release);
     }
 
     /// Every [`ANCHOR_REFRESH`]: onto the newest commit if anything was read since the last
@@ -315,7 +315,7 @@ impl Anchor {
         }
         seen.paused_for = seen.paused_for.saturating_sub(1);
         let paused = seen.paused_for > 0;
-        self.writing.store(paused, Ordering::Release);
+        self.suspended.store(paused, Ordering::Release);
         self.held.store(read && !paused && begin(&connection), Ordering::Relaxed);
     }
 
