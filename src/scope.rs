@@ -10,6 +10,7 @@
 //! `orders:read:own` and `orders:archive:*`, but not `orders` and not `*`: a wildcard is covered
 //! only by an equal or wider wildcard, never by any number of concrete grants.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -102,7 +103,7 @@ impl Scopes {
 
     /// The grants, in canonical order.
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.as_text().split(' ').filter(|grant| !grant.is_empty())
+        split_grants(self.as_text()).filter(|grant| !grant.is_empty())
     }
 
     /// How many grants.
@@ -125,12 +126,24 @@ impl Scopes {
 
     /// Reads what [`as_text`](Self::as_text) gave; `None` if it is not a valid set. Text in
     /// canonical form, which is all a store ever holds, is only checked, in one pass.
+    ///
+    /// A service's keys hold few distinct sets, and verification reads one with every key it
+    /// finds; so each thread keeps the last set it read, and the same text again costs one
+    /// comparison instead of a check and an allocation.
     #[cfg_attr(not(any(feature = "sqlite", feature = "redb", feature = "postgres")), allow(dead_code))]
     pub(crate) fn from_text(text: &str) -> Option<Self> {
-        if is_canonical(text) {
-            return Some(Self::from_canonical(text));
+        thread_local! {
+            static LAST_READ: RefCell<Scopes> = const { RefCell::new(Scopes::all()) };
         }
-        Self::new(text.split(' ').filter(|grant| !grant.is_empty())).ok()
+        if let Some(last) = LAST_READ.with_borrow(|last| (last.as_text() == text).then(|| last.clone())) {
+            return Some(last);
+        }
+        if is_canonical(text) {
+            let scopes = Self::from_canonical(text);
+            LAST_READ.set(scopes.clone());
+            return Some(scopes);
+        }
+        Self::new(split_grants(text).filter(|grant| !grant.is_empty())).ok()
     }
 
     fn from_canonical(text: &str) -> Self {
@@ -147,12 +160,27 @@ fn is_canonical(text: &str) -> bool {
     }
     let mut previous: Option<&str> = None;
     let mut count = 0;
-    text.split(' ').all(|grant| {
+    split_grants(text).all(|grant| {
         count += 1;
         let in_order = previous.is_none_or(|before| before < grant && !covers(before, grant));
         previous = Some(grant);
         in_order && is_grant(grant)
     }) && count <= Scopes::MAX_GRANTS
+}
+
+/// The pieces of `text` between single spaces, found by a plain loop over its bytes: grants are
+/// short, and `str::split` spends more per piece setting up its search than checking one costs.
+fn split_grants(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        let (piece, after) = match current.bytes().position(|byte| byte == b' ') {
+            Some(space) => (&current[..space], Some(&current[space + 1..])),
+            None => (current, None),
+        };
+        rest = after;
+        Some(piece)
+    })
 }
 
 impl Default for Scopes {
@@ -203,15 +231,27 @@ fn is_grant(grant: &str) -> bool {
     }
 }
 
+/// One pass over the bytes, as verification checks the grants of every key it reads.
 fn segments_valid(text: &str, max_segments: usize) -> bool {
-    let mut count = 0;
-    text.split(':').all(|segment| {
-        count += 1;
-        let mut bytes = segment.bytes();
-        segment.len() <= 32
-            && bytes.next().is_some_and(|first| first.is_ascii_lowercase())
-            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    }) && count <= max_segments
+    let mut segments = 1;
+    let mut segment_len = 0;
+    for &byte in text.as_bytes() {
+        match byte {
+            b':' if segment_len > 0 => {
+                segments += 1;
+                segment_len = 0;
+                continue;
+            }
+            b'a'..=b'z' => {}
+            b'0'..=b'9' | b'_' | b'-' if segment_len > 0 => {}
+            _ => return false,
+        }
+        segment_len += 1;
+        if segment_len > 32 {
+            return false;
+        }
+    }
+    segment_len > 0 && segments <= max_segments
 }
 
 #[cfg(feature = "serde")]
@@ -299,6 +339,20 @@ mod tests {
         // Text not in canonical form (written by hand, say) is put into it.
         assert_eq!(Scopes::from_text("b a:* a:b"), Some(Scopes::new(["a:*", "b"]).unwrap()));
         assert_eq!(Scopes::from_text("a  b"), Some(Scopes::new(["a", "b"]).unwrap()));
+    }
+
+    #[test]
+    fn sets_read_in_turn_each_read_back_as_themselves() {
+        let sets =
+            [Scopes::new(["a:*", "b"]).unwrap(), Scopes::new(["a:*", "c"]).unwrap(), Scopes::all(), Scopes::none()];
+        for _ in 0..2 {
+            for scopes in &sets {
+                assert_eq!(Scopes::from_text(scopes.as_text()).as_ref(), Some(scopes));
+                // Invalid and non-canonical text between two reads changes neither.
+                assert_eq!(Scopes::from_text("a:* B"), None);
+                assert_eq!(Scopes::from_text("b a:*"), Some(sets[0].clone()));
+            }
+        }
     }
 
     #[test]
