@@ -135,12 +135,17 @@ impl Scopes {
         thread_local! {
             static LAST_READ: RefCell<Scopes> = const { RefCell::new(Scopes::all()) };
         }
-        if let Some(last) = LAST_READ.with_borrow(|last| (last.as_text() == text).then(|| last.clone())) {
+        // `try_with`: a thread that is exiting has no kept set, and reads without one.
+        let kept = LAST_READ.try_with(|last| {
+            let last = last.borrow();
+            (last.as_text() == text).then(|| last.clone())
+        });
+        if let Ok(Some(last)) = kept {
             return Some(last);
         }
         if is_canonical(text) {
             let scopes = Self::from_canonical(text);
-            LAST_READ.set(scopes.clone());
+            let _ = LAST_READ.try_with(|last| last.replace(scopes.clone()));
             return Some(scopes);
         }
         Self::new(split_grants(text).filter(|grant| !grant.is_empty())).ok()
