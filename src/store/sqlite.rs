@@ -29,6 +29,10 @@ const SCHEMA_VERSION: i64 = 2;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of the file readers map into memory.
 const MMAP_SIZE: i64 = 1 << 30;
+/// What the write-ahead log is cut back to when it starts over: twice the ~4 MB it reaches between
+/// automatic checkpoints, so that only a large import or batch leaves a longer file, and only
+/// until the next write.
+const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
 const MIGRATIONS: [&str; 2] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
@@ -433,7 +437,9 @@ impl Target {
             let source = format!("cannot switch to WAL mode (the file stays in {mode} mode)").into();
             return Err(OpenError::Other { path: self.path(), source });
         }
-        Ok(())
+        // Without a limit the log keeps the size of the largest transaction it ever held (a
+        // 1 M-key import: as large as the database) for as long as the file is open.
+        connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).map_err(|error| self.open_error(error))
     }
 
     /// The schema version of an apikeys file (0 for a new, empty file); refuses a file of another
