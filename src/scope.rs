@@ -39,7 +39,8 @@ enum Repr {
     /// `["*"]`.
     All,
     /// Any other canonical set, as its grants joined by single spaces (no grant holds one):
-    /// the form the stores keep, so reading one back is a check and one allocation. `""` is `[]`.
+    /// the form the stores keep, so reading one back is a comparison when the thread read the
+    /// same set last, else a check and one allocation. `""` is `[]`.
     Listed(Arc<str>),
 }
 
@@ -128,8 +129,8 @@ impl Scopes {
     /// canonical form, which is all a store ever holds, is only checked, in one pass.
     ///
     /// A service's keys hold few distinct sets, and verification reads one with every key it
-    /// finds; so each thread keeps the last set it read, and the same text again costs one
-    /// comparison instead of a check and an allocation.
+    /// finds; so each thread keeps the last set it read (one small allocation per thread), and
+    /// the same text again costs one comparison instead of a check and an allocation.
     #[cfg_attr(not(any(feature = "sqlite", feature = "redb", feature = "postgres")), allow(dead_code))]
     pub(crate) fn from_text(text: &str) -> Option<Self> {
         thread_local! {
@@ -173,8 +174,9 @@ fn is_canonical(text: &str) -> bool {
     }) && count <= Scopes::MAX_GRANTS
 }
 
-/// The pieces of `text` between single spaces, found by a plain loop over its bytes: grants are
-/// short, and `str::split` spends more per piece setting up its search than checking one costs.
+/// The same pieces as `text.split(' ')`, empty ones included, found by a plain loop over the
+/// bytes: grants are short, and `str::split` spends more per piece setting up its search than
+/// checking one costs.
 fn split_grants(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
@@ -344,6 +346,28 @@ mod tests {
         // Text not in canonical form (written by hand, say) is put into it.
         assert_eq!(Scopes::from_text("b a:* a:b"), Some(Scopes::new(["a:*", "b"]).unwrap()));
         assert_eq!(Scopes::from_text("a  b"), Some(Scopes::new(["a", "b"]).unwrap()));
+    }
+
+    #[test]
+    fn grants_split_as_str_split_does() {
+        for text in ["", " ", "a ", " a", "a  b", "a:* b", "x"] {
+            assert_eq!(split_grants(text).collect::<Vec<_>>(), text.split(' ').collect::<Vec<_>>(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_set_read_again_is_the_set_kept_not_a_new_one() {
+        let text = "a:* b:c";
+        let shared = |first: &Scopes, second: &Scopes| match (&first.0, &second.0) {
+            (Repr::Listed(first), Repr::Listed(second)) => Arc::ptr_eq(first, second),
+            _ => false,
+        };
+        let first = Scopes::from_text(text).unwrap();
+        assert!(shared(&first, &Scopes::from_text(text).unwrap()), "read twice in a row");
+        // Text that is not canonical, or not valid, is not kept in its place.
+        assert_eq!(Scopes::from_text("b:c a:*").as_ref(), Some(&first));
+        assert_eq!(Scopes::from_text("a:* B"), None);
+        assert!(shared(&first, &Scopes::from_text(text).unwrap()), "read after other text");
     }
 
     #[test]

@@ -31,7 +31,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MMAP_SIZE: i64 = 1 << 30;
 /// What the write-ahead log is cut back to when it starts over: twice the ~4 MB it reaches between
 /// automatic checkpoints, so that only a large import or batch leaves a longer file, and only
-/// until the next write.
+/// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
 const MIGRATIONS: [&str; 2] = [
