@@ -316,6 +316,26 @@ pub async fn record_last_used_applies_a_whole_batch(store: &dyn KeyStore) {
     store.record_last_used(&[]).await.expect("an empty batch is fine");
 }
 
+/// A batch larger than a store may write at once (the file stores write 1,024 uses at a time),
+/// with every key used in several places of it, out of order.
+pub async fn record_last_used_applies_a_batch_of_thousands(store: &dyn KeyStore) {
+    let account = account();
+    let keys: Vec<KeyRecord> = (0..300).map(|_| record(&account, T0)).collect();
+    for key in &keys {
+        insert(store, key).await;
+    }
+    let used_at = |round: i64, key: usize| T0 + Duration::seconds(round) + Duration::microseconds(key as i64);
+    let mut batch = Vec::new();
+    for round in [3, 9, 1, 7, 5, 0, 8, 2, 6, 4] {
+        batch.extend(keys.iter().enumerate().map(|(i, key)| (key.id, used_at(round, i))));
+        batch.push((KeyId::generate(), used_at(round, 0)));
+    }
+    store.record_last_used(&batch).await.unwrap();
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(find(store, key).await.last_used_at, Some(used_at(9, i)), "key {i} of 300");
+    }
+}
+
 pub async fn record_last_used_changes_nothing_else(store: &dyn KeyStore) {
     let account = account();
     let mut stored = record(&account, T0);
@@ -569,6 +589,7 @@ macro_rules! conformance_tests {
             a_limit_of_zero_refuses_every_insert,
             record_last_used_keeps_the_newest_time,
             record_last_used_applies_a_whole_batch,
+            record_last_used_applies_a_batch_of_thousands,
             record_last_used_changes_nothing_else,
             many_keys_list_in_order,
             concurrent_inserts_respect_the_limit,

@@ -123,8 +123,18 @@ impl RedbStore {
         operation: &'static str,
         read: impl FnOnce(&redb::ReadTransaction) -> Result<T, BoxError>,
     ) -> Result<T, StoreError> {
-        without_panics(|| read(&self.database.begin_read()?))
-            .map_err(|source| BackendError::new("redb", self.location.clone(), operation, source).into())
+        read_in(&self.database, &self.location, operation, read)
+    }
+
+    /// Runs `read` in a read transaction on the writer thread, queued with the writes: for reads
+    /// too long to run on an executor's thread.
+    async fn read_on_writer<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        read: impl FnOnce(&redb::ReadTransaction) -> Result<T, BoxError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let location = self.location.clone();
+        self.writer.run(move |database| read_in(database, &location, operation, read)).await
     }
 
     async fn write<T: Send + 'static>(
@@ -309,6 +319,44 @@ fn find_in(
     Ok(records.get(&digest)?.map(|found| (digest, StoredValue::copy(found.value()))))
 }
 
+/// Runs `read` in a read transaction of `database`.
+fn read_in<T>(
+    database: &Database,
+    location: &str,
+    operation: &'static str,
+    read: impl FnOnce(&redb::ReadTransaction) -> Result<T, BoxError>,
+) -> Result<T, StoreError> {
+    without_panics(|| read(&database.begin_read()?))
+        .map_err(|source| BackendError::new("redb", location.to_owned(), operation, source).into())
+}
+
+/// A use of a key where the table keeps it: its digest, and the time in Unix microseconds.
+type LocatedUse = ([u8; Digest::LEN], i64);
+
+/// The digests of the keys used, from the id table (unknown ids are left out).
+fn locate(transaction: &redb::ReadTransaction, uses: &[(KeyId, OffsetDateTime)]) -> Result<Vec<LocatedUse>, BoxError> {
+    let ids = transaction.open_table(IDS)?;
+    let mut located = Vec::with_capacity(uses.len());
+    for (id, at) in uses {
+        located.extend(ids.get(id.as_uuid().as_bytes())?.map(|digest| (*digest.value(), unix_micros(*at))));
+    }
+    Ok(located)
+}
+
+/// Sets each key's lastUsedAt, unless it already holds a later time.
+fn write_last_used(transaction: &redb::WriteTransaction, uses: &[LocatedUse]) -> Result<(), WriteError> {
+    let mut records = transaction.open_table(RECORDS)?;
+    for &(digest, at) in uses {
+        let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else { continue };
+        if found.last_used_at.is_some_and(|last| last >= at) {
+            continue;
+        }
+        found.last_used_at = Some(at);
+        records.insert(&digest, found.as_value())?;
+    }
+    Ok(())
+}
+
 /// The range of `BY_ACCOUNT` keys that belong to `account`.
 fn account_range(account: &str) -> std::ops::RangeInclusive<(&str, i64, &'static [u8; 16])> {
     (account, i64::MIN, &[0u8; 16])..=(account, i64::MAX, &[0xffu8; 16])
@@ -413,23 +461,13 @@ impl KeyStore for RedbStore {
         .await
     }
 
+    /// In pieces, in the table's order: see [`writer::write_last_used_in_pieces`].
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        if uses.is_empty() {
-            return Ok(());
-        }
-        let uses = uses.to_vec();
-        self.write("record_last_used", move |transaction| {
-            for (id, at) in uses {
-                let Some((digest, mut found)) = find_in(transaction, &id)? else { continue };
-                let at = unix_micros(at);
-                if found.last_used_at.is_some_and(|last| last >= at) {
-                    continue;
-                }
-                found.last_used_at = Some(at);
-                transaction.open_table(RECORDS)?.insert(&digest, found.as_value())?;
-            }
-            Ok(())
-        })
+        writer::write_last_used_in_pieces(
+            uses,
+            |piece| self.read_on_writer("record_last_used", move |transaction| locate(transaction, &piece)),
+            |piece| self.write("record_last_used", move |transaction| write_last_used(transaction, &piece)),
+        )
         .await
     }
 }

@@ -29,8 +29,6 @@ const SCHEMA_VERSION: i64 = 2;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of the file readers map into memory.
 const MMAP_SIZE: i64 = 1 << 30;
-/// How many lastUsedAt times one job of the writer thread looks up or writes.
-const LAST_USED_PIECE: usize = 1024;
 /// What the write-ahead log is cut back to when it starts over: twice the ~4 MB it reaches between
 /// automatic checkpoints, so that only a large import or batch leaves a longer file, and only
 /// until the log next starts over (normally at the next write).
@@ -669,25 +667,14 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    /// Writes in pieces, each its own job on the writer thread, so that a create or revocation
-    /// queued meanwhile waits for one piece, never for the whole batch; and in the table's own
-    /// order (by digest), so that no two pieces change the same page and the log, checkpointed
-    /// between pieces, stays small. At 1 M keys, 100,000 uses took 1.6 s as one transaction in
-    /// id order and left a 112 MB log; in pieces of 1,024 in id order, 3.9 s, as each checkpoint
-    /// copied pages that later pieces changed again; in pieces in table order, 1.5 s and 8 MB.
+    /// In pieces, in the table's order: see [`writer::write_last_used_in_pieces`].
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
-        let mut in_table_order = Vec::with_capacity(uses.len());
-        for piece in uses.chunks(LAST_USED_PIECE) {
-            let piece = piece.to_vec();
-            let located = self.write("record_last_used", false, move |connection| Ok(locate(connection, &piece)?));
-            in_table_order.extend(located.await?);
-        }
-        in_table_order.sort_unstable();
-        for piece in in_table_order.chunks(LAST_USED_PIECE) {
-            let piece = piece.to_vec();
-            self.write("record_last_used", false, move |connection| Ok(write_last_used(connection, &piece)?)).await?;
-        }
-        Ok(())
+        writer::write_last_used_in_pieces(
+            uses,
+            |piece| self.write("record_last_used", false, move |connection| Ok(locate(connection, &piece)?)),
+            |piece| self.write("record_last_used", false, move |connection| Ok(write_last_used(connection, &piece)?)),
+        )
+        .await
     }
 }
 

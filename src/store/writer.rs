@@ -9,7 +9,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use time::OffsetDateTime;
+
 use super::{BackendError, BoxError, StoreError};
+use crate::id::KeyId;
 
 type Job<C> = Box<dyn FnOnce(&mut C) + Send>;
 
@@ -86,6 +89,41 @@ impl<C: Handle> Writer<C> {
         self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
+
+/// How many lastUsedAt times one job of a writer thread looks up or writes.
+const LAST_USED_PIECE: usize = 1024;
+
+/// Writes a batch of lastUsedAt times in pieces, each its own job on the writer thread, so that a
+/// create or revocation queued meanwhile waits for one piece, never for the whole batch; and in
+/// the table's own order, so that no two pieces change the same page. `locate` finds where each
+/// use of a piece lives (the digest that keys the table, leaving out unknown ids), `write` writes
+/// a piece of located uses.
+///
+/// At 1 M keys, a batch of 100,000 uses as one transaction took 1.9–2.2 s on SQLite and 1.9 s on
+/// redb, and a create queued behind it waited as long. In pieces in id order SQLite took 3.9 s,
+/// each checkpoint copying pages that later pieces changed again. In pieces in table order it
+/// takes about as long as one transaction on SQLite and 1.2–1.3 s on redb, and creates meanwhile
+/// wait 52 ms at most on SQLite and 15 ms on redb.
+pub(crate) async fn write_last_used_in_pieces<Located, Locating, Writing>(
+    uses: &[(KeyId, OffsetDateTime)],
+    locate: impl Fn(Vec<(KeyId, OffsetDateTime)>) -> Locating,
+    write: impl Fn(Vec<Located>) -> Writing,
+) -> Result<(), StoreError>
+where
+    Located: Ord + Clone,
+    Locating: Future<Output = Result<Vec<Located>, StoreError>>,
+    Writing: Future<Output = Result<(), StoreError>>,
+{
+    let mut in_table_order = Vec::with_capacity(uses.len());
+    for piece in uses.chunks(LAST_USED_PIECE) {
+        in_table_order.extend(locate(piece.to_vec()).await?);
+    }
+    in_table_order.sort_unstable();
+    for piece in in_table_order.chunks(LAST_USED_PIECE) {
+        write(piece.to_vec()).await?;
+    }
+    Ok(())
 }
 
 fn stopped() -> StoreError {
