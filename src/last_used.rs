@@ -113,6 +113,12 @@ impl LastUsed {
         batch
     }
 
+    /// Takes every time not yet written, as a [`Batch`] that puts them back unless it was
+    /// written.
+    pub(crate) fn take_batch(&self) -> Batch<'_> {
+        Batch { last_used: self, uses: self.take_dirty(), written: false }
+    }
+
     /// Puts back a batch the store failed to write, to be retried with the next one.
     pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
         let mut noted = lock(&self.noted);
@@ -154,6 +160,34 @@ impl LastUsed {
             fold(&mut noted, lock(buffer).drain(..));
         }
         noted
+    }
+}
+
+/// Times taken to be written. Dropped before it is marked [`written`](Self::written) (the write
+/// failed, or its caller went away part-way, as stores write large batches in several steps), it
+/// puts them back for the next batch; writing a time twice is harmless, as stores keep the newest.
+pub(crate) struct Batch<'a> {
+    last_used: &'a LastUsed,
+    uses: Vec<(KeyId, OffsetDateTime)>,
+    written: bool,
+}
+
+impl Batch<'_> {
+    pub(crate) fn uses(&self) -> &[(KeyId, OffsetDateTime)] {
+        &self.uses
+    }
+
+    /// The store has every time of the batch.
+    pub(crate) fn written(mut self) {
+        self.written = true;
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if !self.written {
+            self.last_used.restore(&self.uses);
+        }
     }
 }
 

@@ -296,14 +296,14 @@ impl<S: KeyStore> KeyService<S> {
         let Some(last_used) = &self.inner.last_used else {
             return Ok(());
         };
-        let batch = last_used.take_dirty();
-        if batch.is_empty() {
+        let batch = last_used.take_batch();
+        if batch.uses().is_empty() {
             return Ok(());
         }
-        self.inner.store.record_last_used(&batch).await.map_err(|error| {
-            last_used.restore(&batch);
-            Error::Store(error)
-        })
+        // On failure, or if this future is dropped part-way, `batch` puts its times back.
+        self.inner.store.record_last_used(batch.uses()).await.map_err(Error::Store)?;
+        batch.written();
+        Ok(())
     }
 
     /// Writes lastUsedAt every interval from a tokio task, so that times reach the store on

@@ -322,6 +322,25 @@ async fn a_failed_last_used_write_does_not_fail_verification_and_is_retried() {
     assert_eq!(stored.last_used_at, Some(T0), "the failed batch was kept and written later");
 }
 
+/// A flush whose caller goes away (a request that is cancelled while its verification writes the
+/// batch) loses nothing: stores write large batches in several steps, and the times not known to
+/// be written go back to be written with the next batch.
+#[tokio::test]
+async fn a_flush_dropped_part_way_keeps_its_batch_for_the_next() {
+    let Fixture { service, store, .. } = fixture();
+    let created = service.create(&account("acme"), NewKey::default()).await.unwrap();
+    let token = created.key.expose_secret();
+    store.fail(Call::RecordLastUsed, true);
+    service.verify(token).await.unwrap();
+    store.inject(Call::RecordLastUsed, Some(Fault::Hang));
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), service.flush()).await;
+    assert!(dropped.is_err(), "the store never answers, so the flush is dropped unfinished");
+    store.heal();
+    service.flush().await.unwrap();
+    let stored = store.find_by_digest(&apikeys::Digest::sha256(token)).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(T0), "the dropped batch was written by the next flush");
+}
+
 #[tokio::test]
 async fn a_store_failure_is_never_reported_as_a_bad_key() {
     let Fixture { service, store, .. } = fixture();

@@ -213,8 +213,10 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
 
-    /// Sets `last_used_at = max(last_used_at, at)` for each pair, in one transaction where the
-    /// backend has them. Unknown ids are ignored. Out-of-order batches never move a time back.
+    /// Sets `last_used_at = max(last_used_at, at)` for each pair. Unknown ids are ignored.
+    /// Out-of-order batches never move a time back. A store may write a large batch in several
+    /// transactions (the file stores do, so that other writes need not wait for all of it): a
+    /// batch that fails may be partly written, and the service writes it again.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
 }
 

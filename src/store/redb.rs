@@ -10,7 +10,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::writer::{self, Writer};
+use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
@@ -330,9 +330,6 @@ fn read_in<T>(
         .map_err(|source| BackendError::new("redb", location.to_owned(), operation, source).into())
 }
 
-/// A use of a key where the table keeps it: its digest, and the time in Unix microseconds.
-type LocatedUse = ([u8; Digest::LEN], i64);
-
 /// The digests of the keys used, from the id table (unknown ids are left out).
 fn locate(transaction: &redb::ReadTransaction, uses: &[(KeyId, OffsetDateTime)]) -> Result<Vec<LocatedUse>, BoxError> {
     let ids = transaction.open_table(IDS)?;
@@ -461,7 +458,8 @@ impl KeyStore for RedbStore {
         .await
     }
 
-    /// In pieces, in the table's order: see [`writer::write_last_used_in_pieces`].
+    /// Writes 1,024 times per transaction, in the table's order, so that a create or revocation
+    /// waits for one piece, not for the whole batch.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         writer::write_last_used_in_pieces(
             uses,

@@ -11,7 +11,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::writer::{self, Writer};
+use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
@@ -667,10 +667,12 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    /// In pieces, in the table's order: see [`writer::write_last_used_in_pieces`].
+    /// Writes 1,024 times per transaction, in the table's order, so that a create or revocation
+    /// waits for one piece, not for the whole batch.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         writer::write_last_used_in_pieces(
             uses,
+            // Only reads, but thousands of them: on the writer thread, not the caller's.
             |piece| self.write("record_last_used", false, move |connection| Ok(locate(connection, &piece)?)),
             |piece| self.write("record_last_used", false, move |connection| Ok(write_last_used(connection, &piece)?)),
         )
@@ -721,17 +723,19 @@ fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Re
     }
 }
 
-/// A use of a key where the table keeps it: its digest, and the time in Unix microseconds.
-type LocatedUse = ([u8; Digest::LEN], i64);
-
-/// The digests of the keys used (unknown ids are left out), read from the id index alone.
-fn locate(connection: &Connection, uses: &[(KeyId, OffsetDateTime)]) -> rusqlite::Result<Vec<LocatedUse>> {
-    let mut digest_of = connection.prepare_cached("SELECT digest FROM api_keys WHERE id = ?1")?;
+/// The digests of the keys used (unknown ids are left out), read from the id index alone, in one
+/// read transaction.
+fn locate(connection: &mut Connection, uses: &[(KeyId, OffsetDateTime)]) -> rusqlite::Result<Vec<LocatedUse>> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
     let mut located = Vec::with_capacity(uses.len());
-    for (id, at) in uses {
-        let digest = digest_of.query_row([id.as_uuid().as_bytes()], |row| row.get(0)).optional()?;
-        located.extend(digest.map(|digest| (digest, unix_micros(*at))));
+    {
+        let mut digest_of = transaction.prepare_cached("SELECT digest FROM api_keys WHERE id = ?1")?;
+        for (id, at) in uses {
+            let digest = digest_of.query_row([id.as_uuid().as_bytes()], |row| row.get(0)).optional()?;
+            located.extend(digest.map(|digest| (digest, unix_micros(*at))));
+        }
     }
+    transaction.commit()?;
     Ok(located)
 }
 
