@@ -105,7 +105,7 @@ pub(crate) type LocatedUse = ([u8; Digest::LEN], i64);
 /// digest of each use of a piece (leaving out unknown ids); `write` writes a piece of located
 /// uses, one per key, the newest.
 ///
-/// At 1 M keys, a batch of 100,000 uses as one transaction took 1.9–2.2 s on SQLite and 1.9 s on
+/// In a one-off harness at 1 M keys, a batch of 100,000 uses as one transaction took 1.9–2.2 s on SQLite and 1.9 s on
 /// redb, and a create queued behind it waited as long. In pieces in id order SQLite took 3.9 s,
 /// each checkpoint copying pages that later pieces changed again. In pieces in table order it
 /// takes about as long as one transaction on SQLite and 1.2–1.4 s on redb, and creates meanwhile
