@@ -114,20 +114,12 @@ impl Dataset {
                 if i % stride == 0 && tokens.len() < SAMPLE {
                     tokens.push(token.expose_secret().to_owned());
                 }
-                KeyRecord {
-                    id: KeyId::from_uuid(uuid::Uuid::now_v7()),
-                    account: accounts[i % accounts.len()].clone(),
-                    digest: Digest::sha256(token.expose_secret()),
-                    prefix,
-                    name: (i % 2 == 0).then(|| KeyName::new(format!("key {i}")).unwrap()),
-                    created_at,
-                    expires_at: None,
-                    last_used_at: None,
-                    revoked_at: None,
-                    scopes: scopes.clone(),
-                    rotated_from: None,
-                    replaced_by: None,
-                }
+                let id = KeyId::from_uuid(uuid::Uuid::now_v7());
+                let account = accounts[i % accounts.len()].clone();
+                let mut record = KeyRecord::new(id, account, Digest::sha256(token.expose_secret()), prefix, created_at);
+                record.name = (i % 2 == 0).then(|| KeyName::new(format!("key {i}")).unwrap());
+                record.scopes = scopes.clone();
+                record
             })
             .collect();
         // Visit the sample in an order unrelated to insertion, so that the records looked up are

@@ -1,17 +1,15 @@
-//! A service of its own that embeds apikeys: the seed's key-management API mounted next to the
-//! service's routes, which are authenticated with the same keys.
+//! A service of its own that embeds apikeys: the key-management API mounted next to the
+//! service's routes, which are authenticated with the same keys. The host owns a
+//! `KeyService<SqliteStore>`, the concrete type, and mounts it as it is.
 //!
 //! ```sh
-//! cargo run --example axum_host --features http            # keys in memory
-//! APIKEYS_EXAMPLE_DB=keys.db cargo run --example axum_host --features http,sqlite
+//! cargo run --example axum_host --features http,sqlite     # keys in ./axum_host.db, or $APIKEYS_EXAMPLE_DB
 //! curl -H "x-api-key: $KEY" http://127.0.0.1:3000/whoami
 //! curl -H "x-api-key: $READER" http://127.0.0.1:3000/reports   # 403: the key lacks reports:read
 //! ```
 
-use std::sync::Arc;
-
 use apikeys::http::{ApiError, Authenticated, ScopeGuard, require_api_key, require_scope};
-use apikeys::{AccountId, AuthenticatedKey, Environment, KeyFormat, KeyService, KeyStore, MemoryStore, NewKey, Scopes};
+use apikeys::{AccountId, AuthenticatedKey, Environment, KeyFormat, KeyService, NewKey, Scopes, SqliteStore, Verifier};
 use axum::extract::FromRef;
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -19,14 +17,14 @@ use axum::{Extension, Router};
 /// The host's own state: its key service next to whatever else it needs.
 #[derive(Clone)]
 struct AppState {
-    keys: KeyService,
+    keys: KeyService<SqliteStore>,
     greeting: &'static str,
 }
 
-/// What lets `Authenticated` find the key service in the host's state.
-impl FromRef<AppState> for KeyService {
+/// What lets `Authenticated` and the layers verify keys with the host's state.
+impl FromRef<AppState> for Verifier {
     fn from_ref(state: &AppState) -> Self {
-        state.keys.clone()
+        state.keys.verifier()
     }
 }
 
@@ -60,18 +58,13 @@ async fn reports(Authenticated(caller): Authenticated) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store: Arc<dyn KeyStore> = match std::env::var_os("APIKEYS_EXAMPLE_DB") {
-        #[cfg(feature = "sqlite")]
-        Some(path) => Arc::new(apikeys::SqliteStore::open(path)?),
-        #[cfg(not(feature = "sqlite"))]
-        Some(_) => return Err("APIKEYS_EXAMPLE_DB needs the sqlite feature".into()),
-        None => Arc::new(MemoryStore::new()),
-    };
+    let path = std::env::var_os("APIKEYS_EXAMPLE_DB").unwrap_or_else(|| "axum_host.db".into());
+    let store = SqliteStore::open(path)?;
     let keys = KeyService::builder(store, KeyFormat::new("as", Environment::LIVE)?).build();
     keys.spawn_flusher();
     let first = keys.create(&AccountId::new("acme")?, NewKey::default()).await?;
     println!("a key for account acme (shown once): {}", first.key.expose_secret());
-    let reader = NewKey { scopes: Some(Scopes::new(["orders:read"])?), ..NewKey::default() };
+    let reader = NewKey::default().scopes(Scopes::new(["orders:read"])?);
     let reader = keys.create(&AccountId::new("acme")?, reader).await?;
     println!("a key that may only read orders (403 on /reports): {}", reader.key.expose_secret());
 
@@ -89,6 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .merge(protected)
         .merge(guarded)
         .merge(apikeys::http::router(keys.clone()))
+        .route("/openapi.json", get(apikeys::http::openapi))
         .with_state(state);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;

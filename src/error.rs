@@ -1,10 +1,8 @@
-//! The public error types.
+//! The public error types. A leaf: this module imports nothing of the crate, so every other
+//! module can use it without a cycle.
 //!
 //! No message here ever repeats the input it rejects: a caller may paste a token where a key id
 //! or a name belongs, and an error message ends up in logs.
-
-use crate::store::StoreError;
-use crate::token::TokenError;
 
 /// A value given to the library is not valid. The message says what a valid one looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +63,87 @@ pub struct RandomError(#[source] Box<dyn std::error::Error + Send + Sync + 'stat
 impl RandomError {
     pub(crate) fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self(Box::new(source))
+    }
+}
+
+/// Why a string is not a token of the expected format. None of these needed the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Too long, too short, or a part of the wrong length.
+    #[error("wrong length")]
+    Length,
+    /// A character outside the token alphabet.
+    #[error("character outside the token alphabet")]
+    Alphabet,
+    /// The namespace is malformed or belongs to another service.
+    #[error("wrong namespace")]
+    Namespace,
+    /// The environment is malformed or not this service's (a `test` key presented to `live`).
+    #[error("wrong environment")]
+    Environment,
+    /// A version other than `v1`.
+    #[error("unsupported version")]
+    Version,
+    /// The checksum does not match: a typo, a truncated copy or a forgery.
+    #[error("wrong checksum")]
+    Checksum,
+}
+
+/// A boxed error of a store's backend, kept as a source rather than flattened into a string.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// [`KeyStore::insert`](crate::KeyStore::insert) found the account at its limit of active keys.
+    #[error("the account already has the maximum of {limit} active keys")]
+    LimitReached {
+        /// The limit that was passed to `insert`.
+        limit: u32,
+    },
+    /// [`KeyStore::insert`](crate::KeyStore::insert) found a record with the same id or digest.
+    #[error("a key with the same id or digest is already stored")]
+    Duplicate,
+    /// The backend failed: I/O, a full disk, a lost connection, corrupt data.
+    #[error("the key store backend failed")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps any backend error.
+    pub fn backend(source: impl Into<BoxError>) -> Self {
+        Self::Backend(source.into())
+    }
+}
+
+/// A backend failure with what a person needs to act on it: which store, doing what.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} store {location}: {operation} failed")]
+pub struct BackendError {
+    backend: &'static str,
+    location: String,
+    operation: &'static str,
+    #[source]
+    source: BoxError,
+}
+
+impl BackendError {
+    /// A failure of `operation` (e.g. `"insert"`) in the `backend` store at `location`.
+    pub fn new(
+        backend: &'static str,
+        location: impl Into<String>,
+        operation: &'static str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self { backend, location: location.into(), operation, source: source.into() }
+    }
+}
+
+impl From<BackendError> for StoreError {
+    fn from(error: BackendError) -> Self {
+        Self::Backend(Box::new(error))
     }
 }
 
@@ -163,14 +242,13 @@ impl Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::BackendError;
 
     #[test]
     fn each_rejection_has_its_own_reason() {
         let store =
             StoreError::from(BackendError::new("test", "nowhere", "find_by_digest", std::io::Error::other("down")));
         let reasons: Vec<&str> = [
-            Rejection::Malformed(crate::token::TokenError::Length),
+            Rejection::Malformed(TokenError::Length),
             Rejection::Unknown,
             Rejection::Revoked,
             Rejection::Expired,

@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use crate::error::Error;
+use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
@@ -11,22 +11,54 @@ use crate::secret::SecretToken;
 use crate::store::KeyRecord;
 use crate::token::KeyPrefix;
 
-/// What to create: an optional name, expiry and set of scopes.
+/// What to create: an optional name, expiry and set of scopes. Start from [`NewKey::default`]
+/// (or [`NewKey::named`]) and chain what to set; fields may be added in later versions.
 ///
 /// ```
-/// # use apikeys::NewKey;
-/// let key = NewKey { name: Some("production-agent".into()), ..NewKey::default() };
+/// # use apikeys::{NewKey, Scopes};
+/// let key = NewKey::named("production-agent")?.scopes(Scopes::new(["orders:read"])?);
 /// assert_eq!(key.expires_at, None);
+/// # Ok::<(), apikeys::ValidationError>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NewKey {
     /// A label, 1–255 characters without control characters.
-    pub name: Option<String>,
+    pub name: Option<KeyName>,
     /// When the key stops verifying; must be in the future.
     pub expires_at: Option<OffsetDateTime>,
     /// What the key may do. `None`: `["*"]` on the administrator's path, the caller's own
     /// scopes when a key creates it.
     pub scopes: Option<Scopes>,
+}
+
+impl NewKey {
+    /// A key with this label; [`ValidationError::Name`] unless it is 1–255 characters without
+    /// control characters.
+    pub fn named(name: &str) -> Result<Self, ValidationError> {
+        Ok(Self::default().name(KeyName::new(name)?))
+    }
+
+    /// Sets the label.
+    #[must_use]
+    pub fn name(mut self, name: KeyName) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Sets when the key stops verifying.
+    #[must_use]
+    pub fn expires_at(mut self, at: OffsetDateTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets what the key may do.
+    #[must_use]
+    pub fn scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
 }
 
 /// A key just created: the only time its token exists outside the client.

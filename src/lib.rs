@@ -21,17 +21,19 @@ mod spread;
 pub mod store;
 #[cfg(feature = "metrics")]
 pub mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod token;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
-pub use error::{Error, RandomError, Rejection, ValidationError};
+pub use error::{Error, RandomError, Rejection, TokenError, ValidationError};
 pub use id::{AccountId, KeyId};
 pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 pub use name::KeyName;
 pub use scope::Scopes;
 pub use secret::SecretToken;
-pub use service::{KeyService, KeyServiceBuilder};
+pub use service::{KeyService, KeyServiceBuilder, Verifier};
 #[cfg(feature = "redb")]
 pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
@@ -39,4 +41,4 @@ pub use store::SqliteStore;
 pub use store::{KeyRecord, KeyStore, MemoryStore, OpenError, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
-pub use token::{Environment, KeyFormat, KeyPrefix, TokenError, TokenParts};
+pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};

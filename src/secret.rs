@@ -6,15 +6,24 @@ use zeroize::Zeroize;
 
 /// A full API key (token), as handed to a client once at creation.
 ///
-/// Its `Debug` and `Display` print `[REDACTED]`, it cannot be cloned, and its memory is zeroed
-/// when it is dropped. The token is reachable only through [`expose_secret`](Self::expose_secret),
-/// so every place that reveals it is visible in the code.
+/// Its `Debug` prints `[REDACTED]`, it cannot be cloned, and its memory is zeroed when it is
+/// dropped. The token is reachable only through [`expose_secret`](Self::expose_secret), so every
+/// place that reveals it is visible in the code.
 ///
 /// ```
 /// # use apikeys::SecretToken;
 /// let token = SecretToken::from("as_live_v1_example".to_owned());
-/// assert_eq!(format!("{token:?} {token}"), "SecretToken([REDACTED]) [REDACTED]");
+/// assert_eq!(format!("{token:?}"), "SecretToken([REDACTED])");
 /// assert_eq!(token.expose_secret(), "as_live_v1_example");
+/// ```
+///
+/// It has no `Display`: a placeholder that compiles would send `[REDACTED]` to a client that
+/// expected its key, so `to_string()` and `{}` do not compile.
+///
+/// ```compile_fail
+/// # use apikeys::SecretToken;
+/// let token = SecretToken::from("as_live_v1_example".to_owned());
+/// let shown = format!("{token}");
 /// ```
 pub struct SecretToken(String);
 
@@ -40,11 +49,5 @@ impl Drop for SecretToken {
 impl fmt::Debug for SecretToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretToken([REDACTED])")
-    }
-}
-
-impl fmt::Display for SecretToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
     }
 }

@@ -152,10 +152,9 @@ impl<S: KeyStore> KeyService<S> {
     /// [`Error::KeyLimitReached`], [`Error::Random`], [`Error::Store`]. A failed create leaves
     /// nothing behind.
     pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
-        let name = new.name.map(KeyName::new).transpose()?;
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?;
-        let (key, record) = self.new_record(account, name, expires_at, new.scopes.unwrap_or_default(), now)?;
+        let (key, record) = self.new_record(account, new.name, expires_at, new.scopes.unwrap_or_default(), now)?;
         self.insert(key, record).await
     }
 
@@ -168,7 +167,6 @@ impl<S: KeyStore> KeyService<S> {
     /// [`Error::ScopeEscalation`].
     pub async fn create_as(&self, caller: &AuthenticatedKey, new: NewKey) -> Result<CreatedKey, Error> {
         caller.require(Scopes::KEYS_WRITE)?;
-        let name = new.name.map(KeyName::new).transpose()?;
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?.or(caller.expires_at);
         let scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
@@ -178,7 +176,7 @@ impl<S: KeyStore> KeyService<S> {
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, record) = self.new_record(&caller.account, name, expires_at, scopes, now)?;
+        let (key, record) = self.new_record(&caller.account, new.name, expires_at, scopes, now)?;
         self.insert(key, record).await
     }
 
@@ -234,34 +232,13 @@ impl<S: KeyStore> KeyService<S> {
     ///
     /// With feature `metrics`, every call is counted and timed (see `telemetry`).
     pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
-        let outcome = self.check(token).await;
-        #[cfg(feature = "metrics")]
-        crate::telemetry::record_verification(&outcome, started.elapsed());
-        outcome
+        self.inner.verify(token).await
     }
 
-    async fn check(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
-        self.inner.format.parse(token)?;
-        let digester = &self.inner.digester;
-        let record = match self.find(&digester.digest(token)).await? {
-            Some(record) => record,
-            None => match digester.legacy_digest(token) {
-                Some(legacy) => self.find(&legacy).await?.ok_or(Rejection::Unknown)?,
-                None => return Err(Rejection::Unknown),
-            },
-        };
-        // Unix microseconds, not a calendar time: reading the clock this way costs a third less.
-        let now = self.inner.clock.now_unix_micros();
-        if record.revoked_at.is_some() {
-            return Err(Rejection::Revoked);
-        }
-        if record.expires_at.is_some_and(|expiry| now >= unix_micros(expiry)) {
-            return Err(Rejection::Expired);
-        }
-        self.note_use(record.id, now).await;
-        Ok(AuthenticatedKey::verified(record))
+    /// A handle that only verifies, with the store's type erased: what the HTTP extractor and
+    /// layers take, so one handler type serves a service over any store.
+    pub fn verifier(&self) -> Verifier {
+        Verifier(self.inner.clone())
     }
 
     /// Revokes a key of the caller's own account. The caller needs scope `keys:write`, and may
@@ -293,17 +270,7 @@ impl<S: KeyStore> KeyService<S> {
 
     /// Writes every lastUsedAt noted since the last write. Call it before shutdown.
     pub async fn flush(&self) -> Result<(), Error> {
-        let Some(last_used) = &self.inner.last_used else {
-            return Ok(());
-        };
-        let batch = last_used.take_batch();
-        if batch.uses().is_empty() {
-            return Ok(());
-        }
-        // On failure, or if this future is dropped part-way, `batch` puts its times back.
-        self.inner.store.record_last_used(batch.uses()).await.map_err(Error::Store)?;
-        batch.written();
-        Ok(())
+        self.inner.flush().await
     }
 
     /// Writes lastUsedAt every interval from a tokio task, so that times reach the store on
@@ -325,35 +292,12 @@ impl<S: KeyStore> KeyService<S> {
             loop {
                 ticks.tick().await;
                 let Some(inner) = service.upgrade() else { return };
-                if let Err(error) = (KeyService { inner }).flush().await {
+                if let Err(error) = inner.flush().await {
                     let error: &dyn std::error::Error = &error;
                     tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
                 }
             }
         })
-    }
-
-    /// Notes a successful verification and, once per interval, writes the batch. A failed write
-    /// does not fail the verification: the batch is kept and retried.
-    async fn note_use(&self, id: KeyId, now_micros: i64) {
-        let Some(last_used) = &self.inner.last_used else {
-            return;
-        };
-        if last_used.note(id, now_micros)
-            && let Err(error) = self.flush().await
-        {
-            let error: &dyn std::error::Error = &error;
-            tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
-        }
-    }
-
-    /// The record with this digest, checked to really carry it.
-    async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
-        let mut found = find_by_digest_now_or_await(&self.inner.store, digest).await.map_err(Rejection::Store)?;
-        if found.as_ref().is_some_and(|record| !record.digest.ct_eq(digest)) {
-            found = None;
-        }
-        Ok(found)
     }
 
     fn check_grace(&self, grace: Duration) -> Result<(), Error> {
@@ -386,20 +330,11 @@ impl<S: KeyStore> KeyService<S> {
         now: time::OffsetDateTime,
     ) -> Result<(SecretToken, KeyRecord), Error> {
         let (key, prefix) = self.inner.format.generate()?;
-        let record = KeyRecord {
-            id: KeyId::generate(),
-            account: account.clone(),
-            digest: self.inner.digester.digest(key.expose_secret()),
-            prefix,
-            name,
-            created_at: now,
-            expires_at,
-            last_used_at: None,
-            revoked_at: None,
-            scopes,
-            rotated_from: None,
-            replaced_by: None,
-        };
+        let digest = self.inner.digester.digest(key.expose_secret());
+        let mut record = KeyRecord::new(KeyId::generate(), account.clone(), digest, prefix, now);
+        record.name = name;
+        record.expires_at = expires_at;
+        record.scopes = scopes;
         Ok((key, record))
     }
 
@@ -445,6 +380,114 @@ impl<S: KeyStore> KeyService<S> {
     fn now(&self) -> time::OffsetDateTime {
         let now = self.inner.clock.now();
         normalize(now).unwrap_or(now)
+    }
+}
+
+impl<S: KeyStore> Inner<S> {
+    async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let outcome = self.check(token).await;
+        #[cfg(feature = "metrics")]
+        crate::telemetry::record_verification(&outcome, started.elapsed());
+        outcome
+    }
+
+    async fn check(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+        self.format.parse(token)?;
+        let record = match self.find(&self.digester.digest(token)).await? {
+            Some(record) => record,
+            None => match self.digester.legacy_digest(token) {
+                Some(legacy) => self.find(&legacy).await?.ok_or(Rejection::Unknown)?,
+                None => return Err(Rejection::Unknown),
+            },
+        };
+        // Unix microseconds, not a calendar time: reading the clock this way costs a third less.
+        let now = self.clock.now_unix_micros();
+        if record.revoked_at.is_some() {
+            return Err(Rejection::Revoked);
+        }
+        if record.expires_at.is_some_and(|expiry| now >= unix_micros(expiry)) {
+            return Err(Rejection::Expired);
+        }
+        self.note_use(record.id, now).await;
+        Ok(AuthenticatedKey::verified(record))
+    }
+
+    /// The record with this digest, checked to really carry it.
+    async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
+        let mut found = find_by_digest_now_or_await(&self.store, digest).await.map_err(Rejection::Store)?;
+        if found.as_ref().is_some_and(|record| !record.digest.ct_eq(digest)) {
+            found = None;
+        }
+        Ok(found)
+    }
+
+    /// Notes a successful verification and, once per interval, writes the batch. A failed write
+    /// does not fail the verification: the batch is kept and retried.
+    async fn note_use(&self, id: KeyId, now_micros: i64) {
+        let Some(last_used) = &self.last_used else {
+            return;
+        };
+        if last_used.note(id, now_micros)
+            && let Err(error) = self.flush().await
+        {
+            let error: &dyn std::error::Error = &error;
+            tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+        }
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        let Some(last_used) = &self.last_used else {
+            return Ok(());
+        };
+        let batch = last_used.take_batch();
+        if batch.uses().is_empty() {
+            return Ok(());
+        }
+        // On failure, or if this future is dropped part-way, `batch` puts its times back.
+        self.store.record_last_used(batch.uses()).await.map_err(Error::Store)?;
+        batch.written();
+        Ok(())
+    }
+}
+
+/// A [`KeyService`] that only verifies, over a store whose type is erased. Cheap to clone; made
+/// by [`KeyService::verifier`] or `From`. It counts as the service it came from: uses it
+/// verifies are noted in that service's lastUsedAt.
+#[derive(Clone)]
+pub struct Verifier(Arc<dyn Verify>);
+
+impl Verifier {
+    /// As [`KeyService::verify`].
+    pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+        self.0.verify(token).await
+    }
+}
+
+impl<S: KeyStore> From<KeyService<S>> for Verifier {
+    fn from(service: KeyService<S>) -> Self {
+        Self(service.inner)
+    }
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier").finish_non_exhaustive()
+    }
+}
+
+/// What a [`Verifier`] calls: verification of a service over any store.
+trait Verify: Send + Sync + 'static {
+    fn verify<'a>(&'a self, token: &'a str) -> VerifyFuture<'a>;
+}
+
+type VerifyFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AuthenticatedKey, Rejection>> + Send + 'a>>;
+
+impl<S: KeyStore> Verify for Inner<S> {
+    fn verify<'a>(&'a self, token: &'a str) -> VerifyFuture<'a> {
+        Box::pin(Inner::verify(self, token))
     }
 }
 

@@ -12,7 +12,7 @@ use base32::Alphabet;
 use rand::TryRng;
 use rand::rngs::SysRng;
 
-use crate::error::{RandomError, ValidationError};
+use crate::error::{RandomError, TokenError, ValidationError};
 use crate::secret::SecretToken;
 use zeroize::Zeroizing;
 
@@ -35,30 +35,6 @@ const MAX_ENVIRONMENT: usize = 8;
 const MAX_LEAD_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1;
 const MAX_TOKEN_LEN: usize = MAX_LEAD_LEN + BODY_CHARS;
 const MAX_PREFIX_LEN: usize = MAX_LEAD_LEN + PREFIX_BODY_CHARS;
-
-/// Why a string is not a token of the expected format. None of these needed the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenError {
-    /// Too long, too short, or a part of the wrong length.
-    #[error("wrong length")]
-    Length,
-    /// A character outside the token alphabet.
-    #[error("character outside the token alphabet")]
-    Alphabet,
-    /// The namespace is malformed or belongs to another service.
-    #[error("wrong namespace")]
-    Namespace,
-    /// The environment is malformed or not this service's (a `test` key presented to `live`).
-    #[error("wrong environment")]
-    Environment,
-    /// A version other than `v1`.
-    #[error("unsupported version")]
-    Version,
-    /// The checksum does not match: a typo, a truncated copy or a forgery.
-    #[error("wrong checksum")]
-    Checksum,
-}
 
 /// The deployment a key belongs to, the second part of a token: `live`, `test`, or a label of
 /// the service's own (`[a-z]{1,8}`). A service accepts only tokens of its own environment.

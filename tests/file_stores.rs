@@ -58,20 +58,16 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn record(account: &AccountId, index: u64) -> KeyRecord {
     let id = KeyId::from_uuid(uuid::Uuid::now_v7());
-    KeyRecord {
+    let created_at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let mut record = KeyRecord::new(
         id,
-        account: account.clone(),
-        digest: Digest::sha256(&format!("{id}")),
-        prefix: "as_live_v1_abcd".parse().unwrap(),
-        name: Some(apikeys::KeyName::new(format!("key {index}")).unwrap()),
-        created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-        expires_at: None,
-        last_used_at: None,
-        revoked_at: None,
-        scopes: apikeys::Scopes::all(),
-        rotated_from: None,
-        replaced_by: None,
-    }
+        account.clone(),
+        Digest::sha256(&format!("{id}")),
+        "as_live_v1_abcd".parse().unwrap(),
+        created_at,
+    );
+    record.name = Some(apikeys::KeyName::new(format!("key {index}")).unwrap());
+    record
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -788,19 +784,15 @@ fn imported_times_read_back_to_the_microsecond_from_every_store() {
     let dir = tempfile::tempdir().unwrap();
     let account = AccountId::new("import-precision").unwrap();
     let at = |nanos: u32| OffsetDateTime::now_utc().replace_nanosecond(nanos).unwrap();
-    let imported = KeyRecord {
-        created_at: at(123_456_789),
-        expires_at: Some(at(999_999_999) + time::Duration::days(1)),
-        last_used_at: Some(at(1)),
-        ..record(&account, 0)
-    };
+    let mut imported = record(&account, 0);
+    imported.created_at = at(123_456_789);
+    imported.expires_at = Some(at(999_999_999) + time::Duration::days(1));
+    imported.last_used_at = Some(at(1));
     let whole_micros = |at: OffsetDateTime| at.replace_nanosecond(at.microsecond() * 1_000).unwrap();
-    let expected = KeyRecord {
-        created_at: whole_micros(imported.created_at),
-        expires_at: imported.expires_at.map(whole_micros),
-        last_used_at: imported.last_used_at.map(whole_micros),
-        ..imported.clone()
-    };
+    let mut expected = imported.clone();
+    expected.created_at = whole_micros(imported.created_at);
+    expected.expires_at = imported.expires_at.map(whole_micros);
+    expected.last_used_at = imported.last_used_at.map(whole_micros);
     assert_ne!(expected, imported, "the times must carry nanoseconds for this test to say anything");
     let sqlite = SqliteStore::open(dir.path().join("precision.db")).unwrap();
     let redb = RedbStore::open(dir.path().join("precision.redb")).unwrap();

@@ -8,7 +8,7 @@ mod support;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use apikeys::http::{Authenticated, ScopeGuard, require_api_key, require_scope};
-use apikeys::{AccountId, AuthenticatedKey, KeyService, KeyStore, ManualClock, MemoryStore, NewKey};
+use apikeys::{AccountId, AuthenticatedKey, KeyService, ManualClock, MemoryStore, NewKey};
 use axum::extract::FromRef;
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -49,18 +49,21 @@ impl std::io::Write for LogWriter {
 /// The host's state in these tests: the key service and something of its own.
 #[derive(Clone)]
 struct HostState {
-    keys: KeyService,
+    keys: Service,
 }
 
-impl FromRef<HostState> for KeyService {
+/// The service the tests serve: over a concrete store, as a host that owns its store type has it.
+type Service = KeyService<Arc<Instrumented<MemoryStore>>>;
+
+impl FromRef<HostState> for apikeys::Verifier {
     fn from_ref(state: &HostState) -> Self {
-        state.keys.clone()
+        state.keys.verifier()
     }
 }
 
 struct Server {
     base: String,
-    service: KeyService,
+    service: Service,
     store: Arc<Instrumented<MemoryStore>>,
     clock: ManualClock,
     client: reqwest::Client,
@@ -75,21 +78,20 @@ impl Server {
 
     async fn start_with(
         configure: impl FnOnce(
-            apikeys::KeyServiceBuilder<Arc<dyn KeyStore>>,
-        ) -> apikeys::KeyServiceBuilder<Arc<dyn KeyStore>>,
+            apikeys::KeyServiceBuilder<Arc<Instrumented<MemoryStore>>>,
+        ) -> apikeys::KeyServiceBuilder<Arc<Instrumented<MemoryStore>>>,
     ) -> Self {
         log();
         let store = Arc::new(Instrumented::new(MemoryStore::new()));
         let clock = ManualClock::new(T0);
-        let dyn_store: Arc<dyn KeyStore> = store.clone();
-        let service = configure(KeyService::builder(dyn_store, live()).clock(clock.clone())).build();
+        let service = configure(KeyService::builder(store.clone(), live()).clock(clock.clone())).build();
         let host_routes = Router::new()
             .route("/whoami", get(whoami))
             .route("/hello", get(hello))
             .merge(
                 Router::new()
                     .route("/orders", get(orders))
-                    .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key::<KeyService>)),
+                    .route_layer(axum::middleware::from_fn_with_state(service.clone(), require_api_key::<Service>)),
             )
             .merge(Router::new().route("/reports", get(whoami)).route_layer(axum::middleware::from_fn_with_state(
                 ScopeGuard::new(service.clone(), "reports:read").unwrap(),
@@ -97,6 +99,7 @@ impl Server {
             )))
             .with_state(HostState { keys: service.clone() });
         let app = apikeys::http::router(service.clone())
+            .route("/openapi.json", get(apikeys::http::openapi))
             .merge(host_routes)
             .layer(axum::middleware::from_fn(apikeys::http::log_requests));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -397,10 +400,7 @@ async fn every_authentication_failure_is_the_same_401() {
     server.service.revoke_as_admin(&AccountId::new("acme").unwrap(), &revoked_id).await.unwrap();
     let expiring = server
         .service
-        .create(
-            &AccountId::new("acme").unwrap(),
-            NewKey { expires_at: Some(T0 + Duration::minutes(1)), ..NewKey::default() },
-        )
+        .create(&AccountId::new("acme").unwrap(), NewKey::default().expires_at(T0 + Duration::minutes(1)))
         .await
         .unwrap();
     let expired = expiring.key.expose_secret().to_owned();
@@ -702,14 +702,14 @@ async fn hostile_inputs_get_exactly_the_documented_answer() {
 }
 
 fn scoped(grants: &[&str]) -> NewKey {
-    NewKey { scopes: Some(apikeys::Scopes::new(grants).unwrap()), ..NewKey::default() }
+    NewKey::default().scopes(apikeys::Scopes::new(grants).unwrap())
 }
 
 #[tokio::test]
 async fn roll_answers_201_with_the_new_key_and_the_old_ones_end() {
     let server = Server::start().await;
     let (key, _) = server.key("acme").await;
-    let (old, old_id) = server.key_with("acme", NewKey { name: Some("ci".into()), ..scoped(&["orders:read"]) }).await;
+    let (old, old_id) = server.key_with("acme", scoped(&["orders:read"]).name("ci".parse().unwrap())).await;
     let (status, rolled) = server.roll(&old_id.to_string(), &key).json(&json!({"graceSeconds": 3600})).send().await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(rolled["previous"], json!({"id": old_id.to_string(), "expiresAt": "2025-10-15T10:00:00Z"}));
@@ -777,10 +777,7 @@ async fn scopes_are_enforced_and_never_escalated() {
     let (admin_key, admin_id) = server.key("acme").await;
     let (orders, _) = server.key_with("acme", scoped(&["orders:read"])).await;
     let (manager, _) = server
-        .key_with(
-            "acme",
-            NewKey { expires_at: Some(T0 + Duration::days(1)), ..scoped(&["keys:*", "orders:read", "reports:*"]) },
-        )
+        .key_with("acme", scoped(&["keys:*", "orders:read", "reports:*"]).expires_at(T0 + Duration::days(1)))
         .await;
 
     // Without keys:read / keys:write, the key routes are closed; host routes follow their scope.

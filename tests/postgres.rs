@@ -460,20 +460,12 @@ async fn import_stores_everything_or_nothing() {
     let account = AccountId::new(format!("import-{}", uuid::Uuid::now_v7().simple())).unwrap();
     let record = |i: usize| {
         let (token, prefix) = format.generate().unwrap();
-        apikeys::KeyRecord {
-            id: apikeys::KeyId::from_uuid(uuid::Uuid::now_v7()),
-            account: account.clone(),
-            digest: apikeys::Digest::sha256(token.expose_secret()),
-            prefix,
-            name: i.is_multiple_of(2).then(|| apikeys::KeyName::new(format!("key {i}")).unwrap()),
-            created_at: support::T0,
-            expires_at: None,
-            last_used_at: None,
-            revoked_at: None,
-            scopes: apikeys::Scopes::new([format!("s{}", i % 3)]).unwrap(),
-            rotated_from: None,
-            replaced_by: None,
-        }
+        let id = apikeys::KeyId::from_uuid(uuid::Uuid::now_v7());
+        let digest = apikeys::Digest::sha256(token.expose_secret());
+        let mut record = apikeys::KeyRecord::new(id, account.clone(), digest, prefix, support::T0);
+        record.name = i.is_multiple_of(2).then(|| apikeys::KeyName::new(format!("key {i}")).unwrap());
+        record.scopes = apikeys::Scopes::new([format!("s{}", i % 3)]).unwrap();
+        record
     };
     let first: Vec<_> = (0..2500).map(record).collect();
     store.import(first.clone()).await.unwrap();

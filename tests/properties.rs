@@ -75,7 +75,7 @@ proptest! {
             let clock = ManualClock::new(T0);
             let service = KeyService::builder(MemoryStore::new(), live()).clock(clock.clone()).build();
             let account = AccountId::new("acct").unwrap();
-            let created = service.create(&account, NewKey { name, expires_at: Some(T0 + time::Duration::hours(1)), scopes: None }).await.unwrap();
+            let created = service.create(&account, name.map_or_else(NewKey::default, |name| NewKey::named(&name).unwrap()).expires_at(T0 + time::Duration::hours(1))).await.unwrap();
             let token = created.key.expose_secret().to_owned();
             let caller = service.verify(&token).await.unwrap();
             let listed = service.list(&account).await.unwrap();
@@ -87,7 +87,7 @@ proptest! {
             clock.advance(time::Duration::hours(2));
             let bad_id = token.parse::<KeyId>().unwrap_err();
             let outputs = [
-                format!("{created:?} {}", created.key),
+                format!("{created:?} {:?}", created.key),
                 format!("{caller:?}"),
                 format!("{listed:?}"),
                 format!("{stored:?}"),

@@ -17,8 +17,7 @@ async fn issue_keys(store: Arc<dyn KeyStore>, count: usize) -> Vec<String> {
     let account = AccountId::new("hygiene").unwrap();
     let mut tokens = Vec::new();
     for i in 0..count {
-        let created =
-            service.create(&account, NewKey { name: Some(format!("key {i}")), ..NewKey::default() }).await.unwrap();
+        let created = service.create(&account, NewKey::named(&format!("key {i}")).unwrap()).await.unwrap();
         let token = created.key.expose_secret().to_owned();
         service.verify(&token).await.unwrap();
         if i % 3 == 0 {

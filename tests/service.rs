@@ -35,11 +35,11 @@ fn fixture_with(
 }
 
 fn named(name: &str) -> NewKey {
-    NewKey { name: Some(name.to_owned()), expires_at: None, scopes: None }
+    NewKey::named(name).unwrap()
 }
 
 fn expiring_in(duration: Duration) -> NewKey {
-    NewKey { name: None, expires_at: Some(T0 + duration), scopes: None }
+    NewKey::default().expires_at(T0 + duration)
 }
 
 /// Creates a key and verifies it: the key and its caller identity.
@@ -111,9 +111,8 @@ async fn list_shows_active_keys_oldest_first_with_metadata_only() {
 async fn names_are_validated_never_truncated() {
     let Fixture { service, store, .. } = fixture();
     for bad in [String::new(), "x".repeat(256), "a\u{0}b".into(), "new\nline".into()] {
-        let refused =
-            service.create(&account("acme"), NewKey { name: Some(bad), expires_at: None, scopes: None }).await;
-        assert!(matches!(refused, Err(Error::Invalid(ValidationError::Name))), "{refused:?}");
+        let refused = NewKey::named(&bad);
+        assert_eq!(refused, Err(ValidationError::Name), "{bad:?}");
     }
     assert_eq!(store.calls(Call::Insert), 0, "invalid input never reaches the store");
     let longest = service.create(&account("acme"), named(&"ü".repeat(255))).await.unwrap();
@@ -129,8 +128,7 @@ async fn expiry_must_be_in_the_future() {
     }
     assert!(service.create(&account("acme"), expiring_in(Duration::microseconds(1))).await.is_ok());
     let beyond_utc = time::macros::datetime!(9999-12-31 23:59:59 -01:00);
-    let refused =
-        service.create(&account("acme"), NewKey { name: None, expires_at: Some(beyond_utc), scopes: None }).await;
+    let refused = service.create(&account("acme"), NewKey::default().expires_at(beyond_utc)).await;
     assert!(matches!(refused, Err(Error::Invalid(ValidationError::ExpiryOutOfRange))), "{refused:?}");
 }
 

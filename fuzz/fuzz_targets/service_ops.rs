@@ -1,9 +1,9 @@
 //! Operation sequences on the service over the memory store, checked against the model of
-//! `apikeys::store::model` at every step (the same model the property tests use).
+//! `apikeys::testing::model` at every step (the same model the property tests use).
 #![no_main]
 
 use apikeys::MemoryStore;
-use apikeys::store::model::{ACCOUNTS, MAX_GRACE, Op};
+use apikeys::testing::model::{ACCOUNTS, MAX_GRACE, Op};
 use arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -59,7 +59,7 @@ fn steps(data: &[u8]) -> Result<Vec<Op>> {
 fuzz_target!(|data: &[u8]| {
     let Ok(ops) = steps(data) else { return };
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    if let Err(difference) = runtime.block_on(apikeys::store::model::run(MemoryStore::new(), &ops)) {
+    if let Err(difference) = runtime.block_on(apikeys::testing::model::run(MemoryStore::new(), &ops)) {
         panic!("the service and the model disagree: {difference}\nops: {ops:?}");
     }
 });

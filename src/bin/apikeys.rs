@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apikeys::{
-    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyService, KeyStore, MemoryStore, NewKey, Pepper,
-    PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
+    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyStore, MemoryStore, NewKey,
+    Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
 };
 use axum::http::{HeaderName, StatusCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -216,7 +216,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Create { account, name, expires_in, scopes } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
             let scopes = if scopes.is_empty() { None } else { Some(Scopes::new(scopes)?) };
-            let created = service.create(&AccountId::new(account)?, NewKey { name, expires_at, scopes }).await?;
+            let mut new = NewKey::default();
+            new.name = name.map(KeyName::new).transpose()?;
+            new.expires_at = expires_at;
+            new.scopes = scopes;
+            let created = service.create(&AccountId::new(account)?, new).await?;
             print_created(&created, json);
             ExitCode::SUCCESS
         }
@@ -319,7 +323,7 @@ async fn serve(
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APIKEYS_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     if let Some(account) = &first_key_for {
-        let first = NewKey { name: Some("first key".into()), ..NewKey::default() };
+        let first = NewKey::named("first key")?;
         let created = service.create(account, first).await?;
         if json {
             print_created(&created, true);

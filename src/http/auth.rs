@@ -9,9 +9,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::ApiError;
-use crate::KeyService;
 use crate::id::KeyId;
 use crate::key::AuthenticatedKey;
+use crate::{KeyService, KeyStore, Verifier};
 
 /// The header that carries the key.
 pub const X_API_KEY: &str = "x-api-key";
@@ -20,14 +20,33 @@ pub const X_API_KEY: &str = "x-api-key";
 /// (401 otherwise), or extract `Option<Authenticated>` to accept anonymous requests too (no
 /// header: `None`; a header with a bad key: still 401).
 ///
-/// Works over any router state `S` from which a [`KeyService`] can be taken (`FromRef`). Behind
-/// [`require_api_key`], it reuses the layer's verification instead of verifying again.
+/// Works over any router state from which a [`Verifier`] can be taken (`FromRef`): a
+/// [`KeyService`] over any store, or the host's own state with a `FromRef` to the service's
+/// [`verifier`](KeyService::verifier). Behind [`require_api_key`], it reuses the layer's
+/// verification instead of verifying again.
 ///
 /// ```
 /// use apikeys::http::Authenticated;
+/// use apikeys::{KeyService, MemoryStore, Verifier};
+/// use axum::extract::FromRef;
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     keys: KeyService<MemoryStore>,
+/// }
+///
+/// impl FromRef<AppState> for Verifier {
+///     fn from_ref(state: &AppState) -> Self {
+///         state.keys.verifier()
+///     }
+/// }
 ///
 /// async fn orders(Authenticated(caller): Authenticated) -> String {
 ///     format!("orders of {}", caller.account)
+/// }
+///
+/// fn app(state: AppState) -> axum::Router {
+///     axum::Router::new().route("/orders", axum::routing::get(orders)).with_state(state)
 /// }
 /// ```
 #[derive(Debug, Clone)]
@@ -35,7 +54,7 @@ pub struct Authenticated(pub AuthenticatedKey);
 
 impl<S> FromRequestParts<S> for Authenticated
 where
-    KeyService: FromRef<S>,
+    Verifier: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = ApiError;
@@ -50,7 +69,7 @@ where
 
 impl<S> OptionalFromRequestParts<S> for Authenticated
 where
-    KeyService: FromRef<S>,
+    Verifier: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = ApiError;
@@ -64,7 +83,7 @@ where
         };
         // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
         let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
-        let caller = KeyService::from_ref(state).verify(token).await?;
+        let caller = Verifier::from_ref(state).verify(token).await?;
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
             let _ = slot.0.set(caller.id);
         }
@@ -80,12 +99,12 @@ struct Verified(AuthenticatedKey);
 
 /// A layer function that requires a valid key on every route it wraps, for a group of routes:
 /// `router.route_layer(axum::middleware::from_fn_with_state(state, require_api_key::<AppState>))`,
-/// where the state is your app's (holding a [`KeyService`] reachable through `FromRef`) or the
-/// `KeyService` itself. Handlers behind it can extract [`Authenticated`] (no second
+/// where the state is your app's (with a `FromRef` to a [`Verifier`]) or a [`KeyService`] over
+/// any store. Handlers behind it can extract [`Authenticated`] (no second
 /// verification) or `Extension<AuthenticatedKey>`.
 pub async fn require_api_key<S>(State(state): State<S>, request: Request, next: Next) -> Response
 where
-    KeyService: FromRef<S>,
+    Verifier: FromRef<S>,
     S: Send + Sync,
 {
     let (mut parts, body) = request.into_parts();
@@ -98,7 +117,7 @@ where
 /// What [`require_scope`] checks: the service that verifies keys, and the scope a route needs.
 ///
 /// ```
-/// # fn app(service: apikeys::KeyService) -> Result<axum::Router, apikeys::ValidationError> {
+/// # fn app(service: apikeys::KeyService<apikeys::MemoryStore>) -> Result<axum::Router, apikeys::ValidationError> {
 /// use apikeys::http::{Authenticated, ScopeGuard, require_scope};
 /// use axum::{Router, middleware::from_fn_with_state, routing::get};
 ///
@@ -113,23 +132,31 @@ where
 /// ```
 #[derive(Debug, Clone)]
 pub struct ScopeGuard {
-    service: KeyService,
+    verifier: Verifier,
     scope: Arc<str>,
 }
 
 impl ScopeGuard {
     /// Guards with `scope`, checked to be a valid scope now rather than refused at every request.
-    pub fn new(service: KeyService, scope: &str) -> Result<Self, crate::ValidationError> {
+    /// `keys` is a [`KeyService`] over any store, or its [`Verifier`].
+    pub fn new(keys: impl Into<Verifier>, scope: &str) -> Result<Self, crate::ValidationError> {
         if !crate::scope::is_scope(scope) {
             return Err(crate::ValidationError::Scope);
         }
-        Ok(Self { service, scope: scope.into() })
+        Ok(Self { verifier: keys.into(), scope: scope.into() })
     }
 }
 
-impl FromRef<ScopeGuard> for KeyService {
+impl FromRef<ScopeGuard> for Verifier {
     fn from_ref(guard: &ScopeGuard) -> Self {
-        guard.service.clone()
+        guard.verifier.clone()
+    }
+}
+
+/// A service's own state is enough for the extractor and the layers.
+impl<S: KeyStore> FromRef<KeyService<S>> for Verifier {
+    fn from_ref(service: &KeyService<S>) -> Self {
+        service.verifier()
     }
 }
 

@@ -7,7 +7,7 @@
 //! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` where set | 401, 403 (`insufficient_scope`), 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
-//! | `GET /openapi.json` | 200, the OpenAPI 3.1 document of the above | — |
+//! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
 //! Scopes (SPEC §10): listing needs `keys:read`, the other key routes `keys:write`; keys made
 //! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
@@ -15,22 +15,22 @@
 //! ones.
 //!
 //! Errors are `{"error":{"code":"snake_case","message":"…"}}`. Every authentication failure is
-//! the same 401; a failing store is a 503, never a 401. Unknown body fields are refused (400
-//! `unknown_field`) rather than ignored, so that a misspelt `expires_at` cannot silently create a
-//! key that never expires. Timestamps are RFC 3339 in UTC (`Z`), with fractional seconds only
-//! when they are not zero.
+//! the same 401; a failing store is a 503, never a 401. Bodies are read strictly: an unknown field
+//! (400 `unknown_field`) or a field given twice (400 `duplicate_field`) is refused rather than
+//! ignored or overwritten, so that a misspelt `expires_at` or a second `expiresAt` cannot silently
+//! create a key that never expires. Timestamps are RFC 3339 in UTC (`Z`), with fractional seconds
+//! only when they are not zero.
 //!
-//! The router uses [`KeyService`] over `Arc<dyn KeyStore>` (the default type parameter), so one
-//! router type serves every backend:
+//! The router takes a [`KeyService`] over any store, as it is, and leaves the OpenAPI document to
+//! the host, which serves [`openapi`] wherever its own documents live:
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
-//! use apikeys::{Environment, KeyFormat, KeyService, KeyStore, MemoryStore};
+//! use apikeys::{Environment, KeyFormat, KeyService, MemoryStore};
 //!
-//! let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
-//! let service = KeyService::builder(store, KeyFormat::new("as", Environment::LIVE)?).build();
-//! let app: axum::Router = apikeys::http::router(service);
+//! let service = KeyService::builder(MemoryStore::new(), KeyFormat::new("as", Environment::LIVE)?).build();
+//! let app: axum::Router = apikeys::http::router(service)
+//!     .route("/openapi.json", axum::routing::get(apikeys::http::openapi));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
@@ -41,6 +41,7 @@
 //! `tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer` with [`X_API_KEY`] outside it.
 
 mod auth;
+mod body;
 mod error;
 
 use std::time::Instant;
@@ -53,39 +54,44 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, post};
 use serde::Serialize;
-use serde_json::Value;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_scope};
+use body::{CreateRequest, RollRequest, json_body};
 pub use error::ApiError;
 
 use crate::id::KeyId;
-use crate::key::{ApiKey, CreatedKey, NewKey, PreviousKey};
-use crate::{KeyName, KeyService, Scopes, ValidationError};
+use crate::key::{ApiKey, CreatedKey, PreviousKey};
+use crate::{KeyName, KeyService, KeyStore, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-/// The OpenAPI 3.1 document of the router, as served at `GET /openapi.json`.
+/// The OpenAPI 3.1 document of the router, as [`openapi`] serves it.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
-/// The seed's three endpoints and `GET /openapi.json`, over `service`. Merge it into your app;
-/// it carries its own state, so it fits a router of any state type.
-pub fn router<S: Clone + Send + Sync + 'static>(service: KeyService) -> Router<S> {
+/// The account API-key endpoints over `service`, a [`KeyService`] over any store. Merge it into
+/// your app; it carries its own state, so it fits a router of any state type. It serves no
+/// OpenAPI document of its own: mount [`openapi`] where you want it.
+pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyService<St>) -> Router<S> {
     Router::new()
-        .route("/account/api-keys", post(create_key).get(list_keys))
-        .route("/account/api-keys/{id}", delete(revoke_key))
-        .route("/account/api-keys/{id}/roll", post(roll_key))
-        .route("/openapi.json", get(openapi))
+        .route("/account/api-keys", post(create_key::<St>).get(list_keys::<St>))
+        .route("/account/api-keys/{id}", delete(revoke_key::<St>))
+        .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
         .with_state(service)
+}
+
+/// A handler that answers with [`OPENAPI_JSON`], for `route("/openapi.json", get(openapi))` or
+/// wherever the host serves its documents.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], OPENAPI_JSON).into_response()
 }
 
 /// Logs one line per request through `tracing`: method, route, status, latency and the id of
@@ -153,22 +159,19 @@ struct ListBody {
     data: Vec<ApiKey>,
 }
 
-async fn create_key(
-    State(service): State<KeyService>,
+async fn create_key<St: KeyStore>(
+    State(service): State<KeyService<St>>,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let new = match json_object(&headers, body)? {
-        Some(fields) => new_key_from(fields)?,
-        None => NewKey::default(),
-    };
+    let new = json_body::<CreateRequest>(&headers, body)?.into_new_key()?;
     let created = service.create_as(&caller, new).await?;
     Ok(CreatedBody::of(&created, None).into_response())
 }
 
-async fn list_keys(
-    State(service): State<KeyService>,
+async fn list_keys<St: KeyStore>(
+    State(service): State<KeyService<St>>,
     Authenticated(caller): Authenticated,
 ) -> Result<Json<ListBody>, ApiError> {
     caller.require(Scopes::KEYS_READ)?;
@@ -176,8 +179,8 @@ async fn list_keys(
     Ok(Json(ListBody { data: keys }))
 }
 
-async fn revoke_key(
-    State(service): State<KeyService>,
+async fn revoke_key<St: KeyStore>(
+    State(service): State<KeyService<St>>,
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -185,18 +188,15 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn roll_key(
-    State(service): State<KeyService>,
+async fn roll_key<St: KeyStore>(
+    State(service): State<KeyService<St>>,
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = key_id(id)?;
-    let grace = match json_object(&headers, body)? {
-        Some(fields) => grace_from(fields)?,
-        None => std::time::Duration::ZERO,
-    };
+    let grace = json_body::<RollRequest>(&headers, body)?.grace()?;
     let rolled = service.roll(&caller, &id, grace).await?;
     Ok(CreatedBody::of(&rolled.key, Some(rolled.previous)).into_response())
 }
@@ -208,106 +208,4 @@ fn key_id(id: Result<Path<String>, PathRejection>) -> Result<KeyId, ApiError> {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "This endpoint does not support this method.")
-}
-
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], OPENAPI_JSON)
-}
-
-/// Reads an optional JSON object body: `None` when the body is empty.
-fn json_object(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Option<serde_json::Map<String, Value>>, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("The request body is larger than {BODY_LIMIT} bytes."),
-        ),
-        _ => ApiError::bad_request("invalid_body", "The request body could not be read."),
-    })?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    if !is_json(headers) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Send the body as JSON, with Content-Type: application/json.",
-        ));
-    }
-    let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        let at = format!("line {}, column {}", error.line(), error.column());
-        ApiError::bad_request("invalid_json", format!("The body is not valid JSON ({at})."))
-    })?;
-    match value {
-        Value::Object(fields) => Ok(Some(fields)),
-        _ => Err(ApiError::bad_request("invalid_json", "The body must be a JSON object.")),
-    }
-}
-
-/// The create body: `{"name", "expiresAt", "scopes"}`, every field optional or null.
-fn new_key_from(fields: serde_json::Map<String, Value>) -> Result<NewKey, ApiError> {
-    let mut new = NewKey::default();
-    for (field, value) in fields {
-        match (field.as_str(), value) {
-            ("name" | "expiresAt" | "scopes", Value::Null) => {}
-            ("name", Value::String(name)) => new.name = Some(name),
-            ("name", _) => return Err(ApiError::bad_request("invalid_name", "name must be a string or null.")),
-            ("expiresAt", Value::String(at)) => new.expires_at = Some(parse_timestamp(&at)?),
-            ("expiresAt", _) => return Err(invalid_expires_at()),
-            ("scopes", Value::Array(grants)) => {
-                let grants: Option<Vec<&str>> = grants.iter().map(Value::as_str).collect();
-                let grants = grants.ok_or(ValidationError::Scope)?;
-                new.scopes = Some(Scopes::new(grants)?);
-            }
-            ("scopes", _) => return Err(ValidationError::Scope.into()),
-            _ => return Err(unknown_field("name, expiresAt and scopes")),
-        }
-    }
-    Ok(new)
-}
-
-/// The roll body: `{"graceSeconds": whole seconds}`, optional or null (no grace).
-fn grace_from(fields: serde_json::Map<String, Value>) -> Result<std::time::Duration, ApiError> {
-    let mut grace = std::time::Duration::ZERO;
-    for (field, value) in fields {
-        match (field.as_str(), value) {
-            ("graceSeconds", Value::Null) => {}
-            ("graceSeconds", value) => {
-                let seconds = value.as_u64().ok_or(ValidationError::GraceOutOfRange)?;
-                grace = std::time::Duration::from_secs(seconds);
-            }
-            _ => return Err(unknown_field("graceSeconds")),
-        }
-    }
-    Ok(grace)
-}
-
-fn unknown_field(known: &str) -> ApiError {
-    ApiError::bad_request(
-        "unknown_field",
-        format!("The body has a field this API does not know; the fields are {known}."),
-    )
-}
-
-fn parse_timestamp(text: &str) -> Result<OffsetDateTime, ApiError> {
-    OffsetDateTime::parse(text, &Rfc3339).map_err(|_| invalid_expires_at())
-}
-
-fn invalid_expires_at() -> ApiError {
-    ApiError::bad_request(
-        "invalid_expires_at",
-        "expiresAt must be an RFC 3339 timestamp such as 2026-01-01T00:00:00Z, or null.",
-    )
-}
-
-/// `application/json`, with or without parameters, or any `+json` type.
-fn is_json(headers: &HeaderMap) -> bool {
-    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
-        return false;
-    };
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }

@@ -1,63 +1,9 @@
-//! Errors of stores: of an operation ([`StoreError`]) and of opening a file ([`OpenError`]).
+//! Why a store could not be opened ([`OpenError`]). The errors of an operation are in
+//! [`crate::error`], so that the value types can name them without depending on the stores.
 
 use std::path::{Path, PathBuf};
 
-/// A boxed error of a store's backend, kept as a source rather than flattened into a string.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// [`KeyStore::insert`](super::KeyStore::insert) found the account at its limit of active keys.
-    #[error("the account already has the maximum of {limit} active keys")]
-    LimitReached {
-        /// The limit that was passed to `insert`.
-        limit: u32,
-    },
-    /// [`KeyStore::insert`](super::KeyStore::insert) found a record with the same id or digest.
-    #[error("a key with the same id or digest is already stored")]
-    Duplicate,
-    /// The backend failed: I/O, a full disk, a lost connection, corrupt data.
-    #[error("the key store backend failed")]
-    Backend(#[source] BoxError),
-}
-
-impl StoreError {
-    /// Wraps any backend error.
-    pub fn backend(source: impl Into<BoxError>) -> Self {
-        Self::Backend(source.into())
-    }
-}
-
-/// A backend failure with what a person needs to act on it: which store, doing what.
-#[derive(Debug, thiserror::Error)]
-#[error("{backend} store {location}: {operation} failed")]
-pub struct BackendError {
-    backend: &'static str,
-    location: String,
-    operation: &'static str,
-    #[source]
-    source: BoxError,
-}
-
-impl BackendError {
-    /// A failure of `operation` (e.g. `"insert"`) in the `backend` store at `location`.
-    pub fn new(
-        backend: &'static str,
-        location: impl Into<String>,
-        operation: &'static str,
-        source: impl Into<BoxError>,
-    ) -> Self {
-        Self { backend, location: location.into(), operation, source: source.into() }
-    }
-}
-
-impl From<BackendError> for StoreError {
-    fn from(error: BackendError) -> Self {
-        Self::Backend(Box::new(error))
-    }
-}
+use crate::error::BoxError;
 
 /// Why a store could not be opened. Every variant names the file (for PostgreSQL:
 /// `postgres://user@host:port/db?schema=…`, never with the password).

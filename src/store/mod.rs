@@ -18,12 +18,8 @@ use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
-#[cfg(feature = "test-util")]
-pub mod conformance;
 mod error;
 mod memory;
-#[cfg(feature = "test-util")]
-pub mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redb")]
@@ -33,7 +29,8 @@ mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "redb"))]
 mod writer;
 
-pub use error::{BackendError, BoxError, OpenError, StoreError};
+pub use crate::error::{BackendError, BoxError, StoreError};
+pub use error::OpenError;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore};
@@ -46,7 +43,11 @@ pub use sqlite::SqliteStore;
 ///
 /// There is deliberately no field that could hold the token or any part of its body beyond the
 /// four characters of [`prefix`](Self::prefix).
+///
+/// A store outside this crate builds one with [`KeyRecord::new`] and sets the other fields; more
+/// fields may come in later versions, each with a default that `new` fills in.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeyRecord {
     /// The public id.
     pub id: KeyId,
@@ -76,6 +77,25 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A record of a key created at `created_at` and never used since: no name, no expiry, not
+    /// revoked, not rolled, with scopes `["*"]`.
+    pub fn new(id: KeyId, account: AccountId, digest: Digest, prefix: KeyPrefix, created_at: OffsetDateTime) -> Self {
+        Self {
+            id,
+            account,
+            digest,
+            prefix,
+            name: None,
+            created_at,
+            expires_at: None,
+            last_used_at: None,
+            revoked_at: None,
+            scopes: Scopes::all(),
+            rotated_from: None,
+            replaced_by: None,
+        }
+    }
+
     /// Neither revoked nor expired at `now`. A key expires at the instant of `expires_at`.
     pub fn is_active(&self, now: OffsetDateTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|expiry| now < expiry)
@@ -154,6 +174,8 @@ impl Roll {
 
 /// Where keys live. Implement it to add a backend; run [`conformance`] (feature `test-util`)
 /// against it to check the contract below.
+///
+/// [`conformance`]: crate::testing::conformance
 ///
 /// Contract, for every method:
 /// - Each call is atomic: it happens entirely or not at all, and a concurrent call sees it

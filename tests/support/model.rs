@@ -1,8 +1,8 @@
-//! Proptest strategies for the model-based test of `apikeys::store::model`, and a runner that
+//! Proptest strategies for the model-based test of `apikeys::testing::model`, and a runner that
 //! opens the store inside the test's runtime (a PostgreSQL pool belongs to one).
 
 use apikeys::KeyStore;
-use apikeys::store::model::{ACCOUNTS, GRANTS, MAX_GRACE, Op};
+use apikeys::testing::model::{ACCOUNTS, GRANTS, MAX_GRACE, Op};
 use proptest::prelude::*;
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -41,5 +41,5 @@ pub fn ops() -> impl Strategy<Value = Vec<Op>> {
 /// Applies `ops` to a service over the store `make` opens and to the model.
 pub fn run<S: KeyStore, F: Future<Output = S>>(make: impl FnOnce() -> F, ops: &[Op]) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async { apikeys::store::model::run(make().await, ops).await }).map_err(TestCaseError::fail)
+    runtime.block_on(async { apikeys::testing::model::run(make().await, ops).await }).map_err(TestCaseError::fail)
 }

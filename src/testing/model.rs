@@ -286,12 +286,13 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
         Op::Create { account, name, expires_in, scopes } => {
             let expires_at = expires_in.map(|seconds| now + Duration::seconds(seconds));
             let scopes = scopes.map(scopes_of);
-            let request = NewKey { name: name.clone(), expires_at, scopes: scopes.clone() };
+            // A name is checked when it is made, so an invalid one never reaches the service.
+            let Ok(key_name) = name.as_deref().map(crate::KeyName::new).transpose() else {
+                return Ok(());
+            };
+            let request = NewKey { name: key_name, expires_at, scopes: scopes.clone() };
             let outcome = service.create(&model.accounts[*account], request).await;
-            let name_valid = name.as_ref().is_none_or(|name| crate::KeyName::new(name.clone()).is_ok());
-            if !name_valid {
-                ensure!(matches!(outcome, Err(Error::Invalid(crate::ValidationError::Name))), "{:?}", outcome);
-            } else if expires_at.is_some_and(|expiry| expiry <= now) {
+            if expires_at.is_some_and(|expiry| expiry <= now) {
                 ensure!(
                     matches!(outcome, Err(Error::Invalid(crate::ValidationError::ExpiryNotInFuture))),
                     "{:?}",

@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
-use super::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
+use crate::store::{KeyRecord, KeyStore, Roll, StoreError};
 use crate::token::KeyPrefix;
 
 /// A base time with microseconds, to catch a store that rounds them away.
@@ -39,20 +39,8 @@ fn account() -> AccountId {
 
 fn record(account: &AccountId, created_at: OffsetDateTime) -> KeyRecord {
     let id = KeyId::generate();
-    KeyRecord {
-        id,
-        account: account.clone(),
-        digest: Digest::sha256(&format!("token of {id}")),
-        prefix: KeyPrefix::new("as_live_v1_abcd").unwrap(),
-        name: None,
-        created_at,
-        expires_at: None,
-        last_used_at: None,
-        revoked_at: None,
-        scopes: Scopes::all(),
-        rotated_from: None,
-        replaced_by: None,
-    }
+    let digest = Digest::sha256(&format!("token of {id}"));
+    KeyRecord::new(id, account.clone(), digest, KeyPrefix::new("as_live_v1_abcd").unwrap(), created_at)
 }
 
 async fn insert(store: &dyn KeyStore, record: &KeyRecord) {
@@ -73,8 +61,11 @@ async fn found(store: &dyn KeyStore, digest: &Digest) -> Option<KeyRecord> {
 /// The record with this digest, read by `find_by_digest_now` if `now` and the store offers it,
 /// else by `find_by_digest`: for reads that race writes, where two reads may rightly differ.
 async fn found_one_way(store: &dyn KeyStore, digest: &Digest, now: bool) -> Option<KeyRecord> {
-    let read =
-        if now { super::find_by_digest_now_or_await(store, digest).await } else { store.find_by_digest(digest).await };
+    let read = if now {
+        crate::store::find_by_digest_now_or_await(store, digest).await
+    } else {
+        store.find_by_digest(digest).await
+    };
     read.expect("find_by_digest")
 }
 
@@ -608,7 +599,7 @@ macro_rules! conformance_tests {
             async fn $check() {
                 let ::core::option::Option::Some(fixture) = $make_store.await else { return };
                 let store: &dyn $crate::KeyStore = &*fixture;
-                $crate::store::conformance::$check(store).await;
+                $crate::testing::conformance::$check(store).await;
             }
         )*
     };

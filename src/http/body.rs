@@ -1,0 +1,221 @@
+//! Request bodies, read by serde-derived types that refuse unknown and repeated fields.
+//!
+//! Each field is first taken as it was sent ([`Sent`]) and then checked in plain code, so that a
+//! wrong value gets its field's own error code (`invalid_name`, …) rather than serde's generic one.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{ApiError, BODY_LIMIT};
+use crate::{KeyName, NewKey, Scopes, ValidationError};
+
+/// `POST /account/api-keys`: every field optional or null.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct CreateRequest {
+    #[serde(default)]
+    name: Option<Sent<String>>,
+    #[serde(default)]
+    expires_at: Option<Sent<String>>,
+    #[serde(default)]
+    scopes: Option<Sent<Vec<String>>>,
+}
+
+impl CreateRequest {
+    pub(super) fn into_new_key(self) -> Result<NewKey, ApiError> {
+        let mut new = NewKey::default();
+        new.name = self.name.map(|name| KeyName::new(name.valid().ok_or(ValidationError::Name)?)).transpose()?;
+        new.expires_at = self.expires_at.map(|at| parse_timestamp(at.valid().as_deref())).transpose()?;
+        new.scopes =
+            self.scopes.map(|grants| Scopes::new(grants.valid().ok_or(ValidationError::Scope)?)).transpose()?;
+        Ok(new)
+    }
+}
+
+/// `POST /account/api-keys/{id}/roll`: `graceSeconds`, optional or null (no grace).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RollRequest {
+    #[serde(default)]
+    grace_seconds: Option<Sent<serde_json::Number>>,
+}
+
+impl RollRequest {
+    /// The grace period: whole seconds, as JSON Schema counts an integer (`60.0` is one).
+    pub(super) fn grace(self) -> Result<Duration, ApiError> {
+        let Some(seconds) = self.grace_seconds else {
+            return Ok(Duration::ZERO);
+        };
+        let seconds = seconds.valid().ok_or(ValidationError::GraceOutOfRange)?;
+        let whole = match seconds.as_u64() {
+            Some(whole) => Some(whole),
+            None => {
+                seconds.as_f64().filter(|s| s.fract() == 0.0 && (0.0..=u32::MAX.into()).contains(s)).map(|s| s as u64)
+            }
+        };
+        Ok(Duration::from_secs(whole.ok_or(ValidationError::GraceOutOfRange)?))
+    }
+}
+
+/// A field's value as sent: of the type the field wants, or of another one.
+#[derive(Debug)]
+pub(super) enum Sent<T> {
+    Valid(T),
+    WrongType,
+}
+
+impl<T> Sent<T> {
+    fn valid(self) -> Option<T> {
+        match self {
+            Self::Valid(value) => Some(value),
+            Self::WrongType => None,
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Sent<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(T::deserialize(value).map_or(Self::WrongType, Self::Valid))
+    }
+}
+
+/// Reads an optional JSON object body into `T`: `T::default()` when the body is empty.
+pub(super) fn json_body<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("The request body is larger than {BODY_LIMIT} bytes."),
+        ),
+        _ => ApiError::bad_request("invalid_body", "The request body could not be read."),
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !is_json(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Send the body as JSON, with Content-Type: application/json.",
+        ));
+    }
+    serde_json::from_slice(&body).map_err(body_error)
+}
+
+/// What a body serde refused was wrong with: unknown or repeated fields, or not a JSON object.
+fn body_error(error: serde_json::Error) -> ApiError {
+    let at = format!("line {}, column {}", error.line(), error.column());
+    if !error.is_data() {
+        return ApiError::bad_request("invalid_json", format!("The body is not valid JSON ({at})."));
+    }
+    // Serde's own wording for these two, which `deny_unknown_fields` and the derive produce.
+    let message = error.to_string();
+    if let Some(field) = quoted_field(&message, "unknown field `") {
+        return ApiError::bad_request(
+            "unknown_field",
+            format!("The body has a field this API does not know: {field}. Check its spelling ({at})."),
+        );
+    }
+    if let Some(field) = quoted_field(&message, "duplicate field `") {
+        return ApiError::bad_request("duplicate_field", format!("The body gives {field} more than once ({at})."));
+    }
+    ApiError::bad_request("invalid_json", "The body must be a JSON object.")
+}
+
+/// The field name serde quotes after `lead`, if it is a plain identifier: a name the client sent
+/// is repeated only when it could be one of ours, never as arbitrary text.
+fn quoted_field<'a>(message: &'a str, lead: &str) -> Option<&'a str> {
+    let rest = message.strip_prefix(lead)?;
+    let field = &rest[..rest.find('`')?];
+    let plain = !field.is_empty() && field.len() <= 32 && field.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    Some(if plain { field } else { "(a field)" })
+}
+
+fn parse_timestamp(text: Option<&str>) -> Result<OffsetDateTime, ApiError> {
+    text.and_then(|text| OffsetDateTime::parse(text, &Rfc3339).ok()).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_expires_at",
+            "expiresAt must be an RFC 3339 timestamp such as 2026-01-01T00:00:00Z, or null.",
+        )
+    })
+}
+
+/// `application/json`, with or without parameters, or any `+json` type.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(body: &str) -> Result<NewKey, &'static str> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        let request = json_body::<CreateRequest>(&headers, Ok(Bytes::copy_from_slice(body.as_bytes())));
+        request.and_then(CreateRequest::into_new_key).map_err(|error| error.code())
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused_not_overwritten() {
+        let body = r#"{"expiresAt": "2000-01-01T00:00:00Z", "expiresAt": null}"#;
+        assert_eq!(create(body), Err("duplicate_field"));
+        assert_eq!(create(r#"{"name": "a", "name": "b"}"#), Err("duplicate_field"));
+    }
+
+    #[test]
+    fn each_field_has_its_own_code() {
+        assert_eq!(create(r#"{"name": 42}"#), Err("invalid_name"));
+        assert_eq!(create(r#"{"expiresAt": 42}"#), Err("invalid_expires_at"));
+        assert_eq!(create(r#"{"scopes": "orders:read"}"#), Err("invalid_scopes"));
+        assert_eq!(create(r#"{"scopes": [1]}"#), Err("invalid_scopes"));
+        assert_eq!(create(r#"{"expires_at": null}"#), Err("unknown_field"));
+        assert_eq!(create(r#"["name"]"#), Err("invalid_json"));
+        assert_eq!(create(r#"{"name": "#), Err("invalid_json"));
+    }
+
+    #[test]
+    fn nulls_and_an_empty_object_create_a_default_key() {
+        assert_eq!(create(r#"{"name": null, "expiresAt": null, "scopes": null}"#), Ok(NewKey::default()));
+        assert_eq!(create("{}"), Ok(NewKey::default()));
+        assert_eq!(create("  "), Ok(NewKey::default()));
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_only_when_it_is_a_plain_identifier() {
+        let field = |message: &'static str| quoted_field(message, "unknown field `");
+        assert_eq!(field("unknown field `expires_at`, expected one of"), Some("expires_at"));
+        assert_eq!(field("unknown field `as_live_v1_x y`, expected"), Some("(a field)"));
+    }
+
+    #[test]
+    fn grace_is_whole_seconds_however_written() {
+        let grace = |body: &str| {
+            serde_json::from_str::<RollRequest>(body)
+                .map_err(body_error)
+                .and_then(RollRequest::grace)
+                .map_err(|e| e.code())
+        };
+        assert_eq!(grace(r#"{"graceSeconds": 60}"#), Ok(Duration::from_secs(60)));
+        assert_eq!(grace(r#"{"graceSeconds": 85278.0}"#), Ok(Duration::from_secs(85278)));
+        assert_eq!(grace(r#"{"graceSeconds": null}"#), Ok(Duration::ZERO));
+        for bad in [r#"{"graceSeconds": 1.5}"#, r#"{"graceSeconds": -1}"#, r#"{"graceSeconds": "1d"}"#] {
+            assert_eq!(grace(bad), Err("invalid_grace"), "{bad}");
+        }
+    }
+}
