@@ -106,6 +106,10 @@ pub enum StoreError {
     /// [`KeyStore::insert`](crate::KeyStore::insert) found a record with the same id or digest.
     #[error("a key with the same id or digest is already stored")]
     Duplicate,
+    /// The store is busy (another process holds a lock it needs) and did not answer within the
+    /// short time a read may wait, so that no caller's thread is held up; try again.
+    #[error("the key store is busy: try again")]
+    Busy,
     /// The backend failed: I/O, a full disk, a lost connection, corrupt data.
     #[error("the key store backend failed")]
     Backend(#[source] BoxError),

@@ -1,10 +1,11 @@
-//! Coalescing of lastUsedAt writes (SPEC §4).
+//! Coalescing of lastUsedAt writes.
 //!
-//! A successful verification only notes the time in memory. At most once per interval, the
-//! verification that finds the interval elapsed writes every noted time in one batch, so a key
-//! costs at most one store write per interval however often it is used, and a crash loses at
-//! most one interval of lastUsedAt — never a key or a revocation. `list` overlays the noted
-//! times, so it always shows the newest time the service knows.
+//! A successful verification only notes the time in memory. Once per interval the noted times
+//! are written: by a flusher task when one runs, else by the verifications that find a write
+//! due, each writing one small piece (so none waits for a whole batch) and leaving the next
+//! piece due at once. A key costs at most one store write per interval however often it is
+//! used, and a crash loses at most one interval of lastUsedAt, never a key or a revocation.
+//! `list` overlays the noted times, so it always shows the newest time the service knows.
 //!
 //! Noting a use appends to a short buffer instead of updating a per-key map: a map entry of a
 //! random key is a cache miss (two, with its control bytes) on every verification, while the
@@ -17,7 +18,7 @@
 //! reader every buffer) takes the map's lock first and then the buffer's, so a use noted by a
 //! verification that has returned is always in a buffer or in the map, and a reader sees it.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
@@ -38,23 +39,35 @@ const BUFFERED: usize = 256;
 pub(crate) struct LastUsed {
     interval: std::time::Duration,
     interval_micros: i64,
-    /// A background task writes batches: verifications only note times.
-    in_background: AtomicBool,
+    /// A flusher task writes the batches: verifications only note times.
+    flusher: AtomicBool,
     /// When the next batch is due, in Unix microseconds; claimed by compare-and-swap so that
-    /// one verification per interval writes.
+    /// one verification at a time writes.
     next_flush_micros: AtomicI64,
     /// Uses not yet folded into `noted`, in the order they were noted.
     buffers: [CachePadded<Mutex<Vec<Use>>>; SLOTS],
-    /// The newest folded use of each key.
-    noted: Mutex<PrehashedMap<KeyId, Noted>>,
+    /// The newest folded use of each key, and which ones the store does not have yet.
+    noted: Mutex<Noted>,
+    /// Batches taken and neither written nor put back: while there are any, times they hold
+    /// are kept in the map for readers, whatever else is forgotten.
+    in_flight: AtomicUsize,
 }
 
 /// A use of a key at a time in Unix microseconds, as buffered.
 type Use = (KeyId, i64);
 
-/// The newest use of a key, in Unix microseconds, and whether the store has it yet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Noted {
+    /// The newest use of each key, in Unix microseconds, and whether it awaits a write.
+    at: PrehashedMap<KeyId, Entry>,
+    /// The keys whose entry awaits a write, each once: a batch takes from the end.
+    dirty: Vec<KeyId>,
+    /// How many entries are written and kept only for readers.
+    clean: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
     at: i64,
     dirty: bool,
 }
@@ -64,19 +77,20 @@ impl LastUsed {
         Self {
             interval,
             interval_micros: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
-            in_background: AtomicBool::new(false),
+            flusher: AtomicBool::new(false),
             // The first use is written at once, so a new key shows as used in the store too.
             next_flush_micros: AtomicI64::new(i64::MIN),
             buffers: std::array::from_fn(|_| CachePadded(Mutex::new(Vec::with_capacity(BUFFERED)))),
             noted: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
-    /// Notes a use at a time in Unix microseconds; returns whether a batch is due and this caller
-    /// should write it (never, when a background task writes them).
+    /// Notes a use at a time in Unix microseconds; returns whether a write is due and this
+    /// caller should make it (never, while a flusher task writes).
     pub(crate) fn note(&self, id: KeyId, at_micros: i64) -> bool {
         self.buffer(id, at_micros);
-        !self.in_background.load(Ordering::Relaxed) && self.claim_flush(at_micros)
+        !self.flusher.load(Ordering::Relaxed) && self.claim_flush(at_micros)
     }
 
     /// The interval between batches.
@@ -85,10 +99,21 @@ impl LastUsed {
         self.interval
     }
 
-    /// From now on a background task writes the batches.
+    /// Makes the caller the one flusher task; `false` if there is one already.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn write_in_background(&self) {
-        self.in_background.store(true, Ordering::Relaxed);
+    pub(crate) fn claim_flusher(&self) -> bool {
+        self.flusher.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
+    /// The flusher task has ended: verifications write again.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn release_flusher(&self) {
+        self.flusher.store(false, Ordering::Release);
+    }
+
+    /// Makes the next use claim a write at once: what a piece left behind.
+    pub(crate) fn due_now(&self) {
+        self.next_flush_micros.store(i64::MIN, Ordering::Relaxed);
     }
 
     fn claim_flush(&self, now: i64) -> bool {
@@ -100,27 +125,33 @@ impl LastUsed {
                 .is_ok()
     }
 
-    /// Takes every time not yet written, marking it written. Forgets entries written by an
-    /// earlier batch and not used since: the store has them now.
-    pub(crate) fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
+    /// Takes up to `max` times not yet written, as a [`Batch`] that puts them back unless it
+    /// was written.
+    pub(crate) fn take_batch(&self, max: usize) -> Batch<'_> {
         let mut noted = self.folded();
-        noted.retain(|_, entry| entry.dirty);
-        let mut batch = Vec::with_capacity(noted.len());
-        for (id, entry) in noted.iter_mut() {
-            entry.dirty = false;
-            batch.extend(from_unix_micros(entry.at).map(|at| (*id, at)));
+        // Forget entries the store has once they are half the map, and only while no batch is
+        // in flight (its times are in the store, or back in the map): each entry is forgotten
+        // for the cost of keeping one other, and a reader never loses a time in between.
+        if noted.clean > 0 && noted.clean * 2 >= noted.at.len() && self.in_flight.load(Ordering::Acquire) == 0 {
+            noted.at.retain(|_, entry| entry.dirty);
+            noted.clean = 0;
         }
-        batch
-    }
-
-    /// Takes every time not yet written, as a [`Batch`] that puts them back unless it was
-    /// written.
-    pub(crate) fn take_batch(&self) -> Batch<'_> {
-        Batch { last_used: self, uses: self.take_dirty(), written: false }
+        let Noted { at, dirty, clean } = &mut *noted;
+        let taken = dirty.split_off(dirty.len().saturating_sub(max));
+        let mut uses = Vec::with_capacity(taken.len());
+        for id in taken {
+            if let Some(entry) = at.get_mut(&id) {
+                entry.dirty = false;
+                *clean += 1;
+                uses.extend(from_unix_micros(entry.at).map(|at| (id, at)));
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Batch { last_used: self, uses, more: !dirty.is_empty(), written: false }
     }
 
     /// Puts back a batch the store failed to write, to be retried with the next one.
-    pub(crate) fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
+    fn restore(&self, batch: &[(KeyId, OffsetDateTime)]) {
         let mut noted = lock(&self.noted);
         for &(id, at) in batch {
             note(&mut noted, id, unix_micros(at));
@@ -130,12 +161,12 @@ impl LastUsed {
     /// The newest time noted for each id, for overlaying on what the store returned.
     pub(crate) fn newest(&self, ids: impl Iterator<Item = KeyId>) -> Vec<Option<OffsetDateTime>> {
         let noted = self.folded();
-        ids.map(|id| noted.get(&id).and_then(|noted| from_unix_micros(noted.at))).collect()
+        ids.map(|id| noted.at.get(&id).and_then(|entry| from_unix_micros(entry.at))).collect()
     }
 
     /// How many noted times the store has not been given yet.
     pub(crate) fn pending(&self) -> usize {
-        self.folded().values().filter(|noted| noted.dirty).count()
+        self.folded().dirty.len()
     }
 
     /// Appends a use to this thread's buffer, first folding the buffer into the map when it is
@@ -154,7 +185,7 @@ impl LastUsed {
     }
 
     /// The map, with every buffered use folded in, for reading it.
-    fn folded(&self) -> MutexGuard<'_, PrehashedMap<KeyId, Noted>> {
+    fn folded(&self) -> MutexGuard<'_, Noted> {
         let mut noted = lock(&self.noted);
         for buffer in &self.buffers {
             fold(&mut noted, lock(buffer).drain(..));
@@ -169,12 +200,19 @@ impl LastUsed {
 pub(crate) struct Batch<'a> {
     last_used: &'a LastUsed,
     uses: Vec<(KeyId, OffsetDateTime)>,
+    /// Times were left for another batch.
+    more: bool,
     written: bool,
 }
 
 impl Batch<'_> {
     pub(crate) fn uses(&self) -> &[(KeyId, OffsetDateTime)] {
         &self.uses
+    }
+
+    /// Whether times were left for another batch when this one was taken.
+    pub(crate) fn left_more(&self) -> bool {
+        self.more
     }
 
     /// The store has every time of the batch.
@@ -188,20 +226,29 @@ impl Drop for Batch<'_> {
         if !self.written {
             self.last_used.restore(&self.uses);
         }
+        self.last_used.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn fold(noted: &mut PrehashedMap<KeyId, Noted>, uses: impl IntoIterator<Item = Use>) {
+fn fold(noted: &mut Noted, uses: impl IntoIterator<Item = Use>) {
     for (id, at) in uses {
         note(noted, id, at);
     }
 }
 
 /// Keeps the newer of `at` and the time already noted for `id`, to be written.
-fn note(noted: &mut PrehashedMap<KeyId, Noted>, id: KeyId, at: i64) {
-    let entry = noted.entry(id).or_insert(Noted { at, dirty: true });
+fn note(noted: &mut Noted, id: KeyId, at: i64) {
+    let Noted { at: entries, dirty, clean } = noted;
+    let entry = entries.entry(id).or_insert_with(|| {
+        dirty.push(id);
+        Entry { at, dirty: true }
+    });
     entry.at = entry.at.max(at);
-    entry.dirty = true;
+    if !entry.dirty {
+        entry.dirty = true;
+        *clean -= 1;
+        dirty.push(id);
+    }
 }
 
 // Nothing panics while a lock is held, and every state of a buffer and of the map is valid.
@@ -219,6 +266,16 @@ mod tests {
 
     fn id() -> KeyId {
         KeyId::generate()
+    }
+
+    impl LastUsed {
+        /// Every time not yet written, taken as written.
+        fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
+            let batch = self.take_batch(usize::MAX);
+            let uses = batch.uses().to_vec();
+            batch.written();
+            uses
+        }
     }
 
     #[test]
@@ -337,10 +394,43 @@ mod tests {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let key = id();
         last_used.note(key, unix_micros(T0));
-        let batch = last_used.take_dirty();
-        last_used.restore(&batch);
+        drop(last_used.take_batch(usize::MAX));
         assert_eq!(last_used.pending(), 1);
         assert_eq!(last_used.take_dirty(), vec![(key, T0)]);
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_its_share_and_says_what_is_left() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let keys: Vec<KeyId> = (0..5).map(|_| id()).collect();
+        keys.iter().for_each(|key| _ = last_used.note(*key, unix_micros(T0)));
+        let mut written = Vec::new();
+        for expected_more in [true, true, false] {
+            let batch = last_used.take_batch(2);
+            assert!(batch.uses().len() <= 2);
+            assert_eq!(batch.left_more(), expected_more);
+            written.extend(batch.uses().iter().map(|(key, _)| *key));
+            batch.written();
+        }
+        written.sort();
+        let mut all = keys.clone();
+        all.sort();
+        assert_eq!(written, all, "every key is written once, in pieces");
+        assert_eq!(last_used.pending(), 0);
+    }
+
+    #[test]
+    fn times_of_a_batch_in_flight_stay_visible_to_readers() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let (first, second) = (id(), id());
+        last_used.note(first, unix_micros(T0));
+        last_used.take_dirty();
+        last_used.note(second, unix_micros(T0));
+        let in_flight = last_used.take_batch(usize::MAX);
+        // A second batch while the first is being written would forget written entries.
+        drop(last_used.take_batch(usize::MAX));
+        assert_eq!(last_used.newest([second].into_iter()), vec![Some(T0)]);
+        in_flight.written();
     }
 
     #[test]

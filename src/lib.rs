@@ -1,4 +1,44 @@
-#![doc = include_str!("../README.md")]
+//! Issue, list, verify and revoke your service's own API keys.
+//!
+//! A [`KeyService`] holds every rule; a [`KeyStore`] holds records. A key is created once with
+//! [`KeyService::create`], which hands out its token (a [`SecretToken`]) the only time it
+//! exists outside the client; the store keeps a [`Digest`] of it, a display prefix, a name,
+//! scopes and times. [`KeyService::verify`] checks a presented token with one hash and one
+//! indexed read; [`KeyService::revoke`] ends a key at once, and a key can never revoke itself.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use apikeys::{AccountId, Environment, KeyFormat, KeyService, MemoryStore, NewKey};
+//!
+//! let service = KeyService::builder(MemoryStore::new(), KeyFormat::new("as", Environment::LIVE)?).build();
+//! let account = AccountId::new("acct_42")?;
+//! let created = service.create(&account, NewKey::named("production-agent")?).await?;
+//! let caller = service.verify(created.key.expose_secret()).await?;
+//! assert_eq!(caller.account, account);
+//! # Ok(()) }
+//! ```
+//!
+//! # Where things are
+//!
+//! - Values: [`KeyFormat`] and [`KeyPrefix`] (the token format), [`KeyId`], [`AccountId`],
+//!   [`KeyName`], [`Scopes`], [`Digest`] and [`Pepper`], [`Clock`].
+//! - The service: [`KeyService`], its [`KeyServiceBuilder`], and [`Verifier`] (verification with
+//!   the store's type erased).
+//! - What callers see: [`NewKey`], [`CreatedKey`], [`ApiKey`], [`AuthenticatedKey`], [`RolledKey`].
+//! - Errors: [`Error`], [`Rejection`] (why a token was refused), [`ValidationError`],
+//!   [`StoreError`], [`OpenError`].
+//! - [`store`]: the [`KeyStore`] trait, the optional [`Maintenance`] capability, and the
+//!   backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and `PostgresStore` behind the
+//!   features of the same names.
+//! - `http` (feature `http`): the account API-key endpoints as an axum router, an extractor and
+//!   layers that authenticate the host's own routes, and the OpenAPI document.
+//! - `testing` (feature `test-util`): the conformance suite for stores, and the service model.
+//!
+//! Features are additive and none is on by default. The design, the operations guide, the
+//! security notes, the performance figures and the test matrix are in the repository's `docs/`
+//! folder.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -38,7 +78,12 @@ pub use service::{KeyService, KeyServiceBuilder, Verifier};
 pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{KeyRecord, KeyStore, MemoryStore, OpenError, StoreError};
+pub use store::{KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};
+
+/// The README's examples, compiled as doctests; the README itself is not the crate's page.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

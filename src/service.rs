@@ -13,7 +13,7 @@ use crate::last_used::LastUsed;
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
-use crate::store::{KeyRecord, KeyStore, Roll, StoreError, find_by_digest_now_or_await};
+use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError, find_by_digest_now_or_await};
 use crate::token::KeyFormat;
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
@@ -274,30 +274,40 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     /// Writes lastUsedAt every interval from a tokio task, so that times reach the store on
-    /// schedule even when traffic stops, and no verification waits for that write. Call it once,
-    /// from within a tokio runtime; the task ends by itself once every clone of the service is
-    /// dropped. Without it, the first verification after each interval writes the batch.
+    /// schedule even when traffic stops, and no verification waits for a write. Call it from
+    /// within a tokio runtime.
+    ///
+    /// There is one flusher per service: a second call while one runs starts nothing and
+    /// returns `None`, as does a service without lastUsedAt. The task ends once every clone of
+    /// the service is dropped. A flush that panics ends only itself; if the task is aborted or
+    /// its runtime shuts down, verifications write again (one small piece each), and a later
+    /// call starts a new flusher.
     #[cfg(feature = "tokio")]
-    pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
-        let interval = self.inner.last_used.as_ref().map(|last_used| {
-            last_used.write_in_background();
-            last_used.interval().max(Duration::from_millis(1))
-        });
+    pub fn spawn_flusher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let last_used = self.inner.last_used.as_ref()?;
+        if !last_used.claim_flusher() {
+            return None;
+        }
+        let interval = last_used.interval().max(Duration::from_millis(1));
         let service = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            let Some(interval) = interval else { return };
+        // Moved into the task, so that it is let go even if the task is dropped before it first runs.
+        let claim = FlusherClaim(service.clone());
+        Some(tokio::spawn(async move {
+            let _claim = claim;
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
             loop {
                 ticks.tick().await;
                 let Some(inner) = service.upgrade() else { return };
-                if let Err(error) = inner.flush().await {
-                    let error: &dyn std::error::Error = &error;
-                    tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+                // In a task of its own, so that a store that panics ends one flush, not the flusher.
+                match tokio::spawn(async move { inner.flush().await }).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => warn_unwritten(&error),
+                    Err(failed) => warn_unwritten(&failed),
                 }
             }
-        })
+        }))
     }
 
     fn check_grace(&self, grace: Duration) -> Result<(), Error> {
@@ -423,25 +433,37 @@ impl<S: KeyStore> Inner<S> {
         Ok(found)
     }
 
-    /// Notes a successful verification and, once per interval, writes the batch. A failed write
-    /// does not fail the verification: the batch is kept and retried.
+    /// Notes a successful verification and, when a write is due, writes one piece of the noted
+    /// times: a verification never waits for more. A failed write does not fail the
+    /// verification: its times are kept and retried.
     async fn note_use(&self, id: KeyId, now_micros: i64) {
         let Some(last_used) = &self.last_used else {
             return;
         };
-        if last_used.note(id, now_micros)
-            && let Err(error) = self.flush().await
-        {
-            let error: &dyn std::error::Error = &error;
-            tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+        if !last_used.note(id, now_micros) {
+            return;
+        }
+        let batch = last_used.take_batch(INLINE_PIECE);
+        if !batch.uses().is_empty() {
+            // On failure, or if this future is dropped part-way, `batch` puts its times back.
+            if let Err(error) = self.store.record_last_used(batch.uses()).await {
+                warn_unwritten(&error);
+                return;
+            }
+        }
+        let more = batch.left_more();
+        batch.written();
+        if more {
+            last_used.due_now();
         }
     }
 
+    /// Writes every noted time.
     async fn flush(&self) -> Result<(), Error> {
         let Some(last_used) = &self.last_used else {
             return Ok(());
         };
-        let batch = last_used.take_batch();
+        let batch = last_used.take_batch(usize::MAX);
         if batch.uses().is_empty() {
             return Ok(());
         }
@@ -449,6 +471,27 @@ impl<S: KeyStore> Inner<S> {
         self.store.record_last_used(batch.uses()).await.map_err(Error::Store)?;
         batch.written();
         Ok(())
+    }
+}
+
+/// How many lastUsedAt times a verification writes when it finds a write due: one small piece
+/// (a few milliseconds on a file store of a million keys), so no verification waits for a batch.
+const INLINE_PIECE: usize = 256;
+
+fn warn_unwritten(error: &(dyn std::error::Error + 'static)) {
+    tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+}
+
+/// Held by the flusher task: however the task ends, verifications write again.
+#[cfg(feature = "tokio")]
+struct FlusherClaim<S: KeyStore>(std::sync::Weak<Inner<S>>);
+
+#[cfg(feature = "tokio")]
+impl<S: KeyStore> Drop for FlusherClaim<S> {
+    fn drop(&mut self) {
+        if let Some(last_used) = self.0.upgrade().as_ref().and_then(|inner| inner.last_used.as_ref()) {
+            last_used.release_flusher();
+        }
     }
 }
 
@@ -507,6 +550,20 @@ fn created(key: SecretToken, record: KeyRecord) -> CreatedKey {
         created_at: record.created_at,
         expires_at: record.expires_at,
         scopes: record.scopes,
+    }
+}
+
+impl<S: Maintenance> KeyService<S> {
+    /// Deletes the keys that were revoked, or that expired, longer than `retention` ago, and
+    /// returns how many. Nothing purges on its own: call it from a periodic job. Until a key is
+    /// purged its token verifies as revoked or expired; after, as unknown.
+    pub async fn purge(&self, retention: Duration) -> Result<u64, Error> {
+        let before = time::Duration::try_from(retention).ok().and_then(|retention| self.now().checked_sub(retention));
+        match before {
+            Some(before) => self.inner.store.purge(before).await.map_err(Error::Store),
+            // A retention reaching back past any representable time keeps everything.
+            None => Ok(0),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use apikeys::{KeyStore, MemoryStore};
 mod direct {
     use super::*;
     apikeys::conformance_tests!(async { Box::new(MemoryStore::new()) });
+    apikeys::maintenance_tests!(async { Box::new(MemoryStore::new()) });
 }
 
 mod through_arc_dyn {

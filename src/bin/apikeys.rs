@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apikeys::{
-    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyStore, MemoryStore, NewKey,
-    Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
+    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance, MemoryStore,
+    NewKey, Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
 };
 use axum::http::{HeaderName, StatusCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -257,19 +257,14 @@ fn expiry_after(ttl: Duration) -> Result<time::OffsetDateTime, Failure> {
         .ok_or_else(|| Failure("--expires-in is too long: the expiry must be before the year 10000".into()))
 }
 
+/// The service the tool runs: over whichever store was chosen, with its maintenance operations.
+type Service = KeyService<Arc<dyn Maintenance>>;
+
 /// The service over the chosen store, and whether that store holds no key at all.
-async fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
-    let (store, empty): (Arc<dyn KeyStore>, bool) = match args.backend {
-        Backend::Sqlite => {
-            let store = SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?;
-            let empty = store.is_empty()?;
-            (Arc::new(store), empty)
-        }
-        Backend::Redb => {
-            let store = RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?;
-            let empty = store.is_empty()?;
-            (Arc::new(store), empty)
-        }
+async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
+    let store: Arc<dyn Maintenance> = match args.backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?),
+        Backend::Redb => Arc::new(RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?),
         Backend::Postgres => {
             let url = args
                 .database_url
@@ -277,12 +272,11 @@ async fn open_service(args: &StoreArgs) -> Result<(KeyService, bool), Failure> {
                 .ok_or_else(|| Failure("--backend postgres needs --database-url (or APIKEYS_DATABASE_URL)".into()))?;
             let mut options = PostgresOptions::default();
             options.schema = args.schema.clone();
-            let store = PostgresStore::connect_with(url, options).await?;
-            let empty = store.is_empty().await?;
-            (Arc::new(store), empty)
+            Arc::new(PostgresStore::connect_with(url, options).await?)
         }
-        Backend::Memory => (Arc::new(MemoryStore::new()), true),
+        Backend::Memory => Arc::new(MemoryStore::new()),
     };
+    let empty = store.is_empty().await?;
     let format = KeyFormat::new(&args.namespace, Environment::new(&args.environment)?)?;
     let mut builder = KeyService::builder(store, format);
     if let Some(pepper) = pepper_from_environment()? {
@@ -312,7 +306,7 @@ fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
 
 /// Serves the HTTP API; first creates and prints a key for `first_key_for`, if given (an empty store).
 async fn serve(
-    service: KeyService,
+    service: Service,
     listen: SocketAddr,
     first_key_for: Option<AccountId>,
     json: bool,
@@ -338,6 +332,7 @@ async fn serve(
     }
     service.spawn_flusher();
     let app = apikeys::http::router(service.clone())
+        .route("/openapi.json", axum::routing::get(apikeys::http::openapi))
         .fallback(|| async { apikeys::http::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
         .layer(axum::middleware::from_fn(apikeys::http::log_requests))
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(
@@ -370,7 +365,7 @@ async fn shutdown_requested() {
     }
 }
 
-async fn verify(service: &KeyService, json: bool) -> Result<ExitCode, Failure> {
+async fn verify(service: &Service, json: bool) -> Result<ExitCode, Failure> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     let token = line.trim();

@@ -110,7 +110,15 @@ pub(super) fn json_body<T: DeserializeOwned + Default>(
             "Send the body as JSON, with Content-Type: application/json.",
         ));
     }
+    // A derived struct would also take a JSON array of its fields in order; only an object is a body.
+    if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(not_an_object());
+    }
     serde_json::from_slice(&body).map_err(body_error)
+}
+
+fn not_an_object() -> ApiError {
+    ApiError::bad_request("invalid_json", "The body must be a JSON object.")
 }
 
 /// What a body serde refused was wrong with: unknown or repeated fields, or not a JSON object.
@@ -130,7 +138,7 @@ fn body_error(error: serde_json::Error) -> ApiError {
     if let Some(field) = quoted_field(&message, "duplicate field `") {
         return ApiError::bad_request("duplicate_field", format!("The body gives {field} more than once ({at})."));
     }
-    ApiError::bad_request("invalid_json", "The body must be a JSON object.")
+    not_an_object()
 }
 
 /// The field name serde quotes after `lead`, if it is a plain identifier: a name the client sent

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 use time::OffsetDateTime;
 
-use super::{KeyRecord, KeyStore, Roll, StoreError};
+use super::{KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
 use crate::clock::normalize;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
@@ -57,32 +57,21 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Stores many records at once, with no active-key limit: for imports and benchmarks. All or
-    /// nothing; [`StoreError::Duplicate`] if any id or digest is already present (or repeated).
-    /// Times are kept to the whole microsecond, as every other store keeps them, so a record reads
-    /// back the same from each.
-    pub fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        let mut index = self.index();
-        let (mut ids, mut digests) = (HashSet::new(), HashSet::new());
-        for record in &records {
-            if self.holds(&index, record) || !ids.insert(record.id) || !digests.insert(record.digest) {
-                return Err(StoreError::Duplicate);
-            }
-        }
-        for record in records {
-            self.add(&mut index, to_whole_micros(record));
-        }
-        Ok(())
-    }
-
     /// How many records the store holds, revoked and expired ones included.
     pub fn len(&self) -> usize {
         self.index().hash_of.len()
     }
 
-    /// Whether the store holds no record.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Removes a record from its shard and from both indexes, under the index lock the caller holds.
+    fn remove(&self, index: &mut Index, id: &KeyId) {
+        let Some(hash) = index.hash_of.remove(id) else { return };
+        let mut shard = self.write(hash);
+        if let Ok(entry) = shard.find_entry(hash, |record| record.id == *id) {
+            let (record, _) = entry.remove();
+            if let Some(ids) = index.unrevoked_of_account.get_mut(&record.account) {
+                ids.retain(|kept| kept != id);
+            }
+        }
     }
 
     fn add(&self, index: &mut Index, record: KeyRecord) {
@@ -151,6 +140,40 @@ impl MemoryStore {
 
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Maintenance for MemoryStore {
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len() == 0)
+    }
+
+    async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        let mut index = self.index();
+        let (mut ids, mut digests) = (HashSet::new(), HashSet::new());
+        for record in &records {
+            if self.holds(&index, record) || !ids.insert(record.id) || !digests.insert(record.digest) {
+                return Err(StoreError::Duplicate);
+            }
+        }
+        for record in records {
+            self.add(&mut index, to_whole_micros(record));
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut index = self.index();
+        let ids: Vec<KeyId> = index.hash_of.keys().copied().collect();
+        let purged: Vec<KeyId> = ids
+            .into_iter()
+            .filter(|id| self.with_id(&index, id, |record| purged_at(record, before)) == Some(true))
+            .collect();
+        for id in &purged {
+            self.remove(&mut index, id);
+        }
+        Ok(purged.len() as u64)
     }
 }
 

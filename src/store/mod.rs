@@ -242,6 +242,52 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError>;
 }
 
+/// Bulk and upkeep operations beyond [`KeyStore`]: an optional capability, which a store opts in
+/// to by implementing it and which callers ask for by bound (`S: Maintenance`), as the
+/// command-line tool does. Every store of this crate implements it.
+#[async_trait]
+pub trait Maintenance: KeyStore {
+    /// Whether the store holds no record at all, revoked and expired ones included.
+    async fn is_empty(&self) -> Result<bool, StoreError>;
+
+    /// Stores `records` as they are, ids, digests and times included, with no active-key limit:
+    /// for moving keys from another system or store, and for benchmarks. All or nothing:
+    /// [`StoreError::Duplicate`] (nothing stored) if an id or digest is already present or
+    /// repeated. Times are kept to the whole microsecond, as every store keeps them.
+    async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError>;
+
+    /// Deletes every record that was revoked, or that expired, before `before`, and returns how
+    /// many it deleted. A store may delete them in several transactions, so that other writes need
+    /// not wait for all of it; each record goes whole or stays whole. Active keys are never
+    /// touched. A purged key is gone: its token then verifies as unknown, not revoked or expired.
+    async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+}
+
+/// Forwards every method, so `Arc<S>` and `Box<S>` of a store that has the capability have it too.
+macro_rules! forward_maintenance {
+    ($($pointer:ident),*) => {$(
+        #[async_trait]
+        impl<S: Maintenance + ?Sized> Maintenance for $pointer<S> {
+            async fn is_empty(&self) -> Result<bool, StoreError> {
+                (**self).is_empty().await
+            }
+            async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+                (**self).import(records).await
+            }
+            async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+                (**self).purge(before).await
+            }
+        }
+    )*};
+}
+
+forward_maintenance!(Arc, Box);
+
+/// Whether a purge at `before` deletes `record`: revoked or expired before that instant.
+pub(crate) fn purged_at(record: &KeyRecord, before: OffsetDateTime) -> bool {
+    record.revoked_at.is_some_and(|at| at < before) || record.expires_at.is_some_and(|at| at < before)
+}
+
 /// The record with this digest as verification reads it: [`KeyStore::find_by_digest_now`] if the
 /// store answers it, else the awaited [`KeyStore::find_by_digest`].
 pub(crate) async fn find_by_digest_now_or_await<S: KeyStore + ?Sized>(

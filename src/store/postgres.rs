@@ -17,7 +17,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
@@ -90,6 +90,7 @@ struct Statements {
     revoke: String,
     record_last_used: String,
     is_empty: String,
+    purge: String,
 }
 
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, rotated_from, replaced_by";
@@ -136,6 +137,7 @@ impl Statements {
                  WHERE k.id = u.id"
             ),
             is_empty: format!("SELECT NOT EXISTS (SELECT 1 FROM {keys})"),
+            purge: format!("DELETE FROM {keys} WHERE revoked_at < $1 OR expires_at < $1"),
         }
     }
 }
@@ -289,10 +291,57 @@ impl PostgresStore {
         Ok(Migrated::Done)
     }
 
-    /// Stores many records in one transaction, with no active-key limit: for imports from another
-    /// system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any id or digest is
-    /// already present.
-    pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+    /// Runs one call on a pooled connection within the time limit, mapping every failure to a
+    /// [`StoreError`] that names the database and the operation.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        self.call_within(operation, self.call_timeout, call).await
+    }
+
+    /// [`call`](Self::call) with another time limit. A connection whose call ran out of time is
+    /// dropped, not returned to the pool: it may still be busy with the abandoned request.
+    async fn call_within<T>(
+        &self,
+        operation: &'static str,
+        limit: Duration,
+        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        let outcome = match tokio::time::timeout(limit, self.pool.get()).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(error)) => Err(Failure::from(error)),
+            Ok(Ok(mut client)) => match tokio::time::timeout(limit, call(&mut client)).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    drop(Client::take(client));
+                    Err(Failure::Timeout)
+                }
+            },
+        };
+        outcome.map_err(|failure| {
+            let source: BoxError = match failure {
+                Failure::Postgres(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    return StoreError::Duplicate;
+                }
+                Failure::Postgres(error) => Box::new(error),
+                Failure::Pool(PoolError::Timeout(_)) => {
+                    "no free connection in the pool in time (pool exhausted, or the server unreachable)".into()
+                }
+                Failure::Pool(error) => Box::new(error),
+                Failure::Corrupt(message) => message.into(),
+                Failure::Timeout => format!("no answer within {limit:?}").into(),
+            };
+            BackendError::new("postgres", self.location.clone(), operation, source).into()
+        })
+    }
+}
+
+#[async_trait]
+impl Maintenance for PostgresStore {
+    /// In one transaction, a thousand rows per statement.
+    async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
         self.call_within("import", self.call_timeout.saturating_mul(60), async |client| {
             let transaction = client.transaction().await?;
             let statement = transaction.prepare_cached(&self.sql.import).await?;
@@ -339,8 +388,7 @@ impl PostgresStore {
         .await
     }
 
-    /// Whether the store holds no key at all, revoked and expired ones included.
-    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+    async fn is_empty(&self) -> Result<bool, StoreError> {
         self.call("is_empty", async |client| {
             let statement = client.prepare_cached(&self.sql.is_empty).await?;
             Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
@@ -348,50 +396,13 @@ impl PostgresStore {
         .await
     }
 
-    /// Runs one call on a pooled connection within the time limit, mapping every failure to a
-    /// [`StoreError`] that names the database and the operation.
-    async fn call<T>(
-        &self,
-        operation: &'static str,
-        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
-    ) -> Result<T, StoreError> {
-        self.call_within(operation, self.call_timeout, call).await
-    }
-
-    /// [`call`](Self::call) with another time limit. A connection whose call ran out of time is
-    /// dropped, not returned to the pool: it may still be busy with the abandoned request.
-    async fn call_within<T>(
-        &self,
-        operation: &'static str,
-        limit: Duration,
-        call: impl AsyncFnOnce(&mut Client) -> Result<T, Failure>,
-    ) -> Result<T, StoreError> {
-        let outcome = match tokio::time::timeout(limit, self.pool.get()).await {
-            Err(_) => Err(Failure::Timeout),
-            Ok(Err(error)) => Err(Failure::from(error)),
-            Ok(Ok(mut client)) => match tokio::time::timeout(limit, call(&mut client)).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    drop(Client::take(client));
-                    Err(Failure::Timeout)
-                }
-            },
-        };
-        outcome.map_err(|failure| {
-            let source: BoxError = match failure {
-                Failure::Postgres(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    return StoreError::Duplicate;
-                }
-                Failure::Postgres(error) => Box::new(error),
-                Failure::Pool(PoolError::Timeout(_)) => {
-                    "no free connection in the pool in time (pool exhausted, or the server unreachable)".into()
-                }
-                Failure::Pool(error) => Box::new(error),
-                Failure::Corrupt(message) => message.into(),
-                Failure::Timeout => format!("no answer within {limit:?}").into(),
-            };
-            BackendError::new("postgres", self.location.clone(), operation, source).into()
+    /// In one statement: PostgreSQL deletes without holding up other writers.
+    async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        self.call_within("purge", self.call_timeout.saturating_mul(60), async |client| {
+            let statement = client.prepare_cached(&self.sql.purge).await?;
+            Ok(client.execute(&statement, &[&before]).await?)
         })
+        .await
     }
 }
 

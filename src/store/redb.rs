@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, BoxError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
@@ -91,21 +91,6 @@ impl RedbStore {
         let writer = Writer::spawn("apikeys-redb-writer", Arc::clone(&database))
             .map_err(|source| OpenError::Other { path: path.to_owned(), source: source.into() })?;
         Ok(Self { location: path.display().to_string(), database, writer })
-    }
-
-    /// Stores many records in one durable transaction, with no active-key limit: for imports
-    /// from another system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any
-    /// id or digest is already present.
-    pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.write("import", move |transaction| {
-            records.iter().try_for_each(|record| insert_record(transaction, record))
-        })
-        .await
-    }
-
-    /// Whether the store holds no key at all, revoked and expired ones included.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        self.read("is_empty", |transaction| Ok(transaction.open_table(RECORDS)?.is_empty()?))
     }
 
     /// The record with this digest: verification's read, on the caller's thread.
@@ -357,6 +342,64 @@ fn write_last_used(transaction: &redb::WriteTransaction, uses: &[LocatedUse]) ->
 /// The range of `BY_ACCOUNT` keys that belong to `account`.
 fn account_range(account: &str) -> std::ops::RangeInclusive<(&str, i64, &'static [u8; 16])> {
     (account, i64::MIN, &[0u8; 16])..=(account, i64::MAX, &[0xffu8; 16])
+}
+
+#[async_trait]
+impl Maintenance for RedbStore {
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        self.read("is_empty", |transaction| Ok(transaction.open_table(RECORDS)?.is_empty()?))
+    }
+
+    /// In one durable transaction.
+    async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        self.write("import", move |transaction| {
+            records.iter().try_for_each(|record| insert_record(transaction, record))
+        })
+        .await
+    }
+
+    /// In pieces of [`PURGE_PIECE`] records, each its own write transaction.
+    async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let before = unix_micros(before);
+        let mut purged = 0;
+        loop {
+            let deleted = self.write("purge", move |transaction| purge_piece(transaction, before)).await?;
+            purged += deleted as u64;
+            if deleted < PURGE_PIECE {
+                return Ok(purged);
+            }
+        }
+    }
+}
+
+/// How many records one purge transaction deletes at most.
+const PURGE_PIECE: usize = 1024;
+
+/// Deletes up to [`PURGE_PIECE`] records revoked or expired before `before` (Unix µs), from all
+/// three tables; returns how many.
+fn purge_piece(transaction: &redb::WriteTransaction, before: i64) -> Result<usize, WriteError> {
+    let mut records = transaction.open_table(RECORDS)?;
+    let mut ids = transaction.open_table(IDS)?;
+    let mut by_account = transaction.open_table(BY_ACCOUNT)?;
+    let mut doomed = Vec::new();
+    for entry in records.iter()? {
+        let (digest, value) = entry?;
+        let value = StoredValue::copy(value.value());
+        if value.revoked_at.is_some_and(|at| at < before) || value.expires_at.is_some_and(|at| at < before) {
+            doomed.push((*digest.value(), value));
+            if doomed.len() == PURGE_PIECE {
+                break;
+            }
+        }
+    }
+    for (digest, value) in &doomed {
+        records.remove(digest)?;
+        ids.remove(&value.id)?;
+        if value.revoked_at.is_none() {
+            by_account.remove((value.account.as_str(), value.created_at, &value.id))?;
+        }
+    }
+    Ok(doomed.len())
 }
 
 #[async_trait]

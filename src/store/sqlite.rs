@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, KeyRecord, KeyStore, OpenError, Roll, StoreError};
+use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
@@ -25,8 +25,14 @@ use crate::token::KeyPrefix;
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
 const SCHEMA_VERSION: i64 = 2;
-/// How long a statement waits for another process's write lock before failing.
+/// How long a write waits for another process's write lock before failing: on the writer
+/// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read of a file waits when it is locked (in WAL mode only while another process
+/// recovers or restarts the log): reads run on the caller's thread, which may be an async
+/// executor's, so a busy file is [`StoreError::Busy`] after this rather than a stalled executor.
+/// A database in memory has no log, so its readers wait for the writer, as long as a write may.
+const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(10);
 /// How much of the file readers map into memory.
 const MMAP_SIZE: i64 = 1 << 30;
 /// What the write-ahead log is cut back to when it starts over: twice the ~4 MB it reaches between
@@ -143,28 +149,6 @@ impl SqliteStore {
         let writer = Writer::spawn("apikeys-sqlite-writer", writer)
             .map_err(|source| OpenError::Other { path: target.path(), source: source.into() })?;
         Ok(Self { location: target.path().display().to_string(), readers, anchor, writer })
-    }
-
-    /// Stores many records in one durable transaction, with no active-key limit: for imports
-    /// from another system and for benchmarks. All or nothing; [`StoreError::Duplicate`] if any
-    /// id or digest is already present.
-    pub async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.write("import", true, move |connection| {
-            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for record in &records {
-                insert_row(&transaction, record)?;
-            }
-            transaction.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Whether the store holds no key at all, revoked and expired ones included.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        self.read("is_empty", |connection| {
-            connection.query_row("SELECT NOT EXISTS (SELECT 1 FROM api_keys)", [], |row| row.get(0))
-        })
     }
 
     fn failed(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
@@ -409,7 +393,11 @@ impl Target {
             Self::Memory(name) => Connection::open_with_flags(format!("file:{name}?vfs=memdb"), flags),
         }
         .map_err(|error| self.open_error(error))?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(|error| self.open_error(error))?;
+        let busy_timeout = match self {
+            Self::File(_) if read_only => READ_BUSY_TIMEOUT,
+            _ => BUSY_TIMEOUT,
+        };
+        connection.busy_timeout(busy_timeout).map_err(|error| self.open_error(error))?;
         if read_only {
             connection.pragma_update(None, "query_only", true).map_err(|error| self.open_error(error))?;
             // Pages are read through a memory map instead of a read() per page.
@@ -547,7 +535,10 @@ impl SqliteStore {
         let result = result.map_err(|source| {
             StoreError::from(BackendError::new("sqlite", self.location.clone(), operation, source))
         })?;
-        result.map_err(self.failed(operation))
+        result.map_err(|error| match error.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
+            _ => self.failed(operation)(error),
+        })
     }
 }
 
@@ -680,6 +671,54 @@ impl KeyStore for SqliteStore {
     }
 }
 
+/// How many records one purge transaction deletes at most, so that other writes wait for one
+/// piece, not for the whole purge.
+const PURGE_PIECE: i64 = 1024;
+
+#[async_trait]
+impl Maintenance for SqliteStore {
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        self.read("is_empty", |connection| {
+            connection.query_row("SELECT NOT EXISTS (SELECT 1 FROM api_keys)", [], |row| row.get(0))
+        })
+    }
+
+    /// In one durable transaction.
+    async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
+        self.write("import", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for record in &records {
+                insert_row(&transaction, record)?;
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// In pieces of [`PURGE_PIECE`] records, each its own writer job.
+    async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let before = unix_micros(before);
+        let mut purged = 0;
+        loop {
+            let deleted = self
+                .write("purge", false, move |connection| {
+                    Ok(connection
+                        .prepare_cached(
+                            "DELETE FROM api_keys WHERE digest IN (SELECT digest FROM api_keys \
+                             WHERE revoked_at < ?1 OR expires_at < ?1 LIMIT ?2)",
+                        )?
+                        .execute(params![before, PURGE_PIECE])?)
+                })
+                .await?;
+            purged += deleted as u64;
+            if deleted < PURGE_PIECE as usize {
+                return Ok(purged);
+            }
+        }
+    }
+}
+
 /// Fails with [`StoreError::LimitReached`] if `max_active` of the account's keys, `except` aside,
 /// count towards its limit at `now`.
 fn check_limit(
@@ -773,6 +812,19 @@ mod tests {
         let count: i64 =
             store.read("test", |c| c.query_row("SELECT count(*) FROM api_keys", [], |row| row.get(0))).unwrap();
         assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn reads_of_a_file_wait_milliseconds_for_a_lock_and_then_say_busy() {
+        let dir = std::env::temp_dir().join(format!("apikeys-busy-{}", Uuid::now_v7()));
+        std::fs::create_dir(&dir).unwrap();
+        let store = SqliteStore::open(dir.join("keys.db")).unwrap();
+        let waits: i64 = store.read("test", |c| c.query_row("PRAGMA busy_timeout", [], |row| row.get(0))).unwrap();
+        assert_eq!(waits, READ_BUSY_TIMEOUT.as_millis() as i64);
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+        assert!(matches!(store.read("test", |_| Err::<(), _>(busy)), Err(StoreError::Busy)));
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
-use crate::store::{KeyRecord, KeyStore, Roll, StoreError};
+use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyPrefix;
 
 /// A base time with microseconds, to catch a store that rounds them away.
@@ -548,6 +548,88 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         }
     })
     .await;
+}
+
+// The checks of the optional `Maintenance` capability, run by `maintenance_tests!`.
+
+/// A time long before any other check's, so that a purge here deletes only this check's records
+/// even in a store the checks share.
+const LONG_AGO: OffsetDateTime = datetime!(2000-01-01 00:00:00.654321 UTC);
+
+pub async fn purge_deletes_exactly_the_records_revoked_or_expired_before_the_instant(store: &dyn Maintenance) {
+    let account = account();
+    let before = LONG_AGO + Duration::days(10);
+    let at = |days: i64| LONG_AGO + Duration::days(days);
+    let mut revoked_before = record(&account, at(0));
+    revoked_before.revoked_at = Some(at(1));
+    let mut expired_before = record(&account, at(0));
+    expired_before.expires_at = Some(at(2));
+    let mut revoked_after = record(&account, at(0));
+    revoked_after.revoked_at = Some(at(11));
+    let mut expires_at_the_instant = record(&account, at(0));
+    expires_at_the_instant.expires_at = Some(before);
+    let active = record(&account, at(0));
+    let kept = [revoked_after, expires_at_the_instant, active];
+    store
+        .import([revoked_before.clone(), expired_before.clone()].into_iter().chain(kept.clone()).collect())
+        .await
+        .unwrap();
+    assert!(!store.is_empty().await.unwrap());
+    assert_eq!(store.purge(before).await.unwrap(), 2, "one revoked and one expired before the instant");
+    for gone in [&revoked_before, &expired_before] {
+        assert_eq!(found(store, &gone.digest).await, None, "a purged record is gone");
+        assert_eq!(store.find_by_id(&account, &gone.id).await.unwrap(), None, "from the id index too");
+    }
+    for record in &kept {
+        assert_eq!(find(store, record).await, *record, "a record not due is untouched");
+    }
+    let mut listed = vec![kept[1].id, kept[2].id];
+    listed.sort();
+    assert_eq!(listed_ids(store, &account, at(3)).await, listed, "the account's active keys are still listed");
+    assert_eq!(store.purge(before).await.unwrap(), 0, "a second purge finds nothing");
+}
+
+pub async fn import_stores_all_or_nothing(store: &dyn Maintenance) {
+    let account = account();
+    let first: Vec<KeyRecord> = (0..3).map(|i| record(&account, T0 + Duration::seconds(i))).collect();
+    store.import(first.clone()).await.unwrap();
+    for record in &first {
+        assert_eq!(find(store, record).await, *record);
+    }
+    let fresh = record(&account, T0 + Duration::seconds(10));
+    let refused = store.import(vec![fresh.clone(), first[1].clone()]).await;
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
+    assert_eq!(found(store, &fresh.digest).await, None, "nothing of a refused import is stored");
+    let twice = record(&account, T0 + Duration::seconds(11));
+    let refused = store.import(vec![twice.clone(), twice.clone()]).await;
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "a record repeated within the import: {refused:?}");
+    assert!(!store.is_empty().await.unwrap());
+}
+
+/// Runs every check of the [`Maintenance`] capability against a store made by an async
+/// expression, one `#[tokio::test]` per check, as [`conformance_tests!`](crate::conformance_tests)
+/// does for [`KeyStore`].
+#[macro_export]
+macro_rules! maintenance_tests {
+    (optional $make_store:expr) => {
+        $crate::maintenance_tests!(@each $make_store;
+            purge_deletes_exactly_the_records_revoked_or_expired_before_the_instant,
+            import_stores_all_or_nothing,
+        );
+    };
+    (@each $make_store:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let ::core::option::Option::Some(fixture) = $make_store.await else { return };
+                let store: &dyn $crate::Maintenance = &*fixture;
+                $crate::testing::conformance::$check(store).await;
+            }
+        )*
+    };
+    ($make_store:expr) => {
+        $crate::maintenance_tests!(optional async { ::core::option::Option::Some($make_store.await) });
+    };
 }
 
 /// Runs every check of the suite against a store made by an async expression, one `#[tokio::test]`
