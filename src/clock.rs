@@ -14,8 +14,8 @@ pub trait Clock: Debug + Send + Sync + 'static {
 
     /// Now, in whole microseconds since the Unix epoch: what verification compares with expiry
     /// and notes as lastUsedAt. The default converts [`now`](Self::now); a clock that can tell
-    /// without building a calendar date should override it ([`SystemClock`] does, which saves
-    /// a third of reading the clock on every verification). Must agree with `now`.
+    /// without building a calendar date should override it, as [`SystemClock`] does, since
+    /// verification reads the clock every time. Must agree with `now`.
     fn now_unix_micros(&self) -> i64 {
         unix_micros(self.now())
     }

@@ -216,7 +216,7 @@ mod tests {
             "ak_81j9zxkp4qbc7n3m8td5e6fvg2",  // overflows 128 bits
             "ak_01J9ZXKP4QBC7N3M8TD5E6FVG2",  // uppercase
             "ak_01j9zxkp4qbc7n3m8td5e6fvgu",  // 'u' is not Crockford
-            "ak_02k0aylq5rcd8o4n9ue6f7gwh3",  // the seed's second id uses l, o, u
+            "ak_02k0aylq5rcd8o4n9ue6f7gwh3",  // the documented second example id uses l, o, u
             "xk_01j9zxkp4qbc7n3m8td5e6fvg2",
             "01j9zxkp4qbc7n3m8td5e6fvg2",
             "ak_01j9zxkp4qbc7n3m8td5e6fvé",

@@ -82,7 +82,7 @@ pub struct CreatedKey {
 }
 
 impl CreatedKey {
-    /// The advice that goes with a new key, as in the seed's response.
+    /// The advice that goes with a new key, in the create response.
     pub const MESSAGE: &'static str = "Store this key securely. It will not be shown again.";
 }
 
@@ -108,7 +108,7 @@ pub struct PreviousKey {
     pub expires_at: OffsetDateTime,
 }
 
-/// A key as lists show it: metadata only. With feature `serde` it serializes as the seed's list
+/// A key as lists show it: metadata only. With feature `serde` it serializes as the API's list
 /// item, `{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}` with times in RFC 3339,
 /// plus `scopes`, and `rotatedFrom` / `replacedBy` where a roll set them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +193,7 @@ impl AuthenticatedKey {
     }
 
     /// Whether this key may make, roll or revoke a key like `record`: one with no scope this key
-    /// lacks and no later expiry than this key's (SPEC §10).
+    /// lacks and no later expiry than this key's: a key never grants more than it has.
     pub fn can_manage(&self, record: &KeyRecord) -> bool {
         self.covers(&record.scopes, record.expires_at)
     }

@@ -1,4 +1,4 @@
-//! [`Scopes`]: what a key may do, as a set of grants (SPEC §10).
+//! [`Scopes`]: what a key may do, as a set of grants.
 //!
 //! A *scope* names one permission, e.g. `orders:read`: 1 to 8 segments joined by `:`, each a
 //! lowercase letter followed by up to 31 lowercase letters, digits, `_` or `-`, at most 128

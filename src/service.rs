@@ -1,4 +1,4 @@
-//! [`KeyService`]: every rule of SPEC §4 lives here, over any [`KeyStore`].
+//! [`KeyService`]: every rule lives here, over any [`KeyStore`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -180,7 +180,7 @@ impl<S: KeyStore> KeyService<S> {
         self.insert(key, record).await
     }
 
-    /// Rolls the key `id` of the caller's account (SPEC §10): makes a new key with its name,
+    /// Rolls the key `id` of the caller's account: makes a new key with its name,
     /// scopes and expiry, and lets the old one live only `grace` longer (never longer than it
     /// would have). Needs scope `keys:write`, and the old key must be one the caller
     /// [can manage](AuthenticatedKey::can_manage). A key may roll itself with a grace period
@@ -412,7 +412,7 @@ impl<S: KeyStore> Inner<S> {
                 None => return Err(Rejection::Unknown),
             },
         };
-        // Unix microseconds, not a calendar time: reading the clock this way costs a third less.
+        // Unix microseconds, not a calendar time: no date to build on the hot path.
         let now = self.clock.now_unix_micros();
         if record.revoked_at.is_some() {
             return Err(Rejection::Revoked);

@@ -1,4 +1,4 @@
-//! The token format of SPEC §2: `{namespace}_{environment}_v1_{body}`.
+//! The token format: `{namespace}_{environment}_v1_{body}`.
 //!
 //! The body is 32 base32 characters of 160 random bits from the operating system, followed by 7
 //! base32 characters of the CRC32 of everything before them. The checksum lets [`KeyFormat::parse`]

@@ -1,4 +1,4 @@
-//! The seed's HTTP API as an axum [`Router`], and authentication for the host's own routes
+//! The account API-key endpoints as an axum [`Router`], and authentication for the host's own routes
 //! (feature `http`).
 //!
 //! | request | success | errors |
@@ -9,7 +9,7 @@
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
-//! Scopes (SPEC §10): listing needs `keys:read`, the other key routes `keys:write`; keys made
+//! Scopes: listing needs `keys:read`, the other key routes `keys:write`; keys made
 //! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
 //! than itself; a created key inherits the caller's scopes and expiry unless it names narrower
 //! ones.

@@ -58,7 +58,7 @@ impl MemoryStore {
     }
 
     /// How many records the store holds, revoked and expired ones included.
-    pub fn len(&self) -> usize {
+    pub fn record_count(&self) -> usize {
         self.index().hash_of.len()
     }
 
@@ -146,7 +146,7 @@ impl MemoryStore {
 #[async_trait]
 impl Maintenance for MemoryStore {
     async fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.len() == 0)
+        Ok(self.record_count() == 0)
     }
 
     async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
@@ -179,7 +179,7 @@ impl Maintenance for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryStore").field("keys", &self.len()).finish()
+        f.debug_struct("MemoryStore").field("keys", &self.record_count()).finish()
     }
 }
 

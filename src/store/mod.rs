@@ -27,6 +27,8 @@ mod redb;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "redb"))]
+mod stored;
+#[cfg(any(feature = "sqlite", feature = "redb"))]
 mod writer;
 
 pub use crate::error::{BackendError, BoxError, StoreError};
@@ -172,10 +174,8 @@ impl Roll {
     }
 }
 
-/// Where keys live. Implement it to add a backend; run [`conformance`] (feature `test-util`)
-/// against it to check the contract below.
-///
-/// [`conformance`]: crate::testing::conformance
+/// Where keys live. Implement it to add a backend; run the conformance suite of
+/// `apikeys::testing` (feature `test-util`) against it to check the contract below.
 ///
 /// Contract, for every method:
 /// - Each call is atomic: it happens entirely or not at all, and a concurrent call sees it

@@ -8,16 +8,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
+use super::stored::StoredFields;
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
-use crate::clock::{from_unix_micros, unix_micros};
+use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
-use crate::name::KeyName;
-use crate::scope::Scopes;
-use crate::token::KeyPrefix;
 
 /// The schema this build writes and the newest it reads.
 const SCHEMA_VERSION: u64 = 2;
@@ -269,22 +266,21 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
         rotated_from,
         replaced_by,
     ) = value;
-    let key_id = |id: &[u8; 16]| KeyId::from_uuid(Uuid::from_bytes(*id));
-    let time = |micros: i64| from_unix_micros(micros).ok_or("invalid time in record");
-    Ok(KeyRecord {
-        id: key_id(id),
-        account: AccountId::new(account)?,
-        digest: Digest::from_bytes(digest).ok_or("invalid digest in record")?,
-        prefix: KeyPrefix::new(prefix)?,
-        name: name.map(KeyName::new).transpose()?,
-        created_at: time(created_at)?,
-        expires_at: expires_at.map(time).transpose()?,
-        last_used_at: last_used_at.map(time).transpose()?,
-        revoked_at: revoked_at.map(time).transpose()?,
-        scopes: Scopes::from_text(scopes).ok_or("invalid scopes in record")?,
-        rotated_from: rotated_from.map(key_id),
-        replaced_by: replaced_by.map(key_id),
-    })
+    let fields = StoredFields {
+        id: *id,
+        account,
+        digest,
+        prefix,
+        name,
+        created_at,
+        expires_at,
+        last_used_at,
+        revoked_at,
+        scopes,
+        rotated_from: rotated_from.copied(),
+        replaced_by: replaced_by.copied(),
+    };
+    Ok(fields.decode()?)
 }
 
 fn is_active(expires_at: Option<i64>, revoked_at: Option<i64>, now: i64) -> bool {
@@ -358,7 +354,7 @@ impl Maintenance for RedbStore {
         .await
     }
 
-    /// In pieces of [`PURGE_PIECE`] records, each its own write transaction.
+    /// In pieces of 1,024 records, each its own write transaction.
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
         let mut purged = 0;

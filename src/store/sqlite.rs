@@ -11,15 +11,13 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::stored::StoredFields;
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
-use crate::clock::{from_unix_micros, unix_micros};
+use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
-use crate::name::KeyName;
-use crate::scope::Scopes;
 use crate::spread::{CachePadded, thread_number};
-use crate::token::KeyPrefix;
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
@@ -93,9 +91,11 @@ const LIST_ACTIVE: &str = concat!(
 ///   Each read sees every write committed before it started, in any process. While the process
 ///   reads, one more connection keeps a read transaction open, which holds SQLite's WAL read
 ///   lock for the whole process: reads then skip the two system calls each would make for it,
-///   which were half a point read's time and made concurrent readers queue. It is let go before
-///   each write, when the process stops reading, and while another process writes, so that it
-///   never keeps another process's log from being checkpointed and starting over.
+///   a large part of a point read's time, on which concurrent readers would queue. It is let go
+///   before each write, when the process stops reading, and while another process writes, so
+///   that it never keeps another process's log from being checkpointed and starting over.
+///   A read waits at most a few milliseconds for a locked file, then fails with
+///   [`StoreError::Busy`].
 /// - **Writes** run on one dedicated thread that owns the write connection, so a commit waiting
 ///   for fsync never blocks the caller's async executor. Creates and revocations commit with
 ///   `synchronous=FULL`: acknowledged means on disk. lastUsedAt batches commit with
@@ -192,10 +192,9 @@ const ANCHOR_REFRESH: Duration = Duration::from_millis(25);
 /// In WAL mode every read transaction takes a shared lock on a read mark in the `-shm` file and
 /// releases it when it ends. SQLite's unix VFS makes each of those an `fcntl` system call, under
 /// a mutex shared by every connection of the process, unless another connection of the process
-/// already holds that lock. So a lone point read paid two system calls, about half its time on
-/// a VM, and two threads reading at once queued on that mutex and slept: two threads verified
-/// no faster than one. While the anchor holds the read mark that reads of the newest commit use,
-/// readers find it held and make neither call.
+/// already holds that lock: a point read would pay two system calls, a large part of its time,
+/// and concurrent readers would queue on that mutex. While the anchor holds the read mark that
+/// reads of the newest commit use, readers find it held and make neither call.
 ///
 /// The anchor never changes what a read sees: each read still starts a transaction of its own on
 /// the newest commit. But a held read mark keeps checkpoints from copying later commits into the
@@ -207,11 +206,10 @@ const ANCHOR_REFRESH: Duration = Duration::from_millis(25);
 /// - every [`ANCHOR_REFRESH`], the writer thread moves it to the newest commit if anything was
 ///   read since the last time, and lets it go if nothing was: an idle process holds no mark;
 /// - if another process committed since the last refresh, it is let go for [`ANCHOR_PAUSE`]
-///   refreshes (1 s): a mark held while another process writes on and on, even one moved every
-///   100 ms, kept that process's log from ever starting over (50 MB after 3,000 commits while
-///   this process read; 4 MB with no anchor). With the pause the log stays near 4 MB, as without
-///   an anchor, and a lone process, or one beside a CLI that writes now and then, keeps the
-///   anchor nearly always.
+///   refreshes (1 s): a mark held while another process writes on and on, even one moved often,
+///   would keep that process's log from ever starting over. With the pause the log stays as short
+///   as without an anchor, and a lone process, or one beside a CLI that writes now and then, keeps
+///   the anchor nearly always.
 struct Anchor {
     connection: Mutex<Connection>,
     /// What the anchor knew at the last refresh, to tell another process's commits from ours.
@@ -544,32 +542,22 @@ impl SqliteStore {
 
 /// A record from a row, reading text and blobs in place (one allocation each for account and name).
 fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
-    fn invalid(column: usize, what: &str) -> rusqlite::Error {
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Blob, format!("invalid {what}").into())
-    }
-    let time = |column: usize| -> rusqlite::Result<Option<OffsetDateTime>> {
-        row.get::<_, Option<i64>>(column)?
-            .map(|micros| from_unix_micros(micros).ok_or_else(|| invalid(column, "time")))
-            .transpose()
+    let fields = StoredFields {
+        id: row.get(0)?,
+        account: row.get_ref(1)?.as_str()?,
+        digest: row.get_ref(2)?.as_blob()?,
+        prefix: row.get_ref(3)?.as_str()?,
+        name: row.get_ref(4)?.as_str_or_null()?,
+        created_at: row.get(5)?,
+        expires_at: row.get(6)?,
+        last_used_at: row.get(7)?,
+        revoked_at: row.get(8)?,
+        scopes: row.get_ref(9)?.as_str()?,
+        rotated_from: row.get(10)?,
+        replaced_by: row.get(11)?,
     };
-    let id: [u8; 16] = row.get(0)?;
-    let name = row.get_ref(4)?.as_str_or_null()?;
-    let key_id = |column: usize| -> rusqlite::Result<Option<KeyId>> {
-        Ok(row.get::<_, Option<[u8; 16]>>(column)?.map(|id| KeyId::from_uuid(Uuid::from_bytes(id))))
-    };
-    Ok(KeyRecord {
-        id: KeyId::from_uuid(Uuid::from_bytes(id)),
-        account: AccountId::new(row.get_ref(1)?.as_str()?).map_err(|_| invalid(1, "account"))?,
-        digest: Digest::from_bytes(row.get_ref(2)?.as_blob()?).ok_or_else(|| invalid(2, "digest"))?,
-        prefix: KeyPrefix::new(row.get_ref(3)?.as_str()?).map_err(|_| invalid(3, "prefix"))?,
-        name: name.map(KeyName::new).transpose().map_err(|_| invalid(4, "name"))?,
-        created_at: time(5)?.ok_or_else(|| invalid(5, "created_at"))?,
-        expires_at: time(6)?,
-        last_used_at: time(7)?,
-        revoked_at: time(8)?,
-        scopes: Scopes::from_text(row.get_ref(9)?.as_str()?).ok_or_else(|| invalid(9, "scopes"))?,
-        rotated_from: key_id(10)?,
-        replaced_by: key_id(11)?,
+    fields.decode().map_err(|invalid| {
+        rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
     })
 }
 
@@ -696,7 +684,7 @@ impl Maintenance for SqliteStore {
         .await
     }
 
-    /// In pieces of [`PURGE_PIECE`] records, each its own writer job.
+    /// In pieces of 1,024 records, each its own writer job.
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
         let mut purged = 0;

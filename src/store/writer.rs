@@ -103,13 +103,8 @@ pub(crate) type LocatedUse = ([u8; Digest::LEN], i64);
 /// create or revocation queued meanwhile waits for one piece, never for the whole batch; and in
 /// the table's own order, so that pieces change mostly different leaf pages. `locate` finds the
 /// digest of each use of a piece (leaving out unknown ids); `write` writes a piece of located
-/// uses, one per key, the newest.
-///
-/// In a one-off harness at 1 M keys, a batch of 100,000 uses as one transaction took 1.9–2.2 s on SQLite and 1.9 s on
-/// redb, and a create queued behind it waited as long. In pieces in id order SQLite took 3.9 s,
-/// each checkpoint copying pages that later pieces changed again. In pieces in table order it
-/// takes about as long as one transaction on SQLite and 1.2–1.4 s on redb, and creates meanwhile
-/// wait 52 ms at most on SQLite and 15 ms on redb.
+/// uses, one per key, the newest. (Pieces in id order would each change pages scattered over the
+/// whole table, which later pieces change again; docs/performance.md has the figures.)
 pub(crate) async fn write_last_used_in_pieces<Locating, Writing>(
     uses: &[(KeyId, OffsetDateTime)],
     locate: impl Fn(Vec<(KeyId, OffsetDateTime)>) -> Locating,

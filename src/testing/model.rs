@@ -111,7 +111,7 @@ struct ModelKey {
     account: usize,
     token: String,
     prefix: crate::KeyPrefix,
-    name: Option<String>,
+    name: Option<crate::KeyName>,
     created_at: OffsetDateTime,
     expires_at: Option<OffsetDateTime>,
     revoked: bool,
@@ -126,7 +126,7 @@ impl ModelKey {
         !self.revoked && self.expires_at.is_none_or(|expiry| now < expiry)
     }
 
-    /// SPEC §10: no scope `self` lacks, no later expiry.
+    /// No scope `self` lacks, no later expiry: a key never grants more than it has.
     fn can_manage(&self, scopes: &Scopes, expires_at: Option<OffsetDateTime>) -> bool {
         scopes.is_within(&self.scopes)
             && match (expires_at, self.expires_at) {
@@ -135,20 +135,6 @@ impl ModelKey {
                 (Some(theirs), Some(mine)) => theirs <= mine,
             }
     }
-}
-
-/// A listed key, as the model expects it.
-#[derive(Debug, PartialEq, Eq)]
-struct Row {
-    id: KeyId,
-    prefix: crate::KeyPrefix,
-    name: Option<String>,
-    expires_at: Option<OffsetDateTime>,
-    created_at: OffsetDateTime,
-    last_used_at: Option<OffsetDateTime>,
-    scopes: Scopes,
-    rotated_from: Option<KeyId>,
-    replaced_by: Option<KeyId>,
 }
 
 struct Model {
@@ -176,7 +162,7 @@ impl Model {
         &mut self,
         created: &crate::CreatedKey,
         account: usize,
-        name: Option<String>,
+        name: Option<crate::KeyName>,
         rotated_from: Option<KeyId>,
     ) -> Result<(), String> {
         let token = created.key.expose_secret().to_owned();
@@ -204,13 +190,13 @@ impl Model {
         (!self.keys.is_empty()).then(|| index % self.keys.len())
     }
 
-    fn expected_list(&self, account: usize) -> Vec<Row> {
+    fn expected_list(&self, account: usize) -> Vec<ApiKey> {
         let now = self.now();
         let mut keys: Vec<&ModelKey> =
             self.keys.iter().filter(|key| key.account == account && key.is_active(now)).collect();
         keys.sort_by_key(|key| (key.created_at, key.id));
         keys.iter()
-            .map(|key| Row {
+            .map(|key| ApiKey {
                 id: key.id,
                 prefix: key.prefix,
                 name: key.name.clone(),
@@ -223,25 +209,6 @@ impl Model {
             })
             .collect()
     }
-}
-
-fn listed(keys: &[ApiKey]) -> Vec<Row> {
-    keys.iter()
-        .map(|key| {
-            let name = key.name.as_ref().map(|name| name.to_string());
-            Row {
-                id: key.id,
-                prefix: key.prefix,
-                name,
-                expires_at: key.expires_at,
-                created_at: key.created_at,
-                last_used_at: key.last_used_at,
-                scopes: key.scopes.clone(),
-                rotated_from: key.rotated_from,
-                replaced_by: key.replaced_by,
-            }
-        })
-        .collect()
 }
 
 /// Applies `ops` to a service over `store` and to the model, comparing every outcome and every
@@ -267,7 +234,7 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
         }
         for account in 0..ACCOUNTS {
             let keys = service.list(&model.accounts[account]).await.map_err(|error| format!("list: {error}"))?;
-            ensure_eq!(listed(&keys), model.expected_list(account), "list of account {} after {:?}", account, op);
+            ensure_eq!(keys, model.expected_list(account), "list of account {} after {:?}", account, op);
         }
     }
     for key in &model.keys {
@@ -290,7 +257,7 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let Ok(key_name) = name.as_deref().map(crate::KeyName::new).transpose() else {
                 return Ok(());
             };
-            let request = NewKey { name: key_name, expires_at, scopes: scopes.clone() };
+            let request = NewKey { name: key_name.clone(), expires_at, scopes: scopes.clone() };
             let outcome = service.create(&model.accounts[*account], request).await;
             if expires_at.is_some_and(|expiry| expiry <= now) {
                 ensure!(
@@ -304,7 +271,7 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                 let created = outcome.map_err(|error| format!("create failed: {error}"))?;
                 ensure_eq!(created.scopes, scopes.unwrap_or_default());
                 ensure_eq!(created.expires_at, expires_at);
-                model.add(&created, *account, name.clone(), None)?;
+                model.add(&created, *account, key_name, None)?;
             }
         }
         Op::CreateAs { caller, expires_in, scopes } => {
@@ -490,7 +457,7 @@ fn expect_roll(
     ensure_eq!(rolled.previous.expires_at, old_expires_at);
     ensure_eq!(rolled.key.scopes, old.scopes);
     ensure_eq!(rolled.key.expires_at, old.expires_at);
-    ensure_eq!(rolled.key.name.as_ref().map(|name| name.to_string()), old.name);
+    ensure_eq!(rolled.key.name, old.name);
     let (account, name, old_id) = (old.account, old.name.clone(), old.id);
     model.add(&rolled.key, account, name, Some(old_id))?;
     let old = &mut model.keys[target];
