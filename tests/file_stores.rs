@@ -14,7 +14,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore, OpenError, RedbStore, SqliteStore, StoreError};
+use apikeys::{
+    AccountId, Digest, KeyId, KeyRecord, KeyStore, Maintenance, OpenError, RedbStore, SqliteStore, StoreError,
+};
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,23 +366,19 @@ fn sqlite_store_with_a_key(account: &str) -> (tempfile::TempDir, std::path::Path
 #[test]
 fn sqlite_lets_another_process_checkpoint_its_writes_within_moments() {
     let (_dir, path, store, key) = sqlite_store_with_a_key("anchored");
-    runtime().block_on(store.find_by_digest(&key.digest)).unwrap();
+    let found = runtime().block_on(store.find_by_digest(&key.digest)).unwrap();
+    assert_eq!(found.as_ref(), Some(&key), "the store reads its key, and so holds its anchor");
 
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE scratch (x)").unwrap();
     for i in 0..20 {
         other.execute("INSERT INTO scratch VALUES (?1)", [i]).unwrap();
     }
-    let started = std::time::Instant::now();
-    loop {
+    support::wait_until("another process's checkpoint to copy the whole log (the store to let its anchor go)", || {
         let (log, copied): (i64, i64) =
             other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get(1)?, row.get(2)?))).unwrap();
-        if copied == log {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "the store holds back a checkpoint: {copied} of {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        copied == log
+    });
     assert_eq!(runtime().block_on(store.find_by_digest(&key.digest)).unwrap(), Some(key), "and reads on");
 }
 
@@ -398,7 +396,8 @@ fn sqlite_reading_on_does_not_let_another_process_log_grow_without_bound() {
         scope.spawn(|| {
             let runtime = runtime();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                runtime.block_on(store.find_by_digest(&key.digest)).unwrap().unwrap();
+                let found = runtime.block_on(store.find_by_digest(&key.digest)).unwrap();
+                assert_eq!(found.as_ref(), Some(&key), "a read beside the other process's commits");
             }
         });
         for i in 0..3_000 {
@@ -712,7 +711,18 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
     v1.check(&RedbStore::open(&redb_path).unwrap()).await;
-    drop(RedbStore::open(&redb_path).unwrap()); // opens again as version 2
+    // Opened again, the upgraded file still holds both keys…
+    let reopened = RedbStore::open(&redb_path).unwrap();
+    for expected in [&v1.active, &v1.revoked] {
+        let found = reopened.find_by_digest(&expected.digest).await.unwrap();
+        assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
+    }
+    drop(reopened);
+    // …and records version 2, as the SQLite file does.
+    let database = redb::Database::open(&redb_path).unwrap();
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
+    let table = redb::ReadableDatabase::begin_read(&database).unwrap().open_table(meta).unwrap();
+    assert_eq!(table.get("schema_version").unwrap().map(|version| version.value()), Some(2));
 }
 
 #[test]
@@ -737,14 +747,32 @@ fn a_corrupt_file_gives_errors_never_panics() {
         std::fs::write(&path, &bytes).unwrap();
         let _ = std::fs::remove_file(path.with_extension("db-wal"));
         // Opening may fail, or reads may fail: either way typed errors, and no panic.
-        if let Ok(store) = backend.open(&path) {
-            runtime().block_on(async {
+        // Opening may fail, or reads may fail: either way typed errors, and no panic. A read that
+        // succeeds gives what was written: never another key's record, never "no such key".
+        let reported = match backend.open(&path) {
+            Err(error) => {
+                assert_eq!(error.path(), path, "{backend:?}: the error names the file: {error}");
+                true
+            }
+            Ok(store) => runtime().block_on(async {
+                let mut failed_reads = 0;
                 for key in &records {
-                    let _ = store.find_by_digest(&key.digest).await;
+                    match store.find_by_digest(&key.digest).await {
+                        Ok(found) => assert_eq!(found.as_ref(), Some(key), "{backend:?}: a read of a corrupt file"),
+                        Err(error) => {
+                            assert!(matches!(error, StoreError::Backend(_)), "{backend:?}: {error:?}");
+                            failed_reads += 1;
+                        }
+                    }
                 }
-                let _ = store.list_active(&account, OffsetDateTime::now_utc()).await;
-            });
-        }
+                match store.list_active(&account, OffsetDateTime::now_utc()).await {
+                    Ok(listed) => assert!(listed.iter().all(|key| records.contains(key)), "{backend:?}: {listed:?}"),
+                    Err(error) => assert!(matches!(error, StoreError::Backend(_)), "{backend:?}: {error:?}"),
+                }
+                failed_reads > 0
+            }),
+        };
+        assert!(reported, "{backend:?}: half the file is garbage, and neither opening nor any read said so");
     }
 }
 
@@ -761,10 +789,10 @@ fn import_stores_everything_or_nothing() {
     runtime().block_on(async {
         sqlite.import(first.clone()).await.unwrap();
         redb.import(first.clone()).await.unwrap();
-        memory.import(first.clone()).unwrap();
+        memory.import(first.clone()).await.unwrap();
         assert!(matches!(sqlite.import(second.clone()).await, Err(StoreError::Duplicate)));
         assert!(matches!(redb.import(second.clone()).await, Err(StoreError::Duplicate)));
-        assert!(matches!(memory.import(second.clone()), Err(StoreError::Duplicate)));
+        assert!(matches!(memory.import(second.clone()).await, Err(StoreError::Duplicate)));
         let stores: [&dyn KeyStore; 3] = [&sqlite, &redb, &memory];
         for store in stores {
             for key in &first {
@@ -800,7 +828,7 @@ fn imported_times_read_back_to_the_microsecond_from_every_store() {
     runtime().block_on(async {
         sqlite.import(vec![imported.clone()]).await.unwrap();
         redb.import(vec![imported.clone()]).await.unwrap();
-        memory.import(vec![imported.clone()]).unwrap();
+        memory.import(vec![imported.clone()]).await.unwrap();
         let stores: [&dyn KeyStore; 3] = [&sqlite, &redb, &memory];
         for store in stores {
             let found = store.find_by_digest(&imported.digest).await.unwrap();

@@ -586,9 +586,10 @@ async fn once_a_revoke_has_answered_no_request_started_later_gets_in() {
     let targets = Arc::new(targets);
     let revoked_at: Arc<Mutex<Vec<Option<std::time::Instant>>>> = Arc::new(Mutex::new(vec![None; targets.len()]));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let verifiers: Vec<_> = (0..2)
         .map(|worker| {
-            let (server, targets, done) = (server.clone(), targets.clone(), done.clone());
+            let (server, targets, done, answered) = (server.clone(), targets.clone(), done.clone(), answered.clone());
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut after_done = 0;
@@ -609,13 +610,19 @@ async fn once_a_revoke_has_answered_no_request_started_later_gets_in() {
                         .await
                         .unwrap();
                     seen.push((target, started, response.status()));
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 seen
             })
         })
         .collect();
     for (index, (_, id)) in targets.iter().enumerate() {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // Requests run between the revocations, and during them.
+        let so_far = answered.load(std::sync::atomic::Ordering::SeqCst);
+        support::eventually("the verifiers to answer more requests before the next revocation", || {
+            answered.load(std::sync::atomic::Ordering::SeqCst) >= so_far + 10
+        })
+        .await;
         let (status, _) = server.delete(&id.to_string(), &admin).send().await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         revoked_at.lock().unwrap()[index] = Some(std::time::Instant::now());

@@ -1,9 +1,13 @@
-//! Shared by the integration tests: a store wrapper that counts and fails calls, and the
-//! model-based test of the service that every backend runs.
+//! Shared by the integration tests: a store wrapper that counts and fails calls, the
+//! model-based test of the service that every backend runs, property runs that count the
+//! branches they reach, the PostgreSQL server's probe, and waiting for a condition.
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod child;
+#[cfg(feature = "test-util")]
 pub mod model;
+pub mod postgres;
+pub mod property;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +37,32 @@ impl<S> std::ops::Deref for InTempDir<S> {
     type Target = S;
     fn deref(&self) -> &S {
         &self.store
+    }
+}
+
+/// How long a test waits for what should happen within moments: generous, so that a loaded
+/// machine does not fail a correct test, and bounded, so that a broken one fails instead of hanging.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a waiting test looks again.
+const POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Waits until `condition` holds, looking every few milliseconds and letting the runtime's other
+/// tasks run in between; panics, naming what it waited for, if it does not hold within
+/// [`PATIENCE`]. For tests that would otherwise sleep and hope.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < PATIENCE, "waited {PATIENCE:?} in vain for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for a thread outside any runtime.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < PATIENCE, "waited {PATIENCE:?} in vain for {what}");
+        std::thread::sleep(POLL);
     }
 }
 
