@@ -85,7 +85,7 @@ pub enum TokenError {
     /// A version other than `v1`.
     #[error("unsupported version")]
     Version,
-    /// The checksum does not match: a typo, a truncated copy or a forgery.
+    /// The checksum does not match: a typo, a truncated copy or a made-up string.
     #[error("wrong checksum")]
     Checksum,
 }

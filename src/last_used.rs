@@ -4,7 +4,8 @@
 //! are written: by a flusher task when one runs, else by the verifications that find a write
 //! due, each writing one small piece (so none waits for a whole batch) and leaving the next
 //! piece due at once. A key costs at most one store write per interval however often it is
-//! used, and a crash loses at most one interval of lastUsedAt, never a key or a revocation.
+//! used (a round of pieces holds each key once; uses during a round wait for the next), and a
+//! crash loses only lastUsedAt noted since the last write, never a key or a revocation.
 //! `list` overlays the noted times, so it always shows the newest time the service knows.
 //!
 //! Noting a use appends to a short buffer instead of updating a per-key map: a map entry of a
@@ -18,7 +19,7 @@
 //! reader every buffer) takes the map's lock first and then the buffer's, so a use noted by a
 //! verification that has returned is always in a buffer or in the map, and a reader sees it.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::OffsetDateTime;
@@ -51,6 +52,9 @@ pub(crate) struct LastUsed {
     /// Batches taken and neither written nor put back: while there are any, times they hold
     /// are kept in the map for readers, whatever else is forgotten.
     in_flight: AtomicUsize,
+    /// How many times written entries were forgotten: a reader that saw it change while it read
+    /// the store reads again, as the store may have had a time only after the read.
+    forgotten: AtomicU64,
 }
 
 /// A use of a key at a time in Unix microseconds, as buffered.
@@ -60,8 +64,11 @@ type Use = (KeyId, i64);
 struct Noted {
     /// The newest use of each key, in Unix microseconds, and whether it awaits a write.
     at: PrehashedMap<KeyId, Entry>,
-    /// The keys whose entry awaits a write, each once: a batch takes from the end.
+    /// The keys whose entry awaits a write and that the current round does not hold, each once.
     dirty: Vec<KeyId>,
+    /// The keys of the round being written piece by piece: what was dirty when it began. Keys
+    /// noted meanwhile wait in `dirty` for the next round, so a round always ends.
+    round: Vec<KeyId>,
     /// How many entries are written and kept only for readers.
     clean: usize,
 }
@@ -83,6 +90,7 @@ impl LastUsed {
             buffers: std::array::from_fn(|_| CachePadded(Mutex::new(Vec::with_capacity(BUFFERED)))),
             noted: Mutex::default(),
             in_flight: AtomicUsize::new(0),
+            forgotten: AtomicU64::new(0),
         }
     }
 
@@ -125,29 +133,57 @@ impl LastUsed {
                 .is_ok()
     }
 
-    /// Takes up to `max` times not yet written, as a [`Batch`] that puts them back unless it
-    /// was written.
-    pub(crate) fn take_batch(&self, max: usize) -> Batch<'_> {
+    /// The next piece of the current round, up to `max` times, as a [`Batch`] that puts them back
+    /// unless it was written. With no round under way, one begins with every time not yet
+    /// written; times noted during a round wait for the next one.
+    pub(crate) fn take_piece(&self, max: usize) -> Batch<'_> {
+        self.take(|noted| {
+            if noted.round.is_empty() {
+                noted.round = std::mem::take(&mut noted.dirty);
+            }
+            let piece = noted.round.split_off(noted.round.len().saturating_sub(max));
+            (piece, !noted.round.is_empty())
+        })
+    }
+
+    /// Every time not yet written, the current round's and any other, as one [`Batch`].
+    pub(crate) fn take_all(&self) -> Batch<'_> {
+        self.take(|noted| {
+            let mut all = std::mem::take(&mut noted.round);
+            all.append(&mut noted.dirty);
+            (all, false)
+        })
+    }
+
+    /// Takes the keys `choose` picks (and whether it left a round unfinished), marking them
+    /// written.
+    fn take(&self, choose: impl FnOnce(&mut Noted) -> (Vec<KeyId>, bool)) -> Batch<'_> {
         let mut noted = self.folded();
         // Forget entries the store has once they are half the map, and only while no batch is
         // in flight (its times are in the store, or back in the map): each entry is forgotten
-        // for the cost of keeping one other, and a reader never loses a time in between.
+        // for the cost of keeping one other, and the times in flight stay visible to readers.
         if noted.clean > 0 && noted.clean * 2 >= noted.at.len() && self.in_flight.load(Ordering::Acquire) == 0 {
             noted.at.retain(|_, entry| entry.dirty);
             noted.clean = 0;
+            self.forgotten.fetch_add(1, Ordering::AcqRel);
         }
-        let Noted { at, dirty, clean } = &mut *noted;
-        let taken = dirty.split_off(dirty.len().saturating_sub(max));
+        let (taken, more) = choose(&mut noted);
         let mut uses = Vec::with_capacity(taken.len());
         for id in taken {
-            if let Some(entry) = at.get_mut(&id) {
+            if let Some(entry) = noted.at.get_mut(&id) {
                 entry.dirty = false;
-                *clean += 1;
                 uses.extend(from_unix_micros(entry.at).map(|at| (id, at)));
+                noted.clean += 1;
             }
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Batch { last_used: self, uses, more: !dirty.is_empty(), written: false }
+        Batch { last_used: self, uses, more, written: false }
+    }
+
+    /// A number that changes whenever written times are forgotten: a reader that read the store
+    /// while it changed reads again.
+    pub(crate) fn forgotten(&self) -> u64 {
+        self.forgotten.load(Ordering::Acquire)
     }
 
     /// Puts back a batch the store failed to write, to be retried with the next one.
@@ -166,7 +202,8 @@ impl LastUsed {
 
     /// How many noted times the store has not been given yet.
     pub(crate) fn pending(&self) -> usize {
-        self.folded().dirty.len()
+        let noted = self.folded();
+        noted.dirty.len() + noted.round.len()
     }
 
     /// Appends a use to this thread's buffer, first folding the buffer into the map when it is
@@ -200,7 +237,7 @@ impl LastUsed {
 pub(crate) struct Batch<'a> {
     last_used: &'a LastUsed,
     uses: Vec<(KeyId, OffsetDateTime)>,
-    /// Times were left for another batch.
+    /// The round it belongs to has more pieces.
     more: bool,
     written: bool,
 }
@@ -210,7 +247,7 @@ impl Batch<'_> {
         &self.uses
     }
 
-    /// Whether times were left for another batch when this one was taken.
+    /// Whether its round has more pieces to write.
     pub(crate) fn left_more(&self) -> bool {
         self.more
     }
@@ -238,7 +275,7 @@ fn fold(noted: &mut Noted, uses: impl IntoIterator<Item = Use>) {
 
 /// Keeps the newer of `at` and the time already noted for `id`, to be written.
 fn note(noted: &mut Noted, id: KeyId, at: i64) {
-    let Noted { at: entries, dirty, clean } = noted;
+    let Noted { at: entries, dirty, clean, .. } = noted;
     let entry = entries.entry(id).or_insert_with(|| {
         dirty.push(id);
         Entry { at, dirty: true }
@@ -271,7 +308,7 @@ mod tests {
     impl LastUsed {
         /// Every time not yet written, taken as written.
         fn take_dirty(&self) -> Vec<(KeyId, OffsetDateTime)> {
-            let batch = self.take_batch(usize::MAX);
+            let batch = self.take_all();
             let uses = batch.uses().to_vec();
             batch.written();
             uses
@@ -394,7 +431,7 @@ mod tests {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let key = id();
         last_used.note(key, unix_micros(T0));
-        drop(last_used.take_batch(usize::MAX));
+        drop(last_used.take_all());
         assert_eq!(last_used.pending(), 1);
         assert_eq!(last_used.take_dirty(), vec![(key, T0)]);
     }
@@ -406,7 +443,7 @@ mod tests {
         keys.iter().for_each(|key| _ = last_used.note(*key, unix_micros(T0)));
         let mut written = Vec::new();
         for expected_more in [true, true, false] {
-            let batch = last_used.take_batch(2);
+            let batch = last_used.take_piece(2);
             assert!(batch.uses().len() <= 2);
             assert_eq!(batch.left_more(), expected_more);
             written.extend(batch.uses().iter().map(|(key, _)| *key));
@@ -420,15 +457,37 @@ mod tests {
     }
 
     #[test]
+    fn a_round_ends_however_busy_keys_are_used_again_meanwhile() {
+        let last_used = LastUsed::new(std::time::Duration::from_secs(60));
+        let keys: Vec<KeyId> = (0..6).map(|_| id()).collect();
+        keys.iter().for_each(|key| _ = last_used.note(*key, unix_micros(T0)));
+        let mut pieces = 0;
+        loop {
+            let piece = last_used.take_piece(2);
+            pieces += 1;
+            let more = piece.left_more();
+            piece.written();
+            // Every key is used again between pieces: those uses are for the next round.
+            keys.iter().for_each(|key| _ = last_used.note(*key, unix_micros(T0 + Duration::seconds(pieces))));
+            if !more {
+                break;
+            }
+            assert!(pieces < 10, "the round never ends");
+        }
+        assert_eq!(pieces, 3, "six keys in pieces of two");
+        assert_eq!(last_used.pending(), keys.len(), "the uses during the round wait for the next");
+    }
+
+    #[test]
     fn times_of_a_batch_in_flight_stay_visible_to_readers() {
         let last_used = LastUsed::new(std::time::Duration::from_secs(60));
         let (first, second) = (id(), id());
         last_used.note(first, unix_micros(T0));
         last_used.take_dirty();
         last_used.note(second, unix_micros(T0));
-        let in_flight = last_used.take_batch(usize::MAX);
+        let in_flight = last_used.take_all();
         // A second batch while the first is being written would forget written entries.
-        drop(last_used.take_batch(usize::MAX));
+        drop(last_used.take_all());
         assert_eq!(last_used.newest([second].into_iter()), vec![Some(T0)]);
         in_flight.written();
     }

@@ -21,18 +21,22 @@
 //!
 //! # Where things are
 //!
-//! - Values: [`KeyFormat`] and [`KeyPrefix`] (the token format), [`KeyId`], [`AccountId`],
-//!   [`KeyName`], [`Scopes`], [`Digest`] and [`Pepper`], [`Clock`].
+//! - Values: [`KeyFormat`], [`Environment`], [`KeyPrefix`] and [`TokenParts`] (the token
+//!   format), [`KeyId`], [`AccountId`], [`KeyName`], [`Scopes`], [`Digest`], [`DigestScheme`] and
+//!   [`Pepper`], and the [`Clock`] ([`SystemClock`], or [`ManualClock`] for tests).
 //! - The service: [`KeyService`], its [`KeyServiceBuilder`], and [`Verifier`] (verification with
 //!   the store's type erased).
-//! - What callers see: [`NewKey`], [`CreatedKey`], [`ApiKey`], [`AuthenticatedKey`], [`RolledKey`].
+//! - What callers see: [`NewKey`], [`CreatedKey`], [`ApiKey`], [`AuthenticatedKey`],
+//!   [`RolledKey`] and [`PreviousKey`]. Nothing but [`CreatedKey`] holds a token, in a
+//!   [`SecretToken`].
 //! - Errors: [`Error`], [`Rejection`] (why a token was refused), [`ValidationError`],
-//!   [`StoreError`], [`OpenError`].
-//! - [`store`]: the [`KeyStore`] trait, the optional [`Maintenance`] capability, and the
-//!   backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and `PostgresStore` behind the
-//!   features of the same names.
+//!   [`TokenError`], [`RandomError`], [`StoreError`], [`OpenError`].
+//! - [`store`]: the [`KeyStore`] trait and its [`KeyRecord`], the optional [`Maintenance`]
+//!   capability, and the backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and
+//!   `PostgresStore` behind the features of the same names.
 //! - `http` (feature `http`): the account API-key endpoints as an axum router, an extractor and
 //!   layers that authenticate the host's own routes, and the OpenAPI document.
+//! - `telemetry` (feature `metrics`): verification counters and latency.
 //! - `testing` (feature `test-util`): the conformance suite for stores, and the service model.
 //!
 //! Features are additive and none is on by default. The design, the operations guide, the

@@ -9,7 +9,7 @@ use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, Rejection, ValidationError};
 use crate::id::{AccountId, KeyId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
-use crate::last_used::LastUsed;
+use crate::last_used::{Batch, LastUsed};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
@@ -213,12 +213,22 @@ impl<S: KeyStore> KeyService<S> {
 
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
     pub async fn list(&self, account: &AccountId) -> Result<Vec<ApiKey>, Error> {
-        let records = self.inner.store.list_active(account, self.now()).await.map_err(Error::Store)?;
-        let mut keys: Vec<ApiKey> = records.into_iter().map(ApiKey::from).collect();
-        if let Some(last_used) = &self.inner.last_used {
+        let read = || async { self.inner.store.list_active(account, self.now()).await.map_err(Error::Store) };
+        let Some(last_used) = &self.inner.last_used else {
+            return Ok(read().await?.into_iter().map(ApiKey::from).collect());
+        };
+        // A time forgotten between the store's read and the overlay's was written before it was
+        // forgotten, but perhaps after the read: then both are read again.
+        let mut keys = Vec::new();
+        for _ in 0..LIST_ATTEMPTS {
+            let forgotten = last_used.forgotten();
+            keys = read().await?.into_iter().map(ApiKey::from).collect();
             let noted = last_used.newest(keys.iter().map(|key| key.id));
             for (key, noted) in keys.iter_mut().zip(noted) {
                 key.last_used_at = key.last_used_at.max(noted);
+            }
+            if last_used.forgotten() == forgotten {
+                break;
             }
         }
         Ok(keys)
@@ -268,7 +278,9 @@ impl<S: KeyStore> KeyService<S> {
         if revoked { Ok(()) } else { Err(Error::NotFound) }
     }
 
-    /// Writes every lastUsedAt noted since the last write. Call it before shutdown.
+    /// Writes every lastUsedAt noted since the last write. Call it before shutdown, once the last
+    /// request has finished: a piece that a verification is writing at that moment is its own,
+    /// and is not waited for.
     pub async fn flush(&self) -> Result<(), Error> {
         self.inner.flush().await
     }
@@ -443,36 +455,36 @@ impl<S: KeyStore> Inner<S> {
         if !last_used.note(id, now_micros) {
             return;
         }
-        let batch = last_used.take_batch(INLINE_PIECE);
-        if !batch.uses().is_empty() {
-            // On failure, or if this future is dropped part-way, `batch` puts its times back.
-            if let Err(error) = self.store.record_last_used(batch.uses()).await {
-                warn_unwritten(&error);
-                return;
-            }
-        }
-        let more = batch.left_more();
-        batch.written();
-        if more {
-            last_used.due_now();
+        match self.write(last_used.take_piece(INLINE_PIECE)).await {
+            Ok(true) => last_used.due_now(),
+            Ok(false) => {}
+            Err(error) => warn_unwritten(&error),
         }
     }
 
     /// Writes every noted time.
     async fn flush(&self) -> Result<(), Error> {
-        let Some(last_used) = &self.last_used else {
-            return Ok(());
-        };
-        let batch = last_used.take_batch(usize::MAX);
-        if batch.uses().is_empty() {
-            return Ok(());
+        match &self.last_used {
+            Some(last_used) => self.write(last_used.take_all()).await.map(drop).map_err(Error::Store),
+            None => Ok(()),
         }
-        // On failure, or if this future is dropped part-way, `batch` puts its times back.
-        self.store.record_last_used(batch.uses()).await.map_err(Error::Store)?;
+    }
+
+    /// Writes a batch; whether its round has more pieces. On failure, or if this future is
+    /// dropped part-way, the batch puts its times back.
+    async fn write(&self, batch: Batch<'_>) -> Result<bool, StoreError> {
+        if !batch.uses().is_empty() {
+            self.store.record_last_used(batch.uses()).await?;
+        }
+        let more = batch.left_more();
         batch.written();
-        Ok(())
+        Ok(more)
     }
 }
+
+/// How often `list` reads the store while written lastUsedAt times are being forgotten, before
+/// it settles for its last read: forgetting happens at most once per piece written.
+const LIST_ATTEMPTS: usize = 3;
 
 /// How many lastUsedAt times a verification writes when it finds a write due: one small piece
 /// (a few milliseconds on a file store of a million keys), so no verification waits for a batch.
@@ -505,6 +517,11 @@ impl Verifier {
     /// As [`KeyService::verify`].
     pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
         self.0.verify(token).await
+    }
+
+    /// Whether both verify for the same service (clones of one [`KeyService`]).
+    pub fn is(&self, other: &Verifier) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.0), Arc::as_ptr(&other.0))
     }
 }
 

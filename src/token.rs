@@ -2,7 +2,7 @@
 //!
 //! The body is 32 base32 characters of 160 random bits from the operating system, followed by 7
 //! base32 characters of the CRC32 of everything before them. The checksum lets [`KeyFormat::parse`]
-//! reject typos and forgeries without a store read, and lets secret scanners recognise a leaked
+//! reject typos and random strings without a store read, and lets secret scanners recognise a leaked
 //! key offline ([`TokenParts::parse`]). Pure code, no I/O: this is the fuzzed surface.
 
 use std::borrow::Cow;

@@ -830,3 +830,56 @@ async fn scopes_are_enforced_and_never_escalated() {
     let narrow_id = listed["data"][1]["id"].as_str().unwrap().to_owned();
     assert_eq!(server.delete(&narrow_id, &admin_key).send().await.0, StatusCode::NO_CONTENT);
 }
+
+/// Serves `app` on a free port of the loopback; its base URL.
+async fn serve_app(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// The status of `GET {base}{path}` with this key.
+async fn status_of(base: &str, path: &str, key: &str) -> u16 {
+    let response = reqwest::Client::new().get(format!("{base}{path}")).header("x-api-key", key).send().await.unwrap();
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn a_host_state_shared_in_an_arc_authenticates_its_routes() {
+    let service = KeyService::builder(MemoryStore::new(), live()).build();
+    let created = service.create(&AccountId::new("acme").unwrap(), NewKey::default()).await.unwrap();
+    struct Shared {
+        keys: KeyService<MemoryStore>,
+    }
+    impl FromRef<Shared> for apikeys::Verifier {
+        fn from_ref(state: &Shared) -> Self {
+            state.keys.verifier()
+        }
+    }
+    let app = Router::new().route("/whoami", get(whoami)).with_state(Arc::new(Shared { keys: service }));
+    let base = serve_app(app).await;
+    assert_eq!(status_of(&base, "/whoami", created.key.expose_secret()).await, 200);
+    assert_eq!(status_of(&base, "/whoami", "as_live_v1_not-a-key").await, 401);
+}
+
+#[tokio::test]
+async fn a_key_verified_by_one_service_is_verified_again_by_another() {
+    let account = AccountId::new("acme").unwrap();
+    let (first, second) = (
+        KeyService::builder(MemoryStore::new(), live()).build(),
+        KeyService::builder(MemoryStore::new(), live()).build(),
+    );
+    let key_of_first = first.create(&account, NewKey::default()).await.unwrap();
+    // The first service's layer in front of a route that the second service authenticates.
+    let app = Router::new()
+        .route("/whoami", get(whoami))
+        .with_state(second.clone())
+        .layer(axum::middleware::from_fn_with_state(first.clone(), require_api_key::<KeyService<MemoryStore>>));
+    let base = serve_app(app).await;
+    assert_eq!(
+        status_of(&base, "/whoami", key_of_first.key.expose_secret()).await,
+        401,
+        "the second service does not know the key, whatever the first one's layer said"
+    );
+}

@@ -75,7 +75,11 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        if let Some(Verified(caller)) = parts.extensions.get::<Verified>() {
+        let verifier = Verifier::from_ref(state);
+        // A key verified by another service (another router's layer) is verified again here.
+        if let Some(Verified(caller, by)) = parts.extensions.get::<Verified>()
+            && by.is(&verifier)
+        {
             return Ok(Some(Self(caller.clone())));
         }
         let Some(header) = parts.headers.get(X_API_KEY) else {
@@ -83,19 +87,20 @@ where
         };
         // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
         let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
-        let caller = Verifier::from_ref(state).verify(token).await?;
+        let caller = verifier.verify(token).await?;
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
             let _ = slot.0.set(caller.id);
         }
-        parts.extensions.insert(Verified(caller.clone()));
+        parts.extensions.insert(Verified(caller.clone(), verifier));
         parts.extensions.insert(caller.clone());
         Ok(Some(Self(caller)))
     }
 }
 
-/// The key this crate verified for the request; private, so that no other code can plant one.
+/// The key this crate verified for the request, and the service that verified it; private, so
+/// that no other code can plant one.
 #[derive(Clone)]
-struct Verified(AuthenticatedKey);
+struct Verified(AuthenticatedKey, Verifier);
 
 /// A layer function that requires a valid key on every route it wraps, for a group of routes:
 /// `router.route_layer(axum::middleware::from_fn_with_state(state, require_api_key::<AppState>))`,
@@ -157,6 +162,17 @@ impl FromRef<ScopeGuard> for Verifier {
 impl<S: KeyStore> FromRef<KeyService<S>> for Verifier {
     fn from_ref(service: &KeyService<S>) -> Self {
         service.verifier()
+    }
+}
+
+/// A host state shared as `Arc<AppState>`, the usual shape, gives the verifier its `AppState`
+/// gives (a host cannot write this impl itself: neither the trait nor `Arc` is its own).
+impl<S: Send + Sync> FromRef<Arc<S>> for Verifier
+where
+    Verifier: FromRef<S>,
+{
+    fn from_ref(state: &Arc<S>) -> Self {
+        Verifier::from_ref(&**state)
     }
 }
 

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::error::{Error, Rejection, ValidationError};
+use crate::error::{Error, Rejection, StoreError, ValidationError};
 
 /// An error response: a status, a stable snake_case code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +72,10 @@ impl IntoResponse for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> Self {
         match rejection {
+            Rejection::Store(StoreError::Busy) => {
+                tracing::warn!("key store busy during verification");
+                Self::unavailable()
+            }
             Rejection::Store(error) => {
                 let error: &dyn std::error::Error = &error;
                 tracing::error!(error, "key store failed during verification");
@@ -108,6 +112,10 @@ impl From<Error> for ApiError {
                 Self::new(StatusCode::FORBIDDEN, "insufficient_scope", error.to_string())
             }
             Error::ScopeEscalation => Self::new(StatusCode::FORBIDDEN, "scope_escalation", error.to_string()),
+            Error::Store(StoreError::Busy) => {
+                tracing::warn!("key store busy");
+                Self::unavailable()
+            }
             Error::Store(ref source) => {
                 let source: &dyn std::error::Error = source;
                 tracing::error!(error = source, "key store failed");

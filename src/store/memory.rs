@@ -62,22 +62,12 @@ impl MemoryStore {
         self.index().hash_of.len()
     }
 
-    /// Removes a record from its shard and from both indexes, under the index lock the caller holds.
-    fn remove(&self, index: &mut Index, id: &KeyId) {
-        let Some(hash) = index.hash_of.remove(id) else { return };
-        let mut shard = self.write(hash);
-        if let Ok(entry) = shard.find_entry(hash, |record| record.id == *id) {
-            let (record, _) = entry.remove();
-            if let Some(ids) = index.unrevoked_of_account.get_mut(&record.account) {
-                ids.retain(|kept| kept != id);
-            }
-        }
-    }
-
     fn add(&self, index: &mut Index, record: KeyRecord) {
         let hash = record.digest.prehash();
         index.hash_of.insert(record.id, hash);
-        index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
+        if record.revoked_at.is_none() {
+            index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
+        }
         self.write(hash).insert_unique(hash, record, |record| record.digest.prehash());
     }
 
@@ -165,14 +155,16 @@ impl Maintenance for MemoryStore {
 
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let mut index = self.index();
-        let ids: Vec<KeyId> = index.hash_of.keys().copied().collect();
-        let purged: Vec<KeyId> = ids
-            .into_iter()
-            .filter(|id| self.with_id(&index, id, |record| purged_at(record, before)) == Some(true))
-            .collect();
-        for id in &purged {
-            self.remove(&mut index, id);
+        let mut purged = HashSet::new();
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|record| !(purged_at(record, before) && purged.insert(record.id)));
         }
+        index.hash_of.retain(|id, _| !purged.contains(id));
+        index.unrevoked_of_account.retain(|_, ids| {
+            ids.retain(|id| !purged.contains(id));
+            !ids.is_empty()
+        });
         Ok(purged.len() as u64)
     }
 }

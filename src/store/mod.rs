@@ -184,7 +184,8 @@ impl Roll {
 ///   power loss) and visible to every later call, in this process and in any other process or
 ///   machine that shares the store. [`record_last_used`](Self::record_last_used) is exempt from
 ///   durability: losing one costs only metadata.
-/// - Ids and digests are unique among all records ever stored, revoked ones included.
+/// - Ids and digests are unique among the records held, revoked ones included (a purged record's
+///   are gone with it; a new id or digest never repeats one, being random).
 /// - Timestamps are UTC with microsecond precision and come back exactly as stored.
 /// - A record is *active* at `now` when [`KeyRecord::is_active`] says so.
 #[async_trait]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -354,48 +355,49 @@ impl Maintenance for RedbStore {
         .await
     }
 
-    /// In pieces of 1,024 records, each its own write transaction.
+    /// In pieces, each its own write transaction (see `writer::purge_in_pieces`).
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        let mut purged = 0;
-        loop {
-            let deleted = self.write("purge", move |transaction| purge_piece(transaction, before)).await?;
-            purged += deleted as u64;
-            if deleted < PURGE_PIECE {
-                return Ok(purged);
-            }
-        }
+        writer::purge_in_pieces(|after| self.write("purge", move |transaction| purge_piece(transaction, before, after)))
+            .await
     }
 }
 
-/// How many records one purge transaction deletes at most.
-const PURGE_PIECE: usize = 1024;
-
-/// Deletes up to [`PURGE_PIECE`] records revoked or expired before `before` (Unix µs), from all
-/// three tables; returns how many.
-fn purge_piece(transaction: &redb::WriteTransaction, before: i64) -> Result<usize, WriteError> {
+/// Deletes, of the [`writer::PURGE_PIECE`] records after `after` in digest order, those revoked
+/// or expired before `before` (Unix µs), from all three tables.
+fn purge_piece(
+    transaction: &redb::WriteTransaction,
+    before: i64,
+    after: Option<[u8; Digest::LEN]>,
+) -> Result<writer::PurgedPiece, WriteError> {
     let mut records = transaction.open_table(RECORDS)?;
     let mut ids = transaction.open_table(IDS)?;
     let mut by_account = transaction.open_table(BY_ACCOUNT)?;
-    let mut doomed = Vec::new();
-    for entry in records.iter()? {
-        let (digest, value) = entry?;
-        let value = StoredValue::copy(value.value());
-        if value.revoked_at.is_some_and(|at| at < before) || value.expires_at.is_some_and(|at| at < before) {
-            doomed.push((*digest.value(), value));
-            if doomed.len() == PURGE_PIECE {
-                break;
+    let mut looked_at = 0;
+    let mut last = None;
+    let mut due = Vec::new();
+    {
+        let range = match &after {
+            Some(after) => records.range::<&[u8; Digest::LEN]>((Bound::Excluded(after), Bound::Unbounded))?,
+            None => records.range::<&[u8; Digest::LEN]>(..)?,
+        };
+        for entry in range.take(writer::PURGE_PIECE) {
+            let (digest, value) = entry?;
+            let digest = *digest.value();
+            let (id, account, _, _, created_at, expires_at, _, revoked_at, ..) = value.value();
+            if revoked_at.is_some_and(|at| at < before) || expires_at.is_some_and(|at| at < before) {
+                due.push((digest, *id, account.to_owned(), created_at));
             }
+            (looked_at, last) = (looked_at + 1, Some(digest));
         }
     }
-    for (digest, value) in &doomed {
+    for (digest, id, account, created_at) in &due {
         records.remove(digest)?;
-        ids.remove(&value.id)?;
-        if value.revoked_at.is_none() {
-            by_account.remove((value.account.as_str(), value.created_at, &value.id))?;
-        }
+        ids.remove(id)?;
+        by_account.remove((account.as_str(), *created_at, id))?;
     }
-    Ok(doomed.len())
+    let resume = if looked_at == writer::PURGE_PIECE { last } else { None };
+    Ok((due.len() as u64, resume))
 }
 
 #[async_trait]
@@ -561,7 +563,10 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
     );
     records.insert(digest, value)?;
     ids.insert(id, digest)?;
-    by_account.insert((record.account.as_str(), created_at, id), digest)?;
+    // The account index holds only keys not revoked (an import may bring revoked ones).
+    if record.revoked_at.is_none() {
+        by_account.insert((record.account.as_str(), created_at, id), digest)?;
+    }
     Ok(())
 }
 

@@ -659,10 +659,6 @@ impl KeyStore for SqliteStore {
     }
 }
 
-/// How many records one purge transaction deletes at most, so that other writes wait for one
-/// piece, not for the whole purge.
-const PURGE_PIECE: i64 = 1024;
-
 #[async_trait]
 impl Maintenance for SqliteStore {
     async fn is_empty(&self) -> Result<bool, StoreError> {
@@ -684,27 +680,52 @@ impl Maintenance for SqliteStore {
         .await
     }
 
-    /// In pieces of 1,024 records, each its own writer job.
+    /// In pieces, each its own writer job (see `writer::purge_in_pieces`), committed as lastUsedAt
+    /// is: a purge lost to a power cut leaves only records that were already revoked or expired.
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        let mut purged = 0;
-        loop {
-            let deleted = self
-                .write("purge", false, move |connection| {
-                    Ok(connection
-                        .prepare_cached(
-                            "DELETE FROM api_keys WHERE digest IN (SELECT digest FROM api_keys \
-                             WHERE revoked_at < ?1 OR expires_at < ?1 LIMIT ?2)",
-                        )?
-                        .execute(params![before, PURGE_PIECE])?)
-                })
-                .await?;
-            purged += deleted as u64;
-            if deleted < PURGE_PIECE as usize {
-                return Ok(purged);
+        writer::purge_in_pieces(|after| {
+            self.write("purge", false, move |connection| Ok(purge_piece(connection, before, after)?))
+        })
+        .await
+    }
+}
+
+/// Deletes, of the [`writer::PURGE_PIECE`] records after `after` in digest order, those revoked
+/// or expired before `before` (Unix µs), in one transaction.
+fn purge_piece(
+    connection: &mut Connection,
+    before: i64,
+    after: Option<[u8; Digest::LEN]>,
+) -> rusqlite::Result<writer::PurgedPiece> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut looked_at = 0;
+    let mut last = None;
+    let mut due = Vec::new();
+    {
+        let mut next = transaction.prepare_cached(
+            "SELECT digest, coalesce(revoked_at < ?1, 0) OR coalesce(expires_at < ?1, 0) FROM api_keys \
+             WHERE digest > ?2 ORDER BY digest LIMIT ?3",
+        )?;
+        let after: &[u8] = after.as_ref().map_or(&[], |digest| &digest[..]);
+        let mut rows = next.query(params![before, after, writer::PURGE_PIECE as i64])?;
+        while let Some(row) = rows.next()? {
+            let digest: [u8; Digest::LEN] = row.get(0)?;
+            if row.get::<_, bool>(1)? {
+                due.push(digest);
             }
+            (looked_at, last) = (looked_at + 1, Some(digest));
         }
     }
+    {
+        let mut delete = transaction.prepare_cached("DELETE FROM api_keys WHERE digest = ?1")?;
+        for digest in &due {
+            delete.execute([&digest[..]])?;
+        }
+    }
+    transaction.commit()?;
+    let resume = if looked_at == writer::PURGE_PIECE { last } else { None };
+    Ok((due.len() as u64, resume))
 }
 
 /// Fails with [`StoreError::LimitReached`] if `max_active` of the account's keys, `except` aside,

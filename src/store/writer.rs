@@ -127,6 +127,34 @@ where
     Ok(())
 }
 
+/// How many records one purge job looks at, in the table's order: a piece that holds up other
+/// writes for a moment whatever the table's size.
+pub(crate) const PURGE_PIECE: usize = 4096;
+
+/// What one purge job did: how many records it deleted, and the digest to resume after (`None`
+/// once it reached the end of the table).
+pub(crate) type PurgedPiece = (u64, Option<[u8; Digest::LEN]>);
+
+/// Purges in pieces, each its own job on the writer thread that looks at the next
+/// [`PURGE_PIECE`] records after the last one the job before it looked at: the whole purge reads
+/// the table once, and a create or revocation queued meanwhile waits for one piece.
+pub(crate) async fn purge_in_pieces<Purging>(
+    purge: impl Fn(Option<[u8; Digest::LEN]>) -> Purging,
+) -> Result<u64, StoreError>
+where
+    Purging: Future<Output = Result<PurgedPiece, StoreError>>,
+{
+    let (mut purged, mut after) = (0, None);
+    loop {
+        let (deleted, resume) = purge(after).await?;
+        purged += deleted;
+        match resume {
+            Some(last) => after = Some(last),
+            None => return Ok(purged),
+        }
+    }
+}
+
 fn stopped() -> StoreError {
     StoreError::backend("the store's writer thread stopped, or the write panicked")
 }

@@ -13,7 +13,9 @@
 //! ```
 //!
 //! The expression is a future of anything that dereferences to a store, so a fixture can keep a
-//! temporary directory alive next to the store.
+//! temporary directory alive next to the store. A store that also implements the optional
+//! [`Maintenance`](crate::Maintenance) capability runs its checks (import, purge) with
+//! [`maintenance_tests!`](crate::maintenance_tests), which takes the same expression.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::collections::BTreeSet;
@@ -570,12 +572,25 @@ pub async fn purge_deletes_exactly_the_records_revoked_or_expired_before_the_ins
     expires_at_the_instant.expires_at = Some(before);
     let active = record(&account, at(0));
     let kept = [revoked_after, expires_at_the_instant, active];
-    store
-        .import([revoked_before.clone(), expired_before.clone()].into_iter().chain(kept.clone()).collect())
-        .await
-        .unwrap();
+    // Many more, so that a store that purges in pieces must go through several.
+    let many: Vec<KeyRecord> = (0..9_000)
+        .map(|i| {
+            let mut record = record(&account, at(0));
+            if i % 2 == 0 {
+                record.revoked_at = Some(at(1));
+            } else {
+                record.expires_at = Some(at(3));
+            }
+            record
+        })
+        .collect();
+    let due = [revoked_before.clone(), expired_before.clone()].into_iter().chain(many.iter().cloned());
+    store.import(due.chain(kept.clone()).collect()).await.unwrap();
     assert!(!store.is_empty().await.unwrap());
-    assert_eq!(store.purge(before).await.unwrap(), 2, "one revoked and one expired before the instant");
+    assert_eq!(store.purge(before).await.unwrap(), 2 + 9_000, "every record revoked or expired before the instant");
+    for gone in [&many[0], &many[4_501], &many[8_999]] {
+        assert_eq!(found(store, &gone.digest).await, None, "a purged record is gone");
+    }
     for gone in [&revoked_before, &expired_before] {
         assert_eq!(found(store, &gone.digest).await, None, "a purged record is gone");
         assert_eq!(store.find_by_id(&account, &gone.id).await.unwrap(), None, "from the id index too");
@@ -612,20 +627,10 @@ pub async fn import_stores_all_or_nothing(store: &dyn Maintenance) {
 #[macro_export]
 macro_rules! maintenance_tests {
     (optional $make_store:expr) => {
-        $crate::maintenance_tests!(@each $make_store;
+        $crate::conformance_tests!(@each $crate::Maintenance; $make_store;
             purge_deletes_exactly_the_records_revoked_or_expired_before_the_instant,
             import_stores_all_or_nothing,
         );
-    };
-    (@each $make_store:expr; $($check:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                let ::core::option::Option::Some(fixture) = $make_store.await else { return };
-                let store: &dyn $crate::Maintenance = &*fixture;
-                $crate::testing::conformance::$check(store).await;
-            }
-        )*
     };
     ($make_store:expr) => {
         $crate::maintenance_tests!(optional async { ::core::option::Option::Some($make_store.await) });
@@ -643,7 +648,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@all $make_store);
     };
     (@all $make_store:expr) => {
-        $crate::conformance_tests!(@each $make_store;
+        $crate::conformance_tests!(@each $crate::KeyStore; $make_store;
             insert_then_find_by_digest_returns_the_same_record,
             find_by_an_unknown_digest_is_none,
             insert_refuses_a_duplicate_id,
@@ -675,12 +680,13 @@ macro_rules! conformance_tests {
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
         );
     };
-    (@each $make_store:expr; $($check:ident),* $(,)?) => {
+    // One test per check, each over the store as the trait the checks take.
+    (@each $trait:path; $make_store:expr; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 let ::core::option::Option::Some(fixture) = $make_store.await else { return };
-                let store: &dyn $crate::KeyStore = &*fixture;
+                let store: &dyn $trait = &*fixture;
                 $crate::testing::conformance::$check(store).await;
             }
         )*
