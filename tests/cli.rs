@@ -454,3 +454,130 @@ fn create_with_scopes_and_roll_with_a_grace_period() {
         assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
     }
 }
+
+/// A raw connection to `server`, for requests no well-behaved client sends; reads give up after
+/// the tests' patience, so that a server that never answers fails the test instead of hanging it.
+fn raw_connection(server: &Served) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(&server.address).unwrap();
+    stream.set_read_timeout(Some(support::PATIENCE)).unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes the connection; panics if it keeps it open past
+/// the tests' patience.
+fn read_until_closed(mut stream: std::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut answer).expect("the server closes the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn serve_closes_a_connection_whose_headers_never_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--header-timeout", "300ms"]);
+    let mut stream = raw_connection(&server);
+    stream.write_all(b"GET /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: as_").unwrap();
+    let answer = read_until_closed(stream);
+    assert!(!answer.contains("200 OK"), "{answer}");
+    server.kill();
+}
+
+#[test]
+fn serve_answers_408_in_json_to_a_body_that_stops_coming() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--body-timeout", "300ms"]);
+    let mut stream = raw_connection(&server);
+    let head = format!(
+        "POST /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\nConnection: close\r\n\r\n{{\"name\":",
+        server.first_key
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let answer = read_until_closed(stream);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"body_timeout""#), "{answer}");
+    server.kill();
+}
+
+#[test]
+fn serve_refuses_an_http_1_1_request_without_host_and_two_keys_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    let ask = |request: String| {
+        let mut stream = raw_connection(&server);
+        stream.write_all(request.as_bytes()).unwrap();
+        read_until_closed(stream)
+    };
+    let key = &server.first_key;
+    let without_host = ask(format!("GET /account/api-keys HTTP/1.1\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"));
+    assert!(without_host.starts_with("HTTP/1.1 400"), "{without_host}");
+    assert!(without_host.contains(r#""code":"missing_host""#), "{without_host}");
+    let one_point_zero = ask(format!("GET /account/api-keys HTTP/1.0\r\nx-api-key: {key}\r\n\r\n"));
+    assert!(
+        one_point_zero.starts_with("HTTP/1.0 200") || one_point_zero.starts_with("HTTP/1.1 200"),
+        "{one_point_zero}"
+    );
+    let two_keys = ask(format!(
+        "GET /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\nx-api-key: as_live_v1_other\r\n\
+         Connection: close\r\n\r\n"
+    ));
+    assert!(two_keys.starts_with("HTTP/1.1 400"), "{two_keys}");
+    assert!(two_keys.contains(r#""code":"ambiguous_api_key""#), "{two_keys}");
+    server.kill();
+}
+
+#[test]
+fn serve_holds_connections_over_its_bound_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--max-connections", "2", "--header-timeout", "60s"]);
+    let idle: Vec<_> = (0..2).map(|_| raw_connection(&server)).collect();
+    // Both places are taken by connections that send nothing, so a third is not served...
+    let mut third = raw_connection(&server);
+    third.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let request =
+        format!("GET /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: {}\r\n\r\n", server.first_key);
+    third.write_all(request.as_bytes()).unwrap();
+    let mut first_byte = [0u8; 1];
+    let early = std::io::Read::read(&mut third, &mut first_byte);
+    assert!(early.is_err(), "a connection over the bound was served: {early:?}");
+    // ...until one of them closes.
+    drop(idle);
+    third.set_read_timeout(Some(support::PATIENCE)).unwrap();
+    let mut status = [0u8; 12];
+    std::io::Read::read_exact(&mut third, &mut status).expect("served once a place is free");
+    assert_eq!(&status, b"HTTP/1.1 200");
+    server.kill();
+}
+
+#[test]
+fn sigterm_ends_serve_within_its_deadline_whatever_clients_do_and_writes_last_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server =
+        serve(dir.path(), &["--shutdown-deadline", "1s", "--header-timeout", "60s", "--body-timeout", "60s"]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let listed = runtime.block_on(
+        reqwest::Client::new().get(server.url("/account/api-keys")).header("x-api-key", &server.first_key).send(),
+    );
+    assert_eq!(listed.unwrap().status(), 200);
+    // A client that never finishes its headers, and one that never finishes its body.
+    let mut slow_head = raw_connection(&server);
+    slow_head.write_all(b"GET /account/api-keys HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let mut slow_body = raw_connection(&server);
+    let head = format!(
+        "POST /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{",
+        server.first_key
+    );
+    slow_body.write_all(head.as_bytes()).unwrap();
+    terminate(server.child.id());
+    let mut exit = None;
+    support::wait_until("serve to exit after SIGTERM despite its slow clients", || {
+        exit = server.child.try_wait().unwrap();
+        exit.is_some()
+    });
+    assert_eq!(exit.unwrap().code(), Some(0));
+    drop((slow_head, slow_body));
+    let listed = run(dir.path(), &["list", "--account", "default", "--json"]);
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert!(listed["data"][0]["lastUsedAt"].is_string(), "the use before shutdown was written: {listed}");
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apikeys::http::ServeOptions;
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance, MemoryStore,
     NewKey, Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
@@ -82,6 +83,8 @@ enum Command {
         /// The account that gets the first key when the store holds none.
         #[arg(long, default_value = "default")]
         account: String,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Create a key and print it once.
     Create {
@@ -209,9 +212,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let (service, store_is_empty) = open_service(&cli.store).await?;
     let json = cli.json;
     let code = match cli.command {
-        Command::Serve { listen, account } => {
+        Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
-            serve(service.clone(), listen, first_key_for, json).await?
+            serve(service.clone(), listen, first_key_for, limits.options(), json).await?
         }
         Command::Create { account, name, expires_in, scopes } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
@@ -304,11 +307,40 @@ fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
     Ok(Some(Pepper::new(secret)?))
 }
 
+/// What `serve` allows clients, with the defaults of [`ServeOptions`].
+#[derive(Args)]
+struct ServeLimits {
+    /// How long a client may take to send a request's headers.
+    #[arg(long, env = "APIKEYS_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    header_timeout: Duration,
+    /// How long a client may pause while sending a body (then 408).
+    #[arg(long, env = "APIKEYS_BODY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    body_timeout: Duration,
+    /// How many connections may be open at once.
+    #[arg(long, env = "APIKEYS_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// How long requests in flight may take to finish after SIGTERM or SIGINT.
+    #[arg(long, env = "APIKEYS_SHUTDOWN_DEADLINE", value_parser = humantime::parse_duration, default_value = "10s")]
+    shutdown_deadline: Duration,
+}
+
+impl ServeLimits {
+    fn options(&self) -> ServeOptions {
+        let mut options = ServeOptions::default();
+        options.header_read_timeout = self.header_timeout;
+        options.body_read_timeout = self.body_timeout;
+        options.max_connections = self.max_connections;
+        options.shutdown_deadline = self.shutdown_deadline;
+        options
+    }
+}
+
 /// Serves the HTTP API; first creates and prints a key for `first_key_for`, if given (an empty store).
 async fn serve(
     service: Service,
     listen: SocketAddr,
     first_key_for: Option<AccountId>,
+    options: ServeOptions,
     json: bool,
 ) -> Result<ExitCode, Failure> {
     tracing_subscriber::fmt()
@@ -342,7 +374,7 @@ async fn serve(
         .await
         .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_requested()).await?;
+    apikeys::http::serve(listener, app, options, shutdown_requested()).await?;
     tracing::info!("shutting down: writing pending lastUsedAt");
     Ok(ExitCode::SUCCESS)
 }

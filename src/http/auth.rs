@@ -82,9 +82,14 @@ where
         {
             return Ok(Some(Self(caller.clone())));
         }
-        let Some(header) = parts.headers.get(X_API_KEY) else {
+        let mut headers = parts.headers.get_all(X_API_KEY).iter();
+        let Some(header) = headers.next() else {
             return Ok(None);
         };
+        // Two keys: a proxy that checked one while this reads the other is the classic confusion.
+        if headers.next().is_some() {
+            return Err(ApiError::bad_request("ambiguous_api_key", "Send one x-api-key header, not several."));
+        }
         // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
         let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
         let caller = verifier.verify(token).await?;

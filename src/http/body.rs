@@ -98,6 +98,11 @@ pub(super) fn json_body<T: DeserializeOwned + Default>(
             "body_too_large",
             format!("The request body is larger than {BODY_LIMIT} bytes."),
         ),
+        _ if timed_out(&rejection) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "The request body did not arrive in time; send it without pausing.",
+        ),
         _ => ApiError::bad_request("invalid_body", "The request body could not be read."),
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -119,6 +124,19 @@ pub(super) fn json_body<T: DeserializeOwned + Default>(
 
 fn not_an_object() -> ApiError {
     ApiError::bad_request("invalid_json", "The body must be a JSON object.")
+}
+
+/// Whether reading the body failed because the client paused longer than the server's body
+/// timeout (`serve`'s, or a host's own `RequestBodyTimeoutLayer`).
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// What a body serde refused was wrong with: unknown or repeated fields, or not a JSON object.

@@ -43,6 +43,7 @@
 mod auth;
 mod body;
 mod error;
+mod server;
 
 use std::time::Instant;
 
@@ -63,6 +64,7 @@ use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_scope};
 use body::{CreateRequest, RollRequest, json_body};
 pub use error::ApiError;
+pub use server::{ServeOptions, serve};
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};

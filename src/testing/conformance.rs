@@ -14,7 +14,7 @@
 //!
 //! The expression is a future of anything that dereferences to a store, so a fixture can keep a
 //! temporary directory alive next to the store. A store that also implements the optional
-//! [`Maintenance`](crate::Maintenance) capability runs its checks (import, purge) with
+//! [`Maintenance`] capability runs its checks (import, purge) with
 //! [`maintenance_tests!`](crate::maintenance_tests), which takes the same expression.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 

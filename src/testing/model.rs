@@ -31,8 +31,10 @@ pub fn scopes_of(mask: u8) -> Scopes {
     Scopes::new(grants).unwrap_or_else(|_| Scopes::none())
 }
 
-/// One step. Indexes into the keys created so far are taken modulo their number.
+/// One step. Indexes into the keys created so far are taken modulo their number. New kinds of
+/// step may come in minor versions, as the service gains operations.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Op {
     /// The administrator's create; `scopes` is a mask over [`GRANTS`].
     Create {
