@@ -241,8 +241,12 @@ impl<S: KeyStore> KeyService<S> {
     /// a real token; the found record's digest is compared again in constant time.
     ///
     /// With feature `metrics`, every call is counted and timed (see `telemetry`).
-    pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
-        self.inner.verify(token).await
+    pub fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> impl Future<Output = Result<AuthenticatedKey, Rejection>> + Send + 'a {
+        // The service's own future, not one that awaits it: no extra layer on the hot path.
+        self.inner.verify(token)
     }
 
     /// A handle that only verifies, with the store's type erased: what the HTTP extractor and
