@@ -110,6 +110,10 @@ pub enum StoreError {
     /// short time a read may wait, so that no caller's thread is held up; try again.
     #[error("the key store is busy: try again")]
     Busy,
+    /// The store did not answer within the service's deadline (`KeyServiceBuilder::store_deadline`,
+    /// feature `tokio`); a write may still land.
+    #[error("the key store did not answer in time")]
+    TimedOut,
     /// The backend failed: I/O, a full disk, a lost connection, corrupt data.
     #[error("the key store backend failed")]
     Backend(#[source] BoxError),

@@ -13,7 +13,7 @@ use crate::last_used::{Batch, LastUsed};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
-use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError, find_by_digest_now_or_await};
+use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyFormat;
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
@@ -33,6 +33,9 @@ struct Inner<S> {
     max_active: u32,
     max_grace: Duration,
     last_used: Option<LastUsed>,
+    /// How long a store call may take; `None`: as long as the store takes.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    deadline: Option<Duration>,
 }
 
 /// Configures a [`KeyService`].
@@ -46,6 +49,7 @@ pub struct KeyServiceBuilder<S> {
     max_active: u32,
     max_grace: Duration,
     last_used_interval: Option<Duration>,
+    deadline: Option<Duration>,
 }
 
 impl<S: KeyStore> KeyServiceBuilder<S> {
@@ -96,6 +100,18 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// Gives every store call the service makes at most `deadline`: a store that has not
+    /// answered by then is [`StoreError::TimedOut`] (a 503 over HTTP, never a bad key). A write
+    /// that timed out may still land, as with any lost answer. None by default: each store has
+    /// limits of its own (PostgreSQL's `call_timeout`). Needs a tokio runtime with its time
+    /// driver; outside one, calls run without the deadline. A store that answers a verification
+    /// at once ([`KeyStore::find_by_digest_now`]) is not timed.
+    #[cfg(feature = "tokio")]
+    pub fn store_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
     /// The service.
     pub fn build(self) -> KeyService<S> {
         KeyService {
@@ -107,6 +123,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 max_active: self.max_active,
                 max_grace: self.max_grace,
                 last_used: self.last_used_interval.map(LastUsed::new),
+                deadline: self.deadline,
             }),
         }
     }
@@ -131,6 +148,7 @@ impl<S: KeyStore> KeyService<S> {
             max_active: Self::DEFAULT_MAX_ACTIVE_KEYS,
             max_grace: Self::DEFAULT_MAX_GRACE,
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
+            deadline: None,
         }
     }
 
@@ -213,7 +231,9 @@ impl<S: KeyStore> KeyService<S> {
 
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
     pub async fn list(&self, account: &AccountId) -> Result<Vec<ApiKey>, Error> {
-        let read = || async { self.inner.store.list_active(account, self.now()).await.map_err(Error::Store) };
+        let read = || async {
+            self.inner.within(self.inner.store.list_active(account, self.now())).await.map_err(Error::Store)
+        };
         let Some(last_used) = &self.inner.last_used else {
             return Ok(read().await?.into_iter().map(ApiKey::from).collect());
         };
@@ -278,7 +298,8 @@ impl<S: KeyStore> KeyService<S> {
     /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
     /// accounts' keys are [`Error::NotFound`].
     pub async fn revoke_as_admin(&self, account: &AccountId, id: &KeyId) -> Result<(), Error> {
-        let revoked = self.inner.store.revoke(account, id, self.now()).await.map_err(Error::Store)?;
+        let revoked =
+            self.inner.within(self.inner.store.revoke(account, id, self.now())).await.map_err(Error::Store)?;
         if revoked { Ok(()) } else { Err(Error::NotFound) }
     }
 
@@ -365,13 +386,16 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     async fn insert(&self, key: SecretToken, record: KeyRecord) -> Result<CreatedKey, Error> {
-        self.inner.store.insert(&record, self.inner.max_active).await.map_err(limit_or_store_error)?;
+        self.inner
+            .within(self.inner.store.insert(&record, self.inner.max_active))
+            .await
+            .map_err(limit_or_store_error)?;
         Ok(created(key, record))
     }
 
     /// The account's key `id` if it is active at `now`; [`Error::NotFound`] otherwise.
     async fn active_key(&self, account: &AccountId, id: &KeyId, now: time::OffsetDateTime) -> Result<KeyRecord, Error> {
-        let found = self.inner.store.find_by_id(account, id).await.map_err(Error::Store)?;
+        let found = self.inner.within(self.inner.store.find_by_id(account, id)).await.map_err(Error::Store)?;
         found.filter(|record| record.is_active(now)).ok_or(Error::NotFound)
     }
 
@@ -395,7 +419,12 @@ impl<S: KeyStore> KeyService<S> {
             let grace_ends = grace_ends.and_then(normalize).unwrap_or(crate::clock::LATEST);
             let (key, new) = self.new_record(account, old.name.clone(), old.expires_at, old.scopes.clone(), now)?;
             let roll = Roll::new(&old, new, grace_ends);
-            if self.inner.store.roll(&roll, self.inner.max_active).await.map_err(limit_or_store_error)? {
+            if self
+                .inner
+                .within(self.inner.store.roll(&roll, self.inner.max_active))
+                .await
+                .map_err(limit_or_store_error)?
+            {
                 let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
                 return Ok(RolledKey { key: created(key, roll.into_new_key()), previous });
             }
@@ -410,6 +439,17 @@ impl<S: KeyStore> KeyService<S> {
 }
 
 impl<S: KeyStore> Inner<S> {
+    /// Runs a store call within the service's deadline, if it has one.
+    async fn within<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        #[cfg(feature = "tokio")]
+        if let Some(deadline) = self.deadline
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            return tokio::time::timeout(deadline, call).await.unwrap_or(Err(StoreError::TimedOut));
+        }
+        call.await
+    }
+
     async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
@@ -442,7 +482,12 @@ impl<S: KeyStore> Inner<S> {
 
     /// The record with this digest, checked to really carry it.
     async fn find(&self, digest: &Digest) -> Result<Option<KeyRecord>, Rejection> {
-        let mut found = find_by_digest_now_or_await(&self.store, digest).await.map_err(Rejection::Store)?;
+        // A store that answers at once needs no deadline; one that must be awaited gets it.
+        let found = match self.store.find_by_digest_now(digest) {
+            Some(found) => found,
+            None => self.within(self.store.find_by_digest(digest)).await,
+        };
+        let mut found = found.map_err(Rejection::Store)?;
         if found.as_ref().is_some_and(|record| !record.digest.ct_eq(digest)) {
             found = None;
         }
@@ -478,7 +523,7 @@ impl<S: KeyStore> Inner<S> {
     /// dropped part-way, the batch puts its times back.
     async fn write(&self, batch: Batch<'_>) -> Result<bool, StoreError> {
         if !batch.uses().is_empty() {
-            self.store.record_last_used(batch.uses()).await?;
+            self.within(self.store.record_last_used(batch.uses())).await?;
         }
         let more = batch.left_more();
         batch.written();
@@ -581,7 +626,7 @@ impl<S: Maintenance> KeyService<S> {
     pub async fn purge(&self, retention: Duration) -> Result<u64, Error> {
         let before = time::Duration::try_from(retention).ok().and_then(|retention| self.now().checked_sub(retention));
         match before {
-            Some(before) => self.inner.store.purge(before).await.map_err(Error::Store),
+            Some(before) => self.inner.within(self.inner.store.purge(before)).await.map_err(Error::Store),
             // A retention reaching back past any representable time keeps everything.
             None => Ok(0),
         }

@@ -468,6 +468,16 @@ async fn last_used_at_shows_the_last_authenticated_request() {
 }
 
 #[tokio::test]
+async fn a_store_that_stops_answering_is_503_within_the_deadline_never_401() {
+    let server = Server::start_with(|builder| builder.store_deadline(std::time::Duration::from_millis(100))).await;
+    let (key, _) = server.key("acme").await;
+    server.store.inject(Call::FindByDigest, Some(support::Fault::Hang));
+    let answer = tokio::time::timeout(support::PATIENCE, server.get("/account/api-keys", Some(&key)).send()).await;
+    let (status, answer) = answer.expect("answered within the deadline, not left hanging");
+    assert_eq!((status, code(&answer)), (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"));
+}
+
+#[tokio::test]
 async fn a_failing_store_is_503_never_401() {
     let server = Server::start().await;
     let (key, _) = server.key("acme").await;

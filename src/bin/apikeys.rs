@@ -59,6 +59,9 @@ struct StoreArgs {
     /// With a pepper, also accept keys created before it (stored under plain SHA-256).
     #[arg(long, env = "APIKEYS_ACCEPT_UNPEPPERED_KEYS", global = true)]
     accept_unpeppered_keys: bool,
+    /// How long any store call may take before it fails (a 503 for `serve`).
+    #[arg(long, env = "APIKEYS_STORE_DEADLINE", global = true, value_parser = humantime::parse_duration, default_value = "5s")]
+    store_deadline: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -288,7 +291,7 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     if args.accept_unpeppered_keys {
         builder = builder.accept_unpeppered_keys();
     }
-    Ok((builder.build(), empty))
+    Ok((builder.store_deadline(args.store_deadline).build(), empty))
 }
 
 /// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE` (without a

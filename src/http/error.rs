@@ -72,7 +72,7 @@ impl IntoResponse for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> Self {
         match rejection {
-            Rejection::Store(StoreError::Busy) => {
+            Rejection::Store(StoreError::Busy | StoreError::TimedOut) => {
                 tracing::warn!("key store busy during verification");
                 Self::unavailable()
             }
@@ -112,7 +112,7 @@ impl From<Error> for ApiError {
                 Self::new(StatusCode::FORBIDDEN, "insufficient_scope", error.to_string())
             }
             Error::ScopeEscalation => Self::new(StatusCode::FORBIDDEN, "scope_escalation", error.to_string()),
-            Error::Store(StoreError::Busy) => {
+            Error::Store(StoreError::Busy | StoreError::TimedOut) => {
                 tracing::warn!("key store busy");
                 Self::unavailable()
             }

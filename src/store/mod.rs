@@ -289,18 +289,6 @@ pub(crate) fn purged_at(record: &KeyRecord, before: OffsetDateTime) -> bool {
     record.revoked_at.is_some_and(|at| at < before) || record.expires_at.is_some_and(|at| at < before)
 }
 
-/// The record with this digest as verification reads it: [`KeyStore::find_by_digest_now`] if the
-/// store answers it, else the awaited [`KeyStore::find_by_digest`].
-pub(crate) async fn find_by_digest_now_or_await<S: KeyStore + ?Sized>(
-    store: &S,
-    digest: &Digest,
-) -> Result<Option<KeyRecord>, StoreError> {
-    match store.find_by_digest_now(digest) {
-        Some(found) => found,
-        None => store.find_by_digest(digest).await,
-    }
-}
-
 /// What a [`KeyStore`] method returns once `#[async_trait]` has expanded it.
 type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 

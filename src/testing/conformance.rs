@@ -64,7 +64,10 @@ async fn found(store: &dyn KeyStore, digest: &Digest) -> Option<KeyRecord> {
 /// else by `find_by_digest`: for reads that race writes, where two reads may rightly differ.
 async fn found_one_way(store: &dyn KeyStore, digest: &Digest, now: bool) -> Option<KeyRecord> {
     let read = if now {
-        crate::store::find_by_digest_now_or_await(store, digest).await
+        match store.find_by_digest_now(digest) {
+            Some(found) => found,
+            None => store.find_by_digest(digest).await,
+        }
     } else {
         store.find_by_digest(digest).await
     };
