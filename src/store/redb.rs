@@ -76,13 +76,30 @@ impl RedbStore {
         let path = path.as_ref();
         OpenError::check_directory(path)?;
         refuse_foreign_file(path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+        let file = file.map_err(|error| io_open_error(path, error))?;
+        let backend = redb::backends::FileBackend::new(file).map_err(|error| open_error(path, error.into()))?;
+        Self::open_with(path, backend)
+    }
+
+    /// Opens a store on a redb storage backend of the caller's instead of a file: one in memory,
+    /// or one that injects faults, as this crate's crash tests do. `name` stands for the file in
+    /// errors and `Debug`. The backend's type is redb's, so this ties the caller to the redb
+    /// version this crate uses.
+    pub fn open_backend(backend: impl redb::StorageBackend, name: &str) -> Result<Self, OpenError> {
+        Self::open_with(Path::new(name), backend)
+    }
+
+    /// Opens the database on `backend` (emptied first if redb never wrote it), turning a panic
+    /// inside redb into an error, migrates it, and starts its writer thread.
+    fn open_with(path: &Path, backend: impl redb::StorageBackend) -> Result<Self, OpenError> {
+        empty_if_never_written(&backend).map_err(|error| io_open_error(path, error))?;
         let opened = without_panics(|| {
-            Ok::<_, Panicked>(Database::create(path).map_err(|error| open_error(path, error.into())).and_then(
-                |database| {
-                    migrate(path, &database)?;
-                    Ok(database)
-                },
-            ))
+            let created = Database::builder().create_with_backend(backend);
+            Ok::<_, Panicked>(created.map_err(|error| open_error(path, error.into())).and_then(|database| {
+                migrate(path, &database)?;
+                Ok(database)
+            }))
         });
         let database = opened.map_err(|panic| OpenError::Other { path: path.to_owned(), source: panic.into() })??;
         let database = Arc::new(database);
@@ -173,13 +190,36 @@ fn without_panics<T, E: From<Panicked>>(operation: impl FnOnce() -> Result<T, E>
     })
 }
 
-/// Refuses, without letting redb touch it, a file that is not empty and not a redb file.
+/// Where a redb file's magic number is: redb writes it last when it sets a database up, so
+/// storage that is not empty but has zeros there was never set up.
+const MAGIC_LEN: usize = 9;
+
+/// Empties storage that redb began to set up and never finished (a crash during the very first
+/// open): it holds nothing, and redb would refuse it as not a database.
+fn empty_if_never_written(backend: &impl redb::StorageBackend) -> std::io::Result<()> {
+    let len = backend.len()?;
+    if len == 0 {
+        return Ok(());
+    }
+    if len < MAGIC_LEN as u64 {
+        return backend.set_len(0);
+    }
+    let mut magic = [0; MAGIC_LEN];
+    backend.read(0, &mut magic)?;
+    if magic == [0; MAGIC_LEN] {
+        backend.set_len(0)?;
+    }
+    Ok(())
+}
+
+/// Refuses, without letting redb touch it, a file that is not empty and not a redb file. A file
+/// that starts with zeros is one redb never finished setting up (see `empty_if_never_written`).
 fn refuse_foreign_file(path: &Path) -> Result<(), OpenError> {
     let mut start = [0u8; REDB_MAGIC.len()];
     let read = std::fs::File::open(path).and_then(|mut file| file.read(&mut start));
     match read {
         Ok(0) => Ok(()),
-        Ok(n) if start[..n] == REDB_MAGIC[..n] => Ok(()),
+        Ok(n) if start[..n] == REDB_MAGIC[..n] || start[..n].iter().all(|byte| *byte == 0) => Ok(()),
         Ok(_) => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(io_open_error(path, error)),
