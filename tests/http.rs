@@ -654,55 +654,11 @@ async fn once_a_revoke_has_answered_no_request_started_later_gets_in() {
 /// SPEC §5's hostile inputs, each with its exact answer. Several are also covered, with more
 /// variants, by the tests above; this table is the one place that lists them all.
 #[tokio::test]
-async fn hostile_inputs_get_exactly_the_documented_answer() {
+async fn names_are_data_stored_and_listed_back_exactly_and_never_logged() {
+    // Every other hostile input, with its exact answer, is in tests/hostile.rs.
     let server = Server::start().await;
-    let (key, own_id) = server.key("acme").await;
-    let (_, foreign_id) = server.key("mallory").await;
-    let (unknown, _) = live().generate().unwrap();
-    let lookalike = key.replacen('a', "\u{0430}", 1); // Cyrillic а in place of the Latin a of "as_"
-    let unauthorized = (StatusCode::UNAUTHORIZED, "unauthorized");
-
+    let (key, _) = server.key("acme").await;
     let list = "/account/api-keys";
-    let cases: Vec<(&str, Request<'_>, (StatusCode, &str))> = vec![
-        ("empty key", server.get(list, Some("")), unauthorized),
-        ("non-UTF-8 key", server.get(list, None).header("x-api-key", b"as_live_v1_\xff\xfe"), unauthorized),
-        ("look-alike key", server.get(list, None).header("x-api-key", lookalike.as_bytes()), unauthorized),
-        ("valid checksum, unknown digest", server.get(list, Some(unknown.expose_secret())), unauthorized),
-        ("SQL in the key", server.get(list, Some(&format!("{key}' OR '1'='1"))), unauthorized),
-        (
-            "NUL in a name",
-            server.post(&key).json(&json!({"name": "a\u{0}b"})),
-            (StatusCode::BAD_REQUEST, "invalid_name"),
-        ),
-        (
-            "bidi override in a name",
-            server.post(&key).json(&json!({"name": "evil\u{202e}gnp.exe"})),
-            (StatusCode::BAD_REQUEST, "invalid_name"),
-        ),
-        (
-            "non-UTF-8 body",
-            server.post(&key).raw("application/json", b"{\"name\": \"\xff\"}".to_vec()),
-            (StatusCode::BAD_REQUEST, "invalid_json"),
-        ),
-        ("empty JSON body", server.post(&key).raw("application/json", ""), (StatusCode::CREATED, "")),
-        (
-            "another account's key id",
-            server.delete(&foreign_id.to_string(), &key),
-            (StatusCode::NOT_FOUND, "not_found"),
-        ),
-        (
-            "one's own key id",
-            server.delete(&own_id.to_string(), &key),
-            (StatusCode::CONFLICT, "cannot_revoke_current_key"),
-        ),
-        ("SQL in a key id", server.delete("ak_x'%20OR%201=1--", &key), (StatusCode::BAD_REQUEST, "invalid_key_id")),
-    ];
-    for (case, request, (status, error)) in cases {
-        let (got, body) = request.send().await;
-        assert_eq!((got, if body["error"].is_null() { "" } else { code(&body) }), (status, error), "{case}");
-    }
-
-    // Names are data, whatever they look like: stored and listed back exactly.
     let names = ["Robert'); DROP TABLE api_keys;--", "\u{0251}pi-key (Latin alpha)", "%_\\ \"quoted\""];
     for name in names {
         assert_eq!(server.post(&key).json(&json!({ "name": name })).send().await.0, StatusCode::CREATED, "{name}");
@@ -710,11 +666,6 @@ async fn hostile_inputs_get_exactly_the_documented_answer() {
     let (_, listed) = server.get(list, Some(&key)).send().await;
     let listed: Vec<&str> = listed["data"].as_array().unwrap().iter().filter_map(|key| key["name"].as_str()).collect();
     assert_eq!(listed, names);
-
-    // A 1 MB header is refused by hyper before any of this crate's code runs: 431, no body.
-    let response =
-        server.client.get(format!("{}/hello", server.base)).header("x-api-key", "x".repeat(1 << 20)).send().await;
-    assert_eq!(response.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     server.assert_log_clean();
 }
 

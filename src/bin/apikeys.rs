@@ -12,7 +12,6 @@ use apikeys::{
     AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance, MemoryStore,
     NewKey, Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
 };
-use axum::http::{HeaderName, StatusCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -366,13 +365,7 @@ async fn serve(
         }
     }
     service.spawn_flusher();
-    let app = apikeys::http::router(service.clone())
-        .route("/openapi.json", axum::routing::get(apikeys::http::openapi))
-        .fallback(|| async { apikeys::http::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
-        .layer(axum::middleware::from_fn(apikeys::http::log_requests))
-        .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(
-            apikeys::http::X_API_KEY,
-        )]));
+    let app = apikeys::http::app(service.clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;

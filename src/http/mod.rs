@@ -90,6 +90,18 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .with_state(service)
 }
 
+/// The whole application `apikeys serve` runs: [`router`], the OpenAPI document at
+/// `/openapi.json`, a JSON 404 for any other path, one log line per request ([`log_requests`]),
+/// and `x-api-key` marked sensitive for every layer around it. For a service whose only routes
+/// are the key routes; a host with routes of its own merges [`router`] into its app instead.
+pub fn app<St: KeyStore>(service: KeyService<St>) -> Router {
+    router(service)
+        .route("/openapi.json", axum::routing::get(openapi))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
+        .layer(axum::middleware::from_fn(log_requests))
+        .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
+}
+
 /// A handler that answers with [`OPENAPI_JSON`], for `route("/openapi.json", get(openapi))` or
 /// wherever the host serves its documents.
 pub async fn openapi() -> Response {

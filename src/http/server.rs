@@ -81,8 +81,7 @@ pub async fn serve(
                 // Out of file descriptors, or a connection reset before it was accepted: the
                 // listener itself is fine, so wait a moment rather than spin.
                 Err(error) => {
-                    let error: &dyn std::error::Error = &error;
-                    tracing::warn!(error, "could not accept a connection");
+                    tracing::warn!(%error, "could not accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
