@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The contract test: `apikeys serve` on a fresh SQLite file, then schemathesis with every check
+# against the OpenAPI document it serves. Needs the `apikeys` binary (feature cli) and
+# schemathesis (pip install schemathesis). Usage: tests/contract.sh [path/to/apikeys]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+binary="${1:-${CARGO_TARGET_DIR:-target}/debug/apikeys}"
+dir="$(mktemp -d)"
+port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+(cd "$dir" && exec "$binary" serve --listen "127.0.0.1:$port" > out.txt 2> err.txt) &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
+for _ in $(seq 1 100); do grep -q "listening on" "$dir/err.txt" 2>/dev/null && break; sleep 0.1; done
+key="$(grep -o 'as_live_v1_[a-z2-7]*' "$dir/out.txt" | head -n 1)"
+[ -n "$key" ] || { cat "$dir/err.txt" >&2; echo "serve printed no first key" >&2; exit 1; }
+schemathesis --config-file schemathesis.toml run "http://127.0.0.1:$port/openapi.json" \
+  --checks all --header "x-api-key: $key" --max-examples "${APIKEYS_CONTRACT_EXAMPLES:-50}" --no-color \
+  --seed "${APIKEYS_CONTRACT_SEED:-1}"
