@@ -35,7 +35,8 @@
 //!   capability, and the backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and
 //!   `PostgresStore` behind the features of the same names.
 //! - `http` (feature `http`): the account API-key endpoints as an axum router, an extractor and
-//!   layers that authenticate the host's own routes, and the OpenAPI document.
+//!   layers that authenticate the host's own routes, the OpenAPI document, and `serve`, a server
+//!   with the timeouts and limits a service facing the internet needs.
 //! - `telemetry` (feature `metrics`): verification counters and latency.
 //! - `testing` (feature `test-util`): the conformance suite for stores, and the service model.
 //!

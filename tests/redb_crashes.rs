@@ -8,12 +8,10 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use apikeys::store::Roll;
-use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore, RedbStore};
-use time::OffsetDateTime;
-use time::macros::datetime;
+mod support;
 
-const T0: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
+use apikeys::{AccountId, KeyStore, RedbStore};
+use support::crash::{apply, check, record, scenario};
 
 /// What a disk holds: everything written (the operating system's view, which survives a crash of
 /// the process) and what was synced (what survives a power loss).
@@ -94,67 +92,6 @@ impl redb::StorageBackend for StoppingDisk {
     }
 }
 
-fn record(account: &AccountId, n: u8) -> KeyRecord {
-    let id = KeyId::from_uuid(uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + u128::from(n)));
-    let digest = Digest::sha256(&format!("token {n}"));
-    KeyRecord::new(id, account.clone(), digest, "as_live_v1_abcd".parse().unwrap(), T0)
-}
-
-/// One change of the scenario. (A handful of them: their size does not matter.)
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)]
-enum Change {
-    Create(KeyRecord),
-    Revoke(KeyRecord),
-    Roll(KeyRecord, KeyRecord),
-}
-
-fn scenario() -> Vec<Change> {
-    let account = AccountId::new("crash").unwrap();
-    let keys: Vec<KeyRecord> = (0..6).map(|n| record(&account, n)).collect();
-    let mut changes: Vec<Change> = keys.iter().cloned().map(Change::Create).collect();
-    changes.push(Change::Revoke(keys[1].clone()));
-    changes.push(Change::Roll(keys[0].clone(), record(&account, 10)));
-    changes.push(Change::Revoke(keys[3].clone()));
-    changes.push(Change::Roll(keys[2].clone(), record(&account, 11)));
-    changes.push(Change::Create(record(&account, 12)));
-    changes
-}
-
-const ROLLED_AT: OffsetDateTime = datetime!(2025-10-15 10:00 UTC);
-const GRACE_ENDS: OffsetDateTime = datetime!(2025-10-16 10:00 UTC);
-
-async fn apply(store: &RedbStore, change: &Change) -> bool {
-    match change {
-        Change::Create(key) => store.insert(key, 100).await.is_ok(),
-        Change::Revoke(key) => store.revoke(&key.account, &key.id, ROLLED_AT).await.is_ok_and(|revoked| revoked),
-        Change::Roll(old, new) => {
-            let mut new = new.clone();
-            new.created_at = ROLLED_AT;
-            let roll = Roll::new(old, new, GRACE_ENDS);
-            store.roll(&roll, 100).await.is_ok_and(|rolled| rolled)
-        }
-    }
-}
-
-/// Whether `change` is to be seen in `store`: `Some(true)` fully, `Some(false)` not at all,
-/// `None` half (which no crash may leave).
-async fn seen(store: &RedbStore, change: &Change) -> Option<bool> {
-    let found = |key: &KeyRecord| {
-        let digest = key.digest;
-        async move { store.find_by_digest(&digest).await.unwrap() }
-    };
-    match change {
-        Change::Create(key) => Some(found(key).await.is_some()),
-        Change::Revoke(key) => Some(found(key).await.is_some_and(|stored| stored.revoked_at.is_some())),
-        Change::Roll(old, new) => {
-            let shortened = found(old).await.is_some_and(|stored| stored.replaced_by == Some(new.id));
-            let added = found(new).await.is_some_and(|stored| stored.rotated_from == Some(old.id));
-            (shortened == added).then_some(added)
-        }
-    }
-}
-
 /// Runs the scenario on a disk that stops at its `stop_at`-th change; the disk, and how many
 /// changes were acknowledged.
 fn run(stop_at: u64) -> (StoppingDisk, usize) {
@@ -178,22 +115,11 @@ fn run(stop_at: u64) -> (StoppingDisk, usize) {
 
 /// Checks what a reopened image holds against what was acknowledged.
 fn check_image(image: Vec<u8>, acknowledged: usize, what: &str) {
-    let changes = scenario();
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     // An image from before the store was first set up opens as a new store.
     let store = RedbStore::open_backend(StoppingDisk::holding(image, u64::MAX), what)
         .unwrap_or_else(|error| panic!("{what}: does not open cleanly: {error:?}"));
-    runtime.block_on(async {
-        for (i, change) in changes.iter().enumerate() {
-            let seen = seen(&store, change).await;
-            assert!(seen.is_some(), "{what}: change {i} ({change:?}) is there in part");
-            if i < acknowledged {
-                assert_eq!(seen, Some(true), "{what}: acknowledged change {i} ({change:?}) is lost");
-            } else if i > acknowledged {
-                assert_eq!(seen, Some(false), "{what}: change {i}, never made, is there");
-            }
-        }
-    });
+    runtime.block_on(check(&store, acknowledged, what));
 }
 
 #[test]

@@ -11,72 +11,13 @@
 
 use std::path::Path;
 
-use apikeys::store::Roll;
-use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore, SqliteStore};
-use time::OffsetDateTime;
-use time::macros::datetime;
+mod support;
 
-const T0: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
-const ROLLED_AT: OffsetDateTime = datetime!(2025-10-15 10:00 UTC);
-const GRACE_ENDS: OffsetDateTime = datetime!(2025-10-16 10:00 UTC);
+use apikeys::SqliteStore;
+use support::crash::{apply, check, scenario};
+
 /// Where a cut of the log may fall: every this many bytes of what a commit appended.
 const CUT_EVERY: usize = 256;
-
-fn record(account: &AccountId, n: u8) -> KeyRecord {
-    let id = KeyId::from_uuid(uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + u128::from(n)));
-    KeyRecord::new(id, account.clone(), Digest::sha256(&format!("token {n}")), "as_live_v1_abcd".parse().unwrap(), T0)
-}
-
-/// One change of the scenario. (A handful of them: their size does not matter.)
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)]
-enum Change {
-    Create(KeyRecord),
-    Revoke(KeyRecord),
-    Roll(KeyRecord, KeyRecord),
-}
-
-fn scenario() -> Vec<Change> {
-    let account = AccountId::new("power-loss").unwrap();
-    let keys: Vec<KeyRecord> = (0..6).map(|n| record(&account, n)).collect();
-    let mut changes: Vec<Change> = keys.iter().cloned().map(Change::Create).collect();
-    changes.push(Change::Revoke(keys[1].clone()));
-    changes.push(Change::Roll(keys[0].clone(), record(&account, 10)));
-    changes.push(Change::Revoke(keys[3].clone()));
-    changes.push(Change::Roll(keys[2].clone(), record(&account, 11)));
-    changes.push(Change::Create(record(&account, 12)));
-    changes
-}
-
-async fn apply(store: &SqliteStore, change: &Change) {
-    let applied = match change {
-        Change::Create(key) => store.insert(key, 100).await.is_ok(),
-        Change::Revoke(key) => store.revoke(&key.account, &key.id, ROLLED_AT).await.unwrap(),
-        Change::Roll(old, new) => {
-            let mut new = new.clone();
-            new.created_at = ROLLED_AT;
-            store.roll(&Roll::new(old, new, GRACE_ENDS), 100).await.unwrap()
-        }
-    };
-    assert!(applied, "{change:?} applies");
-}
-
-/// Whether `change` is in `store`: `Some(true)` whole, `Some(false)` not at all, `None` half.
-async fn seen(store: &SqliteStore, change: &Change) -> Option<bool> {
-    let found = |key: &KeyRecord| {
-        let digest = key.digest;
-        async move { store.find_by_digest(&digest).await.unwrap() }
-    };
-    match change {
-        Change::Create(key) => Some(found(key).await.is_some()),
-        Change::Revoke(key) => Some(found(key).await.is_some_and(|stored| stored.revoked_at.is_some())),
-        Change::Roll(old, new) => {
-            let shortened = found(old).await.is_some_and(|stored| stored.replaced_by == Some(new.id));
-            let added = found(new).await.is_some_and(|stored| stored.rotated_from == Some(old.id));
-            (shortened == added).then_some(added)
-        }
-    }
-}
 
 /// The database file and its log, as they are.
 #[derive(Clone)]
@@ -102,7 +43,7 @@ fn every_cut_of_the_log_by_a_power_loss_keeps_exactly_the_acknowledged_changes()
         let store = SqliteStore::open(&path).unwrap();
         copies.push(copy(&path));
         for change in &changes {
-            runtime.block_on(apply(&store, change));
+            assert!(runtime.block_on(apply(&store, change)), "{change:?} applies");
             copies.push(copy(&path));
         }
     }
@@ -119,17 +60,7 @@ fn every_cut_of_the_log_by_a_power_loss_keeps_exactly_the_acknowledged_changes()
             std::fs::write(cut_path.with_extension("db-wal"), &after.log[..length]).unwrap();
             let what = format!("power loss after {acknowledged} changes, log cut at {length} bytes");
             let store = SqliteStore::open(&cut_path).unwrap_or_else(|error| panic!("{what}: does not open: {error:?}"));
-            runtime.block_on(async {
-                for (i, change) in changes.iter().enumerate() {
-                    let seen = seen(&store, change).await;
-                    assert!(seen.is_some(), "{what}: change {i} ({change:?}) is there in part");
-                    if i < acknowledged {
-                        assert_eq!(seen, Some(true), "{what}: acknowledged change {i} is lost");
-                    } else if i > acknowledged {
-                        assert_eq!(seen, Some(false), "{what}: change {i}, never made, is there");
-                    }
-                }
-            });
+            runtime.block_on(check(&store, acknowledged, &what));
             cuts += 1;
         }
     }

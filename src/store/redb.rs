@@ -294,32 +294,19 @@ fn upgrade_from_v1(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
 }
 
 fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
-    let (
-        id,
-        account,
-        prefix,
-        name,
-        created_at,
-        expires_at,
-        last_used_at,
-        revoked_at,
-        scopes,
-        rotated_from,
-        replaced_by,
-    ) = value;
     let fields = StoredFields {
-        id: *id,
-        account,
+        id: *value.0,
+        account: value.1,
         digest,
-        prefix,
-        name,
-        created_at,
-        expires_at,
-        last_used_at,
-        revoked_at,
-        scopes,
-        rotated_from: rotated_from.copied(),
-        replaced_by: replaced_by.copied(),
+        prefix: value.2,
+        name: value.3,
+        created_at: value.4,
+        expires_at: value.5,
+        last_used_at: value.6,
+        revoked_at: value.7,
+        scopes: value.8,
+        rotated_from: value.9.copied(),
+        replaced_by: value.10.copied(),
     };
     Ok(fields.decode()?)
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod child;
+pub mod crash;
 #[cfg(feature = "test-util")]
 pub mod model;
 pub mod postgres;

@@ -1,0 +1,84 @@
+//! The scenario the crash tests stop part-way: creates, revocations and rolls through any
+//! `KeyStore`, and what a reopened store must show of each change.
+
+use apikeys::store::Roll;
+use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+const CREATED_AT: OffsetDateTime = datetime!(2025-10-15 09:00 UTC);
+const CHANGED_AT: OffsetDateTime = datetime!(2025-10-15 10:00 UTC);
+const GRACE_ENDS: OffsetDateTime = datetime!(2025-10-16 10:00 UTC);
+
+/// A record with a fixed id and digest, so that every run of the scenario makes the same keys.
+pub fn record(account: &AccountId, n: u8) -> KeyRecord {
+    let id = KeyId::from_uuid(uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + u128::from(n)));
+    let digest = Digest::sha256(&format!("token {n}"));
+    KeyRecord::new(id, account.clone(), digest, "as_live_v1_abcd".parse().unwrap(), CREATED_AT)
+}
+
+/// One change of the scenario. (A handful of them: their size does not matter.)
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+pub enum Change {
+    Create(KeyRecord),
+    Revoke(KeyRecord),
+    Roll(KeyRecord, KeyRecord),
+}
+
+/// Six creates, two revocations and two rolls, interleaved, and a last create.
+pub fn scenario() -> Vec<Change> {
+    let account = AccountId::new("crash").unwrap();
+    let keys: Vec<KeyRecord> = (0..6).map(|n| record(&account, n)).collect();
+    let mut changes: Vec<Change> = keys.iter().cloned().map(Change::Create).collect();
+    changes.push(Change::Revoke(keys[1].clone()));
+    changes.push(Change::Roll(keys[0].clone(), record(&account, 10)));
+    changes.push(Change::Revoke(keys[3].clone()));
+    changes.push(Change::Roll(keys[2].clone(), record(&account, 11)));
+    changes.push(Change::Create(record(&account, 12)));
+    changes
+}
+
+/// Makes `change`; whether the store acknowledged it.
+pub async fn apply(store: &dyn KeyStore, change: &Change) -> bool {
+    match change {
+        Change::Create(key) => store.insert(key, 100).await.is_ok(),
+        Change::Revoke(key) => store.revoke(&key.account, &key.id, CHANGED_AT).await.is_ok_and(|revoked| revoked),
+        Change::Roll(old, new) => {
+            let mut new = new.clone();
+            new.created_at = CHANGED_AT;
+            store.roll(&Roll::new(old, new, GRACE_ENDS), 100).await.is_ok_and(|rolled| rolled)
+        }
+    }
+}
+
+/// Whether `change` is in `store`: `Some(true)` whole, `Some(false)` not at all, `None` half.
+pub async fn seen(store: &dyn KeyStore, change: &Change) -> Option<bool> {
+    let found = |key: &KeyRecord| {
+        let digest = key.digest;
+        async move { store.find_by_digest(&digest).await.unwrap() }
+    };
+    match change {
+        Change::Create(key) => Some(found(key).await.is_some()),
+        Change::Revoke(key) => Some(found(key).await.is_some_and(|stored| stored.revoked_at.is_some())),
+        Change::Roll(old, new) => {
+            let shortened = found(old).await.is_some_and(|stored| stored.replaced_by == Some(new.id));
+            let added = found(new).await.is_some_and(|stored| stored.rotated_from == Some(old.id));
+            (shortened == added).then_some(added)
+        }
+    }
+}
+
+/// Checks that `store`, reopened after the disk stopped, holds the first `acknowledged` changes
+/// of the scenario, the next one whole or not at all, and none after it.
+pub async fn check(store: &dyn KeyStore, acknowledged: usize, what: &str) {
+    for (i, change) in scenario().iter().enumerate() {
+        let seen = seen(store, change).await;
+        assert!(seen.is_some(), "{what}: change {i} ({change:?}) is there in part");
+        if i < acknowledged {
+            assert_eq!(seen, Some(true), "{what}: acknowledged change {i} ({change:?}) is lost");
+        } else if i > acknowledged {
+            assert_eq!(seen, Some(false), "{what}: change {i}, never made, is there");
+        }
+    }
+}
