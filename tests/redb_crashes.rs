@@ -157,3 +157,18 @@ fn a_file_whose_first_set_up_a_crash_cut_short_opens_as_a_new_store() {
     runtime.block_on(store.insert(&key, 1)).unwrap();
     assert_eq!(runtime.block_on(store.find_by_digest(&key.digest)).unwrap(), Some(key));
 }
+
+#[test]
+fn a_file_that_starts_with_zeros_but_holds_data_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("zeros then data", [vec![0u8; 1024], b"someone else's data".to_vec()].concat()),
+        ("a large file of zeros", vec![0u8; 2 << 20]),
+    ] {
+        let path = dir.path().join(format!("{name}.redb"));
+        std::fs::write(&path, &bytes).unwrap();
+        let refused = RedbStore::open(&path);
+        assert!(matches!(refused, Err(apikeys::OpenError::NotApikeys { .. })), "{name}: {refused:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: the file is untouched");
+    }
+}

@@ -75,7 +75,7 @@ impl RedbStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref();
         OpenError::check_directory(path)?;
-        refuse_foreign_file(path)?;
+        prepare_file(path)?;
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
         let file = file.map_err(|error| io_open_error(path, error))?;
         let backend = redb::backends::FileBackend::new(file).map_err(|error| open_error(path, error.into()))?;
@@ -87,13 +87,13 @@ impl RedbStore {
     /// errors and `Debug`. The backend's type is redb's, so this ties the caller to the redb
     /// version this crate uses.
     pub fn open_backend(backend: impl redb::StorageBackend, name: &str) -> Result<Self, OpenError> {
+        prepare_backend(&backend, Path::new(name))?;
         Self::open_with(Path::new(name), backend)
     }
 
-    /// Opens the database on `backend` (emptied first if redb never wrote it), turning a panic
-    /// inside redb into an error, migrates it, and starts its writer thread.
+    /// Opens the database on `backend`, turning a panic inside redb into an error, migrates it,
+    /// and starts its writer thread.
     fn open_with(path: &Path, backend: impl redb::StorageBackend) -> Result<Self, OpenError> {
-        empty_if_never_written(&backend).map_err(|error| io_open_error(path, error))?;
         let opened = without_panics(|| {
             let created = Database::builder().create_with_backend(backend);
             Ok::<_, Panicked>(created.map_err(|error| open_error(path, error.into())).and_then(|database| {
@@ -190,39 +190,85 @@ fn without_panics<T, E: From<Panicked>>(operation: impl FnOnce() -> Result<T, E>
     })
 }
 
-/// Where a redb file's magic number is: redb writes it last when it sets a database up, so
-/// storage that is not empty but has zeros there was never set up.
-const MAGIC_LEN: usize = 9;
-
-/// Empties storage that redb began to set up and never finished (a crash during the very first
-/// open): it holds nothing, and redb would refuse it as not a database.
-fn empty_if_never_written(backend: &impl redb::StorageBackend) -> std::io::Result<()> {
-    let len = backend.len()?;
-    if len == 0 {
-        return Ok(());
-    }
-    if len < MAGIC_LEN as u64 {
-        return backend.set_len(0);
-    }
-    let mut magic = [0; MAGIC_LEN];
-    backend.read(0, &mut magic)?;
-    if magic == [0; MAGIC_LEN] {
-        backend.set_len(0)?;
-    }
-    Ok(())
+/// What storage holds before redb is let near it.
+enum Found {
+    /// Nothing: redb sets a database up.
+    Empty,
+    /// A redb database (redb checks the rest).
+    Redb,
+    /// What redb's first set-up leaves when it is cut short: redb writes a header, then its magic
+    /// number last, so the storage is zeros but for the header. It holds nothing.
+    Unfinished,
+    /// Anything else, which must not be touched.
+    Foreign,
 }
 
-/// Refuses, without letting redb touch it, a file that is not empty and not a redb file. A file
-/// that starts with zeros is one redb never finished setting up (see `empty_if_never_written`).
-fn refuse_foreign_file(path: &Path) -> Result<(), OpenError> {
-    let mut start = [0u8; REDB_MAGIC.len()];
-    let read = std::fs::File::open(path).and_then(|mut file| file.read(&mut start));
-    match read {
-        Ok(0) => Ok(()),
-        Ok(n) if start[..n] == REDB_MAGIC[..n] || start[..n].iter().all(|byte| *byte == 0) => Ok(()),
-        Ok(_) => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(io_open_error(path, error)),
+/// The header redb writes first when it sets a database up (its magic number goes at the
+/// start of it, last).
+const HEADER_LEN: u64 = 320;
+/// The longest storage an unfinished set-up leaves: redb's first layout (64 KiB and a region
+/// tracker), with room to spare.
+const UNFINISHED_MAX_LEN: u64 = 1 << 20;
+
+/// What storage of `len` bytes holds, reading its first bytes with `read(n)`.
+fn classify(len: u64, read: impl Fn(u64) -> std::io::Result<Vec<u8>>) -> std::io::Result<Found> {
+    if len == 0 {
+        return Ok(Found::Empty);
+    }
+    let start = read(len.min(REDB_MAGIC.len() as u64))?;
+    if REDB_MAGIC.starts_with(&start) {
+        return Ok(Found::Redb);
+    }
+    if len > UNFINISHED_MAX_LEN {
+        return Ok(Found::Foreign);
+    }
+    let all = read(len)?;
+    let (header, rest) = all.split_at(usize::try_from(len.min(HEADER_LEN)).unwrap_or(0));
+    let magic = &header[..header.len().min(9)];
+    let unfinished = magic.iter().chain(rest).all(|byte| *byte == 0);
+    Ok(if unfinished { Found::Unfinished } else { Found::Foreign })
+}
+
+/// Before redb opens the file at `path`: refuses one that is not an apikeys redb file, without
+/// letting redb touch it, and empties one whose first set-up was cut short. Under an exclusive
+/// lock, so that no other process is setting the file up meanwhile.
+fn prepare_file(path: &Path) -> Result<(), OpenError> {
+    let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io_open_error(path, error)),
+    };
+    file.try_lock().map_err(|error| match error {
+        std::fs::TryLockError::WouldBlock => OpenError::InUse { path: path.to_owned() },
+        std::fs::TryLockError::Error(error) => io_open_error(path, error),
+    })?;
+    let len = file.metadata().map_err(|error| io_open_error(path, error))?.len();
+    let read = |n: u64| {
+        let mut bytes = Vec::new();
+        (&file).take(n).read_to_end(&mut bytes)?;
+        std::io::Seek::rewind(&mut &file)?;
+        Ok(bytes)
+    };
+    match classify(len, read).map_err(|error| io_open_error(path, error))? {
+        Found::Empty | Found::Redb => Ok(()),
+        Found::Unfinished => file.set_len(0).map_err(|error| io_open_error(path, error)),
+        Found::Foreign => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
+    }
+    // Dropping `file` lets the lock go, before redb takes its own.
+}
+
+/// [`prepare_file`] for storage of the caller's.
+fn prepare_backend(backend: &impl redb::StorageBackend, path: &Path) -> Result<(), OpenError> {
+    let fail = |error| io_open_error(path, error);
+    let read = |n: u64| {
+        let mut bytes = vec![0; usize::try_from(n).unwrap_or(0)];
+        backend.read(0, &mut bytes)?;
+        Ok(bytes)
+    };
+    match classify(backend.len().map_err(fail)?, read).map_err(fail)? {
+        Found::Empty | Found::Redb => Ok(()),
+        Found::Unfinished => backend.set_len(0).map_err(fail),
+        Found::Foreign => Err(OpenError::NotApikeys { path: path.to_owned(), backend: "redb" }),
     }
 }
 
