@@ -100,12 +100,16 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
-    /// Gives every store call the service makes at most `deadline`: a store that has not
-    /// answered by then is [`StoreError::TimedOut`] (a 503 over HTTP, never a bad key). A write
-    /// that timed out may still land, as with any lost answer. None by default: each store has
-    /// limits of its own (PostgreSQL's `call_timeout`). Needs a tokio runtime with its time
-    /// driver; outside one, calls run without the deadline. A store that answers a verification
-    /// at once ([`KeyStore::find_by_digest_now`]) is not timed.
+    /// Gives every store call the service makes that waits (writes on every store; reads on
+    /// PostgreSQL) at most `deadline`: a store that has not answered by then is
+    /// [`StoreError::TimedOut`] (a 503 over HTTP, never a bad key). A write that timed out may
+    /// still land, as with any lost answer. A read that a file store makes on the caller's thread
+    /// cannot be cut short; those wait milliseconds at most. None by default: each store has limits
+    /// of its own (5 s for PostgreSQL calls and SQLite writes); choose a longer deadline, so that
+    /// the store's own, clearer error comes first.
+    ///
+    /// Needs a tokio runtime; outside one, calls run without the deadline. Inside a runtime built
+    /// without its time driver (`enable_time`), tokio panics at the first timed call.
     #[cfg(feature = "tokio")]
     pub fn store_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);

@@ -11,7 +11,8 @@ port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$dir/err.txt" 2>/dev/null && break; sleep 0.1; done
-key="$(grep -o 'as_live_v1_[a-z2-7]*' "$dir/out.txt" | head -n 1)"
+grep -q "listening on" "$dir/err.txt" || { cat "$dir/err.txt" >&2; echo "serve did not start" >&2; exit 1; }
+key="$(grep -o 'as_live_v1_[a-z2-7]*' "$dir/out.txt" | head -n 1 || true)"
 [ -n "$key" ] || { cat "$dir/err.txt" >&2; echo "serve printed no first key" >&2; exit 1; }
 schemathesis --config-file schemathesis.toml run "http://127.0.0.1:$port/openapi.json" \
   --checks all --header "x-api-key: $key" --max-examples "${APIKEYS_CONTRACT_EXAMPLES:-50}" --no-color \

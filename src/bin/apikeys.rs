@@ -58,8 +58,9 @@ struct StoreArgs {
     /// With a pepper, also accept keys created before it (stored under plain SHA-256).
     #[arg(long, env = "APIKEYS_ACCEPT_UNPEPPERED_KEYS", global = true)]
     accept_unpeppered_keys: bool,
-    /// How long any store call may take before it fails (a 503 for `serve`).
-    #[arg(long, env = "APIKEYS_STORE_DEADLINE", global = true, value_parser = humantime::parse_duration, default_value = "5s")]
+    /// How long any store call that waits may take before it fails (a 503 for `serve`); longer
+    /// than the stores' own limits (5 s), so that those answer first with their own errors.
+    #[arg(long, env = "APIKEYS_STORE_DEADLINE", global = true, value_parser = humantime::parse_duration, default_value = "10s")]
     store_deadline: Duration,
 }
 

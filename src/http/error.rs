@@ -72,8 +72,8 @@ impl IntoResponse for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> Self {
         match rejection {
-            Rejection::Store(StoreError::Busy | StoreError::TimedOut) => {
-                tracing::warn!("key store busy during verification");
+            Rejection::Store(error @ (StoreError::Busy | StoreError::TimedOut)) => {
+                tracing::warn!(%error, "key store unavailable during verification");
                 Self::unavailable()
             }
             Rejection::Store(error) => {
@@ -112,8 +112,8 @@ impl From<Error> for ApiError {
                 Self::new(StatusCode::FORBIDDEN, "insufficient_scope", error.to_string())
             }
             Error::ScopeEscalation => Self::new(StatusCode::FORBIDDEN, "scope_escalation", error.to_string()),
-            Error::Store(StoreError::Busy | StoreError::TimedOut) => {
-                tracing::warn!("key store busy");
+            Error::Store(ref error @ (StoreError::Busy | StoreError::TimedOut)) => {
+                tracing::warn!(%error, "key store unavailable");
                 Self::unavailable()
             }
             Error::Store(ref source) => {

@@ -3,10 +3,10 @@
 //!
 //! | request | success | errors |
 //! | --- | --- | --- |
-//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}` | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
-//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` where set | 401, 403 (`insufficient_scope`), 503 |
+//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}` | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
+//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` where set | 400 (`ambiguous_api_key`), 401, 403 (`insufficient_scope`), 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
-//! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
+//! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
 //! Scopes: listing needs `keys:read`, the other key routes `keys:write`; keys made
@@ -21,8 +21,12 @@
 //! create a key that never expires. Timestamps are RFC 3339 in UTC (`Z`), with fractional seconds
 //! only when they are not zero.
 //!
+//! Any request with more than one `x-api-key` header is 400 `ambiguous_api_key`.
+//!
 //! The router takes a [`KeyService`] over any store, as it is, and leaves the OpenAPI document to
-//! the host, which serves [`openapi`] wherever its own documents live:
+//! the host, which serves [`openapi`] wherever its own documents live. (A service facing clients
+//! it does not control serves through [`serve`] instead of `axum::serve`, for its timeouts and
+//! limits.)
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
