@@ -34,7 +34,9 @@ impl From<Step> for Op {
             Step::CreateAs { caller, expires_in, scopes } => {
                 Op::CreateAs { caller: caller.into(), expires_in: expires_in.map(i64::from), scopes }
             }
-            Step::Roll { caller, target, grace: g } => Op::Roll { caller: caller.into(), target: target.into(), grace: grace(g) },
+            Step::Roll { caller, target, grace: g } => {
+                Op::Roll { caller: caller.into(), target: target.into(), grace: grace(g) }
+            }
             Step::RollAsAdmin { account: a, target, grace: g } => {
                 Op::RollAsAdmin { account: account(a), target: target.into(), grace: grace(g) }
             }
@@ -43,7 +45,9 @@ impl From<Step> for Op {
                 Op::VerifyMutated { key: key.into(), position: position.into(), replacement }
             }
             Step::Revoke { caller, target } => Op::Revoke { caller: caller.into(), target: target.into() },
-            Step::RevokeAsAdmin { account: a, target } => Op::RevokeAsAdmin { account: account(a), target: target.into() },
+            Step::RevokeAsAdmin { account: a, target } => {
+                Op::RevokeAsAdmin { account: account(a), target: target.into() }
+            }
             Step::Advance { seconds } => Op::Advance { seconds: seconds.into() },
             Step::Flush => Op::Flush,
         }
