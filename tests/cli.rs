@@ -471,6 +471,12 @@ fn read_until_closed(mut stream: std::net::TcpStream) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Checks that a raw HTTP/1.1 answer has this status and a JSON error of this code.
+fn assert_error(answer: &str, status: &str, code: &str) {
+    assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+    assert!(answer.contains(&format!(r#""code":"{code}""#)), "{answer}");
+}
+
 #[test]
 fn serve_closes_a_connection_whose_headers_never_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,9 +499,7 @@ fn serve_answers_408_in_json_to_a_body_that_stops_coming() {
         server.first_key
     );
     stream.write_all(head.as_bytes()).unwrap();
-    let answer = read_until_closed(stream);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains(r#""code":"body_timeout""#), "{answer}");
+    assert_error(&read_until_closed(stream), "408", "body_timeout");
     server.kill();
 }
 
@@ -510,8 +514,7 @@ fn serve_refuses_an_http_1_1_request_without_host_and_two_keys_in_one_request() 
     };
     let key = &server.first_key;
     let without_host = ask(format!("GET /account/api-keys HTTP/1.1\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"));
-    assert!(without_host.starts_with("HTTP/1.1 400"), "{without_host}");
-    assert!(without_host.contains(r#""code":"missing_host""#), "{without_host}");
+    assert_error(&without_host, "400", "missing_host");
     let one_point_zero = ask(format!("GET /account/api-keys HTTP/1.0\r\nx-api-key: {key}\r\n\r\n"));
     assert!(
         one_point_zero.starts_with("HTTP/1.0 200") || one_point_zero.starts_with("HTTP/1.1 200"),
@@ -521,8 +524,7 @@ fn serve_refuses_an_http_1_1_request_without_host_and_two_keys_in_one_request() 
         "GET /account/api-keys HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\nx-api-key: as_live_v1_other\r\n\
          Connection: close\r\n\r\n"
     ));
-    assert!(two_keys.starts_with("HTTP/1.1 400"), "{two_keys}");
-    assert!(two_keys.contains(r#""code":"ambiguous_api_key""#), "{two_keys}");
+    assert_error(&two_keys, "400", "ambiguous_api_key");
     server.kill();
 }
 
