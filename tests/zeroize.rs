@@ -2,17 +2,25 @@
 //! every block as it is freed, while armed, for the bytes of one token.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
 use apikeys::{Environment, KeyFormat};
 
-/// The allocator: while `ARMED`, a freed block that still holds `PATTERN` sets `SEEN`.
+/// The allocator: a block freed by a thread while that thread is armed, and still holding the
+/// thread's pattern, marks it seen. Everything is per thread, so tests running side by side, and
+/// the harness's own threads freeing memory meanwhile, cannot disarm or mislead one another.
 struct Inspecting;
 
-static ARMED: AtomicBool = AtomicBool::new(false);
-static SEEN: AtomicBool = AtomicBool::new(false);
-static PATTERN: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// The longest pattern a test may watch for.
+const MAX_PATTERN: usize = 64;
+
+thread_local! {
+    // `const` and `Copy`: no lazy initialization and no destructor, so reading them inside the
+    // allocator cannot allocate.
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+    static SEEN: Cell<bool> = const { Cell::new(false) };
+    static PATTERN: Cell<([u8; MAX_PATTERN], usize)> = const { Cell::new(([0; MAX_PATTERN], 0)) };
+}
 
 // SAFETY: every call is forwarded to the system allocator; `dealloc` only reads the block it is
 // handed, which is valid for `layout.size()` bytes until it is freed right after.
@@ -22,17 +30,14 @@ unsafe impl GlobalAlloc for Inspecting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if ARMED.load(Ordering::SeqCst) {
-            // Disarmed while looking, so that the lock below cannot recurse into this check.
-            ARMED.store(false, Ordering::SeqCst);
+        // `try_with`: a thread being torn down frees memory after its locals are gone.
+        if ARMED.try_with(Cell::get).unwrap_or(false) {
             let block = unsafe { std::slice::from_raw_parts(ptr, layout.size()) };
-            if let Ok(pattern) = PATTERN.try_lock()
-                && !pattern.is_empty()
-                && block.windows(pattern.len()).any(|window| window == &pattern[..])
-            {
-                SEEN.store(true, Ordering::SeqCst);
+            let (bytes, len) = PATTERN.with(Cell::get);
+            let pattern = &bytes[..len];
+            if block.windows(len).any(|window| window == pattern) {
+                SEEN.with(|seen| seen.set(true));
             }
-            ARMED.store(true, Ordering::SeqCst);
         }
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -41,14 +46,18 @@ unsafe impl GlobalAlloc for Inspecting {
 #[global_allocator]
 static ALLOCATOR: Inspecting = Inspecting;
 
-/// Drops `value` while watching for `secret` in freed memory; returns whether it was seen.
+/// Drops `value` while this thread watches for `secret` in freed memory; returns whether it was
+/// seen.
 fn seen_after_drop<T>(value: T, secret: &[u8]) -> bool {
-    *PATTERN.lock().unwrap() = secret.to_vec();
-    SEEN.store(false, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
+    assert!(!secret.is_empty() && secret.len() <= MAX_PATTERN);
+    let mut bytes = [0; MAX_PATTERN];
+    bytes[..secret.len()].copy_from_slice(secret);
+    PATTERN.with(|pattern| pattern.set((bytes, secret.len())));
+    SEEN.with(|seen| seen.set(false));
+    ARMED.with(|armed| armed.set(true));
     drop(value);
-    ARMED.store(false, Ordering::SeqCst);
-    SEEN.load(Ordering::SeqCst)
+    ARMED.with(|armed| armed.set(false));
+    SEEN.with(Cell::get)
 }
 
 #[test]
