@@ -574,9 +574,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 3).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 4).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 3, supported: 2, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 4, supported: 3, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -589,13 +589,15 @@ fn a_file_from_a_newer_version_is_refused() {
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 2, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 3, .. }), "{error:?}");
 }
 
-/// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding one active
-/// and one revoked key.
+/// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
+/// no expiry, one that expires tomorrow, one that has expired and one revoked.
 struct V1File {
     active: KeyRecord,
+    expiring: KeyRecord,
+    expired: KeyRecord,
     revoked: KeyRecord,
 }
 
@@ -604,7 +606,16 @@ impl V1File {
         let account = AccountId::new("upgraded").unwrap();
         let mut revoked = record(&account, 1);
         revoked.revoked_at = Some(revoked.created_at);
-        Self { active: record(&account, 0), revoked }
+        let mut expiring = record(&account, 2);
+        expiring.expires_at = Some(expiring.created_at + time::Duration::days(1));
+        let mut expired = record(&account, 3);
+        expired.created_at -= time::Duration::days(2);
+        expired.expires_at = Some(expired.created_at + time::Duration::days(1));
+        Self { active: record(&account, 0), expiring, expired, revoked }
+    }
+
+    fn records(&self) -> [&KeyRecord; 4] {
+        [&self.active, &self.expiring, &self.expired, &self.revoked]
     }
 
     fn write_sqlite(&self, path: &std::path::Path) {
@@ -621,11 +632,11 @@ impl V1File {
                 PRAGMA user_version = 1;",
             )
             .unwrap();
-        for record in [&self.active, &self.revoked] {
+        for record in self.records() {
             let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
             connection
                 .execute(
-                    "INSERT INTO api_keys VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7)",
+                    "INSERT INTO api_keys VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)",
                     rusqlite::params![
                         &record.digest.as_bytes()[..],
                         record.id.as_uuid().as_bytes(),
@@ -633,6 +644,7 @@ impl V1File {
                         record.prefix.as_str(),
                         record.name.as_deref(),
                         micros(record.created_at),
+                        record.expires_at.map(micros),
                         record.revoked_at.map(micros),
                     ],
                 )
@@ -658,7 +670,7 @@ impl V1File {
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
         let database = redb::Database::create(path).unwrap();
         let transaction = database.begin_write().unwrap();
-        for record in [&self.active, &self.revoked] {
+        for record in self.records() {
             let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
             let (id, digest) = (record.id.as_uuid().as_bytes(), record.digest.as_bytes());
             let value = (
@@ -667,7 +679,7 @@ impl V1File {
                 record.prefix.as_str(),
                 record.name.as_deref(),
                 micros(record.created_at),
-                None,
+                record.expires_at.map(micros),
                 None,
                 record.revoked_at.map(micros),
             );
@@ -682,16 +694,30 @@ impl V1File {
         transaction.commit().unwrap();
     }
 
-    /// The upgraded store holds both keys exactly, with every scope and no roll, and works on.
+    /// The upgraded store holds every key exactly, with every scope and no roll, lists the active
+    /// ones at any time, and works on.
     async fn check(&self, store: &dyn KeyStore) {
-        for expected in [&self.active, &self.revoked] {
+        for expected in self.records() {
             let found = store.find_by_digest(&expected.digest).await.unwrap().expect("kept by the upgrade");
             assert_eq!(&found, expected);
             assert_eq!(found.scopes, apikeys::Scopes::all());
         }
-        let listed = store.list_active(&self.active.account, OffsetDateTime::now_utc()).await.unwrap();
-        assert_eq!(listed, std::slice::from_ref(&self.active));
-        assert!(store.revoke(&self.active.account, &self.active.id, OffsetDateTime::now_utc()).await.unwrap());
+        // Oldest first; the keys made in one millisecond, by id.
+        let in_list_order = |records: &[&KeyRecord]| {
+            let mut records: Vec<KeyRecord> = records.iter().map(|&record| record.clone()).collect();
+            records.sort_by_key(|record| (record.created_at, record.id));
+            records
+        };
+        let (account, now) = (&self.active.account, OffsetDateTime::now_utc());
+        let listed = store.list_active(account, now).await.unwrap();
+        assert_eq!(listed, in_list_order(&[&self.active, &self.expiring]));
+        let before_expired_ended = self.expired.created_at;
+        let listed = store.list_active(account, before_expired_ended).await.unwrap();
+        assert_eq!(listed, in_list_order(&[&self.expired, &self.active, &self.expiring]));
+        let after_expiring_ended = now + time::Duration::days(2);
+        assert_eq!(store.list_active(account, after_expiring_ended).await.unwrap(), [self.active.clone()]);
+        assert!(store.revoke(account, &self.expiring.id, now).await.unwrap());
+        assert_eq!(store.list_active(account, now).await.unwrap(), [self.active.clone()]);
     }
 }
 
@@ -706,23 +732,23 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         .unwrap()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
     v1.check(&RedbStore::open(&redb_path).unwrap()).await;
-    // Opened again, the upgraded file still holds both keys…
+    // Opened again, the upgraded file still holds every key…
     let reopened = RedbStore::open(&redb_path).unwrap();
-    for expected in [&v1.active, &v1.revoked] {
+    for expected in v1.records() {
         let found = reopened.find_by_digest(&expected.digest).await.unwrap();
         assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
     }
     drop(reopened);
-    // …and records version 2, as the SQLite file does.
+    // …and records version 3, as the SQLite file does.
     let database = redb::Database::open(&redb_path).unwrap();
     let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
     let table = redb::ReadableDatabase::begin_read(&database).unwrap().open_table(meta).unwrap();
-    assert_eq!(table.get("schema_version").unwrap().map(|version| version.value()), Some(2));
+    assert_eq!(table.get("schema_version").unwrap().map(|version| version.value()), Some(3));
 }
 
 #[test]

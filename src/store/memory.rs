@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: keys in a map, for tests and ephemeral services; the reference every other
 //! backend is compared with.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -15,6 +15,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
+use uuid::Uuid;
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
 const SHARDS: usize = 16;
@@ -40,9 +41,23 @@ struct Index {
     /// The digest hash of every record by id, revoked ones included: it picks the shard and the
     /// place in the shard's table where the record with that id is.
     hash_of: PrehashedMap<KeyId, u64>,
-    /// Each account's keys that are not revoked: revocation removes them, so counting and
-    /// listing never wade through revoked keys.
-    unrevoked_of_account: HashMap<AccountId, Vec<KeyId>>,
+    /// Each account's keys that are not revoked, by when each stops being active: revocation
+    /// removes them, and a read at any time starts past the keys expired by then, so counting and
+    /// listing never wade through revoked or expired keys.
+    live_of_account: HashMap<AccountId, BTreeSet<(Ends, KeyId)>>,
+}
+
+/// When a key stops being active: at its expiry, or never (ordered after every time).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ends {
+    At(OffsetDateTime),
+    Never,
+}
+
+impl Ends {
+    fn of(record: &KeyRecord) -> (Self, KeyId) {
+        (record.expires_at.map_or(Ends::Never, Ends::At), record.id)
+    }
 }
 
 impl Default for MemoryStore {
@@ -66,7 +81,7 @@ impl MemoryStore {
         let hash = record.digest.prehash();
         index.hash_of.insert(record.id, hash);
         if record.revoked_at.is_none() {
-            index.unrevoked_of_account.entry(record.account.clone()).or_default().push(record.id);
+            index.live_of_account.entry(record.account.clone()).or_default().insert(Ends::of(&record));
         }
         self.write(hash).insert_unique(hash, record, |record| record.digest.prehash());
     }
@@ -89,8 +104,8 @@ impl MemoryStore {
 
     /// How many of the account's keys count towards its limit at `now`, leaving out `except`.
     fn counted(&self, index: &Index, account: &AccountId, now: OffsetDateTime, except: Option<&KeyId>) -> usize {
-        self.account_records(index, account, |record| record.counts_towards_limit(now) && Some(&record.id) != except)
-            .len()
+        let counts = |record: &KeyRecord| record.counts_towards_limit(now) && Some(&record.id) != except;
+        self.active_records(index, account, now, counts).len()
     }
 
     /// Reads the record with this id, under the index lock the caller holds.
@@ -105,10 +120,27 @@ impl MemoryStore {
         self.write(hash).find_mut(hash, |record| record.id == *id).map(change)
     }
 
-    /// The account's records for which `keep` holds, cloned, under the index lock the caller holds.
-    fn account_records(&self, index: &Index, account: &AccountId, keep: impl Fn(&KeyRecord) -> bool) -> Vec<KeyRecord> {
-        let ids = index.unrevoked_of_account.get(account).map(Vec::as_slice).unwrap_or_default();
-        ids.iter().filter_map(|id| self.with_id(index, id, |record| keep(record).then(|| record.clone()))?).collect()
+    /// The account's records not revoked nor expired at `now` for which `keep` holds, cloned,
+    /// under the index lock the caller holds.
+    fn active_records(
+        &self,
+        index: &Index,
+        account: &AccountId,
+        now: OffsetDateTime,
+        keep: impl Fn(&KeyRecord) -> bool,
+    ) -> Vec<KeyRecord> {
+        let Some(live) = index.live_of_account.get(account) else { return Vec::new() };
+        let keep = |record: &KeyRecord| (record.is_active(now) && keep(record)).then(|| record.clone());
+        let from = (Ends::At(now), KeyId::from_uuid(Uuid::nil()));
+        live.range(from..).filter_map(|(_, id)| self.with_id(index, id, keep)?).collect()
+    }
+
+    /// Moves an entry of the account's live index to `to`, or out of it with `None`.
+    fn relist(index: &mut Index, account: &AccountId, from: (Ends, KeyId), to: Option<(Ends, KeyId)>) {
+        if let Some(live) = index.live_of_account.get_mut(account) {
+            live.remove(&from);
+            live.extend(to);
+        }
     }
 
     /// The shard of a digest hash, chosen by bits the tables use neither for the bucket (the low
@@ -161,9 +193,9 @@ impl Maintenance for MemoryStore {
             shard.retain(|record| !(purged_at(record, before) && purged.insert(record.id)));
         }
         index.hash_of.retain(|id, _| !purged.contains(id));
-        index.unrevoked_of_account.retain(|_, ids| {
-            ids.retain(|id| !purged.contains(id));
-            !ids.is_empty()
+        index.live_of_account.retain(|_, live| {
+            live.retain(|(_, id)| !purged.contains(id));
+            !live.is_empty()
         });
         Ok(purged.len() as u64)
     }
@@ -199,7 +231,7 @@ impl KeyStore for MemoryStore {
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         let index = self.index();
-        let mut active = self.account_records(&index, account, |record| record.is_active(now));
+        let mut active = self.active_records(&index, account, now, |_| true);
         active.sort_by_key(|record| (record.created_at, record.id));
         Ok(active)
     }
@@ -208,17 +240,13 @@ impl KeyStore for MemoryStore {
         let mut index = self.index();
         let revoked = self.update(&index, id, |record| {
             let revocable = record.account == *account && record.is_active(at);
-            if revocable {
+            revocable.then(|| {
                 record.revoked_at = Some(at);
-            }
-            revocable
+                Ends::of(record)
+            })
         });
-        if revoked != Some(true) {
-            return Ok(false);
-        }
-        if let Some(unrevoked) = index.unrevoked_of_account.get_mut(account) {
-            unrevoked.retain(|unrevoked| unrevoked != id);
-        }
+        let Some(Some(listed)) = revoked else { return Ok(false) };
+        Self::relist(&mut index, account, listed, None);
         Ok(true)
     }
 
@@ -241,10 +269,15 @@ impl KeyStore for MemoryStore {
         {
             return Err(StoreError::LimitReached { limit: max_active });
         }
-        self.update(&index, roll.old(), |old| {
+        let rolled = self.update(&index, roll.old(), |old| {
+            let listed = Ends::of(old);
             old.expires_at = Some(roll.old_expires_at());
             old.replaced_by = Some(new.id);
+            (listed, Ends::of(old))
         });
+        if let Some((listed, relisted)) = rolled {
+            Self::relist(&mut index, roll.account(), listed, Some(relisted));
+        }
         self.add(&mut index, new.clone());
         Ok(true)
     }

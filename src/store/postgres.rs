@@ -25,7 +25,7 @@ use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -105,7 +105,7 @@ impl Statements {
             find_for_roll: format!("SELECT {COLUMNS} FROM {keys} WHERE id = $1 AND account = $2 FOR UPDATE"),
             count_for_roll: format!(
                 "SELECT count(*) FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2) AND replaced_by IS NULL AND id <> $3"
+                 AND coalesce(expires_at, 'infinity') > $2 AND replaced_by IS NULL AND id <> $3"
             ),
             apply_roll: format!("UPDATE {keys} SET expires_at = $2, replaced_by = $3 WHERE id = $1"),
             lock_account: format!(
@@ -115,7 +115,7 @@ impl Statements {
             insert_within_limit: format!(
                 "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
                  WHERE (SELECT count(*) FROM {keys} WHERE account = $2 AND revoked_at IS NULL \
-                        AND (expires_at IS NULL OR expires_at > $6) AND replaced_by IS NULL) < $13"
+                        AND coalesce(expires_at, 'infinity') > $6 AND replaced_by IS NULL) < $13"
             ),
             import: format!(
                 "INSERT INTO {keys} ({COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], \
@@ -124,7 +124,7 @@ impl Statements {
             ),
             list_active: format!(
                 "SELECT {COLUMNS} FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, id"
+                 AND coalesce(expires_at, 'infinity') > $2 ORDER BY created_at, id"
             ),
             revoke: format!(
                 "UPDATE {keys} SET revoked_at = $3 WHERE id = $1 AND account = $2 AND revoked_at IS NULL \
@@ -144,7 +144,9 @@ impl Statements {
 
 /// Version 1: the keys, the account rows that serialise creates, and the index of unrevoked keys.
 /// Version 2: scopes (grants joined by spaces; keys from version 1 hold every scope) and rolls.
-fn migrations(schema: &str) -> [String; 2] {
+/// Version 3: the account index is ordered by when each key stops being active, so that counts
+/// and lists start past the keys expired by then (a roll's old keys, short-lived keys).
+fn migrations(schema: &str) -> [String; 3] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -165,6 +167,11 @@ fn migrations(schema: &str) -> [String; 2] {
         format!(
             "ALTER TABLE {schema}.api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '*',
                 ADD COLUMN rotated_from UUID, ADD COLUMN replaced_by UUID;"
+        ),
+        format!(
+            "DROP INDEX {schema}.api_keys_unrevoked_by_account;
+            CREATE INDEX api_keys_live_by_account ON {schema}.api_keys (account, (coalesce(expires_at, 'infinity')))
+                WHERE revoked_at IS NULL;"
         ),
     ]
 }

@@ -18,7 +18,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 2;
+const SCHEMA_VERSION: u64 = 3;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
@@ -46,9 +46,14 @@ type RecordValueV1 =
 const RECORDS_V1: TableDefinition<&[u8; Digest::LEN], RecordValueV1> = TableDefinition::new("api_keys");
 /// id -> digest, for revocation and lastUsedAt.
 const IDS: TableDefinition<&[u8; 16], &[u8; Digest::LEN]> = TableDefinition::new("api_keys_by_id");
-/// (account, created_at, id) -> digest: an account's keys that are not revoked, in list order.
-/// Revocation removes the entry, so counting and listing never wade through revoked keys.
+/// (account, ends, id) -> digest: an account's keys that are not revoked, by when each stops
+/// being active (its expiry, `i64::MAX` for never). Revocation removes the entry, and a read at
+/// any time starts past the keys expired by then, so counting and listing never wade through
+/// revoked or expired keys.
 const BY_ACCOUNT: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
+    TableDefinition::new("api_keys_live_by_account");
+/// Schema version 2's account index, (account, created_at, id) -> digest.
+const BY_ACCOUNT_V2: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
     TableDefinition::new("api_keys_by_account");
 /// "schema_version" -> version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
@@ -304,6 +309,9 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         if found == Some(1) {
             upgrade_from_v1(&transaction)?;
         }
+        if found.is_some_and(|found| found < 3) {
+            upgrade_from_v2(&transaction)?;
+        }
         transaction.open_table(RECORDS)?;
         transaction.open_table(IDS)?;
         transaction.open_table(BY_ACCOUNT)?;
@@ -339,6 +347,23 @@ fn upgrade_from_v1(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
     Ok(())
 }
 
+/// Version 2 to 3: the account index is rebuilt in the order of when each key stops being active.
+fn upgrade_from_v2(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = transaction.open_table(BY_ACCOUNT_V2)?;
+        let records = transaction.open_table(RECORDS)?;
+        let mut by_account = transaction.open_table(BY_ACCOUNT)?;
+        for entry in old.iter()? {
+            let (key, digest) = entry?;
+            let (account, _, id) = key.value();
+            let Some(record) = records.get(digest.value())? else { continue };
+            by_account.insert((account, ends(record.value().5), id), digest.value())?;
+        }
+    }
+    transaction.delete_table(BY_ACCOUNT_V2)?;
+    Ok(())
+}
+
 fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
     let fields = StoredFields {
         id: *value.0,
@@ -359,6 +384,11 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
 
 fn is_active(expires_at: Option<i64>, revoked_at: Option<i64>, now: i64) -> bool {
     revoked_at.is_none() && expires_at.is_none_or(|expiry| now < expiry)
+}
+
+/// When a key with this expiry stops being active: the middle of its `BY_ACCOUNT` key.
+fn ends(expires_at: Option<i64>) -> i64 {
+    expires_at.unwrap_or(i64::MAX)
 }
 
 /// The record with this id, read in a write transaction, with its digest.
@@ -409,9 +439,10 @@ fn write_last_used(transaction: &redb::WriteTransaction, uses: &[LocatedUse]) ->
     Ok(())
 }
 
-/// The range of `BY_ACCOUNT` keys that belong to `account`.
-fn account_range(account: &str) -> std::ops::RangeInclusive<(&str, i64, &'static [u8; 16])> {
-    (account, i64::MIN, &[0u8; 16])..=(account, i64::MAX, &[0xffu8; 16])
+/// The range of `BY_ACCOUNT` keys of `account`'s keys still active at `now`, and some that end
+/// at `now` exactly (the caller checks each record).
+fn active_range(account: &str, now: i64) -> std::ops::RangeInclusive<(&str, i64, &'static [u8; 16])> {
+    (account, now, &[0u8; 16])..=(account, i64::MAX, &[0xffu8; 16])
 }
 
 #[async_trait]
@@ -457,17 +488,17 @@ fn purge_piece(
         for entry in range.take(writer::PURGE_PIECE) {
             let (digest, value) = entry?;
             let digest = *digest.value();
-            let (id, account, _, _, created_at, expires_at, _, revoked_at, ..) = value.value();
+            let (id, account, _, _, _, expires_at, _, revoked_at, ..) = value.value();
             if revoked_at.is_some_and(|at| at < before) || expires_at.is_some_and(|at| at < before) {
-                due.push((digest, *id, account.to_owned(), created_at));
+                due.push((digest, *id, account.to_owned(), ends(expires_at)));
             }
             (looked_at, last) = (looked_at + 1, Some(digest));
         }
     }
-    for (digest, id, account, created_at) in &due {
+    for (digest, id, account, ends) in &due {
         records.remove(digest)?;
         ids.remove(id)?;
-        by_account.remove((account.as_str(), *created_at, id))?;
+        by_account.remove((account.as_str(), *ends, id))?;
     }
     let resume = if looked_at == writer::PURGE_PIECE { last } else { None };
     Ok((due.len() as u64, resume))
@@ -501,7 +532,7 @@ impl KeyStore for RedbStore {
             let by_account = transaction.open_table(BY_ACCOUNT)?;
             let now = unix_micros(now);
             let mut active = Vec::new();
-            for entry in by_account.range(account_range(account.as_str()))? {
+            for entry in by_account.range(active_range(account.as_str(), now))? {
                 let (_, digest) = entry?;
                 let digest = digest.value();
                 let Some(found) = records.get(digest)? else { continue };
@@ -510,6 +541,7 @@ impl KeyStore for RedbStore {
                     active.push(record_from_value(digest, value)?);
                 }
             }
+            active.sort_unstable_by_key(|record| (record.created_at, record.id));
             Ok(active)
         })
     }
@@ -528,7 +560,7 @@ impl KeyStore for RedbStore {
             }
             found.revoked_at = Some(at);
             records.insert(&digest, found.as_value())?;
-            by_account.remove((found.account.as_str(), found.created_at, id.as_uuid().as_bytes()))?;
+            by_account.remove((found.account.as_str(), ends(found.expires_at), id.as_uuid().as_bytes()))?;
             Ok(true)
         })
         .await
@@ -563,8 +595,15 @@ impl KeyStore for RedbStore {
                     return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
                 }
             }
+            let listed = (old.account.as_str(), ends(old.expires_at), &old.id);
+            let mut by_account = transaction.open_table(BY_ACCOUNT)?;
+            let entry = by_account.remove(listed)?.map(|digest| *digest.value());
             old.expires_at = Some(unix_micros(roll.old_expires_at()));
             old.replaced_by = Some(*new.id.as_uuid().as_bytes());
+            if let Some(digest) = entry {
+                by_account.insert((old.account.as_str(), ends(old.expires_at), &old.id), &digest)?;
+            }
+            drop(by_account);
             transaction.open_table(RECORDS)?.insert(&digest, old.as_value())?;
             insert_record(transaction, new)?;
             Ok(true)
@@ -596,7 +635,7 @@ fn count_towards_limit(
     let by_account = transaction.open_table(BY_ACCOUNT)?;
     let except = except.map(|id| *id.as_uuid().as_bytes());
     let mut counted = 0;
-    for entry in by_account.range(account_range(account.as_str()))? {
+    for entry in by_account.range(active_range(account.as_str(), now))? {
         let (_, digest) = entry?;
         if let Some(existing) = records.get(digest.value())? {
             let (id, .., expires_at, _, revoked_at, _, _, replaced_by) = existing.value();
@@ -638,7 +677,7 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
     ids.insert(id, digest)?;
     // The account index holds only keys not revoked (an import may bring revoked ones).
     if record.revoked_at.is_none() {
-        by_account.insert((record.account.as_str(), created_at, id), digest)?;
+        by_account.insert((record.account.as_str(), ends(record.expires_at.map(unix_micros)), id), digest)?;
     }
     Ok(())
 }

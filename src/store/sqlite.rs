@@ -22,7 +22,7 @@ use crate::spread::{CachePadded, thread_number};
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// How long a write waits for another process's write lock before failing: on the writer
 /// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +38,7 @@ const MMAP_SIZE: i64 = 1 << 30;
 /// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -59,6 +59,12 @@ const MIGRATIONS: [&str; 2] = [
     "ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '*';
     ALTER TABLE api_keys ADD COLUMN rotated_from BLOB;
     ALTER TABLE api_keys ADD COLUMN replaced_by BLOB;",
+    // Version 3: the account index is ordered by when each key stops being active, so that a read
+    // at any time starts past the keys expired by then instead of testing each in turn: a roll's
+    // old keys and short-lived keys would otherwise pile up in every list and create.
+    "DROP INDEX api_keys_unrevoked_by_account;
+    CREATE INDEX api_keys_live_by_account ON api_keys (account, coalesce(expires_at, 9223372036854775807))
+        WHERE revoked_at IS NULL;",
 ];
 
 /// The columns of a record, in the order `record_from_row` reads them.
@@ -74,14 +80,17 @@ const INSERT: &str =
 const FIND_BY_DIGEST: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE digest = ?1");
 const FIND_BY_ID: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE id = ?1 AND account = ?2");
 /// The account's keys that count towards its limit at ?2, leaving out the key with id ?3 (if any).
-const COUNT_TOWARDS_LIMIT: &str = "SELECT count(*) FROM api_keys WHERE account = ?1 AND revoked_at IS NULL \
-     AND (expires_at IS NULL OR expires_at > ?2) AND replaced_by IS NULL AND id IS NOT ?3";
-const LIST_ACTIVE: &str = concat!(
-    "SELECT ",
-    columns!(),
-    " FROM api_keys WHERE account = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2) \
-     ORDER BY created_at, id"
-);
+/// The account's keys active at ?2, as the index `api_keys_live_by_account` reads them: when a
+/// key stops being active, `i64::MAX` for never.
+macro_rules! active_in_account {
+    () => {
+        "account = ?1 AND revoked_at IS NULL AND coalesce(expires_at, 9223372036854775807) > ?2"
+    };
+}
+const COUNT_TOWARDS_LIMIT: &str =
+    concat!("SELECT count(*) FROM api_keys WHERE ", active_in_account!(), " AND replaced_by IS NULL AND id IS NOT ?3");
+const LIST_ACTIVE: &str =
+    concat!("SELECT ", columns!(), " FROM api_keys WHERE ", active_in_account!(), " ORDER BY created_at, id");
 
 /// Keys in an SQLite file, in WAL mode: several processes on one machine may share the file
 /// (the server and the CLI do), and readers never wait for each other or for the writer.
@@ -834,6 +843,24 @@ mod tests {
         assert!(matches!(store.read("test", |_| Err::<(), _>(busy)), Err(StoreError::Busy)));
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The plan of each account read starts past the expired keys: a search of the live index
+    /// on account and end, never a scan of the account's entries.
+    #[test]
+    fn account_reads_seek_past_expired_keys() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        for (query, except) in [(LIST_ACTIVE, vec![]), (COUNT_TOWARDS_LIMIT, vec![None::<Vec<u8>>])] {
+            let plan: Vec<String> = store
+                .read("test", |c| {
+                    let mut statement = c.prepare(&format!("EXPLAIN QUERY PLAN {query}"))?;
+                    let parameters = params!["a", 0].iter().copied().chain(except.iter().map(|id| id as _));
+                    statement.query_map(rusqlite::params_from_iter(parameters), |row| row.get(3))?.collect()
+                })
+                .unwrap();
+            let searches = "SEARCH api_keys USING INDEX api_keys_live_by_account (account=? AND <expr>>?)";
+            assert!(plan.iter().any(|step| step == searches), "{query}: {plan:?}");
+        }
     }
 
     #[test]

@@ -402,6 +402,18 @@ pub async fn roll_shortens_the_old_key_and_adds_the_new_one_at_once(store: &dyn 
     );
 }
 
+pub async fn a_rolled_key_in_its_grace_period_can_be_revoked(store: &dyn KeyStore) {
+    let account = account();
+    let old = record(&account, T0);
+    insert(store, &old).await;
+    let at = T0 + Duration::hours(1);
+    let roll = roll_of(&old, at, at + Duration::days(1));
+    assert!(store.roll(&roll, 10).await.unwrap());
+    assert!(store.revoke(&account, &old.id, at).await.unwrap());
+    assert_eq!(listed_ids(store, &account, at).await, [roll.new_key().id]);
+    assert!(!store.revoke(&account, &old.id, at).await.unwrap(), "revoked once");
+}
+
 pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(store: &dyn KeyStore) {
     let account = account();
     let old = record(&account, T0);
@@ -678,6 +690,7 @@ macro_rules! conformance_tests {
             a_finished_revoke_is_seen_by_every_later_read,
             find_by_id_finds_only_the_accounts_own_key,
             roll_shortens_the_old_key_and_adds_the_new_one_at_once,
+            a_rolled_key_in_its_grace_period_can_be_revoked,
             roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
             replaced_keys_do_not_count_and_rerolling_respects_the_limit,
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
