@@ -11,6 +11,24 @@ pub enum ValidationError {
     /// An [`AccountId`](crate::AccountId) is empty, too long or not printable ASCII.
     #[error("invalid account id: it must be 1 to 128 bytes of printable ASCII")]
     AccountId,
+    /// An [`OwnerId`](crate::OwnerId) is empty, too long or not printable ASCII.
+    #[error("invalid owner id: it must be 1 to 128 bytes of printable ASCII")]
+    OwnerId,
+    /// [`Meta`](crate::Meta) is not a JSON object, or longer than 4 KiB.
+    #[error("invalid meta: it must be a JSON object of at most 4096 bytes")]
+    Meta,
+    /// [`Credits`](crate::Credits) or their refill are out of range.
+    #[error(
+        "invalid credits: remaining and a refill's amount are whole numbers from 0 to 2^53 - 1, and a refill's \
+         interval is daily, monthly or 1 to 2^31 - 1 seconds"
+    )]
+    Credits,
+    /// A [`RateLimit`](crate::RateLimit) or the set of them is invalid.
+    #[error(
+        "invalid rate limits: at most 8, with distinct names of 1 to 64 letters, digits, `_`, `-` or `.`, a limit \
+         from 1 to 2^31 - 1 and a window from 1 ms to 2^31 - 1 ms"
+    )]
+    RateLimit,
     /// A [`KeyId`](crate::KeyId) is not `ak_` followed by 26 lowercase Crockford base32 characters.
     #[error(
         "invalid key id: it must be `ak_` followed by 26 lowercase Crockford base32 characters, \
@@ -186,8 +204,12 @@ pub enum Error {
         required: Box<str>,
     },
     /// The operation would make, roll or revoke a key more capable than the calling key: with a
-    /// scope the caller does not hold, or living longer than the caller.
-    #[error("a key can only make, roll or revoke keys with no scope it lacks and no later expiry than its own")]
+    /// scope the caller does not hold, living longer than the caller, with another owner, or
+    /// with looser credits or rate limits.
+    #[error(
+        "a key can only make, roll or revoke keys with no scope it lacks, no later expiry, its own owner and \
+         limits no looser than its own"
+    )]
     ScopeEscalation,
     /// The key changed every time a roll was about to apply (other rolls kept winning); nothing
     /// was changed, and trying again is safe.

@@ -118,12 +118,7 @@ impl AccountId {
 
     /// Validates an account id.
     pub fn new(id: impl AsRef<str>) -> Result<Self, ValidationError> {
-        let id = id.as_ref();
-        let printable = id.bytes().all(|b| (b' '..=b'~').contains(&b));
-        if id.is_empty() || id.len() > Self::MAX_LEN || !printable {
-            return Err(ValidationError::AccountId);
-        }
-        Ok(Self(SmolStr::new(id)))
+        printable_id(id.as_ref(), Self::MAX_LEN).map(Self).ok_or(ValidationError::AccountId)
     }
 
     /// The id as the embedding service gave it.
@@ -132,25 +127,66 @@ impl AccountId {
     }
 }
 
-impl FromStr for AccountId {
-    type Err = ValidationError;
+/// `id` if it is 1 to `max` bytes of printable ASCII.
+fn printable_id(id: &str, max: usize) -> Option<SmolStr> {
+    let printable = id.bytes().all(|b| (b' '..=b'~').contains(&b));
+    (!id.is_empty() && id.len() <= max && printable).then(|| SmolStr::new(id))
+}
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
+/// An external identity that several keys of an account share (a user, a team, a customer of
+/// the embedding service): 1–128 bytes of printable ASCII, like an [`AccountId`]. Owner-level
+/// limits apply to all of its keys together.
+///
+/// ```
+/// # use apikeys::OwnerId;
+/// assert_eq!(OwnerId::new("user_7")?.as_str(), "user_7");
+/// assert!(OwnerId::new("").is_err());
+/// # Ok::<(), apikeys::ValidationError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerId(SmolStr);
+
+impl OwnerId {
+    /// The longest owner id, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates an owner id.
+    pub fn new(id: impl AsRef<str>) -> Result<Self, ValidationError> {
+        printable_id(id.as_ref(), Self::MAX_LEN).map(Self).ok_or(ValidationError::OwnerId)
+    }
+
+    /// The id as the embedding service gave it.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
-impl fmt::Display for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Display, Debug and FromStr for the printable-ASCII ids.
+macro_rules! text_id {
+    ($($type:ident),*) => {$(
+        impl FromStr for $type {
+            type Err = ValidationError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($type), "({:?})"), self.0.as_str())
+            }
+        }
+    )*};
 }
 
-impl fmt::Debug for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccountId({:?})", self.0.as_str())
-    }
-}
+text_id!(AccountId, OwnerId);
 
 /// Serializes as the text form; deserializing validates.
 #[cfg(feature = "serde")]
@@ -172,7 +208,7 @@ macro_rules! serde_as_text {
 }
 
 #[cfg(feature = "serde")]
-serde_as_text!(KeyId, AccountId, crate::name::KeyName, crate::token::KeyPrefix);
+serde_as_text!(KeyId, AccountId, OwnerId, crate::name::KeyName, crate::token::KeyPrefix);
 
 #[cfg(test)]
 mod tests {

@@ -4,15 +4,17 @@
 use time::OffsetDateTime;
 
 use crate::error::{Error, ValidationError};
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
 use crate::store::KeyRecord;
 use crate::token::KeyPrefix;
+use crate::usage::{Balance, Credits, Meta, RateLimits};
 
-/// What to create: an optional name, expiry and set of scopes. Start from [`NewKey::default`]
-/// (or [`NewKey::named`]) and chain what to set; fields may be added in later versions.
+/// What to create: an optional name, expiry, set of scopes, owner, meta, credits and rate
+/// limits. Start from [`NewKey::default`] (or [`NewKey::named`]) and chain what to set; fields
+/// may be added in later versions.
 ///
 /// ```
 /// # use apikeys::{NewKey, Scopes};
@@ -30,6 +32,16 @@ pub struct NewKey {
     /// What the key may do. `None`: `["*"]` on the administrator's path, the caller's own
     /// scopes when a key creates it.
     pub scopes: Option<Scopes>,
+    /// Whose key it is. `None`: no owner on the administrator's path, the caller's owner when a
+    /// key creates it.
+    pub owner: Option<OwnerId>,
+    /// Host data to keep with the key.
+    pub meta: Option<Meta>,
+    /// The key's credits; `None` for unlimited use (refused when a key with credits creates it).
+    pub credits: Option<Credits>,
+    /// The key's rate limits. `None`: none on the administrator's path, the caller's own when a
+    /// key creates it.
+    pub ratelimits: Option<RateLimits>,
 }
 
 impl NewKey {
@@ -59,6 +71,34 @@ impl NewKey {
         self.scopes = Some(scopes);
         self
     }
+
+    /// Sets whose key it is.
+    #[must_use]
+    pub fn owner(mut self, owner: OwnerId) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// Sets the host data kept with the key.
+    #[must_use]
+    pub fn meta(mut self, meta: Meta) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+
+    /// Sets the key's credits.
+    #[must_use]
+    pub fn credits(mut self, credits: Credits) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+
+    /// Sets the key's rate limits.
+    #[must_use]
+    pub fn ratelimits(mut self, ratelimits: RateLimits) -> Self {
+        self.ratelimits = Some(ratelimits);
+        self
+    }
 }
 
 /// A key just created: the only time its token exists outside the client.
@@ -79,6 +119,14 @@ pub struct CreatedKey {
     pub expires_at: Option<OffsetDateTime>,
     /// What the key may do.
     pub scopes: Scopes,
+    /// Whose key it is.
+    pub owner: Option<OwnerId>,
+    /// Host data kept with the key.
+    pub meta: Option<Meta>,
+    /// The key's credits, `None` for unlimited use.
+    pub credits: Option<Credits>,
+    /// The key's rate limits.
+    pub ratelimits: RateLimits,
 }
 
 impl CreatedKey {
@@ -110,7 +158,8 @@ pub struct PreviousKey {
 
 /// A key as lists show it: metadata only. With feature `serde` it serializes as the API's list
 /// item, `{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt"}` with times in RFC 3339,
-/// plus `scopes`, and `rotatedFrom` / `replacedBy` where a roll set them.
+/// plus `scopes`, `rotatedFrom` / `replacedBy` where a roll set them, and `ownerId`, `meta`,
+/// `credits` and `ratelimits` where set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "camelCase"))]
 #[non_exhaustive]
@@ -139,10 +188,23 @@ pub struct ApiKey {
     /// The key this one was rolled into, if it was; it then expires at the end of its grace period.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub replaced_by: Option<KeyId>,
+    /// Whose key it is.
+    #[cfg_attr(feature = "serde", serde(rename = "ownerId", skip_serializing_if = "Option::is_none"))]
+    pub owner: Option<OwnerId>,
+    /// Host data kept with the key.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub meta: Option<Meta>,
+    /// The key's credits when the list was read, refills applied; `None` for unlimited use.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub credits: Option<Credits>,
+    /// The key's rate limits.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "RateLimits::is_empty"))]
+    pub ratelimits: RateLimits,
 }
 
-impl From<KeyRecord> for ApiKey {
-    fn from(record: KeyRecord) -> Self {
+impl ApiKey {
+    /// The list item of `record` at `now`: its credits as they stand then.
+    pub fn at(record: KeyRecord, now: OffsetDateTime) -> Self {
         Self {
             id: record.id,
             prefix: record.prefix,
@@ -153,6 +215,10 @@ impl From<KeyRecord> for ApiKey {
             scopes: record.scopes,
             rotated_from: record.rotated_from,
             replaced_by: record.replaced_by,
+            owner: record.owner,
+            meta: record.meta,
+            credits: record.credits.map(|balance| balance.at(now)),
+            ratelimits: record.ratelimits,
         }
     }
 }
@@ -176,6 +242,14 @@ pub struct AuthenticatedKey {
     pub expires_at: Option<OffsetDateTime>,
     /// What the key may do.
     pub scopes: Scopes,
+    /// Whose key it is.
+    pub owner: Option<OwnerId>,
+    /// Host data kept with the key.
+    pub meta: Option<Meta>,
+    /// The key's credits as they were read when it was verified; `None` for unlimited use.
+    pub credits: Option<Balance>,
+    /// The key's rate limits.
+    pub ratelimits: RateLimits,
 }
 
 impl AuthenticatedKey {
@@ -193,14 +267,21 @@ impl AuthenticatedKey {
     }
 
     /// Whether this key may make, roll or revoke a key like `record`: one with no scope this key
-    /// lacks and no later expiry than this key's: a key never grants more than it has.
+    /// lacks, no later expiry than this key's, this key's owner (if it has one), and limits no
+    /// looser than its own (credits if it has credits, each of its rate limits): a key never
+    /// grants more than it has.
     pub fn can_manage(&self, record: &KeyRecord) -> bool {
-        self.covers(&record.scopes, record.expires_at)
-    }
-
-    /// Whether a key with these scopes and this expiry would be no more capable than this one.
-    pub(crate) fn covers(&self, scopes: &Scopes, expires_at: Option<OffsetDateTime>) -> bool {
-        scopes.is_within(&self.scopes) && expires_no_later(expires_at, self.expires_at)
+        let owner_kept = self.owner.is_none() || self.owner == record.owner;
+        let credits_within = match (&record.credits, &self.credits) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(credits), Some(own)) => credits.is_within(own),
+        };
+        record.scopes.is_within(&self.scopes)
+            && expires_no_later(record.expires_at, self.expires_at)
+            && owner_kept
+            && credits_within
+            && record.ratelimits.is_within(&self.ratelimits)
     }
 
     /// Only the service vouches for a key, after verifying it.
@@ -213,6 +294,10 @@ impl AuthenticatedKey {
             created_at: record.created_at,
             expires_at: record.expires_at,
             scopes: record.scopes,
+            owner: record.owner,
+            meta: record.meta,
+            credits: record.credits,
+            ratelimits: record.ratelimits,
         }
     }
 }

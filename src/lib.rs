@@ -69,11 +69,12 @@ pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod token;
+mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
 pub use error::{Error, RandomError, Rejection, TokenError, ValidationError};
-pub use id::{AccountId, KeyId};
+pub use id::{AccountId, KeyId, OwnerId};
 pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 pub use name::KeyName;
 pub use scope::Scopes;
@@ -87,6 +88,7 @@ pub use store::{KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreE
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};
+pub use usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
 
 /// The README's examples, compiled as doctests; the README itself is not the crate's page.
 #[cfg(doctest)]

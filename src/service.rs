@@ -10,11 +10,11 @@ use crate::error::{Error, Rejection, ValidationError};
 use crate::id::{AccountId, KeyId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
-use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
 use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyFormat;
+use crate::usage::Balance;
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
 /// lastUsedAt buffer.
@@ -176,14 +176,24 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?;
-        let (key, record) = self.new_record(account, new.name, expires_at, new.scopes.unwrap_or_default(), now)?;
+        let (key, record) = self.new_record(account, now, |record| {
+            record.name = new.name;
+            record.expires_at = expires_at;
+            record.scopes = new.scopes.unwrap_or_default();
+            record.owner = new.owner;
+            record.meta = new.meta;
+            record.credits = new.credits.map(|credits| Balance::new(credits, now));
+            record.ratelimits = new.ratelimits.unwrap_or_default();
+        })?;
         self.insert(key, record).await
     }
 
     /// Creates a key through the `caller`'s key, which needs scope `keys:write`. The new key can
-    /// do no more than the caller: requested scopes must be within the caller's and omitted
-    /// ones are the caller's; a requested expiry may not be later than the caller's, and an
-    /// omitted one is the caller's.
+    /// do no more than the caller ([`AuthenticatedKey::can_manage`]): requested scopes must be
+    /// within the caller's and omitted ones are the caller's; a requested expiry may not be
+    /// later than the caller's, and an omitted one is the caller's; so it is with the owner and
+    /// the rate limits. A caller with credits can only create keys with no more credits than it
+    /// has left.
     ///
     /// Errors: those of [`create`](Self::create), [`Error::InsufficientScope`] and
     /// [`Error::ScopeEscalation`].
@@ -191,14 +201,21 @@ impl<S: KeyStore> KeyService<S> {
         caller.require(Scopes::KEYS_WRITE)?;
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?.or(caller.expires_at);
-        let scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
-        if !caller.covers(&scopes, expires_at) {
-            return Err(Error::ScopeEscalation);
-        }
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, record) = self.new_record(&caller.account, new.name, expires_at, scopes, now)?;
+        let (key, record) = self.new_record(&caller.account, now, |record| {
+            record.name = new.name;
+            record.expires_at = expires_at;
+            record.scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
+            record.owner = new.owner.or_else(|| caller.owner.clone());
+            record.meta = new.meta;
+            record.credits = new.credits.map(|credits| Balance::new(credits, now));
+            record.ratelimits = new.ratelimits.unwrap_or_else(|| caller.ratelimits.clone());
+        })?;
+        if !caller.can_manage(&record) {
+            return Err(Error::ScopeEscalation);
+        }
         self.insert(key, record).await
     }
 
@@ -236,17 +253,19 @@ impl<S: KeyStore> KeyService<S> {
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.
     pub async fn list(&self, account: &AccountId) -> Result<Vec<ApiKey>, Error> {
         let read = || async {
-            self.inner.within(self.inner.store.list_active(account, self.now())).await.map_err(Error::Store)
+            let now = self.now();
+            let records = self.inner.within(self.inner.store.list_active(account, now)).await.map_err(Error::Store)?;
+            Ok::<_, Error>(records.into_iter().map(|record| ApiKey::at(record, now)).collect::<Vec<_>>())
         };
         let Some(last_used) = &self.inner.last_used else {
-            return Ok(read().await?.into_iter().map(ApiKey::from).collect());
+            return read().await;
         };
         // A time forgotten between the store's read and the overlay's was written before it was
         // forgotten, but perhaps after the read: then both are read again.
         let mut keys = Vec::new();
         for _ in 0..LIST_ATTEMPTS {
             let forgotten = last_used.forgotten();
-            keys = read().await?.into_iter().map(ApiKey::from).collect();
+            keys = read().await?;
             let noted = last_used.newest(keys.iter().map(|key| key.id));
             for (key, noted) in keys.iter_mut().zip(noted) {
                 key.last_used_at = key.last_used_at.max(noted);
@@ -372,20 +391,17 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     /// A fresh token and the record of its key (its successor's, when a roll makes it).
+    /// `fill` sets what the new key holds besides its id, account, digest and creation time.
     fn new_record(
         &self,
         account: &AccountId,
-        name: Option<KeyName>,
-        expires_at: Option<time::OffsetDateTime>,
-        scopes: Scopes,
         now: time::OffsetDateTime,
+        fill: impl FnOnce(&mut KeyRecord),
     ) -> Result<(SecretToken, KeyRecord), Error> {
         let (key, prefix) = self.inner.format.generate()?;
         let digest = self.inner.digester.digest(key.expose_secret());
         let mut record = KeyRecord::new(KeyId::generate(), account.clone(), digest, prefix, now);
-        record.name = name;
-        record.expires_at = expires_at;
-        record.scopes = scopes;
+        fill(&mut record);
         Ok((key, record))
     }
 
@@ -421,7 +437,11 @@ impl<S: KeyStore> KeyService<S> {
             }
             let grace_ends = now.checked_add(grace.try_into().unwrap_or(time::Duration::MAX));
             let grace_ends = grace_ends.and_then(normalize).unwrap_or(crate::clock::LATEST);
-            let (key, new) = self.new_record(account, old.name.clone(), old.expires_at, old.scopes.clone(), now)?;
+            let (key, new) = self.new_record(account, now, |new| {
+                new.name = old.name.clone();
+                new.expires_at = old.expires_at;
+                new.scopes = old.scopes.clone();
+            })?;
             let roll = Roll::new(&old, new, grace_ends);
             if self
                 .inner
@@ -620,6 +640,10 @@ fn created(key: SecretToken, record: KeyRecord) -> CreatedKey {
         created_at: record.created_at,
         expires_at: record.expires_at,
         scopes: record.scopes,
+        owner: record.owner,
+        meta: record.meta,
+        credits: record.credits.map(|balance| balance.at(record.created_at)),
+        ratelimits: record.ratelimits,
     }
 }
 

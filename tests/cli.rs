@@ -455,6 +455,71 @@ fn create_with_scopes_and_roll_with_a_grace_period() {
     }
 }
 
+#[test]
+fn create_with_an_owner_meta_credits_and_rate_limits_and_list_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "create",
+        "--account",
+        "acme",
+        "--owner",
+        "user_7",
+        "--meta",
+        r#"{"plan": "pro"}"#,
+        "--credits",
+        "1000",
+        "--refill",
+        "daily:500",
+        "--ratelimit",
+        "requests=100/1s",
+        "--ratelimit",
+        "tokens=5/1m",
+        "--json",
+    ];
+    let output = run(dir.path(), &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let created: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(created["ownerId"], "user_7");
+    assert_eq!(created["meta"], serde_json::json!({"plan": "pro"}));
+    assert_eq!(
+        created["credits"],
+        serde_json::json!({"remaining": 1000, "refill": {"amount": 500, "interval": "daily"}})
+    );
+    let limits = serde_json::json!([
+        {"name": "requests", "limit": 100, "windowMs": 1000},
+        {"name": "tokens", "limit": 5, "windowMs": 60000},
+    ]);
+    assert_eq!(created["ratelimits"], limits);
+    let hourly = ["create", "--account", "acme", "--credits", "3", "--refill", "1h:3", "--json"];
+    let output = run(dir.path(), &hourly);
+    let hourly: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(hourly["credits"]["refill"]["interval"], 3600);
+
+    let listed = stdout(&run(dir.path(), &["list", "--account", "acme"]));
+    let header = listed.lines().next().unwrap();
+    assert!(header.ends_with("OWNER   CREDITS"), "{listed}");
+    let row = listed.lines().find(|line| line.starts_with(created["id"].as_str().unwrap())).unwrap();
+    assert!(row.ends_with("user_7  1000"), "{listed}");
+    let listed: Value =
+        serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "acme", "--json"]))).unwrap();
+    assert_eq!(listed["data"][0]["ratelimits"], limits);
+
+    for (args, expected) in [
+        (&["create", "--account", "acme", "--owner", ""][..], "invalid owner id"),
+        (&["create", "--account", "acme", "--meta", "[1]"][..], "invalid meta"),
+        (&["create", "--account", "acme", "--credits", "9007199254740992"][..], "invalid credits"),
+        (&["create", "--account", "acme", "--refill", "daily:5"][..], "--credits"),
+        (&["create", "--account", "acme", "--credits", "1", "--refill", "weekly:5"][..], "weekly"),
+        (&["create", "--account", "acme", "--ratelimit", "requests=0/1s"][..], "invalid rate limits"),
+        (&["create", "--account", "acme", "--ratelimit", "requests100/1s"][..], "NAME=LIMIT/WINDOW"),
+        (&["create", "--account", "acme", "--ratelimit", "a=1/1s", "--ratelimit", "a=2/1s"][..], "invalid rate limits"),
+    ] {
+        let output = run(dir.path(), args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+}
+
 /// A raw connection to `server`, for requests no well-behaved client sends; reads give up after
 /// the tests' patience, so that a server that never answers fails the test instead of hanging it.
 fn raw_connection(server: &Served) -> std::net::TcpStream {

@@ -574,9 +574,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 4).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 5).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 4, supported: 3, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 5, supported: 4, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -589,7 +589,7 @@ fn a_file_from_a_newer_version_is_refused() {
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 3, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 4, .. }), "{error:?}");
 }
 
 /// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
@@ -715,9 +715,9 @@ impl V1File {
         let listed = store.list_active(account, before_expired_ended).await.unwrap();
         assert_eq!(listed, in_list_order(&[&self.expired, &self.active, &self.expiring]));
         let after_expiring_ended = now + time::Duration::days(2);
-        assert_eq!(store.list_active(account, after_expiring_ended).await.unwrap(), [self.active.clone()]);
+        assert_eq!(store.list_active(account, after_expiring_ended).await.unwrap(), std::slice::from_ref(&self.active));
         assert!(store.revoke(account, &self.expiring.id, now).await.unwrap());
-        assert_eq!(store.list_active(account, now).await.unwrap(), [self.active.clone()]);
+        assert_eq!(store.list_active(account, now).await.unwrap(), std::slice::from_ref(&self.active));
     }
 }
 
@@ -732,7 +732,7 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         .unwrap()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
@@ -744,11 +744,91 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
     }
     drop(reopened);
-    // …and records version 3, as the SQLite file does.
-    let database = redb::Database::open(&redb_path).unwrap();
+    // …and records version 4, as the SQLite file does.
+    assert_eq!(redb_schema_version(&redb_path), Some(4));
+}
+
+/// The schema version a redb file records.
+fn redb_schema_version(path: &Path) -> Option<u64> {
+    let database = redb::Database::open(path).unwrap();
     let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
     let table = redb::ReadableDatabase::begin_read(&database).unwrap().open_table(meta).unwrap();
-    assert_eq!(table.get("schema_version").unwrap().map(|version| version.value()), Some(3));
+    table.get("schema_version").unwrap().map(|version| version.value())
+}
+
+/// Schema version 3's records (before owners, meta, credits and rate limits) moved to version 4
+/// keep every field, get none of the new ones, and stay listed and revocable.
+#[tokio::test]
+async fn redb_files_of_schema_version_3_are_upgraded_keeping_every_field() {
+    let account = AccountId::new("upgraded-v3").unwrap();
+    let mut key = record(&account, 0);
+    key.expires_at = Some(key.created_at + time::Duration::days(1));
+    key.last_used_at = Some(key.created_at + time::Duration::seconds(1));
+    key.scopes = apikeys::Scopes::new(["orders:read", "reports:*"]).unwrap();
+    key.rotated_from = Some(KeyId::from_uuid(uuid::Uuid::now_v7()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.redb");
+    {
+        type V3 = (
+            &'static [u8; 16],
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            &'static str,
+            Option<&'static [u8; 16]>,
+            Option<&'static [u8; 16]>,
+        );
+        let records: redb::TableDefinition<&[u8; 33], V3> = redb::TableDefinition::new("api_keys_v2");
+        let ids: redb::TableDefinition<&[u8; 16], &[u8; 33]> = redb::TableDefinition::new("api_keys_by_id");
+        let by_account: redb::TableDefinition<(&str, i64, &[u8; 16]), &[u8; 33]> =
+            redb::TableDefinition::new("api_keys_live_by_account");
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
+        let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+        let (id, digest) = (key.id.as_uuid().as_bytes(), key.digest.as_bytes());
+        let scopes = key.scopes.iter().collect::<Vec<_>>().join(" ");
+        let rotated_from = key.rotated_from.map(|id| *id.as_uuid().as_bytes());
+        let value = (
+            id,
+            key.account.as_str(),
+            key.prefix.as_str(),
+            key.name.as_deref(),
+            micros(key.created_at),
+            key.expires_at.map(micros),
+            key.last_used_at.map(micros),
+            None,
+            scopes.as_str(),
+            rotated_from.as_ref(),
+            None,
+        );
+        let database = redb::Database::create(&path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        transaction.open_table(records).unwrap().insert(digest, value).unwrap();
+        transaction.open_table(ids).unwrap().insert(id, digest).unwrap();
+        let ends = key.expires_at.map(micros).unwrap();
+        transaction.open_table(by_account).unwrap().insert((key.account.as_str(), ends, id), digest).unwrap();
+        transaction.open_table(meta).unwrap().insert("schema_version", 3).unwrap();
+        transaction.commit().unwrap();
+    }
+
+    let store = RedbStore::open(&path).unwrap();
+    let found = store.find_by_digest(&key.digest).await.unwrap().expect("kept by the upgrade");
+    assert_eq!(found, key);
+    assert!(found.ratelimits.is_empty());
+    assert_eq!((found.owner, found.meta, found.credits), (None, None, None));
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(store.list_active(&account, now).await.unwrap(), [key.clone()]);
+    assert!(store.revoke(&account, &key.id, now).await.unwrap());
+    assert_eq!(store.list_active(&account, now).await.unwrap(), []);
+    drop(store);
+    let reopened = RedbStore::open(&path).unwrap();
+    let found = reopened.find_by_digest(&key.digest).await.unwrap().expect("kept after a revocation");
+    assert!(found.revoked_at.is_some());
+    drop(reopened);
+    assert_eq!(redb_schema_version(&path), Some(4));
 }
 
 #[test]

@@ -181,6 +181,8 @@ fn every_hostile_input_gets_its_exact_answer() {
         ("HTTP/1.0 without Host", format!("GET /account/api-keys HTTP/1.0\r\n{key}\r\n\r\n").into_bytes(), Success(200)),
         // Bodies.
         ("a field given twice, the second undoing the first", create(r#"{"expiresAt": "2000-01-01T00:00:00Z", "expiresAt": null}"#), Error(400, "duplicate_field")),
+        ("a field given twice inside credits, the second lowering the first", create(r#"{"credits": {"remaining": 1000000, "remaining": 1}}"#), Error(400, "duplicate_field")),
+        ("a key given twice deep inside meta", create(r#"{"meta": {"a": [{"b": 1, "b": 2}]}}"#), Error(400, "duplicate_field")),
         ("a misspelt field", create(r#"{"expires_at": "2099-01-01T00:00:00Z"}"#), Error(400, "unknown_field")),
         ("an array instead of an object", create(r#"["production-agent"]"#), Error(400, "invalid_json")),
         ("JSON cut short", create(r#"{"name": "#), Error(400, "invalid_json")),

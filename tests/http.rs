@@ -844,3 +844,100 @@ async fn a_key_verified_by_one_service_is_verified_again_by_another() {
         "the second service does not know the key, whatever the first one's layer said"
     );
 }
+
+#[tokio::test]
+async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widened() {
+    let server = Server::start().await;
+    let (admin, _) = server.key("acme").await;
+    let usage = json!({
+        "ownerId": "user_7",
+        "meta": {"plan": "pro", "seats": 3.5, "tags": ["a", "日本"]},
+        "credits": {"remaining": 1000, "refill": {"amount": 500.0, "interval": "daily"}},
+        "ratelimits": [{"limit": 100, "windowMs": 1000}, {"name": "tokens.in", "limit": 5, "windowMs": 60000}],
+    });
+    let (status, created) = server.post(&admin).json(&usage).send().await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let expected_limits = json!([
+        {"name": "requests", "limit": 100, "windowMs": 1000},
+        {"name": "tokens.in", "limit": 5, "windowMs": 60000},
+    ]);
+    let expected_credits = json!({"remaining": 1000, "refill": {"amount": 500, "interval": "daily"}});
+    assert_eq!(created["ownerId"], "user_7");
+    assert_eq!(created["meta"], json!({"plan": "pro", "seats": 3.5, "tags": ["a", "日本"]}));
+    assert_eq!((&created["credits"], &created["ratelimits"]), (&expected_credits, &expected_limits));
+    let (_, listed) = server.get("/account/api-keys", Some(&admin)).send().await;
+    let item = listed["data"].as_array().unwrap().iter().find(|item| item["id"] == created["id"]).unwrap();
+    assert_eq!((&item["ownerId"], &item["meta"]), (&created["ownerId"], &created["meta"]));
+    assert_eq!((&item["credits"], &item["ratelimits"]), (&expected_credits, &expected_limits));
+    let plain = &listed["data"][0];
+    for field in ["ownerId", "meta", "credits", "ratelimits"] {
+        assert!(plain.get(field).is_none(), "a key without {field} lists none");
+    }
+    // The next day the credits list refilled, with no write in between.
+    server.clock.advance(Duration::days(1));
+    let (_, listed) = server.get("/account/api-keys", Some(&admin)).send().await;
+    assert_eq!(listed["data"][1]["credits"]["remaining"], 500);
+
+    let bad = [
+        (json!({"ownerId": ""}), "invalid_owner_id"),
+        (json!({"ownerId": "x".repeat(129)}), "invalid_owner_id"),
+        (json!({"ownerId": 7}), "invalid_owner_id"),
+        (json!({"meta": [1]}), "invalid_meta"),
+        (json!({"meta": {"a": "x".repeat(4096)}}), "invalid_meta"),
+        (json!({"credits": {"remaining": -1}}), "invalid_credits"),
+        (json!({"credits": {"remaining": 9_007_199_254_740_992_u64}}), "invalid_credits"),
+        (json!({"credits": {"remaining": 1.5}}), "invalid_credits"),
+        (json!({"credits": {"remaining": 1, "refill": {"amount": 1, "interval": "weekly"}}}), "invalid_credits"),
+        (json!({"credits": {"remaining": 1, "refill": {"amount": 1, "interval": 0}}}), "invalid_credits"),
+        (json!({"credits": {"remaining": 1, "extra": 1}}), "invalid_credits"),
+        (json!({"credits": 5}), "invalid_credits"),
+        (json!({"ratelimits": [{"limit": 0, "windowMs": 1000}]}), "invalid_ratelimits"),
+        (json!({"ratelimits": [{"limit": 1, "windowMs": 1.5}]}), "invalid_ratelimits"),
+        (json!({"ratelimits": [{"limit": 1, "windowMs": 1}, {"limit": 2, "windowMs": 2}]}), "invalid_ratelimits"),
+        (
+            json!({"ratelimits": (0..9).map(|i| json!({"name": format!("l{i}"), "limit": 1, "windowMs": 1})).collect::<Vec<_>>()}),
+            "invalid_ratelimits",
+        ),
+        (json!({"ratelimits": [{"name": "a b", "limit": 1, "windowMs": 1}]}), "invalid_ratelimits"),
+    ];
+    for (body, expected) in bad {
+        let (status, answer) = server.post(&admin).json(&body).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, expected), "{body}");
+    }
+
+    // A key with an owner, credits and a rate limit makes keys no looser than itself.
+    let limited = NewKey::default()
+        .scopes(apikeys::Scopes::new(["keys:*"]).unwrap())
+        .owner(apikeys::OwnerId::new("team_1").unwrap())
+        .credits(apikeys::Credits::new(100).unwrap())
+        .ratelimits(
+            apikeys::RateLimits::new([
+                apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap()
+            ])
+            .unwrap(),
+        );
+    let (limited, _) = server.key_with("acme", limited).await;
+    let escalations = [
+        json!({}),
+        json!({"credits": {"remaining": 101}}),
+        json!({"credits": {"remaining": 1, "refill": {"amount": 1, "interval": "daily"}}}),
+        json!({"credits": {"remaining": 1}, "ownerId": "someone_else"}),
+        json!({"credits": {"remaining": 1}, "ratelimits": []}),
+        json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 11, "windowMs": 1000}]}),
+        json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 10, "windowMs": 999}]}),
+    ];
+    for body in escalations {
+        let (status, answer) = server.post(&limited).json(&body).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"), "{body}");
+    }
+    let (status, child) = server.post(&limited).json(&json!({"credits": {"remaining": 100}})).send().await;
+    assert_eq!(status, StatusCode::CREATED, "{child}");
+    assert_eq!(child["ownerId"], "team_1", "the caller's owner is inherited");
+    assert_eq!(child["ratelimits"], json!([{"name": "requests", "limit": 10, "windowMs": 1000}]));
+    let tighter = json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 5, "windowMs": 2000}]});
+    assert_eq!(server.post(&limited).json(&tighter).send().await.0, StatusCode::CREATED);
+    // Revoking a key with looser limits is an escalation too.
+    let (status, answer) = server.delete(created["id"].as_str().unwrap(), &limited).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
+    server.assert_log_clean();
+}

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use apikeys::http::ServeOptions;
 use apikeys::{
-    AccountId, ApiKey, CreatedKey, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance, MemoryStore,
-    NewKey, Pepper, PostgresOptions, PostgresStore, RedbStore, Scopes, SqliteStore,
+    AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance,
+    MemoryStore, Meta, NewKey, OwnerId, Pepper, PostgresOptions, PostgresStore, RateLimit, RateLimits, RedbStore,
+    Refill, RefillInterval, Scopes, SqliteStore,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -104,6 +105,8 @@ enum Command {
         /// [default: *, every scope].
         #[arg(long = "scope", value_name = "GRANT")]
         scopes: Vec<String>,
+        #[command(flatten)]
+        usage: UsageArgs,
     },
     /// Roll a key as administrator: print a new key with the same name, scopes and expiry, and
     /// let the old one work only for the grace period (never longer than it would have).
@@ -219,10 +222,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
             serve(service.clone(), listen, first_key_for, limits.options(), json).await?
         }
-        Command::Create { account, name, expires_in, scopes } => {
+        Command::Create { account, name, expires_in, scopes, usage } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
             let scopes = if scopes.is_empty() { None } else { Some(Scopes::new(scopes)?) };
-            let mut new = NewKey::default();
+            let mut new = usage.into_new_key()?;
             new.name = name.map(KeyName::new).transpose()?;
             new.expires_at = expires_at;
             new.scopes = scopes;
@@ -253,6 +256,71 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     };
     service.flush().await?;
     Ok(code)
+}
+
+/// A new key's owner, meta, credits and rate limits.
+#[derive(Args)]
+struct UsageArgs {
+    /// The external identity the key belongs to (1 to 128 printable ASCII characters).
+    #[arg(long, value_name = "OWNER_ID")]
+    owner: Option<String>,
+    /// Host data to keep with the key: a JSON object of at most 4 KiB.
+    #[arg(long, value_name = "JSON")]
+    meta: Option<String>,
+    /// Credits the key starts with; each use spends one [default: unlimited].
+    #[arg(long, value_name = "N")]
+    credits: Option<u64>,
+    /// Set the credits back to N at each boundary of the interval (UTC): daily:N, monthly:N,
+    /// or a duration such as 1h:N. Needs --credits.
+    #[arg(long, value_name = "INTERVAL:N", requires = "credits", value_parser = parse_refill)]
+    refill: Option<Refill>,
+    /// A rate limit, NAME=LIMIT/WINDOW, e.g. requests=100/1s (a sliding window); repeat for
+    /// more, up to 8.
+    #[arg(long = "ratelimit", value_name = "NAME=LIMIT/WINDOW", value_parser = parse_rate_limit)]
+    ratelimits: Vec<RateLimit>,
+}
+
+impl UsageArgs {
+    fn into_new_key(self) -> Result<NewKey, Failure> {
+        let mut new = NewKey::default();
+        new.owner = self.owner.map(OwnerId::new).transpose()?;
+        new.meta = self.meta.as_deref().map(Meta::new).transpose()?;
+        new.credits = self.credits.map(Credits::new).transpose()?.map(|credits| match self.refill {
+            Some(refill) => credits.refill(refill),
+            None => credits,
+        });
+        if !self.ratelimits.is_empty() {
+            new.ratelimits = Some(RateLimits::new(self.ratelimits)?);
+        }
+        Ok(new)
+    }
+}
+
+/// `daily:N`, `monthly:N` or `<duration>:N`, e.g. `1h:500`.
+fn parse_refill(text: &str) -> Result<Refill, String> {
+    let (interval, amount) = text.rsplit_once(':').ok_or("expected INTERVAL:N, e.g. daily:1000")?;
+    let amount: u64 = amount.parse().map_err(|_| format!("{amount:?} is not a whole number"))?;
+    let interval = match interval {
+        "daily" => RefillInterval::Daily,
+        "monthly" => RefillInterval::Monthly,
+        duration => {
+            let duration = humantime::parse_duration(duration).map_err(|error| format!("{duration:?}: {error}"))?;
+            if duration.subsec_nanos() != 0 {
+                return Err("a refill interval is whole seconds".into());
+            }
+            RefillInterval::seconds(duration.as_secs()).map_err(|error| error.to_string())?
+        }
+    };
+    Refill::new(amount, interval).map_err(|error| error.to_string())
+}
+
+/// `NAME=LIMIT/WINDOW`, e.g. `requests=100/1s`.
+fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    let (name, rest) = text.split_once('=').ok_or("expected NAME=LIMIT/WINDOW, e.g. requests=100/1s")?;
+    let (limit, window) = rest.split_once('/').ok_or("expected NAME=LIMIT/WINDOW, e.g. requests=100/1s")?;
+    let limit: u32 = limit.parse().map_err(|_| format!("{limit:?} is not a whole number"))?;
+    let window = humantime::parse_duration(window).map_err(|error| format!("{window:?}: {error}"))?;
+    RateLimit::new(name, limit, window).map_err(|error| error.to_string())
 }
 
 /// Now plus `ttl`, or a clear error if that is past what a timestamp can hold.
@@ -438,6 +506,18 @@ fn print_created(created: &CreatedKey, json: bool) {
         "expiresAt": created.expires_at.map(rfc3339),
         "message": CreatedKey::MESSAGE,
     });
+    let mut body = body;
+    let usage = [
+        ("ownerId", created.owner.as_ref().map(|owner| json!(owner))),
+        ("meta", created.meta.as_ref().map(|meta| json!(meta))),
+        ("credits", created.credits.map(|credits| json!(credits))),
+        ("ratelimits", (!created.ratelimits.is_empty()).then(|| json!(created.ratelimits))),
+    ];
+    for (field, value) in usage {
+        if let Some(value) = value {
+            body[field] = value;
+        }
+    }
     let text = format!("{}\n{}  {}", created.key.expose_secret(), created.id, CreatedKey::MESSAGE);
     print(json, body, &text);
 }
@@ -448,13 +528,15 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     let time = |at: Option<time::OffsetDateTime>| at.map_or_else(|| "-".into(), rfc3339);
-    let rows: Vec<[String; 8]> = keys
+    let rows: Vec<[String; 10]> = keys
         .iter()
         .map(|key| {
             let name = key.name.as_ref().map_or_else(|| "-".into(), ToString::to_string);
             let created = time(Some(key.created_at));
             let replaced_by = key.replaced_by.map_or_else(|| "-".into(), |id| id.to_string());
             let (expires, last_used) = (time(key.expires_at), time(key.last_used_at));
+            let owner = key.owner.as_ref().map_or_else(|| "-".into(), ToString::to_string);
+            let credits = key.credits.map_or_else(|| "-".into(), |credits| credits.remaining.to_string());
             [
                 key.id.to_string(),
                 key.prefix.to_string(),
@@ -464,10 +546,14 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
                 expires,
                 last_used,
                 replaced_by,
+                owner,
+                credits,
             ]
         })
         .collect();
-    let header = ["ID", "PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "ROLLED INTO"].map(String::from);
+    let header =
+        ["ID", "PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "ROLLED INTO", "OWNER", "CREDITS"]
+            .map(String::from);
     let widths: Vec<usize> = (0..header.len())
         .map(|column| rows.iter().chain([&header]).map(|row| row[column].chars().count()).max().unwrap_or(0))
         .collect();

@@ -9,12 +9,15 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{ApiError, BODY_LIMIT};
-use crate::{KeyName, NewKey, Scopes, ValidationError};
+use crate::{
+    Credits, KeyName, Meta, NewKey, OwnerId, RateLimit, RateLimits, Refill, RefillInterval, Scopes, ValidationError,
+};
 
 /// `POST /account/api-keys`: every field optional or null.
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +29,14 @@ pub(super) struct CreateRequest {
     expires_at: Option<Sent<String>>,
     #[serde(default)]
     scopes: Option<Sent<Vec<String>>>,
+    #[serde(default)]
+    owner_id: Option<Sent<String>>,
+    #[serde(default)]
+    meta: Option<Sent<serde_json::Map<String, serde_json::Value>>>,
+    #[serde(default)]
+    credits: Option<Sent<CreditsBody>>,
+    #[serde(default)]
+    ratelimits: Option<Sent<Vec<RateLimitBody>>>,
 }
 
 impl CreateRequest {
@@ -35,8 +46,81 @@ impl CreateRequest {
         new.expires_at = self.expires_at.map(|at| parse_timestamp(at.valid().as_deref())).transpose()?;
         new.scopes =
             self.scopes.map(|grants| Scopes::new(grants.valid().ok_or(ValidationError::Scope)?)).transpose()?;
+        new.owner =
+            self.owner_id.map(|owner| OwnerId::new(owner.valid().ok_or(ValidationError::OwnerId)?)).transpose()?;
+        new.meta = self.meta.map(|meta| Meta::from_object(meta.valid().ok_or(ValidationError::Meta)?)).transpose()?;
+        new.credits =
+            self.credits.map(|credits| credits.valid().ok_or(ValidationError::Credits)?.parse()).transpose()?;
+        new.ratelimits = self
+            .ratelimits
+            .map(|limits| {
+                let limits = limits.valid().ok_or(ValidationError::RateLimit)?;
+                RateLimits::new(limits.into_iter().map(RateLimitBody::parse).collect::<Result<Vec<_>, _>>()?)
+            })
+            .transpose()?;
         Ok(new)
     }
+}
+
+/// `credits`: `{"remaining": n, "refill": {"amount": n, "interval": "daily" | "monthly" | seconds}}`,
+/// the refill optional or null.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreditsBody {
+    remaining: serde_json::Number,
+    #[serde(default)]
+    refill: Option<RefillBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefillBody {
+    amount: serde_json::Number,
+    interval: serde_json::Value,
+}
+
+impl CreditsBody {
+    fn parse(self) -> Result<Credits, ValidationError> {
+        let whole = |number: &serde_json::Number| whole_number(number).ok_or(ValidationError::Credits);
+        let credits = Credits::new(whole(&self.remaining)?)?;
+        let Some(refill) = self.refill else { return Ok(credits) };
+        let interval = match &refill.interval {
+            serde_json::Value::String(named) if named != "daily" && named != "monthly" => {
+                return Err(ValidationError::Credits);
+            }
+            serde_json::Value::String(named) => RefillInterval::from_text(named)?,
+            serde_json::Value::Number(seconds) => RefillInterval::seconds(whole(seconds)?)?,
+            _ => return Err(ValidationError::Credits),
+        };
+        Ok(credits.refill(Refill::new(whole(&refill.amount)?, interval)?))
+    }
+}
+
+/// One of `ratelimits`: `{"name": "requests" (the default), "limit": n, "windowMs": n}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RateLimitBody {
+    #[serde(default)]
+    name: Option<String>,
+    limit: serde_json::Number,
+    window_ms: serde_json::Number,
+}
+
+impl RateLimitBody {
+    fn parse(self) -> Result<RateLimit, ValidationError> {
+        let whole = |number: &serde_json::Number| whole_number(number).ok_or(ValidationError::RateLimit);
+        let limit = u32::try_from(whole(&self.limit)?).map_err(|_| ValidationError::RateLimit)?;
+        let window = Duration::from_millis(whole(&self.window_ms)?);
+        RateLimit::new(self.name.as_deref().unwrap_or(RateLimit::REQUESTS), limit, window)
+    }
+}
+
+/// A JSON number that is a whole number from 0 to 2^53, as JSON Schema counts an integer
+/// (`60.0` is one).
+fn whole_number(number: &serde_json::Number) -> Option<u64> {
+    number.as_u64().or_else(|| {
+        number.as_f64().filter(|n| n.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(n)).map(|n| n as u64)
+    })
 }
 
 /// `POST /account/api-keys/{id}/roll`: `graceSeconds`, optional or null (no grace).
@@ -54,13 +138,7 @@ impl RollRequest {
             return Ok(Duration::ZERO);
         };
         let seconds = seconds.valid().ok_or(ValidationError::GraceOutOfRange)?;
-        let whole = match seconds.as_u64() {
-            Some(whole) => Some(whole),
-            None => {
-                seconds.as_f64().filter(|s| s.fract() == 0.0 && (0.0..=u32::MAX.into()).contains(s)).map(|s| s as u64)
-            }
-        };
-        Ok(Duration::from_secs(whole.ok_or(ValidationError::GraceOutOfRange)?))
+        Ok(Duration::from_secs(whole_number(&seconds).ok_or(ValidationError::GraceOutOfRange)?))
     }
 }
 
@@ -82,8 +160,75 @@ impl<T> Sent<T> {
 
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Sent<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(deserializer)?;
+        let value = deserializer.deserialize_any(Strict)?;
         Ok(T::deserialize(value).map_or(Self::WrongType, Self::Valid))
+    }
+}
+
+/// Reads a JSON value as serde_json's own `Value` does, except that an object giving a key twice
+/// is an error at any depth: a repeat inside `credits` or `meta` is as ambiguous as one at the top.
+struct Strict;
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
+        let mut array = Vec::new();
+        while let Some(item) = items.next_element_seed(StrictSeed)? {
+            array.push(item);
+        }
+        Ok(array.into())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            let value = entries.next_value_seed(StrictSeed)?;
+            if object.contains_key(&key) {
+                // Serde's wording, which `body_error` turns into `duplicate_field`.
+                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            }
+            object.insert(key, value);
+        }
+        Ok(object.into())
+    }
+}
+
+struct StrictSeed;
+
+impl<'de> DeserializeSeed<'de> for StrictSeed {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(Strict)
     }
 }
 
@@ -202,6 +347,39 @@ mod tests {
         let body = r#"{"expiresAt": "2000-01-01T00:00:00Z", "expiresAt": null}"#;
         assert_eq!(create(body), Err("duplicate_field"));
         assert_eq!(create(r#"{"name": "a", "name": "b"}"#), Err("duplicate_field"));
+        assert_eq!(create(r#"{"credits": {"remaining": 1000000, "remaining": 1}}"#), Err("duplicate_field"));
+        assert_eq!(create(r#"{"meta": {"a": [{"b": 1, "b": 2}]}}"#), Err("duplicate_field"));
+        assert_eq!(create(r#"{"ratelimits": [{"limit": 1, "windowMs": 1, "limit": 9}]}"#), Err("duplicate_field"));
+        assert!(create(r#"{"meta": {"a": {"b": 1}, "b": {"a": 2}}}"#).is_ok(), "the same key in two objects");
+    }
+
+    #[test]
+    fn usage_fields_are_read_and_each_has_its_own_code() {
+        let new = create(
+            r#"{"ownerId": "u", "meta": {"x": 1}, "credits": {"remaining": 5.0, "refill": {"amount": 2, "interval": 60}},
+                "ratelimits": [{"limit": 3, "windowMs": 1000.0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(new.owner.unwrap().as_str(), "u");
+        assert_eq!(new.meta.unwrap().as_str(), r#"{"x":1}"#);
+        let credits = new.credits.unwrap();
+        assert_eq!((credits.remaining, credits.refill.unwrap().interval), (5, RefillInterval::seconds(60).unwrap()));
+        let limits = new.ratelimits.unwrap();
+        assert_eq!(
+            limits.get("requests").map(|limit| (limit.limit(), limit.window())),
+            Some((3, Duration::from_secs(1)))
+        );
+        assert_eq!(create(r#"{"ownerId": ["u"]}"#), Err("invalid_owner_id"));
+        assert_eq!(create(r#"{"meta": "{}"}"#), Err("invalid_meta"));
+        assert_eq!(
+            create(r#"{"credits": {"remaining": 1, "refill": {"amount": 1, "interval": "Daily"}}}"#),
+            Err("invalid_credits")
+        );
+        assert_eq!(create(r#"{"ratelimits": {"limit": 1, "windowMs": 1}}"#), Err("invalid_ratelimits"));
+        assert_eq!(
+            create(r#"{"ownerId": null, "meta": null, "credits": null, "ratelimits": null}"#),
+            Ok(NewKey::default())
+        );
     }
 
     #[test]

@@ -138,6 +138,10 @@ impl From<ValidationError> for ApiError {
             ValidationError::ExpiryNotInFuture | ValidationError::ExpiryOutOfRange => "invalid_expires_at",
             ValidationError::Scope | ValidationError::TooManyScopes => "invalid_scopes",
             ValidationError::GraceOutOfRange => "invalid_grace",
+            ValidationError::OwnerId => "invalid_owner_id",
+            ValidationError::Meta => "invalid_meta",
+            ValidationError::Credits => "invalid_credits",
+            ValidationError::RateLimit => "invalid_ratelimits",
             _ => "invalid_request",
         };
         Self::bad_request(code, invalid.to_string())

@@ -3,8 +3,8 @@
 //!
 //! | request | success | errors |
 //! | --- | --- | --- |
-//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}` | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
-//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` where set | 400 (`ambiguous_api_key`), 401, 403 (`insufficient_scope`), 503 |
+//! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null, "ownerId", "meta", "credits", "ratelimits"}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}`, plus `ownerId` / `meta` / `credits` / `ratelimits` where set | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
+//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` / `ownerId` / `meta` / `credits` / `ratelimits` where set | 400 (`ambiguous_api_key`), 401, 403 (`insufficient_scope`), 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
@@ -72,7 +72,7 @@ pub use server::{ServeOptions, serve};
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};
-use crate::{KeyName, KeyService, KeyStore, Scopes, ValidationError};
+use crate::{Credits, KeyName, KeyService, KeyStore, Meta, OwnerId, RateLimits, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -149,6 +149,14 @@ struct CreatedBody<'a> {
     message: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     previous: Option<PreviousKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner_id: Option<&'a OwnerId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<&'a Meta>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits: Option<Credits>,
+    #[serde(skip_serializing_if = "RateLimits::is_empty")]
+    ratelimits: &'a RateLimits,
 }
 
 impl<'a> CreatedBody<'a> {
@@ -162,6 +170,10 @@ impl<'a> CreatedBody<'a> {
             expires_at: created.expires_at,
             message: CreatedKey::MESSAGE,
             previous,
+            owner_id: created.owner.as_ref(),
+            meta: created.meta.as_ref(),
+            credits: created.credits,
+            ratelimits: &created.ratelimits,
         }
     }
 

@@ -13,10 +13,11 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
+use crate::usage::{Balance, Meta, RateLimits};
 
 mod error;
 mod memory;
@@ -76,11 +77,20 @@ pub struct KeyRecord {
     /// The key this one was rolled into, if it was: it then lives only until its (shortened)
     /// expiry, and no longer counts towards the account's limit.
     pub replaced_by: Option<KeyId>,
+    /// The external identity the key belongs to, if any: owner-level limits apply to all of
+    /// its keys together.
+    pub owner: Option<OwnerId>,
+    /// Host data, returned with the key's metadata and to the verifier.
+    pub meta: Option<Meta>,
+    /// The key's credits, or `None` for unlimited use.
+    pub credits: Option<Balance>,
+    /// The key's rate limits; none for keys stored before they existed.
+    pub ratelimits: RateLimits,
 }
 
 impl KeyRecord {
     /// A record of a key created at `created_at` and never used since: no name, no expiry, not
-    /// revoked, not rolled, with scopes `["*"]`.
+    /// revoked, not rolled, with scopes `["*"]`, no owner, meta, credits or rate limits.
     pub fn new(id: KeyId, account: AccountId, digest: Digest, prefix: KeyPrefix, created_at: OffsetDateTime) -> Self {
         Self {
             id,
@@ -95,6 +105,10 @@ impl KeyRecord {
             scopes: Scopes::all(),
             rotated_from: None,
             replaced_by: None,
+            owner: None,
+            meta: None,
+            credits: None,
+            ratelimits: RateLimits::none(),
         }
     }
 
@@ -123,10 +137,15 @@ pub struct Roll {
 
 impl Roll {
     /// Rolls `old` (as just read) into `new`, whose `created_at` is the roll's instant: `new`
-    /// gets the old key's account and `rotated_from = old`, and the old key will end at
+    /// gets the old key's account, owner, meta, rate limits and credits (the balance moves, it
+    /// is never doubled) and `rotated_from = old`, and the old key will end at
     /// `min(its expiry, grace_ends)`.
     pub fn new(old: &KeyRecord, mut new: KeyRecord, grace_ends: OffsetDateTime) -> Self {
         new.account = old.account.clone();
+        new.owner = old.owner.clone();
+        new.meta = old.meta.clone();
+        new.ratelimits = old.ratelimits.clone();
+        new.credits = old.credits;
         new.rotated_from = Some(old.id);
         let old_expires_at = old.expires_at.map_or(grace_ends, |expiry| expiry.min(grace_ends));
         Self { old: old.id, seen_expires_at: old.expires_at, seen_replaced_by: old.replaced_by, old_expires_at, new }

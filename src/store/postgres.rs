@@ -19,13 +19,14 @@ use uuid::Uuid;
 
 use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
+use crate::usage::{Balance, Meta, RateLimits};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -93,7 +94,8 @@ struct Statements {
     purge: String,
 }
 
-const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, rotated_from, replaced_by";
+const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
+     rotated_from, replaced_by, owner_id, meta, credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
 
 impl Statements {
     fn new(schema: &str) -> Self {
@@ -113,14 +115,16 @@ impl Statements {
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
             ),
             insert_within_limit: format!(
-                "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+                "INSERT INTO {keys} ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                 $15, $16, $17, $18, $19 \
                  WHERE (SELECT count(*) FROM {keys} WHERE account = $2 AND revoked_at IS NULL \
-                        AND coalesce(expires_at, 'infinity') > $6 AND replaced_by IS NULL) < $13"
+                        AND coalesce(expires_at, 'infinity') > $6 AND replaced_by IS NULL) < $20"
             ),
             import: format!(
                 "INSERT INTO {keys} ({COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], \
                  $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
-                 $10::text[], $11::uuid[], $12::uuid[])"
+                 $10::text[], $11::uuid[], $12::uuid[], $13::text[], $14::text[], $15::int8[], $16::timestamptz[], \
+                 $17::int8[], $18::text[], $19::text[])"
             ),
             list_active: format!(
                 "SELECT {COLUMNS} FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
@@ -146,7 +150,9 @@ impl Statements {
 /// Version 2: scopes (grants joined by spaces; keys from version 1 hold every scope) and rolls.
 /// Version 3: the account index is ordered by when each key stops being active, so that counts
 /// and lists start past the keys expired by then (a roll's old keys, short-lived keys).
-fn migrations(schema: &str) -> [String; 3] {
+/// Version 4: owners, metadata, credits and rate limits (keys from version 3 have none), and an
+/// index of each account's owners.
+fn migrations(schema: &str) -> [String; 4] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -172,6 +178,13 @@ fn migrations(schema: &str) -> [String; 3] {
             "DROP INDEX {schema}.api_keys_unrevoked_by_account;
             CREATE INDEX api_keys_live_by_account ON {schema}.api_keys (account, (coalesce(expires_at, 'infinity')))
                 WHERE revoked_at IS NULL;"
+        ),
+        format!(
+            "ALTER TABLE {schema}.api_keys ADD COLUMN owner_id TEXT, ADD COLUMN meta TEXT,
+                ADD COLUMN credits_remaining BIGINT, ADD COLUMN credits_as_of TIMESTAMPTZ,
+                ADD COLUMN refill_amount BIGINT, ADD COLUMN refill_interval TEXT,
+                ADD COLUMN ratelimits TEXT NOT NULL DEFAULT '';
+            CREATE INDEX api_keys_by_owner ON {schema}.api_keys (account, owner_id) WHERE owner_id IS NOT NULL;"
         ),
     ]
 }
@@ -373,7 +386,16 @@ impl Maintenance for PostgresStore {
                 };
                 let (rotated_from, replaced_by) =
                     (key_ids(|record| record.rotated_from), key_ids(|record| record.replaced_by));
-                let parameters: [&(dyn ToSql + Sync); 12] = [
+                let usage: Vec<Usage> = chunk.iter().map(Usage::of).collect();
+                let owners: Vec<Option<&str>> = usage.iter().map(|usage| usage.owner).collect();
+                let metas: Vec<Option<&str>> = usage.iter().map(|usage| usage.meta).collect();
+                let remaining: Vec<Option<i64>> = usage.iter().map(|usage| usage.remaining).collect();
+                let as_of: Vec<Option<OffsetDateTime>> = usage.iter().map(|usage| usage.as_of).collect();
+                let refill_amounts: Vec<Option<i64>> = usage.iter().map(|usage| usage.refill_amount).collect();
+                let refill_intervals: Vec<Option<&str>> =
+                    usage.iter().map(|usage| usage.refill_interval.as_deref()).collect();
+                let ratelimits: Vec<&str> = usage.iter().map(|usage| usage.ratelimits.as_str()).collect();
+                let parameters: [&(dyn ToSql + Sync); 19] = [
                     &ids,
                     &accounts,
                     &digests,
@@ -386,6 +408,13 @@ impl Maintenance for PostgresStore {
                     &scopes,
                     &rotated_from,
                     &replaced_by,
+                    &owners,
+                    &metas,
+                    &remaining,
+                    &as_of,
+                    &refill_amounts,
+                    &refill_intervals,
+                    &ratelimits,
                 ];
                 transaction.execute(&statement, &parameters).await?;
             }
@@ -477,6 +506,35 @@ struct Columns<'a> {
     times: [Option<OffsetDateTime>; 4],
     scopes: &'a str,
     rolls: [Option<&'a Uuid>; 2],
+    usage: Usage<'a>,
+}
+
+/// A record's owner, meta, credits and rate limits as their columns hold them.
+struct Usage<'a> {
+    owner: Option<&'a str>,
+    meta: Option<&'a str>,
+    remaining: Option<i64>,
+    as_of: Option<OffsetDateTime>,
+    refill_amount: Option<i64>,
+    refill_interval: Option<String>,
+    ratelimits: String,
+}
+
+impl<'a> Usage<'a> {
+    fn of(record: &'a KeyRecord) -> Self {
+        let balance = record.credits.as_ref();
+        let refill = balance.and_then(|balance| balance.refill);
+        // Both fit: `Credits` and `Refill` hold at most `MAX_CREDITS`, 2^53 - 1.
+        Self {
+            owner: record.owner.as_ref().map(OwnerId::as_str),
+            meta: record.meta.as_ref().map(Meta::as_str),
+            remaining: balance.map(|balance| balance.remaining as i64),
+            as_of: balance.map(|balance| balance.as_of),
+            refill_amount: refill.map(|refill| refill.amount as i64),
+            refill_interval: refill.map(|refill| refill.interval.as_text()),
+            ratelimits: record.ratelimits.as_text(),
+        }
+    }
 }
 
 impl<'a> Columns<'a> {
@@ -490,16 +548,39 @@ impl<'a> Columns<'a> {
             times: [Some(record.created_at), record.expires_at, record.last_used_at, record.revoked_at],
             scopes: record.scopes.as_text(),
             rolls: [record.rotated_from.as_ref().map(KeyId::as_uuid), record.replaced_by.as_ref().map(KeyId::as_uuid)],
+            usage: Usage::of(record),
         }
     }
 
-    /// The twelve parameters, then the limit.
-    fn with_limit<'b>(&'b self, limit: &'b i64) -> [&'b (dyn ToSql + Sync); 13] {
+    /// The nineteen parameters, then the limit.
+    fn with_limit<'b>(&'b self, limit: &'b i64) -> [&'b (dyn ToSql + Sync); 20] {
         let [created, expires, used, revoked] = &self.times;
         let [rotated_from, replaced_by] = &self.rolls;
         let (id, account, digest, prefix, name, scopes) =
             (self.id, &self.account, &self.digest, &self.prefix, &self.name, &self.scopes);
-        [id, account, digest, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by, limit]
+        let Usage { owner, meta, remaining, as_of, refill_amount, refill_interval, ratelimits } = &self.usage;
+        [
+            id,
+            account,
+            digest,
+            prefix,
+            name,
+            created,
+            expires,
+            used,
+            revoked,
+            scopes,
+            rotated_from,
+            replaced_by,
+            owner,
+            meta,
+            remaining,
+            as_of,
+            refill_amount,
+            refill_interval,
+            ratelimits,
+            limit,
+        ]
     }
 }
 
@@ -521,6 +602,27 @@ fn record_from_row(row: &Row) -> Result<KeyRecord, Failure> {
         scopes: Scopes::from_text(row.try_get::<_, &str>(9)?).ok_or_else(|| corrupt("scopes", "not a valid set"))?,
         rotated_from: row.try_get::<_, Option<Uuid>>(10)?.map(KeyId::from_uuid),
         replaced_by: row.try_get::<_, Option<Uuid>>(11)?.map(KeyId::from_uuid),
+        owner: row
+            .try_get::<_, Option<&str>>(12)?
+            .map(OwnerId::new)
+            .transpose()
+            .map_err(|error| corrupt("owner_id", error))?,
+        meta: match row.try_get::<_, Option<&str>>(13)? {
+            None => None,
+            Some(meta) => Some(Meta::from_stored(meta).ok_or_else(|| corrupt("meta", "not a JSON object"))?),
+        },
+        credits: match row.try_get::<_, Option<i64>>(14)? {
+            None => None,
+            Some(remaining) => {
+                let refill = match row.try_get::<_, Option<i64>>(16)? {
+                    None => None,
+                    Some(amount) => Some((amount, row.try_get::<_, &str>(17)?)),
+                };
+                let balance = Balance::from_stored(remaining, row.try_get(15)?, refill);
+                Some(balance.ok_or_else(|| corrupt("credits", "out of range"))?)
+            }
+        },
+        ratelimits: RateLimits::from_text(row.try_get::<_, &str>(18)?).map_err(|error| corrupt("ratelimits", error))?,
     })
 }
 

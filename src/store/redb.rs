@@ -10,23 +10,26 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
 
-use super::stored::StoredFields;
+use super::stored::{StoredCredits, StoredFields};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
-use crate::clock::unix_micros;
+use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
+use crate::usage::Meta;
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 3;
+const SCHEMA_VERSION: u64 = 4;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
 /// digest -> (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes,
-/// rotated_from, replaced_by); times in Unix microseconds, scopes joined by spaces. Verification
-/// reads this table only.
+/// rotated_from, replaced_by, (owner, meta, credits, ratelimits)); times in Unix microseconds,
+/// scopes joined by spaces, credits as (remaining, as_of, (refill amount, interval)), rate limits
+/// as [`RateLimits::as_text`](crate::usage::RateLimits::as_text). The usage data shares the last
+/// element because redb tuples stop at 12. Verification reads this table only.
 type RecordValue = RecordValueRef<'static>;
-const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys_v2");
+const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys_v4");
 type RecordValueRef<'a> = (
     &'a [u8; 16],
     &'a str,
@@ -39,8 +42,25 @@ type RecordValueRef<'a> = (
     &'a str,
     Option<&'a [u8; 16]>,
     Option<&'a [u8; 16]>,
+    UsageRef<'a>,
 );
-/// Schema version 1's records: the same without the last three fields. Migration moves them.
+type UsageRef<'a> = (Option<&'a str>, Option<&'a str>, Option<(i64, i64, Option<(i64, &'a str)>)>, &'a str);
+/// Schema versions 2 and 3's records: the same without the usage data. Migration moves them.
+type RecordValueV2 = (
+    &'static [u8; 16],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    &'static str,
+    Option<&'static [u8; 16]>,
+    Option<&'static [u8; 16]>,
+);
+const RECORDS_V2: TableDefinition<&[u8; Digest::LEN], RecordValueV2> = TableDefinition::new("api_keys_v2");
+/// Schema version 1's records: version 2's without scopes and rolls.
 type RecordValueV1 =
     (&'static [u8; 16], &'static str, &'static str, Option<&'static str>, i64, Option<i64>, Option<i64>, Option<i64>);
 const RECORDS_V1: TableDefinition<&[u8; Digest::LEN], RecordValueV1> = TableDefinition::new("api_keys");
@@ -312,6 +332,9 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         if found.is_some_and(|found| found < 3) {
             upgrade_from_v2(&transaction)?;
         }
+        if found.is_some_and(|found| found < 4) {
+            upgrade_from_v3(&transaction)?;
+        }
         transaction.open_table(RECORDS)?;
         transaction.open_table(IDS)?;
         transaction.open_table(BY_ACCOUNT)?;
@@ -334,7 +357,7 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
 fn upgrade_from_v1(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
     {
         let old = transaction.open_table(RECORDS_V1)?;
-        let mut records = transaction.open_table(RECORDS)?;
+        let mut records = transaction.open_table(RECORDS_V2)?;
         for entry in old.iter()? {
             let (digest, value) = entry?;
             let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at) = value.value();
@@ -351,7 +374,7 @@ fn upgrade_from_v1(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
 fn upgrade_from_v2(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
     {
         let old = transaction.open_table(BY_ACCOUNT_V2)?;
-        let records = transaction.open_table(RECORDS)?;
+        let records = transaction.open_table(RECORDS_V2)?;
         let mut by_account = transaction.open_table(BY_ACCOUNT)?;
         for entry in old.iter()? {
             let (key, digest) = entry?;
@@ -364,7 +387,40 @@ fn upgrade_from_v2(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
     Ok(())
 }
 
+/// Version 3 to 4: every record moves to the new table with no owner, meta, credits or rate
+/// limits. The indexes point at digests, which do not change, so they stay.
+fn upgrade_from_v3(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = transaction.open_table(RECORDS_V2)?;
+        let mut records = transaction.open_table(RECORDS)?;
+        for entry in old.iter()? {
+            let (digest, value) = entry?;
+            let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, from, by) =
+                value.value();
+            let no_usage = (None, None, None, "");
+            let upgraded = (
+                id,
+                account,
+                prefix,
+                name,
+                created_at,
+                expires_at,
+                last_used_at,
+                revoked_at,
+                scopes,
+                from,
+                by,
+                no_usage,
+            );
+            records.insert(digest.value(), upgraded)?;
+        }
+    }
+    transaction.delete_table(RECORDS_V2)?;
+    Ok(())
+}
+
 fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
+    let (owner, meta, credits, ratelimits) = value.11;
     let fields = StoredFields {
         id: *value.0,
         account: value.1,
@@ -378,6 +434,10 @@ fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> R
         scopes: value.8,
         rotated_from: value.9.copied(),
         replaced_by: value.10.copied(),
+        owner,
+        meta,
+        credits,
+        ratelimits,
     };
     Ok(fields.decode()?)
 }
@@ -391,17 +451,15 @@ fn ends(expires_at: Option<i64>) -> i64 {
     expires_at.unwrap_or(i64::MAX)
 }
 
-/// The record with this id, read in a write transaction, with its digest.
-fn find_in(
-    transaction: &redb::WriteTransaction,
-    id: &KeyId,
-) -> Result<Option<([u8; Digest::LEN], StoredValue)>, WriteError> {
+/// The record with this id, read in a write transaction.
+fn find_in(transaction: &redb::WriteTransaction, id: &KeyId) -> Result<Option<KeyRecord>, WriteError> {
     let ids = transaction.open_table(IDS)?;
     let records = transaction.open_table(RECORDS)?;
     let Some(digest) = ids.get(id.as_uuid().as_bytes())?.map(|digest| *digest.value()) else {
         return Ok(None);
     };
-    Ok(records.get(&digest)?.map(|found| (digest, StoredValue::copy(found.value()))))
+    let found = records.get(&digest)?;
+    found.map(|found| record_from_value(&digest, found.value())).transpose().map_err(WriteError::Backend)
 }
 
 /// Runs `read` in a read transaction of `database`.
@@ -429,12 +487,15 @@ fn locate(transaction: &redb::ReadTransaction, uses: &[(KeyId, OffsetDateTime)])
 fn write_last_used(transaction: &redb::WriteTransaction, uses: &[LocatedUse]) -> Result<(), WriteError> {
     let mut records = transaction.open_table(RECORDS)?;
     for &(digest, at) in uses {
-        let Some(mut found) = records.get(&digest)?.map(|found| StoredValue::copy(found.value())) else { continue };
+        // Made by `unix_micros`, so always in range.
+        let Some(at) = from_unix_micros(at) else { continue };
+        let found = records.get(&digest)?.map(|found| record_from_value(&digest, found.value()));
+        let Some(mut found) = found.transpose().map_err(WriteError::Backend)? else { continue };
         if found.last_used_at.is_some_and(|last| last >= at) {
             continue;
         }
         found.last_used_at = Some(at);
-        records.insert(&digest, found.as_value())?;
+        put_record(&mut records, &found)?;
     }
     Ok(())
 }
@@ -549,18 +610,16 @@ impl KeyStore for RedbStore {
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
         let (account, id) = (account.clone(), *id);
         self.write("revoke", move |transaction| {
-            let Some((digest, mut found)) = find_in(transaction, &id)? else {
+            let Some(mut found) = find_in(transaction, &id)? else {
                 return Ok(false);
             };
-            let mut records = transaction.open_table(RECORDS)?;
-            let mut by_account = transaction.open_table(BY_ACCOUNT)?;
-            let at = unix_micros(at);
-            if found.account != account.as_str() || !is_active(found.expires_at, found.revoked_at, at) {
+            if found.account != account || !found.is_active(at) {
                 return Ok(false);
             }
             found.revoked_at = Some(at);
-            records.insert(&digest, found.as_value())?;
-            by_account.remove((found.account.as_str(), ends(found.expires_at), id.as_uuid().as_bytes()))?;
+            put_record(&mut transaction.open_table(RECORDS)?, &found)?;
+            let listed = (found.account.as_str(), ends(found.expires_at.map(unix_micros)), id.as_uuid().as_bytes());
+            transaction.open_table(BY_ACCOUNT)?.remove(listed)?;
             Ok(true)
         })
         .await
@@ -582,10 +641,10 @@ impl KeyStore for RedbStore {
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         let roll = roll.clone();
         self.write("roll", move |transaction| {
-            let Some((digest, mut old)) = find_in(transaction, roll.old())? else {
+            let Some(mut old) = find_in(transaction, roll.old())? else {
                 return Ok(false);
             };
-            if !roll.applies_to(&record_from_value(&digest, old.as_value()).map_err(WriteError::Backend)?) {
+            if !roll.applies_to(&old) {
                 return Ok(false);
             }
             let new = roll.new_key();
@@ -595,16 +654,17 @@ impl KeyStore for RedbStore {
                     return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
                 }
             }
-            let listed = (old.account.as_str(), ends(old.expires_at), &old.id);
+            let old_id = old.id.as_uuid().as_bytes();
+            let listed = (old.account.as_str(), ends(old.expires_at.map(unix_micros)), old_id);
             let mut by_account = transaction.open_table(BY_ACCOUNT)?;
             let entry = by_account.remove(listed)?.map(|digest| *digest.value());
-            old.expires_at = Some(unix_micros(roll.old_expires_at()));
-            old.replaced_by = Some(*new.id.as_uuid().as_bytes());
+            old.expires_at = Some(roll.old_expires_at());
+            old.replaced_by = Some(new.id);
             if let Some(digest) = entry {
-                by_account.insert((old.account.as_str(), ends(old.expires_at), &old.id), &digest)?;
+                by_account.insert((old.account.as_str(), ends(old.expires_at.map(unix_micros)), old_id), &digest)?;
             }
             drop(by_account);
-            transaction.open_table(RECORDS)?.insert(&digest, old.as_value())?;
+            put_record(&mut transaction.open_table(RECORDS)?, &old)?;
             insert_record(transaction, new)?;
             Ok(true)
         })
@@ -638,7 +698,7 @@ fn count_towards_limit(
     for entry in by_account.range(active_range(account.as_str(), now))? {
         let (_, digest) = entry?;
         if let Some(existing) = records.get(digest.value())? {
-            let (id, .., expires_at, _, revoked_at, _, _, replaced_by) = existing.value();
+            let (id, .., expires_at, _, revoked_at, _, _, replaced_by, _) = existing.value();
             let counts = is_active(expires_at, revoked_at, now) && replaced_by.is_none() && Some(*id) != except;
             counted += u64::from(counts);
         }
@@ -656,24 +716,7 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
     if ids.get(id)?.is_some() || records.get(digest)?.is_some() {
         return Err(WriteError::Store(StoreError::Duplicate));
     }
-    let created_at = unix_micros(record.created_at);
-    let scopes = record.scopes.as_text();
-    let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
-    let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
-    let value = (
-        id,
-        record.account.as_str(),
-        record.prefix.as_str(),
-        record.name.as_deref(),
-        created_at,
-        record.expires_at.map(unix_micros),
-        record.last_used_at.map(unix_micros),
-        record.revoked_at.map(unix_micros),
-        scopes,
-        rotated_from.as_ref(),
-        replaced_by.as_ref(),
-    );
-    records.insert(digest, value)?;
+    put_record(&mut records, record)?;
     ids.insert(id, digest)?;
     // The account index holds only keys not revoked (an import may bring revoked ones).
     if record.revoked_at.is_none() {
@@ -682,67 +725,41 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
     Ok(())
 }
 
-/// A record value copied out of the database, to be changed and written back.
-struct StoredValue {
-    id: [u8; 16],
-    account: String,
-    prefix: String,
-    name: Option<String>,
-    created_at: i64,
-    expires_at: Option<i64>,
-    last_used_at: Option<i64>,
-    revoked_at: Option<i64>,
-    scopes: String,
-    rotated_from: Option<[u8; 16]>,
-    replaced_by: Option<[u8; 16]>,
-}
-
-impl StoredValue {
-    fn copy(value: RecordValueRef<'_>) -> Self {
-        let (
-            id,
-            account,
-            prefix,
-            name,
-            created_at,
-            expires_at,
-            last_used_at,
-            revoked_at,
-            scopes,
-            rotated_from,
-            replaced_by,
-        ) = value;
-        Self {
-            id: *id,
-            account: account.to_owned(),
-            prefix: prefix.to_owned(),
-            name: name.map(str::to_owned),
-            created_at,
-            expires_at,
-            last_used_at,
-            revoked_at,
-            scopes: scopes.to_owned(),
-            rotated_from: rotated_from.copied(),
-            replaced_by: replaced_by.copied(),
-        }
-    }
-
-    fn as_value(&self) -> RecordValueRef<'_> {
-        let name = self.name.as_deref();
-        (
-            &self.id,
-            &self.account,
-            &self.prefix,
-            name,
-            self.created_at,
-            self.expires_at,
-            self.last_used_at,
-            self.revoked_at,
-            &self.scopes,
-            self.rotated_from.as_ref(),
-            self.replaced_by.as_ref(),
-        )
-    }
+/// Writes `record` under its digest in the records table, replacing what was there: the one
+/// encoding of a record, for inserts and for read-modify-write alike.
+fn put_record(
+    records: &mut redb::Table<&[u8; Digest::LEN], RecordValue>,
+    record: &KeyRecord,
+) -> Result<(), redb::StorageError> {
+    let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
+    let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
+    let StoredCredits { remaining, as_of, refill_amount, refill_interval } = StoredCredits::of(record.credits.as_ref());
+    let credits = remaining
+        .zip(as_of)
+        .map(|(remaining, as_of)| (remaining, as_of, refill_amount.zip(refill_interval.as_deref())));
+    let ratelimits = record.ratelimits.as_text();
+    let usage = (
+        record.owner.as_ref().map(OwnerId::as_str),
+        record.meta.as_ref().map(Meta::as_str),
+        credits,
+        ratelimits.as_str(),
+    );
+    let value = (
+        record.id.as_uuid().as_bytes(),
+        record.account.as_str(),
+        record.prefix.as_str(),
+        record.name.as_deref(),
+        unix_micros(record.created_at),
+        record.expires_at.map(unix_micros),
+        record.last_used_at.map(unix_micros),
+        record.revoked_at.map(unix_micros),
+        record.scopes.as_text(),
+        rotated_from.as_ref(),
+        replaced_by.as_ref(),
+        usage,
+    );
+    records.insert(record.digest.as_bytes(), value)?;
+    Ok(())
 }
 
 impl fmt::Debug for RedbStore {

@@ -11,18 +11,19 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::stored::StoredFields;
+use super::stored::{StoredCredits, StoredFields};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::spread::{CachePadded, thread_number};
+use crate::usage::Meta;
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// How long a write waits for another process's write lock before failing: on the writer
 /// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +39,7 @@ const MMAP_SIZE: i64 = 1 << 30;
 /// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -65,18 +66,31 @@ const MIGRATIONS: [&str; 3] = [
     "DROP INDEX api_keys_unrevoked_by_account;
     CREATE INDEX api_keys_live_by_account ON api_keys (account, coalesce(expires_at, 9223372036854775807))
         WHERE revoked_at IS NULL;",
+    // Version 4: owners, metadata, credits and rate limits (keys from version 3 have none), and
+    // an index of each account's owners for the owner filter and revocation by owner.
+    "ALTER TABLE api_keys ADD COLUMN owner_id TEXT;
+    ALTER TABLE api_keys ADD COLUMN meta TEXT;
+    ALTER TABLE api_keys ADD COLUMN credits_remaining INTEGER;
+    ALTER TABLE api_keys ADD COLUMN credits_as_of INTEGER;
+    ALTER TABLE api_keys ADD COLUMN refill_amount INTEGER;
+    ALTER TABLE api_keys ADD COLUMN refill_interval TEXT;
+    ALTER TABLE api_keys ADD COLUMN ratelimits TEXT NOT NULL DEFAULT '';
+    CREATE INDEX api_keys_by_owner ON api_keys (account, owner_id) WHERE owner_id IS NOT NULL;",
 ];
 
 /// The columns of a record, in the order `record_from_row` reads them.
 macro_rules! columns {
     () => {
         "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, rotated_from, \
-         replaced_by"
+         replaced_by, owner_id, meta, credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits"
     };
 }
 
-const INSERT: &str =
-    concat!("INSERT INTO api_keys (", columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)");
+const INSERT: &str = concat!(
+    "INSERT INTO api_keys (",
+    columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+);
 const FIND_BY_DIGEST: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE digest = ?1");
 const FIND_BY_ID: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE id = ?1 AND account = ?2");
 /// The account's keys that count towards its limit at ?2, leaving out the key with id ?3 (if any).
@@ -564,6 +578,19 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         scopes: row.get_ref(9)?.as_str()?,
         rotated_from: row.get(10)?,
         replaced_by: row.get(11)?,
+        owner: row.get_ref(12)?.as_str_or_null()?,
+        meta: row.get_ref(13)?.as_str_or_null()?,
+        credits: match row.get::<_, Option<i64>>(14)? {
+            None => None,
+            Some(remaining) => {
+                let refill = match row.get::<_, Option<i64>>(16)? {
+                    None => None,
+                    Some(amount) => Some((amount, row.get_ref(17)?.as_str()?)),
+                };
+                Some((remaining, row.get(15)?, refill))
+            }
+        },
+        ratelimits: row.get_ref(18)?.as_str()?,
     };
     fields.decode().map_err(|invalid| {
         rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
@@ -758,6 +785,7 @@ fn check_limit(
 
 /// Inserts one row; an id or digest already present is [`StoreError::Duplicate`].
 fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), WriteError> {
+    let credits = StoredCredits::of(record.credits.as_ref());
     let inserted = transaction.prepare_cached(INSERT)?.execute(params![
         record.id.as_uuid().as_bytes(),
         record.account.as_str(),
@@ -771,6 +799,13 @@ fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Re
         record.scopes.as_text(),
         record.rotated_from.map(|id| *id.as_uuid().as_bytes()),
         record.replaced_by.map(|id| *id.as_uuid().as_bytes()),
+        record.owner.as_ref().map(OwnerId::as_str),
+        record.meta.as_ref().map(Meta::as_str),
+        credits.remaining,
+        credits.as_of,
+        credits.refill_amount,
+        credits.refill_interval,
+        record.ratelimits.as_text(),
     ]);
     match inserted {
         Err(error) if error.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {

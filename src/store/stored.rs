@@ -6,10 +6,11 @@ use uuid::Uuid;
 use super::KeyRecord;
 use crate::clock::from_unix_micros;
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
+use crate::usage::{Balance, Meta, RateLimits};
 
 /// The fields of a record in the order both file stores lay them out: ids as UUID bytes, times
 /// as Unix microseconds, scopes as text. Borrowed from the row or value they were read from.
@@ -26,7 +27,17 @@ pub(crate) struct StoredFields<'a> {
     pub(crate) scopes: &'a str,
     pub(crate) rotated_from: Option<[u8; 16]>,
     pub(crate) replaced_by: Option<[u8; 16]>,
+    pub(crate) owner: Option<&'a str>,
+    pub(crate) meta: Option<&'a str>,
+    /// Remaining, as of (Unix µs), and the refill's amount and interval
+    /// ([`RefillInterval::as_text`](crate::RefillInterval::as_text)).
+    pub(crate) credits: Option<StoredBalance<'a>>,
+    /// [`RateLimits::as_text`]'s form.
+    pub(crate) ratelimits: &'a str,
 }
+
+/// A balance's stored parts: remaining, as of (Unix µs), and the refill's amount and interval.
+pub(crate) type StoredBalance<'a> = (i64, i64, Option<(i64, &'a str)>);
 
 /// A stored field that does not hold a valid value: a corrupt or foreign file.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +46,11 @@ pub(crate) struct InvalidField {
     /// Where the field is in [`StoredFields`], which is also its column.
     pub(crate) index: usize,
     pub(crate) name: &'static str,
+}
+
+/// A balance from its stored parts, if they are in range.
+fn decode_balance((remaining, as_of, refill): StoredBalance<'_>) -> Option<Balance> {
+    Balance::from_stored(remaining, from_unix_micros(as_of)?, refill)
 }
 
 impl StoredFields<'_> {
@@ -57,6 +73,35 @@ impl StoredFields<'_> {
             scopes: Scopes::from_text(self.scopes).ok_or(invalid(9, "scopes"))?,
             rotated_from: self.rotated_from.map(key_id),
             replaced_by: self.replaced_by.map(key_id),
+            owner: self.owner.map(OwnerId::new).transpose().map_err(|_| invalid(12, "owner"))?,
+            meta: self.meta.map(|meta| Meta::from_stored(meta).ok_or(invalid(13, "meta"))).transpose()?,
+            credits: self.credits.map(|credits| decode_balance(credits).ok_or(invalid(14, "credits"))).transpose()?,
+            ratelimits: RateLimits::from_text(self.ratelimits).map_err(|_| invalid(15, "ratelimits"))?,
         })
+    }
+}
+
+/// A key's credits as the stores' columns hold them: all `None` for unlimited use, the refill's
+/// two `None` for credits that do not refill.
+#[derive(Default)]
+pub(crate) struct StoredCredits {
+    pub(crate) remaining: Option<i64>,
+    /// Unix µs.
+    pub(crate) as_of: Option<i64>,
+    pub(crate) refill_amount: Option<i64>,
+    /// [`RefillInterval::as_text`](crate::RefillInterval::as_text)'s form.
+    pub(crate) refill_interval: Option<String>,
+}
+
+impl StoredCredits {
+    pub(crate) fn of(balance: Option<&Balance>) -> Self {
+        let Some(balance) = balance else { return Self::default() };
+        // Both fit: `Credits` and `Refill` hold at most `MAX_CREDITS`, 2^53 - 1.
+        Self {
+            remaining: Some(balance.remaining as i64),
+            as_of: Some(crate::clock::unix_micros(balance.as_of)),
+            refill_amount: balance.refill.map(|refill| refill.amount as i64),
+            refill_interval: balance.refill.map(|refill| refill.interval.as_text()),
+        }
     }
 }

@@ -26,11 +26,12 @@ use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyPrefix;
+use crate::usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
 
 /// A base time with microseconds, to catch a store that rounds them away.
 const T0: OffsetDateTime = datetime!(2025-10-15 09:00:00.123456 UTC);
@@ -163,6 +164,41 @@ pub async fn every_field_round_trips_exactly(store: &dyn KeyStore) {
     old.digest = Digest::hmac_sha256(&crate::Pepper::new([9u8; 32]).unwrap(), &old.id.to_string());
     insert(store, &old).await;
     assert_eq!(find(store, &old).await, old);
+}
+
+/// Owners, meta, every shape of credits and rate limits come back exactly, from every read.
+pub async fn usage_fields_round_trip_exactly(store: &dyn KeyStore) {
+    let account = account();
+    let limits = (0..RateLimits::MAX).map(|i| {
+        let name = if i == 0 { RateLimit::REQUESTS.to_owned() } else { format!("tier.{i}-x_{}", "y".repeat(i * 6)) };
+        RateLimit::new(&name, (1 << 31) - 1 - i as u32, std::time::Duration::from_millis(1 + i as u64 * 999)).unwrap()
+    });
+    let balances = [
+        Credits::new(0).unwrap(),
+        Credits::new(MAX_CREDITS).unwrap().refill(Refill::new(MAX_CREDITS, RefillInterval::Daily).unwrap()),
+        Credits::new(7).unwrap().refill(Refill::new(0, RefillInterval::Monthly).unwrap()),
+        Credits::new(1).unwrap().refill(Refill::new(5, RefillInterval::seconds((1 << 31) - 1).unwrap()).unwrap()),
+    ];
+    let mut stored = Vec::new();
+    for (i, credits) in balances.into_iter().enumerate() {
+        let mut key = record(&account, T0 + Duration::microseconds(i as i64));
+        key.owner = Some(OwnerId::new(format!("owner '{i}' \"x\" ; --")).unwrap());
+        key.meta =
+            Some(Meta::new(&format!(r#"{{"i":{i},"text":"日本語 🔑 \" \\","nested":{{"a":[1,2.5,null]}}}}"#)).unwrap());
+        key.credits = Some(Balance::new(credits, T0 + Duration::seconds(i as i64)));
+        key.ratelimits = RateLimits::new(limits.clone().take(i * 2 + 2)).unwrap();
+        insert(store, &key).await;
+        stored.push(key);
+    }
+    let mut plain = record(&account, T0 + Duration::seconds(9));
+    plain.meta = Some(Meta::new(&format!(r#"{{"a":"{}"}}"#, "x".repeat(Meta::MAX_LEN - 8))).unwrap());
+    insert(store, &plain).await;
+    stored.push(plain);
+    for key in &stored {
+        assert_eq!(find(store, key).await, *key);
+        assert_eq!(store.find_by_id(&account, &key.id).await.unwrap().as_ref(), Some(key));
+    }
+    assert_eq!(store.list_active(&account, T0 + Duration::seconds(10)).await.unwrap(), stored);
 }
 
 pub async fn list_active_is_oldest_first_then_by_id(store: &dyn KeyStore) {
@@ -669,6 +705,7 @@ macro_rules! conformance_tests {
             insert_refuses_a_duplicate_id,
             insert_refuses_a_duplicate_digest,
             every_field_round_trips_exactly,
+            usage_fields_round_trip_exactly,
             list_active_is_oldest_first_then_by_id,
             list_active_skips_revoked_and_expired_keys,
             list_active_shows_only_the_accounts_own_keys,

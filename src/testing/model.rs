@@ -208,6 +208,10 @@ impl Model {
                 scopes: key.scopes.clone(),
                 rotated_from: key.rotated_from,
                 replaced_by: key.replaced_by,
+                owner: None,
+                meta: None,
+                credits: None,
+                ratelimits: crate::RateLimits::none(),
             })
             .collect()
     }
@@ -259,7 +263,7 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let Ok(key_name) = name.as_deref().map(crate::KeyName::new).transpose() else {
                 return Ok(());
             };
-            let request = NewKey { name: key_name.clone(), expires_at, scopes: scopes.clone() };
+            let request = NewKey { name: key_name.clone(), expires_at, scopes: scopes.clone(), ..NewKey::default() };
             let outcome = service.create(&model.accounts[*account], request).await;
             if expires_at.is_some_and(|expiry| expiry <= now) {
                 ensure!(
@@ -281,7 +285,12 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let Some(authenticated) = verify_as_model_says(service, model, caller).await? else { return Ok(()) };
             let requested_expiry = expires_in.map(|seconds| now + Duration::seconds(seconds));
             let requested_scopes = scopes.map(scopes_of);
-            let request = NewKey { name: None, expires_at: requested_expiry, scopes: requested_scopes.clone() };
+            let request = NewKey {
+                name: None,
+                expires_at: requested_expiry,
+                scopes: requested_scopes.clone(),
+                ..NewKey::default()
+            };
             let outcome = service.create_as(&authenticated, request).await;
             let creator = &model.keys[caller];
             let scopes = requested_scopes.unwrap_or_else(|| creator.scopes.clone());
