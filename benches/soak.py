@@ -52,8 +52,11 @@ WARN or ERROR line the server logs before SIGTERM.
 The verdict (exit 1 if any check fails; thresholds are the constants below):
 
 - zero errors, and every kind of request was made;
-- RSS: VmRSS at the end at most 1.5x its value after the first minute, plus the growth of the
-  database file, which the server maps into memory (the mapped pages count in VmRSS);
+- heap: RssAnon levels off: over the second half of the run it rises by at most 25 % of its
+  value at the half-way row, plus 1 MiB;
+- mapped files: the rest of VmRSS (the binary and the database file, which each of the store's
+  read connections maps, up to 4 and the anchor) at the end at most its first-minute value plus
+  5x the database's growth: clean page-cache pages, not memory the server holds;
 - fds: at the end at most 1.25x the first minute's count plus the sockets the soak may hold
   open at a sample (threads + slow clients); and not climbing: no 3 minute-over-minute rises in
   a row adding up to more than that allowance;
@@ -107,7 +110,9 @@ SHUTDOWN_DEADLINE = 10.0
 GRACE_SECONDS = 60
 
 # The verdict's thresholds (see the docstring).
-RSS_FACTOR = 1.5
+HEAP_RISE = 0.25
+HEAP_SLACK = 1024 * 1024
+MAPPINGS = 5
 FD_FACTOR = 1.25
 FD_CLIMB_RUN = 3
 WAL_FACTOR = 2.0
@@ -767,12 +772,22 @@ def judge(args, server, stats, rows, clients, slow, code, shutdown_seconds) -> l
         return out
     first, last = rows[0], rows[-1]
 
-    db_growth = max(0, last["db"] - first["db"])
-    rss_limit = RSS_FACTOR * first["rss"] + db_growth
+    middle = rows[len(rows) // 2]
+    heap_limit = middle["anon"] * (1 + HEAP_RISE) + HEAP_SLACK
+    heaps = " ".join(mib(r["anon"]) for r in rows)
     out.append((
-        last["rss"] <= rss_limit,
-        f"RSS {mib(first['rss'])} → {mib(last['rss'])} MiB (limit {RSS_FACTOR}× + database growth "
-        f"{mib(db_growth)} = {mib(rss_limit)} MiB); heap (RssAnon) {mib(first['anon'])} → {mib(last['anon'])} MiB",
+        last["anon"] <= heap_limit,
+        f"heap (RssAnon) {heaps} MiB: at {middle['minute']:.1f} min {mib(middle['anon'])} → end "
+        f"{mib(last['anon'])} MiB (limit +{HEAP_RISE:.0%} + 1 MiB = {mib(heap_limit)} MiB)",
+    ))
+    db_growth = max(0, last["db"] - first["db"])
+    mapped_first, mapped_last = first["rss"] - first["anon"], last["rss"] - last["anon"]
+    mapped_limit = mapped_first + MAPPINGS * db_growth
+    out.append((
+        mapped_last <= mapped_limit,
+        f"mapped files (VmRSS - RssAnon) {mib(mapped_first)} → {mib(mapped_last)} MiB (limit + {MAPPINGS}× the "
+        f"database's growth of {mib(db_growth)} = {mib(mapped_limit)} MiB); VmRSS {mib(first['rss'])} → "
+        f"{mib(last['rss'])} MiB",
     ))
 
     allowance = args.threads + args.slow_clients

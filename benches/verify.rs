@@ -608,7 +608,8 @@ fn sqlite(c: &mut Criterion) {
             let mut statement = connection
                 .prepare_cached(
                     "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, \
-                     scopes, rotated_from, replaced_by FROM api_keys WHERE digest = ?1",
+                     scopes, rotated_from, replaced_by, owner_id, meta, credits_remaining, credits_as_of, \
+                     refill_amount, refill_interval, ratelimits FROM api_keys WHERE digest = ?1",
                 )
                 .unwrap();
             let row = statement
@@ -626,6 +627,15 @@ fn sqlite(c: &mut Criterion) {
                         row.get::<_, String>(9)?,
                         row.get::<_, Option<[u8; 16]>>(10)?,
                         row.get::<_, Option<[u8; 16]>>(11)?,
+                        (
+                            row.get::<_, Option<String>>(12)?,
+                            row.get::<_, Option<String>>(13)?,
+                            row.get::<_, Option<i64>>(14)?,
+                            row.get::<_, Option<i64>>(15)?,
+                            row.get::<_, Option<i64>>(16)?,
+                            row.get::<_, Option<String>>(17)?,
+                            row.get::<_, String>(18)?,
+                        ),
                     ))
                 })
                 .unwrap();
@@ -667,8 +677,11 @@ fn redb(c: &mut Criterion) {
         &'static str,
         Option<&'static [u8; 16]>,
         Option<&'static [u8; 16]>,
+        Usage,
     );
-    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys_v2");
+    type Usage =
+        (Option<&'static str>, Option<&'static str>, Option<(i64, i64, Option<(i64, &'static str)>)>, &'static str);
+    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys_v4");
     for n in sizes() {
         let data = Dataset::new(n);
         let digests = data.digests();
@@ -687,8 +700,9 @@ fn redb(c: &mut Criterion) {
             let transaction = database.begin_read().unwrap();
             let table = transaction.open_table(RECORDS).unwrap();
             let found = table.get(digest.as_bytes()).unwrap().unwrap();
-            let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by) =
+            let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by, usage) =
                 found.value();
+            let (owner, meta, credits, ratelimits) = usage;
             black_box((
                 *id,
                 account.to_owned(),
@@ -701,6 +715,7 @@ fn redb(c: &mut Criterion) {
                 scopes.to_owned(),
                 rotated_from.copied(),
                 replaced_by.copied(),
+                (owner.map(str::to_owned), meta.map(str::to_owned), credits, ratelimits.to_owned()),
             ));
             usize::from(revoked.is_some())
         };
@@ -810,7 +825,8 @@ fn postgres(c: &mut Criterion) {
         runtime.spawn(connection);
         let sql = format!(
             "SELECT id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, \
-             scopes, rotated_from, replaced_by FROM {schema}.api_keys WHERE digest = $1"
+             scopes, rotated_from, replaced_by, owner_id, meta, credits_remaining, credits_as_of, refill_amount, \
+             refill_interval, ratelimits FROM {schema}.api_keys WHERE digest = $1"
         );
         let statement = runtime.block_on(client.prepare(&sql)).unwrap();
         let raw = async |digest: &Digest| {
@@ -828,6 +844,13 @@ fn postgres(c: &mut Criterion) {
                 row.get::<_, String>(9),
                 row.get::<_, Option<uuid::Uuid>>(10),
                 row.get::<_, Option<uuid::Uuid>>(11),
+                row.get::<_, Option<String>>(12),
+                row.get::<_, Option<String>>(13),
+                row.get::<_, Option<i64>>(14),
+                row.get::<_, Option<OffsetDateTime>>(15),
+                row.get::<_, Option<i64>>(16),
+                row.get::<_, Option<String>>(17),
+                row.get::<_, String>(18),
             ));
         };
         let format = format();

@@ -192,8 +192,8 @@ impl<S: KeyStore> KeyService<S> {
     /// do no more than the caller ([`AuthenticatedKey::can_manage`]): requested scopes must be
     /// within the caller's and omitted ones are the caller's; a requested expiry may not be
     /// later than the caller's, and an omitted one is the caller's; so it is with the owner and
-    /// the rate limits. A caller with credits can only create keys with no more credits than it
-    /// has left.
+    /// the rate limits. A caller with credits creates no key at all: each new key would get a
+    /// balance of its own, so keys making keys could multiply what was granted.
     ///
     /// Errors: those of [`create`](Self::create), [`Error::InsufficientScope`] and
     /// [`Error::ScopeEscalation`].
@@ -213,7 +213,7 @@ impl<S: KeyStore> KeyService<S> {
             record.credits = new.credits.map(|credits| Balance::new(credits, now));
             record.ratelimits = new.ratelimits.unwrap_or_else(|| caller.ratelimits.clone());
         })?;
-        if !caller.can_manage(&record) {
+        if caller.credits.is_some() || !caller.can_manage(&record) {
             return Err(Error::ScopeEscalation);
         }
         self.insert(key, record).await

@@ -169,11 +169,16 @@ impl RefillInterval {
     /// Which interval `at` falls in, counted from the Unix epoch: two instants are in the same
     /// interval exactly when no boundary lies between them.
     fn period(self, at: OffsetDateTime) -> i64 {
-        let at = at.to_offset(time::UtcOffset::UTC);
+        let seconds = at.unix_timestamp();
         match self {
-            Self::Daily => at.unix_timestamp().div_euclid(86_400),
-            Self::Monthly => i64::from(at.year()) * 12 + i64::from(u8::from(at.month())) - 1,
-            Self::Seconds(seconds) => at.unix_timestamp().div_euclid(i64::from(seconds.get())),
+            Self::Daily => seconds.div_euclid(86_400),
+            Self::Seconds(interval) => seconds.div_euclid(i64::from(interval.get())),
+            // An instant whose UTC date is past what `time` holds sorts before or after all others.
+            Self::Monthly => match OffsetDateTime::from_unix_timestamp(seconds) {
+                Ok(utc) => i64::from(utc.year()) * 12 + i64::from(u8::from(utc.month())) - 1,
+                Err(_) if seconds < 0 => i64::MIN,
+                Err(_) => i64::MAX,
+            },
         }
     }
 
@@ -238,7 +243,9 @@ impl Balance {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(own), Some(bound)) => {
-                own.amount <= bound.amount && own.interval.shortest_seconds() >= bound.interval.longest_seconds()
+                let no_more_often = own.interval == bound.interval
+                    || own.interval.shortest_seconds() >= bound.interval.longest_seconds();
+                own.amount <= bound.amount && no_more_often
             }
         };
         self.at(at).remaining <= bound.at(at).remaining && refill_within
@@ -504,6 +511,30 @@ mod tests {
     }
 
     #[test]
+    fn instants_at_the_ends_of_time_never_panic() {
+        use time::macros::offset;
+        let extremes = [
+            datetime!(9999-12-31 23:30 -01:00),
+            datetime!(-9999-01-01 00:30 +01:00),
+            datetime!(9999-12-31 23:59:59.999999 UTC),
+            datetime!(-9999-01-01 00:00 UTC),
+            datetime!(2026-01-01 00:00 UTC).to_offset(offset!(+23:59)),
+        ];
+        let intervals =
+            [RefillInterval::Daily, RefillInterval::Monthly, RefillInterval::seconds((1 << 31) - 1).unwrap()];
+        for at in extremes {
+            for interval in intervals {
+                let _ = interval.next_boundary(at);
+                let balance = Balance::new(Credits::new(1).unwrap().refill(Refill::new(2, interval).unwrap()), at);
+                for now in extremes {
+                    let _ = balance.at(now);
+                    let _ = balance.is_within(&Balance { as_of: now, ..balance });
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_next_boundary_is_the_first_instant_of_the_next_interval() {
         let at = datetime!(2026-12-31 13:14:15 UTC);
         assert_eq!(RefillInterval::Daily.next_boundary(at), Some(datetime!(2027-01-01 00:00 UTC)));
@@ -583,6 +614,8 @@ mod tests {
         assert!(balance(100, None).is_within(&bound));
         assert!(balance(10, Some((50, RefillInterval::Daily))).is_within(&bound));
         assert!(balance(10, Some((50, RefillInterval::Monthly))).is_within(&bound));
+        let monthly_bound = balance(100, Some((50, RefillInterval::Monthly)));
+        assert!(monthly_bound.is_within(&monthly_bound), "a balance is within itself");
         assert!(!balance(101, None).is_within(&bound));
         assert!(!balance(10, Some((51, RefillInterval::Daily))).is_within(&bound));
         assert!(!balance(10, Some((50, RefillInterval::seconds(86_399).unwrap()))).is_within(&bound));

@@ -905,26 +905,18 @@ async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widene
         assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, expected), "{body}");
     }
 
-    // A key with an owner, credits and a rate limit makes keys no looser than itself.
+    // A key with an owner and a rate limit makes keys no looser than itself.
+    let ten_per_second = apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap();
     let limited = NewKey::default()
         .scopes(apikeys::Scopes::new(["keys:*"]).unwrap())
         .owner(apikeys::OwnerId::new("team_1").unwrap())
-        .credits(apikeys::Credits::new(100).unwrap())
-        .ratelimits(
-            apikeys::RateLimits::new([
-                apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap()
-            ])
-            .unwrap(),
-        );
+        .ratelimits(apikeys::RateLimits::new([ten_per_second.clone()]).unwrap());
     let (limited, _) = server.key_with("acme", limited).await;
     let escalations = [
-        json!({}),
-        json!({"credits": {"remaining": 101}}),
-        json!({"credits": {"remaining": 1, "refill": {"amount": 1, "interval": "daily"}}}),
-        json!({"credits": {"remaining": 1}, "ownerId": "someone_else"}),
-        json!({"credits": {"remaining": 1}, "ratelimits": []}),
-        json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 11, "windowMs": 1000}]}),
-        json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 10, "windowMs": 999}]}),
+        json!({"ownerId": "someone_else"}),
+        json!({"ratelimits": []}),
+        json!({"ratelimits": [{"limit": 11, "windowMs": 1000}]}),
+        json!({"ratelimits": [{"limit": 10, "windowMs": 999}]}),
     ];
     for body in escalations {
         let (status, answer) = server.post(&limited).json(&body).send().await;
@@ -934,10 +926,25 @@ async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widene
     assert_eq!(status, StatusCode::CREATED, "{child}");
     assert_eq!(child["ownerId"], "team_1", "the caller's owner is inherited");
     assert_eq!(child["ratelimits"], json!([{"name": "requests", "limit": 10, "windowMs": 1000}]));
-    let tighter = json!({"credits": {"remaining": 1}, "ratelimits": [{"limit": 5, "windowMs": 2000}]});
+    let tighter = json!({"ratelimits": [{"limit": 5, "windowMs": 2000}, {"name": "x", "limit": 1, "windowMs": 1}]});
     assert_eq!(server.post(&limited).json(&tighter).send().await.0, StatusCode::CREATED);
-    // Revoking a key with looser limits is an escalation too.
-    let (status, answer) = server.delete(created["id"].as_str().unwrap(), &limited).send().await;
+    // Revoking a key of another owner is an escalation too, limits alike.
+    let same_limits = apikeys::RateLimits::new([ten_per_second]).unwrap();
+    let (_, unowned) = server.key_with("acme", NewKey::default().ratelimits(same_limits)).await;
+    let (status, answer) = server.delete(&unowned.to_string(), &limited).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
+
+    // A key with credits creates no key, however few credits the new one would hold.
+    let credited = NewKey::default()
+        .scopes(apikeys::Scopes::new(["keys:*"]).unwrap())
+        .credits(apikeys::Credits::new(100).unwrap());
+    let (credited, _) = server.key_with("acme", credited).await;
+    for body in [json!({}), json!({"credits": {"remaining": 1}}), json!({"credits": {"remaining": 0}})] {
+        let (status, answer) = server.post(&credited).json(&body).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"), "{body}");
+    }
+    // Nor does it revoke a key with more credits, or unlimited ones.
+    let (status, answer) = server.delete(created["id"].as_str().unwrap(), &credited).send().await;
     assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
     server.assert_log_clean();
 }

@@ -17,7 +17,7 @@ use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
-use crate::usage::{Balance, Meta, RateLimits};
+use crate::usage::{Balance, Credits, Meta, RateLimits};
 
 mod error;
 mod memory;
@@ -137,9 +137,9 @@ pub struct Roll {
 
 impl Roll {
     /// Rolls `old` (as just read) into `new`, whose `created_at` is the roll's instant: `new`
-    /// gets the old key's account, owner, meta, rate limits and credits (the balance moves, it
-    /// is never doubled) and `rotated_from = old`, and the old key will end at
-    /// `min(its expiry, grace_ends)`.
+    /// gets the old key's account, owner, meta, rate limits and credits and `rotated_from = old`,
+    /// and the old key will end at `min(its expiry, grace_ends)`. The store moves the credits
+    /// as it reads them in the roll's own transaction ([`Roll::settle`]).
     pub fn new(old: &KeyRecord, mut new: KeyRecord, grace_ends: OffsetDateTime) -> Self {
         new.account = old.account.clone();
         new.owner = old.owner.clone();
@@ -166,7 +166,16 @@ impl Roll {
         self.old_expires_at
     }
 
-    /// The new key.
+    /// The roll applied to `old` as the store read it in the roll's transaction: the new key to
+    /// insert, holding the credits `old` has then, and the old key's credits from now on (none
+    /// left, no refill). The balance moves; it is never copied, so a roll never adds credits.
+    pub fn settle(&self, old: &KeyRecord) -> (KeyRecord, Option<Balance>) {
+        let new = KeyRecord { credits: old.credits, ..self.new.clone() };
+        let spent = Credits { remaining: 0, refill: None };
+        (new, old.credits.map(|_| Balance::new(spent, self.new.created_at)))
+    }
+
+    /// The new key, as the service read the old one.
     pub fn new_key(&self) -> &KeyRecord {
         &self.new
     }
@@ -306,6 +315,22 @@ forward_maintenance!(Arc, Box);
 /// Whether a purge at `before` deletes `record`: revoked or expired before that instant.
 pub(crate) fn purged_at(record: &KeyRecord, before: OffsetDateTime) -> bool {
     record.revoked_at.is_some_and(|at| at < before) || record.expires_at.is_some_and(|at| at < before)
+}
+
+/// A fresh record for the stores' own unit tests: created at `created_at`, expiring at
+/// `expires_at`.
+#[cfg(test)]
+pub(crate) fn sample_record(
+    account: &AccountId,
+    created_at: OffsetDateTime,
+    expires_at: Option<OffsetDateTime>,
+) -> KeyRecord {
+    let id = KeyId::generate();
+    let digest = Digest::sha256(&id.to_string());
+    let prefix = KeyPrefix::new("as_live_v1_abcd").unwrap_or_else(|_| unreachable!("a valid prefix"));
+    let mut record = KeyRecord::new(id, account.clone(), digest, prefix, created_at);
+    record.expires_at = expires_at;
+    record
 }
 
 /// What a [`KeyStore`] method returns once `#[async_trait]` has expanded it.

@@ -109,7 +109,10 @@ impl Statements {
                 "SELECT count(*) FROM {keys} WHERE account = $1 AND revoked_at IS NULL \
                  AND coalesce(expires_at, 'infinity') > $2 AND replaced_by IS NULL AND id <> $3"
             ),
-            apply_roll: format!("UPDATE {keys} SET expires_at = $2, replaced_by = $3 WHERE id = $1"),
+            apply_roll: format!(
+                "UPDATE {keys} SET expires_at = $2, replaced_by = $3, credits_remaining = $4, credits_as_of = $5, \
+                 refill_amount = $6, refill_interval = $7 WHERE id = $1"
+            ),
             lock_account: format!(
                 "INSERT INTO {schema}.api_key_accounts (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
@@ -693,9 +696,11 @@ impl KeyStore for PostgresStore {
                 transaction.execute(&lock, &[&account]).await?;
                 let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
                 let old_row = transaction.query_opt(&find, &[old, &account]).await?;
-                if !old_row.as_ref().map(record_from_row).transpose()?.is_some_and(|old| roll.applies_to(&old)) {
+                let Some(old_record) =
+                    old_row.as_ref().map(record_from_row).transpose()?.filter(|old| roll.applies_to(old))
+                else {
                     return Ok(Some(false));
-                }
+                };
                 if roll.adds_to_count() {
                     let count = transaction.prepare_cached(&self.sql.count_for_roll).await?;
                     let parameters: [&(dyn ToSql + Sync); 3] = [&account, &new.created_at, old];
@@ -704,13 +709,24 @@ impl KeyStore for PostgresStore {
                         return Ok(None);
                     }
                 }
+                let (new, old_credits) = roll.settle(&old_record);
+                let spent = KeyRecord { credits: old_credits, ..old_record };
+                let spent = Usage::of(&spent);
                 let apply = transaction.prepare_cached(&self.sql.apply_roll).await?;
-                let parameters: [&(dyn ToSql + Sync); 3] = [old, &roll.old_expires_at(), new.id.as_uuid()];
+                let parameters: [&(dyn ToSql + Sync); 7] = [
+                    old,
+                    &roll.old_expires_at(),
+                    new.id.as_uuid(),
+                    &spent.remaining,
+                    &spent.as_of,
+                    &spent.refill_amount,
+                    &spent.refill_interval,
+                ];
                 transaction.execute(&apply, &parameters).await?;
                 let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
                 // The limit was checked above where it applies; the new key is inserted as is.
                 let no_limit = i64::MAX;
-                transaction.execute(&insert, &Columns::of(new).with_limit(&no_limit)).await?;
+                transaction.execute(&insert, &Columns::of(&new).with_limit(&no_limit)).await?;
                 transaction.commit().await?;
                 Ok(Some(true))
             })

@@ -647,7 +647,7 @@ impl KeyStore for RedbStore {
             if !roll.applies_to(&old) {
                 return Ok(false);
             }
-            let new = roll.new_key();
+            let (new, old_credits) = roll.settle(&old);
             if roll.adds_to_count() {
                 let now = unix_micros(new.created_at);
                 if count_towards_limit(transaction, roll.account(), now, Some(roll.old()))? >= u64::from(max_active) {
@@ -660,12 +660,13 @@ impl KeyStore for RedbStore {
             let entry = by_account.remove(listed)?.map(|digest| *digest.value());
             old.expires_at = Some(roll.old_expires_at());
             old.replaced_by = Some(new.id);
+            old.credits = old_credits;
             if let Some(digest) = entry {
                 by_account.insert((old.account.as_str(), ends(old.expires_at.map(unix_micros)), old_id), &digest)?;
             }
             drop(by_account);
             put_record(&mut transaction.open_table(RECORDS)?, &old)?;
-            insert_record(transaction, new)?;
+            insert_record(transaction, &new)?;
             Ok(true)
         })
         .await
@@ -765,5 +766,64 @@ fn put_record(
 impl fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedbStore").field("location", &self.location).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::Duration;
+    use time::macros::datetime;
+
+    use super::*;
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    fn record(account: &AccountId, expires_at: Option<OffsetDateTime>) -> KeyRecord {
+        crate::store::sample_record(account, T0, expires_at)
+    }
+
+    /// The account index, as (end in Unix µs, id) pairs.
+    fn live(store: &RedbStore) -> Vec<(i64, KeyId)> {
+        store
+            .read("test", |transaction| {
+                let mut live = Vec::new();
+                for entry in transaction.open_table(BY_ACCOUNT)?.iter()? {
+                    let (key, _) = entry?;
+                    let (_, ends, id) = key.value();
+                    live.push((ends, KeyId::from_uuid(uuid::Uuid::from_bytes(*id))));
+                }
+                Ok(live)
+            })
+            .unwrap()
+    }
+
+    /// Every change keeps the index exact: one entry per key not revoked, at its current end.
+    #[tokio::test]
+    async fn the_account_index_follows_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("keys.redb")).unwrap();
+        let account = AccountId::new("a").unwrap();
+        let (never, soon) = (record(&account, None), record(&account, Some(T0 + Duration::hours(1))));
+        store.insert(&never, 10).await.unwrap();
+        store.import(vec![soon.clone()]).await.unwrap();
+        let mut revoked = record(&account, None);
+        revoked.revoked_at = Some(T0);
+        store.import(vec![revoked]).await.unwrap();
+        let hour = unix_micros(T0 + Duration::hours(1));
+        let mut expected = vec![(hour, soon.id), (i64::MAX, never.id)];
+        assert_eq!(live(&store), expected, "an imported revoked key is not listed");
+
+        let grace_ends = T0 + Duration::minutes(5);
+        let roll = Roll::new(&never, record(&account, None), grace_ends);
+        assert!(store.roll(&roll, 10).await.unwrap());
+        expected = vec![(unix_micros(grace_ends), never.id), (hour, soon.id), (i64::MAX, roll.new_key().id)];
+        assert_eq!(live(&store), expected, "the rolled key moved to its new end");
+
+        assert!(store.revoke(&account, &never.id, T0).await.unwrap());
+        expected.remove(0);
+        assert_eq!(live(&store), expected, "a revoked key left the index");
+
+        assert_eq!(store.purge(T0 + Duration::days(1)).await.unwrap(), 3);
+        assert_eq!(live(&store), [(i64::MAX, roll.new_key().id)], "purged keys left the index");
     }
 }

@@ -662,20 +662,29 @@ impl KeyStore for SqliteStore {
                 .prepare_cached(FIND_BY_ID)?
                 .query_row(params![old.as_uuid().as_bytes(), roll.account().as_str()], record_from_row)
                 .optional()?;
-            if !old_record.is_some_and(|old| roll.applies_to(&old)) {
+            let Some(old_record) = old_record.filter(|old| roll.applies_to(old)) else {
                 return Ok(false);
-            }
+            };
             if roll.adds_to_count() {
                 check_limit(&transaction, roll.account(), new.created_at, Some(old), max_active)?;
             }
+            let (new, old_credits) = roll.settle(&old_record);
+            let credits = StoredCredits::of(old_credits.as_ref());
             transaction
-                .prepare_cached("UPDATE api_keys SET expires_at = ?2, replaced_by = ?3 WHERE id = ?1")?
+                .prepare_cached(
+                    "UPDATE api_keys SET expires_at = ?2, replaced_by = ?3, credits_remaining = ?4, credits_as_of = ?5, \
+                     refill_amount = ?6, refill_interval = ?7 WHERE id = ?1",
+                )?
                 .execute(params![
                     old.as_uuid().as_bytes(),
                     unix_micros(roll.old_expires_at()),
-                    new.id.as_uuid().as_bytes()
+                    new.id.as_uuid().as_bytes(),
+                    credits.remaining,
+                    credits.as_of,
+                    credits.refill_amount,
+                    credits.refill_interval,
                 ])?;
-            insert_row(&transaction, new)?;
+            insert_row(&transaction, &new)?;
             transaction.commit()?;
             Ok(true)
         })

@@ -438,6 +438,31 @@ pub async fn roll_shortens_the_old_key_and_adds_the_new_one_at_once(store: &dyn 
     );
 }
 
+/// The credits move to the new key as the store holds them when it applies the roll, not as the
+/// service read them: the old key keeps none, and nothing is copied.
+pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore) {
+    let account = account();
+    let mut old = record(&account, T0);
+    let daily = Refill::new(50, RefillInterval::Daily).unwrap();
+    old.credits = Some(Balance::new(Credits::new(100).unwrap().refill(daily), T0));
+    old.owner = Some(OwnerId::new("owner").unwrap());
+    insert(store, &old).await;
+    let at = T0 + Duration::hours(1);
+    let mut read_earlier = old.clone();
+    read_earlier.credits = Some(Balance::new(Credits::new(900).unwrap(), T0));
+    let roll = roll_of(&read_earlier, at, at + Duration::days(1));
+    assert!(store.roll(&roll, 10).await.unwrap());
+    let new = find(store, roll.new_key()).await;
+    assert_eq!(new.credits, old.credits, "the balance the store held moved");
+    let rolled_old = find(store, &old).await;
+    assert_eq!(rolled_old.credits, Some(Balance::new(Credits::new(0).unwrap(), at)), "none left, no refill");
+    assert_eq!(rolled_old.owner, old.owner);
+    let plain = record(&account, T0);
+    insert(store, &plain).await;
+    assert!(store.roll(&roll_of(&plain, at, at), 10).await.unwrap());
+    assert_eq!(find(store, &plain).await.credits, None, "unlimited stays unlimited");
+}
+
 pub async fn a_rolled_key_in_its_grace_period_can_be_revoked(store: &dyn KeyStore) {
     let account = account();
     let old = record(&account, T0);
@@ -728,6 +753,7 @@ macro_rules! conformance_tests {
             find_by_id_finds_only_the_accounts_own_key,
             roll_shortens_the_old_key_and_adds_the_new_one_at_once,
             a_rolled_key_in_its_grace_period_can_be_revoked,
+            roll_moves_the_credits_it_finds_to_the_new_key,
             roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
             replaced_keys_do_not_count_and_rerolling_respects_the_limit,
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
