@@ -320,7 +320,11 @@ impl RateLimit {
 /// # Ok::<(), apikeys::ValidationError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct RateLimits(Arc<[RateLimit]>);
+pub struct RateLimits(
+    /// `None` for none: most keys have none, and reading or copying their (empty) set then
+    /// allocates nothing and touches no shared reference count.
+    Option<Arc<[RateLimit]>>,
+);
 
 impl RateLimits {
     /// The most limits one key holds.
@@ -333,7 +337,7 @@ impl RateLimits {
         if limits.len() > Self::MAX || !distinct {
             return Err(ValidationError::RateLimit);
         }
-        Ok(Self(limits.into()))
+        Ok(Self((!limits.is_empty()).then(|| limits.into())))
     }
 
     /// No limits.
@@ -343,17 +347,17 @@ impl RateLimits {
 
     /// The limit with this name.
     pub fn get(&self, name: &str) -> Option<&RateLimit> {
-        self.0.iter().find(|limit| limit.name == name)
+        self.iter().find(|limit| limit.name == name)
     }
 
     /// The limits, in the order they were given.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &RateLimit> {
-        self.0.iter()
+        self.0.as_deref().unwrap_or_default().iter()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
 
     /// Whether a key with these limits could do no more than one with `bound`: each of
@@ -367,12 +371,15 @@ impl RateLimits {
 
     /// The form stores keep: `name:limit:windowMs`, joined by spaces; empty for none.
     pub fn as_text(&self) -> String {
-        let each = self.0.iter().map(|limit| format!("{}:{}:{}", limit.name, limit.limit, limit.window.as_millis()));
+        let each = self.iter().map(|limit| format!("{}:{}:{}", limit.name, limit.limit, limit.window.as_millis()));
         each.collect::<Vec<_>>().join(" ")
     }
 
     /// Reads [`RateLimits::as_text`]'s form back.
     pub fn from_text(text: &str) -> Result<Self, ValidationError> {
+        if text.is_empty() {
+            return Ok(Self::none());
+        }
         let parse = |item: &str| {
             let mut parts = item.split(':');
             let (Some(name), Some(limit), Some(window), None) =
@@ -453,7 +460,7 @@ mod json {
 
     impl Serialize for RateLimits {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+            let mut seq = serializer.serialize_seq(Some(self.iter().len()))?;
             for limit in self.iter() {
                 let window_ms = limit.window.as_millis() as u64;
                 seq.serialize_element(
