@@ -307,50 +307,19 @@ fn to_whole_micros(mut record: KeyRecord) -> KeyRecord {
 
 #[cfg(test)]
 mod tests {
-    use time::Duration;
-    use time::macros::datetime;
-
     use super::*;
 
-    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
-
-    fn record(account: &AccountId, expires_at: Option<OffsetDateTime>) -> KeyRecord {
-        crate::store::sample_record(account, T0, expires_at)
-    }
-
-    /// The account's live index, as (end, id) pairs.
-    fn live(store: &MemoryStore, account: &AccountId) -> Vec<(Ends, KeyId)> {
-        store.index().live_of_account.get(account).map(|live| live.iter().copied().collect()).unwrap_or_default()
-    }
-
-    /// Every change keeps the index exact: one entry per key not revoked, at its current end.
     #[tokio::test]
     async fn the_live_index_follows_every_change() {
-        let (store, account) = (MemoryStore::new(), AccountId::new("a").unwrap());
-        let (never, soon) = (record(&account, None), record(&account, Some(T0 + Duration::hours(1))));
-        store.insert(&never, 10).await.unwrap();
-        store.import(vec![soon.clone()]).await.unwrap();
-        let mut revoked = record(&account, None);
-        revoked.revoked_at = Some(T0);
-        store.import(vec![revoked]).await.unwrap();
-        let mut expected = vec![(Ends::At(T0 + Duration::hours(1)), soon.id), (Ends::Never, never.id)];
-        assert_eq!(live(&store, &account), expected, "an imported revoked key is not listed");
-
-        let grace_ends = T0 + Duration::minutes(5);
-        let roll = Roll::new(&never, record(&account, None), grace_ends);
-        assert!(store.roll(&roll, 10).await.unwrap());
-        expected = vec![
-            (Ends::At(grace_ends), never.id),
-            (Ends::At(T0 + Duration::hours(1)), soon.id),
-            (Ends::Never, roll.new_key().id),
-        ];
-        assert_eq!(live(&store, &account), expected, "the rolled key moved to its new end");
-
-        assert!(store.revoke(&account, &never.id, T0).await.unwrap());
-        expected.remove(0);
-        assert_eq!(live(&store, &account), expected, "a revoked key left the index");
-
-        assert_eq!(store.purge(T0 + Duration::days(1)).await.unwrap(), 3);
-        assert_eq!(live(&store, &account), [(Ends::Never, roll.new_key().id)], "purged keys left the index");
+        let index = |store: &MemoryStore| {
+            let index = store.index();
+            let live = index.live_of_account.get(&AccountId::new("a").unwrap());
+            let entries = live.into_iter().flatten().map(|&(ends, id)| match ends {
+                Ends::At(at) => (Some(at), id),
+                Ends::Never => (None, id),
+            });
+            entries.collect()
+        };
+        crate::store::checks::the_account_index_follows_every_change(&MemoryStore::new(), index).await;
     }
 }

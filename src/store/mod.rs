@@ -317,20 +317,59 @@ pub(crate) fn purged_at(record: &KeyRecord, before: OffsetDateTime) -> bool {
     record.revoked_at.is_some_and(|at| at < before) || record.expires_at.is_some_and(|at| at < before)
 }
 
-/// A fresh record for the stores' own unit tests: created at `created_at`, expiring at
-/// `expires_at`.
+/// Checks for the stores' own unit tests, of what the conformance suite cannot see.
 #[cfg(test)]
-pub(crate) fn sample_record(
-    account: &AccountId,
-    created_at: OffsetDateTime,
-    expires_at: Option<OffsetDateTime>,
-) -> KeyRecord {
-    let id = KeyId::generate();
-    let digest = Digest::sha256(&id.to_string());
-    let prefix = KeyPrefix::new("as_live_v1_abcd").unwrap_or_else(|_| unreachable!("a valid prefix"));
-    let mut record = KeyRecord::new(id, account.clone(), digest, prefix, created_at);
-    record.expires_at = expires_at;
-    record
+pub(crate) mod checks {
+    use time::macros::datetime;
+    use time::{Duration, OffsetDateTime};
+
+    use super::{KeyRecord, Maintenance, Roll};
+    use crate::digest::Digest;
+    use crate::id::{AccountId, KeyId};
+    use crate::token::KeyPrefix;
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    fn record(account: &AccountId, expires_at: Option<OffsetDateTime>) -> KeyRecord {
+        let id = KeyId::generate();
+        let digest = Digest::sha256(&id.to_string());
+        let prefix = KeyPrefix::new("as_live_v1_abcd").unwrap_or_else(|_| unreachable!("a valid prefix"));
+        let mut record = KeyRecord::new(id, account.clone(), digest, prefix, T0);
+        record.expires_at = expires_at;
+        record
+    }
+
+    /// Every change keeps a store's account index exact: one entry per key not revoked, at its
+    /// current end (`None`: never), in order of ends. Reads check each record again, so a stale
+    /// entry would only cost time, which only a look inside shows. `index` reads the index of
+    /// account `a` in the store's own order.
+    pub(crate) async fn the_account_index_follows_every_change<S: Maintenance>(
+        store: &S,
+        index: impl Fn(&S) -> Vec<(Option<OffsetDateTime>, KeyId)>,
+    ) {
+        let account = AccountId::new("a").unwrap_or_else(|_| unreachable!("a valid account"));
+        let (never, soon) = (record(&account, None), record(&account, Some(T0 + Duration::hours(1))));
+        store.insert(&never, 10).await.unwrap_or_else(|error| panic!("{error}"));
+        store.import(vec![soon.clone()]).await.unwrap_or_else(|error| panic!("{error}"));
+        let mut revoked = record(&account, None);
+        revoked.revoked_at = Some(T0);
+        store.import(vec![revoked]).await.unwrap_or_else(|error| panic!("{error}"));
+        let mut expected = vec![(soon.expires_at, soon.id), (None, never.id)];
+        assert_eq!(index(store), expected, "an imported revoked key is not listed");
+
+        let grace_ends = T0 + Duration::minutes(5);
+        let roll = Roll::new(&never, record(&account, None), grace_ends);
+        assert_eq!(store.roll(&roll, 10).await.ok(), Some(true));
+        expected = vec![(Some(grace_ends), never.id), (soon.expires_at, soon.id), (None, roll.new_key().id)];
+        assert_eq!(index(store), expected, "the rolled key moved to its new end");
+
+        assert_eq!(store.revoke(&account, &never.id, T0).await.ok(), Some(true));
+        expected.remove(0);
+        assert_eq!(index(store), expected, "a revoked key left the index");
+
+        assert_eq!(store.purge(T0 + Duration::days(1)).await.ok(), Some(3));
+        assert_eq!(index(store), [(None, roll.new_key().id)], "purged keys left the index");
+    }
 }
 
 /// What a [`KeyStore`] method returns once `#[async_trait]` has expanded it.
