@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, Rejection, ValidationError};
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
 use crate::scope::Scopes;
@@ -248,6 +248,13 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn roll_as_admin(&self, account: &AccountId, id: &KeyId, grace: Duration) -> Result<RolledKey, Error> {
         self.check_grace(grace)?;
         self.roll_checked(account, id, grace, None).await
+    }
+
+    /// The account's active keys of `owner`, as [`list`](Self::list) gives them.
+    pub async fn list_owned_by(&self, account: &AccountId, owner: &OwnerId) -> Result<Vec<ApiKey>, Error> {
+        let mut keys = self.list(account).await?;
+        keys.retain(|key| key.owner.as_ref() == Some(owner));
+        Ok(keys)
     }
 
     /// The account's active keys (neither revoked nor expired), oldest first, metadata only.

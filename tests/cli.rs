@@ -503,9 +503,14 @@ fn create_with_an_owner_meta_credits_and_rate_limits_and_list_them() {
     let listed: Value =
         serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "acme", "--json"]))).unwrap();
     assert_eq!(listed["data"][0]["ratelimits"], limits);
+    let owned = stdout(&run(dir.path(), &["list", "--account", "acme", "--owner", "user_7", "--json"]));
+    let owned: Value = serde_json::from_str(&owned).unwrap();
+    assert_eq!(owned["data"].as_array().unwrap().len(), 1, "{owned}");
+    assert_eq!(owned["data"][0]["id"], created["id"]);
 
     for (args, expected) in [
         (&["create", "--account", "acme", "--owner", ""][..], "invalid owner id"),
+        (&["list", "--account", "acme", "--owner", ""][..], "invalid owner id"),
         (&["create", "--account", "acme", "--meta", "[1]"][..], "invalid meta"),
         (&["create", "--account", "acme", "--credits", "9007199254740992"][..], "invalid credits"),
         (&["create", "--account", "acme", "--refill", "daily:5"][..], "--credits"),

@@ -212,6 +212,7 @@ impl Request<'_> {
 
 /// The OpenAPI path of a request path of the key API, if it is one.
 fn api_route(path: &str) -> Option<&'static str> {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
     match path {
         "/account/api-keys" => Some("/account/api-keys"),
         "/openapi.json" => Some("/openapi.json"),
@@ -873,6 +874,23 @@ async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widene
     for field in ["ownerId", "meta", "credits", "ratelimits"] {
         assert!(plain.get(field).is_none(), "a key without {field} lists none");
     }
+    // The owner filter.
+    let (status, owned) = server.get("/account/api-keys?ownerId=user_7", Some(&admin)).send().await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&Value> = owned["data"].as_array().unwrap().iter().map(|item| &item["id"]).collect();
+    assert_eq!(ids, [&created["id"]]);
+    let (_, nobody) = server.get("/account/api-keys?ownerId=user%207", Some(&admin)).send().await;
+    assert_eq!(nobody["data"], json!([]));
+    for (query, expected) in [
+        ("?ownerId=", "invalid_owner_id"),
+        ("?ownerId=%C3%A9", "invalid_owner_id"),
+        ("?owner=user_7", "invalid_query"),
+        ("?ownerId=user_7&ownerId=other", "invalid_query"),
+    ] {
+        let (status, answer) = server.get(&format!("/account/api-keys{query}"), Some(&admin)).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, expected), "{query}");
+    }
+
     // The next day the credits list refilled, with no write in between.
     server.clock.advance(Duration::days(1));
     let (_, listed) = server.get("/account/api-keys", Some(&admin)).send().await;

@@ -125,6 +125,9 @@ enum Command {
         /// The account whose keys to list.
         #[arg(long)]
         account: String,
+        /// Only the keys of this owner.
+        #[arg(long, value_name = "OWNER_ID")]
+        owner: Option<String>,
     },
     /// Revoke a key at once, as administrator (any key of the account, including one in use).
     Revoke {
@@ -241,8 +244,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print(json, json!({ "previous": rolled.previous }), &format!("{id} now expires at {until}"));
             ExitCode::SUCCESS
         }
-        Command::List { account } => {
-            let keys = service.list(&AccountId::new(account)?).await?;
+        Command::List { account, owner } => {
+            let account = AccountId::new(account)?;
+            let keys = match owner.map(OwnerId::new).transpose()? {
+                Some(owner) => service.list_owned_by(&account, &owner).await?,
+                None => service.list(&account).await?,
+            };
             print_list(&keys, json)?;
             ExitCode::SUCCESS
         }

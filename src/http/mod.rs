@@ -4,7 +4,7 @@
 //! | request | success | errors |
 //! | --- | --- | --- |
 //! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null, "ownerId", "meta", "credits", "ratelimits"}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}`, plus `ownerId` / `meta` / `credits` / `ratelimits` where set | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
-//! | `GET /account/api-keys` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` / `ownerId` / `meta` / `credits` / `ratelimits` where set | 400 (`ambiguous_api_key`), 401, 403 (`insufficient_scope`), 503 |
+//! | `GET /account/api-keys[?ownerId=…]` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` / `ownerId` / `meta` / `credits` / `ratelimits` where set | 400 (`ambiguous_api_key`, `invalid_owner_id`, `invalid_query`), 401, 403 (`insufficient_scope`), 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
@@ -54,13 +54,13 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -200,12 +200,26 @@ async fn create_key<St: KeyStore>(
     Ok(CreatedBody::of(&created, None).into_response())
 }
 
+/// `GET /account/api-keys?ownerId=…`: the filter is optional; no other parameter is known.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ListQuery {
+    owner_id: Option<String>,
+}
+
 async fn list_keys<St: KeyStore>(
     State(service): State<KeyService<St>>,
     Authenticated(caller): Authenticated,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListBody>, ApiError> {
     caller.require(Scopes::KEYS_READ)?;
-    let keys = service.list(&caller.account).await?;
+    let Query(query) =
+        query.map_err(|_| ApiError::bad_request("invalid_query", "The query string may hold only ownerId, once."))?;
+    let owner = query.owner_id.map(OwnerId::new).transpose()?;
+    let keys = match owner {
+        Some(owner) => service.list_owned_by(&caller.account, &owner).await?,
+        None => service.list(&caller.account).await?,
+    };
     Ok(Json(ListBody { data: keys }))
 }
 
