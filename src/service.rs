@@ -324,6 +324,49 @@ impl<S: KeyStore> KeyService<S> {
         self.revoke_as_admin(&caller.account, id).await
     }
 
+    /// Revokes every active key of `owner` in the caller's account, through the caller's key,
+    /// which needs scope `keys:write`: one call ends an owner's access. Nothing is revoked
+    /// unless the caller may revoke each of those keys: not itself ([`Error::CannotRevokeSelf`]),
+    /// and only keys it [can manage](AuthenticatedKey::can_manage) ([`Error::ScopeEscalation`]).
+    /// Each revocation is immediate and atomic on its own; together they are not one
+    /// transaction, so a key made for the owner while this runs may outlive it, and after a store
+    /// error some may be revoked (calling again is safe). Returns the ids revoked, oldest first.
+    pub async fn revoke_owner(&self, caller: &AuthenticatedKey, owner: &OwnerId) -> Result<Vec<KeyId>, Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
+        let owned = self.owned_records(&caller.account, owner).await?;
+        if owned.iter().any(|record| record.id == caller.id) {
+            return Err(Error::CannotRevokeSelf);
+        }
+        if !owned.iter().all(|record| caller.can_manage(record)) {
+            return Err(Error::ScopeEscalation);
+        }
+        self.revoke_each(&caller.account, owned).await
+    }
+
+    /// Revokes every active key of `owner` in `account`, on the administrator's path: as
+    /// [`revoke_owner`](Self::revoke_owner), with no caller to check.
+    pub async fn revoke_owner_as_admin(&self, account: &AccountId, owner: &OwnerId) -> Result<Vec<KeyId>, Error> {
+        let owned = self.owned_records(account, owner).await?;
+        self.revoke_each(account, owned).await
+    }
+
+    async fn owned_records(&self, account: &AccountId, owner: &OwnerId) -> Result<Vec<KeyRecord>, Error> {
+        let active = self.inner.within(self.inner.store.list_active(account, self.now())).await;
+        Ok(active.map_err(Error::Store)?.into_iter().filter(|record| record.owner.as_ref() == Some(owner)).collect())
+    }
+
+    /// Revokes each of `records`, leaving out those revoked or expired meanwhile.
+    async fn revoke_each(&self, account: &AccountId, records: Vec<KeyRecord>) -> Result<Vec<KeyId>, Error> {
+        let mut revoked = Vec::with_capacity(records.len());
+        for record in records {
+            let done = self.inner.within(self.inner.store.revoke(account, &record.id, self.now())).await;
+            if done.map_err(Error::Store)? {
+                revoked.push(record.id);
+            }
+        }
+        Ok(revoked)
+    }
+
     /// Revokes any active key of `account`, including one in use: the administrator's
     /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
     /// accounts' keys are [`Error::NotFound`].

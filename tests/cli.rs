@@ -507,10 +507,18 @@ fn create_with_an_owner_meta_credits_and_rate_limits_and_list_them() {
     let owned: Value = serde_json::from_str(&owned).unwrap();
     assert_eq!(owned["data"].as_array().unwrap().len(), 1, "{owned}");
     assert_eq!(owned["data"][0]["id"], created["id"]);
+    let output = run(dir.path(), &["revoke", "--account", "acme", "--owner", "user_7", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let revoked: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(revoked["revoked"], serde_json::json!([created["id"]]));
+    let again = stdout(&run(dir.path(), &["revoke", "--account", "acme", "--owner", "user_7"]));
+    assert_eq!(again.trim(), "no key to revoke");
 
     for (args, expected) in [
         (&["create", "--account", "acme", "--owner", ""][..], "invalid owner id"),
         (&["list", "--account", "acme", "--owner", ""][..], "invalid owner id"),
+        (&["revoke", "--account", "acme"][..], "<ID>"),
+        (&["revoke", "--account", "acme", "--owner", "x", "ak_01j9zxkp4qbc7n3m8td5e6fvg2"][..], "cannot be used with"),
         (&["create", "--account", "acme", "--meta", "[1]"][..], "invalid meta"),
         (&["create", "--account", "acme", "--credits", "9007199254740992"][..], "invalid credits"),
         (&["create", "--account", "acme", "--refill", "daily:5"][..], "--credits"),

@@ -952,6 +952,31 @@ async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widene
     let (status, answer) = server.delete(&unowned.to_string(), &limited).send().await;
     assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
 
+    // Revoking by owner: all of its keys the caller may revoke, or none.
+    let (status, answer) =
+        server.request(Method::DELETE, "/account/api-keys?ownerId=team_1").key(Some(&limited)).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::CONFLICT, "cannot_revoke_current_key"), "the caller is team_1's");
+    let (status, answer) =
+        server.request(Method::DELETE, "/account/api-keys?ownerId=user_7").key(Some(&limited)).send().await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
+    let (_, before) = server.get("/account/api-keys?ownerId=team_1", Some(&admin)).send().await;
+    let team: Vec<Value> = before["data"].as_array().unwrap().iter().map(|item| item["id"].clone()).collect();
+    assert_eq!(team.len(), 3, "the limited key and its two children: {before}");
+    let (status, revoked) =
+        server.request(Method::DELETE, "/account/api-keys?ownerId=team_1").key(Some(&admin)).send().await;
+    assert_eq!((status, &revoked["revoked"]), (StatusCode::OK, &json!(team)));
+    assert_eq!(server.get("/account/api-keys", Some(&limited)).send().await.0, StatusCode::UNAUTHORIZED);
+    let (_, after) = server.get("/account/api-keys?ownerId=team_1", Some(&admin)).send().await;
+    assert_eq!(after["data"], json!([]));
+    let (status, none) =
+        server.request(Method::DELETE, "/account/api-keys?ownerId=team_1").key(Some(&admin)).send().await;
+    assert_eq!((status, &none["revoked"]), (StatusCode::OK, &json!([])));
+    for query in ["", "?ownerId=a&ownerId=b", "?id=1"] {
+        let (status, answer) =
+            server.request(Method::DELETE, &format!("/account/api-keys{query}")).key(Some(&admin)).send().await;
+        assert_eq!((status, code(&answer)), (StatusCode::BAD_REQUEST, "invalid_query"), "{query}");
+    }
+
     // A key with credits creates no key, however few credits the new one would hold.
     let credited = NewKey::default()
         .scopes(apikeys::Scopes::new(["keys:*"]).unwrap())

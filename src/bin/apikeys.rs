@@ -135,7 +135,11 @@ enum Command {
         #[arg(long)]
         account: String,
         /// The key's id, ak_….
-        id: String,
+        #[arg(required_unless_present = "owner", conflicts_with = "owner")]
+        id: Option<String>,
+        /// Revoke every active key of this owner instead.
+        #[arg(long, value_name = "OWNER_ID")]
+        owner: Option<String>,
     },
     /// Read a key from standard input and say whether it is valid: exit 0 valid, 1 rejected, 2 error.
     Verify {
@@ -253,10 +257,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print_list(&keys, json)?;
             ExitCode::SUCCESS
         }
-        Command::Revoke { account, id } => {
-            let id: KeyId = id.parse()?;
-            service.revoke_as_admin(&AccountId::new(account)?, &id).await?;
-            print(json, json!({ "revoked": id }), &format!("revoked {id}"));
+        Command::Revoke { account, id, owner } => {
+            let account = AccountId::new(account)?;
+            match owner {
+                Some(owner) => {
+                    let revoked = service.revoke_owner_as_admin(&account, &OwnerId::new(owner)?).await?;
+                    let lines: Vec<String> = revoked.iter().map(|id| format!("revoked {id}")).collect();
+                    let text = if lines.is_empty() { "no key to revoke".to_owned() } else { lines.join("\n") };
+                    print(json, json!({ "revoked": revoked }), &text);
+                }
+                None => {
+                    // clap requires one of the two.
+                    let id: KeyId = id.unwrap_or_default().parse()?;
+                    service.revoke_as_admin(&account, &id).await?;
+                    print(json, json!({ "revoked": id }), &format!("revoked {id}"));
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Verify { .. } => verify(&service, json).await?,

@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null, "ownerId", "meta", "credits", "ratelimits"}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}`, plus `ownerId` / `meta` / `credits` / `ratelimits` where set | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
 //! | `GET /account/api-keys[?ownerId=…]` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` / `ownerId` / `meta` / `credits` / `ratelimits` where set | 400 (`ambiguous_api_key`, `invalid_owner_id`, `invalid_query`), 401, 403 (`insufficient_scope`), 503 |
+//! | `DELETE /account/api-keys?ownerId=…` | 200 `{"revoked":[id]}`: every active key of the owner | 400 (`invalid_query`, `invalid_owner_id`), 401, 403 (`insufficient_scope`, `scope_escalation`), 409 (`cannot_revoke_current_key`), 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
@@ -85,7 +86,7 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 /// OpenAPI document of its own: mount [`openapi`] where you want it.
 pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyService<St>) -> Router<S> {
     Router::new()
-        .route("/account/api-keys", post(create_key::<St>).get(list_keys::<St>))
+        .route("/account/api-keys", post(create_key::<St>).get(list_keys::<St>).delete(revoke_owner::<St>))
         .route("/account/api-keys/{id}", delete(revoke_key::<St>))
         .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
         .method_not_allowed_fallback(method_not_allowed)
@@ -221,6 +222,25 @@ async fn list_keys<St: KeyStore>(
         None => service.list(&caller.account).await?,
     };
     Ok(Json(ListBody { data: keys }))
+}
+
+/// `DELETE /account/api-keys?ownerId=…`: every active key of one owner.
+async fn revoke_owner<St: KeyStore>(
+    State(service): State<KeyService<St>>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<RevokedBody>, ApiError> {
+    caller.require(Scopes::KEYS_WRITE)?;
+    let missing = || ApiError::bad_request("invalid_query", "Name the owner whose keys to revoke: ?ownerId=…, once.");
+    let Query(query) = query.map_err(|_| missing())?;
+    let owner = OwnerId::new(query.owner_id.ok_or_else(missing)?)?;
+    let revoked = service.revoke_owner(&caller, &owner).await?;
+    Ok(Json(RevokedBody { revoked }))
+}
+
+#[derive(Serialize)]
+struct RevokedBody {
+    revoked: Vec<KeyId>,
 }
 
 async fn revoke_key<St: KeyStore>(
