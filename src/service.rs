@@ -176,15 +176,7 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn create(&self, account: &AccountId, new: NewKey) -> Result<CreatedKey, Error> {
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?;
-        let (key, record) = self.new_record(account, now, |record| {
-            record.name = new.name;
-            record.expires_at = expires_at;
-            record.scopes = new.scopes.unwrap_or_default();
-            record.owner = new.owner;
-            record.meta = new.meta;
-            record.credits = new.credits.map(|credits| Balance::new(credits, now));
-            record.ratelimits = new.ratelimits.unwrap_or_default();
-        })?;
+        let (key, record) = self.new_record(account, now, |record| fill(record, new, expires_at, None))?;
         self.insert(key, record).await
     }
 
@@ -204,15 +196,8 @@ impl<S: KeyStore> KeyService<S> {
         if expires_at.is_some_and(|expiry| expiry <= now) {
             return Err(ValidationError::ExpiryNotInFuture.into());
         }
-        let (key, record) = self.new_record(&caller.account, now, |record| {
-            record.name = new.name;
-            record.expires_at = expires_at;
-            record.scopes = new.scopes.unwrap_or_else(|| caller.scopes.clone());
-            record.owner = new.owner.or_else(|| caller.owner.clone());
-            record.meta = new.meta;
-            record.credits = new.credits.map(|credits| Balance::new(credits, now));
-            record.ratelimits = new.ratelimits.unwrap_or_else(|| caller.ratelimits.clone());
-        })?;
+        let (key, record) =
+            self.new_record(&caller.account, now, |record| fill(record, new, expires_at, Some(caller)))?;
         if caller.credits.is_some() || !caller.can_manage(&record) {
             return Err(Error::ScopeEscalation);
         }
@@ -679,6 +664,19 @@ fn limit_or_store_error(error: StoreError) -> Error {
         StoreError::LimitReached { limit } => Error::KeyLimitReached { limit },
         other => Error::Store(other),
     }
+}
+
+/// Sets what `new` asks for on a fresh record (created at its `created_at`), with `expires_at`
+/// already worked out. What `new` leaves out is the creating key's own scopes, owner and rate
+/// limits, or, on the administrator's path (`None`), every scope, no owner and no limits.
+fn fill(record: &mut KeyRecord, new: NewKey, expires_at: Option<time::OffsetDateTime>, by: Option<&AuthenticatedKey>) {
+    record.name = new.name;
+    record.expires_at = expires_at;
+    record.scopes = new.scopes.or_else(|| by.map(|caller| caller.scopes.clone())).unwrap_or_default();
+    record.owner = new.owner.or_else(|| by.and_then(|caller| caller.owner.clone()));
+    record.meta = new.meta;
+    record.credits = new.credits.map(|credits| Balance::new(credits, record.created_at));
+    record.ratelimits = new.ratelimits.or_else(|| by.map(|caller| caller.ratelimits.clone())).unwrap_or_default();
 }
 
 fn created(key: SecretToken, record: KeyRecord) -> CreatedKey {

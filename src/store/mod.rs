@@ -317,6 +317,32 @@ pub(crate) fn purged_at(record: &KeyRecord, before: OffsetDateTime) -> bool {
     record.revoked_at.is_some_and(|at| at < before) || record.expires_at.is_some_and(|at| at < before)
 }
 
+/// A key's credits as the stores' columns hold them: all `None` for unlimited use, the refill's
+/// two `None` for credits that do not refill.
+#[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
+#[derive(Default)]
+pub(crate) struct StoredCredits {
+    pub(crate) remaining: Option<i64>,
+    pub(crate) as_of: Option<OffsetDateTime>,
+    pub(crate) refill_amount: Option<i64>,
+    /// [`RefillInterval::as_text`](crate::RefillInterval::as_text)'s form.
+    pub(crate) refill_interval: Option<String>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
+impl StoredCredits {
+    pub(crate) fn of(balance: Option<&Balance>) -> Self {
+        let Some(balance) = balance else { return Self::default() };
+        // Both fit: `Credits` and `Refill` hold at most `MAX_CREDITS`, 2^53 - 1.
+        Self {
+            remaining: Some(balance.remaining as i64),
+            as_of: Some(balance.as_of),
+            refill_amount: balance.refill.map(|refill| refill.amount as i64),
+            refill_interval: balance.refill.map(|refill| refill.interval.as_text()),
+        }
+    }
+}
+
 /// Checks for the stores' own unit tests, of what the conformance suite cannot see.
 #[cfg(test)]
 pub(crate) mod checks {

@@ -17,7 +17,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
@@ -392,11 +392,11 @@ impl Maintenance for PostgresStore {
                 let usage: Vec<Usage> = chunk.iter().map(Usage::of).collect();
                 let owners: Vec<Option<&str>> = usage.iter().map(|usage| usage.owner).collect();
                 let metas: Vec<Option<&str>> = usage.iter().map(|usage| usage.meta).collect();
-                let remaining: Vec<Option<i64>> = usage.iter().map(|usage| usage.remaining).collect();
-                let as_of: Vec<Option<OffsetDateTime>> = usage.iter().map(|usage| usage.as_of).collect();
-                let refill_amounts: Vec<Option<i64>> = usage.iter().map(|usage| usage.refill_amount).collect();
+                let remaining: Vec<Option<i64>> = usage.iter().map(|usage| usage.credits.remaining).collect();
+                let as_of: Vec<Option<OffsetDateTime>> = usage.iter().map(|usage| usage.credits.as_of).collect();
+                let refill_amounts: Vec<Option<i64>> = usage.iter().map(|usage| usage.credits.refill_amount).collect();
                 let refill_intervals: Vec<Option<&str>> =
-                    usage.iter().map(|usage| usage.refill_interval.as_deref()).collect();
+                    usage.iter().map(|usage| usage.credits.refill_interval.as_deref()).collect();
                 let ratelimits: Vec<&str> = usage.iter().map(|usage| usage.ratelimits.as_str()).collect();
                 let parameters: [&(dyn ToSql + Sync); 19] = [
                     &ids,
@@ -516,25 +516,16 @@ struct Columns<'a> {
 struct Usage<'a> {
     owner: Option<&'a str>,
     meta: Option<&'a str>,
-    remaining: Option<i64>,
-    as_of: Option<OffsetDateTime>,
-    refill_amount: Option<i64>,
-    refill_interval: Option<String>,
+    credits: StoredCredits,
     ratelimits: String,
 }
 
 impl<'a> Usage<'a> {
     fn of(record: &'a KeyRecord) -> Self {
-        let balance = record.credits.as_ref();
-        let refill = balance.and_then(|balance| balance.refill);
-        // Both fit: `Credits` and `Refill` hold at most `MAX_CREDITS`, 2^53 - 1.
         Self {
             owner: record.owner.as_ref().map(OwnerId::as_str),
             meta: record.meta.as_ref().map(Meta::as_str),
-            remaining: balance.map(|balance| balance.remaining as i64),
-            as_of: balance.map(|balance| balance.as_of),
-            refill_amount: refill.map(|refill| refill.amount as i64),
-            refill_interval: refill.map(|refill| refill.interval.as_text()),
+            credits: StoredCredits::of(record.credits.as_ref()),
             ratelimits: record.ratelimits.as_text(),
         }
     }
@@ -561,7 +552,8 @@ impl<'a> Columns<'a> {
         let [rotated_from, replaced_by] = &self.rolls;
         let (id, account, digest, prefix, name, scopes) =
             (self.id, &self.account, &self.digest, &self.prefix, &self.name, &self.scopes);
-        let Usage { owner, meta, remaining, as_of, refill_amount, refill_interval, ratelimits } = &self.usage;
+        let Usage { owner, meta, credits, ratelimits } = &self.usage;
+        let StoredCredits { remaining, as_of, refill_amount, refill_interval } = credits;
         [
             id,
             account,
@@ -710,8 +702,7 @@ impl KeyStore for PostgresStore {
                     }
                 }
                 let (new, old_credits) = roll.settle(&old_record);
-                let spent = KeyRecord { credits: old_credits, ..old_record };
-                let spent = Usage::of(&spent);
+                let spent = StoredCredits::of(old_credits.as_ref());
                 let apply = transaction.prepare_cached(&self.sql.apply_roll).await?;
                 let parameters: [&(dyn ToSql + Sync); 7] = [
                     old,

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
 
-use super::stored::{StoredCredits, StoredFields};
+use super::stored::StoredFields;
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
+use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -736,7 +736,7 @@ fn put_record(
     let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
     let StoredCredits { remaining, as_of, refill_amount, refill_interval } = StoredCredits::of(record.credits.as_ref());
     let credits = remaining
-        .zip(as_of)
+        .zip(as_of.map(unix_micros))
         .map(|(remaining, as_of)| (remaining, as_of, refill_amount.zip(refill_interval.as_deref())));
     let ratelimits = record.ratelimits.as_text();
     let usage = (

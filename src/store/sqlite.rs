@@ -11,9 +11,9 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::stored::{StoredCredits, StoredFields};
+use super::stored::StoredFields;
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError};
+use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -680,7 +680,7 @@ impl KeyStore for SqliteStore {
                     unix_micros(roll.old_expires_at()),
                     new.id.as_uuid().as_bytes(),
                     credits.remaining,
-                    credits.as_of,
+                    credits.as_of.map(unix_micros),
                     credits.refill_amount,
                     credits.refill_interval,
                 ])?;
@@ -811,7 +811,7 @@ fn insert_row(transaction: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Re
         record.owner.as_ref().map(OwnerId::as_str),
         record.meta.as_ref().map(Meta::as_str),
         credits.remaining,
-        credits.as_of,
+        credits.as_of.map(unix_micros),
         credits.refill_amount,
         credits.refill_interval,
         record.ratelimits.as_text(),

@@ -80,28 +80,3 @@ impl StoredFields<'_> {
         })
     }
 }
-
-/// A key's credits as the stores' columns hold them: all `None` for unlimited use, the refill's
-/// two `None` for credits that do not refill.
-#[derive(Default)]
-pub(crate) struct StoredCredits {
-    pub(crate) remaining: Option<i64>,
-    /// Unix µs.
-    pub(crate) as_of: Option<i64>,
-    pub(crate) refill_amount: Option<i64>,
-    /// [`RefillInterval::as_text`](crate::RefillInterval::as_text)'s form.
-    pub(crate) refill_interval: Option<String>,
-}
-
-impl StoredCredits {
-    pub(crate) fn of(balance: Option<&Balance>) -> Self {
-        let Some(balance) = balance else { return Self::default() };
-        // Both fit: `Credits` and `Refill` hold at most `MAX_CREDITS`, 2^53 - 1.
-        Self {
-            remaining: Some(balance.remaining as i64),
-            as_of: Some(crate::clock::unix_micros(balance.as_of)),
-            refill_amount: balance.refill.map(|refill| refill.amount as i64),
-            refill_interval: balance.refill.map(|refill| refill.interval.as_text()),
-        }
-    }
-}
