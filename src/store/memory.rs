@@ -8,6 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use async_trait::async_trait;
 use hashbrown::HashTable;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::{KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
 use crate::clock::normalize;
@@ -15,7 +16,6 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
-use uuid::Uuid;
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
 const SHARDS: usize = 16;
@@ -104,8 +104,9 @@ impl MemoryStore {
 
     /// How many of the account's keys count towards its limit at `now`, leaving out `except`.
     fn counted(&self, index: &Index, account: &AccountId, now: OffsetDateTime, except: Option<&KeyId>) -> usize {
-        let counts = |record: &KeyRecord| record.counts_towards_limit(now) && Some(&record.id) != except;
-        self.active_records(index, account, now, counts).len()
+        let counts =
+            |record: &KeyRecord| (record.counts_towards_limit(now) && Some(&record.id) != except).then_some(());
+        self.read_active(index, account, now, counts).len()
     }
 
     /// Reads the record with this id, under the index lock the caller holds.
@@ -120,19 +121,19 @@ impl MemoryStore {
         self.write(hash).find_mut(hash, |record| record.id == *id).map(change)
     }
 
-    /// The account's records not revoked nor expired at `now` for which `keep` holds, cloned,
-    /// under the index lock the caller holds.
-    fn active_records(
+    /// What `read` takes from each of the account's records not revoked nor expired at `now`,
+    /// where it takes anything, under the index lock the caller holds.
+    fn read_active<T>(
         &self,
         index: &Index,
         account: &AccountId,
         now: OffsetDateTime,
-        keep: impl Fn(&KeyRecord) -> bool,
-    ) -> Vec<KeyRecord> {
+        read: impl Fn(&KeyRecord) -> Option<T>,
+    ) -> Vec<T> {
         let Some(live) = index.live_of_account.get(account) else { return Vec::new() };
-        let keep = |record: &KeyRecord| (record.is_active(now) && keep(record)).then(|| record.clone());
+        let read = |record: &KeyRecord| if record.is_active(now) { read(record) } else { None };
         let from = (Ends::At(now), KeyId::from_uuid(Uuid::nil()));
-        live.range(from..).filter_map(|(_, id)| self.with_id(index, id, keep)?).collect()
+        live.range(from..).filter_map(|(_, id)| self.with_id(index, id, read)?).collect()
     }
 
     /// Moves an entry of the account's live index to `to`, or out of it with `None`.
@@ -231,7 +232,7 @@ impl KeyStore for MemoryStore {
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         let index = self.index();
-        let mut active = self.active_records(&index, account, now, |_| true);
+        let mut active = self.read_active(&index, account, now, |record| Some(record.clone()));
         active.sort_by_key(|record| (record.created_at, record.id));
         Ok(active)
     }
