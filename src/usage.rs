@@ -149,6 +149,24 @@ impl RefillInterval {
             .ok_or(ValidationError::Credits)
     }
 
+    /// The form stores keep: `daily`, `monthly`, or the seconds.
+    pub fn as_text(self) -> String {
+        match self {
+            Self::Daily => "daily".to_owned(),
+            Self::Monthly => "monthly".to_owned(),
+            Self::Seconds(seconds) => seconds.to_string(),
+        }
+    }
+
+    /// Reads [`RefillInterval::as_text`]'s form back.
+    pub fn from_text(text: &str) -> Result<Self, ValidationError> {
+        match text {
+            "daily" => Ok(Self::Daily),
+            "monthly" => Ok(Self::Monthly),
+            seconds => Self::seconds(seconds.parse().map_err(|_| ValidationError::Credits)?),
+        }
+    }
+
     /// The shortest an interval can be, in seconds (a month: 28 days).
     fn shortest_seconds(self) -> u64 {
         match self {
@@ -392,26 +410,6 @@ impl RateLimits {
             RateLimit::new(name, limit, Duration::from_millis(window))
         };
         Self::new(text.split(' ').filter(|item| !item.is_empty()).map(parse).collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-impl RefillInterval {
-    /// The form stores keep: `daily`, `monthly`, or the seconds.
-    pub fn as_text(self) -> String {
-        match self {
-            Self::Daily => "daily".to_owned(),
-            Self::Monthly => "monthly".to_owned(),
-            Self::Seconds(seconds) => seconds.to_string(),
-        }
-    }
-
-    /// Reads [`RefillInterval::as_text`]'s form back.
-    pub fn from_text(text: &str) -> Result<Self, ValidationError> {
-        match text {
-            "daily" => Ok(Self::Daily),
-            "monthly" => Ok(Self::Monthly),
-            seconds => Self::seconds(seconds.parse().map_err(|_| ValidationError::Credits)?),
-        }
     }
 }
 
