@@ -68,6 +68,10 @@ pub enum ValidationError {
     /// A roll's grace period is longer than the service allows.
     #[error("invalid grace period: it must be between 0 and the service's maximum (7 days by default)")]
     GraceOutOfRange,
+    /// A service credential is shorter than 32 bytes or holds a character that is not visible
+    /// ASCII.
+    #[error("invalid service credential: it must be at least 32 visible ASCII characters of secret random data")]
+    ServiceCredential,
     /// The environment variable that should hold the pepper is not set or not UTF-8.
     #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
     PepperMissing(&'static str),
@@ -222,72 +226,4 @@ pub enum Error {
     /// key behind, though a connection lost mid-commit can leave the outcome unknown to the caller.
     #[error("the key store failed")]
     Store(#[source] StoreError),
-}
-
-/// Why a presented token was not accepted by [`KeyService::verify`](crate::KeyService::verify).
-///
-/// The reasons are for logs and metrics. Anything that faces a client should answer every
-/// rejection but [`Rejection::Store`] the same way ("unauthorized"), which is what the HTTP layer does.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Rejection {
-    /// The token is not of this service's format; the store was not asked.
-    #[error("malformed token: {0}")]
-    Malformed(#[from] TokenError),
-    /// The token is well formed but no key has its digest.
-    #[error("unknown key")]
-    Unknown,
-    /// The key was revoked.
-    #[error("revoked key")]
-    Revoked,
-    /// The key's expiry has passed.
-    #[error("expired key")]
-    Expired,
-    /// The store could not answer; this says nothing about the key, so it must not become a 401.
-    #[error("the key store failed")]
-    Store(#[source] StoreError),
-}
-
-impl Rejection {
-    /// Every value [`Rejection::reason`] can return: a closed set, fit for a metrics label.
-    pub const REASONS: [&'static str; 5] = ["malformed", "unknown", "revoked", "expired", "store_error"];
-
-    /// A short, stable label of the reason, e.g. `"revoked"`.
-    pub fn reason(&self) -> &'static str {
-        Self::REASONS[self.reason_index()]
-    }
-
-    /// Where [`reason`](Self::reason) is in [`REASONS`](Self::REASONS).
-    pub(crate) fn reason_index(&self) -> usize {
-        match self {
-            Self::Malformed(_) => 0,
-            Self::Unknown => 1,
-            Self::Revoked => 2,
-            Self::Expired => 3,
-            Self::Store(_) => 4,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_rejection_has_its_own_reason() {
-        let store =
-            StoreError::from(BackendError::new("test", "nowhere", "find_by_digest", std::io::Error::other("down")));
-        let reasons: Vec<&str> = [
-            Rejection::Malformed(TokenError::Length),
-            Rejection::Unknown,
-            Rejection::Revoked,
-            Rejection::Expired,
-            Rejection::Store(store),
-        ]
-        .iter()
-        .map(Rejection::reason)
-        .collect();
-        assert_eq!(reasons, ["malformed", "unknown", "revoked", "expired", "store_error"]);
-        assert_eq!(reasons, Rejection::REASONS);
-    }
 }

@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
+use crate::meter::UsageReport;
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
@@ -250,6 +251,8 @@ pub struct AuthenticatedKey {
     pub credits: Option<Balance>,
     /// The key's rate limits.
     pub ratelimits: RateLimits,
+    /// What this verification's use found of the key's credits and rate limits.
+    pub usage: UsageReport,
 }
 
 impl AuthenticatedKey {
@@ -298,6 +301,7 @@ impl AuthenticatedKey {
             meta: record.meta,
             credits: record.credits,
             ratelimits: record.ratelimits,
+            usage: UsageReport::default(),
         }
     }
 }

@@ -57,8 +57,10 @@ pub mod http;
 mod id;
 mod key;
 mod last_used;
+mod meter;
 mod name;
 mod prehashed;
+mod rejection;
 mod scope;
 mod secret;
 mod service;
@@ -73,10 +75,12 @@ mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
-pub use error::{Error, RandomError, Rejection, TokenError, ValidationError};
+pub use error::{Error, RandomError, TokenError, ValidationError};
 pub use id::{AccountId, KeyId, OwnerId};
 pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
+pub use meter::{LimitState, Usage, UsageReport};
 pub use name::KeyName;
+pub use rejection::{Refusal, Rejection};
 pub use scope::Scopes;
 pub use secret::SecretToken;
 pub use service::{KeyService, KeyServiceBuilder, Verifier};
@@ -88,7 +92,7 @@ pub use store::{KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreE
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};
-pub use usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
+pub use usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval, Take, Taken};
 
 /// The README's examples, compiled as doctests; the README itself is not the crate's page.
 #[cfg(doctest)]

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
-use crate::error::{Error, Rejection, ValidationError};
+use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
+use crate::meter::{Closed, Meter, Opened, Refused, Usage, UsageReport};
+use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
 use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
@@ -33,6 +35,7 @@ struct Inner<S> {
     max_active: u32,
     max_grace: Duration,
     last_used: Option<LastUsed>,
+    meter: Meter,
     /// How long a store call may take; `None`: as long as the store takes.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     deadline: Option<Duration>,
@@ -49,6 +52,7 @@ pub struct KeyServiceBuilder<S> {
     max_active: u32,
     max_grace: Duration,
     last_used_interval: Option<Duration>,
+    credit_lease: u64,
     deadline: Option<Duration>,
 }
 
@@ -85,6 +89,17 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
     /// Turns lastUsedAt tracking off: verification then never writes.
     pub fn without_last_used(mut self) -> Self {
         self.last_used_interval = None;
+        self
+    }
+
+    /// How many credits a take from the store asks for beyond what the use needs (100 by
+    /// default): the uses that follow spend them without a durable write. The lease is what a
+    /// crash of this instance can lose, at most, of each key's credits; and until this
+    /// instance spends it, other instances sharing the store cannot. A take never asks for more
+    /// than a quarter of what the key has left, so that near the end instances share it.
+    /// 0: every spend is a durable write, and nothing is lost.
+    pub fn credit_lease(mut self, credits: u64) -> Self {
+        self.credit_lease = credits;
         self
     }
 
@@ -127,6 +142,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 max_active: self.max_active,
                 max_grace: self.max_grace,
                 last_used: self.last_used_interval.map(LastUsed::new),
+                meter: Meter::new(self.credit_lease),
                 deadline: self.deadline,
             }),
         }
@@ -140,6 +156,8 @@ impl<S: KeyStore> KeyService<S> {
     pub const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(60);
     /// The default longest grace period of a roll.
     pub const DEFAULT_MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+    /// The default credit lease.
+    pub const DEFAULT_CREDIT_LEASE: u64 = 100;
 
     /// Starts configuring a service over `store`, issuing tokens of `format`.
     pub fn builder(store: S, format: KeyFormat) -> KeyServiceBuilder<S> {
@@ -152,6 +170,7 @@ impl<S: KeyStore> KeyService<S> {
             max_active: Self::DEFAULT_MAX_ACTIVE_KEYS,
             max_grace: Self::DEFAULT_MAX_GRACE,
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
+            credit_lease: Self::DEFAULT_CREDIT_LEASE,
             deadline: None,
         }
     }
@@ -247,7 +266,15 @@ impl<S: KeyStore> KeyService<S> {
         let read = || async {
             let now = self.now();
             let records = self.inner.within(self.inner.store.list_active(account, now)).await.map_err(Error::Store)?;
-            Ok::<_, Error>(records.into_iter().map(|record| ApiKey::at(record, now)).collect::<Vec<_>>())
+            let listed = records.into_iter().map(|record| {
+                let mut key = ApiKey::at(record, now);
+                // What this instance holds of the key's credits is the key's too.
+                if let Some(credits) = &mut key.credits {
+                    credits.remaining += self.inner.meter.lease_of(&key.id, unix_micros(now));
+                }
+                key
+            });
+            Ok::<_, Error>(listed.collect::<Vec<_>>())
         };
         let Some(last_used) = &self.inner.last_used else {
             return read().await;
@@ -269,19 +296,37 @@ impl<S: KeyStore> KeyService<S> {
         Ok(keys)
     }
 
-    /// Checks a presented token: its format first (no store access for a malformed one), then
-    /// one digest and one indexed read, then revocation and expiry against the clock.
-    ///
-    /// The lookup is by digest, so the time it takes does not depend on how close a guess is to
-    /// a real token; the found record's digest is compared again in constant time.
-    ///
-    /// With feature `metrics`, every call is counted and timed (see `telemetry`).
+    /// Checks a presented token and uses its key as an authenticated request does
+    /// ([`Usage::new`]: 1 credit, the `"requests"` limit): [`verify_usage`](Self::verify_usage)
+    /// with that use.
     pub fn verify<'a>(
         &'a self,
         token: &'a str,
     ) -> impl Future<Output = Result<AuthenticatedKey, Rejection>> + Send + 'a {
         // The service's own future, not one that awaits it: no extra layer on the hot path.
-        self.inner.verify(token)
+        self.inner.verify(token, &REQUEST)
+    }
+
+    /// Checks a presented token and, if its key is valid, the use: its format first (no store
+    /// access for a malformed one), then one digest and one indexed read, then revocation and
+    /// expiry against the clock, then the use's scopes, rate limits and credits, in that order.
+    /// A refused use spends nothing and takes no rate-limit slot.
+    ///
+    /// Rate limits are counted in this process; credits are spent from this instance's lease,
+    /// and only a use the lease cannot pay takes more from the store, in one durable write
+    /// ([`credit_lease`](KeyServiceBuilder::credit_lease)). So no use costs a durable write in
+    /// the steady state, and no credit is ever spent twice, across any number of instances.
+    ///
+    /// The lookup is by digest, so the time it takes does not depend on how close a guess is to
+    /// a real token; the found record's digest is compared again in constant time.
+    ///
+    /// With feature `metrics`, every call is counted and timed (see `telemetry`).
+    pub fn verify_usage<'a>(
+        &'a self,
+        token: &'a str,
+        usage: &'a Usage,
+    ) -> impl Future<Output = Result<AuthenticatedKey, Rejection>> + Send + 'a {
+        self.inner.verify(token, usage)
     }
 
     /// A handle that only verifies, with the store's type erased: what the HTTP extractor and
@@ -484,6 +529,7 @@ impl<S: KeyStore> KeyService<S> {
                 .await
                 .map_err(limit_or_store_error)?
             {
+                self.inner.meter.move_lease(&old.id, roll.new_key().id, unix_micros(now));
                 let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
                 return Ok(RolledKey { key: created(key, roll.into_new_key()), previous });
             }
@@ -509,16 +555,16 @@ impl<S: KeyStore> Inner<S> {
         call.await
     }
 
-    async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+    async fn verify(&self, token: &str, usage: &Usage) -> Result<AuthenticatedKey, Rejection> {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        let outcome = self.check(token).await;
+        let outcome = self.check(token, usage).await;
         #[cfg(feature = "metrics")]
         crate::telemetry::record_verification(&outcome, started.elapsed());
         outcome
     }
 
-    async fn check(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
+    async fn check(&self, token: &str, usage: &Usage) -> Result<AuthenticatedKey, Rejection> {
         self.format.parse(token)?;
         let record = match self.find(&self.digester.digest(token)).await? {
             Some(record) => record,
@@ -535,8 +581,29 @@ impl<S: KeyStore> Inner<S> {
         if record.expires_at.is_some_and(|expiry| now >= unix_micros(expiry)) {
             return Err(Rejection::Expired);
         }
-        self.note_use(record.id, now).await;
-        Ok(AuthenticatedKey::verified(record))
+        let mut key = AuthenticatedKey::verified(record);
+        if let Some(required) = usage.required_scopes().find(|scope| !key.scopes.allows(scope)) {
+            return Err(Rejection::InsufficientScope { required: required.into(), key: Box::new(key) });
+        }
+        key.usage = self.spend(&key, usage, now).await.map_err(|refused| refusal(key.clone(), refused))?;
+        self.note_use(key.id, now).await;
+        Ok(key)
+    }
+
+    /// Counts the use against the key's rate limits and spends its credits, taking more from
+    /// the store if this instance's lease cannot pay.
+    async fn spend(&self, key: &AuthenticatedKey, usage: &Usage, now: i64) -> Result<UsageReport, Spent> {
+        let pending = match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now) {
+            Opened::Accepted(report) => return Ok(report),
+            Opened::Refused(refused, report) => return Err(Spent::Refused(refused, report)),
+            Opened::Take(pending) => pending,
+        };
+        let taken = self.within(self.store.take_credits(&key.id, pending.take)).await;
+        match self.meter.close(pending, taken, now) {
+            Ok(report) => Ok(report),
+            Err(Closed::Refused(refused, report)) => Err(Spent::Refused(refused, report)),
+            Err(Closed::Store(error)) => Err(Spent::Store(error)),
+        }
     }
 
     /// The record with this digest, checked to really carry it.
@@ -590,6 +657,27 @@ impl<S: KeyStore> Inner<S> {
     }
 }
 
+/// What an authenticated request uses: 1 credit, the `"requests"` limit.
+static REQUEST: Usage = Usage::REQUEST;
+
+/// Why [`Inner::spend`] did not accept a use.
+enum Spent {
+    Refused(Refused, UsageReport),
+    Store(StoreError),
+}
+
+fn refusal(key: AuthenticatedKey, spent: Spent) -> Rejection {
+    match spent {
+        Spent::Refused(Refused::RateLimited(reached, retry), usage) => {
+            Rejection::RateLimited(Box::new(Refusal { key, retry_after: Some(retry), usage, reached: Some(reached) }))
+        }
+        Spent::Refused(Refused::UsageExceeded(retry_after), usage) => {
+            Rejection::UsageExceeded(Box::new(Refusal { key, retry_after, usage, reached: None }))
+        }
+        Spent::Store(error) => Rejection::Store(error),
+    }
+}
+
 /// How often `list` reads the store while written lastUsedAt times are being forgotten, before
 /// it settles for its last read: forgetting happens at most once per piece written.
 const LIST_ATTEMPTS: usize = 3;
@@ -624,7 +712,12 @@ pub struct Verifier(Arc<dyn Verify>);
 impl Verifier {
     /// As [`KeyService::verify`].
     pub async fn verify(&self, token: &str) -> Result<AuthenticatedKey, Rejection> {
-        self.0.verify(token).await
+        self.0.verify(token, &REQUEST).await
+    }
+
+    /// As [`KeyService::verify_usage`].
+    pub async fn verify_usage(&self, token: &str, usage: &Usage) -> Result<AuthenticatedKey, Rejection> {
+        self.0.verify(token, usage).await
     }
 
     /// Whether both verify for the same service (clones of one [`KeyService`]).
@@ -647,15 +740,15 @@ impl fmt::Debug for Verifier {
 
 /// What a [`Verifier`] calls: verification of a service over any store.
 trait Verify: Send + Sync + 'static {
-    fn verify<'a>(&'a self, token: &'a str) -> VerifyFuture<'a>;
+    fn verify<'a>(&'a self, token: &'a str, usage: &'a Usage) -> VerifyFuture<'a>;
 }
 
 type VerifyFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<AuthenticatedKey, Rejection>> + Send + 'a>>;
 
 impl<S: KeyStore> Verify for Inner<S> {
-    fn verify<'a>(&'a self, token: &'a str) -> VerifyFuture<'a> {
-        Box::pin(Inner::verify(self, token))
+    fn verify<'a>(&'a self, token: &'a str, usage: &'a Usage) -> VerifyFuture<'a> {
+        Box::pin(Inner::verify(self, token, usage))
     }
 }
 

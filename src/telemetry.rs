@@ -3,7 +3,7 @@
 //!
 //! | metric | kind | labels |
 //! | --- | --- | --- |
-//! | `apikeys_verify_total` | counter | `outcome`: `accepted` or `rejected`; `reason`: `none` (accepted), or one of [`Rejection::REASONS`]: `malformed`, `unknown`, `revoked`, `expired`, `store_error` |
+//! | `apikeys_verify_total` | counter | `outcome`: `accepted` or `rejected`; `reason`: `none` (accepted), or one of [`Rejection::REASONS`]: `malformed`, `unknown`, `revoked`, `expired`, `insufficient_scope`, `rate_limited`, `usage_exceeded`, `store_error` |
 //! | `apikeys_verify_duration_seconds` | histogram | `outcome` |
 //!
 //! The label values are a closed set, so they cannot blow up a time-series database.
@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use metrics::{Key, Label, Level, Metadata};
 
-use crate::error::Rejection;
 use crate::key::AuthenticatedKey;
+use crate::rejection::Rejection;
 
 /// Counter of verifications.
 pub const VERIFY_TOTAL: &str = "apikeys_verify_total";
@@ -39,6 +39,9 @@ static REJECTED: [Key; Rejection::REASONS.len()] = [
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[2]),
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[3]),
     key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[4]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[5]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[6]),
+    key!(VERIFY_TOTAL, "outcome" => "rejected", "reason" => Rejection::REASONS[7]),
 ];
 static ACCEPTED_DURATION: Key = key!(VERIFY_DURATION_SECONDS, "outcome" => "accepted");
 static REJECTED_DURATION: Key = key!(VERIFY_DURATION_SECONDS, "outcome" => "rejected");

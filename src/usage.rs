@@ -280,6 +280,54 @@ impl Balance {
     }
 }
 
+/// What [`KeyStore::take_credits`](crate::KeyStore::take_credits) asks of a balance: at `at`,
+/// nothing if fewer than `need` credits are left, otherwise as many as are left up to `want`.
+/// The service takes more than one use needs (a lease) so that most uses spend without a
+/// durable write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Take {
+    /// The instant of the use, by the service's clock.
+    pub at: OffsetDateTime,
+    /// Credits the use itself needs.
+    pub need: u64,
+    /// Credits to take if that many are left: at least `need`.
+    pub want: u64,
+}
+
+/// What a [`Take`] did: the credits taken, and the balance the store now holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Taken {
+    /// Credits taken: 0, or from `need` to `want`.
+    pub granted: u64,
+    /// The balance after the take; unchanged when nothing was taken.
+    pub balance: Balance,
+}
+
+impl Balance {
+    /// Applies `take` to this balance, refilled as it stands at `take.at`. What a store writes
+    /// back when [`Taken::granted`] is not 0.
+    ///
+    /// The new `as_of` never moves back: a clock running behind another instance's must not
+    /// make a refill that was already counted happen a second time.
+    pub fn take(&self, take: Take) -> Taken {
+        let left = self.at(take.at).remaining;
+        if left < take.need {
+            return Taken { granted: 0, balance: *self };
+        }
+        let granted = take.want.max(take.need).min(left);
+        let balance = Balance { remaining: left - granted, as_of: self.as_of.max(take.at), refill: self.refill };
+        Taken { granted, balance }
+    }
+
+    /// The next refill boundary after `at`, if the credits refill and it is representable:
+    /// credits taken before it are void from then on, as a refill sets `remaining` whatever
+    /// was left.
+    pub fn next_refill(&self, at: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.refill?.interval.next_boundary(at)
+    }
+}
+
 /// A rate limit: at most `limit` accepted uses in any window of `window`. A sliding window, never
 /// one that resets on the clock; refused uses do not count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

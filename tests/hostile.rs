@@ -70,7 +70,7 @@ fn start() -> Server {
     let mut options = ServeOptions::default();
     options.header_read_timeout = Duration::from_millis(300);
     options.body_read_timeout = Duration::from_millis(300);
-    runtime.spawn(apikeys::http::serve(listener, apikeys::http::app(service), options, std::future::pending()));
+    runtime.spawn(apikeys::http::serve(listener, apikeys::http::app(service, None), options, std::future::pending()));
     Server {
         address,
         key: key.key.expose_secret().to_owned(),

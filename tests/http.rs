@@ -46,6 +46,9 @@ impl std::io::Write for LogWriter {
     }
 }
 
+/// The credential of `POST /keys/verify` in these tests.
+const SERVICE_TOKEN: &str = "service-credential-of-the-tests-0123456789";
+
 /// The host's state in these tests: the key service and something of its own.
 #[derive(Clone)]
 struct HostState {
@@ -98,8 +101,10 @@ impl Server {
                 require_scope,
             )))
             .with_state(HostState { keys: service.clone() });
+        let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
         let app = apikeys::http::router(service.clone())
             .route("/openapi.json", get(apikeys::http::openapi))
+            .merge(apikeys::http::verify_router(service.clone(), credential))
             .merge(host_routes)
             .layer(axum::middleware::from_fn(apikeys::http::log_requests));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,6 +221,7 @@ fn api_route(path: &str) -> Option<&'static str> {
     match path {
         "/account/api-keys" => Some("/account/api-keys"),
         "/openapi.json" => Some("/openapi.json"),
+        "/keys/verify" => Some("/keys/verify"),
         _ if path.starts_with("/account/api-keys/") && path.ends_with("/roll") => Some("/account/api-keys/{id}/roll"),
         _ if path.starts_with("/account/api-keys/") => Some("/account/api-keys/{id}"),
         _ => None,
@@ -990,4 +996,185 @@ async fn owners_meta_credits_and_rate_limits_are_created_listed_and_never_widene
     let (status, answer) = server.delete(created["id"].as_str().unwrap(), &credited).send().await;
     assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
     server.assert_log_clean();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage limits over HTTP
+
+/// A header of a response, as text.
+fn header_of(response: &reqwest::Response, name: &str) -> Option<String> {
+    response.headers().get(name).map(|value| value.to_str().unwrap().to_owned())
+}
+
+/// Sends a request with `key` to `path` and returns the status, the three limit headers and
+/// the error code, if any.
+async fn limited(server: &Server, path: &str, key: &str) -> (u16, [Option<String>; 3], String) {
+    let response = server.client.get(format!("{}{path}", server.base)).header("x-api-key", key).send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = ["retry-after", "ratelimit-policy", "ratelimit"].map(|name| header_of(&response, name));
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
+    (status, headers, code)
+}
+
+#[tokio::test]
+async fn a_rate_limit_reached_is_429_with_retry_after_and_the_ietf_headers_on_every_route() {
+    let server = Server::start().await;
+    let two_per_ten_seconds = apikeys::RateLimit::new("requests", 2, std::time::Duration::from_secs(10)).unwrap();
+    let limits = apikeys::RateLimits::new([two_per_ten_seconds]).unwrap();
+    for path in ["/account/api-keys", "/whoami", "/orders"] {
+        let (key, _) = server.key_with("acme", NewKey::default().ratelimits(limits.clone())).await;
+        for _ in 0..2 {
+            assert_eq!(limited(&server, path, &key).await.0, 200, "{path}");
+        }
+        let (status, [retry_after, policy, state], refused) = limited(&server, path, &key).await;
+        assert_eq!((status, refused.as_str()), (429, "rate_limited"), "{path}");
+        // Uses at one instant count until the end of their slot (10 s / 32) and a window after.
+        assert_eq!(retry_after.as_deref(), Some("11"), "{path}: 10.3125 s, rounded up");
+        assert_eq!(policy.as_deref(), Some(r#""requests";q=2;w=10"#));
+        assert_eq!(state.as_deref(), Some(r#""requests";r=0;t=11"#));
+        server.clock.advance(Duration::milliseconds(10_312));
+        assert_eq!(limited(&server, path, &key).await.0, 429, "{path}: a millisecond early");
+        server.clock.advance(Duration::milliseconds(1));
+        assert_eq!(limited(&server, path, &key).await.0, 200, "{path}: the slot has dropped out");
+        // On to a multiple of the slot width again (the clock started at one): 20 s since the start.
+        server.clock.advance(Duration::milliseconds(20_000 - 10_313));
+    }
+    // The body is the documented error, and refusals cost nothing: a key made with the listing
+    // route's limit gets its two uses back once the window passes, and no more.
+    let (key, _) = server.key_with("acme", NewKey::default().ratelimits(limits)).await;
+    let (status, body) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.get("/account/api-keys", Some(&key)).send().await;
+    for _ in 0..5 {
+        let (status, body) = server.get("/account/api-keys", Some(&key)).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+    }
+    server.clock.advance(Duration::seconds(11));
+    assert_eq!(limited(&server, "/account/api-keys", &key).await.0, 200);
+    assert_eq!(limited(&server, "/account/api-keys", &key).await.0, 200);
+    assert_eq!(limited(&server, "/account/api-keys", &key).await.0, 429);
+    server.assert_log_clean();
+}
+
+#[tokio::test]
+async fn credits_used_up_are_429_usage_exceeded_with_retry_after_only_when_they_refill() {
+    let server = Server::start().await;
+    let (key, _) = server.key_with("acme", NewKey::default().credits(apikeys::Credits::new(2).unwrap())).await;
+    for _ in 0..2 {
+        assert_eq!(limited(&server, "/whoami", &key).await.0, 200);
+    }
+    let (status, [retry_after, policy, _], refused) = limited(&server, "/whoami", &key).await;
+    assert_eq!((status, refused.as_str()), (429, "usage_exceeded"));
+    assert_eq!((retry_after, policy), (None, None), "credits that never refill: no retry, no limit checked");
+    let (status, body) = server.get("/account/api-keys", Some(&key)).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "usage_exceeded"));
+
+    let daily = apikeys::Refill::new(1, apikeys::RefillInterval::Daily).unwrap();
+    let refilling = NewKey::default().credits(apikeys::Credits::new(1).unwrap().refill(daily));
+    let (key, _) = server.key_with("acme", refilling).await;
+    assert_eq!(limited(&server, "/whoami", &key).await.0, 200);
+    let (status, [retry_after, ..], refused) = limited(&server, "/whoami", &key).await;
+    assert_eq!((status, refused.as_str()), (429, "usage_exceeded"));
+    // T0 is 09:00 UTC: midnight is 15 hours away.
+    assert_eq!(retry_after.as_deref(), Some("54000"));
+    server.clock.advance(Duration::hours(15));
+    assert_eq!(limited(&server, "/whoami", &key).await.0, 200, "refilled at midnight");
+    assert_eq!(limited(&server, "/whoami", &key).await.0, 429);
+}
+
+fn verify_request<'a>(server: &'a Server, body: &Value) -> Request<'a> {
+    server.request(Method::POST, "/keys/verify").header("authorization", format!("Bearer {SERVICE_TOKEN}")).json(body)
+}
+
+#[tokio::test]
+async fn the_verify_endpoint_decides_every_outcome_behind_the_service_credential() {
+    let server = Server::start().await;
+    let limit = apikeys::RateLimit::new("requests", 1, std::time::Duration::from_secs(60)).unwrap();
+    let new = NewKey::default()
+        .scopes(apikeys::Scopes::new(["chat:*"]).unwrap())
+        .owner(apikeys::OwnerId::new("user_1").unwrap())
+        .meta(apikeys::Meta::new(r#"{"plan":"pro"}"#).unwrap())
+        .credits(apikeys::Credits::new(10).unwrap())
+        .ratelimits(apikeys::RateLimits::new([limit]).unwrap());
+    let (key, id) = server.key_with("acme", new).await;
+
+    for authorization in [None, Some("Bearer wrong-credential-0123456789-0123456789"), Some(SERVICE_TOKEN)] {
+        let mut request = server.request(Method::POST, "/keys/verify").json(&json!({"key": key}));
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        let (status, body) = request.send().await;
+        assert_eq!((status, code(&body)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{authorization:?}");
+    }
+
+    let (status, body) =
+        verify_request(&server, &json!({"key": key, "cost": 3, "scopes": ["chat:write"]})).send().await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "valid": true, "code": "valid", "keyId": id.to_string(), "accountId": "acme", "ownerId": "user_1",
+            "scopes": ["chat:*"], "meta": {"plan": "pro"}, "credits": {"remaining": 7},
+            "ratelimits": [{"name": "requests", "limit": 1, "remaining": 0, "resetMs": 61_875}],
+            "expiresAt": null,
+        })
+    );
+    let refused = |body: &Value| (body["valid"].clone(), body["code"].clone(), body["keyId"].clone());
+    let (_, body) = verify_request(&server, &json!({"key": key})).send().await;
+    assert_eq!(refused(&body), (json!(false), json!("rate_limited"), json!(id.to_string())));
+    assert_eq!(body["retryAfterMs"], 61_875);
+    // Checking other limits, or none, passes; the cost is checked against what is left.
+    let (_, body) = verify_request(&server, &json!({"key": key, "ratelimits": [], "cost": 8})).send().await;
+    assert_eq!(refused(&body), (json!(false), json!("usage_exceeded"), json!(id.to_string())));
+    assert_eq!((&body["credits"], body.get("retryAfterMs")), (&json!({"remaining": 7}), None));
+    let (_, body) = verify_request(&server, &json!({"key": key, "ratelimits": [], "cost": 7})).send().await;
+    assert_eq!((&body["code"], &body["credits"]), (&json!("valid"), &json!({"remaining": 0})));
+    let (_, body) = verify_request(&server, &json!({"key": key, "ratelimits": [], "cost": 0})).send().await;
+    assert_eq!(body["code"], "valid", "a cost of 0 checks and spends nothing");
+    let (_, body) = verify_request(&server, &json!({"key": key, "scopes": ["admin"], "cost": 0})).send().await;
+    assert_eq!(refused(&body), (json!(false), json!("insufficient_scope"), json!(id.to_string())));
+
+    let (other, other_id) = server.key("acme").await;
+    let (_, body) = verify_request(&server, &json!({"key": other})).send().await;
+    assert_eq!((&body["code"], &body["credits"], &body["ratelimits"]), (&json!("valid"), &Value::Null, &json!([])));
+    server.service.revoke_as_admin(&AccountId::new("acme").unwrap(), &other_id).await.unwrap();
+    let mut unknown = key.clone();
+    unknown.replace_range(11..15, "zzzz");
+    for (token, expected) in
+        [(other.as_str(), "revoked"), ("as_live_v1_nope", "malformed"), (unknown.as_str(), "malformed")]
+    {
+        let (status, body) = verify_request(&server, &json!({"key": token})).send().await;
+        assert_eq!((status, &body["valid"], body["code"].as_str()), (StatusCode::OK, &json!(false), Some(expected)));
+        assert_eq!(body["keyId"], Value::Null, "nothing is told of a key that is not valid");
+    }
+    for (bad, expected) in [
+        (json!({}), "invalid_key"),
+        (json!({"key": 7}), "invalid_key"),
+        (json!({"key": key, "cost": -1}), "invalid_cost"),
+        (json!({"key": key, "cost": 1.5}), "invalid_cost"),
+        (json!({"key": key, "ratelimits": "requests"}), "invalid_ratelimits"),
+        (json!({"key": key, "extra": 1}), "unknown_field"),
+    ] {
+        let (status, body) = verify_request(&server, &bad).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, expected), "{bad}");
+    }
+    server.assert_log_clean();
+}
+
+#[tokio::test]
+async fn without_a_service_credential_there_is_no_verify_endpoint() {
+    let service = KeyService::builder(MemoryStore::new(), live()).build();
+    let base = serve_app(apikeys::http::app(service.clone(), None)).await;
+    let response = reqwest::Client::new()
+        .post(format!("{base}/keys/verify"))
+        .header("authorization", format!("Bearer {SERVICE_TOKEN}"))
+        .json(&json!({"key": "as_live_v1_x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(apikeys::http::ServiceCredential::new("too short").is_err());
+    let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
+    assert!(!format!("{credential:?}").contains("service-credential"), "the credential is never printed");
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use apikeys::store::Roll;
 use apikeys::{
-    AccountId, Digest, KeyId, KeyRecord, KeyService, KeyStore, ManualClock, MemoryStore, NewKey, StoreError,
+    AccountId, Digest, KeyId, KeyRecord, KeyService, KeyStore, ManualClock, MemoryStore, NewKey, StoreError, Take,
+    Taken,
 };
 use async_trait::async_trait;
 use support::{T0, account, live};
@@ -50,6 +51,9 @@ impl KeyStore for Recording {
     }
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         self.inner.roll(roll, max_active).await
+    }
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        self.inner.take_credits(id, take).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         assert!(!self.panic_next.swap(false, Ordering::SeqCst), "a store that panics (as told)");

@@ -487,3 +487,126 @@ async fn a_pooled_connection_that_stops_answering_is_dropped_not_reused() {
     assert!(matches!(frozen, Err(StoreError::Backend(_))), "{frozen:?}");
     assert_eq!(store.find_by_digest(&digest).await.unwrap(), None, "a fresh connection, not the frozen one");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credits and rate limits across service instances
+
+/// Three instances on one database, each with a pool of its own, as three machines would be.
+async fn instances(n: usize, lease: u64) -> Vec<KeyService<PostgresStore>> {
+    let mut instances = Vec::new();
+    for _ in 0..n {
+        let store = PostgresStore::connect_with(&url(), options(schema())).await.unwrap();
+        instances.push(KeyService::builder(store, live()).credit_lease(lease).without_last_used().build());
+    }
+    instances
+}
+
+async fn key_with_credits(service: &KeyService<PostgresStore>, credits: u64) -> String {
+    let new = NewKey::default().credits(apikeys::Credits::new(credits).unwrap());
+    let created = service.create(&AccountId::new("spenders").unwrap(), new).await.unwrap();
+    created.key.expose_secret().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_spending_one_key_accept_exactly_its_credits() {
+    if skip_without_server() {
+        return;
+    }
+    const CREDITS: u64 = 3_000;
+    let instances = instances(3, 50).await;
+    let token = key_with_credits(&instances[0], CREDITS).await;
+    let mut spenders = Vec::new();
+    for service in &instances {
+        for _ in 0..4 {
+            let (service, token) = (service.clone(), token.clone());
+            spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
+        }
+    }
+    let mut accepted = Vec::new();
+    for spender in spenders {
+        accepted.push(spender.await.unwrap());
+    }
+    assert_eq!(accepted.iter().sum::<u64>(), CREDITS, "accepted per task: {accepted:?}");
+    let busy: Vec<u64> = accepted.chunks(4).map(|tasks| tasks.iter().sum()).collect();
+    assert!(busy.iter().all(|&uses| uses > 0), "every instance spent some: {busy:?}");
+    let _ =
+        std::io::stderr().write_all(format!("postgres: 3 instances spent {CREDITS} credits as {busy:?}\n").as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_that_dies_loses_at_most_its_lease_and_never_overspends() {
+    if skip_without_server() {
+        return;
+    }
+    const CREDITS: u64 = 2_000;
+    const LEASE: u64 = 40;
+    let instances = instances(3, LEASE).await;
+    let token = key_with_credits(&instances[0], CREDITS).await;
+    // The first instance spends a while and then stops dead, as a process killed with -9 would:
+    // its lease is never spent or given back.
+    let doomed = instances[0].clone();
+    let mut spent_by_doomed = 0;
+    for _ in 0..300 {
+        doomed.verify(&token).await.unwrap();
+        spent_by_doomed += 1;
+    }
+    drop(doomed);
+    let mut spenders = Vec::new();
+    for service in &instances[1..] {
+        for _ in 0..3 {
+            let (service, token) = (service.clone(), token.clone());
+            spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
+        }
+    }
+    let mut accepted = spent_by_doomed;
+    for spender in spenders {
+        accepted += spender.await.unwrap();
+    }
+    let lost = CREDITS - accepted;
+    assert!(accepted <= CREDITS, "overspent: {accepted} of {CREDITS}");
+    assert!(lost <= LEASE, "lost {lost}, more than the dead instance's lease of {LEASE}");
+    let _ = std::io::stderr().write_all(
+        format!("postgres: an instance died holding a lease; {lost} of {CREDITS} credits lost\n").as_bytes(),
+    );
+}
+
+/// Each instance counts its own uses, so a limit shared by N instances accepts up to N times
+/// its limit. This measures it; it asserts no timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_accuracy_with_one_and_three_instances_is_measured() {
+    if skip_without_server() {
+        return;
+    }
+    let instances = instances(3, 50).await;
+    let limit = apikeys::RateLimit::new("requests", 100, Duration::from_secs(1)).unwrap();
+    for count in [1, 3] {
+        let new = NewKey::default().ratelimits(apikeys::RateLimits::new([limit.clone()]).unwrap());
+        let created = instances[0].create(&AccountId::new("limited").unwrap(), new).await.unwrap();
+        let token = created.key.expose_secret().to_owned();
+        let started = std::time::Instant::now();
+        let mut hammers = Vec::new();
+        for service in &instances[..count] {
+            let (service, token) = (service.clone(), token.clone());
+            hammers.push(tokio::spawn(async move {
+                let mut accepted = 0u64;
+                // 2.5 windows, bounded in count too.
+                for _ in 0..200_000 {
+                    if started.elapsed() >= Duration::from_millis(2_500) {
+                        break;
+                    }
+                    accepted += u64::from(service.verify(&token).await.is_ok());
+                }
+                accepted
+            }));
+        }
+        let mut accepted = 0;
+        for hammer in hammers {
+            accepted += hammer.await.unwrap();
+        }
+        let per_window = accepted as f64 / 2.5;
+        assert!(accepted > 0 && accepted as usize <= count * 100 * 3, "{count} instances accepted {accepted}");
+        let _ = std::io::stderr().write_all(
+            format!("postgres: limit 100/s over {count} instance(s): {per_window:.0} accepted per second\n").as_bytes(),
+        );
+    }
+}

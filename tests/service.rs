@@ -489,6 +489,13 @@ impl KeyStore for Confused {
     ) -> Result<bool, apikeys::StoreError> {
         self.inner.revoke(account, id, at).await
     }
+    async fn take_credits(
+        &self,
+        id: &KeyId,
+        take: apikeys::Take,
+    ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
+        self.inner.take_credits(id, take).await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, time::OffsetDateTime)]) -> Result<(), apikeys::StoreError> {
         self.inner.record_last_used(uses).await
     }

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apikeys::http::ServeOptions;
+use apikeys::http::{ServeOptions, ServiceCredential};
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance,
     MemoryStore, Meta, NewKey, OwnerId, Pepper, PostgresOptions, PostgresStore, RateLimit, RateLimits, RedbStore,
-    Refill, RefillInterval, Scopes, SqliteStore,
+    Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -23,7 +23,9 @@ use serde_json::json;
     version,
     after_help = "Secrets come only from the environment, never from arguments:\n  \
                   APIKEYS_PEPPER       a pepper (32 bytes or more) to digest keys with HMAC-SHA256\n  \
-                  APIKEYS_PEPPER_FILE  a file holding the pepper\n\
+                  APIKEYS_PEPPER_FILE  a file holding the pepper\n  \
+                  APIKEYS_SERVICE_TOKEN       `serve`: the credential of POST /keys/verify (32 bytes or more)\n  \
+                  APIKEYS_SERVICE_TOKEN_FILE  a file holding it\n\
                   `verify` reads the key from standard input."
 )]
 struct Cli {
@@ -227,7 +229,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let code = match cli.command {
         Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
-            serve(service.clone(), listen, first_key_for, limits.options(), json).await?
+            let verification = service_credential_from_environment()?;
+            serve(service.clone(), listen, first_key_for, limits.options(), verification, json).await?
         }
         Command::Create { account, name, expires_in, scopes, usage } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
@@ -385,20 +388,38 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     Ok((builder.store_deadline(args.store_deadline).build(), empty))
 }
 
-/// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE` (without a
-/// trailing newline), or none.
+/// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE`, or none.
 fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
     if std::env::var_os("APIKEYS_PEPPER").is_some() {
         return Ok(Some(Pepper::from_env("APIKEYS_PEPPER")?));
     }
-    let Some(file) = std::env::var_os("APIKEYS_PEPPER_FILE") else { return Ok(None) };
-    let mut secret = std::fs::read(&file).map_err(|error| {
-        Failure(format!("cannot read APIKEYS_PEPPER_FILE {}: {error}", PathBuf::from(&file).display()))
-    })?;
+    Ok(secret_file("APIKEYS_PEPPER_FILE")?.map(Pepper::new).transpose()?)
+}
+
+/// `APIKEYS_SERVICE_TOKEN`, or the contents of the file named by `APIKEYS_SERVICE_TOKEN_FILE`,
+/// or none: the credential of `POST /keys/verify`.
+fn service_credential_from_environment() -> Result<Option<ServiceCredential>, Failure> {
+    let secret = match std::env::var_os("APIKEYS_SERVICE_TOKEN") {
+        Some(secret) => secret.into_string().map_err(|_| ValidationError::ServiceCredential)?.into_bytes(),
+        None => match secret_file("APIKEYS_SERVICE_TOKEN_FILE")? {
+            Some(secret) => secret,
+            None => return Ok(None),
+        },
+    };
+    let secret = std::str::from_utf8(&secret).map_err(|_| ValidationError::ServiceCredential)?;
+    Ok(Some(ServiceCredential::new(secret)?))
+}
+
+/// The contents of the file named by the environment variable `variable`, without a trailing
+/// newline, or none if it is not set.
+fn secret_file(variable: &str) -> Result<Option<Vec<u8>>, Failure> {
+    let Some(file) = std::env::var_os(variable) else { return Ok(None) };
+    let mut secret = std::fs::read(&file)
+        .map_err(|error| Failure(format!("cannot read {variable} {}: {error}", PathBuf::from(&file).display())))?;
     while secret.last().is_some_and(u8::is_ascii_whitespace) {
         secret.pop();
     }
-    Ok(Some(Pepper::new(secret)?))
+    Ok(Some(secret))
 }
 
 /// What `serve` allows clients, with the defaults of [`ServeOptions`].
@@ -435,6 +456,7 @@ async fn serve(
     listen: SocketAddr,
     first_key_for: Option<AccountId>,
     options: ServeOptions,
+    verification: Option<ServiceCredential>,
     json: bool,
 ) -> Result<ExitCode, Failure> {
     tracing_subscriber::fmt()
@@ -457,7 +479,7 @@ async fn serve(
         }
     }
     service.spawn_flusher();
-    let app = apikeys::http::app(service.clone());
+    let app = apikeys::http::app(service.clone(), verification);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;
@@ -489,7 +511,8 @@ async fn verify(service: &Service, json: bool) -> Result<ExitCode, Failure> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     let token = line.trim();
-    match service.verify(token).await {
+    // An operator's check is no use of the key: it spends no credit and counts towards no limit.
+    match service.verify_usage(token, &apikeys::Usage::check_only()).await {
         Ok(caller) => {
             let summary = format!("valid: key {} of account {:?}", caller.id, caller.account.as_str());
             print(

@@ -117,7 +117,7 @@ impl RateLimitBody {
 
 /// A JSON number that is a whole number from 0 to 2^53, as JSON Schema counts an integer
 /// (`60.0` is one).
-fn whole_number(number: &serde_json::Number) -> Option<u64> {
+pub(super) fn whole_number(number: &serde_json::Number) -> Option<u64> {
     number.as_u64().or_else(|| {
         number.as_f64().filter(|n| n.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(n)).map(|n| n as u64)
     })
@@ -150,7 +150,7 @@ pub(super) enum Sent<T> {
 }
 
 impl<T> Sent<T> {
-    fn valid(self) -> Option<T> {
+    pub(super) fn valid(self) -> Option<T> {
         match self {
             Self::Valid(value) => Some(value),
             Self::WrongType => None,

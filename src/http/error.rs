@@ -1,11 +1,14 @@
 //! Every error the HTTP layer answers with: a status and `{"error":{"code","message"}}`.
 
+use std::time::Duration;
+
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::error::{Error, Rejection, StoreError, ValidationError};
+use crate::error::{Error, StoreError, ValidationError};
+use crate::rejection::{Refusal, Rejection};
 
 /// An error response: a status, a stable snake_case code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,12 +16,30 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     /// An error with this status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), headers: Vec::new() }
+    }
+
+    /// A use refused for its key's limits: 429, with `Retry-After` (whole seconds, rounded up)
+    /// when a retry can succeed, and the IETF `RateLimit-Policy` and `RateLimit` headers of the
+    /// limits the use checked.
+    fn too_many(code: &'static str, message: String, refusal: &Refusal) -> Self {
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        if let Some(retry) = refusal.retry_after {
+            error.headers.push((axum::http::header::RETRY_AFTER, HeaderValue::from(whole_seconds(retry))));
+        }
+        error.headers.extend(ratelimit_headers(&refusal.usage));
+        error
+    }
+
+    /// The response headers, besides the content type.
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
     }
 
     /// The one answer to every authentication failure, whatever its reason: a client learns
@@ -65,7 +86,9 @@ struct Inner<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body { error: Inner { code: self.code, message: &self.message } };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.headers_mut().extend(self.headers);
+        response
     }
 }
 
@@ -81,9 +104,50 @@ impl From<Rejection> for ApiError {
                 tracing::error!(error, "key store failed during verification");
                 Self::unavailable()
             }
+            Rejection::InsufficientScope { required, .. } => Self::new(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("This key lacks the scope `{required}`."),
+            ),
+            Rejection::RateLimited(refusal) => {
+                let limit = refusal.limit().map_or_else(String::new, |limit| {
+                    format!(" `{}`: at most {} uses per {} ms", limit.name, limit.limit, limit.window.as_millis())
+                });
+                Self::too_many("rate_limited", format!("Rate limit{limit} reached; retry later."), &refusal)
+            }
+            Rejection::UsageExceeded(refusal) => {
+                let message = match refusal.retry_after {
+                    Some(_) => "This key's credits are used up until they refill.",
+                    None => "This key's credits are used up.",
+                };
+                Self::too_many("usage_exceeded", message.to_owned(), &refusal)
+            }
             _ => Self::unauthorized(),
         }
     }
+}
+
+/// A duration in whole seconds, rounded up, so that a client waiting that long is not early.
+fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// The IETF `RateLimit-Policy` and `RateLimit` headers of the limits a use checked: each limit is
+/// an item named as the limit, with its quota `q` and window `w` (seconds, rounded up) in the
+/// policy, and what is left `r` and the seconds `t` until one more use is accepted in the other.
+/// None when the use checked no limit.
+pub(crate) fn ratelimit_headers(usage: &crate::UsageReport) -> Vec<(HeaderName, HeaderValue)> {
+    if usage.ratelimits.is_empty() {
+        return Vec::new();
+    }
+    let items = |each: &dyn Fn(&crate::LimitState) -> String| {
+        let joined = usage.ratelimits.iter().map(each).collect::<Vec<_>>().join(", ");
+        // Names are letters, digits, `_`, `-` and `.`, and the rest are numbers: always a valid value.
+        HeaderValue::try_from(joined).unwrap_or_else(|_| HeaderValue::from_static(""))
+    };
+    let policy = items(&|limit| format!("\"{}\";q={};w={}", limit.name, limit.limit, whole_seconds(limit.window)));
+    let state = items(&|limit| format!("\"{}\";r={};t={}", limit.name, limit.remaining, whole_seconds(limit.reset)));
+    vec![(HeaderName::from_static("ratelimit-policy"), policy), (HeaderName::from_static("ratelimit"), state)]
 }
 
 impl From<Error> for ApiError {

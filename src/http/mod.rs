@@ -49,6 +49,7 @@ mod auth;
 mod body;
 mod error;
 mod server;
+mod verify;
 
 use std::time::Instant;
 
@@ -70,6 +71,7 @@ pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_sc
 use body::{CreateRequest, RollRequest, json_body};
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
+pub use verify::{ServiceCredential, verify_router};
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};
@@ -95,16 +97,23 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .with_state(service)
 }
 
-/// The whole application `apikeys serve` runs: [`router`], the OpenAPI document at
-/// `/openapi.json`, a JSON 404 for any other path, one log line per request ([`log_requests`]),
-/// and `x-api-key` marked sensitive for every layer around it. For a service whose only routes
+/// The whole application `apikeys serve` runs: [`router`], `POST /keys/verify`
+/// ([`verify_router`]) for holders of `verification`'s credential (without one, that path is
+/// a 404 like any unknown path), the OpenAPI document at `/openapi.json`, a JSON 404 for any
+/// other path, one log line per request ([`log_requests`]), and `x-api-key` and
+/// `Authorization` marked sensitive for every layer around it. For a service whose only routes
 /// are the key routes; a host with routes of its own merges [`router`] into its app instead.
-pub fn app<St: KeyStore>(service: KeyService<St>) -> Router {
+pub fn app<St: KeyStore>(service: KeyService<St>, verification: Option<ServiceCredential>) -> Router {
+    let verify = match verification {
+        Some(credential) => verify_router(service.verifier(), credential),
+        None => Router::new(),
+    };
     router(service)
+        .merge(verify)
         .route("/openapi.json", axum::routing::get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
         .layer(axum::middleware::from_fn(log_requests))
-        .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
+        .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY), header::AUTHORIZATION]))
 }
 
 /// A handler that answers with [`OPENAPI_JSON`], for `route("/openapi.json", get(openapi))` or

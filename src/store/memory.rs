@@ -16,6 +16,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
+use crate::usage::{Take, Taken};
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
 const SHARDS: usize = 16;
@@ -282,6 +283,19 @@ impl KeyStore for MemoryStore {
         }
         self.add(&mut index, new);
         Ok(true)
+    }
+
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        let take = Take { at: normalize(take.at).unwrap_or(take.at), ..take };
+        let index = self.index();
+        let taken = self.update(&index, id, |record| {
+            let taken = record.credits?.take(take);
+            if taken.granted > 0 {
+                record.credits = Some(taken.balance);
+            }
+            Some(taken)
+        });
+        Ok(taken.flatten())
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -17,7 +17,7 @@ use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
-use crate::usage::{Balance, Credits, Meta, RateLimits};
+use crate::usage::{Balance, Credits, Meta, RateLimits, Take, Taken};
 
 mod error;
 mod memory;
@@ -264,6 +264,14 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
 
+    /// Takes credits from the key with this id as one atomic step: reads its balance, applies
+    /// [`Balance::take`] and, if that took any, writes the balance it gives. Durable once it
+    /// returns, like every other write: the service hands out what was taken, so a take that a
+    /// crash could undo would let those credits be spent twice. `None` when no key has this id
+    /// or the key has unlimited use. A revoked or expired key is no exception: the service has
+    /// checked the key.
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError>;
+
     /// Sets `last_used_at = max(last_used_at, at)` for each pair. Unknown ids are ignored.
     /// Out-of-order batches never move a time back. A store may write a large batch in several
     /// transactions (the file stores do, so that other writes need not wait for all of it): a
@@ -448,6 +456,10 @@ macro_rules! forward_key_store {
             fn roll<'s, 'r, 'f>(&'s self, roll: &'r Roll, max_active: u32) -> StoreFuture<'f, bool>
             where 's: 'f, 'r: 'f, Self: 'f {
                 (**self).roll(roll, max_active)
+            }
+            fn take_credits<'s, 'i, 'f>(&'s self, id: &'i KeyId, take: Take) -> StoreFuture<'f, Option<Taken>>
+            where 's: 'f, 'i: 'f, Self: 'f {
+                (**self).take_credits(id, take)
             }
             fn record_last_used<'s, 'u, 'f>(
                 &'s self,

@@ -23,7 +23,7 @@ use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
-use crate::usage::{Balance, Meta, RateLimits};
+use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
 const SCHEMA_VERSION: i64 = 4;
@@ -89,6 +89,8 @@ struct Statements {
     import: String,
     list_active: String,
     revoke: String,
+    find_credits: String,
+    spend_credits: String,
     record_last_used: String,
     is_empty: String,
     purge: String,
@@ -113,6 +115,11 @@ impl Statements {
                 "UPDATE {keys} SET expires_at = $2, replaced_by = $3, credits_remaining = $4, credits_as_of = $5, \
                  refill_amount = $6, refill_interval = $7 WHERE id = $1"
             ),
+            find_credits: format!(
+                "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval FROM {keys} \
+                 WHERE id = $1 FOR UPDATE"
+            ),
+            spend_credits: format!("UPDATE {keys} SET credits_remaining = $2, credits_as_of = $3 WHERE id = $1"),
             lock_account: format!(
                 "INSERT INTO {schema}.api_key_accounts (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
@@ -606,19 +613,21 @@ fn record_from_row(row: &Row) -> Result<KeyRecord, Failure> {
             None => None,
             Some(meta) => Some(Meta::from_stored(meta).ok_or_else(|| corrupt("meta", "not a JSON object"))?),
         },
-        credits: match row.try_get::<_, Option<i64>>(14)? {
-            None => None,
-            Some(remaining) => {
-                let refill = match row.try_get::<_, Option<i64>>(16)? {
-                    None => None,
-                    Some(amount) => Some((amount, row.try_get::<_, &str>(17)?)),
-                };
-                let balance = Balance::from_stored(remaining, row.try_get(15)?, refill);
-                Some(balance.ok_or_else(|| corrupt("credits", "out of range"))?)
-            }
-        },
+        credits: credits_from_row(row, 14)?,
         ratelimits: RateLimits::from_text(row.try_get::<_, &str>(18)?).map_err(|error| corrupt("ratelimits", error))?,
     })
+}
+
+/// A balance from the four columns from `first` on: `credits_remaining`, `credits_as_of`,
+/// `refill_amount`, `refill_interval`; `None` for unlimited use.
+fn credits_from_row(row: &Row, first: usize) -> Result<Option<Balance>, Failure> {
+    let Some(remaining) = row.try_get::<_, Option<i64>>(first)? else { return Ok(None) };
+    let refill = match row.try_get::<_, Option<i64>>(first + 2)? {
+        None => None,
+        Some(amount) => Some((amount, row.try_get::<_, &str>(first + 3)?)),
+    };
+    let balance = Balance::from_stored(remaining, row.try_get(first + 1)?, refill);
+    Ok(Some(balance.ok_or_else(|| corrupt("credits", "out of range"))?))
 }
 
 /// A stored value this version cannot accept.
@@ -723,6 +732,27 @@ impl KeyStore for PostgresStore {
             })
             .await?;
         rolled.ok_or(StoreError::LimitReached { limit: max_active })
+    }
+
+    /// In one transaction that locks the key's row, so that takes by every instance queue on it.
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        self.call("take_credits", async |client| {
+            let transaction = client.transaction().await?;
+            let find = transaction.prepare_cached(&self.sql.find_credits).await?;
+            let row = transaction.query_opt(&find, &[id.as_uuid()]).await?;
+            let Some(balance) = row.as_ref().map(|row| credits_from_row(row, 0)).transpose()?.flatten() else {
+                return Ok(None);
+            };
+            let taken = balance.take(take);
+            if taken.granted > 0 {
+                let credits = StoredCredits::of(Some(&taken.balance));
+                let spend = transaction.prepare_cached(&self.sql.spend_credits).await?;
+                transaction.execute(&spend, &[id.as_uuid(), &credits.remaining, &credits.as_of]).await?;
+                transaction.commit().await?;
+            }
+            Ok(Some(taken))
+        })
+        .await
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

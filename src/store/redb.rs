@@ -16,7 +16,7 @@ use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError,
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
-use crate::usage::Meta;
+use crate::usage::{Meta, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
 const SCHEMA_VERSION: u64 = 4;
@@ -668,6 +668,20 @@ impl KeyStore for RedbStore {
             put_record(&mut transaction.open_table(RECORDS)?, &old)?;
             insert_record(transaction, &new)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        let id = *id;
+        self.write("take_credits", move |transaction| {
+            let Some(mut found) = find_in(transaction, &id)? else { return Ok(None) };
+            let Some(taken) = found.credits.map(|balance| balance.take(take)) else { return Ok(None) };
+            if taken.granted > 0 {
+                found.credits = Some(taken.balance);
+                put_record(&mut transaction.open_table(RECORDS)?, &found)?;
+            }
+            Ok(Some(taken))
         })
         .await
     }

@@ -11,14 +11,14 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::stored::StoredFields;
+use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::spread::{CachePadded, thread_number};
-use crate::usage::Meta;
+use crate::usage::{Meta, Take, Taken};
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
@@ -580,21 +580,25 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         replaced_by: row.get(11)?,
         owner: row.get_ref(12)?.as_str_or_null()?,
         meta: row.get_ref(13)?.as_str_or_null()?,
-        credits: match row.get::<_, Option<i64>>(14)? {
-            None => None,
-            Some(remaining) => {
-                let refill = match row.get::<_, Option<i64>>(16)? {
-                    None => None,
-                    Some(amount) => Some((amount, row.get_ref(17)?.as_str()?)),
-                };
-                Some((remaining, row.get(15)?, refill))
-            }
-        },
+        credits: credits_from_row(row, 14)?,
         ratelimits: row.get_ref(18)?.as_str()?,
     };
-    fields.decode().map_err(|invalid| {
-        rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
-    })
+    fields.decode().map_err(invalid_field)
+}
+
+/// The stored parts of a balance, from the four columns from `first` on: `credits_remaining`,
+/// `credits_as_of`, `refill_amount`, `refill_interval`.
+fn credits_from_row<'r>(row: &'r Row<'_>, first: usize) -> rusqlite::Result<Option<StoredBalance<'r>>> {
+    let Some(remaining) = row.get::<_, Option<i64>>(first)? else { return Ok(None) };
+    let refill = match row.get::<_, Option<i64>>(first + 2)? {
+        None => None,
+        Some(amount) => Some((amount, row.get_ref(first + 3)?.as_str()?)),
+    };
+    Ok(Some((remaining, row.get(first + 1)?, refill)))
+}
+
+fn invalid_field(invalid: InvalidField) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
 }
 
 fn micros(at: Option<OffsetDateTime>) -> Option<i64> {
@@ -687,6 +691,31 @@ impl KeyStore for SqliteStore {
             insert_row(&transaction, &new)?;
             transaction.commit()?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        let id = *id;
+        self.write("take_credits", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let balance = transaction
+                .prepare_cached(
+                    "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval FROM api_keys WHERE id = ?1",
+                )?
+                .query_row(params![id.as_uuid().as_bytes()], |row| {
+                    decode_balance(credits_from_row(row, 0)?).map_err(invalid_field)
+                })
+                .optional()?;
+            let Some(taken) = balance.flatten().map(|balance| balance.take(take)) else { return Ok(None) };
+            if taken.granted > 0 {
+                let credits = StoredCredits::of(Some(&taken.balance));
+                transaction
+                    .prepare_cached("UPDATE api_keys SET credits_remaining = ?2, credits_as_of = ?3 WHERE id = ?1")?
+                    .execute(params![id.as_uuid().as_bytes(), credits.remaining, credits.as_of.map(unix_micros)])?;
+                transaction.commit()?;
+            }
+            Ok(Some(taken))
         })
         .await
     }

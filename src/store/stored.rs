@@ -48,10 +48,15 @@ pub(crate) struct InvalidField {
     pub(crate) name: &'static str,
 }
 
-/// A balance from its stored parts, if they are in range.
-fn decode_balance((remaining, as_of, refill): StoredBalance<'_>) -> Option<Balance> {
-    Balance::from_stored(remaining, from_unix_micros(as_of)?, refill)
+/// A balance from its stored parts (`None`: unlimited use), or the field that is out of range.
+pub(crate) fn decode_balance(parts: Option<StoredBalance<'_>>) -> Result<Option<Balance>, InvalidField> {
+    let decode = |(remaining, as_of, refill): StoredBalance<'_>| {
+        Balance::from_stored(remaining, from_unix_micros(as_of)?, refill)
+    };
+    parts.map(|parts| decode(parts).ok_or(CREDITS)).transpose()
 }
+
+const CREDITS: InvalidField = InvalidField { index: 14, name: "credits" };
 
 impl StoredFields<'_> {
     /// The record, or the first field that does not hold a valid value.
@@ -75,7 +80,7 @@ impl StoredFields<'_> {
             replaced_by: self.replaced_by.map(key_id),
             owner: self.owner.map(OwnerId::new).transpose().map_err(|_| invalid(12, "owner"))?,
             meta: self.meta.map(|meta| Meta::from_stored(meta).ok_or(invalid(13, "meta"))).transpose()?,
-            credits: self.credits.map(|credits| decode_balance(credits).ok_or(invalid(14, "credits"))).transpose()?,
+            credits: decode_balance(self.credits)?,
             ratelimits: RateLimits::from_text(self.ratelimits).map_err(|_| invalid(15, "ratelimits"))?,
         })
     }

@@ -463,6 +463,84 @@ pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore
     assert_eq!(find(store, &plain).await.credits, None, "unlimited stays unlimited");
 }
 
+/// A take grants what is asked if that many are left, the rest if at least `need` is, nothing
+/// otherwise, and the store keeps the balance that leaves.
+pub async fn take_credits_grants_at_most_what_is_left(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.credits = Some(Balance::new(Credits::new(10).unwrap(), T0));
+    insert(store, &stored).await;
+    let at = T0 + Duration::seconds(1);
+    let take = |need, want| crate::usage::Take { at, need, want };
+    let granted = |taken: Option<crate::usage::Taken>| taken.map(|taken| (taken.granted, taken.balance.remaining));
+    assert_eq!(granted(store.take_credits(&stored.id, take(1, 4)).await.unwrap()), Some((4, 6)));
+    assert_eq!(granted(store.take_credits(&stored.id, take(2, 100)).await.unwrap()), Some((6, 0)), "all that is left");
+    assert_eq!(granted(store.take_credits(&stored.id, take(1, 1)).await.unwrap()), Some((0, 0)), "none left");
+    let found = find(store, &stored).await;
+    assert_eq!(found.credits, Some(Balance::new(Credits::new(0).unwrap(), at)), "the balance is durable and exact");
+    assert_eq!(KeyRecord { credits: stored.credits, ..found }, stored, "nothing else changed");
+
+    let mut short = record(&account, T0);
+    short.credits = Some(Balance::new(Credits::new(3).unwrap(), T0));
+    insert(store, &short).await;
+    assert_eq!(granted(store.take_credits(&short.id, take(4, 4)).await.unwrap()), Some((0, 3)));
+    assert_eq!(find(store, &short).await.credits, short.credits, "a refused take writes nothing");
+
+    let unlimited = record(&account, T0);
+    insert(store, &unlimited).await;
+    assert_eq!(store.take_credits(&unlimited.id, take(1, 1)).await.unwrap(), None, "unlimited use");
+    assert_eq!(store.take_credits(&KeyId::generate(), take(1, 1)).await.unwrap(), None, "unknown id");
+}
+
+/// A take after a refill boundary starts from the refill; one by a clock behind the stored
+/// balance's never moves it back, so the same refill is never counted twice.
+pub async fn take_credits_refills_at_boundaries_once(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    let daily = Refill::new(5, RefillInterval::Daily).unwrap();
+    stored.credits = Some(Balance::new(Credits::new(2).unwrap().refill(daily), T0));
+    insert(store, &stored).await;
+    let tomorrow = datetime!(2025-10-16 00:00 UTC);
+    let take = |at, need| crate::usage::Take { at, need, want: need };
+    let taken = store.take_credits(&stored.id, take(tomorrow, 4)).await.unwrap().unwrap();
+    assert_eq!((taken.granted, taken.balance.remaining, taken.balance.as_of), (4, 1, tomorrow));
+    let behind = tomorrow - Duration::seconds(1);
+    let taken = store.take_credits(&stored.id, take(behind, 1)).await.unwrap().unwrap();
+    assert_eq!(
+        (taken.granted, taken.balance.remaining, taken.balance.as_of),
+        (1, 0, tomorrow),
+        "as_of never moves back"
+    );
+    let taken = store.take_credits(&stored.id, take(tomorrow + Duration::hours(1), 1)).await.unwrap().unwrap();
+    assert_eq!(taken.granted, 0, "no second refill the same day");
+    assert_eq!(find(store, &stored).await.credits.map(|balance| balance.remaining), Some(0));
+}
+
+/// Takes from many threads at once never grant more than the key holds, and the store's
+/// balance accounts for every credit granted.
+pub async fn concurrent_takes_never_grant_more_than_is_left(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.credits = Some(Balance::new(Credits::new(50).unwrap(), T0));
+    insert(store, &stored).await;
+    let granted = in_parallel(8, |i| {
+        let id = stored.id;
+        async move {
+            let mut granted = 0;
+            for j in 0..10 {
+                let at = T0 + Duration::milliseconds((i * 10 + j) as i64);
+                let take = crate::usage::Take { at, need: 1, want: 1 + (j % 3) as u64 };
+                granted += store.take_credits(&id, take).await.unwrap().unwrap().granted;
+            }
+            granted
+        }
+    })
+    .await;
+    let left = find(store, &stored).await.credits.unwrap().remaining;
+    assert_eq!(granted.iter().sum::<u64>() + left, 50, "granted {granted:?}, left {left}");
+    assert_eq!(left, 0, "8 threads asking for up to 120 take all 50");
+}
+
 pub async fn a_rolled_key_in_its_grace_period_can_be_revoked(store: &dyn KeyStore) {
     let account = account();
     let old = record(&account, T0);
@@ -754,6 +832,9 @@ macro_rules! conformance_tests {
             roll_shortens_the_old_key_and_adds_the_new_one_at_once,
             a_rolled_key_in_its_grace_period_can_be_revoked,
             roll_moves_the_credits_it_finds_to_the_new_key,
+            take_credits_grants_at_most_what_is_left,
+            take_credits_refills_at_boundaries_once,
+            concurrent_takes_never_grant_more_than_is_left,
             roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
             replaced_keys_do_not_count_and_rerolling_respects_the_limit,
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,

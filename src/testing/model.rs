@@ -79,7 +79,30 @@ pub enum Op {
         seconds: i64,
     },
     Flush,
+    /// The administrator's create of a key with limits: `credits` to start with, refilled to
+    /// `refill.0` every `refill.1` seconds, and at most `limit` uses per [`LIMIT_WINDOW`].
+    /// Its scopes leave out what manages keys (`*`, `keys:*`, `keys:write`): a key with
+    /// credits makes no keys, and one with limits manages no unlimited keys.
+    CreateLimited {
+        account: usize,
+        scopes: Option<u8>,
+        credits: Option<u64>,
+        refill: Option<(u64, u32)>,
+        limit: Option<u32>,
+    },
+    /// A use of the key that costs `cost` credits and checks `"requests"`.
+    Spend {
+        key: usize,
+        cost: u64,
+    },
 }
+
+/// The window of every rate limit of [`Op::CreateLimited`]: 32 s, so that each of its slots is
+/// one second and a use at a whole second counts until 33 s later.
+pub const LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(32);
+
+/// The grants that let a key manage keys, left out of a limited key's.
+const MANAGING: u8 = 0b1011;
 
 macro_rules! ensure {
     ($condition:expr, $($message:tt)+) => {
@@ -121,6 +144,43 @@ struct ModelKey {
     scopes: Scopes,
     rotated_from: Option<KeyId>,
     replaced_by: Option<KeyId>,
+    /// Where the key's credits are in [`Model::balances`]; `None`: unlimited.
+    credits: Option<usize>,
+    /// The key's `"requests"` limit, and the instants of the uses it accepted.
+    limit: Option<u32>,
+    uses: Vec<OffsetDateTime>,
+}
+
+/// Credits as the model keeps them. A roll moves them to the new key, leaving the old one an
+/// empty balance of its own.
+#[derive(Debug)]
+struct ModelBalance {
+    remaining: u64,
+    as_of: OffsetDateTime,
+    /// Amount, every so many seconds.
+    refill: Option<(u64, i64)>,
+}
+
+impl ModelBalance {
+    /// What is left at `now`: the refill's amount if a multiple of the interval since the epoch
+    /// lies after `as_of` and at or before `now`.
+    fn left_at(&self, now: OffsetDateTime) -> u64 {
+        match self.refill {
+            Some((amount, every))
+                if now.unix_timestamp().div_euclid(every) > self.as_of.unix_timestamp().div_euclid(every) =>
+            {
+                amount
+            }
+            _ => self.remaining,
+        }
+    }
+
+    /// How long from `now` until the next refill.
+    fn until_refill(&self, now: OffsetDateTime) -> Option<std::time::Duration> {
+        let (_, every) = self.refill?;
+        let next = (now.unix_timestamp().div_euclid(every) + 1) * every;
+        Some(std::time::Duration::from_secs((next - now.unix_timestamp()).unsigned_abs()))
+    }
 }
 
 impl ModelKey {
@@ -142,6 +202,7 @@ impl ModelKey {
 struct Model {
     accounts: Vec<AccountId>,
     keys: Vec<ModelKey>,
+    balances: Vec<ModelBalance>,
     clock: ManualClock,
 }
 
@@ -184,6 +245,9 @@ impl Model {
             scopes: created.scopes.clone(),
             rotated_from,
             replaced_by: None,
+            credits: None,
+            limit: None,
+            uses: Vec::new(),
         });
         Ok(())
     }
@@ -210,8 +274,12 @@ impl Model {
                 replaced_by: key.replaced_by,
                 owner: None,
                 meta: None,
-                credits: None,
-                ratelimits: crate::RateLimits::none(),
+                credits: key.credits.map(|index| {
+                    let balance = &self.balances[index];
+                    let refill = balance.refill.map(|(amount, every)| refill_of(amount, every));
+                    crate::Credits { remaining: balance.left_at(now), refill }
+                }),
+                ratelimits: ratelimits_of(key.limit),
             })
             .collect()
     }
@@ -230,7 +298,7 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
     let accounts = (0..ACCOUNTS)
         .map(|i| AccountId::new(format!("model-{i}-{}", KeyId::generate())).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let mut model = Model { accounts, keys: Vec::new(), clock };
+    let mut model = Model { accounts, keys: Vec::new(), balances: Vec::new(), clock };
 
     for op in ops {
         let expiries: Vec<Option<OffsetDateTime>> = model.keys.iter().map(|key| key.expires_at).collect();
@@ -391,36 +459,133 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let revocable = target_key.account == *account && target_key.is_active(now);
             expect_revocation(model, target, revocable, outcome)?;
         }
+        Op::CreateLimited { account, scopes, credits, refill, limit } => {
+            let scopes = scopes_of(scopes.unwrap_or(0) & !MANAGING);
+            let mut request = NewKey::default().scopes(scopes.clone()).ratelimits(ratelimits_of(*limit));
+            let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
+            if let Some(remaining) = credits {
+                let mut given = crate::Credits::new(*remaining).map_err(|error| error.to_string())?;
+                given.refill = refill.map(|(amount, every)| refill_of(amount, every));
+                request = request.credits(given);
+            }
+            let outcome = service.create(&model.accounts[*account], request).await;
+            if model.counted(*account, None) >= MAX_ACTIVE as usize {
+                ensure!(matches!(outcome, Err(Error::KeyLimitReached { limit: MAX_ACTIVE })), "{:?}", outcome);
+            } else {
+                let created = outcome.map_err(|error| format!("create with limits failed: {error}"))?;
+                ensure_eq!(created.scopes, scopes);
+                model.add(&created, *account, None, None)?;
+                let key = model.keys.last_mut().ok_or("no key added")?;
+                key.limit = *limit;
+                if let Some(remaining) = credits {
+                    key.credits = Some(model.balances.len());
+                    let refill = if credits.is_some() { refill } else { None };
+                    model.balances.push(ModelBalance { remaining: *remaining, as_of: now, refill });
+                }
+            }
+        }
+        Op::Spend { key, cost } => {
+            let Some(index) = model.pick(*key) else { return Ok(()) };
+            use_as_model_says(service, model, index, *cost).await?;
+        }
         Op::Advance { seconds } => model.clock.advance(Duration::seconds(*seconds)),
         Op::Flush => service.flush().await.map_err(|error| format!("flush: {error}"))?,
     }
     Ok(())
 }
 
-/// Verifies the token of key `index` and checks the outcome against the model.
+/// Verifies the token of key `index` as an authenticated request does (1 credit, the
+/// `"requests"` limit) and checks the outcome against the model.
 async fn verify_as_model_says<S: KeyStore>(
     service: &KeyService<S>,
     model: &mut Model,
     index: usize,
 ) -> Result<Option<AuthenticatedKey>, String> {
+    use_as_model_says(service, model, index, 1).await
+}
+
+/// Uses the key `index` for `cost` credits and its `"requests"` limit (through
+/// [`KeyService::verify`] for a cost of 1), and checks the outcome against the model: refusals
+/// in order (revoked, expired, rate limited, credits), what the use reports, and when to retry.
+async fn use_as_model_says<S: KeyStore>(
+    service: &KeyService<S>,
+    model: &mut Model,
+    index: usize,
+    cost: u64,
+) -> Result<Option<AuthenticatedKey>, String> {
     let now = model.now();
-    let outcome = service.verify(&model.keys[index].token).await;
-    let key = &mut model.keys[index];
+    let token = model.keys[index].token.clone();
+    let outcome = match cost {
+        1 => service.verify(&token).await,
+        cost => service.verify_usage(&token, &crate::Usage::new().cost(cost)).await,
+    };
+    let Model { keys, balances, accounts, .. } = model;
+    let key = &mut keys[index];
     if key.revoked {
         ensure!(matches!(outcome, Err(Rejection::Revoked)), "{:?}", outcome);
-        Ok(None)
-    } else if key.expires_at.is_some_and(|expiry| now >= expiry) {
-        ensure!(matches!(outcome, Err(Rejection::Expired)), "{:?}", outcome);
-        Ok(None)
-    } else {
-        let authenticated = outcome.map_err(|rejection| format!("a valid key was refused: {rejection}"))?;
-        ensure_eq!(authenticated.id, key.id);
-        ensure_eq!(&authenticated.account, &model.accounts[key.account]);
-        ensure_eq!(&authenticated.scopes, &key.scopes);
-        ensure_eq!(authenticated.expires_at, key.expires_at);
-        key.last_used_at = Some(now);
-        Ok(Some(authenticated))
+        return Ok(None);
     }
+    if key.expires_at.is_some_and(|expiry| now >= expiry) {
+        ensure!(matches!(outcome, Err(Rejection::Expired)), "{:?}", outcome);
+        return Ok(None);
+    }
+    // A use at a whole second counts in a slot of one second, until the window after it ends.
+    let slot_window = LIMIT_WINDOW.as_secs() as i64 + 1;
+    key.uses.retain(|at| (now - *at).whole_seconds() < slot_window);
+    if let Some(limit) = key.limit
+        && key.uses.len() >= limit as usize
+    {
+        let Err(Rejection::RateLimited(refusal)) = &outcome else {
+            return Err(format!("over its limit, the use was not refused: {outcome:?}"));
+        };
+        let oldest = key.uses[key.uses.len() - limit as usize];
+        let retry = (oldest + Duration::seconds(slot_window) - now).unsigned_abs();
+        ensure_eq!(refusal.retry_after, Some(retry), "retry after a rate limit");
+        ensure_eq!(refusal.limit().map(|limit| limit.remaining), Some(0));
+        return Ok(None);
+    }
+    let balance = key.credits.map(|index| &mut balances[index]);
+    let left = balance.as_ref().map(|balance| balance.left_at(now));
+    if cost > 0
+        && let (Some(balance), Some(left)) = (&balance, left)
+        && left < cost
+    {
+        let Err(Rejection::UsageExceeded(refusal)) = &outcome else {
+            return Err(format!("{left} credits left, a use of {cost} was not refused: {outcome:?}"));
+        };
+        ensure_eq!(refusal.retry_after, balance.until_refill(now), "retry after running out");
+        ensure_eq!(refusal.usage.credits, Some(left), "credits reported on a refusal");
+        return Ok(None);
+    }
+    let authenticated = outcome.map_err(|rejection| format!("a valid use was refused: {rejection}"))?;
+    ensure_eq!(authenticated.id, key.id);
+    ensure_eq!(&authenticated.account, &accounts[key.account]);
+    ensure_eq!(&authenticated.scopes, &key.scopes);
+    ensure_eq!(authenticated.expires_at, key.expires_at);
+    if let (Some(balance), Some(left)) = (balance, left) {
+        let spent = if cost > 0 { cost } else { 0 };
+        balance.remaining = left - spent;
+        balance.as_of = balance.as_of.max(now);
+    }
+    ensure_eq!(authenticated.usage.credits, left.map(|left| left - cost.min(left)), "credits left after the use");
+    if let Some(limit) = key.limit {
+        key.uses.push(now);
+        let remaining = authenticated.usage.ratelimits.first().map(|state| state.remaining);
+        ensure_eq!(remaining, Some(limit - key.uses.len() as u32), "uses left in the window");
+    }
+    key.last_used_at = Some(now);
+    Ok(Some(authenticated))
+}
+
+/// The model's limits as the service's: `"requests"`, at most `limit` per [`LIMIT_WINDOW`].
+fn ratelimits_of(limit: Option<u32>) -> crate::RateLimits {
+    let limit = limit.and_then(|limit| crate::RateLimit::new(crate::RateLimit::REQUESTS, limit, LIMIT_WINDOW).ok());
+    crate::RateLimits::new(limit).unwrap_or_default()
+}
+
+fn refill_of(amount: u64, every: i64) -> crate::Refill {
+    let interval = crate::RefillInterval::seconds(every.unsigned_abs()).unwrap_or(crate::RefillInterval::Daily);
+    crate::Refill::new(amount.min(crate::MAX_CREDITS), interval).unwrap_or_else(|_| unreachable!("within range"))
 }
 
 fn expect_revocation(
@@ -469,10 +634,18 @@ fn expect_roll(
     ensure_eq!(rolled.key.scopes, old.scopes);
     ensure_eq!(rolled.key.expires_at, old.expires_at);
     ensure_eq!(rolled.key.name, old.name);
-    let (account, name, old_id) = (old.account, old.name.clone(), old.id);
+    let (account, name, old_id, credits, limit) = (old.account, old.name.clone(), old.id, old.credits, old.limit);
     model.add(&rolled.key, account, name, Some(old_id))?;
+    let new = model.keys.last_mut().ok_or("no key added")?;
+    (new.credits, new.limit) = (credits, limit);
+    // The balance moved to the new key; the old one keeps none, and no refill.
+    let emptied = credits.map(|_| {
+        model.balances.push(ModelBalance { remaining: 0, as_of: now, refill: None });
+        model.balances.len() - 1
+    });
     let old = &mut model.keys[target];
     old.expires_at = Some(old_expires_at);
     old.replaced_by = Some(rolled.key.id);
+    old.credits = emptied;
     Ok(())
 }

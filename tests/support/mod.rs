@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use apikeys::store::BoxError;
 use apikeys::store::Roll;
-use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError};
+use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError, Take, Taken};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -88,9 +88,10 @@ pub enum Call {
     RecordLastUsed,
     FindById,
     Roll,
+    TakeCredits,
 }
 
-const CALLS: [Call; 7] = [
+const CALLS: [Call; 8] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -98,6 +99,7 @@ const CALLS: [Call; 7] = [
     Call::RecordLastUsed,
     Call::FindById,
     Call::Roll,
+    Call::TakeCredits,
 ];
 
 /// What a wrapped call does wrong.
@@ -236,6 +238,9 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         self.call(Call::Roll, self.inner.roll(roll, max_active)).await
     }
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        self.call(Call::TakeCredits, self.inner.take_credits(id, take)).await
+    }
 }
 
 /// Every window of `width` characters of the token's secret part (the body after the 4 visible
@@ -250,5 +255,28 @@ pub fn secret_windows(token: &str, width: usize) -> Vec<String> {
 pub fn assert_no_secret(output: &str, token: &str) {
     for window in secret_windows(token, 8) {
         assert!(!output.contains(&window), "secret material {window:?} found in output");
+    }
+}
+
+/// Uses `token` through `service`, one credit per use, until a use is refused for its credits;
+/// calls `accepted` after each accepted use and returns how many there were. A store that is
+/// busy (another process holds its lock) refuses nothing: that use is tried again.
+#[allow(dead_code)]
+pub async fn spend_until_refused<S: KeyStore>(
+    service: &apikeys::KeyService<S>,
+    token: &str,
+    mut accepted: impl FnMut(),
+) -> u64 {
+    let mut uses = 0;
+    loop {
+        match service.verify(token).await {
+            Ok(_) => {
+                uses += 1;
+                accepted();
+            }
+            Err(apikeys::Rejection::UsageExceeded(_)) => return uses,
+            Err(apikeys::Rejection::Store(StoreError::Busy | StoreError::TimedOut)) => {}
+            Err(other) => panic!("use {uses} refused for another reason: {other}"),
+        }
     }
 }
