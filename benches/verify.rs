@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use apikeys::Maintenance;
 use apikeys::{
-    AccountId, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore, MemoryStore, NewKey,
-    RedbStore, Scopes, SqliteStore,
+    AccountId, Balance, Credits, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore,
+    MemoryStore, NewKey, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hashbrown::HashTable;
@@ -416,7 +416,7 @@ fn sizes() -> Vec<usize> {
 }
 
 /// The groups of this bench, as criterion names them.
-const GROUPS: [&str; 7] = ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes"];
+const GROUPS: [&str; 8] = ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage"];
 
 /// Whether the command line selects `group`, so that `cargo bench --bench verify -- scopes`
 /// skips the other groups' setup and interleaved runs as criterion skips their benchmarks. Only a
@@ -962,9 +962,120 @@ fn create(c: &mut Criterion) {
     group.finish();
 }
 
+/// How many keys with limits the usage benchmark samples: each is used before the measured
+/// runs, so that it holds a lease, as every key in use does in the steady state.
+const LIMITED_SAMPLE: usize = 4_096;
+
+/// `n` keys, every other one with credits (far more than the runs spend) and a `"requests"`
+/// limit (far above the rate any key is used at), and samples of the tokens of each half.
+struct UsageDataset {
+    records: Vec<KeyRecord>,
+    plain: Vec<String>,
+    limited: Vec<String>,
+}
+
+impl UsageDataset {
+    fn new(n: usize) -> Self {
+        let mut data = Dataset::new(n);
+        let limit = RateLimit::new("requests", 1_000_000, Duration::from_secs(1)).unwrap();
+        let limits = RateLimits::new([limit]).unwrap();
+        let credits = Balance::new(Credits::new(1 << 40).unwrap(), OffsetDateTime::now_utc());
+        let sampled: std::collections::HashSet<Digest> = data.digests().into_iter().collect();
+        let (mut plain, mut limited) = (Vec::new(), Vec::new());
+        let mut by_digest: std::collections::HashMap<Digest, String> =
+            data.tokens.drain(..).map(|token| (Digest::sha256(&token), token)).collect();
+        for (i, record) in data.records.iter_mut().enumerate() {
+            let token = if sampled.contains(&record.digest) { by_digest.remove(&record.digest) } else { None };
+            if i % 2 == 1 {
+                record.credits = Some(credits);
+                record.ratelimits = limits.clone();
+                limited.extend(token.filter(|_| limited.len() < LIMITED_SAMPLE));
+            } else {
+                plain.extend(token);
+            }
+        }
+        Self { records: data.records, plain, limited }
+    }
+}
+
+/// Verification that spends a credit and checks a rate limit, against verification of a key
+/// with neither, in the same store, interleaved (see [`alternate`]). Also records how many of the
+/// sampled keys needed a durable take from the store during the measured runs: none, in the
+/// steady state, as each holds a lease.
+fn usage(c: &mut Criterion) {
+    if !selected("usage") {
+        return;
+    }
+    for n in sizes() {
+        let data = UsageDataset::new(n);
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = runtime();
+        let imported = |store: Arc<dyn Maintenance>| {
+            runtime.block_on(store.import(data.records.clone())).unwrap();
+            store as Arc<dyn KeyStore>
+        };
+        let stores = [
+            ("memory", imported(Arc::new(MemoryStore::new())), 50_000),
+            ("sqlite", imported(Arc::new(SqliteStore::open(dir.path().join("usage.db")).unwrap())), 40_000),
+            ("redb", imported(Arc::new(RedbStore::open(dir.path().join("usage.redb")).unwrap())), 10_000),
+        ];
+        let mut group = c.benchmark_group("usage");
+        group.throughput(Throughput::Elements(1));
+        for (backend, store, ops) in stores {
+            let service = KeyService::builder(store.clone(), format()).credit_lease(10_000).build();
+            runtime.block_on(async {
+                for token in &data.limited {
+                    service.verify(token).await.unwrap();
+                }
+            });
+            let balances = || runtime.block_on(sampled_balances(&*store, &data.limited));
+            let before = balances();
+            for (label, tokens) in [("verify_plain", &data.plain), ("verify_spend_and_limit", &data.limited)] {
+                group.bench_function(BenchmarkId::new(format!("{backend}/{label}"), n), |b| {
+                    b.iter_custom(|iters| timed(|| verify_cycle(&service, tokens, &runtime, 0, 0, iters)))
+                });
+            }
+            let times = std::thread::scope(|scope| {
+                let workers = Workers::spawn(scope, 1);
+                let (service, plain, limited) = (&service, &data.plain, &data.limited);
+                alternate(
+                    ops,
+                    &[&|start| workers.verify(service, plain, 1, start, ops), &|start| {
+                        workers.verify(service, limited, 1, start, ops)
+                    }],
+                )
+            });
+            let taken = before.iter().zip(balances()).filter(|(before, after)| **before != *after).count();
+            runtime.block_on(service.flush()).unwrap();
+            let ratio = median((0..ROUNDS).map(|round| times[1][round] / times[0][round]).collect());
+            record_interleaved(
+                &format!("usage_{backend}"),
+                n,
+                &[
+                    ("plain_ns", median(times[0].clone())),
+                    ("spend_ns", median(times[1].clone())),
+                    ("spend_vs_verify", ratio),
+                    ("keys_that_took_from_the_store", taken as f64),
+                ],
+            );
+        }
+        group.finish();
+    }
+}
+
+/// The store's balance of each sampled key.
+async fn sampled_balances(store: &dyn KeyStore, tokens: &[String]) -> Vec<Option<u64>> {
+    let mut balances = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        let record = store.find_by_digest(&Digest::sha256(token)).await.unwrap().unwrap();
+        balances.push(record.credits.map(|balance| balance.remaining));
+    }
+    balances
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, postgres, create, scopes
+    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage
 }
 criterion_main!(benches);

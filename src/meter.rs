@@ -7,7 +7,10 @@
 //! pay does it take more from the store, in one durable write for many uses. A crash loses the
 //! lease, never more, and never lets a credit be spent twice.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use smol_str::SmolStr;
@@ -55,7 +58,8 @@ impl Usage {
         Self { cost: 0, ratelimits: Some(Vec::new()), scopes: Vec::new() }
     }
 
-    /// Costs `cost` credits; 0 spends none and is refused only when the key is otherwise refused.
+    /// Costs `cost` credits. A use of cost 0 only checks: it spends nothing, counts towards no
+    /// rate limit, and is refused only when the key is (or a limit it checks is already full).
     pub fn cost(mut self, cost: u64) -> Self {
         self.cost = cost;
         self
@@ -132,9 +136,11 @@ pub(crate) enum Refused {
 
 /// A use the meter could not settle alone: it needs credits from the store. It holds the rate
 /// limits' slots the use took and what it took of the lease; [`Meter::close`] keeps them if the
-/// store grants the rest, and gives them back if not.
+/// store grants the rest, and gives them back if not, as dropping it unsettled does (a
+/// verification whose future was dropped while it waited for the store).
 #[must_use]
-pub(crate) struct Pending {
+pub(crate) struct Pending<'m> {
+    meter: &'m Meter,
     id: KeyId,
     /// The window's slot of each limit counted.
     slots: Vec<(SmolStr, i64)>,
@@ -143,6 +149,18 @@ pub(crate) struct Pending {
     leasing: bool,
     pub(crate) take: Take,
     report: UsageReport,
+    settled: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let now = unix_micros(self.take.at);
+            let mut shard = self.meter.shard(&self.id, now);
+            let key = shard.keys.entry(self.id).or_default();
+            key.give_back(self);
+        }
+    }
 }
 
 /// Why [`Meter::close`] did not accept a use.
@@ -152,16 +170,24 @@ pub(crate) enum Closed {
 }
 
 /// What [`Meter::open`] decided.
-pub(crate) enum Opened {
+pub(crate) enum Opened<'m> {
     /// Accepted, nothing more to do.
     Accepted(UsageReport),
     Refused(Refused, UsageReport),
     /// Take [`Pending::take`] from the store, then [`Meter::close`].
-    Take(Pending),
+    Take(Pending<'m>),
+    /// Another use of the key is taking a lease that may pay for this one too: wait for it to
+    /// end, then open again.
+    Wait(LeaseTaken<'m>),
 }
 
 /// Shards of the per-key state, so that uses of different keys rarely share a lock.
 const SHARDS: usize = 16;
+
+/// How often a use waits for another's lease before it takes from the store for itself alone:
+/// a few store round trips at most, in the rare case that the uses woken by one lease spend it
+/// all before this one runs.
+pub(crate) const LEASE_WAITS: usize = 8;
 
 /// Per-key rate-limit windows and credit leases of one service instance.
 pub(crate) struct Meter {
@@ -186,6 +212,31 @@ struct KeyMeter {
     lease_void_at: i64,
     /// A take that asks for a lease is under way.
     leasing: bool,
+    /// How many leasing takes have ended, and the uses waiting for the next to end.
+    leases_ended: u64,
+    waiting: Vec<Waker>,
+}
+
+impl KeyMeter {
+    /// Undoes what a pending use took: its slots, and its part of the lease.
+    fn give_back(&mut self, pending: &Pending<'_>) {
+        for (name, slot) in &pending.slots {
+            if let Some((_, window)) = self.windows.iter_mut().find(|(own, _)| own == name) {
+                window.remove(*slot);
+            }
+        }
+        self.lease += pending.from_lease;
+        self.end_take(pending.leasing);
+    }
+
+    /// Marks a take ended; if it was the leasing one, wakes the uses waiting for it.
+    fn end_take(&mut self, leasing: bool) {
+        if leasing {
+            self.leasing = false;
+            self.leases_ended += 1;
+            self.waiting.drain(..).for_each(Waker::wake);
+        }
+    }
 }
 
 impl Meter {
@@ -196,7 +247,8 @@ impl Meter {
 
     /// Checks and, where it can, settles a use of the key `id` at `now` (Unix µs), whose store
     /// balance was just read as `credits`. Order: rate limits, then credits; a refused use takes
-    /// no slot and no credit.
+    /// no slot and no credit, and a use of cost 0 only checks. `may_wait`: whether the use may
+    /// wait for another's lease rather than take from the store itself.
     pub(crate) fn open(
         &self,
         id: KeyId,
@@ -204,44 +256,51 @@ impl Meter {
         credits: Option<&Balance>,
         usage: &Usage,
         now: i64,
-    ) -> Opened {
+        may_wait: bool,
+    ) -> Opened<'_> {
         let limits = usage.limits(limits);
         let cost = usage.cost;
-        let spends = credits.is_some() && cost > 0;
-        if limits.is_empty() && !spends {
-            let report = UsageReport { credits: credits.map(|balance| left_at(balance, now)), ratelimits: Vec::new() };
-            return Opened::Accepted(report);
+        if limits.is_empty() && credits.is_none() {
+            return Opened::Accepted(UsageReport::default());
         }
         let mut shard = self.shard(&id, now);
         let key = shard.keys.entry(id).or_default();
-        let mut report = UsageReport::default();
-        for (index, limit) in limits.iter().enumerate() {
-            let window = key.window(limit, now);
-            if window.total >= limit.limit() {
-                let retry = window.until_below(limit.limit(), now);
-                report.ratelimits = limits.iter().map(|limit| key.window(limit, now).state(limit, now)).collect();
-                return Opened::Refused(Refused::RateLimited(index, retry), report);
-            }
-        }
         if now >= key.lease_void_at {
             key.lease = 0;
         }
         let store_left = credits.map_or(0, |balance| left_at(balance, now));
-        report.credits = credits.map(|_| key.lease + store_left);
+        let mut report = UsageReport { credits: credits.map(|_| key.lease + store_left), ratelimits: Vec::new() };
+        let states = |key: &mut KeyMeter| limits.iter().map(|limit| key.window(limit, now).state(limit, now)).collect();
+        // The refusal waits for the limit that frees up last.
+        let full = limits.iter().enumerate().filter_map(|(index, limit)| {
+            let window = key.window(limit, now);
+            (window.total >= limit.limit()).then(|| (window.until_below(limit.limit(), now), index))
+        });
+        if let Some((retry, index)) = full.max() {
+            report.ratelimits = states(key);
+            return Opened::Refused(Refused::RateLimited(index, retry), report);
+        }
+        let spends = credits.is_some() && cost > 0;
         if spends && key.lease < cost && key.lease.saturating_add(store_left) < cost {
-            report.ratelimits = limits.iter().map(|limit| key.window(limit, now).state(limit, now)).collect();
-            let retry = credits.and_then(|balance| until_refill(balance, now));
+            report.ratelimits = states(key);
+            let retry = credits.and_then(|balance| until_refill(balance, cost, now));
             return Opened::Refused(Refused::UsageExceeded(retry), report);
         }
-        let slots: Vec<(SmolStr, i64)> =
-            limits.iter().map(|limit| (SmolStr::new(limit.name()), key.window(limit, now).add())).collect();
-        report.ratelimits = limits.iter().map(|limit| key.window(limit, now).state(limit, now)).collect();
+        if spends && key.lease < cost && key.leasing && may_wait {
+            return Opened::Wait(LeaseTaken { meter: self, id, ended: key.leases_ended });
+        }
+        let counts = cost > 0;
+        let slots: Vec<(SmolStr, i64)> = if counts {
+            limits.iter().map(|limit| (SmolStr::new(limit.name()), key.window(limit, now).add())).collect()
+        } else {
+            Vec::new()
+        };
+        report.ratelimits = states(key);
         if !spends || key.lease >= cost {
             if spends {
                 key.lease -= cost;
                 report.credits = Some(key.lease + store_left);
             }
-            drop(shard);
             return Opened::Accepted(report);
         }
         let from_lease = std::mem::take(&mut key.lease);
@@ -253,7 +312,7 @@ impl Meter {
         let extra = if leasing { self.lease.min(store_left.saturating_sub(need) / 4) } else { 0 };
         let at = from_unix_micros(now).unwrap_or(crate::clock::LATEST);
         let take = Take { at, need, want: need + extra };
-        Opened::Take(Pending { id, slots, from_lease, leasing, take, report })
+        Opened::Take(Pending { meter: self, id, slots, from_lease, leasing, take, report, settled: false })
     }
 
     /// Settles a use [`open`](Self::open) left pending, with what the store answered: keeps
@@ -261,41 +320,40 @@ impl Meter {
     /// back if not.
     pub(crate) fn close(
         &self,
-        pending: Pending,
+        mut pending: Pending<'_>,
         taken: Result<Option<Taken>, StoreError>,
         now: i64,
     ) -> Result<UsageReport, Closed> {
-        let Pending { id, slots, from_lease, leasing, take, mut report } = pending;
-        let mut shard = self.shard(&id, now);
-        let key = shard.keys.entry(id).or_default();
-        key.leasing &= !leasing;
+        pending.settled = true;
+        let mut shard = self.shard(&pending.id, now);
+        let key = shard.keys.entry(pending.id).or_default();
+        let (take, from_lease) = (pending.take, pending.from_lease);
+        let mut report = std::mem::take(&mut pending.report);
         let refused = match taken {
             Ok(Some(taken)) if taken.granted >= take.need => {
-                if leasing {
+                if pending.leasing {
                     key.lease += taken.granted - take.need;
                     let void_at = taken.balance.next_refill(take.at);
                     key.lease_void_at = void_at.map_or(i64::MAX, unix_micros);
                 }
+                key.end_take(pending.leasing);
                 report.credits = Some(key.lease + taken.balance.at(take.at).remaining);
                 return Ok(report);
             }
             // The key's credits were taken away since it was read: it has unlimited use now.
             Ok(None) => {
+                key.end_take(pending.leasing);
                 report.credits = None;
                 return Ok(report);
             }
             Ok(Some(taken)) => {
                 report.credits = Some(from_lease + taken.balance.at(take.at).remaining);
-                Closed::Refused(Refused::UsageExceeded(until_refill(&taken.balance, now)), report)
+                let retry = until_refill(&taken.balance, from_lease + take.need, now);
+                Closed::Refused(Refused::UsageExceeded(retry), report)
             }
             Err(error) => Closed::Store(error),
         };
-        for (name, slot) in slots {
-            if let Some((_, window)) = key.windows.iter_mut().find(|(own, _)| *own == name) {
-                window.remove(slot);
-            }
-        }
-        key.lease += from_lease;
+        key.give_back(&pending);
         Err(refused)
     }
 
@@ -305,15 +363,21 @@ impl Meter {
         shard.keys.get(id).map_or(0, |key| if now < key.lease_void_at { key.lease } else { 0 })
     }
 
-    /// Moves the lease of a key that was rolled to its successor, as the roll moved the
-    /// store's balance: the old key keeps none.
-    pub(crate) fn move_lease(&self, from: &KeyId, to: KeyId, now: i64) {
-        let lease =
-            self.shard(from, now).keys.get_mut(from).map(|key| (std::mem::take(&mut key.lease), key.lease_void_at));
-        if let Some((lease, void_at)) = lease.filter(|&(lease, void_at)| lease > 0 && now < void_at) {
+    /// Hands what this instance holds of a rolled key to its successor, as the roll moved the
+    /// store's balance: the lease moves (the old key keeps none), and the rate-limit windows are
+    /// copied, so that a roll does not start the limits afresh.
+    pub(crate) fn succeed(&self, from: &KeyId, to: KeyId, now: i64) {
+        let held = self.shard(from, now).keys.get_mut(from).map(|key| {
+            let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
+            (lease, key.lease_void_at, key.windows.clone())
+        });
+        if let Some((lease, void_at, windows)) = held {
             let mut shard = self.shard(&to, now);
             let key = shard.keys.entry(to).or_default();
-            (key.lease, key.lease_void_at) = (key.lease + lease, void_at);
+            key.windows = windows;
+            if lease > 0 {
+                (key.lease, key.lease_void_at) = (key.lease + lease, void_at);
+            }
         }
     }
 
@@ -322,6 +386,29 @@ impl Meter {
         let mut shard = self.shards[index].lock().unwrap_or_else(PoisonError::into_inner);
         shard.sweep_if_grown(now);
         shard
+    }
+}
+
+/// Resolves once the leasing take of a key that was under way has ended.
+pub(crate) struct LeaseTaken<'m> {
+    meter: &'m Meter,
+    id: KeyId,
+    /// `leases_ended` when the use found the take under way.
+    ended: u64,
+}
+
+impl Future for LeaseTaken<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        let mut shard = self.meter.shard(&self.id, i64::MIN);
+        match shard.keys.get_mut(&self.id) {
+            Some(key) if key.leasing && key.leases_ended == self.ended => {
+                key.waiting.push(context.waker().clone());
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        }
     }
 }
 
@@ -457,9 +544,11 @@ impl Window {
     }
 }
 
-/// How long from `now` (Unix µs) until `balance` next refills, if it does.
-fn until_refill(balance: &Balance, now: i64) -> Option<Duration> {
+/// How long from `now` (Unix µs) until `balance` next refills, if it does, to enough for a use
+/// of `cost`.
+fn until_refill(balance: &Balance, cost: u64, now: i64) -> Option<Duration> {
     let now = from_unix_micros(now)?;
+    balance.refill.filter(|refill| refill.amount >= cost)?;
     Some((balance.next_refill(now)? - now).unsigned_abs())
 }
 

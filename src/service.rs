@@ -10,7 +10,7 @@ use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
-use crate::meter::{Closed, Meter, Opened, Refused, Usage, UsageReport};
+use crate::meter::{Closed, LEASE_WAITS, Meter, Opened, Refused, Usage, UsageReport};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
@@ -529,7 +529,7 @@ impl<S: KeyStore> KeyService<S> {
                 .await
                 .map_err(limit_or_store_error)?
             {
-                self.inner.meter.move_lease(&old.id, roll.new_key().id, unix_micros(now));
+                self.inner.meter.succeed(&old.id, roll.new_key().id, unix_micros(now));
                 let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
                 return Ok(RolledKey { key: created(key, roll.into_new_key()), previous });
             }
@@ -593,10 +593,16 @@ impl<S: KeyStore> Inner<S> {
     /// Counts the use against the key's rate limits and spends its credits, taking more from
     /// the store if this instance's lease cannot pay.
     async fn spend(&self, key: &AuthenticatedKey, usage: &Usage, now: i64) -> Result<UsageReport, Spent> {
-        let pending = match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now) {
-            Opened::Accepted(report) => return Ok(report),
-            Opened::Refused(refused, report) => return Err(Spent::Refused(refused, report)),
-            Opened::Take(pending) => pending,
+        let mut waits = 0;
+        let pending = loop {
+            let may_wait = waits < LEASE_WAITS;
+            match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, may_wait) {
+                Opened::Accepted(report) => return Ok(report),
+                Opened::Refused(refused, report) => return Err(Spent::Refused(refused, report)),
+                Opened::Take(pending) => break pending,
+                Opened::Wait(lease_taken) => lease_taken.await,
+            }
+            waits += 1;
         };
         let taken = self.within(self.store.take_credits(&key.id, pending.take)).await;
         match self.meter.close(pending, taken, now) {

@@ -151,6 +151,16 @@ async fn child(args: &[&str]) {
                 }
             }
         }
+        // Spends the key of APIKEYS_CHILD_TOKEN, one credit per use and with a lease of
+        // args[3], until its credits are used up.
+        "spend" => {
+            let store = backend.open(path).unwrap();
+            let lease = args[3].parse().unwrap();
+            let service = apikeys::KeyService::builder(store, support::live()).credit_lease(lease).build();
+            let token = std::env::var("APIKEYS_CHILD_TOKEN").unwrap();
+            let spent = support::spend_until_refused(&service, &token, || report!("spent")).await;
+            report!("done {spent}");
+        }
         // Revokes one key.
         "revoke" => {
             let store = backend.open(path).unwrap();
@@ -941,4 +951,103 @@ fn imported_times_read_back_to_the_microsecond_from_every_store() {
             assert_eq!(found.as_ref(), Some(&expected), "{store:?}");
         }
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credits spent by several processes
+
+/// A key with `credits` in a fresh SQLite file, and its token.
+fn sqlite_key_with_credits(credits: u64) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let service = apikeys::KeyService::builder(SqliteStore::open(&path).unwrap(), support::live()).build();
+    let new = apikeys::NewKey::default().credits(apikeys::Credits::new(credits).unwrap());
+    let created = runtime().block_on(service.create(&AccountId::new("spenders").unwrap(), new)).unwrap();
+    (dir, path, created.key.expose_secret().to_owned())
+}
+
+/// Children spending the key at `path`, with `lease`; each one's report is read on a thread of
+/// its own, into the returned receivers (one report line per message).
+fn spenders(
+    path: &Path,
+    token: &str,
+    lease: u64,
+    count: usize,
+) -> Vec<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+    (0..count)
+        .map(|_| {
+            let task = format!("spend sqlite {} {lease}", path.display());
+            let mut child = child::command(&task, Wrapper::None).env("APIKEYS_CHILD_TOKEN", token).spawn().unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let (lines, receiver) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in child::reports(BufReader::new(stdout).lines().map_while(Result::ok)) {
+                    if lines.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            (child, receiver)
+        })
+        .collect()
+}
+
+/// Counts the uses a child reported until its report ends; whether it reported being done.
+fn uses_reported(reports: &std::sync::mpsc::Receiver<String>) -> (u64, bool) {
+    let (mut spent, mut done) = (0, false);
+    for line in reports.iter() {
+        match line.as_str() {
+            "spent" => spent += 1,
+            other => done |= other.starts_with("done "),
+        }
+    }
+    (spent, done)
+}
+
+#[test]
+fn processes_spending_one_key_accept_exactly_its_credits() {
+    const CREDITS: u64 = 1_200;
+    let (_dir, path, token) = sqlite_key_with_credits(CREDITS);
+    let mut accepted = Vec::new();
+    for (mut child, reports) in spenders(&path, &token, 25, 4) {
+        let (spent, done) = uses_reported(&reports);
+        assert!(child.wait().unwrap().success() && done, "a spender failed");
+        accepted.push(spent);
+    }
+    assert_eq!(accepted.iter().sum::<u64>(), CREDITS, "uses accepted per process: {accepted:?}");
+}
+
+#[test]
+fn a_process_killed_while_spending_loses_at_most_its_lease() {
+    const CREDITS: u64 = 1_500;
+    const LEASE: u64 = 40;
+    let (_dir, path, token) = sqlite_key_with_credits(CREDITS);
+    let mut children = spenders(&path, &token, LEASE, 3);
+    // Once the first has spent 100, it is killed with -9: whatever it held is gone with it.
+    let (mut doomed, doomed_reports) = children.remove(0);
+    let mut spent_by_doomed = 0;
+    while spent_by_doomed < 100 {
+        match doomed_reports.recv_timeout(Duration::from_secs(30)).expect("the first spender reports") {
+            line if line == "spent" => spent_by_doomed += 1,
+            other => panic!("the first spender stopped early: {other}"),
+        }
+    }
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    // A use it accepted but had not reported yet counts as lost here: at most one.
+    spent_by_doomed += uses_reported(&doomed_reports).0;
+    let mut accepted = spent_by_doomed;
+    for (mut child, reports) in children {
+        let (spent, done) = uses_reported(&reports);
+        assert!(child.wait().unwrap().success() && done, "a spender failed");
+        accepted += spent;
+    }
+    assert!(accepted <= CREDITS, "overspent: {accepted} of {CREDITS}");
+    let lost = CREDITS - accepted;
+    assert!(lost <= LEASE + 1, "lost {lost}: more than the killed process's lease of {LEASE}");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("sqlite: a process killed while spending lost {lost} of {CREDITS} credits (lease {LEASE})\n")
+            .as_bytes(),
+    );
 }

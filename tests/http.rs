@@ -1178,3 +1178,19 @@ async fn without_a_service_credential_there_is_no_verify_endpoint() {
     let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
     assert!(!format!("{credential:?}").contains("service-credential"), "the credential is never printed");
 }
+
+#[tokio::test]
+async fn a_request_refused_for_its_scope_spends_nothing() {
+    let server = Server::start().await;
+    let (key, _) = server.key_with("acme", NewKey::default().credits(apikeys::Credits::new(1).unwrap())).await;
+    let (scoped, _) =
+        server.key_with("acme", scoped(&["orders:read"]).credits(apikeys::Credits::new(1).unwrap())).await;
+    for token in [&key, &scoped] {
+        // `*` holds every scope; the scoped key lacks reports:read.
+        let expected = if token == &key { 200 } else { 403 };
+        assert_eq!(limited(&server, "/reports", token).await.0, expected);
+    }
+    assert_eq!(limited(&server, "/whoami", &scoped).await.0, 200, "the 403 spent no credit");
+    assert_eq!(limited(&server, "/whoami", &scoped).await.0, 429);
+    assert_eq!(limited(&server, "/whoami", &key).await.0, 429, "the 200 did");
+}

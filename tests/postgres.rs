@@ -540,11 +540,11 @@ async fn an_instance_that_dies_loses_at_most_its_lease_and_never_overspends() {
     }
     const CREDITS: u64 = 2_000;
     const LEASE: u64 = 40;
-    let instances = instances(3, LEASE).await;
+    let mut instances = instances(3, LEASE).await;
     let token = key_with_credits(&instances[0], CREDITS).await;
-    // The first instance spends a while and then stops dead, as a process killed with -9 would:
-    // its lease is never spent or given back.
-    let doomed = instances[0].clone();
+    // The first instance spends a while and then is gone, as a process killed with -9 would
+    // be: its lease is never spent or given back.
+    let doomed = instances.remove(0);
     let mut spent_by_doomed = 0;
     for _ in 0..300 {
         doomed.verify(&token).await.unwrap();
@@ -552,7 +552,7 @@ async fn an_instance_that_dies_loses_at_most_its_lease_and_never_overspends() {
     }
     drop(doomed);
     let mut spenders = Vec::new();
-    for service in &instances[1..] {
+    for service in &instances {
         for _ in 0..3 {
             let (service, token) = (service.clone(), token.clone());
             spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
@@ -562,8 +562,8 @@ async fn an_instance_that_dies_loses_at_most_its_lease_and_never_overspends() {
     for spender in spenders {
         accepted += spender.await.unwrap();
     }
-    let lost = CREDITS - accepted;
     assert!(accepted <= CREDITS, "overspent: {accepted} of {CREDITS}");
+    let lost = CREDITS - accepted;
     assert!(lost <= LEASE, "lost {lost}, more than the dead instance's lease of {LEASE}");
     let _ = std::io::stderr().write_all(
         format!("postgres: an instance died holding a lease; {lost} of {CREDITS} credits lost\n").as_bytes(),
@@ -604,7 +604,8 @@ async fn rate_limit_accuracy_with_one_and_three_instances_is_measured() {
             accepted += hammer.await.unwrap();
         }
         let per_window = accepted as f64 / 2.5;
-        assert!(accepted > 0 && accepted as usize <= count * 100 * 3, "{count} instances accepted {accepted}");
+        // 2.5 s hold at most three windows of a second: each instance accepts at most 300.
+        assert!(accepted > 0 && accepted as usize <= count * 300, "{count} instances accepted {accepted}");
         let _ = std::io::stderr().write_all(
             format!("postgres: limit 100/s over {count} instance(s): {per_window:.0} accepted per second\n").as_bytes(),
         );

@@ -11,7 +11,7 @@ use axum::response::Response;
 use super::ApiError;
 use crate::id::KeyId;
 use crate::key::AuthenticatedKey;
-use crate::{KeyService, KeyStore, Verifier};
+use crate::{KeyService, KeyStore, Usage, Verifier};
 
 /// The header that carries the key.
 pub const X_API_KEY: &str = "x-api-key";
@@ -75,31 +75,46 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        let verifier = Verifier::from_ref(state);
-        // A key verified by another service (another router's layer) is verified again here.
-        if let Some(Verified(caller, by)) = parts.extensions.get::<Verified>()
-            && by.is(&verifier)
-        {
-            return Ok(Some(Self(caller.clone())));
-        }
-        let mut headers = parts.headers.get_all(X_API_KEY).iter();
-        let Some(header) = headers.next() else {
-            return Ok(None);
-        };
-        // Two keys: a proxy that checked one while this reads the other is the classic confusion.
-        if headers.next().is_some() {
-            return Err(ApiError::bad_request("ambiguous_api_key", "Send one x-api-key header, not several."));
-        }
-        // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
-        let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
-        let caller = verifier.verify(token).await?;
-        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
-            let _ = slot.0.set(caller.id);
-        }
-        parts.extensions.insert(Verified(caller.clone(), verifier));
-        parts.extensions.insert(caller.clone());
-        Ok(Some(Self(caller)))
+        Ok(authenticate(parts, Verifier::from_ref(state), &REQUEST).await?.map(Self))
     }
+}
+
+/// What an authenticated request uses: 1 credit, the `"requests"` limit.
+static REQUEST: Usage = Usage::REQUEST;
+
+/// Verifies the request's key for `usage`, once: a key verified by this verifier already (a
+/// layer in front) is taken as it is, and then only the scopes `usage` needs are checked.
+async fn authenticate(
+    parts: &mut Parts,
+    verifier: Verifier,
+    usage: &Usage,
+) -> Result<Option<AuthenticatedKey>, ApiError> {
+    // A key verified by another service (another router's layer) is verified again here.
+    if let Some(Verified(caller, by)) = parts.extensions.get::<Verified>()
+        && by.is(&verifier)
+    {
+        for scope in usage.required_scopes() {
+            caller.require(scope)?;
+        }
+        return Ok(Some(caller.clone()));
+    }
+    let mut headers = parts.headers.get_all(X_API_KEY).iter();
+    let Some(header) = headers.next() else {
+        return Ok(None);
+    };
+    // Two keys: a proxy that checked one while this reads the other is the classic confusion.
+    if headers.next().is_some() {
+        return Err(ApiError::bad_request("ambiguous_api_key", "Send one x-api-key header, not several."));
+    }
+    // Not visible ASCII cannot be a key; it gets the same answer as any other bad key.
+    let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
+    let caller = verifier.verify_usage(token, usage).await?;
+    if let Some(slot) = parts.extensions.get::<CallerSlot>() {
+        let _ = slot.0.set(caller.id);
+    }
+    parts.extensions.insert(Verified(caller.clone(), verifier));
+    parts.extensions.insert(caller.clone());
+    Ok(Some(caller))
 }
 
 /// The key this crate verified for the request, and the service that verified it; private, so
@@ -143,7 +158,9 @@ where
 #[derive(Debug, Clone)]
 pub struct ScopeGuard {
     verifier: Verifier,
-    scope: Arc<str>,
+    /// An authenticated request that needs the scope: the scope is checked before any limit,
+    /// so a request refused for it spends nothing.
+    usage: Arc<Usage>,
 }
 
 impl ScopeGuard {
@@ -153,7 +170,7 @@ impl ScopeGuard {
         if !crate::scope::is_scope(scope) {
             return Err(crate::ValidationError::Scope);
         }
-        Ok(Self { verifier: keys.into(), scope: scope.into() })
+        Ok(Self { verifier: keys.into(), usage: Arc::new(Usage::new().scopes([scope])) })
     }
 }
 
@@ -182,17 +199,16 @@ where
 }
 
 /// A layer function that requires a valid key holding the guard's scope on every route it
-/// wraps: 401 without a valid key, 403 `insufficient_scope` without the scope. Use with
+/// wraps: 401 without a valid key, 403 `insufficient_scope` without the scope (checked before
+/// the key's limits, so such a request spends nothing), 429 over them. Use with
 /// `route_layer(axum::middleware::from_fn_with_state(guard, require_scope))`; behind
-/// [`require_api_key`] it reuses that verification. Handlers can extract [`Authenticated`].
+/// [`require_api_key`] it reuses that verification (which has spent already). Handlers can
+/// extract [`Authenticated`].
 pub async fn require_scope(State(guard): State<ScopeGuard>, request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
-    let checked = match <Authenticated as FromRequestParts<ScopeGuard>>::from_request_parts(&mut parts, &guard).await {
-        Ok(Authenticated(caller)) => caller.require(&guard.scope).map_err(ApiError::from),
-        Err(error) => Err(error),
-    };
-    match checked {
-        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+    match authenticate(&mut parts, guard.verifier.clone(), &guard.usage).await {
+        Ok(Some(_)) => next.run(Request::from_parts(parts, body)).await,
+        Ok(None) => axum::response::IntoResponse::into_response(ApiError::unauthorized()),
         Err(error) => axum::response::IntoResponse::into_response(error),
     }
 }

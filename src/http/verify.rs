@@ -4,15 +4,15 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use super::body::{Sent, json_body, whole_number};
 use super::{ApiError, BODY_LIMIT};
@@ -71,6 +71,7 @@ pub fn verify_router<S: Clone + Send + Sync + 'static>(
     Router::new()
         .route("/keys/verify", post(verify_key))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
         .with_state(Endpoint { verifier: keys.into(), credential })
 }
 
@@ -80,8 +81,8 @@ struct Endpoint {
     credential: ServiceCredential,
 }
 
-/// The body: every field but `key` optional or null.
-#[derive(Debug, Default, Deserialize)]
+/// The body: every field but `key` optional or null. No `Debug`: it holds a token.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct VerifyRequest {
     #[serde(default)]
@@ -122,20 +123,22 @@ impl VerifyRequest {
     }
 }
 
-async fn verify_key(
-    State(endpoint): State<Endpoint>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let presented = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    let bearer = presented.and_then(|value| value.strip_prefix("Bearer "));
-    if !bearer.is_some_and(|bearer| endpoint.credential.admits(bearer)) {
-        return Err(ApiError::new(
+async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Result<Response, ApiError> {
+    // The credential first: a caller without it gets nothing read, not even its body.
+    let presented = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+    if !presented.and_then(bearer).is_some_and(|bearer| endpoint.credential.admits(bearer)) {
+        let mut refused = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "The service credential is required: Authorization: Bearer <credential>.",
-        ));
+        )
+        .into_response();
+        refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(refused);
     }
+    let (parts, body) = request.into_parts();
+    let body = Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), &()).await;
+    let headers = parts.headers;
     let (key, usage) = json_body::<VerifyRequest>(&headers, body)?.into_use()?;
     let outcome = match endpoint.verifier.verify_usage(&key, &usage).await {
         Err(Rejection::Store(error)) => return Err(Rejection::Store(error).into()),
@@ -150,6 +153,13 @@ async fn verify_key(
         Err(rejection) => Verdict::of(rejection.reason(), rejection.key(), &none, None),
     };
     Ok(Json(answer).into_response())
+}
+
+/// The credentials of an `Authorization` value of the Bearer scheme, whose name is
+/// case-insensitive.
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
 }
 
 /// The answer: `valid`, the outcome's code, and what is known of the key.

@@ -90,7 +90,8 @@ pub enum Op {
         refill: Option<(u64, u32)>,
         limit: Option<u32>,
     },
-    /// A use of the key that costs `cost` credits and checks `"requests"`.
+    /// A use of the key that costs `cost` credits and checks `"requests"` (counting towards it
+    /// unless the cost is 0).
     Spend {
         key: usize,
         cost: u64,
@@ -175,9 +176,9 @@ impl ModelBalance {
         }
     }
 
-    /// How long from `now` until the next refill.
-    fn until_refill(&self, now: OffsetDateTime) -> Option<std::time::Duration> {
-        let (_, every) = self.refill?;
+    /// How long from `now` until the next refill, if it refills enough for a use of `cost`.
+    fn until_refill(&self, now: OffsetDateTime, cost: u64) -> Option<std::time::Duration> {
+        let (_, every) = self.refill.filter(|&(amount, _)| amount >= cost)?;
         let next = (now.unix_timestamp().div_euclid(every) + 1) * every;
         Some(std::time::Duration::from_secs((next - now.unix_timestamp()).unsigned_abs()))
     }
@@ -553,7 +554,7 @@ async fn use_as_model_says<S: KeyStore>(
         let Err(Rejection::UsageExceeded(refusal)) = &outcome else {
             return Err(format!("{left} credits left, a use of {cost} was not refused: {outcome:?}"));
         };
-        ensure_eq!(refusal.retry_after, balance.until_refill(now), "retry after running out");
+        ensure_eq!(refusal.retry_after, balance.until_refill(now, cost), "retry after running out");
         ensure_eq!(refusal.usage.credits, Some(left), "credits reported on a refusal");
         return Ok(None);
     }
@@ -569,7 +570,10 @@ async fn use_as_model_says<S: KeyStore>(
     }
     ensure_eq!(authenticated.usage.credits, left.map(|left| left - cost.min(left)), "credits left after the use");
     if let Some(limit) = key.limit {
-        key.uses.push(now);
+        // A use of cost 0 only checks: it counts towards no limit.
+        if cost > 0 {
+            key.uses.push(now);
+        }
         let remaining = authenticated.usage.ratelimits.first().map(|state| state.remaining);
         ensure_eq!(remaining, Some(limit - key.uses.len() as u32), "uses left in the window");
     }
@@ -635,9 +639,11 @@ fn expect_roll(
     ensure_eq!(rolled.key.expires_at, old.expires_at);
     ensure_eq!(rolled.key.name, old.name);
     let (account, name, old_id, credits, limit) = (old.account, old.name.clone(), old.id, old.credits, old.limit);
+    // The new key's limits go on from the old key's uses (each key counts its own from then on).
+    let uses = old.uses.clone();
     model.add(&rolled.key, account, name, Some(old_id))?;
     let new = model.keys.last_mut().ok_or("no key added")?;
-    (new.credits, new.limit) = (credits, limit);
+    (new.credits, new.limit, new.uses) = (credits, limit, uses);
     // The balance moved to the new key; the old one keeps none, and no refill.
     let emptied = credits.map(|_| {
         model.balances.push(ModelBalance { remaining: 0, as_of: now, refill: None });

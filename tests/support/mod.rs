@@ -261,7 +261,6 @@ pub fn assert_no_secret(output: &str, token: &str) {
 /// Uses `token` through `service`, one credit per use, until a use is refused for its credits;
 /// calls `accepted` after each accepted use and returns how many there were. A store that is
 /// busy (another process holds its lock) refuses nothing: that use is tried again.
-#[allow(dead_code)]
 pub async fn spend_until_refused<S: KeyStore>(
     service: &apikeys::KeyService<S>,
     token: &str,
