@@ -102,6 +102,74 @@ impl NewKey {
     }
 }
 
+/// A change to a key's name, meta, credits and rate limits, for
+/// [`KeyService::update`](crate::KeyService::update): what is left out stays as it is.
+///
+/// ```
+/// # use apikeys::{Credits, KeyUpdate, RateLimits};
+/// let change = KeyUpdate::default().credits(Some(Credits::new(500)?)).ratelimits(RateLimits::none());
+/// assert!(change.meta.is_none(), "meta stays as it is");
+/// # Ok::<(), apikeys::ValidationError>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyUpdate {
+    /// The new label, or `Some(None)` for none.
+    pub name: Option<Option<KeyName>>,
+    /// The new host data, or `Some(None)` for none.
+    pub meta: Option<Option<Meta>>,
+    /// The new credits, counted from the change, or `Some(None)` for unlimited use.
+    pub credits: Option<Option<Credits>>,
+    /// The new rate limits ([`RateLimits::none`] for none).
+    pub ratelimits: Option<RateLimits>,
+}
+
+impl KeyUpdate {
+    /// Sets the label, or takes it away.
+    #[must_use]
+    pub fn name(mut self, name: Option<KeyName>) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Sets the host data, or takes it away.
+    #[must_use]
+    pub fn meta(mut self, meta: Option<Meta>) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+
+    /// Sets the credits (the balance starts again from them), or makes use unlimited.
+    #[must_use]
+    pub fn credits(mut self, credits: Option<Credits>) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+
+    /// Sets the rate limits.
+    #[must_use]
+    pub fn ratelimits(mut self, ratelimits: RateLimits) -> Self {
+        self.ratelimits = Some(ratelimits);
+        self
+    }
+
+    /// The record as this change leaves it, at `at`: new credits count from then.
+    pub(crate) fn apply(&self, record: &mut KeyRecord, at: OffsetDateTime) {
+        if let Some(name) = &self.name {
+            record.name = name.clone();
+        }
+        if let Some(meta) = &self.meta {
+            record.meta = meta.clone();
+        }
+        if let Some(credits) = self.credits {
+            record.credits = credits.map(|credits| Balance::new(credits, at));
+        }
+        if let Some(ratelimits) = &self.ratelimits {
+            record.ratelimits = ratelimits.clone();
+        }
+    }
+}
+
 /// A key just created: the only time its token exists outside the client.
 #[derive(Debug)]
 #[non_exhaustive]

@@ -77,7 +77,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
 pub use error::{Error, RandomError, TokenError, ValidationError};
 pub use id::{AccountId, KeyId, OwnerId};
-pub use key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
+pub use key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 pub use meter::{LimitState, Usage, UsageReport};
 pub use name::KeyName;
 pub use rejection::{Refusal, Rejection};
@@ -88,7 +88,7 @@ pub use service::{KeyService, KeyServiceBuilder, Verifier};
 pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreError};
+pub use store::{Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};

@@ -88,16 +88,17 @@ impl Usage {
         self.scopes.iter().map(SmolStr::as_str)
     }
 
-    /// The key's limits this use checks, in the key's order.
-    fn limits<'r>(&self, limits: &'r RateLimits) -> Vec<&'r RateLimit> {
+    /// Whether the use checks this limit of the key.
+    fn checks(&self, limit: &RateLimit) -> bool {
         match &self.ratelimits {
-            None => limits.get(RateLimit::REQUESTS).into_iter().collect(),
-            Some(names) => limits.iter().filter(|limit| names.iter().any(|name| name == limit.name())).collect(),
+            None => limit.name() == RateLimit::REQUESTS,
+            Some(names) => names.iter().any(|name| name == limit.name()),
         }
     }
 }
 
 /// What a use found of the key's limits: for response headers and the verification endpoint.
+/// Kept inline, so that a verification allocates nothing for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UsageReport {
@@ -105,8 +106,40 @@ pub struct UsageReport {
     /// or written, and this instance's lease; other instances' leases are not counted); `None`
     /// for unlimited use.
     pub credits: Option<u64>,
-    /// Each rate limit the use checked.
-    pub ratelimits: Vec<LimitState>,
+    /// The key's limits, which of them the use checked (bits by position), and what it left of
+    /// each.
+    limits: RateLimits,
+    checked: u8,
+    left: [Left; RateLimits::MAX],
+}
+
+/// What a use left of one limit: uses still accepted, and ms until one more is (a window and
+/// a slot are under 2^32 ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Left {
+    remaining: u32,
+    reset_ms: u32,
+}
+
+impl UsageReport {
+    /// Each rate limit the use checked, in the key's order.
+    pub fn ratelimits(&self) -> impl ExactSizeIterator<Item = LimitState> + '_ {
+        let checked: Vec<(&RateLimit, &Left)> = (self.limits.iter().zip(&self.left).enumerate())
+            .filter_map(|(position, pair)| (self.checked & (1 << position) != 0).then_some(pair))
+            .collect();
+        checked.into_iter().map(|(limit, left)| LimitState {
+            name: limit.name_text().clone(),
+            limit: limit.limit(),
+            window: limit.window(),
+            remaining: left.remaining,
+            reset: Duration::from_millis(u64::from(left.reset_ms)),
+        })
+    }
+
+    /// The `index`th limit the use checked.
+    pub(crate) fn ratelimit(&self, index: usize) -> Option<LimitState> {
+        self.ratelimits().nth(index)
+    }
 }
 
 /// One rate limit, as a use left it.
@@ -157,8 +190,8 @@ impl Drop for Pending<'_> {
         if !self.settled {
             let now = unix_micros(self.take.at);
             let mut shard = self.meter.shard(&self.id, now);
-            let key = shard.keys.entry(self.id).or_default();
-            key.give_back(self);
+            shard.keys.entry(self.id).or_default().give_back(self);
+            shard.end_take(&self.id, self.leasing);
         }
     }
 }
@@ -201,20 +234,70 @@ struct Shard {
     keys: PrehashedMap<KeyId, KeyMeter>,
     /// How many keys the shard held after its last sweep of idle ones.
     swept_at: usize,
+    /// Uses waiting for a key's leasing take to end; rare, so kept apart from the keys.
+    waiting: Vec<(KeyId, Waker)>,
 }
 
 #[derive(Default)]
 struct KeyMeter {
-    windows: Vec<(SmolStr, Window)>,
+    windows: Windows,
     /// Credits taken from the store and not spent yet.
     lease: u64,
     /// When the lease is void: the next refill boundary after it was taken (Unix µs).
     lease_void_at: i64,
     /// A take that asks for a lease is under way.
     leasing: bool,
-    /// How many leasing takes have ended, and the uses waiting for the next to end.
-    leases_ended: u64,
-    waiting: Vec<Waker>,
+    /// How many leasing takes have ended (wrapping), so that a waiting use knows its has.
+    leases_ended: u32,
+}
+
+/// A key's windows, each with its limit's name: the first inline, beside the rest of the key's
+/// state, so that a use of a key with one limit reads no other memory; the others on the heap.
+#[derive(Debug, Clone, Default)]
+struct Windows {
+    first: Option<(SmolStr, Window)>,
+    rest: Vec<(SmolStr, Window)>,
+}
+
+impl Windows {
+    fn iter(&self) -> impl Iterator<Item = &(SmolStr, Window)> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (SmolStr, Window)> {
+        self.first.iter_mut().chain(&mut self.rest)
+    }
+
+    /// Adds a window; returns where it is.
+    fn push(&mut self, window: (SmolStr, Window)) -> usize {
+        if self.first.is_none() {
+            self.first = Some(window);
+            0
+        } else {
+            self.rest.push(window);
+            self.rest.len()
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Windows {
+    type Output = (SmolStr, Window);
+
+    fn index(&self, index: usize) -> &Self::Output {
+        match (index, &self.first) {
+            (0, Some(first)) => first,
+            _ => &self.rest[index - 1],
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Windows {
+    fn index_mut(&mut self, index: usize) -> &mut Self::Output {
+        match (index, &mut self.first) {
+            (0, Some(first)) => first,
+            _ => &mut self.rest[index - 1],
+        }
+    }
 }
 
 impl KeyMeter {
@@ -226,16 +309,6 @@ impl KeyMeter {
             }
         }
         self.lease += pending.from_lease;
-        self.end_take(pending.leasing);
-    }
-
-    /// Marks a take ended; if it was the leasing one, wakes the uses waiting for it.
-    fn end_take(&mut self, leasing: bool) {
-        if leasing {
-            self.leasing = false;
-            self.leases_ended += 1;
-            self.waiting.drain(..).for_each(Waker::wake);
-        }
     }
 }
 
@@ -258,44 +331,67 @@ impl Meter {
         now: i64,
         may_wait: bool,
     ) -> Opened<'_> {
-        let limits = usage.limits(limits);
         let cost = usage.cost;
-        if limits.is_empty() && credits.is_none() {
+        // The limits the use checks: their positions in `limits`, and then their windows'.
+        let mut checked = [(0, 0); RateLimits::MAX];
+        let mut count = 0;
+        for (position, limit) in limits.iter().enumerate() {
+            if usage.checks(limit) {
+                checked[count] = (position, 0);
+                count += 1;
+            }
+        }
+        if credits.is_none() && count == 0 {
             return Opened::Accepted(UsageReport::default());
         }
+        let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
         let key = shard.keys.entry(id).or_default();
         if now >= key.lease_void_at {
             key.lease = 0;
         }
+        let all = limits.as_slice();
+        let limit_at = |position: usize| &all[position];
+        for (position, window) in checked.iter_mut() {
+            *window = key.window(limit_at(*position), now);
+        }
         let store_left = credits.map_or(0, |balance| left_at(balance, now));
-        let mut report = UsageReport { credits: credits.map(|_| key.lease + store_left), ratelimits: Vec::new() };
-        let states = |key: &mut KeyMeter| limits.iter().map(|limit| key.window(limit, now).state(limit, now)).collect();
+        let mut report = UsageReport { credits: credits.map(|_| key.lease + store_left), ..UsageReport::default() };
+        if count > 0 {
+            report.limits = limits.clone();
+        }
+        let fill = |report: &mut UsageReport, key: &KeyMeter| {
+            for &(position, window) in checked.iter() {
+                report.checked |= 1 << position;
+                report.left[position] = key.windows[window].1.left(limit_at(position), now);
+            }
+        };
         // The refusal waits for the limit that frees up last.
-        let full = limits.iter().enumerate().filter_map(|(index, limit)| {
-            let window = key.window(limit, now);
-            (window.total >= limit.limit()).then(|| (window.until_below(limit.limit(), now), index))
+        let full = checked.iter().enumerate().filter_map(|(index, &(position, window))| {
+            let (limit, window) = (limit_at(position).limit(), &key.windows[window].1);
+            (window.total >= limit).then(|| (window.until_below(limit, now), index))
         });
         if let Some((retry, index)) = full.max() {
-            report.ratelimits = states(key);
+            fill(&mut report, key);
             return Opened::Refused(Refused::RateLimited(index, retry), report);
         }
         let spends = credits.is_some() && cost > 0;
         if spends && key.lease < cost && key.lease.saturating_add(store_left) < cost {
-            report.ratelimits = states(key);
+            fill(&mut report, key);
             let retry = credits.and_then(|balance| until_refill(balance, cost, now));
             return Opened::Refused(Refused::UsageExceeded(retry), report);
         }
         if spends && key.lease < cost && key.leasing && may_wait {
             return Opened::Wait(LeaseTaken { meter: self, id, ended: key.leases_ended });
         }
-        let counts = cost > 0;
-        let slots: Vec<(SmolStr, i64)> = if counts {
-            limits.iter().map(|limit| (SmolStr::new(limit.name()), key.window(limit, now).add())).collect()
-        } else {
-            Vec::new()
-        };
-        report.ratelimits = states(key);
+        // A use of cost 0 only checks.
+        let mut slots = [0; RateLimits::MAX];
+        if cost > 0 {
+            for (&(_, window), slot) in checked.iter().zip(&mut slots) {
+                *slot = key.windows[window].1.add();
+            }
+        }
+        fill(&mut report, key);
         if !spends || key.lease >= cost {
             if spends {
                 key.lease -= cost;
@@ -303,6 +399,10 @@ impl Meter {
             }
             return Opened::Accepted(report);
         }
+        let counted = if cost > 0 { count } else { 0 };
+        let slots =
+            checked[..counted].iter().zip(slots).map(|(&(_, window), slot)| (key.windows[window].0.clone(), slot));
+        let slots = slots.collect();
         let from_lease = std::mem::take(&mut key.lease);
         let need = cost - from_lease;
         let leasing = !key.leasing;
@@ -336,14 +436,14 @@ impl Meter {
                     let void_at = taken.balance.next_refill(take.at);
                     key.lease_void_at = void_at.map_or(i64::MAX, unix_micros);
                 }
-                key.end_take(pending.leasing);
                 report.credits = Some(key.lease + taken.balance.at(take.at).remaining);
+                shard.end_take(&pending.id, pending.leasing);
                 return Ok(report);
             }
             // The key's credits were taken away since it was read: it has unlimited use now.
             Ok(None) => {
-                key.end_take(pending.leasing);
                 report.credits = None;
+                shard.end_take(&pending.id, pending.leasing);
                 return Ok(report);
             }
             Ok(Some(taken)) => {
@@ -354,6 +454,7 @@ impl Meter {
             Err(error) => Closed::Store(error),
         };
         key.give_back(&pending);
+        shard.end_take(&pending.id, pending.leasing);
         Err(refused)
     }
 
@@ -361,6 +462,14 @@ impl Meter {
     pub(crate) fn lease_of(&self, id: &KeyId, now: i64) -> u64 {
         let shard = self.shard(id, now);
         shard.keys.get(id).map_or(0, |key| if now < key.lease_void_at { key.lease } else { 0 })
+    }
+
+    /// Lets go of what this instance holds of the key's credits: they were taken from a balance
+    /// that a change has replaced.
+    pub(crate) fn forget_lease(&self, id: &KeyId, now: i64) {
+        if let Some(key) = self.shard(id, now).keys.get_mut(id) {
+            key.lease = 0;
+        }
     }
 
     /// Hands what this instance holds of a rolled key to its successor, as the roll moved the
@@ -394,7 +503,7 @@ pub(crate) struct LeaseTaken<'m> {
     meter: &'m Meter,
     id: KeyId,
     /// `leases_ended` when the use found the take under way.
-    ended: u64,
+    ended: u32,
 }
 
 impl Future for LeaseTaken<'_> {
@@ -402,9 +511,9 @@ impl Future for LeaseTaken<'_> {
 
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
         let mut shard = self.meter.shard(&self.id, i64::MIN);
-        match shard.keys.get_mut(&self.id) {
+        match shard.keys.get(&self.id) {
             Some(key) if key.leasing && key.leases_ended == self.ended => {
-                key.waiting.push(context.waker().clone());
+                shard.waiting.push((self.id, context.waker().clone()));
                 Poll::Pending
             }
             _ => Poll::Ready(()),
@@ -413,6 +522,25 @@ impl Future for LeaseTaken<'_> {
 }
 
 impl Shard {
+    /// Marks the leasing take of the key `id` ended, if `leasing`, and wakes the uses waiting
+    /// for it.
+    fn end_take(&mut self, id: &KeyId, leasing: bool) {
+        if !leasing {
+            return;
+        }
+        if let Some(key) = self.keys.get_mut(id) {
+            key.leasing = false;
+            key.leases_ended = key.leases_ended.wrapping_add(1);
+        }
+        self.waiting.retain(|(waiting, waker)| {
+            let woken = waiting == id;
+            if woken {
+                waker.wake_by_ref();
+            }
+            !woken
+        });
+    }
+
     /// Forgets keys that hold nothing (empty windows, no lease, no take under way) once the
     /// shard has doubled since the last sweep: memory follows the keys in use, not every key
     /// ever used, at a cost spread over the inserts that grew it.
@@ -428,19 +556,21 @@ impl Shard {
 }
 
 impl KeyMeter {
-    /// The window of `limit`, moved on to `now`; a fresh one if the key had none, or if the
-    /// limit's window changed.
-    fn window(&mut self, limit: &RateLimit, now: i64) -> &mut Window {
-        let slot = Window::slot_width(limit.window());
-        let found = self.windows.iter().position(|(name, window)| name == limit.name() && window.slot == slot);
-        let index = found.unwrap_or_else(|| {
-            self.windows.retain(|(name, _)| name != limit.name());
-            self.windows.push((SmolStr::new(limit.name()), Window::new(slot)));
-            self.windows.len() - 1
-        });
-        let window = &mut self.windows[index].1;
-        window.advance(now);
-        window
+    /// Where the window of `limit` is in `windows`, moved on to `now`: a fresh one if the key
+    /// had none, or if the limit's window changed (in place, so that no other window moves).
+    fn window(&mut self, limit: &RateLimit, now: i64) -> usize {
+        let found = self.windows.iter().position(|(name, _)| name == limit.name());
+        let index = match found {
+            Some(index) => {
+                if self.windows[index].1.window != limit.window() {
+                    self.windows[index].1 = Window::new(limit.window());
+                }
+                index
+            }
+            None => self.windows.push((limit.name_text().clone(), Window::new(limit.window()))),
+        };
+        self.windows[index].1.advance(now);
+        index
     }
 }
 
@@ -452,12 +582,15 @@ const SLOTS: usize = 32;
 /// A sliding window of accepted uses, counted in slots of equal width.
 #[derive(Debug, Clone)]
 struct Window {
-    /// Slot width, µs.
+    /// The limit's window, and its slots' width in µs.
+    window: Duration,
     slot: i64,
     /// The number (time / width) of the newest slot; the ring holds it and the `SLOTS` before.
     newest: i64,
-    counts: [u32; SLOTS + 1],
+    /// The number of the oldest slot that counts a use, when `total` is not 0.
+    oldest: i64,
     total: u32,
+    counts: [u32; SLOTS + 1],
 }
 
 impl Window {
@@ -466,8 +599,8 @@ impl Window {
         (micros / SLOTS as i64 + i64::from(micros % SLOTS as i64 != 0)).max(1)
     }
 
-    fn new(slot: i64) -> Self {
-        Self { slot, newest: i64::MIN, counts: [0; SLOTS + 1], total: 0 }
+    fn new(window: Duration) -> Self {
+        Self { window, slot: Self::slot_width(window), newest: i64::MIN, oldest: 0, total: 0, counts: [0; SLOTS + 1] }
     }
 
     fn ring(number: i64) -> usize {
@@ -491,10 +624,21 @@ impl Window {
             }
         }
         self.newest = current;
+        if self.total > 0 && self.oldest < current - SLOTS as i64 {
+            self.find_oldest(current - SLOTS as i64);
+        }
+    }
+
+    /// Moves `oldest` to the first slot from `from` on that counts a use.
+    fn find_oldest(&mut self, from: i64) {
+        self.oldest = (from..=self.newest).find(|&number| self.counts[Self::ring(number)] > 0).unwrap_or(self.newest);
     }
 
     /// Counts one use in the newest slot; returns that slot's number.
     fn add(&mut self) -> i64 {
+        if self.total == 0 {
+            self.oldest = self.newest;
+        }
         self.counts[Self::ring(self.newest)] += 1;
         self.total += 1;
         self.newest
@@ -507,23 +651,28 @@ impl Window {
         if held && *count > 0 {
             *count -= 1;
             self.total -= 1;
+            if number == self.oldest && self.total > 0 {
+                self.find_oldest(number);
+            }
         }
     }
 
     /// How long from `now` until fewer than `limit` uses are counted: each slot, oldest first,
     /// drops out when the slot `SLOTS + 1` after it begins.
     fn until_below(&self, limit: u32, now: i64) -> Duration {
+        if self.total < limit {
+            return Duration::ZERO;
+        }
         let mut total = self.total;
         let oldest = self.newest - SLOTS as i64;
+        let mut ring = Self::ring(oldest);
         for number in oldest..=self.newest {
-            if total < limit {
-                break;
-            }
-            total -= self.counts[Self::ring(number)];
+            total -= self.counts[ring];
             if total < limit {
                 let drops_at = (number + SLOTS as i64 + 1).saturating_mul(self.slot);
                 return Duration::from_micros(drops_at.saturating_sub(now).max(0) as u64);
             }
+            ring = if ring == SLOTS { 0 } else { ring + 1 };
         }
         Duration::ZERO
     }
@@ -533,14 +682,15 @@ impl Window {
         self.total > 0
     }
 
-    fn state(&self, limit: &RateLimit, now: i64) -> LimitState {
-        LimitState {
-            name: SmolStr::new(limit.name()),
-            limit: limit.limit(),
-            window: limit.window(),
-            remaining: limit.limit().saturating_sub(self.total),
-            reset: if self.total == 0 { Duration::ZERO } else { self.until_below(self.total, now) },
-        }
+    /// What is left of `limit` at `now`.
+    fn left(&self, limit: &RateLimit, now: i64) -> Left {
+        // One more use is accepted once the oldest counted slot drops out.
+        let reset = match self.total {
+            0 => 0,
+            _ => (self.oldest + SLOTS as i64 + 1).saturating_mul(self.slot).saturating_sub(now).max(0),
+        };
+        let reset_ms = u32::try_from(reset.div_euclid(1_000) + i64::from(reset % 1_000 != 0)).unwrap_or(u32::MAX);
+        Left { remaining: limit.limit().saturating_sub(self.total), reset_ms }
     }
 }
 
@@ -554,12 +704,21 @@ fn until_refill(balance: &Balance, cost: u64, now: i64) -> Option<Duration> {
 
 /// The credits of `balance` at `now` (Unix µs).
 fn left_at(balance: &Balance, now: i64) -> u64 {
-    from_unix_micros(now).map_or(balance.remaining, |now| balance.at(now).remaining)
+    match (balance.refill, from_unix_micros(now)) {
+        (Some(_), Some(now)) => balance.at(now).remaining,
+        // No date to build for credits that never refill.
+        _ => balance.remaining,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn window_at<'k>(key: &'k mut KeyMeter, limit: &RateLimit, now: i64) -> &'k mut Window {
+        let index = key.window(limit, now);
+        &mut key.windows[index].1
+    }
 
     fn limit(limit: u32, window_ms: u64) -> RateLimit {
         RateLimit::new("requests", limit, Duration::from_millis(window_ms)).unwrap()
@@ -573,7 +732,7 @@ mod tests {
         // One attempt every 250 µs for 200 ms.
         for step in 0..800_i64 {
             let now = 1_000_000 + step * 250;
-            let window = key.window(&limit, now);
+            let window = window_at(&mut key, &limit, now);
             if window.total < limit.limit() {
                 window.add();
                 accepted.push(now);
@@ -591,25 +750,25 @@ mod tests {
     fn retry_after_is_when_the_oldest_use_drops_out() {
         let limit = limit(2, 3_200);
         let mut key = KeyMeter::default();
-        key.window(&limit, 0).add();
-        key.window(&limit, 1_000_000).add();
-        let window = key.window(&limit, 2_000_000);
+        window_at(&mut key, &limit, 0).add();
+        window_at(&mut key, &limit, 1_000_000).add();
+        let window = window_at(&mut key, &limit, 2_000_000);
         assert_eq!(window.total, 2);
         let retry = window.until_below(2, 2_000_000);
         // The use at 0 is in slot 0 (100 ms wide), which drops when slot 33 begins: 3.3 s.
         assert_eq!(retry, Duration::from_millis(1_300));
-        assert_eq!(key.window(&limit, 3_299_999).total, 2);
-        assert_eq!(key.window(&limit, 3_300_000).total, 1);
+        assert_eq!(window_at(&mut key, &limit, 3_299_999).total, 2);
+        assert_eq!(window_at(&mut key, &limit, 3_300_000).total, 1);
     }
 
     #[test]
     fn a_use_given_back_frees_its_slot() {
         let limit = limit(1, 1_000);
         let mut key = KeyMeter::default();
-        let slot = key.window(&limit, 10).add();
-        key.window(&limit, 20).remove(slot);
-        assert_eq!(key.window(&limit, 30).total, 0);
-        key.window(&limit, 40).remove(slot);
-        assert_eq!(key.window(&limit, 50).total, 0, "a slot is given back once");
+        let slot = window_at(&mut key, &limit, 10).add();
+        window_at(&mut key, &limit, 20).remove(slot);
+        assert_eq!(window_at(&mut key, &limit, 30).total, 0);
+        window_at(&mut key, &limit, 40).remove(slot);
+        assert_eq!(window_at(&mut key, &limit, 50).total, 0, "a slot is given back once");
     }
 }

@@ -35,7 +35,7 @@ pub enum Rejection {
         key: Box<AuthenticatedKey>,
     },
     /// A rate limit the use checks has been reached; nothing was counted or spent.
-    #[error("rate limit `{}` reached", .0.limit().map_or("", |limit| limit.name.as_str()))]
+    #[error("rate limit `{}` reached", .0.limit().map(|limit| limit.name).unwrap_or_default())]
     RateLimited(Box<Refusal>),
     /// The key has fewer credits than the use costs; nothing was counted or spent.
     #[error("the key's credits are used up")]
@@ -56,14 +56,14 @@ pub struct Refusal {
     pub retry_after: Option<Duration>,
     /// The key's limits as the use found them.
     pub usage: UsageReport,
-    /// Where the limit reached is in `usage.ratelimits`.
+    /// Where the limit reached is among `usage.ratelimits()`.
     pub(crate) reached: Option<usize>,
 }
 
 impl Refusal {
     /// The rate limit that was reached, for [`Rejection::RateLimited`].
-    pub fn limit(&self) -> Option<&LimitState> {
-        self.usage.ratelimits.get(self.reached?)
+    pub fn limit(&self) -> Option<LimitState> {
+        self.usage.ratelimit(self.reached?)
     }
 }
 

@@ -8,13 +8,13 @@ use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
-use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, NewKey, PreviousKey, RolledKey};
+use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
 use crate::meter::{Closed, LEASE_WAITS, Meter, Opened, Refused, Usage, UsageReport};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
-use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
+use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyFormat;
 use crate::usage::Balance;
 
@@ -397,6 +397,52 @@ impl<S: KeyStore> KeyService<S> {
         Ok(revoked)
     }
 
+    /// Changes the name, meta, credits or rate limits of a key of the caller's account, through
+    /// the caller's key, which needs scope `keys:write`. The key must be one the caller [can
+    /// manage](AuthenticatedKey::can_manage) both before and after the change, so a change never
+    /// makes a key looser than the caller: a key may tighten its own limits, never loosen them.
+    /// A caller with credits sets no credits (as it creates no keys). New credits count from
+    /// the change: the balance starts again from them. Returns the key as it now is.
+    ///
+    /// Errors: [`Error::InsufficientScope`], [`Error::NotFound`] (unknown, revoked, expired or
+    /// another account's key), [`Error::ScopeEscalation`], [`Error::Store`].
+    pub async fn update(&self, caller: &AuthenticatedKey, id: &KeyId, update: KeyUpdate) -> Result<ApiKey, Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
+        let now = self.now();
+        let target = self.active_key(&caller.account, id, now).await?;
+        let mut changed = target.clone();
+        update.apply(&mut changed, now);
+        let sets_credits = caller.credits.is_some() && update.credits.is_some();
+        if sets_credits || !caller.can_manage(&target) || !caller.can_manage(&changed) {
+            return Err(Error::ScopeEscalation);
+        }
+        self.apply_update(&caller.account, id, update, now).await
+    }
+
+    /// Changes any active key of `account`, on the administrator's path: as
+    /// [`update`](Self::update), with no caller to check.
+    pub async fn update_as_admin(&self, account: &AccountId, id: &KeyId, update: KeyUpdate) -> Result<ApiKey, Error> {
+        self.apply_update(account, id, update, self.now()).await
+    }
+
+    async fn apply_update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        update: KeyUpdate,
+        now: time::OffsetDateTime,
+    ) -> Result<ApiKey, Error> {
+        let sets_credits = update.credits.is_some();
+        let change = Change::new(update, now);
+        let changed = self.inner.within(self.inner.store.update(account, id, &change)).await.map_err(Error::Store)?;
+        let changed = changed.ok_or(Error::NotFound)?;
+        if sets_credits {
+            // What this instance holds was taken from the balance the change replaced.
+            self.inner.meter.forget_lease(id, unix_micros(now));
+        }
+        Ok(ApiKey::at(changed, now))
+    }
+
     /// Revokes any active key of `account`, including one in use: the administrator's
     /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
     /// accounts' keys are [`Error::NotFound`].
@@ -585,24 +631,41 @@ impl<S: KeyStore> Inner<S> {
         if let Some(required) = usage.required_scopes().find(|scope| !key.scopes.allows(scope)) {
             return Err(Rejection::InsufficientScope { required: required.into(), key: Box::new(key) });
         }
-        key.usage = self.spend(&key, usage, now).await.map_err(|refused| refusal(key.clone(), refused))?;
+        // Counted against the key's rate limits and spent from this instance's lease, at once;
+        // only a use the lease cannot pay goes to the store, in a future of its own, so that
+        // the verification's own future stays small.
+        key.usage = match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, true) {
+            Opened::Accepted(report) => report,
+            Opened::Refused(refused, report) => return Err(refusal(key, Spent::Refused(refused, report))),
+            opened => {
+                let spent = Box::pin(self.spend_from_store(&key, usage, now, opened)).await;
+                spent.map_err(|refused| refusal(key.clone(), refused))?
+            }
+        };
         self.note_use(key.id, now).await;
         Ok(key)
     }
 
-    /// Counts the use against the key's rate limits and spends its credits, taking more from
-    /// the store if this instance's lease cannot pay.
-    async fn spend(&self, key: &AuthenticatedKey, usage: &Usage, now: i64) -> Result<UsageReport, Spent> {
+    /// Finishes a use [`Meter::open`] could not settle: waits for another use's lease, or takes
+    /// credits from the store.
+    async fn spend_from_store<'m>(
+        &'m self,
+        key: &AuthenticatedKey,
+        usage: &Usage,
+        now: i64,
+        mut opened: Opened<'m>,
+    ) -> Result<UsageReport, Spent> {
         let mut waits = 0;
         let pending = loop {
-            let may_wait = waits < LEASE_WAITS;
-            match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, may_wait) {
+            match opened {
                 Opened::Accepted(report) => return Ok(report),
                 Opened::Refused(refused, report) => return Err(Spent::Refused(refused, report)),
                 Opened::Take(pending) => break pending,
                 Opened::Wait(lease_taken) => lease_taken.await,
             }
             waits += 1;
+            let may_wait = waits < LEASE_WAITS;
+            opened = self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, may_wait);
         };
         let taken = self.within(self.store.take_credits(&key.id, pending.take)).await;
         match self.meter.close(pending, taken, now) {

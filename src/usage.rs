@@ -365,6 +365,11 @@ impl RateLimit {
         &self.name
     }
 
+    /// The name, as kept.
+    pub(crate) fn name_text(&self) -> &SmolStr {
+        &self.name
+    }
+
     /// Accepted uses per window.
     pub fn limit(&self) -> u32 {
         self.limit.get()
@@ -417,8 +422,13 @@ impl RateLimits {
     }
 
     /// The limits, in the order they were given.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &RateLimit> {
-        self.0.as_deref().unwrap_or_default().iter()
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &RateLimit> + Clone {
+        self.as_slice().iter()
+    }
+
+    /// The limits, in the order they were given.
+    pub(crate) fn as_slice(&self) -> &[RateLimit] {
+        self.0.as_deref().unwrap_or_default()
     }
 
     /// Whether there are none.
@@ -439,6 +449,27 @@ impl RateLimits {
     pub fn as_text(&self) -> String {
         let each = self.iter().map(|limit| format!("{}:{}:{}", limit.name, limit.limit, limit.window.as_millis()));
         each.collect::<Vec<_>>().join(" ")
+    }
+
+    /// [`RateLimits::from_text`] for what a store read back: the last text each thread read is
+    /// remembered with its limits, so that reading keys of one plan after another, which share
+    /// their limits, parses and allocates nothing.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "redb", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn from_stored(text: &str) -> Result<Self, ValidationError> {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(Box<str>, RateLimits)>> = const { std::cell::RefCell::new(None) };
+        }
+        if text.is_empty() {
+            return Ok(Self::none());
+        }
+        LAST.with_borrow_mut(|last| match last {
+            Some((seen, limits)) if **seen == *text => Ok(limits.clone()),
+            _ => {
+                let limits = Self::from_text(text)?;
+                *last = Some((text.into(), limits.clone()));
+                Ok(limits)
+            }
+        })
     }
 
     /// Reads [`RateLimits::as_text`]'s form back.

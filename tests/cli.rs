@@ -15,7 +15,15 @@ use serde_json::Value;
 fn apikeys(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_apikeys"));
     command.current_dir(dir);
-    for variable in ["APIKEYS_DB", "APIKEYS_BACKEND", "APIKEYS_PEPPER", "APIKEYS_PEPPER_FILE", "APIKEYS_NAMESPACE"] {
+    for variable in [
+        "APIKEYS_DB",
+        "APIKEYS_BACKEND",
+        "APIKEYS_PEPPER",
+        "APIKEYS_PEPPER_FILE",
+        "APIKEYS_NAMESPACE",
+        "APIKEYS_SERVICE_TOKEN",
+        "APIKEYS_SERVICE_TOKEN_FILE",
+    ] {
         command.env_remove(variable);
     }
     command
@@ -660,4 +668,39 @@ fn sigterm_ends_serve_within_its_deadline_whatever_clients_do_and_writes_last_us
     let listed = run(dir.path(), &["list", "--account", "default", "--json"]);
     let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
     assert!(listed["data"][0]["lastUsedAt"].is_string(), "the use before shutdown was written: {listed}");
+}
+
+#[test]
+fn update_changes_credits_meta_and_limits_and_verify_spends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, id) = create(dir.path(), &["--credits", "5", "--meta", r#"{"plan":"free"}"#]);
+    let update = |extra: &[&str]| {
+        let output = run(dir.path(), &[&["update", "--account", "acme", &id, "--json"], extra].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_str::<Value>(&stdout(&output)).unwrap()["data"][0].clone()
+    };
+    let changed = update(&["--credits", "9", "--refill", "daily:9", "--ratelimit", "requests=3/1s", "--name", "n"]);
+    assert_eq!(changed["credits"], serde_json::json!({"remaining": 9, "refill": {"amount": 9, "interval": "daily"}}));
+    assert_eq!(changed["ratelimits"][0]["limit"], 3);
+    assert_eq!((&changed["meta"]["plan"], &changed["name"]), (&serde_json::json!("free"), &serde_json::json!("n")));
+    let changed = update(&["--unlimited", "--no-meta", "--no-ratelimits", "--no-name"]);
+    for field in ["credits", "meta", "ratelimits", "name"] {
+        assert!(changed.get(field).is_none_or(Value::is_null), "{field} taken away: {changed}");
+    }
+    update(&["--credits", "2"]);
+    // An operator's verify checks the key; it spends none of its credits.
+    for _ in 0..3 {
+        assert!(run_with_stdin(dir.path(), &["verify"], &token).status.success());
+    }
+    let listed: Value =
+        serde_json::from_str(&stdout(&run(dir.path(), &["list", "--account", "acme", "--json"]))).unwrap();
+    assert_eq!(listed["data"][0]["credits"]["remaining"], 2);
+    for (args, expected) in [
+        (&["update", "--account", "acme", id.as_str(), "--credits", "1", "--unlimited"][..], "cannot be used with"),
+        (&["update", "--account", "acme", id.as_str(), "--refill", "daily:1"][..], "--credits"),
+        (&["update", "--account", "acme", "ak_01j9zxkp4qbc7n3m8td5e6fvg2", "--no-meta"][..], "no active key"),
+    ] {
+        let output = run(dir.path(), args);
+        assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
 }

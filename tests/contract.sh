@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 binary="${1:-${CARGO_TARGET_DIR:-target}/debug/apikeys}"
 dir="$(mktemp -d)"
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-(cd "$dir" && exec "$binary" serve --listen "127.0.0.1:$port" > out.txt 2> err.txt) &
+# The verification endpoint is served only with a service credential.
+service_token="contract-test-service-credential-$(date +%s%N)"
+(cd "$dir" && APIKEYS_SERVICE_TOKEN="$service_token" exec "$binary" serve --listen "127.0.0.1:$port" > out.txt 2> err.txt) &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$dir/err.txt" 2>/dev/null && break; sleep 0.1; done
@@ -15,5 +17,5 @@ grep -q "listening on" "$dir/err.txt" || { cat "$dir/err.txt" >&2; echo "serve d
 key="$(grep -o 'as_live_v1_[a-z2-7]*' "$dir/out.txt" | head -n 1 || true)"
 [ -n "$key" ] || { cat "$dir/err.txt" >&2; echo "serve printed no first key" >&2; exit 1; }
 schemathesis --config-file schemathesis.toml run "http://127.0.0.1:$port/openapi.json" \
-  --checks all --header "x-api-key: $key" --max-examples "${APIKEYS_CONTRACT_EXAMPLES:-50}" --no-color \
+  --checks all --header "x-api-key: $key" --header "Authorization: Bearer $service_token" --max-examples "${APIKEYS_CONTRACT_EXAMPLES:-50}" --no-color \
   --seed "${APIKEYS_CONTRACT_SEED:-1}"

@@ -1194,3 +1194,108 @@ async fn a_request_refused_for_its_scope_spends_nothing() {
     assert_eq!(limited(&server, "/whoami", &scoped).await.0, 429);
     assert_eq!(limited(&server, "/whoami", &key).await.0, 429, "the 200 did");
 }
+
+#[tokio::test]
+async fn patch_changes_limits_and_metadata_and_never_widens_them() {
+    let server = Server::start().await;
+    let (admin, _) = server.key("acme").await;
+    let (_, target) = server.key_with("acme", NewKey::named("target").unwrap()).await;
+    let path = format!("/account/api-keys/{target}");
+    let change = json!({
+        "name": "renamed",
+        "meta": {"plan": "pro"},
+        "credits": {"remaining": 50, "refill": {"amount": 50, "interval": "monthly"}},
+        "ratelimits": [{"limit": 10, "windowMs": 1000}],
+    });
+    let (status, body) = server.request(Method::PATCH, &path).key(Some(&admin)).json(&change).send().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["id"], &body["name"], &body["meta"]),
+        (&json!(target.to_string()), &json!("renamed"), &change["meta"])
+    );
+    assert_eq!(body["credits"], change["credits"]);
+    assert_eq!(body["ratelimits"], json!([{"name": "requests", "limit": 10, "windowMs": 1000}]));
+    // A field left out stays; null takes it away.
+    let (status, body) = server
+        .request(Method::PATCH, &path)
+        .key(Some(&admin))
+        .json(&json!({"meta": null, "credits": null}))
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((body.get("meta"), body.get("credits"), &body["name"]), (None, None, &json!("renamed")));
+    assert_eq!(body["ratelimits"][0]["limit"], 10);
+    let (status, body) =
+        server.request(Method::PATCH, &path).key(Some(&admin)).json(&json!({"ratelimits": null})).send().await;
+    assert_eq!((status, body.get("ratelimits")), (StatusCode::OK, None));
+
+    for (bad, expected) in [
+        (json!({"credits": {"remaining": -1}}), "invalid_credits"),
+        (json!({"ratelimits": [{"limit": 0, "windowMs": 1}]}), "invalid_ratelimits"),
+        (json!({"name": ""}), "invalid_name"),
+        (json!({"meta": [1]}), "invalid_meta"),
+        (json!({"expiresAt": null}), "unknown_field"),
+    ] {
+        let (status, body) = server.request(Method::PATCH, &path).key(Some(&admin)).json(&bad).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, expected), "{bad}");
+    }
+    let unknown = "/account/api-keys/ak_01j9zxkp4qbc7n3m8td5e6fvg2";
+    let (status, body) = server.request(Method::PATCH, unknown).key(Some(&admin)).json(&json!({})).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+
+    // A key with a limit tightens keys, itself included, and never loosens one past itself.
+    let ten = apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap();
+    let limited = scoped(&["keys:*"]).ratelimits(apikeys::RateLimits::new([ten]).unwrap());
+    let (limited, limited_id) = server.key_with("acme", limited).await;
+    let (_, child) =
+        server.key_with("acme", scoped(&["keys:read"]).ratelimits(apikeys::RateLimits::new([]).unwrap())).await;
+    let child = format!("/account/api-keys/{child}");
+    let own = format!("/account/api-keys/{limited_id}");
+    let (status, _) =
+        server.request(Method::PATCH, &child).key(Some(&limited)).json(&json!({"name": "x"})).send().await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a key looser than the caller is not the caller's to change");
+    let same = json!({"ratelimits": [{"limit": 10, "windowMs": 1000}]});
+    assert_eq!(server.request(Method::PATCH, &child).key(Some(&admin)).json(&same).send().await.0, StatusCode::OK);
+    for (path, body, expected) in [
+        (&child, json!({"ratelimits": [{"limit": 11, "windowMs": 1000}]}), StatusCode::FORBIDDEN),
+        (&child, json!({"ratelimits": []}), StatusCode::FORBIDDEN),
+        (&child, json!({"ratelimits": [{"limit": 5, "windowMs": 1000}]}), StatusCode::OK),
+        (&child, json!({"ratelimits": [{"limit": 6, "windowMs": 1000}]}), StatusCode::OK),
+        (&own, json!({"ratelimits": [{"limit": 20, "windowMs": 1000}]}), StatusCode::FORBIDDEN),
+        (&own, json!({"ratelimits": [{"limit": 8, "windowMs": 1000}]}), StatusCode::OK),
+        // Having tightened itself, it cannot loosen itself back.
+        (&own, json!({"ratelimits": [{"limit": 10, "windowMs": 1000}]}), StatusCode::FORBIDDEN),
+    ] {
+        // Apart, so that the caller's own limit of 10 a second is never what answers.
+        server.clock.advance(Duration::seconds(2));
+        let (status, answer) = server.request(Method::PATCH, path).key(Some(&limited)).json(&body).send().await;
+        assert_eq!(status, expected, "{path} {body}: {answer}");
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(code(&answer), "scope_escalation");
+        }
+    }
+    // Keys with credits set no credits, and the credits a change sets are what uses spend.
+    let credited = scoped(&["keys:*"]).credits(apikeys::Credits::new(100).unwrap());
+    let (credited, _) = server.key_with("acme", credited).await;
+    let (status, answer) = server
+        .request(Method::PATCH, &child)
+        .key(Some(&credited))
+        .json(&json!({"credits": {"remaining": 1}}))
+        .send()
+        .await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "scope_escalation"));
+    let (spender, spender_id) = server.key("acme").await;
+    let spender_path = format!("/account/api-keys/{spender_id}");
+    let one = json!({"credits": {"remaining": 1}});
+    assert_eq!(
+        server.request(Method::PATCH, &spender_path).key(Some(&admin)).json(&one).send().await.0,
+        StatusCode::OK
+    );
+    assert_eq!(limited_status(&server, &spender).await, 200);
+    assert_eq!(limited_status(&server, &spender).await, 429);
+    server.assert_log_clean();
+}
+
+async fn limited_status(server: &Server, key: &str) -> u16 {
+    limited(server, "/whoami", key).await.0
+}

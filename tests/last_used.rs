@@ -52,6 +52,14 @@ impl KeyStore for Recording {
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         self.inner.roll(roll, max_active).await
     }
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &apikeys::Change,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(account, id, change).await
+    }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.inner.take_credits(id, take).await
     }

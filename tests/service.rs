@@ -489,6 +489,14 @@ impl KeyStore for Confused {
     ) -> Result<bool, apikeys::StoreError> {
         self.inner.revoke(account, id, at).await
     }
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &apikeys::Change,
+    ) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
+        self.inner.update(account, id, change).await
+    }
     async fn take_credits(
         &self,
         id: &KeyId,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apikeys::http::{ServeOptions, ServiceCredential};
 use apikeys::{
-    AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, Maintenance,
+    AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
     MemoryStore, Meta, NewKey, OwnerId, Pepper, PostgresOptions, PostgresStore, RateLimit, RateLimits, RedbStore,
     Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
 };
@@ -121,6 +121,17 @@ enum Command {
         /// How long the old key keeps working, e.g. 1d, 2h, 0s (at most 7 days).
         #[arg(long, value_parser = humantime::parse_duration)]
         grace: Duration,
+    },
+    /// Change a key's name, meta, credits or rate limits as administrator; what is not named
+    /// stays as it is.
+    Update {
+        /// The account that owns the key.
+        #[arg(long)]
+        account: String,
+        /// The key's id, ak_….
+        id: String,
+        #[command(flatten)]
+        change: ChangeArgs,
     },
     /// List an account's active keys (never their secrets).
     List {
@@ -251,6 +262,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print(json, json!({ "previous": rolled.previous }), &format!("{id} now expires at {until}"));
             ExitCode::SUCCESS
         }
+        Command::Update { account, id, change } => {
+            let id: KeyId = id.parse()?;
+            let key = service.update_as_admin(&AccountId::new(account)?, &id, change.into_update()?).await?;
+            print_list(&[key], json)?;
+            ExitCode::SUCCESS
+        }
         Command::List { account, owner } => {
             let account = AccountId::new(account)?;
             let keys = match owner.map(OwnerId::new).transpose()? {
@@ -319,6 +336,61 @@ impl UsageArgs {
             new.ratelimits = Some(RateLimits::new(self.ratelimits)?);
         }
         Ok(new)
+    }
+}
+
+/// What `update` changes.
+#[derive(Args)]
+struct ChangeArgs {
+    /// A new label.
+    #[arg(long, conflicts_with = "no_name")]
+    name: Option<String>,
+    /// Take the label away.
+    #[arg(long)]
+    no_name: bool,
+    /// New host data: a JSON object of at most 4 KiB.
+    #[arg(long, value_name = "JSON", conflicts_with = "no_meta")]
+    meta: Option<String>,
+    /// Take the host data away.
+    #[arg(long)]
+    no_meta: bool,
+    /// New credits; the balance starts again from them.
+    #[arg(long, value_name = "N", conflicts_with = "unlimited")]
+    credits: Option<u64>,
+    /// How the new credits refill, as for create: daily:N, monthly:N, or 1h:N. Needs --credits.
+    #[arg(long, value_name = "INTERVAL:N", requires = "credits", value_parser = parse_refill)]
+    refill: Option<Refill>,
+    /// Take the credits away: unlimited use.
+    #[arg(long)]
+    unlimited: bool,
+    /// The new rate limits, NAME=LIMIT/WINDOW, replacing all of them; repeat for more.
+    #[arg(long = "ratelimit", value_name = "NAME=LIMIT/WINDOW", value_parser = parse_rate_limit)]
+    ratelimits: Vec<RateLimit>,
+    /// Take every rate limit away.
+    #[arg(long, conflicts_with = "ratelimits")]
+    no_ratelimits: bool,
+}
+
+impl ChangeArgs {
+    fn into_update(self) -> Result<KeyUpdate, Failure> {
+        let mut update = KeyUpdate::default();
+        if self.no_name || self.name.is_some() {
+            update = update.name(self.name.map(KeyName::new).transpose()?);
+        }
+        if self.no_meta || self.meta.is_some() {
+            update = update.meta(self.meta.as_deref().map(Meta::new).transpose()?);
+        }
+        if self.unlimited || self.credits.is_some() {
+            let credits = self.credits.map(Credits::new).transpose()?;
+            update = update.credits(credits.map(|credits| match self.refill {
+                Some(refill) => credits.refill(refill),
+                None => credits,
+            }));
+        }
+        if self.no_ratelimits || !self.ratelimits.is_empty() {
+            update = update.ratelimits(RateLimits::new(self.ratelimits)?);
+        }
+        Ok(update)
     }
 }
 

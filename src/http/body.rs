@@ -16,7 +16,8 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{ApiError, BODY_LIMIT};
 use crate::{
-    Credits, KeyName, Meta, NewKey, OwnerId, RateLimit, RateLimits, Refill, RefillInterval, Scopes, ValidationError,
+    Credits, KeyName, KeyUpdate, Meta, NewKey, OwnerId, RateLimit, RateLimits, Refill, RefillInterval, Scopes,
+    ValidationError,
 };
 
 /// `POST /account/api-keys`: every field optional or null.
@@ -51,15 +52,58 @@ impl CreateRequest {
         new.meta = self.meta.map(|meta| Meta::from_object(meta.valid().ok_or(ValidationError::Meta)?)).transpose()?;
         new.credits =
             self.credits.map(|credits| credits.valid().ok_or(ValidationError::Credits)?.parse()).transpose()?;
-        new.ratelimits = self
-            .ratelimits
-            .map(|limits| {
-                let limits = limits.valid().ok_or(ValidationError::RateLimit)?;
-                RateLimits::new(limits.into_iter().map(RateLimitBody::parse).collect::<Result<Vec<_>, _>>()?)
-            })
-            .transpose()?;
+        new.ratelimits = self.ratelimits.map(parse_rate_limits).transpose()?;
         Ok(new)
     }
+}
+
+/// `PATCH /account/api-keys/{id}`: each field left out stays as it is; `null` takes it away
+/// (`credits: null` is unlimited use).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct UpdateRequest {
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<Sent<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    meta: Option<Option<Sent<serde_json::Map<String, serde_json::Value>>>>,
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<Sent<CreditsBody>>>,
+    #[serde(default, deserialize_with = "present")]
+    ratelimits: Option<Option<Sent<Vec<RateLimitBody>>>>,
+}
+
+/// A field that is there, `null` or not: told apart from one left out, which `default` gives.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
+impl UpdateRequest {
+    pub(super) fn into_update(self) -> Result<KeyUpdate, ApiError> {
+        let mut update = KeyUpdate::default();
+        if let Some(name) = self.name {
+            update =
+                update.name(name.map(|name| KeyName::new(name.valid().ok_or(ValidationError::Name)?)).transpose()?);
+        }
+        if let Some(meta) = self.meta {
+            let meta = meta.map(|meta| Meta::from_object(meta.valid().ok_or(ValidationError::Meta)?)).transpose()?;
+            update = update.meta(meta);
+        }
+        if let Some(credits) = self.credits {
+            let credits =
+                credits.map(|credits| credits.valid().ok_or(ValidationError::Credits)?.parse()).transpose()?;
+            update = update.credits(credits);
+        }
+        if let Some(limits) = self.ratelimits {
+            update = update.ratelimits(limits.map(parse_rate_limits).transpose()?.unwrap_or_default());
+        }
+        Ok(update)
+    }
+}
+
+/// `ratelimits` as sent: a list of [`RateLimitBody`].
+fn parse_rate_limits(limits: Sent<Vec<RateLimitBody>>) -> Result<RateLimits, ValidationError> {
+    let limits = limits.valid().ok_or(ValidationError::RateLimit)?;
+    RateLimits::new(limits.into_iter().map(RateLimitBody::parse).collect::<Result<Vec<_>, _>>()?)
 }
 
 /// `credits`: `{"remaining": n, "refill": {"amount": n, "interval": "daily" | "monthly" | seconds}}`,

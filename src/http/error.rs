@@ -137,11 +137,11 @@ fn whole_seconds(duration: Duration) -> u64 {
 /// policy, and what is left `r` and the seconds `t` until one more use is accepted in the other.
 /// None when the use checked no limit.
 pub(crate) fn ratelimit_headers(usage: &crate::UsageReport) -> Vec<(HeaderName, HeaderValue)> {
-    if usage.ratelimits.is_empty() {
+    if usage.ratelimits().len() == 0 {
         return Vec::new();
     }
     let items = |each: &dyn Fn(&crate::LimitState) -> String| {
-        let joined = usage.ratelimits.iter().map(each).collect::<Vec<_>>().join(", ");
+        let joined = usage.ratelimits().map(|limit| each(&limit)).collect::<Vec<_>>().join(", ");
         // Names are letters, digits, `_`, `-` and `.`, and the rest are numbers: always a valid value.
         HeaderValue::try_from(joined).unwrap_or_else(|_| HeaderValue::from_static(""))
     };

@@ -6,9 +6,16 @@
 //! | `POST /account/api-keys` `{"name": string or null, "expiresAt": RFC 3339 or null, "scopes": [grant] or null, "ownerId", "meta", "credits", "ratelimits"}` (body optional) | 201 `{"id","key","prefix","name","scopes","expiresAt","message"}`, plus `ownerId` / `meta` / `credits` / `ratelimits` where set | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 408 (`body_timeout`, behind [`serve`]), 413 (over 16 KiB), 415 (not JSON), 422 (`key_limit_reached`), 503 |
 //! | `GET /account/api-keys[?ownerId=…]` | 200 `{"data":[{"id","keyPrefix","name","lastUsedAt","expiresAt","createdAt","scopes"}]}`, plus `rotatedFrom` / `replacedBy` / `ownerId` / `meta` / `credits` / `ratelimits` where set | 400 (`ambiguous_api_key`, `invalid_owner_id`, `invalid_query`), 401, 403 (`insufficient_scope`), 503 |
 //! | `DELETE /account/api-keys?ownerId=…` | 200 `{"revoked":[id]}`: every active key of the owner | 400 (`invalid_query`, `invalid_owner_id`), 401, 403 (`insufficient_scope`, `scope_escalation`), 409 (`cannot_revoke_current_key`), 503 |
+//! | `PATCH /account/api-keys/{id}` `{"name", "meta", "credits", "ratelimits"}` (each left out: unchanged; `null`: none, unlimited credits) | 200, the list item as it now is | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 404, 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
+//! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
+//!
+//! Every route that takes a key uses it as a request does: 1 credit, the key's `requests` limit.
+//! A use refused for its limits is 429 `rate_limited` or `usage_exceeded`, with the IETF
+//! `RateLimit-Policy` and `RateLimit` headers of the limits it checked, and `Retry-After` when a
+//! retry can succeed.
 //!
 //! Scopes: listing needs `keys:read`, the other key routes `keys:write`; keys made
 //! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
@@ -68,7 +75,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_scope};
-use body::{CreateRequest, RollRequest, json_body};
+use body::{CreateRequest, RollRequest, UpdateRequest, json_body};
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
 pub use verify::{ServiceCredential, verify_router};
@@ -89,7 +96,7 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyService<St>) -> Router<S> {
     Router::new()
         .route("/account/api-keys", post(create_key::<St>).get(list_keys::<St>).delete(revoke_owner::<St>))
-        .route("/account/api-keys/{id}", delete(revoke_key::<St>))
+        .route("/account/api-keys/{id}", delete(revoke_key::<St>).patch(update_key::<St>))
         .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -259,6 +266,18 @@ async fn revoke_key<St: KeyStore>(
 ) -> Result<StatusCode, ApiError> {
     service.revoke(&caller, &key_id(id)?).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn update_key<St: KeyStore>(
+    State(service): State<KeyService<St>>,
+    Authenticated(caller): Authenticated,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let id = key_id(id)?;
+    let update = json_body::<UpdateRequest>(&headers, body)?.into_update()?;
+    Ok(Json(service.update(&caller, &id, update).await?))
 }
 
 async fn roll_key<St: KeyStore>(

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use smol_str::SmolStr;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -155,6 +156,10 @@ async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Resul
     Ok(Json(answer).into_response())
 }
 
+fn as_str<S: serde::Serializer>(text: &SmolStr, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(text)
+}
+
 /// The credentials of an `Authorization` value of the Bearer scheme, whose name is
 /// case-insensitive.
 fn bearer(authorization: &str) -> Option<&str> {
@@ -174,7 +179,7 @@ struct Verdict<'a> {
     scopes: Option<&'a Scopes>,
     meta: Option<&'a Meta>,
     credits: Option<Remaining>,
-    ratelimits: Vec<LimitBody<'a>>,
+    ratelimits: Vec<LimitBody>,
     #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,8 +193,9 @@ struct Remaining {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct LimitBody<'a> {
-    name: &'a str,
+struct LimitBody {
+    #[serde(serialize_with = "as_str")]
+    name: SmolStr,
     limit: u32,
     remaining: u32,
     reset_ms: u64,
@@ -203,8 +209,8 @@ impl<'a> Verdict<'a> {
         retry_after: Option<std::time::Duration>,
     ) -> Self {
         let millis = |duration: std::time::Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let ratelimits = usage.ratelimits.iter().map(|limit| LimitBody {
-            name: &limit.name,
+        let ratelimits = usage.ratelimits().map(|limit| LimitBody {
+            name: limit.name,
             limit: limit.limit,
             remaining: limit.remaining,
             reset_ms: millis(limit.reset),

@@ -10,7 +10,7 @@ use hashbrown::HashTable;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
+use super::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
 use crate::clock::normalize;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId};
@@ -117,7 +117,7 @@ impl MemoryStore {
     }
 
     /// Applies `change` to the record with this id, under the index lock the caller holds.
-    fn update<T>(&self, index: &Index, id: &KeyId, change: impl FnOnce(&mut KeyRecord) -> T) -> Option<T> {
+    fn change_record<T>(&self, index: &Index, id: &KeyId, change: impl FnOnce(&mut KeyRecord) -> T) -> Option<T> {
         let hash = *index.hash_of.get(id)?;
         self.write(hash).find_mut(hash, |record| record.id == *id).map(change)
     }
@@ -240,7 +240,7 @@ impl KeyStore for MemoryStore {
 
     async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
         let mut index = self.index();
-        let revoked = self.update(&index, id, |record| {
+        let revoked = self.change_record(&index, id, |record| {
             let revocable = record.account == *account && record.is_active(at);
             revocable.then(|| {
                 record.revoked_at = Some(at);
@@ -271,7 +271,7 @@ impl KeyStore for MemoryStore {
         {
             return Err(StoreError::LimitReached { limit: max_active });
         }
-        let rolled = self.update(&index, roll.old(), |old| {
+        let rolled = self.change_record(&index, roll.old(), |old| {
             let listed = Ends::of(old);
             old.expires_at = Some(roll.old_expires_at());
             old.replaced_by = Some(new.id);
@@ -285,10 +285,23 @@ impl KeyStore for MemoryStore {
         Ok(true)
     }
 
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+        let at = normalize(change.at()).unwrap_or(change.at());
+        let change = Change { at, ..change.clone() };
+        let index = self.index();
+        let changed = self.change_record(&index, id, |record| {
+            (record.account == *account && record.is_active(at)).then(|| {
+                change.apply(record);
+                record.clone()
+            })
+        });
+        Ok(changed.flatten())
+    }
+
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         let take = Take { at: normalize(take.at).unwrap_or(take.at), ..take };
         let index = self.index();
-        let taken = self.update(&index, id, |record| {
+        let taken = self.change_record(&index, id, |record| {
             let taken = record.credits?.take(take);
             if taken.granted > 0 {
                 record.credits = Some(taken.balance);
@@ -301,7 +314,7 @@ impl KeyStore for MemoryStore {
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         let index = self.index();
         for (id, at) in uses {
-            self.update(&index, id, |record| record.last_used_at = record.last_used_at.max(Some(*at)));
+            self.change_record(&index, id, |record| record.last_used_at = record.last_used_at.max(Some(*at)));
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
+use crate::key::KeyUpdate;
 use crate::name::KeyName;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
@@ -202,6 +203,31 @@ impl Roll {
     }
 }
 
+/// A change for [`KeyStore::update`], worked out by the service: a [`KeyUpdate`] at an instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    update: KeyUpdate,
+    at: OffsetDateTime,
+}
+
+impl Change {
+    /// `update`, made at `at` (new credits count from then).
+    pub fn new(update: KeyUpdate, at: OffsetDateTime) -> Self {
+        Self { update, at }
+    }
+
+    /// The instant of the change: the key must be active then.
+    pub fn at(&self) -> OffsetDateTime {
+        self.at
+    }
+
+    /// Applies the change to `record` as the store read it; every store writes back what this
+    /// leaves.
+    pub fn apply(&self, record: &mut KeyRecord) {
+        self.update.apply(record, self.at);
+    }
+}
+
 /// Where keys live. Implement it to add a backend; run the conformance suite of
 /// `apikeys::testing` (feature `test-util`) against it to check the contract below.
 ///
@@ -263,6 +289,11 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// [count towards the limit](KeyRecord::counts_towards_limit) at the roll's instant;
     /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
+
+    /// Applies `change` to the account's key `id` as one atomic step, if the key is active at
+    /// [`Change::at`], and returns the record as it then is. `None`, nothing changed, for an
+    /// unknown id, another account's key, and a revoked or expired key alike.
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Takes credits from the key with this id as one atomic step: reads its balance, applies
     /// [`Balance::take`] and, if that took any, writes the balance it gives. Durable once it
@@ -456,6 +487,15 @@ macro_rules! forward_key_store {
             fn roll<'s, 'r, 'f>(&'s self, roll: &'r Roll, max_active: u32) -> StoreFuture<'f, bool>
             where 's: 'f, 'r: 'f, Self: 'f {
                 (**self).roll(roll, max_active)
+            }
+            fn update<'s, 'a, 'i, 'c, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                id: &'i KeyId,
+                change: &'c Change,
+            ) -> StoreFuture<'f, Option<KeyRecord>>
+            where 's: 'f, 'a: 'f, 'i: 'f, 'c: 'f, Self: 'f {
+                (**self).update(account, id, change)
             }
             fn take_credits<'s, 'i, 'f>(&'s self, id: &'i KeyId, take: Take) -> StoreFuture<'f, Option<Taken>>
             where 's: 'f, 'i: 'f, Self: 'f {

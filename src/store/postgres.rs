@@ -17,7 +17,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
+use super::{
+    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
+};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
@@ -90,6 +92,7 @@ struct Statements {
     list_active: String,
     revoke: String,
     find_credits: String,
+    update: String,
     spend_credits: String,
     record_last_used: String,
     is_empty: String,
@@ -118,6 +121,10 @@ impl Statements {
             find_credits: format!(
                 "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval FROM {keys} \
                  WHERE id = $1 FOR UPDATE"
+            ),
+            update: format!(
+                "UPDATE {keys} SET name = $2, meta = $3, credits_remaining = $4, credits_as_of = $5, \
+                 refill_amount = $6, refill_interval = $7, ratelimits = $8 WHERE id = $1"
             ),
             spend_credits: format!("UPDATE {keys} SET credits_remaining = $2, credits_as_of = $3 WHERE id = $1"),
             lock_account: format!(
@@ -614,7 +621,8 @@ fn record_from_row(row: &Row) -> Result<KeyRecord, Failure> {
             Some(meta) => Some(Meta::from_stored(meta).ok_or_else(|| corrupt("meta", "not a JSON object"))?),
         },
         credits: credits_from_row(row, 14)?,
-        ratelimits: RateLimits::from_text(row.try_get::<_, &str>(18)?).map_err(|error| corrupt("ratelimits", error))?,
+        ratelimits: RateLimits::from_stored(row.try_get::<_, &str>(18)?)
+            .map_err(|error| corrupt("ratelimits", error))?,
     })
 }
 
@@ -732,6 +740,35 @@ impl KeyStore for PostgresStore {
             })
             .await?;
         rolled.ok_or(StoreError::LimitReached { limit: max_active })
+    }
+
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+        self.call("update", async |client| {
+            let transaction = client.transaction().await?;
+            let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
+            let row = transaction.query_opt(&find, &[id.as_uuid(), &account.as_str()]).await?;
+            let found = row.as_ref().map(record_from_row).transpose()?;
+            let Some(mut record) = found.filter(|record| record.is_active(change.at())) else { return Ok(None) };
+            change.apply(&mut record);
+            let credits = StoredCredits::of(record.credits.as_ref());
+            let (name, meta, ratelimits) =
+                (record.name.as_deref(), record.meta.as_ref().map(Meta::as_str), record.ratelimits.as_text());
+            let statement = transaction.prepare_cached(&self.sql.update).await?;
+            let parameters: [&(dyn ToSql + Sync); 8] = [
+                id.as_uuid(),
+                &name,
+                &meta,
+                &credits.remaining,
+                &credits.as_of,
+                &credits.refill_amount,
+                &credits.refill_interval,
+                &ratelimits,
+            ];
+            transaction.execute(&statement, &parameters).await?;
+            transaction.commit().await?;
+            Ok(Some(record))
+        })
+        .await
     }
 
     /// In one transaction that locks the key's row, so that takes by every instance queue on it.

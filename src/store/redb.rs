@@ -12,7 +12,9 @@ use time::OffsetDateTime;
 
 use super::stored::StoredFields;
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, BoxError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
+use super::{
+    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
+};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -668,6 +670,21 @@ impl KeyStore for RedbStore {
             put_record(&mut transaction.open_table(RECORDS)?, &old)?;
             insert_record(transaction, &new)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+        let (account, id, change) = (account.clone(), *id, change.clone());
+        self.write("update", move |transaction| {
+            let found = find_in(transaction, &id)?;
+            let Some(mut record) = found.filter(|record| record.account == account && record.is_active(change.at()))
+            else {
+                return Ok(None);
+            };
+            change.apply(&mut record);
+            put_record(&mut transaction.open_table(RECORDS)?, &record)?;
+            Ok(Some(record))
         })
         .await
     }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance};
 use super::writer::{self, LocatedUse, Writer};
-use super::{BackendError, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
+use super::{BackendError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -691,6 +691,38 @@ impl KeyStore for SqliteStore {
             insert_row(&transaction, &new)?;
             transaction.commit()?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+        let (account, id, change) = (account.clone(), *id, change.clone());
+        self.write("update", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found = transaction
+                .prepare_cached(FIND_BY_ID)?
+                .query_row(params![id.as_uuid().as_bytes(), account.as_str()], record_from_row)
+                .optional()?;
+            let Some(mut record) = found.filter(|record| record.is_active(change.at())) else { return Ok(None) };
+            change.apply(&mut record);
+            let credits = StoredCredits::of(record.credits.as_ref());
+            transaction
+                .prepare_cached(
+                    "UPDATE api_keys SET name = ?2, meta = ?3, credits_remaining = ?4, credits_as_of = ?5, \
+                     refill_amount = ?6, refill_interval = ?7, ratelimits = ?8 WHERE id = ?1",
+                )?
+                .execute(params![
+                    id.as_uuid().as_bytes(),
+                    record.name.as_deref(),
+                    record.meta.as_ref().map(Meta::as_str),
+                    credits.remaining,
+                    credits.as_of.map(unix_micros),
+                    credits.refill_amount,
+                    credits.refill_interval,
+                    record.ratelimits.as_text(),
+                ])?;
+            transaction.commit()?;
+            Ok(Some(record))
         })
         .await
     }

@@ -81,7 +81,7 @@ impl StoredFields<'_> {
             owner: self.owner.map(OwnerId::new).transpose().map_err(|_| invalid(12, "owner"))?,
             meta: self.meta.map(|meta| Meta::from_stored(meta).ok_or(invalid(13, "meta"))).transpose()?,
             credits: decode_balance(self.credits)?,
-            ratelimits: RateLimits::from_text(self.ratelimits).map_err(|_| invalid(15, "ratelimits"))?,
+            ratelimits: RateLimits::from_stored(self.ratelimits).map_err(|_| invalid(15, "ratelimits"))?,
         })
     }
 }

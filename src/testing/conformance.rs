@@ -463,6 +463,40 @@ pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore
     assert_eq!(find(store, &plain).await.credits, None, "unlimited stays unlimited");
 }
 
+/// An update changes what it names and nothing else, counts new credits from its instant, and
+/// leaves an unknown, revoked, expired or other account's key as it is.
+pub async fn update_changes_what_it_names_and_nothing_else(store: &dyn KeyStore) {
+    let account = account();
+    let mut stored = record(&account, T0);
+    stored.name = Some(KeyName::new("before").unwrap());
+    stored.meta = Some(Meta::new(r#"{"plan":"free"}"#).unwrap());
+    let limit = RateLimit::new("requests", 5, std::time::Duration::from_secs(1)).unwrap();
+    stored.ratelimits = RateLimits::new([limit]).unwrap();
+    stored.expires_at = Some(T0 + Duration::days(1));
+    insert(store, &stored).await;
+    let at = T0 + Duration::minutes(1);
+    let credits = Credits::new(7).unwrap().refill(Refill::new(7, RefillInterval::Daily).unwrap());
+    let update = crate::KeyUpdate::default().credits(Some(credits)).meta(None);
+    let changed = store.update(&account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
+    let mut expected = stored.clone();
+    (expected.credits, expected.meta) = (Some(Balance::new(credits, at)), None);
+    assert_eq!(changed.as_ref(), Some(&expected), "what it names, and nothing else");
+    assert_eq!(find(store, &stored).await, expected, "as stored");
+    let update = crate::KeyUpdate::default().name(None).credits(None).ratelimits(RateLimits::none());
+    store.update(&account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
+    (expected.name, expected.credits, expected.ratelimits) = (None, None, RateLimits::none());
+    assert_eq!(find(store, &stored).await, expected, "taken away");
+
+    let rename = || crate::Change::new(crate::KeyUpdate::default().name(Some(KeyName::new("after").unwrap())), at);
+    assert_eq!(store.update(&self::account(), &stored.id, &rename()).await.unwrap(), None, "another account's");
+    assert_eq!(store.update(&account, &KeyId::generate(), &rename()).await.unwrap(), None, "unknown");
+    let late = crate::Change::new(crate::KeyUpdate::default().name(None), T0 + Duration::days(2));
+    assert_eq!(store.update(&account, &stored.id, &late).await.unwrap(), None, "expired by then");
+    assert!(store.revoke(&account, &stored.id, at).await.unwrap());
+    assert_eq!(store.update(&account, &stored.id, &rename()).await.unwrap(), None, "revoked");
+    assert_eq!(find(store, &stored).await.name, None, "none of those changed it");
+}
+
 /// A take grants what is asked if that many are left, the rest if at least `need` is, nothing
 /// otherwise, and the store keeps the balance that leaves.
 pub async fn take_credits_grants_at_most_what_is_left(store: &dyn KeyStore) {
@@ -832,6 +866,7 @@ macro_rules! conformance_tests {
             roll_shortens_the_old_key_and_adds_the_new_one_at_once,
             a_rolled_key_in_its_grace_period_can_be_revoked,
             roll_moves_the_credits_it_finds_to_the_new_key,
+            update_changes_what_it_names_and_nothing_else,
             take_credits_grants_at_most_what_is_left,
             take_credits_refills_at_boundaries_once,
             concurrent_takes_never_grant_more_than_is_left,

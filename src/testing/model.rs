@@ -574,7 +574,7 @@ async fn use_as_model_says<S: KeyStore>(
         if cost > 0 {
             key.uses.push(now);
         }
-        let remaining = authenticated.usage.ratelimits.first().map(|state| state.remaining);
+        let remaining = authenticated.usage.ratelimits().next().map(|state| state.remaining);
         ensure_eq!(remaining, Some(limit - key.uses.len() as u32), "uses left in the window");
     }
     key.last_used_at = Some(now);

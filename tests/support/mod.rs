@@ -89,9 +89,10 @@ pub enum Call {
     FindById,
     Roll,
     TakeCredits,
+    Update,
 }
 
-const CALLS: [Call; 8] = [
+const CALLS: [Call; 9] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -100,6 +101,7 @@ const CALLS: [Call; 8] = [
     Call::FindById,
     Call::Roll,
     Call::TakeCredits,
+    Call::Update,
 ];
 
 /// What a wrapped call does wrong.
@@ -237,6 +239,14 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     }
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         self.call(Call::Roll, self.inner.roll(roll, max_active)).await
+    }
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &apikeys::Change,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.call(Call::Update, self.inner.update(account, id, change)).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.call(Call::TakeCredits, self.inner.take_credits(id, take)).await
