@@ -196,8 +196,9 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Why [`Meter::close`] did not accept a use.
+/// What [`Meter::close`] decided.
 pub(crate) enum Closed {
+    Accepted(UsageReport),
     Refused(Refused, UsageReport),
     Store(StoreError),
 }
@@ -423,7 +424,7 @@ impl Meter {
         mut pending: Pending<'_>,
         taken: Result<Option<Taken>, StoreError>,
         now: i64,
-    ) -> Result<UsageReport, Closed> {
+    ) -> Closed {
         pending.settled = true;
         let mut shard = self.shard(&pending.id, now);
         let key = shard.keys.entry(pending.id).or_default();
@@ -438,13 +439,13 @@ impl Meter {
                 }
                 report.credits = Some(key.lease + taken.balance.at(take.at).remaining);
                 shard.end_take(&pending.id, pending.leasing);
-                return Ok(report);
+                return Closed::Accepted(report);
             }
             // The key's credits were taken away since it was read: it has unlimited use now.
             Ok(None) => {
                 report.credits = None;
                 shard.end_take(&pending.id, pending.leasing);
-                return Ok(report);
+                return Closed::Accepted(report);
             }
             Ok(Some(taken)) => {
                 report.credits = Some(from_lease + taken.balance.at(take.at).remaining);
@@ -455,7 +456,7 @@ impl Meter {
         };
         key.give_back(&pending);
         shard.end_take(&pending.id, pending.leasing);
-        Err(refused)
+        refused
     }
 
     /// The credits this instance holds for the key at `now`: what lists add to the store's.

@@ -669,9 +669,9 @@ impl<S: KeyStore> Inner<S> {
         };
         let taken = self.within(self.store.take_credits(&key.id, pending.take)).await;
         match self.meter.close(pending, taken, now) {
-            Ok(report) => Ok(report),
-            Err(Closed::Refused(refused, report)) => Err(Spent::Refused(refused, report)),
-            Err(Closed::Store(error)) => Err(Spent::Store(error)),
+            Closed::Accepted(report) => Ok(report),
+            Closed::Refused(refused, report) => Err(Spent::Refused(refused, report)),
+            Closed::Store(error) => Err(Spent::Store(error)),
         }
     }
 
