@@ -419,12 +419,7 @@ impl Meter {
     /// Settles a use [`open`](Self::open) left pending, with what the store answered: keeps
     /// its slots and what it took of the lease if the store granted the rest, and gives them
     /// back if not.
-    pub(crate) fn close(
-        &self,
-        mut pending: Pending<'_>,
-        taken: Result<Option<Taken>, StoreError>,
-        now: i64,
-    ) -> Closed {
+    pub(crate) fn close(&self, mut pending: Pending<'_>, taken: Result<Option<Taken>, StoreError>, now: i64) -> Closed {
         pending.settled = true;
         let mut shard = self.shard(&pending.id, now);
         let key = shard.keys.entry(pending.id).or_default();
