@@ -12,6 +12,9 @@ use apikeys::http::ServeOptions;
 use apikeys::{AccountId, KeyService, MemoryStore, NewKey, Scopes};
 use support::{PATIENCE, live};
 
+/// The credential of `POST /keys/verify` on the server under test.
+const SERVICE_TOKEN: &str = "hostile-test-service-credential-0123456789";
+
 /// What the server must answer, or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
@@ -70,7 +73,9 @@ fn start() -> Server {
     let mut options = ServeOptions::default();
     options.header_read_timeout = Duration::from_millis(300);
     options.body_read_timeout = Duration::from_millis(300);
-    runtime.spawn(apikeys::http::serve(listener, apikeys::http::app(service, None), options, std::future::pending()));
+    let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
+    let app = apikeys::http::app(service, Some(credential));
+    runtime.spawn(apikeys::http::serve(listener, app, options, std::future::pending()));
     Server {
         address,
         key: key.key.expose_secret().to_owned(),
@@ -158,6 +163,19 @@ fn every_hostile_input_gets_its_exact_answer() {
         request("POST", &format!("/account/api-keys/{}/roll", server.other_id), std::slice::from_ref(&key), body)
     };
     let list = |headers: &[String]| request("GET", "/account/api-keys", headers, "");
+    let patch =
+        |id: &str, body: &str| request("PATCH", &format!("/account/api-keys/{id}"), std::slice::from_ref(&key), body);
+    let bearer = format!("Authorization: Bearer {SERVICE_TOKEN}");
+    let verify = |authorization: &str, body: &str| {
+        let headers: Vec<String> = (!authorization.is_empty()).then(|| authorization.to_owned()).into_iter().collect();
+        request("POST", "/keys/verify", &headers, body)
+    };
+    let verify_body = |body: &str| verify(&bearer, body);
+    let nine_limits = format!(
+        r#"{{"key": "x", "ratelimits": [{}]}}"#,
+        (0..9).map(|i| format!(r#""l{i}""#)).collect::<Vec<_>>().join(",")
+    );
+    let huge_verify = format!(r#"{{"key": "{}"}}"#, "x".repeat(17 * 1024));
     let lead = "as_live_v1_";
     let long_name = format!(r#"{{"name": "{}"}}"#, "x".repeat(256));
     let many_scopes =
@@ -207,6 +225,22 @@ fn every_hostile_input_gets_its_exact_answer() {
         ("a grace period over 7 days", roll(r#"{"graceSeconds": 604801}"#), Error(400, "invalid_grace")),
         ("a body that stops coming", format!("POST /account/api-keys HTTP/1.1\r\nHost: localhost\r\n{key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\":").into_bytes(), Error(408, "body_timeout")),
         ("two lengths for one body", request("POST", "/account/api-keys", &[key.clone(), "Content-Length: 100".into()], r#"{"name": "x"}"#), Bare(400)),
+        // Changes.
+        ("a change with a refill interval that does not exist", patch(&server.other_id, r#"{"credits": {"remaining": 1, "refill": {"amount": 1, "interval": "weekly"}}}"#), Error(400, "invalid_credits")),
+        ("a change giving remaining twice, the second raising it", patch(&server.other_id, r#"{"credits": {"remaining": 1, "remaining": 1000000}}"#), Error(400, "duplicate_field")),
+        ("a change of another account's key", patch(&server.foreign_id, r#"{"name": "mine now"}"#), Error(404, "not_found")),
+        ("a change of what cannot change", patch(&server.other_id, r#"{"scopes": ["*"]}"#), Error(400, "unknown_field")),
+        // The verification endpoint.
+        ("verification without the service credential", verify("", r#"{"key": "x"}"#), Error(401, "unauthorized")),
+        ("verification with a key where the credential goes", verify(&format!("Authorization: Bearer {}", server.key), r#"{"key": "x"}"#), Error(401, "unauthorized")),
+        ("verification with Basic authentication", verify(&format!("Authorization: Basic {SERVICE_TOKEN}"), r#"{"key": "x"}"#), Error(401, "unauthorized")),
+        ("verification of a key that is not a string", verify_body(r#"{"key": 7}"#), Error(400, "invalid_key")),
+        ("verification at a cost past 2^53 - 1", verify_body(r#"{"key": "x", "cost": 9007199254740992}"#), Error(400, "invalid_cost")),
+        ("verification at a cost below zero", verify_body(r#"{"key": "x", "cost": -1}"#), Error(400, "invalid_cost")),
+        ("verification checking 9 limits", verify_body(&nine_limits), Error(400, "invalid_ratelimits")),
+        ("verification with a body over 16 KiB", verify_body(&huge_verify), Error(413, "body_too_large")),
+        ("verification giving the key twice", verify_body(&format!(r#"{{"key": "x", "key": "{}"}}"#, server.key)), Error(400, "duplicate_field")),
+        ("verification of a malformed key", verify(&format!("authorization: bearer {SERVICE_TOKEN}"), r#"{"key": "x"}"#), Success(200)),
         // Paths and methods.
         ("a malformed key id", request("DELETE", "/account/api-keys/ak_nope", std::slice::from_ref(&key), ""), Error(400, "invalid_key_id")),
         ("SQL in a key id", request("DELETE", "/account/api-keys/ak_x'%20OR%201=1--", std::slice::from_ref(&key), ""), Error(400, "invalid_key_id")),
