@@ -175,8 +175,12 @@ pub(crate) enum Refused {
 pub(crate) struct Pending<'m> {
     meter: &'m Meter,
     id: KeyId,
-    /// The window's slot of each limit counted.
-    slots: Vec<(SmolStr, i64)>,
+    /// Each limit counted: its position among the key's limits, its name and window, and the
+    /// slot the use took.
+    slots: Vec<(usize, SmolStr, Duration, i64)>,
+    /// The key's lease epoch when the use began: a lease from before a change of the key's
+    /// credits is not added to the one after.
+    epoch: u32,
     from_lease: u64,
     /// Whether this use asks for a new lease (one take per key at a time does).
     leasing: bool,
@@ -250,6 +254,9 @@ struct KeyMeter {
     leasing: bool,
     /// How many leasing takes have ended (wrapping), so that a waiting use knows its has.
     leases_ended: u32,
+    /// Moves on (wrapping) whenever the lease is let go for good: a change of the key's credits,
+    /// a roll.
+    lease_epoch: u32,
 }
 
 /// A key's windows, each with its limit's name: the first inline, beside the rest of the key's
@@ -304,12 +311,16 @@ impl std::ops::IndexMut<usize> for Windows {
 impl KeyMeter {
     /// Undoes what a pending use took: its slots, and its part of the lease.
     fn give_back(&mut self, pending: &Pending<'_>) {
-        for (name, slot) in &pending.slots {
-            if let Some((_, window)) = self.windows.iter_mut().find(|(own, _)| own == name) {
+        for (_, name, width, slot) in &pending.slots {
+            // A window changed since is not the one the slot was taken from.
+            let same = self.windows.iter_mut().find(|(own, window)| own == name && window.window == *width);
+            if let Some((_, window)) = same {
                 window.remove(*slot);
             }
         }
-        self.lease += pending.from_lease;
+        if self.lease_epoch == pending.epoch {
+            self.lease += pending.from_lease;
+        }
     }
 }
 
@@ -401,9 +412,12 @@ impl Meter {
             return Opened::Accepted(report);
         }
         let counted = if cost > 0 { count } else { 0 };
-        let slots =
-            checked[..counted].iter().zip(slots).map(|(&(_, window), slot)| (key.windows[window].0.clone(), slot));
+        let slots = checked[..counted].iter().zip(slots).map(|(&(position, window), slot)| {
+            let (name, window) = &key.windows[window];
+            (position, name.clone(), window.window, slot)
+        });
         let slots = slots.collect();
+        let epoch = key.lease_epoch;
         let from_lease = std::mem::take(&mut key.lease);
         let need = cost - from_lease;
         let leasing = !key.leasing;
@@ -413,7 +427,7 @@ impl Meter {
         let extra = if leasing { self.lease.min(store_left.saturating_sub(need) / 4) } else { 0 };
         let at = from_unix_micros(now).unwrap_or(crate::clock::LATEST);
         let take = Take { at, need, want: need + extra };
-        Opened::Take(Pending { meter: self, id, slots, from_lease, leasing, take, report, settled: false })
+        Opened::Take(Pending { meter: self, id, slots, epoch, from_lease, leasing, take, report, settled: false })
     }
 
     /// Settles a use [`open`](Self::open) left pending, with what the store answered: keeps
@@ -425,9 +439,10 @@ impl Meter {
         let key = shard.keys.entry(pending.id).or_default();
         let (take, from_lease) = (pending.take, pending.from_lease);
         let mut report = std::mem::take(&mut pending.report);
-        let refused = match taken {
+        let mut refused = match taken {
             Ok(Some(taken)) if taken.granted >= take.need => {
-                if pending.leasing {
+                // A lease taken from a balance that a change has since replaced is let go.
+                if pending.leasing && key.lease_epoch == pending.epoch {
                     key.lease += taken.granted - take.need;
                     let void_at = taken.balance.next_refill(take.at);
                     key.lease_void_at = void_at.map_or(i64::MAX, unix_micros);
@@ -451,6 +466,16 @@ impl Meter {
         };
         key.give_back(&pending);
         shard.end_take(&pending.id, pending.leasing);
+        // The report counted the slots this use has given back.
+        let report = match &mut refused {
+            Closed::Refused(_, report) => Some(report),
+            _ => None,
+        };
+        if let Some(report) = report {
+            for &(position, ..) in &pending.slots {
+                report.left[position].remaining += 1;
+            }
+        }
         refused
     }
 
@@ -465,6 +490,7 @@ impl Meter {
     pub(crate) fn forget_lease(&self, id: &KeyId, now: i64) {
         if let Some(key) = self.shard(id, now).keys.get_mut(id) {
             key.lease = 0;
+            key.lease_epoch = key.lease_epoch.wrapping_add(1);
         }
     }
 
@@ -474,6 +500,7 @@ impl Meter {
     pub(crate) fn succeed(&self, from: &KeyId, to: KeyId, now: i64) {
         let held = self.shard(from, now).keys.get_mut(from).map(|key| {
             let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
+            key.lease_epoch = key.lease_epoch.wrapping_add(1);
             (lease, key.lease_void_at, key.windows.clone())
         });
         if let Some((lease, void_at, windows)) = held {
@@ -486,11 +513,16 @@ impl Meter {
         }
     }
 
+    /// The key's shard, swept of idle keys first if it has grown.
     fn shard(&self, id: &KeyId, now: i64) -> MutexGuard<'_, Shard> {
-        let index = (id.as_uuid().as_u128() % SHARDS as u128) as usize;
-        let mut shard = self.shards[index].lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.lock(id);
         shard.sweep_if_grown(now);
         shard
+    }
+
+    fn lock(&self, id: &KeyId) -> MutexGuard<'_, Shard> {
+        let index = (id.as_uuid().as_u128() % SHARDS as u128) as usize;
+        self.shards[index].lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -506,7 +538,7 @@ impl Future for LeaseTaken<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
-        let mut shard = self.meter.shard(&self.id, i64::MIN);
+        let mut shard = self.meter.lock(&self.id);
         match shard.keys.get(&self.id) {
             Some(key) if key.leasing && key.leases_ended == self.ended => {
                 shard.waiting.push((self.id, context.waker().clone()));
@@ -558,8 +590,9 @@ impl KeyMeter {
         let found = self.windows.iter().position(|(name, _)| name == limit.name());
         let index = match found {
             Some(index) => {
-                if self.windows[index].1.window != limit.window() {
-                    self.windows[index].1 = Window::new(limit.window());
+                let window = &mut self.windows[index].1;
+                if window.window != limit.window() {
+                    *window = window.rewidened(limit.window(), now);
                 }
                 index
             }
@@ -601,6 +634,20 @@ impl Window {
 
     fn ring(number: i64) -> usize {
         number.rem_euclid(SLOTS as i64 + 1) as usize
+    }
+
+    /// A window of another width that counts every use this one does, all in the slot of `now`,
+    /// so that they count at least as long as they did (changing a limit's window never frees
+    /// uses early).
+    fn rewidened(&mut self, window: Duration, now: i64) -> Self {
+        self.advance(now);
+        let mut wider = Self::new(window);
+        wider.advance(now);
+        if self.total > 0 {
+            wider.counts[Self::ring(wider.newest)] = self.total;
+            (wider.total, wider.oldest) = (self.total, wider.newest);
+        }
+        wider
     }
 
     /// Drops the slots that end a whole window before `now`'s slot. A clock that went back

@@ -115,3 +115,43 @@ async fn a_use_of_cost_zero_checks_without_counting() {
     let full = service.verify_usage(&token, &Usage::new().cost(0)).await;
     assert!(matches!(full, Err(Rejection::RateLimited(_))), "a full limit refuses a check too");
 }
+
+#[tokio::test]
+async fn changing_a_limits_window_never_frees_the_uses_it_counted() {
+    let (service, _) = service(10);
+    let limit = |ms| RateLimits::new([RateLimit::new("requests", 3, Duration::from_millis(ms)).unwrap()]).unwrap();
+    let created = service.create(&AccountId::new("acme").unwrap(), NewKey::default().ratelimits(limit(60_000))).await;
+    let (token, id) = (created.as_ref().unwrap().key.expose_secret().to_owned(), created.unwrap().id);
+    for _ in 0..3 {
+        service.verify(&token).await.unwrap();
+    }
+    // A window a millisecond longer is a tighter limit: the uses counted stay counted.
+    for ms in [60_001, 60_002, 59_000] {
+        let change = apikeys::KeyUpdate::default().ratelimits(limit(ms));
+        service.update_as_admin(&AccountId::new("acme").unwrap(), &id, change).await.unwrap();
+        assert!(matches!(service.verify(&token).await, Err(Rejection::RateLimited(_))), "window of {ms} ms");
+    }
+}
+
+#[tokio::test]
+async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
+    let (service, store) = service(10);
+    let created = service.create(&AccountId::new("acme").unwrap(), credits(100)).await.unwrap();
+    let (token, id) = (created.key.expose_secret().to_owned(), created.id);
+    service.verify(&token).await.unwrap();
+    // A use of 50 waits for the store while the credits are set to 0; then it is given up.
+    store.inject(Call::TakeCredits, Some(Fault::Hang));
+    let usage = Usage::new().cost(50);
+    let waiting = tokio::time::timeout(Duration::from_millis(50), service.verify_usage(&token, &usage));
+    let zero = apikeys::KeyUpdate::default().credits(Some(Credits::new(0).unwrap()));
+    let (given_up, changed) = tokio::join!(waiting, async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        service.update_as_admin(&AccountId::new("acme").unwrap(), &id, zero).await
+    });
+    assert!(given_up.is_err() && changed.is_ok());
+    store.inject(Call::TakeCredits, None);
+    assert!(
+        matches!(service.verify(&token).await, Err(Rejection::UsageExceeded(_))),
+        "nothing of the old lease is left"
+    );
+}

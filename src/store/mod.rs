@@ -168,10 +168,13 @@ impl Roll {
     }
 
     /// The roll applied to `old` as the store read it in the roll's transaction: the new key to
-    /// insert, holding the credits `old` has then, and the old key's credits from now on (none
-    /// left, no refill). The balance moves; it is never copied, so a roll never adds credits.
+    /// insert, holding the credits, name, meta and rate limits `old` has then (a change may have
+    /// landed since the service read it), and the old key's credits from now on (none left, no
+    /// refill). The balance moves; it is never copied, so a roll never adds credits.
     pub fn settle(&self, old: &KeyRecord) -> (KeyRecord, Option<Balance>) {
-        let new = KeyRecord { credits: old.credits, ..self.new.clone() };
+        // What a change may have set since the service read the old key is taken as it is now.
+        let (name, meta, ratelimits) = (old.name.clone(), old.meta.clone(), old.ratelimits.clone());
+        let new = KeyRecord { credits: old.credits, name, meta, ratelimits, ..self.new.clone() };
         let spent = Credits { remaining: 0, refill: None };
         (new, old.credits.map(|_| Balance::new(spent, self.new.created_at)))
     }

@@ -446,14 +446,19 @@ pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore
     let daily = Refill::new(50, RefillInterval::Daily).unwrap();
     old.credits = Some(Balance::new(Credits::new(100).unwrap().refill(daily), T0));
     old.owner = Some(OwnerId::new("owner").unwrap());
+    old.meta = Some(Meta::new(r#"{"plan":"pro"}"#).unwrap());
+    old.ratelimits =
+        RateLimits::new([RateLimit::new("requests", 1, std::time::Duration::from_secs(1)).unwrap()]).unwrap();
     insert(store, &old).await;
     let at = T0 + Duration::hours(1);
     let mut read_earlier = old.clone();
     read_earlier.credits = Some(Balance::new(Credits::new(900).unwrap(), T0));
+    (read_earlier.meta, read_earlier.ratelimits) = (None, RateLimits::none());
     let roll = roll_of(&read_earlier, at, at + Duration::days(1));
     assert!(store.roll(&roll, 10).await.unwrap());
     let new = find(store, roll.new_key()).await;
     assert_eq!(new.credits, old.credits, "the balance the store held moved");
+    assert_eq!((&new.meta, &new.ratelimits), (&old.meta, &old.ratelimits), "as a change left them, not as read");
     let rolled_old = find(store, &old).await;
     assert_eq!(rolled_old.credits, Some(Balance::new(Credits::new(0).unwrap(), at)), "none left, no refill");
     assert_eq!(rolled_old.owner, old.owner);
