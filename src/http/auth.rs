@@ -110,7 +110,7 @@ async fn authenticate(
     let token = header.to_str().map_err(|_| ApiError::unauthorized())?;
     let caller = verifier.verify_usage(token, usage).await?;
     if let Some(slot) = parts.extensions.get::<CallerSlot>() {
-        let _ = slot.0.set(caller.id);
+        let _ = slot.0.set((caller.id, caller.usage.clone()));
     }
     parts.extensions.insert(Verified(caller.clone(), verifier));
     parts.extensions.insert(caller.clone());
@@ -134,9 +134,36 @@ where
 {
     let (mut parts, body) = request.into_parts();
     match <Authenticated as FromRequestParts<S>>::from_request_parts(&mut parts, &state).await {
-        Ok(_) => next.run(Request::from_parts(parts, body)).await,
+        Ok(Authenticated(caller)) => {
+            let mut response = next.run(Request::from_parts(parts, body)).await;
+            add_ratelimit_headers(&mut response, &caller.usage);
+            response
+        }
         Err(error) => axum::response::IntoResponse::into_response(error),
     }
+}
+
+/// Adds the IETF `RateLimit-Policy` and `RateLimit` headers of the limits a request's key was
+/// checked against to its response, unless a layer inside added them already.
+pub(crate) fn add_ratelimit_headers(response: &mut Response, usage: &crate::UsageReport) {
+    if response.headers().contains_key("ratelimit") {
+        return;
+    }
+    response.headers_mut().extend(super::error::ratelimit_header_values(usage));
+}
+
+/// A layer function that adds the IETF `RateLimit-Policy` and `RateLimit` headers to every
+/// response whose request a key authenticated (through [`Authenticated`] or a layer of this
+/// crate), for the limits the key was checked against: a client sees what it has left before it
+/// is refused. [`router`](super::router) has it; a host adds it to its own routes with
+/// `router.layer(axum::middleware::from_fn(apikeys::http::ratelimit_headers))`.
+pub async fn ratelimit_headers(mut request: Request, next: Next) -> Response {
+    let slot = CallerSlot::of(&mut request);
+    let mut response = next.run(request).await;
+    if let Some((_, usage)) = slot.0.get() {
+        add_ratelimit_headers(&mut response, usage);
+    }
+    response
 }
 
 /// What [`require_scope`] checks: the service that verifies keys, and the scope a route needs.
@@ -207,13 +234,27 @@ where
 pub async fn require_scope(State(guard): State<ScopeGuard>, request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
     match authenticate(&mut parts, guard.verifier.clone(), &guard.usage).await {
-        Ok(Some(_)) => next.run(Request::from_parts(parts, body)).await,
+        Ok(Some(caller)) => {
+            let mut response = next.run(Request::from_parts(parts, body)).await;
+            add_ratelimit_headers(&mut response, &caller.usage);
+            response
+        }
         Ok(None) => axum::response::IntoResponse::into_response(ApiError::unauthorized()),
         Err(error) => axum::response::IntoResponse::into_response(error),
     }
 }
 
-/// Where the extractor leaves the id of the key that authenticated a request, for the request
-/// log to read once the response is ready.
+/// Where the extractor leaves the id of the key that authenticated a request and what its use
+/// found, for the request log and the rate-limit headers to read once the response is ready.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct CallerSlot(pub(crate) Arc<OnceLock<KeyId>>);
+pub(crate) struct CallerSlot(pub(crate) Arc<OnceLock<(KeyId, crate::UsageReport)>>);
+
+impl CallerSlot {
+    /// The request's slot: one a layer outside put there already, or a new one. One per request,
+    /// so that every layer that reads it sees what the extractor left.
+    pub(crate) fn of(request: &mut Request) -> Self {
+        let slot = request.extensions().get::<CallerSlot>().cloned().unwrap_or_default();
+        request.extensions_mut().insert(slot.clone());
+        slot
+    }
+}

@@ -33,7 +33,7 @@ impl ApiError {
         if let Some(retry) = refusal.retry_after {
             error.headers.push((axum::http::header::RETRY_AFTER, HeaderValue::from(whole_seconds(retry))));
         }
-        error.headers.extend(ratelimit_headers(&refusal.usage));
+        error.headers.extend(ratelimit_header_values(&refusal.usage));
         error
     }
 
@@ -136,7 +136,7 @@ fn whole_seconds(duration: Duration) -> u64 {
 /// an item named as the limit, with its quota `q` and window `w` (seconds, rounded up) in the
 /// policy, and what is left `r` and the seconds `t` until one more use is accepted in the other.
 /// None when the use checked no limit.
-pub(crate) fn ratelimit_headers(usage: &crate::UsageReport) -> Vec<(HeaderName, HeaderValue)> {
+pub(crate) fn ratelimit_header_values(usage: &crate::UsageReport) -> Vec<(HeaderName, HeaderValue)> {
     if usage.ratelimits().len() == 0 {
         return Vec::new();
     }

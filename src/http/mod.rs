@@ -13,9 +13,9 @@
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
 //! Every route that takes a key uses it as a request does: 1 credit, the key's `requests` limit.
-//! A use refused for its limits is 429 `rate_limited` or `usage_exceeded`, with the IETF
-//! `RateLimit-Policy` and `RateLimit` headers of the limits it checked, and `Retry-After` when a
-//! retry can succeed.
+//! Every answer to a request whose key has that limit carries the IETF `RateLimit-Policy` and
+//! `RateLimit` headers ([`ratelimit_headers`]). A use refused for its limits is 429
+//! `rate_limited` or `usage_exceeded`, with `Retry-After` when a retry can succeed.
 //!
 //! Scopes: listing needs `keys:read`, the other key routes `keys:write`; keys made
 //! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
@@ -74,7 +74,7 @@ use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use auth::CallerSlot;
-pub use auth::{Authenticated, ScopeGuard, X_API_KEY, require_api_key, require_scope};
+pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, RollRequest, UpdateRequest, json_body};
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
@@ -99,6 +99,7 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .route("/account/api-keys/{id}", delete(revoke_key::<St>).patch(update_key::<St>))
         .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(ratelimit_headers))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
         .with_state(service)
@@ -137,10 +138,9 @@ pub async fn log_requests(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
-    let caller = CallerSlot::default();
-    request.extensions_mut().insert(caller.clone());
+    let caller = CallerSlot::of(&mut request);
     let response = next.run(request).await;
-    let key_id = caller.0.get().map(KeyId::to_string);
+    let key_id = caller.0.get().map(|(id, _)| id.to_string());
     tracing::info!(
         target: "apikeys::http",
         method = %method,
