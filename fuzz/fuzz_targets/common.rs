@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeys::store::Roll;
 use apikeys::{
-    AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyService, KeyStore, Maintenance, ManualClock,
-    MemoryStore, NewKey, Scopes, StoreError,
+    AccountId, Change, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyService, KeyStore, Maintenance,
+    ManualClock, MemoryStore, NewKey, Scopes, StoreError, Take, Taken,
 };
 use arbitrary::Arbitrary;
 use async_trait::async_trait;
@@ -132,6 +132,12 @@ impl KeyStore for Fresh {
     }
     async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
         self.write().roll(roll, max_active).await
+    }
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+        self.write().update(account, id, change).await
+    }
+    async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
+        self.write().take_credits(id, take).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.write().record_last_used(uses).await
