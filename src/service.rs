@@ -577,7 +577,11 @@ impl<S: KeyStore> KeyService<S> {
             {
                 self.inner.meter.succeed(&old.id, roll.new_key().id, unix_micros(now));
                 let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
-                return Ok(RolledKey { key: created(key, roll.into_new_key()), previous });
+                // The store gave the new key what the old one held when the roll applied (a
+                // change may have landed since it was read): answer with that, if it can be read.
+                let stored = self.inner.within(self.inner.store.find_by_id(account, &roll.new_key().id)).await;
+                let new = stored.ok().flatten().unwrap_or_else(|| roll.into_new_key());
+                return Ok(RolledKey { key: created(key, new), previous });
             }
         }
         Err(Error::RollConflict)

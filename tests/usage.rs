@@ -155,3 +155,24 @@ async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
         "nothing of the old lease is left"
     );
 }
+
+#[tokio::test]
+async fn a_roll_answers_with_what_a_change_landing_meanwhile_set() {
+    let (service, store) = service(10);
+    let account = AccountId::new("acme").unwrap();
+    let free = apikeys::Meta::new(r#"{"plan":"free"}"#).unwrap();
+    let created = service.create(&account, NewKey::default().meta(free)).await.unwrap();
+    // The roll reads the key, then waits for the store while the change lands.
+    store.inject(Call::Roll, Some(Fault::Delay(Duration::from_millis(50))));
+    let pro = apikeys::Meta::new(r#"{"plan":"pro"}"#).unwrap();
+    let change = apikeys::KeyUpdate::default().meta(Some(pro.clone()));
+    let (rolled, changed) = tokio::join!(service.roll_as_admin(&account, &created.id, Duration::ZERO), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        service.update_as_admin(&account, &created.id, change).await
+    });
+    assert!(changed.is_ok());
+    let rolled = rolled.unwrap();
+    assert_eq!(rolled.key.meta, Some(pro.clone()), "the answer");
+    let listed = service.list(&account).await.unwrap();
+    assert_eq!(listed.iter().find(|key| key.id == rolled.key.id).unwrap().meta, Some(pro), "the store");
+}
