@@ -1,5 +1,5 @@
-//! End-to-end tests of the HTTP API over a real socket: every row of SPEC §6, with the seed's
-//! requests. Every response is checked against the published OpenAPI document (its status is
+//! End-to-end tests of the HTTP API over a real socket: every endpoint and status of
+//! `apikeys::http`, with the requests the API was first described with (the README's curl lines). Every response is checked against the published OpenAPI document (its status is
 //! documented for the endpoint, its body matches the schema), and no response but a 201, and no
 //! log line, may hold a token.
 
@@ -287,7 +287,7 @@ async fn orders(Extension(caller): Extension<AuthenticatedKey>) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The seed's requests
+// The requests the API was first described with
 
 #[tokio::test]
 async fn the_seeds_create_list_and_revoke_requests_behave_as_the_seed_says() {
