@@ -123,11 +123,10 @@ struct Left {
 
 impl UsageReport {
     /// Each rate limit the use checked, in the key's order.
-    pub fn ratelimits(&self) -> impl ExactSizeIterator<Item = LimitState> + '_ {
-        let checked: Vec<(&RateLimit, &Left)> = (self.limits.iter().zip(&self.left).enumerate())
-            .filter_map(|(position, pair)| (self.checked & (1 << position) != 0).then_some(pair))
-            .collect();
-        checked.into_iter().map(|(limit, left)| LimitState {
+    pub fn ratelimits(&self) -> impl Iterator<Item = LimitState> + '_ {
+        let checked = self.limits.iter().zip(&self.left).enumerate();
+        let checked = checked.filter_map(|(position, pair)| (self.checked & (1 << position) != 0).then_some(pair));
+        checked.map(|(limit, left)| LimitState {
             name: limit.name_text().clone(),
             limit: limit.limit(),
             window: limit.window(),

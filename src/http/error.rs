@@ -31,10 +31,16 @@ impl ApiError {
     fn too_many(code: &'static str, message: String, refusal: &Refusal) -> Self {
         let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
         if let Some(retry) = refusal.retry_after {
-            error.headers.push((axum::http::header::RETRY_AFTER, HeaderValue::from(whole_seconds(retry))));
+            error = error.with_header(axum::http::header::RETRY_AFTER, HeaderValue::from(whole_seconds(retry)));
         }
         error.headers.extend(ratelimit_header_values(&refusal.usage));
         error
+    }
+
+    /// The same error, answered with this header too.
+    pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// The response headers, besides the content type.
@@ -137,7 +143,7 @@ fn whole_seconds(duration: Duration) -> u64 {
 /// policy, and what is left `r` and the seconds `t` until one more use is accepted in the other.
 /// None when the use checked no limit.
 pub(crate) fn ratelimit_header_values(usage: &crate::UsageReport) -> Vec<(HeaderName, HeaderValue)> {
-    if usage.ratelimits().len() == 0 {
+    if usage.ratelimits().next().is_none() {
         return Vec::new();
     }
     let items = |each: &dyn Fn(&crate::LimitState) -> String| {

@@ -128,14 +128,9 @@ async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Resul
     // The credential first: a caller without it gets nothing read, not even its body.
     let presented = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if !presented.and_then(bearer).is_some_and(|bearer| endpoint.credential.admits(bearer)) {
-        let mut refused = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "The service credential is required: Authorization: Bearer <credential>.",
-        )
-        .into_response();
-        refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Ok(refused);
+        let message = "The service credential is required: Authorization: Bearer <credential>.";
+        let refused = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        return Err(refused.with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
     }
     let (parts, body) = request.into_parts();
     let body = Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), &()).await;
