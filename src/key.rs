@@ -321,6 +321,9 @@ pub struct AuthenticatedKey {
     pub ratelimits: RateLimits,
     /// What this verification's use found of the key's credits and rate limits.
     pub usage: UsageReport,
+    /// What it found of the limits of the key's owner, which all the owner's keys share; `None`
+    /// if the key has no owner or the owner no limits.
+    pub owner_usage: Option<UsageReport>,
 }
 
 impl AuthenticatedKey {
@@ -370,6 +373,7 @@ impl AuthenticatedKey {
             credits: record.credits,
             ratelimits: record.ratelimits,
             usage: UsageReport::default(),
+            owner_usage: None,
         }
     }
 }

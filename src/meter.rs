@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use smol_str::SmolStr;
 
+use sha2::{Digest as _, Sha256};
+
 use crate::clock::{from_unix_micros, unix_micros};
-use crate::id::KeyId;
+use crate::id::{AccountId, KeyId, OwnerId};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
 use crate::store::StoreError;
@@ -173,14 +175,9 @@ pub(crate) enum Refused {
 #[must_use]
 pub(crate) struct Pending<'m> {
     meter: &'m Meter,
-    id: KeyId,
-    /// Each limit counted: its position among the key's limits, its name and window, and the
-    /// slot the use took.
-    slots: Vec<(usize, SmolStr, Duration, i64)>,
-    /// The key's lease epoch when the use began: a lease from before a change of the key's
-    /// credits is not added to the one after.
-    epoch: u32,
-    from_lease: u64,
+    id: MeterId,
+    /// What the use took so far: its slots, and what it took of the lease.
+    used: Used,
     /// Whether this use asks for a new lease (one take per key at a time does).
     leasing: bool,
     pub(crate) take: Take,
@@ -193,10 +190,55 @@ impl Drop for Pending<'_> {
         if !self.settled {
             let now = unix_micros(self.take.at);
             let mut shard = self.meter.shard(&self.id, now);
-            shard.keys.entry(self.id).or_default().give_back(self);
+            shard.keys.entry(self.id).or_default().give_back(&self.used);
             shard.end_take(&self.id, self.leasing);
         }
     }
+}
+
+/// What the meter counts a use against: a key, or an owner all of whose keys share limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MeterId(u128);
+
+impl std::hash::Hash for MeterId {
+    /// Both halves folded, as [`KeyId`]'s: the bits are random already.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64((self.0 >> 64) as u64 ^ self.0 as u64);
+    }
+}
+
+impl From<KeyId> for MeterId {
+    fn from(id: KeyId) -> Self {
+        Self(id.as_uuid().as_u128())
+    }
+}
+
+impl MeterId {
+    /// The owner `owner` of `account`: 128 bits of a SHA-256 of both, so that no owner's id is
+    /// another's or a key's, and an id a caller chooses spreads over the shards like any other.
+    pub(crate) fn owner(account: &AccountId, owner: &OwnerId) -> Self {
+        let mut hash = Sha256::new();
+        for part in ["owner", account.as_str(), owner.as_str()] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        let bytes: [u8; 16] = hash.finalize()[..16].try_into().unwrap_or_default();
+        Self(u128::from_be_bytes(bytes))
+    }
+}
+
+/// What an accepted use took, so that it can be given back: each limit's slot, and the credits
+/// it spent from the lease. A use of a key that has an owner with limits is given back to the
+/// key when the owner refuses it.
+#[derive(Debug, Default)]
+pub(crate) struct Used {
+    /// Each limit counted: its position among the limits, its name and window, and the slot the
+    /// use took.
+    slots: Vec<(usize, SmolStr, Duration, i64)>,
+    /// Credits taken from the lease, given back to it only in the same lease epoch: a lease from
+    /// before a change of the credits is never added to the one after.
+    credits: u64,
+    epoch: u32,
 }
 
 /// What [`Meter::close`] decided.
@@ -235,11 +277,11 @@ pub(crate) struct Meter {
 
 #[derive(Default)]
 struct Shard {
-    keys: PrehashedMap<KeyId, KeyMeter>,
+    keys: PrehashedMap<MeterId, KeyMeter>,
     /// How many keys the shard held after its last sweep of idle ones.
     swept_at: usize,
     /// Uses waiting for a key's leasing take to end; rare, so kept apart from the keys.
-    waiting: Vec<(KeyId, Waker)>,
+    waiting: Vec<(MeterId, Waker)>,
 }
 
 #[derive(Default)]
@@ -308,17 +350,17 @@ impl std::ops::IndexMut<usize> for Windows {
 }
 
 impl KeyMeter {
-    /// Undoes what a pending use took: its slots, and its part of the lease.
-    fn give_back(&mut self, pending: &Pending<'_>) {
-        for (_, name, width, slot) in &pending.slots {
+    /// Undoes what a use took: its slots, and its part of the lease.
+    fn give_back(&mut self, used: &Used) {
+        for (_, name, width, slot) in &used.slots {
             // A window changed since is not the one the slot was taken from.
             let same = self.windows.iter_mut().find(|(own, window)| own == name && window.window == *width);
             if let Some((_, window)) = same {
                 window.remove(*slot);
             }
         }
-        if self.lease_epoch == pending.epoch {
-            self.lease += pending.from_lease;
+        if self.lease_epoch == used.epoch {
+            self.lease += used.credits;
         }
     }
 }
@@ -332,15 +374,18 @@ impl Meter {
     /// Checks and, where it can, settles a use of the key `id` at `now` (Unix µs), whose store
     /// balance was just read as `credits`. Order: rate limits, then credits; a refused use takes
     /// no slot and no credit, and a use of cost 0 only checks. `may_wait`: whether the use may
-    /// wait for another's lease rather than take from the store itself.
+    /// wait for another's lease rather than take from the store itself. `used`, if given, is
+    /// filled with what an accepted use took, for [`give_back`](Self::give_back).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         &self,
-        id: KeyId,
+        id: MeterId,
         limits: &RateLimits,
         credits: Option<&Balance>,
         usage: &Usage,
         now: i64,
         may_wait: bool,
+        used: Option<&mut Used>,
     ) -> Opened<'_> {
         let cost = usage.cost;
         // The limits the use checks: their positions in `limits`, and then their windows'.
@@ -403,21 +448,28 @@ impl Meter {
             }
         }
         fill(&mut report, key);
+        let counted = if cost > 0 { count } else { 0 };
+        let slots_taken = |key: &KeyMeter| {
+            let slots = checked[..counted].iter().zip(slots).map(|(&(position, window), slot)| {
+                let (name, window) = &key.windows[window];
+                (position, name.clone(), window.window, slot)
+            });
+            slots.collect()
+        };
         if !spends || key.lease >= cost {
             if spends {
                 key.lease -= cost;
                 report.credits = Some(key.lease + store_left);
             }
+            if let Some(used) = used {
+                let credits = if spends { cost } else { 0 };
+                *used = Used { slots: slots_taken(key), credits, epoch: key.lease_epoch };
+            }
             return Opened::Accepted(report);
         }
-        let counted = if cost > 0 { count } else { 0 };
-        let slots = checked[..counted].iter().zip(slots).map(|(&(position, window), slot)| {
-            let (name, window) = &key.windows[window];
-            (position, name.clone(), window.window, slot)
-        });
-        let slots = slots.collect();
         let epoch = key.lease_epoch;
         let from_lease = std::mem::take(&mut key.lease);
+        let used = Used { slots: slots_taken(key), credits: from_lease, epoch };
         let need = cost - from_lease;
         let leasing = !key.leasing;
         key.leasing |= leasing;
@@ -426,34 +478,49 @@ impl Meter {
         let extra = if leasing { self.lease.min(store_left.saturating_sub(need) / 4) } else { 0 };
         let at = from_unix_micros(now).unwrap_or(crate::clock::LATEST);
         let take = Take { at, need, want: need + extra };
-        Opened::Take(Pending { meter: self, id, slots, epoch, from_lease, leasing, take, report, settled: false })
+        Opened::Take(Pending { meter: self, id, used, leasing, take, report, settled: false })
     }
 
     /// Settles a use [`open`](Self::open) left pending, with what the store answered: keeps
     /// its slots and what it took of the lease if the store granted the rest, and gives them
-    /// back if not.
-    pub(crate) fn close(&self, mut pending: Pending<'_>, taken: Result<Option<Taken>, StoreError>, now: i64) -> Closed {
+    /// back if not. `used`, as for [`open`](Self::open).
+    pub(crate) fn close(
+        &self,
+        mut pending: Pending<'_>,
+        taken: Result<Option<Taken>, StoreError>,
+        now: i64,
+        used: Option<&mut Used>,
+    ) -> Closed {
         pending.settled = true;
         let mut shard = self.shard(&pending.id, now);
         let key = shard.keys.entry(pending.id).or_default();
-        let (take, from_lease) = (pending.take, pending.from_lease);
+        let (take, from_lease) = (pending.take, pending.used.credits);
         let mut report = std::mem::take(&mut pending.report);
         let mut refused = match taken {
             Ok(Some(taken)) if taken.granted >= take.need => {
                 // A lease taken from a balance that a change has since replaced is let go.
-                if pending.leasing && key.lease_epoch == pending.epoch {
+                if pending.leasing && key.lease_epoch == pending.used.epoch {
                     key.lease += taken.granted - take.need;
                     let void_at = taken.balance.next_refill(take.at);
                     key.lease_void_at = void_at.map_or(i64::MAX, unix_micros);
                 }
                 report.credits = Some(key.lease + taken.balance.at(take.at).remaining);
                 shard.end_take(&pending.id, pending.leasing);
+                if let Some(used) = used {
+                    // All the use cost goes back to the lease: what it took from the store is
+                    // this instance's now.
+                    pending.used.credits = from_lease + take.need;
+                    *used = std::mem::take(&mut pending.used);
+                }
                 return Closed::Accepted(report);
             }
-            // The key's credits were taken away since it was read: it has unlimited use now.
+            // The credits were taken away since they were read: use is unlimited now.
             Ok(None) => {
                 report.credits = None;
                 shard.end_take(&pending.id, pending.leasing);
+                if let Some(used) = used {
+                    *used = Used { credits: 0, ..std::mem::take(&mut pending.used) };
+                }
                 return Closed::Accepted(report);
             }
             Ok(Some(taken)) => {
@@ -463,7 +530,7 @@ impl Meter {
             }
             Err(error) => Closed::Store(error),
         };
-        key.give_back(&pending);
+        key.give_back(&pending.used);
         shard.end_take(&pending.id, pending.leasing);
         // The report counted the slots this use has given back.
         let report = match &mut refused {
@@ -471,22 +538,27 @@ impl Meter {
             _ => None,
         };
         if let Some(report) = report {
-            for &(position, ..) in &pending.slots {
+            for &(position, ..) in &pending.used.slots {
                 report.left[position].remaining += 1;
             }
         }
         refused
     }
 
-    /// The credits this instance holds for the key at `now`: what lists add to the store's.
-    pub(crate) fn lease_of(&self, id: &KeyId, now: i64) -> u64 {
+    /// Gives back what an accepted use took (its [`Used`]), in the same lease epoch only.
+    pub(crate) fn give_back(&self, id: MeterId, used: &Used, now: i64) {
+        self.shard(&id, now).keys.entry(id).or_default().give_back(used);
+    }
+
+    /// The credits this instance holds for `id` at `now`: what lists add to the store's.
+    pub(crate) fn lease_of(&self, id: &MeterId, now: i64) -> u64 {
         let shard = self.shard(id, now);
         shard.keys.get(id).map_or(0, |key| if now < key.lease_void_at { key.lease } else { 0 })
     }
 
     /// Lets go of what this instance holds of the key's credits: they were taken from a balance
     /// that a change has replaced.
-    pub(crate) fn forget_lease(&self, id: &KeyId, now: i64) {
+    pub(crate) fn forget_lease(&self, id: &MeterId, now: i64) {
         if let Some(key) = self.shard(id, now).keys.get_mut(id) {
             key.lease = 0;
             key.lease_epoch = key.lease_epoch.wrapping_add(1);
@@ -496,7 +568,7 @@ impl Meter {
     /// Hands what this instance holds of a rolled key to its successor, as the roll moved the
     /// store's balance: the lease moves (the old key keeps none), and the rate-limit windows are
     /// copied, so that a roll does not start the limits afresh.
-    pub(crate) fn succeed(&self, from: &KeyId, to: KeyId, now: i64) {
+    pub(crate) fn succeed(&self, from: &MeterId, to: MeterId, now: i64) {
         let held = self.shard(from, now).keys.get_mut(from).map(|key| {
             let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
             key.lease_epoch = key.lease_epoch.wrapping_add(1);
@@ -513,14 +585,14 @@ impl Meter {
     }
 
     /// The key's shard, swept of idle keys first if it has grown.
-    fn shard(&self, id: &KeyId, now: i64) -> MutexGuard<'_, Shard> {
+    fn shard(&self, id: &MeterId, now: i64) -> MutexGuard<'_, Shard> {
         let mut shard = self.lock(id);
         shard.sweep_if_grown(now);
         shard
     }
 
-    fn lock(&self, id: &KeyId) -> MutexGuard<'_, Shard> {
-        let index = (id.as_uuid().as_u128() % SHARDS as u128) as usize;
+    fn lock(&self, id: &MeterId) -> MutexGuard<'_, Shard> {
+        let index = (id.0 % SHARDS as u128) as usize;
         self.shards[index].lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -528,7 +600,7 @@ impl Meter {
 /// Resolves once the leasing take of a key that was under way has ended.
 pub(crate) struct LeaseTaken<'m> {
     meter: &'m Meter,
-    id: KeyId,
+    id: MeterId,
     /// `leases_ended` when the use found the take under way.
     ended: u32,
 }
@@ -551,7 +623,7 @@ impl Future for LeaseTaken<'_> {
 impl Shard {
     /// Marks the leasing take of the key `id` ended, if `leasing`, and wakes the uses waiting
     /// for it.
-    fn end_take(&mut self, id: &KeyId, leasing: bool) {
+    fn end_take(&mut self, id: &MeterId, leasing: bool) {
         if !leasing {
             return;
         }
@@ -801,6 +873,30 @@ mod tests {
         assert_eq!(retry, Duration::from_millis(1_300));
         assert_eq!(window_at(&mut key, &limit, 3_299_999).total, 2);
         assert_eq!(window_at(&mut key, &limit, 3_300_000).total, 1);
+    }
+
+    #[test]
+    fn an_accepted_use_given_back_returns_its_credits_only_to_the_lease_it_came_from() {
+        let (meter, id) = (Meter::new(10), MeterId(7));
+        {
+            let mut shard = meter.lock(&id);
+            let key = shard.keys.entry(id).or_default();
+            (key.lease, key.lease_void_at) = (5, i64::MAX);
+        }
+        let limits = RateLimits::new([limit(1, 1_000)]).unwrap();
+        let spent = Balance::new(crate::usage::Credits::new(0).unwrap(), time::OffsetDateTime::UNIX_EPOCH);
+        let open = |now, used: Option<&mut Used>| meter.open(id, &limits, Some(&spent), &Usage::new(), now, true, used);
+        let mut used = Used::default();
+        assert!(matches!(open(10, Some(&mut used)), Opened::Accepted(_)));
+        assert!(matches!(open(20, None), Opened::Refused(Refused::RateLimited(..), _)), "a limit of 1");
+        meter.give_back(id, &used, 30);
+        assert_eq!(meter.lease_of(&id, 40), 5, "the credit is back");
+        let mut used = Used::default();
+        assert!(matches!(open(50, Some(&mut used)), Opened::Accepted(_)), "and the slot");
+        meter.forget_lease(&id, 60);
+        meter.give_back(id, &used, 70);
+        assert_eq!(meter.lease_of(&id, 80), 0, "a lease let go gets nothing back");
+        assert!(matches!(open(90, None), Opened::Refused(Refused::UsageExceeded(None), _)), "but the slot is free");
     }
 
     #[test]

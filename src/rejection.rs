@@ -58,6 +58,9 @@ pub struct Refusal {
     pub usage: UsageReport,
     /// Where the limit reached is among `usage.ratelimits()`.
     pub(crate) reached: Option<usize>,
+    /// Whether the limits refused are the key's owner's, which all its keys share: `usage` is
+    /// then what the use found of the owner's.
+    pub by_owner: bool,
 }
 
 impl Refusal {

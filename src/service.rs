@@ -10,13 +10,14 @@ use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
-use crate::meter::{Closed, LEASE_WAITS, Meter, Opened, Refused, Usage, UsageReport};
+use crate::meter::{Closed, LEASE_WAITS, Meter, MeterId, Opened, Refused, Usage, UsageReport, Used};
+use crate::owner::{Metered, OwnerCache, OwnerLimits, OwnerUpdate};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
 use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyFormat;
-use crate::usage::Balance;
+use crate::usage::{Balance, RateLimits, Take, Taken};
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
 /// lastUsedAt buffer.
@@ -36,6 +37,7 @@ struct Inner<S> {
     max_grace: Duration,
     last_used: Option<LastUsed>,
     meter: Meter,
+    owners: OwnerCache,
     /// How long a store call may take; `None`: as long as the store takes.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     deadline: Option<Duration>,
@@ -53,6 +55,7 @@ pub struct KeyServiceBuilder<S> {
     max_grace: Duration,
     last_used_interval: Option<Duration>,
     credit_lease: u64,
+    owner_limits_ttl: Duration,
     deadline: Option<Duration>,
 }
 
@@ -103,6 +106,16 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// How long this instance uses an owner's limits as it read them (1 s by default) before it
+    /// reads them again: a key with an owner costs one more store read per owner and interval,
+    /// not per use. A change of an owner's limits through this instance counts at once; through
+    /// another, within this interval. Credits are exact regardless, as every take goes to the
+    /// store. Zero reads the owner at every use.
+    pub fn owner_limits_ttl(mut self, ttl: Duration) -> Self {
+        self.owner_limits_ttl = ttl;
+        self
+    }
+
     /// The most active keys an account may hold (100 by default).
     pub fn max_active_keys_per_account(mut self, max: u32) -> Self {
         self.max_active = max;
@@ -143,6 +156,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 max_grace: self.max_grace,
                 last_used: self.last_used_interval.map(LastUsed::new),
                 meter: Meter::new(self.credit_lease),
+                owners: OwnerCache::new(self.owner_limits_ttl),
                 deadline: self.deadline,
             }),
         }
@@ -158,6 +172,8 @@ impl<S: KeyStore> KeyService<S> {
     pub const DEFAULT_MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
     /// The default credit lease.
     pub const DEFAULT_CREDIT_LEASE: u64 = 100;
+    /// The default time an owner's limits are used as read.
+    pub const DEFAULT_OWNER_LIMITS_TTL: Duration = Duration::from_secs(1);
 
     /// Starts configuring a service over `store`, issuing tokens of `format`.
     pub fn builder(store: S, format: KeyFormat) -> KeyServiceBuilder<S> {
@@ -171,6 +187,7 @@ impl<S: KeyStore> KeyService<S> {
             max_grace: Self::DEFAULT_MAX_GRACE,
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
             credit_lease: Self::DEFAULT_CREDIT_LEASE,
+            owner_limits_ttl: Self::DEFAULT_OWNER_LIMITS_TTL,
             deadline: None,
         }
     }
@@ -270,7 +287,7 @@ impl<S: KeyStore> KeyService<S> {
                 let mut key = ApiKey::at(record, now);
                 // What this instance holds of the key's credits is the key's too.
                 if let Some(credits) = &mut key.credits {
-                    credits.remaining += self.inner.meter.lease_of(&key.id, unix_micros(now));
+                    credits.remaining += self.inner.meter.lease_of(&key.id.into(), unix_micros(now));
                 }
                 key
             });
@@ -425,6 +442,62 @@ impl<S: KeyStore> KeyService<S> {
         self.apply_update(account, id, update, self.now()).await
     }
 
+    /// The limits the account's owner `owner` shares among its keys, as the store holds them,
+    /// with what this instance holds of the credits added (as [`list`](Self::list) adds a key's);
+    /// `None` when the owner has none. Needs no key of the owner to exist.
+    pub async fn owner_limits(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, Error> {
+        let now = self.now();
+        let limits = self.inner.within(self.inner.store.find_owner(account, owner)).await.map_err(Error::Store)?;
+        Ok(limits.map(|mut limits| {
+            if let Some(balance) = &mut limits.credits {
+                let lease = self.inner.meter.lease_of(&MeterId::owner(account, owner), unix_micros(now));
+                *balance = Balance::new(balance.at(now), now);
+                balance.remaining += lease;
+            }
+            limits
+        }))
+    }
+
+    /// Changes the limits of an owner of the caller's account, through the caller's key, which
+    /// needs scope `keys:write` and no limits of its own: no owner, no credits, no rate limits.
+    /// An owner's limits bound keys the caller did not make, so loosening them could grant
+    /// more than a limited caller holds; an unlimited caller could make such keys anyway.
+    /// Returns the limits as they now are (`None`: none).
+    ///
+    /// Errors: [`Error::InsufficientScope`], [`Error::ScopeEscalation`], [`Error::Store`].
+    pub async fn update_owner(
+        &self,
+        caller: &AuthenticatedKey,
+        owner: &OwnerId,
+        update: OwnerUpdate,
+    ) -> Result<Option<OwnerLimits>, Error> {
+        caller.require(Scopes::KEYS_WRITE)?;
+        if caller.owner.is_some() || caller.credits.is_some() || !caller.ratelimits.is_empty() {
+            return Err(Error::ScopeEscalation);
+        }
+        self.update_owner_as_admin(&caller.account, owner, update).await
+    }
+
+    /// Changes the limits of an owner of `account`, on the administrator's path. New credits
+    /// count from the change: the balance starts again from them, and what this instance held
+    /// of the old one is let go. Returns the limits as they now are (`None`: none).
+    pub async fn update_owner_as_admin(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: OwnerUpdate,
+    ) -> Result<Option<OwnerLimits>, Error> {
+        let now = self.now();
+        let store = &self.inner.store;
+        let limits = self.inner.within(store.update_owner(account, owner, &update, now)).await.map_err(Error::Store)?;
+        let now = unix_micros(now);
+        if update.credits.is_some() {
+            self.inner.meter.forget_lease(&MeterId::owner(account, owner), now);
+        }
+        self.inner.owners.put(account, owner, limits.clone(), now);
+        Ok(limits)
+    }
+
     async fn apply_update(
         &self,
         account: &AccountId,
@@ -438,7 +511,7 @@ impl<S: KeyStore> KeyService<S> {
         let changed = changed.ok_or(Error::NotFound)?;
         if sets_credits {
             // What this instance holds was taken from the balance the change replaced.
-            self.inner.meter.forget_lease(id, unix_micros(now));
+            self.inner.meter.forget_lease(&(*id).into(), unix_micros(now));
         }
         Ok(ApiKey::at(changed, now))
     }
@@ -575,7 +648,7 @@ impl<S: KeyStore> KeyService<S> {
                 .await
                 .map_err(limit_or_store_error)?
             {
-                self.inner.meter.succeed(&old.id, roll.new_key().id, unix_micros(now));
+                self.inner.meter.succeed(&old.id.into(), roll.new_key().id.into(), unix_micros(now));
                 let previous = PreviousKey { id: old.id, expires_at: roll.old_expires_at() };
                 // The store gave the new key what the old one held when the roll applied (a
                 // change may have landed since it was read): answer with that, if it can be read.
@@ -635,29 +708,101 @@ impl<S: KeyStore> Inner<S> {
         if let Some(required) = usage.required_scopes().find(|scope| !key.scopes.allows(scope)) {
             return Err(Rejection::InsufficientScope { required: required.into(), key: Box::new(key) });
         }
+        if let Some(owner) = &key.owner
+            && let Some(metered) = self.owner(&key.account, owner, now).await.map_err(Rejection::Store)?
+        {
+            let spent = Box::pin(self.spend_with_owner(&key, owner, &metered, usage, now)).await;
+            (key.usage, key.owner_usage) = match spent {
+                Ok((usage, owner_usage)) => (usage, Some(owner_usage)),
+                Err((refused, by_owner)) => return Err(refusal(key, refused, by_owner)),
+            };
+            self.note_use(key.id, now).await;
+            return Ok(key);
+        }
         // Counted against the key's rate limits and spent from this instance's lease, at once;
         // only a use the lease cannot pay goes to the store, in a future of its own, so that
         // the verification's own future stays small.
-        key.usage = match self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, true) {
+        key.usage = match self.meter.open(key.id.into(), &key.ratelimits, key.credits.as_ref(), usage, now, true, None)
+        {
             Opened::Accepted(report) => report,
-            Opened::Refused(refused, report) => return Err(refusal(key, Spent::Refused(refused, report))),
+            Opened::Refused(refused, report) => return Err(refusal(key, Spent::Refused(refused, report), false)),
             opened => {
-                let spent = Box::pin(self.spend_from_store(&key, usage, now, opened)).await;
-                spent.map_err(|refused| refusal(key.clone(), refused))?
+                let spent = Box::pin(self.spend_from_store(&Purse::key(&key), usage, now, opened, None)).await;
+                spent.map_err(|refused| refusal(key.clone(), refused, false))?
             }
         };
         self.note_use(key.id, now).await;
         Ok(key)
     }
 
+    /// The limits of the account's owner `owner`, as this instance last read them if that was
+    /// recently enough.
+    async fn owner(&self, account: &AccountId, owner: &OwnerId, now: i64) -> Result<Option<Arc<Metered>>, StoreError> {
+        if let Some(cached) = self.owners.get(account, owner, now) {
+            return Ok(cached);
+        }
+        let limits = self.within(self.store.find_owner(account, owner)).await?;
+        Ok(self.owners.put(account, owner, limits, now))
+    }
+
+    /// Uses a key whose owner has limits: the owner's rate limits are checked first, then the
+    /// key is used as any other, then the owner; if the owner refuses, the key gets back what
+    /// the use took of it. The order of rate limits before credits holds across both, and a
+    /// refused use takes nothing from either. Errors say whether the owner refused.
+    async fn spend_with_owner(
+        &self,
+        key: &AuthenticatedKey,
+        owner_id: &OwnerId,
+        metered: &Metered,
+        usage: &Usage,
+        now: i64,
+    ) -> Result<(UsageReport, UsageReport), (Spent, bool)> {
+        let owner = Purse::owner(&key.account, owner_id, metered);
+        let check = usage.clone().cost(0);
+        if let Opened::Refused(refused, report) =
+            self.meter.open(owner.id, owner.ratelimits, None, &check, now, false, None)
+        {
+            return Err((Spent::Refused(refused, report), true));
+        }
+        let mut used = Used::default();
+        let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut used)).await.map_err(|spent| (spent, false))?;
+        match self.spend(&owner, usage, now, None).await {
+            Ok(of_owner) => Ok((of_key, of_owner)),
+            Err(spent) => {
+                self.meter.give_back(key.id.into(), &used, now);
+                if let Spent::Refused(Refused::UsageExceeded(_), _) = &spent {
+                    // The balance may have been read before another instance changed it.
+                    self.owners.forget(&key.account, owner_id);
+                }
+                Err((spent, true))
+            }
+        }
+    }
+
+    /// Uses `purse`: in memory if the meter can settle the use alone, through the store if not.
+    async fn spend(
+        &self,
+        purse: &Purse<'_>,
+        usage: &Usage,
+        now: i64,
+        mut used: Option<&mut Used>,
+    ) -> Result<UsageReport, Spent> {
+        match self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, true, used.as_deref_mut()) {
+            Opened::Accepted(report) => Ok(report),
+            Opened::Refused(refused, report) => Err(Spent::Refused(refused, report)),
+            opened => self.spend_from_store(purse, usage, now, opened, used).await,
+        }
+    }
+
     /// Finishes a use [`Meter::open`] could not settle: waits for another use's lease, or takes
     /// credits from the store.
     async fn spend_from_store<'m>(
         &'m self,
-        key: &AuthenticatedKey,
+        purse: &Purse<'_>,
         usage: &Usage,
         now: i64,
         mut opened: Opened<'m>,
+        mut used: Option<&mut Used>,
     ) -> Result<UsageReport, Spent> {
         let mut waits = 0;
         let pending = loop {
@@ -669,10 +814,14 @@ impl<S: KeyStore> Inner<S> {
             }
             waits += 1;
             let may_wait = waits < LEASE_WAITS;
-            opened = self.meter.open(key.id, &key.ratelimits, key.credits.as_ref(), usage, now, may_wait);
+            opened =
+                self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, may_wait, used.as_deref_mut());
         };
-        let taken = self.within(self.store.take_credits(&key.id, pending.take)).await;
-        match self.meter.close(pending, taken, now) {
+        let taken = self.within(purse.take(&self.store, pending.take)).await;
+        if let (Holder::Owner(account, owner), Ok(Some(taken))) = (&purse.holder, &taken) {
+            self.owners.taken(account, owner, taken.balance);
+        }
+        match self.meter.close(pending, taken, now, used) {
             Closed::Accepted(report) => Ok(report),
             Closed::Refused(refused, report) => Err(Spent::Refused(refused, report)),
             Closed::Store(error) => Err(Spent::Store(error)),
@@ -739,13 +888,48 @@ enum Spent {
     Store(StoreError),
 }
 
-fn refusal(key: AuthenticatedKey, spent: Spent) -> Rejection {
+/// What a use spends from and counts against: a key, or the owner of one.
+struct Purse<'a> {
+    id: MeterId,
+    ratelimits: &'a RateLimits,
+    /// The balance as read: the key's at this verification, the owner's as cached.
+    credits: Option<&'a Balance>,
+    holder: Holder<'a>,
+}
+
+enum Holder<'a> {
+    Key(&'a KeyId),
+    Owner(&'a AccountId, &'a OwnerId),
+}
+
+impl<'a> Purse<'a> {
+    fn key(key: &'a AuthenticatedKey) -> Self {
+        let (ratelimits, credits) = (&key.ratelimits, key.credits.as_ref());
+        Self { id: key.id.into(), ratelimits, credits, holder: Holder::Key(&key.id) }
+    }
+
+    /// The account's owner `owner`, with its limits as `metered` holds them.
+    fn owner(account: &'a AccountId, owner: &'a OwnerId, metered: &'a Metered) -> Self {
+        let (ratelimits, credits) = (&metered.limits.ratelimits, metered.limits.credits.as_ref());
+        Self { id: metered.id, ratelimits, credits, holder: Holder::Owner(account, owner) }
+    }
+
+    async fn take<S: KeyStore>(&self, store: &S, take: Take) -> Result<Option<Taken>, StoreError> {
+        match self.holder {
+            Holder::Key(id) => store.take_credits(id, take).await,
+            Holder::Owner(account, owner) => store.take_owner_credits(account, owner, take).await,
+        }
+    }
+}
+
+fn refusal(key: AuthenticatedKey, spent: Spent, by_owner: bool) -> Rejection {
     match spent {
         Spent::Refused(Refused::RateLimited(reached, retry), usage) => {
-            Rejection::RateLimited(Box::new(Refusal { key, retry_after: Some(retry), usage, reached: Some(reached) }))
+            let reached = Some(reached);
+            Rejection::RateLimited(Box::new(Refusal { key, retry_after: Some(retry), usage, reached, by_owner }))
         }
         Spent::Refused(Refused::UsageExceeded(retry_after), usage) => {
-            Rejection::UsageExceeded(Box::new(Refusal { key, retry_after, usage, reached: None }))
+            Rejection::UsageExceeded(Box::new(Refusal { key, retry_after, usage, reached: None, by_owner }))
         }
         Spent::Store(error) => Rejection::Store(error),
     }

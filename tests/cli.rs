@@ -704,3 +704,41 @@ fn update_changes_credits_meta_and_limits_and_verify_spends_nothing() {
         assert!(!output.status.success() && stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
     }
 }
+
+#[tokio::test]
+async fn owner_shows_and_changes_the_limits_an_owners_keys_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = |extra: &[&str], json: bool| {
+        let json = if json { &["--json"][..] } else { &[] };
+        let output = run(dir.path(), &[&["owner", "--account", "default", "org-1"], json, extra].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+    };
+    assert_eq!(owner(&[], false).trim(), "owner org-1: credits unlimited; rate limits none");
+    let set = owner(&["--credits", "2", "--refill", "daily:2", "--ratelimit", "requests=5/1m"], true);
+    let set: Value = serde_json::from_str(&set).unwrap();
+    assert_eq!(set["credits"], serde_json::json!({"remaining": 2, "refill": {"amount": 2, "interval": "daily"}}));
+    assert_eq!(set["ratelimits"][0], serde_json::json!({"name": "requests", "limit": 5, "windowMs": 60000}));
+    assert_eq!(owner(&[], false).trim(), "owner org-1: credits 2 (refill daily:2); rate limits requests=5/60000ms");
+
+    // The owner's keys share the 2 credits, whichever key is used: a third use is refused.
+    let server = serve(dir.path(), &[]);
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let output = run(dir.path(), &["create", "--account", "default", "--owner", "org-1", "--json"]);
+        let created: Value = serde_json::from_str(&stdout(&output)).unwrap();
+        tokens.push(created["key"].as_str().unwrap().to_owned());
+    }
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for token in [&tokens[0], &tokens[1], &tokens[0]] {
+        let request = client.get(server.url("/account/api-keys")).header("x-api-key", token);
+        statuses.push(request.send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    server.kill();
+    let taken_away = owner(&["--unlimited", "--no-ratelimits"], false);
+    assert_eq!(taken_away.trim(), "owner org-1: credits unlimited; rate limits none");
+    let output = run(dir.path(), &["owner", "--account", "default", "org-1", "--credits", "1", "--unlimited"]);
+    assert!(!output.status.success() && stderr(&output).contains("cannot be used with"), "{}", stderr(&output));
+}

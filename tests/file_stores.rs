@@ -584,9 +584,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 5).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 6).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 5, supported: 4, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 6, supported: 5, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -599,7 +599,7 @@ fn a_file_from_a_newer_version_is_refused() {
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 4, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 5, .. }), "{error:?}");
 }
 
 /// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
@@ -742,7 +742,7 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         .unwrap()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
 
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
@@ -754,8 +754,8 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
     }
     drop(reopened);
-    // …and records version 4, as the SQLite file does.
-    assert_eq!(redb_schema_version(&redb_path), Some(4));
+    // …and records version 5, as the SQLite file does.
+    assert_eq!(redb_schema_version(&redb_path), Some(5));
 }
 
 /// The schema version a redb file records.
@@ -838,7 +838,7 @@ async fn redb_files_of_schema_version_3_are_upgraded_keeping_every_field() {
     let found = reopened.find_by_digest(&key.digest).await.unwrap().expect("kept after a revocation");
     assert!(found.revoked_at.is_some());
     drop(reopened);
-    assert_eq!(redb_schema_version(&path), Some(4));
+    assert_eq!(redb_schema_version(&path), Some(5));
 }
 
 #[test]

@@ -224,6 +224,7 @@ fn api_route(path: &str) -> Option<&'static str> {
         "/keys/verify" => Some("/keys/verify"),
         _ if path.starts_with("/account/api-keys/") && path.ends_with("/roll") => Some("/account/api-keys/{id}/roll"),
         _ if path.starts_with("/account/api-keys/") => Some("/account/api-keys/{id}"),
+        _ if path.starts_with("/account/owners/") => Some("/account/owners/{ownerId}"),
         _ => None,
     }
 }
@@ -1306,4 +1307,66 @@ async fn patch_changes_limits_and_metadata_and_never_widens_them() {
 
 async fn limited_status(server: &Server, key: &str) -> u16 {
     limited(server, "/whoami", key).await.0
+}
+
+#[tokio::test]
+async fn an_owners_limits_are_read_and_changed_over_http_and_bind_all_its_keys() {
+    let server = Server::start().await;
+    let (admin, _) = server.key("acme").await;
+    let path = "/account/owners/org%201";
+    let (status, body) = server.request(Method::GET, path).key(Some(&admin)).send().await;
+    assert_eq!((status, &body), (StatusCode::OK, &json!({"ownerId": "org 1", "credits": null, "ratelimits": []})));
+    let change = json!({"credits": {"remaining": 2, "refill": {"amount": 2, "interval": "daily"}}});
+    let (status, body) = server.request(Method::PATCH, path).key(Some(&admin)).json(&change).send().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((&body["credits"], &body["ratelimits"]), (&change["credits"], &json!([])));
+    let limit = json!({"ratelimits": [{"name": "requests", "limit": 5, "windowMs": 60000}]});
+    let (status, body) = server.request(Method::PATCH, path).key(Some(&admin)).json(&limit).send().await;
+    assert_eq!((status, &body["credits"]["remaining"]), (StatusCode::OK, &json!(2)), "the credits stay: {body}");
+    assert_eq!(body["ratelimits"], limit["ratelimits"]);
+
+    // Two keys of the owner share its 2 credits; a third use is refused for the owner's.
+    let owned = || NewKey::default().owner(apikeys::OwnerId::new("org 1").unwrap());
+    let ((first, _), (second, _)) = (server.key_with("acme", owned()).await, server.key_with("acme", owned()).await);
+    assert_eq!(limited_status(&server, &first).await, 200);
+    assert_eq!(limited_status(&server, &second).await, 200);
+    let (status, headers, error) = limited(&server, "/whoami", &first).await;
+    assert_eq!((status, error.as_str()), (429, "usage_exceeded"));
+    assert!(headers[0].is_some(), "Retry-After: the owner's credits refill tomorrow");
+    let (_, body) = server.request(Method::GET, path).key(Some(&admin)).send().await;
+    assert_eq!(body["credits"]["remaining"], 0);
+
+    for (bad, status, expected) in [
+        (json!({"credits": {"remaining": 1.5}}), StatusCode::BAD_REQUEST, "invalid_credits"),
+        (json!({"ratelimits": [{"limit": 0, "windowMs": 1}]}), StatusCode::BAD_REQUEST, "invalid_ratelimits"),
+        (json!({"name": "x"}), StatusCode::BAD_REQUEST, "unknown_field"),
+    ] {
+        let (answer, body) = server.request(Method::PATCH, path).key(Some(&admin)).json(&bad).send().await;
+        assert_eq!((answer, code(&body)), (status, expected), "{bad}");
+    }
+    let long = format!("/account/owners/{}", "o".repeat(129));
+    let (status, body) = server.request(Method::GET, &long).key(Some(&admin)).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_owner_id"));
+    let (_, body) = server.request(Method::GET, path).key(Some(&admin)).send().await;
+    assert_eq!(body["ratelimits"], limit["ratelimits"], "a refused change changed nothing");
+
+    // Only an unlimited caller with keys:write changes an owner's limits; keys:read reads them.
+    let ten =
+        apikeys::RateLimits::new([apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap()]);
+    let (reader, _) = server.key_with("acme", scoped(&["keys:read"])).await;
+    let (limited_writer, _) = server.key_with("acme", scoped(&["keys:*"]).ratelimits(ten.unwrap())).await;
+    let (owned_writer, _) =
+        server.key_with("acme", scoped(&["keys:*"]).owner(apikeys::OwnerId::new("org 2").unwrap())).await;
+    let none = json!({"credits": null, "ratelimits": null});
+    let (status, body) = server.request(Method::PATCH, path).key(Some(&reader)).json(&none).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    assert_eq!(server.request(Method::GET, path).key(Some(&reader)).send().await.0, StatusCode::OK);
+    for writer in [&limited_writer, &owned_writer] {
+        let (status, body) = server.request(Method::PATCH, path).key(Some(writer)).json(&none).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "scope_escalation"));
+    }
+    let (status, body) = server.request(Method::PATCH, path).key(Some(&admin)).json(&none).send().await;
+    assert_eq!((status, &body["credits"], &body["ratelimits"]), (StatusCode::OK, &json!(null), &json!([])));
+    assert_eq!(limited_status(&server, &first).await, 200, "the owner limits nothing now");
+    server.assert_log_clean();
 }

@@ -63,6 +63,30 @@ impl KeyStore for Recording {
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.inner.take_credits(id, take).await
     }
+    async fn find_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.inner.find_owner(account, owner).await
+    }
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        update: &apikeys::OwnerUpdate,
+        at: time::OffsetDateTime,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.inner.update_owner(account, owner, update, at).await
+    }
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        take: apikeys::Take,
+    ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
+        self.inner.take_owner_credits(account, owner, take).await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         assert!(!self.panic_next.swap(false, Ordering::SeqCst), "a store that panics (as told)");
         self.batches.lock().unwrap().push(uses.len());

@@ -113,7 +113,7 @@ async fn migrations_record_a_version_and_refuse_a_newer_or_foreign_schema() {
             .await
             .unwrap();
         let error = PostgresStore::connect_with(&url(), options(&fresh)).await.unwrap_err();
-        assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 4, .. }), "{error:?}");
+        assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 5, .. }), "{error:?}");
         assert!(error.to_string().contains("upgrade apikeys") && !error.to_string().contains("password"), "{error}");
     })
     .await;
@@ -173,7 +173,7 @@ async fn a_schema_of_version_1_is_upgraded_in_place_keeping_every_key() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
     })
     .await;
 }
@@ -531,6 +531,36 @@ async fn three_instances_spending_one_key_accept_exactly_its_credits() {
     assert!(busy.iter().all(|&uses| uses > 0), "every instance spent some: {busy:?}");
     let _ =
         std::io::stderr().write_all(format!("postgres: 3 instances spent {CREDITS} credits as {busy:?}\n").as_bytes());
+}
+
+/// An owner's credits are shared by its keys across instances too: three instances, each using
+/// its own key of the owner, accept exactly what the owner has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_spending_one_owners_keys_accept_exactly_its_credits() {
+    if skip_without_server() {
+        return;
+    }
+    const CREDITS: u64 = 2_000;
+    let instances = instances(3, 50).await;
+    let (account, owner) = (AccountId::new("spenders").unwrap(), apikeys::OwnerId::new("org-3").unwrap());
+    let shared = apikeys::OwnerUpdate::default().credits(Some(apikeys::Credits::new(CREDITS).unwrap()));
+    instances[0].update_owner_as_admin(&account, &owner, shared).await.unwrap();
+    let mut spenders = Vec::new();
+    for service in &instances {
+        let created = service.create(&account, NewKey::default().owner(owner.clone())).await.unwrap();
+        let token = created.key.expose_secret().to_owned();
+        for _ in 0..3 {
+            let (service, token) = (service.clone(), token.clone());
+            spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
+        }
+    }
+    let mut accepted = Vec::new();
+    for spender in spenders {
+        accepted.push(spender.await.unwrap());
+    }
+    assert_eq!(accepted.iter().sum::<u64>(), CREDITS, "accepted per task: {accepted:?}");
+    let left = instances[1].owner_limits(&account, &owner).await.unwrap().and_then(|limits| limits.credits);
+    assert_eq!(left.map(|balance| balance.remaining), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -504,6 +504,30 @@ impl KeyStore for Confused {
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.inner.take_credits(id, take).await
     }
+    async fn find_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.inner.find_owner(account, owner).await
+    }
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        update: &apikeys::OwnerUpdate,
+        at: time::OffsetDateTime,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.inner.update_owner(account, owner, update, at).await
+    }
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        take: apikeys::Take,
+    ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
+        self.inner.take_owner_credits(account, owner, take).await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, time::OffsetDateTime)]) -> Result<(), apikeys::StoreError> {
         self.inner.record_last_used(uses).await
     }

@@ -176,3 +176,91 @@ async fn a_roll_answers_with_what_a_change_landing_meanwhile_set() {
     let listed = service.list(&account).await.unwrap();
     assert_eq!(listed.iter().find(|key| key.id == rolled.key.id).unwrap().meta, Some(pro), "the store");
 }
+
+fn owned(owner: &str) -> NewKey {
+    NewKey::default().owner(apikeys::OwnerId::new(owner).unwrap())
+}
+
+async fn limit_owner(service: &KeyService<Store>, owner: &str, update: apikeys::OwnerUpdate) {
+    let (account, owner) = (AccountId::new("acme").unwrap(), apikeys::OwnerId::new(owner).unwrap());
+    service.update_owner_as_admin(&account, &owner, update).await.unwrap();
+}
+
+/// An owner's credits are shared by its keys: together they spend exactly what the owner has,
+/// leased as a key's are, and a key of another owner is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owners_keys_share_its_credits_exactly_at_a_write_per_lease() {
+    let (service, store) = service(100);
+    let shared = apikeys::OwnerUpdate::default().credits(Some(Credits::new(5_000).unwrap()));
+    limit_owner(&service, "org-1", shared).await;
+    let tokens = [
+        key(&service, owned("org-1")).await,
+        key(&service, owned("org-1").credits(Credits::new(1_000_000).unwrap())).await,
+    ];
+    let mut spenders = Vec::new();
+    for task in 0..8 {
+        let (service, token) = (service.clone(), tokens[task % 2].clone());
+        spenders.push(tokio::spawn(async move {
+            let mut accepted = 0;
+            for _ in 0..1_000 {
+                match service.verify(&token).await {
+                    Ok(_) => accepted += 1,
+                    Err(Rejection::UsageExceeded(refusal)) => assert!(refusal.by_owner, "the owner ran out"),
+                    Err(other) => panic!("{other}"),
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = [0, 0];
+    for (task, spender) in spenders.into_iter().enumerate() {
+        accepted[task % 2] += spender.await.unwrap();
+    }
+    assert_eq!(accepted[0] + accepted[1], 5_000, "exactly the owner's credits");
+    let takes = store.calls(Call::TakeOwnerCredits);
+    assert!(takes <= 2 * 5_000 / 100 + 16, "{takes} takes for 5,000 spends");
+    let second = service.verify(&tokens[1]).await;
+    let Err(Rejection::UsageExceeded(refusal)) = second else { panic!("{second:?}") };
+    assert_eq!(refusal.usage.credits, Some(0), "the report is the owner's");
+    let listed = service.list(&AccountId::new("acme").unwrap()).await.unwrap();
+    let own = listed.iter().find_map(|key| key.credits).map(|credits| credits.remaining);
+    assert_eq!(own, Some(1_000_000 - accepted[1]), "the key's own credits paid for its uses, no more");
+    let other = key(&service, owned("org-2")).await;
+    service.verify(&other).await.expect("another owner's key is not held back");
+}
+
+/// A use the owner refuses gives the key back its rate-limit slot and its credit.
+#[tokio::test]
+async fn a_use_the_owner_refuses_takes_nothing_from_the_key() {
+    let (service, _) = service(10);
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().credits(Some(Credits::new(1).unwrap()))).await;
+    let limit = RateLimits::new([RateLimit::new("requests", 2, Duration::from_secs(60)).unwrap()]).unwrap();
+    let token = key(&service, owned("org-1").credits(Credits::new(10).unwrap()).ratelimits(limit)).await;
+    let used = service.verify(&token).await.unwrap();
+    assert_eq!((used.usage.credits, used.owner_usage.and_then(|usage| usage.credits)), (Some(9), Some(0)));
+    let refused = service.verify(&token).await;
+    assert!(matches!(&refused, Err(Rejection::UsageExceeded(refusal)) if refusal.by_owner), "{refused:?}");
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().credits(None)).await;
+    let used = service.verify(&token).await.expect("the refused use left the key's second slot");
+    assert_eq!(used.usage.credits, Some(8), "and its credit");
+    assert_eq!(used.owner_usage, None, "the owner limits nothing now");
+}
+
+/// An owner's rate limit counts the uses of all its keys, and is checked before any credits.
+#[tokio::test]
+async fn an_owners_rate_limit_counts_every_key_of_the_owner() {
+    let (service, _) = service(10);
+    let limit = RateLimits::new([RateLimit::new("requests", 3, Duration::from_secs(60)).unwrap()]).unwrap();
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().ratelimits(limit)).await;
+    let (first, second) =
+        (key(&service, owned("org-1")).await, key(&service, owned("org-1").credits(Credits::new(0).unwrap())).await);
+    for token in [&first, &first, &first] {
+        service.verify(token).await.unwrap();
+    }
+    for token in [&first, &second] {
+        let refused = service.verify(token).await;
+        let Err(Rejection::RateLimited(refusal)) = refused else { panic!("{refused:?}") };
+        assert!(refusal.by_owner && refusal.retry_after.is_some());
+        assert_eq!(refusal.limit().map(|limit| (limit.limit, limit.remaining)), Some((3, 0)));
+    }
+}

@@ -139,6 +139,30 @@ impl KeyStore for Fresh {
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.write().take_credits(id, take).await
     }
+    async fn find_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.read().find_owner(account, owner).await
+    }
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        update: &apikeys::OwnerUpdate,
+        at: time::OffsetDateTime,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.write().update_owner(account, owner, update, at).await
+    }
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        take: apikeys::Take,
+    ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
+        self.write().take_owner_credits(account, owner, take).await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.write().record_last_used(uses).await
     }

@@ -20,7 +20,15 @@ enum Step {
     RevokeAsAdmin { account: u8, target: u8 },
     Advance { seconds: u8 },
     Flush,
-    CreateLimited { account: u8, scopes: Option<u8>, credits: Option<u8>, refill: Option<(u8, u16)>, limit: Option<u8> },
+    CreateLimited {
+        account: u8,
+        scopes: Option<u8>,
+        credits: Option<u8>,
+        refill: Option<(u8, u16)>,
+        limit: Option<u8>,
+        owner: Option<u8>,
+    },
+    SetOwnerLimits { account: u8, owner: u8, credits: Option<u8>, refill: Option<(u8, u16)>, limit: Option<u8> },
     Spend { key: u8, cost: u8 },
 }
 
@@ -52,12 +60,20 @@ impl From<Step> for Op {
             }
             Step::Advance { seconds } => Op::Advance { seconds: seconds.into() },
             Step::Flush => Op::Flush,
-            Step::CreateLimited { account: a, scopes, credits, refill, limit } => Op::CreateLimited {
+            Step::CreateLimited { account: a, scopes, credits, refill, limit, owner } => Op::CreateLimited {
                 account: account(a),
                 scopes,
                 credits: credits.map(u64::from),
                 refill: refill.map(|(amount, every)| (u64::from(amount), u32::from(every))),
                 limit: limit.map(|limit| u32::from(limit % 5)).filter(|&limit| limit > 0),
+                owner: owner.map(usize::from),
+            },
+            Step::SetOwnerLimits { account: a, owner, credits, refill, limit } => Op::SetOwnerLimits {
+                account: account(a),
+                owner: owner.into(),
+                credits: credits.map(u64::from),
+                refill: refill.map(|(amount, every)| (u64::from(amount), u32::from(every))),
+                limit: limit.map(|limit| u32::from(limit % 7)).filter(|&limit| limit > 0),
             },
             Step::Spend { key, cost } => Op::Spend { key: key.into(), cost: u64::from(cost % 8) },
         }

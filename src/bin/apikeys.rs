@@ -10,8 +10,8 @@ use std::time::Duration;
 use apikeys::http::{ServeOptions, ServiceCredential};
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
-    MemoryStore, Meta, NewKey, OwnerId, Pepper, PostgresOptions, PostgresStore, RateLimit, RateLimits, RedbStore,
-    Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
+    MemoryStore, Meta, NewKey, OwnerId, OwnerLimits, OwnerUpdate, Pepper, PostgresOptions, PostgresStore, RateLimit,
+    RateLimits, RedbStore, Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -132,6 +132,17 @@ enum Command {
         id: String,
         #[command(flatten)]
         change: ChangeArgs,
+    },
+    /// Show the limits an owner's keys share, or change them as administrator; what is not
+    /// named stays as it is.
+    Owner {
+        /// The account the owner belongs to.
+        #[arg(long)]
+        account: String,
+        /// The owner's id.
+        owner: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List an account's active keys (never their secrets).
     List {
@@ -268,6 +279,19 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             print_list(&[key], json)?;
             ExitCode::SUCCESS
         }
+        Command::Owner { account, owner, limits } => {
+            let (account, owner) = (AccountId::new(account)?, OwnerId::new(owner)?);
+            let limits = match limits.into_change()? {
+                (None, None) => service.owner_limits(&account, &owner).await?,
+                (credits, ratelimits) => {
+                    let mut update = OwnerUpdate::default();
+                    (update.credits, update.ratelimits) = (credits, ratelimits);
+                    service.update_owner_as_admin(&account, &owner, update).await?
+                }
+            };
+            print_owner(&owner, limits, json)?;
+            ExitCode::SUCCESS
+        }
         Command::List { account, owner } => {
             let account = AccountId::new(account)?;
             let keys = match owner.map(OwnerId::new).transpose()? {
@@ -354,6 +378,13 @@ struct ChangeArgs {
     /// Take the host data away.
     #[arg(long)]
     no_meta: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What `update` and `owner` change of credits and rate limits.
+#[derive(Args)]
+struct LimitArgs {
     /// New credits; the balance starts again from them.
     #[arg(long, value_name = "N", conflicts_with = "unlimited")]
     credits: Option<u64>,
@@ -380,17 +411,28 @@ impl ChangeArgs {
         if self.no_meta || self.meta.is_some() {
             update = update.meta(self.meta.as_deref().map(Meta::new).transpose()?);
         }
-        if self.unlimited || self.credits.is_some() {
-            let credits = self.credits.map(Credits::new).transpose()?;
-            update = update.credits(credits.map(|credits| match self.refill {
-                Some(refill) => credits.refill(refill),
-                None => credits,
-            }));
-        }
-        if self.no_ratelimits || !self.ratelimits.is_empty() {
-            update = update.ratelimits(RateLimits::new(self.ratelimits)?);
-        }
+        (update.credits, update.ratelimits) = self.limits.into_change()?;
         Ok(update)
+    }
+}
+
+impl LimitArgs {
+    /// The credits and rate limits named, each `None` when left as they are.
+    #[allow(clippy::type_complexity)]
+    fn into_change(self) -> Result<(Option<Option<Credits>>, Option<RateLimits>), Failure> {
+        let credits = (self.unlimited || self.credits.is_some())
+            .then(|| {
+                let credits = self.credits.map(Credits::new).transpose()?;
+                Ok::<_, Failure>(credits.map(|credits| match self.refill {
+                    Some(refill) => credits.refill(refill),
+                    None => credits,
+                }))
+            })
+            .transpose()?;
+        let ratelimits = (self.no_ratelimits || !self.ratelimits.is_empty())
+            .then(|| RateLimits::new(self.ratelimits))
+            .transpose()?;
+        Ok((credits, ratelimits))
     }
 }
 
@@ -679,6 +721,29 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         println!("{}", cells.join("  ").trim_end());
     }
+    Ok(())
+}
+
+/// An owner's limits: a line of text, or the HTTP API's JSON body.
+fn print_owner(owner: &OwnerId, limits: Option<OwnerLimits>, json: bool) -> Result<(), Failure> {
+    let (credits, ratelimits) = limits.map_or((None, RateLimits::none()), |limits| {
+        (limits.credits.map(|balance| balance.at(balance.as_of)), limits.ratelimits)
+    });
+    let body = json!({ "ownerId": owner, "credits": credits, "ratelimits": ratelimits });
+    let credits_text = credits.map_or_else(
+        || "unlimited".to_owned(),
+        |credits| match credits.refill {
+            Some(refill) => format!("{} (refill {}:{})", credits.remaining, refill.interval.as_text(), refill.amount),
+            None => credits.remaining.to_string(),
+        },
+    );
+    // As --ratelimit takes them.
+    let limits: Vec<String> = ratelimits
+        .iter()
+        .map(|limit| format!("{}={}/{}ms", limit.name(), limit.limit(), limit.window().as_millis()))
+        .collect();
+    let limits_text = if limits.is_empty() { "none".to_owned() } else { limits.join(" ") };
+    print(json, body, &format!("owner {owner}: credits {credits_text}; rate limits {limits_text}"));
     Ok(())
 }
 

@@ -16,8 +16,8 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{ApiError, BODY_LIMIT};
 use crate::{
-    Credits, KeyName, KeyUpdate, Meta, NewKey, OwnerId, RateLimit, RateLimits, Refill, RefillInterval, Scopes,
-    ValidationError,
+    Credits, KeyName, KeyUpdate, Meta, NewKey, OwnerId, OwnerUpdate, RateLimit, RateLimits, Refill, RefillInterval,
+    Scopes, ValidationError,
 };
 
 /// `POST /account/api-keys`: every field optional or null.
@@ -88,16 +88,43 @@ impl UpdateRequest {
             let meta = meta.map(|meta| Meta::from_object(meta.valid().ok_or(ValidationError::Meta)?)).transpose()?;
             update = update.meta(meta);
         }
-        if let Some(credits) = self.credits {
-            let credits =
-                credits.map(|credits| credits.valid().ok_or(ValidationError::Credits)?.parse()).transpose()?;
-            update = update.credits(credits);
-        }
-        if let Some(limits) = self.ratelimits {
-            update = update.ratelimits(limits.map(parse_rate_limits).transpose()?.unwrap_or_default());
-        }
+        let (credits, ratelimits) = parse_limits(self.credits, self.ratelimits)?;
+        update.credits = credits;
+        update.ratelimits = ratelimits;
         Ok(update)
     }
+}
+
+/// `PATCH /account/owners/{ownerId}`: the owner's credits and rate limits, each left as it is
+/// when left out, and taken away when `null`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OwnerRequest {
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<Sent<CreditsBody>>>,
+    #[serde(default, deserialize_with = "present")]
+    ratelimits: Option<Option<Sent<Vec<RateLimitBody>>>>,
+}
+
+impl OwnerRequest {
+    pub(super) fn into_update(self) -> Result<OwnerUpdate, ApiError> {
+        let mut update = OwnerUpdate::default();
+        (update.credits, update.ratelimits) = parse_limits(self.credits, self.ratelimits)?;
+        Ok(update)
+    }
+}
+
+/// The `credits` and `ratelimits` of a change as sent: each `None` when left out, and taken away
+/// when `null`.
+#[allow(clippy::type_complexity)]
+fn parse_limits(
+    credits: Option<Option<Sent<CreditsBody>>>,
+    ratelimits: Option<Option<Sent<Vec<RateLimitBody>>>>,
+) -> Result<(Option<Option<Credits>>, Option<RateLimits>), ValidationError> {
+    let credits =
+        credits.map(|credits| credits.map(|credits| credits.valid().ok_or(ValidationError::Credits)?.parse()));
+    let ratelimits = ratelimits.map(|limits| limits.map(parse_rate_limits).transpose().map(Option::unwrap_or_default));
+    Ok((credits.map(Option::transpose).transpose()?, ratelimits.transpose()?))
 }
 
 /// `ratelimits` as sent: a list of [`RateLimitBody`].

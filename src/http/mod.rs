@@ -8,6 +8,8 @@
 //! | `DELETE /account/api-keys?ownerId=…` | 200 `{"revoked":[id]}`: every active key of the owner | 400 (`invalid_query`, `invalid_owner_id`), 401, 403 (`insufficient_scope`, `scope_escalation`), 409 (`cannot_revoke_current_key`), 503 |
 //! | `PATCH /account/api-keys/{id}` `{"name", "meta", "credits", "ratelimits"}` (each left out: unchanged; `null`: none, unlimited credits) | 200, the list item as it now is | 400, 401, 403 (`insufficient_scope`, `scope_escalation`), 404, 503 |
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
+//! | `GET /account/owners/{ownerId}` | 200 `{"ownerId","credits","ratelimits"}`: the limits the owner's keys share (`credits` null and no rate limits for none) | 400 (`invalid_owner_id`), 401, 403 (`insufficient_scope`), 503 |
+//! | `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}` (each left out: unchanged; `null`: none) | 200, the owner's limits as they now are | 400, 401, 403 (`insufficient_scope`; `scope_escalation` for a caller with an owner, credits or rate limits of its own), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
@@ -75,14 +77,14 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
-use body::{CreateRequest, RollRequest, UpdateRequest, json_body};
+use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
 pub use error::ApiError;
 pub use server::{ServeOptions, serve};
 pub use verify::{ServiceCredential, verify_router};
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};
-use crate::{Credits, KeyName, KeyService, KeyStore, Meta, OwnerId, RateLimits, Scopes, ValidationError};
+use crate::{Credits, KeyName, KeyService, KeyStore, Meta, OwnerId, OwnerLimits, RateLimits, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -98,6 +100,7 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .route("/account/api-keys", post(create_key::<St>).get(list_keys::<St>).delete(revoke_owner::<St>))
         .route("/account/api-keys/{id}", delete(revoke_key::<St>).patch(update_key::<St>))
         .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
+        .route("/account/owners/{ownerId}", axum::routing::get(owner_limits::<St>).patch(update_owner::<St>))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(ratelimit_headers))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -291,6 +294,56 @@ async fn roll_key<St: KeyStore>(
     let grace = json_body::<RollRequest>(&headers, body)?.grace()?;
     let rolled = service.roll(&caller, &id, grace).await?;
     Ok(CreatedBody::of(&rolled.key, Some(rolled.previous)).into_response())
+}
+
+/// An owner's limits: `{"ownerId", "credits": {"remaining", "refill"} | null, "ratelimits": [...]}`,
+/// with no credits and no rate limits for an owner that has none.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnerBody {
+    owner_id: OwnerId,
+    credits: Option<Credits>,
+    ratelimits: RateLimits,
+}
+
+impl OwnerBody {
+    fn of(owner_id: OwnerId, limits: Option<OwnerLimits>) -> Json<Self> {
+        let (credits, ratelimits) = limits.map_or((None, RateLimits::none()), |limits| {
+            (limits.credits.map(|balance| balance.at(balance.as_of)), limits.ratelimits)
+        });
+        Json(Self { owner_id, credits, ratelimits })
+    }
+}
+
+/// `GET /account/owners/{ownerId}`: the limits the owner's keys share.
+async fn owner_limits<St: KeyStore>(
+    State(service): State<KeyService<St>>,
+    Authenticated(caller): Authenticated,
+    owner: Result<Path<String>, PathRejection>,
+) -> Result<Json<OwnerBody>, ApiError> {
+    caller.require(Scopes::KEYS_READ)?;
+    let owner = owner_id(owner)?;
+    let limits = service.owner_limits(&caller.account, &owner).await?;
+    Ok(OwnerBody::of(owner, limits))
+}
+
+/// `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}`, each optional or null.
+async fn update_owner<St: KeyStore>(
+    State(service): State<KeyService<St>>,
+    Authenticated(caller): Authenticated,
+    owner: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<OwnerBody>, ApiError> {
+    let owner = owner_id(owner)?;
+    let update = json_body::<OwnerRequest>(&headers, body)?.into_update()?;
+    let limits = service.update_owner(&caller, &owner, update).await?;
+    Ok(OwnerBody::of(owner, limits))
+}
+
+/// The owner id in the path.
+fn owner_id(owner: Result<Path<String>, PathRejection>) -> Result<OwnerId, ApiError> {
+    Ok(OwnerId::new(owner.map_err(|_| ValidationError::OwnerId)?.0)?)
 }
 
 /// The key id in the path. A path that is not even UTF-8 is as malformed an id as any other.

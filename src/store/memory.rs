@@ -13,7 +13,8 @@ use uuid::Uuid;
 use super::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
 use crate::clock::normalize;
 use crate::digest::Digest;
-use crate::id::{AccountId, KeyId};
+use crate::id::{AccountId, KeyId, OwnerId};
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
 use crate::usage::{Take, Taken};
@@ -46,6 +47,8 @@ struct Index {
     /// removes them, and a read at any time starts past the keys expired by then, so counting and
     /// listing never wade through revoked or expired keys.
     live_of_account: HashMap<AccountId, BTreeSet<(Ends, KeyId)>>,
+    /// Each account's owners that have limits.
+    owners: HashMap<AccountId, HashMap<OwnerId, OwnerLimits>>,
 }
 
 /// When a key stops being active: at its expiry, or never (ordered after every time).
@@ -309,6 +312,46 @@ impl KeyStore for MemoryStore {
             Some(taken)
         });
         Ok(taken.flatten())
+    }
+
+    async fn find_owner(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, StoreError> {
+        Ok(self.index().owners.get(account).and_then(|owners| owners.get(owner)).cloned())
+    }
+
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: &OwnerUpdate,
+        at: OffsetDateTime,
+    ) -> Result<Option<OwnerLimits>, StoreError> {
+        let at = normalize(at).unwrap_or(at);
+        let mut index = self.index();
+        let owners = index.owners.entry(account.clone()).or_default();
+        let limits = update.apply(owners.remove(owner), at);
+        if let Some(limits) = &limits {
+            owners.insert(owner.clone(), limits.clone());
+        } else if owners.is_empty() {
+            index.owners.remove(account);
+        }
+        Ok(limits)
+    }
+
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        take: Take,
+    ) -> Result<Option<Taken>, StoreError> {
+        let take = Take { at: normalize(take.at).unwrap_or(take.at), ..take };
+        let mut index = self.index();
+        let Some(limits) = index.owners.get_mut(account).and_then(|owners| owners.get_mut(owner)) else {
+            return Ok(None);
+        };
+        let Some(balance) = &mut limits.credits else { return Ok(None) };
+        let taken = balance.take(take);
+        *balance = taken.balance;
+        Ok(Some(taken))
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

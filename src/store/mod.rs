@@ -16,6 +16,7 @@ use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::KeyUpdate;
 use crate::name::KeyName;
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, Meta, RateLimits, Take, Taken};
@@ -306,6 +307,30 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// checked the key.
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError>;
 
+    /// The limits the account's owner `owner` shares among its keys; `None` when it has none.
+    async fn find_owner(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, StoreError>;
+
+    /// Applies `update` at `at` to the owner's limits as one atomic step, and returns them as
+    /// they then are: [`OwnerUpdate::apply`] to what the store holds. `None`, and nothing held
+    /// any more, when they limit nothing. The owner needs no key.
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: &OwnerUpdate,
+        at: OffsetDateTime,
+    ) -> Result<Option<OwnerLimits>, StoreError>;
+
+    /// Takes credits from the owner's balance as one atomic, durable step, as
+    /// [`take_credits`](Self::take_credits) does from a key's. `None` when the owner has no
+    /// credits.
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        take: Take,
+    ) -> Result<Option<Taken>, StoreError>;
+
     /// Sets `last_used_at = max(last_used_at, at)` for each pair. Unknown ids are ignored.
     /// Out-of-order batches never move a time back. A store may write a large batch in several
     /// transactions (the file stores do, so that other writes need not wait for all of it): a
@@ -503,6 +528,33 @@ macro_rules! forward_key_store {
             fn take_credits<'s, 'i, 'f>(&'s self, id: &'i KeyId, take: Take) -> StoreFuture<'f, Option<Taken>>
             where 's: 'f, 'i: 'f, Self: 'f {
                 (**self).take_credits(id, take)
+            }
+            fn find_owner<'s, 'a, 'o, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                owner: &'o OwnerId,
+            ) -> StoreFuture<'f, Option<OwnerLimits>>
+            where 's: 'f, 'a: 'f, 'o: 'f, Self: 'f {
+                (**self).find_owner(account, owner)
+            }
+            fn update_owner<'s, 'a, 'o, 'u, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                owner: &'o OwnerId,
+                update: &'u OwnerUpdate,
+                at: OffsetDateTime,
+            ) -> StoreFuture<'f, Option<OwnerLimits>>
+            where 's: 'f, 'a: 'f, 'o: 'f, 'u: 'f, Self: 'f {
+                (**self).update_owner(account, owner, update, at)
+            }
+            fn take_owner_credits<'s, 'a, 'o, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                owner: &'o OwnerId,
+                take: Take,
+            ) -> StoreFuture<'f, Option<Taken>>
+            where 's: 'f, 'a: 'f, 'o: 'f, Self: 'f {
+                (**self).take_owner_credits(account, owner, take)
             }
             fn record_last_used<'s, 'u, 'f>(
                 &'s self,

@@ -23,12 +23,13 @@ use super::{
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -94,6 +95,12 @@ struct Statements {
     find_credits: String,
     update: String,
     spend_credits: String,
+    find_owner: String,
+    find_owner_for_update: String,
+    put_owner: String,
+    delete_owner: String,
+    ensure_owner: String,
+    spend_owner_credits: String,
     record_last_used: String,
     is_empty: String,
     purge: String,
@@ -102,9 +109,13 @@ struct Statements {
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
      rotated_from, replaced_by, owner_id, meta, credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
 
+/// An owner's limits, in the order `owner_from_row` reads them.
+const OWNER_COLUMNS: &str = "credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
+
 impl Statements {
     fn new(schema: &str) -> Self {
         let keys = format!("{schema}.api_keys");
+        let owners = format!("{schema}.owner_limits");
         Self {
             find_by_digest: format!("SELECT {COLUMNS} FROM {keys} WHERE digest = $1"),
             find_by_id: format!("SELECT {COLUMNS} FROM {keys} WHERE id = $1 AND account = $2"),
@@ -127,6 +138,23 @@ impl Statements {
                  refill_amount = $6, refill_interval = $7, ratelimits = $8 WHERE id = $1"
             ),
             spend_credits: format!("UPDATE {keys} SET credits_remaining = $2, credits_as_of = $3 WHERE id = $1"),
+            find_owner: format!("SELECT {OWNER_COLUMNS} FROM {owners} WHERE account = $1 AND owner_id = $2"),
+            find_owner_for_update: format!(
+                "SELECT {OWNER_COLUMNS} FROM {owners} WHERE account = $1 AND owner_id = $2 FOR UPDATE"
+            ),
+            put_owner: format!(
+                "INSERT INTO {owners} (account, owner_id, {OWNER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (account, owner_id) DO UPDATE SET credits_remaining = EXCLUDED.credits_remaining, \
+                 credits_as_of = EXCLUDED.credits_as_of, refill_amount = EXCLUDED.refill_amount, \
+                 refill_interval = EXCLUDED.refill_interval, ratelimits = EXCLUDED.ratelimits"
+            ),
+            delete_owner: format!("DELETE FROM {owners} WHERE account = $1 AND owner_id = $2"),
+            ensure_owner: format!(
+                "INSERT INTO {owners} (account, owner_id, ratelimits) VALUES ($1, $2, '') ON CONFLICT DO NOTHING"
+            ),
+            spend_owner_credits: format!(
+                "UPDATE {owners} SET credits_remaining = $3, credits_as_of = $4 WHERE account = $1 AND owner_id = $2"
+            ),
             lock_account: format!(
                 "INSERT INTO {schema}.api_key_accounts (account) VALUES ($1) \
                  ON CONFLICT (account) DO UPDATE SET account = EXCLUDED.account"
@@ -169,7 +197,8 @@ impl Statements {
 /// and lists start past the keys expired by then (a roll's old keys, short-lived keys).
 /// Version 4: owners, metadata, credits and rate limits (keys from version 3 have none), and an
 /// index of each account's owners.
-fn migrations(schema: &str) -> [String; 4] {
+/// Version 5: the limits an owner's keys share, one row per owner that has any.
+fn migrations(schema: &str) -> [String; 5] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -202,6 +231,18 @@ fn migrations(schema: &str) -> [String; 4] {
                 ADD COLUMN refill_amount BIGINT, ADD COLUMN refill_interval TEXT,
                 ADD COLUMN ratelimits TEXT NOT NULL DEFAULT '';
             CREATE INDEX api_keys_by_owner ON {schema}.api_keys (account, owner_id) WHERE owner_id IS NOT NULL;"
+        ),
+        format!(
+            "CREATE TABLE {schema}.owner_limits (
+            account           TEXT        NOT NULL,
+            owner_id          TEXT        NOT NULL,
+            credits_remaining BIGINT,
+            credits_as_of     TIMESTAMPTZ,
+            refill_amount     BIGINT,
+            refill_interval   TEXT,
+            ratelimits        TEXT        NOT NULL,
+            PRIMARY KEY (account, owner_id)
+        );"
         ),
     ]
 }
@@ -638,6 +679,13 @@ fn credits_from_row(row: &Row, first: usize) -> Result<Option<Balance>, Failure>
     Ok(Some(balance.ok_or_else(|| corrupt("credits", "out of range"))?))
 }
 
+/// An owner's limits from a row of [`OWNER_COLUMNS`].
+fn owner_from_row(row: &Row) -> Result<OwnerLimits, Failure> {
+    let ratelimits =
+        RateLimits::from_stored(row.try_get::<_, &str>(4)?).map_err(|error| corrupt("ratelimits", error))?;
+    Ok(OwnerLimits::new(credits_from_row(row, 0)?, ratelimits))
+}
+
 /// A stored value this version cannot accept.
 fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
     Failure::Corrupt(format!("corrupt {column} in a stored record: {error}"))
@@ -785,6 +833,85 @@ impl KeyStore for PostgresStore {
                 let credits = StoredCredits::of(Some(&taken.balance));
                 let spend = transaction.prepare_cached(&self.sql.spend_credits).await?;
                 transaction.execute(&spend, &[id.as_uuid(), &credits.remaining, &credits.as_of]).await?;
+                transaction.commit().await?;
+            }
+            Ok(Some(taken))
+        })
+        .await
+    }
+
+    async fn find_owner(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, StoreError> {
+        self.call("find_owner", async |client| {
+            let statement = client.prepare_cached(&self.sql.find_owner).await?;
+            let row = client.query_opt(&statement, &[&account.as_str(), &owner.as_str()]).await?;
+            row.as_ref().map(owner_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: &OwnerUpdate,
+        at: OffsetDateTime,
+    ) -> Result<Option<OwnerLimits>, StoreError> {
+        self.call("update_owner", async |client| {
+            let transaction = client.transaction().await?;
+            let key: [&(dyn ToSql + Sync); 2] = [&account.as_str(), &owner.as_str()];
+            // Makes the row if there is none, so that two first changes of one owner serialise
+            // on its lock like any others; a change that leaves no limits deletes it again.
+            let ensure = transaction.prepare_cached(&self.sql.ensure_owner).await?;
+            transaction.execute(&ensure, &key).await?;
+            let put = transaction.prepare_cached(&self.sql.put_owner).await?;
+            let find = transaction.prepare_cached(&self.sql.find_owner_for_update).await?;
+            let found = transaction.query_opt(&find, &key).await?;
+            let limits = update.apply(found.as_ref().map(owner_from_row).transpose()?, at);
+            match &limits {
+                Some(limits) => {
+                    let credits = StoredCredits::of(limits.credits.as_ref());
+                    let ratelimits = limits.ratelimits.as_text();
+                    let values: [&(dyn ToSql + Sync); 7] = [
+                        key[0],
+                        key[1],
+                        &credits.remaining,
+                        &credits.as_of,
+                        &credits.refill_amount,
+                        &credits.refill_interval,
+                        &ratelimits,
+                    ];
+                    transaction.execute(&put, &values).await?
+                }
+                None => {
+                    let delete = transaction.prepare_cached(&self.sql.delete_owner).await?;
+                    transaction.execute(&delete, &key).await?
+                }
+            };
+            transaction.commit().await?;
+            Ok(limits)
+        })
+        .await
+    }
+
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        take: Take,
+    ) -> Result<Option<Taken>, StoreError> {
+        self.call("take_owner_credits", async |client| {
+            let transaction = client.transaction().await?;
+            let key: [&(dyn ToSql + Sync); 2] = [&account.as_str(), &owner.as_str()];
+            let find = transaction.prepare_cached(&self.sql.find_owner_for_update).await?;
+            let row = transaction.query_opt(&find, &key).await?;
+            let Some(balance) = row.as_ref().map(owner_from_row).transpose()?.and_then(|limits| limits.credits) else {
+                return Ok(None);
+            };
+            let taken = balance.take(take);
+            if taken.granted > 0 {
+                let credits = StoredCredits::of(Some(&taken.balance));
+                let spend = transaction.prepare_cached(&self.sql.spend_owner_credits).await?;
+                transaction.execute(&spend, &[key[0], key[1], &credits.remaining, &credits.as_of]).await?;
                 transaction.commit().await?;
             }
             Ok(Some(taken))

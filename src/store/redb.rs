@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
 
-use super::stored::StoredFields;
+use super::stored::{StoredBalance, StoredFields, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
 use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
@@ -18,10 +18,11 @@ use super::{
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::usage::{Meta, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 4;
+const SCHEMA_VERSION: u64 = 5;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
@@ -77,6 +78,10 @@ const BY_ACCOUNT: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
 /// Schema version 2's account index, (account, created_at, id) -> digest.
 const BY_ACCOUNT_V2: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]> =
     TableDefinition::new("api_keys_by_account");
+/// (account, owner) -> (credits, rate limits): the limits an owner's keys share, in the forms of
+/// the records' usage data. Schema version 5 added it.
+type OwnerValue = (Option<StoredBalance<'static>>, &'static str);
+const OWNERS: TableDefinition<(&str, &str), OwnerValue> = TableDefinition::new("owner_limits");
 /// "schema_version" -> version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
 
@@ -340,6 +345,7 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         transaction.open_table(RECORDS)?;
         transaction.open_table(IDS)?;
         transaction.open_table(BY_ACCOUNT)?;
+        transaction.open_table(OWNERS)?;
         transaction.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
         transaction.commit()?;
         Ok(Some(SCHEMA_VERSION))
@@ -703,6 +709,58 @@ impl KeyStore for RedbStore {
         .await
     }
 
+    async fn find_owner(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, StoreError> {
+        self.read("find_owner", |transaction| {
+            let owners = transaction.open_table(OWNERS)?;
+            let found = owners.get((account.as_str(), owner.as_str()))?;
+            let decoded = found.map(|found| {
+                let (credits, ratelimits) = found.value();
+                decode_owner(credits, ratelimits)
+            });
+            Ok(decoded.transpose()?)
+        })
+    }
+
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: &OwnerUpdate,
+        at: OffsetDateTime,
+    ) -> Result<Option<OwnerLimits>, StoreError> {
+        let (account, owner, update) = (account.clone(), owner.clone(), update.clone());
+        self.write("update_owner", move |transaction| {
+            let key = (account.as_str(), owner.as_str());
+            let limits = update.apply(find_owner_in(transaction, key)?, at);
+            match &limits {
+                Some(limits) => put_owner(transaction, key, limits)?,
+                None => drop(transaction.open_table(OWNERS)?.remove(key)?),
+            }
+            Ok(limits)
+        })
+        .await
+    }
+
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        take: Take,
+    ) -> Result<Option<Taken>, StoreError> {
+        let (account, owner) = (account.clone(), owner.clone());
+        self.write("take_owner_credits", move |transaction| {
+            let key = (account.as_str(), owner.as_str());
+            let Some(mut limits) = find_owner_in(transaction, key)? else { return Ok(None) };
+            let Some(taken) = limits.credits.map(|balance| balance.take(take)) else { return Ok(None) };
+            if taken.granted > 0 {
+                limits.credits = Some(taken.balance);
+                put_owner(transaction, key, &limits)?;
+            }
+            Ok(Some(taken))
+        })
+        .await
+    }
+
     /// Writes 1,024 times per transaction, in the table's order, so that a create or revocation
     /// waits for one piece, not for the whole batch.
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
@@ -765,15 +823,12 @@ fn put_record(
 ) -> Result<(), redb::StorageError> {
     let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
     let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
-    let StoredCredits { remaining, as_of, refill_amount, refill_interval } = StoredCredits::of(record.credits.as_ref());
-    let credits = remaining
-        .zip(as_of.map(unix_micros))
-        .map(|(remaining, as_of)| (remaining, as_of, refill_amount.zip(refill_interval.as_deref())));
+    let credits = StoredCredits::of(record.credits.as_ref());
     let ratelimits = record.ratelimits.as_text();
     let usage = (
         record.owner.as_ref().map(OwnerId::as_str),
         record.meta.as_ref().map(Meta::as_str),
-        credits,
+        balance_value(&credits),
         ratelimits.as_str(),
     );
     let value = (
@@ -791,6 +846,31 @@ fn put_record(
         usage,
     );
     records.insert(record.digest.as_bytes(), value)?;
+    Ok(())
+}
+
+/// A balance as the tables hold it.
+fn balance_value(credits: &StoredCredits) -> Option<StoredBalance<'_>> {
+    let refill = credits.refill_amount.zip(credits.refill_interval.as_deref());
+    credits.remaining.zip(credits.as_of.map(unix_micros)).map(|(remaining, as_of)| (remaining, as_of, refill))
+}
+
+/// The owner's limits, in the write transaction.
+fn find_owner_in(transaction: &redb::WriteTransaction, key: (&str, &str)) -> Result<Option<OwnerLimits>, WriteError> {
+    let owners = transaction.open_table(OWNERS)?;
+    let found = owners.get(key)?;
+    let decoded = found.map(|found| {
+        let (credits, ratelimits) = found.value();
+        decode_owner(credits, ratelimits)
+    });
+    decoded.transpose().map_err(|invalid| WriteError::Backend(invalid.into()))
+}
+
+/// Stores the owner's limits, in place of any it had.
+fn put_owner(transaction: &redb::WriteTransaction, key: (&str, &str), limits: &OwnerLimits) -> Result<(), WriteError> {
+    let credits = StoredCredits::of(limits.credits.as_ref());
+    let ratelimits = limits.ratelimits.as_text();
+    transaction.open_table(OWNERS)?.insert(key, (balance_value(&credits), ratelimits.as_str()))?;
     Ok(())
 }
 

@@ -11,19 +11,20 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transac
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance};
+use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::spread::{CachePadded, thread_number};
 use crate::usage::{Meta, Take, Taken};
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// How long a write waits for another process's write lock before failing: on the writer
 /// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,7 +40,7 @@ const MMAP_SIZE: i64 = 1 << 30;
 /// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -76,7 +77,21 @@ const MIGRATIONS: [&str; 4] = [
     ALTER TABLE api_keys ADD COLUMN refill_interval TEXT;
     ALTER TABLE api_keys ADD COLUMN ratelimits TEXT NOT NULL DEFAULT '';
     CREATE INDEX api_keys_by_owner ON api_keys (account, owner_id) WHERE owner_id IS NOT NULL;",
+    // Version 5: the limits an owner's keys share, one row per owner that has any.
+    "CREATE TABLE owner_limits (
+        account           TEXT    NOT NULL,
+        owner_id          TEXT    NOT NULL,
+        credits_remaining INTEGER,
+        credits_as_of     INTEGER,
+        refill_amount     INTEGER,
+        refill_interval   TEXT,
+        ratelimits        TEXT    NOT NULL,
+        PRIMARY KEY (account, owner_id)
+    ) WITHOUT ROWID;",
 ];
+
+const FIND_OWNER: &str = "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits \
+                          FROM owner_limits WHERE account = ?1 AND owner_id = ?2";
 
 /// The columns of a record, in the order `record_from_row` reads them.
 macro_rules! columns {
@@ -597,6 +612,36 @@ fn credits_from_row<'r>(row: &'r Row<'_>, first: usize) -> rusqlite::Result<Opti
     Ok(Some((remaining, row.get(first + 1)?, refill)))
 }
 
+/// An owner's limits from a row of [`FIND_OWNER`].
+fn owner_from_row(row: &Row<'_>) -> rusqlite::Result<OwnerLimits> {
+    decode_owner(credits_from_row(row, 0)?, row.get_ref(4)?.as_str()?).map_err(invalid_field)
+}
+
+/// Stores an owner's limits, in place of any it had.
+fn write_owner(
+    transaction: &rusqlite::Transaction<'_>,
+    account: &AccountId,
+    owner: &OwnerId,
+    limits: &OwnerLimits,
+) -> rusqlite::Result<()> {
+    let credits = StoredCredits::of(limits.credits.as_ref());
+    transaction
+        .prepare_cached(
+            "INSERT OR REPLACE INTO owner_limits (account, owner_id, credits_remaining, credits_as_of, refill_amount, \
+             refill_interval, ratelimits) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            account.as_str(),
+            owner.as_str(),
+            credits.remaining,
+            credits.as_of.map(unix_micros),
+            credits.refill_amount,
+            credits.refill_interval,
+            limits.ratelimits.as_text(),
+        ])?;
+    Ok(())
+}
+
 fn invalid_field(invalid: InvalidField) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
 }
@@ -745,6 +790,65 @@ impl KeyStore for SqliteStore {
                 transaction
                     .prepare_cached("UPDATE api_keys SET credits_remaining = ?2, credits_as_of = ?3 WHERE id = ?1")?
                     .execute(params![id.as_uuid().as_bytes(), credits.remaining, credits.as_of.map(unix_micros)])?;
+                transaction.commit()?;
+            }
+            Ok(Some(taken))
+        })
+        .await
+    }
+
+    async fn find_owner(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, StoreError> {
+        self.read("find_owner", |connection| {
+            connection
+                .prepare_cached(FIND_OWNER)?
+                .query_row(params![account.as_str(), owner.as_str()], owner_from_row)
+                .optional()
+        })
+    }
+
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: &OwnerUpdate,
+        at: OffsetDateTime,
+    ) -> Result<Option<OwnerLimits>, StoreError> {
+        let (account, owner, update) = (account.clone(), owner.clone(), update.clone());
+        self.write("update_owner", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = params![account.as_str(), owner.as_str()];
+            let found = transaction.prepare_cached(FIND_OWNER)?.query_row(key, owner_from_row).optional()?;
+            let limits = update.apply(found, at);
+            match &limits {
+                Some(limits) => write_owner(&transaction, &account, &owner, limits)?,
+                None => {
+                    transaction
+                        .prepare_cached("DELETE FROM owner_limits WHERE account = ?1 AND owner_id = ?2")?
+                        .execute(key)?;
+                }
+            }
+            transaction.commit()?;
+            Ok(limits)
+        })
+        .await
+    }
+
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        take: Take,
+    ) -> Result<Option<Taken>, StoreError> {
+        let (account, owner) = (account.clone(), owner.clone());
+        self.write("take_owner_credits", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = params![account.as_str(), owner.as_str()];
+            let found = transaction.prepare_cached(FIND_OWNER)?.query_row(key, owner_from_row).optional()?;
+            let Some(mut limits) = found else { return Ok(None) };
+            let Some(taken) = limits.credits.map(|balance| balance.take(take)) else { return Ok(None) };
+            if taken.granted > 0 {
+                limits.credits = Some(taken.balance);
+                write_owner(&transaction, &account, &owner, &limits)?;
                 transaction.commit()?;
             }
             Ok(Some(taken))

@@ -8,6 +8,7 @@ use crate::clock::from_unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
+use crate::owner::OwnerLimits;
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Meta, RateLimits};
@@ -54,6 +55,12 @@ pub(crate) fn decode_balance(parts: Option<StoredBalance<'_>>) -> Result<Option<
         Balance::from_stored(remaining, from_unix_micros(as_of)?, refill)
     };
     parts.map(|parts| decode(parts).ok_or(CREDITS)).transpose()
+}
+
+/// An owner's limits from their stored parts, or the field that is out of range.
+pub(crate) fn decode_owner(credits: Option<StoredBalance<'_>>, ratelimits: &str) -> Result<OwnerLimits, InvalidField> {
+    let ratelimits = RateLimits::from_stored(ratelimits).map_err(|_| InvalidField { index: 4, name: "ratelimits" })?;
+    Ok(OwnerLimits::new(decode_balance(credits)?, ratelimits))
 }
 
 const CREDITS: InvalidField = InvalidField { index: 14, name: "credits" };

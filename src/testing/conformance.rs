@@ -28,6 +28,7 @@ use time::{Duration, OffsetDateTime};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
+use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
 use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyPrefix;
@@ -580,6 +581,72 @@ pub async fn concurrent_takes_never_grant_more_than_is_left(store: &dyn KeyStore
     assert_eq!(left, 0, "8 threads asking for up to 120 take all 50");
 }
 
+/// An owner's limits round-trip exactly, per account; a change keeps what it does not name, and
+/// one that leaves no limits leaves nothing stored.
+pub async fn owner_limits_round_trip_and_change_in_place(store: &dyn KeyStore) {
+    let (account, other) = (account(), account());
+    let owner = OwnerId::new("user_42").unwrap();
+    assert_eq!(store.find_owner(&account, &owner).await.unwrap(), None, "no limits yet");
+    let daily = Refill::new(500, RefillInterval::Daily).unwrap();
+    let credits = Credits::new(MAX_CREDITS).unwrap().refill(daily);
+    let ratelimits =
+        RateLimits::new([RateLimit::new("requests", 10, std::time::Duration::from_millis(1_500)).unwrap()]).unwrap();
+    let set = OwnerUpdate::default().credits(Some(credits)).ratelimits(ratelimits.clone());
+    let expected = OwnerLimits::new(Some(Balance::new(credits, T0)), ratelimits.clone());
+    assert_eq!(store.update_owner(&account, &owner, &set, T0).await.unwrap(), Some(expected.clone()));
+    assert_eq!(store.find_owner(&account, &owner).await.unwrap(), Some(expected.clone()), "read back exactly");
+    assert_eq!(store.find_owner(&other, &owner).await.unwrap(), None, "another account's owner of that name");
+
+    let later = T0 + Duration::seconds(1);
+    let fewer = Credits::new(3).unwrap();
+    let changed = store.update_owner(&account, &owner, &OwnerUpdate::default().credits(Some(fewer)), later).await;
+    let expected = OwnerLimits::new(Some(Balance::new(fewer, later)), ratelimits);
+    assert_eq!(changed.unwrap(), Some(expected.clone()), "the rate limits stay");
+    assert_eq!(store.find_owner(&account, &owner).await.unwrap(), Some(expected));
+
+    let uncapped = store.update_owner(&account, &owner, &OwnerUpdate::default().credits(None), later).await.unwrap();
+    assert_eq!(uncapped.map(|limits| limits.credits), Some(None));
+    let none = OwnerUpdate::default().ratelimits(RateLimits::none());
+    assert_eq!(store.update_owner(&account, &owner, &none, later).await.unwrap(), None, "nothing left to limit");
+    assert_eq!(store.find_owner(&account, &owner).await.unwrap(), None);
+    let take = crate::usage::Take { at: later, need: 1, want: 1 };
+    assert_eq!(store.take_owner_credits(&account, &owner, take).await.unwrap(), None, "no credits, no take");
+}
+
+/// Takes from an owner's credits from many threads at once grant what is left and no more, and
+/// refill at boundaries as a key's do.
+pub async fn owner_credits_are_taken_exactly(store: &dyn KeyStore) {
+    let account = account();
+    let owner = OwnerId::new("org 7").unwrap();
+    let hourly = Refill::new(40, RefillInterval::seconds(3_600).unwrap()).unwrap();
+    let set = OwnerUpdate::default().credits(Some(Credits::new(50).unwrap().refill(hourly)));
+    store.update_owner(&account, &owner, &set, T0).await.unwrap();
+    let granted = in_parallel(8, |i| {
+        let (account, owner) = (account.clone(), owner.clone());
+        async move {
+            let mut granted = 0;
+            for j in 0..10 {
+                let at = T0 + Duration::milliseconds((i * 10 + j) as i64);
+                let take = crate::usage::Take { at, need: 1, want: 1 + (j % 3) as u64 };
+                granted += store.take_owner_credits(&account, &owner, take).await.unwrap().unwrap().granted;
+            }
+            granted
+        }
+    })
+    .await;
+    let left = store.find_owner(&account, &owner).await.unwrap().unwrap().credits.unwrap();
+    assert_eq!(granted.iter().sum::<u64>(), 50, "granted {granted:?}");
+    assert_eq!(left.remaining, 0);
+    let take = |at, need| crate::usage::Take { at, need, want: need };
+    let refused = store.take_owner_credits(&account, &owner, take(T0 + Duration::minutes(1), 1)).await.unwrap();
+    assert_eq!(refused.map(|taken| taken.granted), Some(0), "none left this hour");
+    let next_hour = datetime!(2025-10-15 10:00 UTC);
+    let taken = store.take_owner_credits(&account, &owner, take(next_hour, 15)).await.unwrap().unwrap();
+    assert_eq!((taken.granted, taken.balance.remaining, taken.balance.as_of), (15, 25, next_hour));
+    let found = store.find_owner(&account, &owner).await.unwrap().unwrap();
+    assert_eq!(found.credits, Some(taken.balance), "the balance is durable and exact");
+}
+
 pub async fn a_rolled_key_in_its_grace_period_can_be_revoked(store: &dyn KeyStore) {
     let account = account();
     let old = record(&account, T0);
@@ -875,6 +942,8 @@ macro_rules! conformance_tests {
             take_credits_grants_at_most_what_is_left,
             take_credits_refills_at_boundaries_once,
             concurrent_takes_never_grant_more_than_is_left,
+            owner_limits_round_trip_and_change_in_place,
+            owner_credits_are_taken_exactly,
             roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
             replaced_keys_do_not_count_and_rerolling_respects_the_limit,
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,

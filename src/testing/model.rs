@@ -9,11 +9,13 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     AccountId, ApiKey, AuthenticatedKey, Digest, Error, KeyFormat, KeyId, KeyService, KeyStore, ManualClock, NewKey,
-    Rejection, Scopes,
+    OwnerId, Rejection, Scopes,
 };
 
 /// Accounts the model uses; few, so operations often meet another account's keys.
 pub const ACCOUNTS: usize = 3;
+/// Owners per account the model uses: few, so that keys often share one.
+pub const OWNERS: usize = 2;
 /// The limit of active keys per account, low so the limit is often reached.
 pub const MAX_ACTIVE: u32 = 3;
 /// Where the model's clock starts.
@@ -82,10 +84,21 @@ pub enum Op {
     /// The administrator's create of a key with limits: `credits` to start with, refilled to
     /// `refill.0` every `refill.1` seconds, and at most `limit` uses per [`LIMIT_WINDOW`].
     /// Its scopes leave out what manages keys (`*`, `keys:*`, `keys:write`): a key with
-    /// credits makes no keys, and one with limits manages no unlimited keys.
+    /// credits makes no keys, and one with limits manages no unlimited keys. `owner`: one of the
+    /// account's [`OWNERS`], whose limits the key then shares.
     CreateLimited {
         account: usize,
         scopes: Option<u8>,
+        credits: Option<u64>,
+        refill: Option<(u64, u32)>,
+        limit: Option<u32>,
+        owner: Option<usize>,
+    },
+    /// The administrator sets the limits of one of the account's [`OWNERS`], as
+    /// [`Op::CreateLimited`] gives a key's: both at once, `None` for none.
+    SetOwnerLimits {
+        account: usize,
+        owner: usize,
         credits: Option<u64>,
         refill: Option<(u64, u32)>,
         limit: Option<u32>,
@@ -150,6 +163,17 @@ struct ModelKey {
     /// The key's `"requests"` limit, and the instants of the uses it accepted.
     limit: Option<u32>,
     uses: Vec<OffsetDateTime>,
+    /// Which of its account's [`OWNERS`] the key belongs to.
+    owner: Option<usize>,
+}
+
+/// An owner's limits: credits (in [`Model::balances`]), a `"requests"` limit, and the instants
+/// of the uses it counted.
+#[derive(Debug, Default)]
+struct ModelOwner {
+    credits: Option<usize>,
+    limit: Option<u32>,
+    uses: Vec<OffsetDateTime>,
 }
 
 /// Credits as the model keeps them. A roll moves them to the new key, leaving the old one an
@@ -204,6 +228,8 @@ struct Model {
     accounts: Vec<AccountId>,
     keys: Vec<ModelKey>,
     balances: Vec<ModelBalance>,
+    /// By account, then owner.
+    owners: Vec<Vec<ModelOwner>>,
     clock: ManualClock,
 }
 
@@ -249,8 +275,21 @@ impl Model {
             credits: None,
             limit: None,
             uses: Vec::new(),
+            owner: None,
         });
         Ok(())
+    }
+
+    /// The owner's limits as the service gives them at `now`; `None` for none.
+    fn owner_limits(&self, account: usize, owner: usize) -> Option<crate::OwnerLimits> {
+        let (owner, now) = (&self.owners[account][owner], self.now());
+        let credits = owner.credits.map(|index| {
+            let balance = &self.balances[index];
+            let refill = balance.refill.map(|(amount, every)| refill_of(amount, every));
+            crate::Balance::new(crate::Credits { remaining: balance.left_at(now), refill }, now)
+        });
+        let limits = crate::OwnerLimits::new(credits, ratelimits_of(owner.limit));
+        limits.limits_anything().then_some(limits)
     }
 
     fn pick(&self, index: usize) -> Option<usize> {
@@ -273,7 +312,7 @@ impl Model {
                 scopes: key.scopes.clone(),
                 rotated_from: key.rotated_from,
                 replaced_by: key.replaced_by,
-                owner: None,
+                owner: key.owner.map(owner_id),
                 meta: None,
                 credits: key.credits.map(|index| {
                     let balance = &self.balances[index];
@@ -299,7 +338,8 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
     let accounts = (0..ACCOUNTS)
         .map(|i| AccountId::new(format!("model-{i}-{}", KeyId::generate())).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let mut model = Model { accounts, keys: Vec::new(), balances: Vec::new(), clock };
+    let owners = (0..ACCOUNTS).map(|_| (0..OWNERS).map(|_| ModelOwner::default()).collect()).collect();
+    let mut model = Model { accounts, keys: Vec::new(), balances: Vec::new(), owners, clock };
 
     for op in ops {
         let expiries: Vec<Option<OffsetDateTime>> = model.keys.iter().map(|key| key.expires_at).collect();
@@ -310,6 +350,15 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
         for account in 0..ACCOUNTS {
             let keys = service.list(&model.accounts[account]).await.map_err(|error| format!("list: {error}"))?;
             ensure_eq!(keys, model.expected_list(account), "list of account {} after {:?}", account, op);
+            for owner in 0..OWNERS {
+                let limits = service.owner_limits(&model.accounts[account], &owner_id(owner)).await;
+                let limits = limits.map_err(|error| format!("owner limits: {error}"))?;
+                ensure_eq!(
+                    limits,
+                    model.owner_limits(account, owner),
+                    "owner {owner} of account {account} after {op:?}"
+                );
+            }
         }
     }
     for key in &model.keys {
@@ -460,14 +509,16 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let revocable = target_key.account == *account && target_key.is_active(now);
             expect_revocation(model, target, revocable, outcome)?;
         }
-        Op::CreateLimited { account, scopes, credits, refill, limit } => {
+        Op::CreateLimited { account, scopes, credits, refill, limit, owner } => {
             let scopes = scopes_of(scopes.unwrap_or(0) & !MANAGING);
+            let owner = owner.map(|owner| owner % OWNERS);
             let mut request = NewKey::default().scopes(scopes.clone()).ratelimits(ratelimits_of(*limit));
             let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
             if let Some(remaining) = credits {
-                let mut given = crate::Credits::new(*remaining).map_err(|error| error.to_string())?;
-                given.refill = refill.map(|(amount, every)| refill_of(amount, every));
-                request = request.credits(given);
+                request = request.credits(credits_of(*remaining, refill)?);
+            }
+            if let Some(owner) = owner {
+                request = request.owner(owner_id(owner));
             }
             let outcome = service.create(&model.accounts[*account], request).await;
             if model.counted(*account, None) >= MAX_ACTIVE as usize {
@@ -478,12 +529,29 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                 model.add(&created, *account, None, None)?;
                 let key = model.keys.last_mut().ok_or("no key added")?;
                 key.limit = *limit;
+                key.owner = owner;
                 if let Some(remaining) = credits {
                     key.credits = Some(model.balances.len());
                     let refill = if credits.is_some() { refill } else { None };
                     model.balances.push(ModelBalance { remaining: *remaining, as_of: now, refill });
                 }
             }
+        }
+        Op::SetOwnerLimits { account, owner, credits, refill, limit } => {
+            let owner = owner % OWNERS;
+            let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
+            let given = credits.map(|remaining| credits_of(remaining, refill)).transpose()?;
+            let update = crate::OwnerUpdate::default().credits(given).ratelimits(ratelimits_of(*limit));
+            let outcome = service.update_owner_as_admin(&model.accounts[*account], &owner_id(owner), update).await;
+            let limits = outcome.map_err(|error| format!("owner limits: {error}"))?;
+            let balance = credits.map(|remaining| {
+                model.balances.push(ModelBalance { remaining, as_of: now, refill });
+                model.balances.len() - 1
+            });
+            let modelled = &mut model.owners[*account][owner];
+            (modelled.credits, modelled.limit) = (balance, *limit);
+            let expected = model.owner_limits(*account, owner);
+            ensure_eq!(limits, expected, "owner limits as set");
         }
         Op::Spend { key, cost } => {
             let Some(index) = model.pick(*key) else { return Ok(()) };
@@ -520,7 +588,7 @@ async fn use_as_model_says<S: KeyStore>(
         1 => service.verify(&token).await,
         cost => service.verify_usage(&token, &crate::Usage::new().cost(cost)).await,
     };
-    let Model { keys, balances, accounts, .. } = model;
+    let Model { keys, balances, accounts, owners, .. } = model;
     let key = &mut keys[index];
     if key.revoked {
         ensure!(matches!(outcome, Err(Rejection::Revoked)), "{:?}", outcome);
@@ -530,61 +598,108 @@ async fn use_as_model_says<S: KeyStore>(
         ensure!(matches!(outcome, Err(Rejection::Expired)), "{:?}", outcome);
         return Ok(None);
     }
-    // A use at a whole second counts in a slot of one second, until the window after it ends.
-    let slot_window = LIMIT_WINDOW.as_secs() as i64 + 1;
-    key.uses.retain(|at| (now - *at).whole_seconds() < slot_window);
-    if let Some(limit) = key.limit
-        && key.uses.len() >= limit as usize
+    let owner = key.owner.map(|owner| &mut owners[key.account][owner]);
+    let owner = owner.filter(|owner| owner.credits.is_some() || owner.limit.is_some());
+    // Rate limits first, the owner's before the key's; then credits, the key's before the owner's.
+    let (owner_limit, owner_credits, owner_uses) = match owner {
+        Some(owner) => (owner.limit, owner.credits, Some(&mut owner.uses)),
+        None => (None, None, None),
+    };
+    let mut owner_uses = owner_uses;
+    if let Some(uses) = owner_uses.as_deref_mut()
+        && refused_by_limit(&outcome, owner_limit, uses, now, true)?
     {
-        let Err(Rejection::RateLimited(refusal)) = &outcome else {
-            return Err(format!("over its limit, the use was not refused: {outcome:?}"));
-        };
-        let oldest = key.uses[key.uses.len() - limit as usize];
-        let retry = (oldest + Duration::seconds(slot_window) - now).unsigned_abs();
-        ensure_eq!(refusal.retry_after, Some(retry), "retry after a rate limit");
-        ensure_eq!(refusal.limit().map(|limit| limit.remaining), Some(0));
         return Ok(None);
     }
-    let balance = key.credits.map(|index| &mut balances[index]);
-    let left = balance.as_ref().map(|balance| balance.left_at(now));
-    if cost > 0
-        && let (Some(balance), Some(left)) = (&balance, left)
-        && left < cost
-    {
-        let Err(Rejection::UsageExceeded(refusal)) = &outcome else {
-            return Err(format!("{left} credits left, a use of {cost} was not refused: {outcome:?}"));
-        };
-        ensure_eq!(refusal.retry_after, balance.until_refill(now, cost), "retry after running out");
-        ensure_eq!(refusal.usage.credits, Some(left), "credits reported on a refusal");
+    if refused_by_limit(&outcome, key.limit, &mut key.uses, now, false)? {
         return Ok(None);
+    }
+    for (credits, by_owner) in [(key.credits, false), (owner_credits, true)] {
+        let Some(balance) = credits.map(|index| &balances[index]) else { continue };
+        let left = balance.left_at(now);
+        if cost > 0 && left < cost {
+            let Err(Rejection::UsageExceeded(refusal)) = &outcome else {
+                return Err(format!("{left} credits left, a use of {cost} was not refused: {outcome:?}"));
+            };
+            ensure_eq!(refusal.by_owner, by_owner, "whose credits ran out");
+            ensure_eq!(refusal.retry_after, balance.until_refill(now, cost), "retry after running out");
+            ensure_eq!(refusal.usage.credits, Some(left), "credits reported on a refusal");
+            return Ok(None);
+        }
     }
     let authenticated = outcome.map_err(|rejection| format!("a valid use was refused: {rejection}"))?;
     ensure_eq!(authenticated.id, key.id);
     ensure_eq!(&authenticated.account, &accounts[key.account]);
     ensure_eq!(&authenticated.scopes, &key.scopes);
     ensure_eq!(authenticated.expires_at, key.expires_at);
-    if let (Some(balance), Some(left)) = (balance, left) {
-        let spent = if cost > 0 { cost } else { 0 };
-        balance.remaining = left - spent;
-        balance.as_of = balance.as_of.max(now);
-    }
-    ensure_eq!(authenticated.usage.credits, left.map(|left| left - cost.min(left)), "credits left after the use");
-    if let Some(limit) = key.limit {
-        // A use of cost 0 only checks: it counts towards no limit.
+    let spend = |credits: Option<usize>, balances: &mut Vec<ModelBalance>| {
+        credits.map(|index| {
+            let balance = &mut balances[index];
+            let left = balance.left_at(now);
+            balance.remaining = left - cost.min(left);
+            balance.as_of = balance.as_of.max(now);
+            balance.remaining
+        })
+    };
+    ensure_eq!(authenticated.usage.credits, spend(key.credits, balances), "credits left after the use");
+    let owner_left = spend(owner_credits, balances);
+    let owner_usage = authenticated.owner_usage.as_ref();
+    ensure_eq!(owner_usage.is_some(), owner_uses.is_some(), "the owner's limits were used");
+    ensure_eq!(owner_usage.and_then(|usage| usage.credits), owner_left, "the owner's credits left after the use");
+    // A use of cost 0 only checks: it counts towards no limit.
+    for (limit, uses, usage) in
+        [(key.limit, Some(&mut key.uses), Some(&authenticated.usage)), (owner_limit, owner_uses, owner_usage)]
+    {
+        let (Some(limit), Some(uses), Some(usage)) = (limit, uses, usage) else { continue };
         if cost > 0 {
-            key.uses.push(now);
+            uses.push(now);
         }
-        let remaining = authenticated.usage.ratelimits().next().map(|state| state.remaining);
-        ensure_eq!(remaining, Some(limit - key.uses.len() as u32), "uses left in the window");
+        let remaining = usage.ratelimits().next().map(|state| state.remaining);
+        ensure_eq!(remaining, Some(limit - uses.len() as u32), "uses left in the window");
     }
     key.last_used_at = Some(now);
     Ok(Some(authenticated))
+}
+
+/// Forgets the uses that no longer count at `now`; whether the use is over `limit`, checking
+/// that it was then refused as the model says, by the owner's limit or the key's.
+fn refused_by_limit(
+    outcome: &Result<AuthenticatedKey, Rejection>,
+    limit: Option<u32>,
+    uses: &mut Vec<OffsetDateTime>,
+    now: OffsetDateTime,
+    by_owner: bool,
+) -> Result<bool, String> {
+    // A use at a whole second counts in a slot of one second, until the window after it ends.
+    let slot_window = LIMIT_WINDOW.as_secs() as i64 + 1;
+    uses.retain(|at| (now - *at).whole_seconds() < slot_window);
+    let Some(limit) = limit.filter(|&limit| uses.len() >= limit as usize) else { return Ok(false) };
+    let Err(Rejection::RateLimited(refusal)) = outcome else {
+        return Err(format!("over its limit, the use was not refused: {outcome:?}"));
+    };
+    ensure_eq!(refusal.by_owner, by_owner, "whose limit was reached");
+    let oldest = uses[uses.len() - limit as usize];
+    let retry = (oldest + Duration::seconds(slot_window) - now).unsigned_abs();
+    ensure_eq!(refusal.retry_after, Some(retry), "retry after a rate limit");
+    ensure_eq!(refusal.limit().map(|limit| limit.remaining), Some(0));
+    Ok(true)
 }
 
 /// The model's limits as the service's: `"requests"`, at most `limit` per [`LIMIT_WINDOW`].
 fn ratelimits_of(limit: Option<u32>) -> crate::RateLimits {
     let limit = limit.and_then(|limit| crate::RateLimit::new(crate::RateLimit::REQUESTS, limit, LIMIT_WINDOW).ok());
     crate::RateLimits::new(limit).unwrap_or_default()
+}
+
+fn credits_of(remaining: u64, refill: Option<(u64, i64)>) -> Result<crate::Credits, String> {
+    let mut given = crate::Credits::new(remaining).map_err(|error| error.to_string())?;
+    given.refill = refill.map(|(amount, every)| refill_of(amount, every));
+    Ok(given)
+}
+
+/// The name of the `index`th owner of each account.
+fn owner_id(index: usize) -> OwnerId {
+    OwnerId::new(format!("owner-{index}")).unwrap_or_else(|_| unreachable!("a valid owner id"))
 }
 
 fn refill_of(amount: u64, every: i64) -> crate::Refill {
@@ -638,12 +753,13 @@ fn expect_roll(
     ensure_eq!(rolled.key.scopes, old.scopes);
     ensure_eq!(rolled.key.expires_at, old.expires_at);
     ensure_eq!(rolled.key.name, old.name);
-    let (account, name, old_id, credits, limit) = (old.account, old.name.clone(), old.id, old.credits, old.limit);
+    let (account, name, old_id, credits, limit, owner) =
+        (old.account, old.name.clone(), old.id, old.credits, old.limit, old.owner);
     // The new key's limits go on from the old key's uses (each key counts its own from then on).
     let uses = old.uses.clone();
     model.add(&rolled.key, account, name, Some(old_id))?;
     let new = model.keys.last_mut().ok_or("no key added")?;
-    (new.credits, new.limit, new.uses) = (credits, limit, uses);
+    (new.credits, new.limit, new.uses, new.owner) = (credits, limit, uses, owner);
     // The balance moved to the new key; the old one keeps none, and no refill.
     let emptied = credits.map(|_| {
         model.balances.push(ModelBalance { remaining: 0, as_of: now, refill: None });

@@ -90,9 +90,12 @@ pub enum Call {
     Roll,
     TakeCredits,
     Update,
+    FindOwner,
+    UpdateOwner,
+    TakeOwnerCredits,
 }
 
-const CALLS: [Call; 9] = [
+const CALLS: [Call; 12] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -102,6 +105,9 @@ const CALLS: [Call; 9] = [
     Call::Roll,
     Call::TakeCredits,
     Call::Update,
+    Call::FindOwner,
+    Call::UpdateOwner,
+    Call::TakeOwnerCredits,
 ];
 
 /// What a wrapped call does wrong.
@@ -250,6 +256,30 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.call(Call::TakeCredits, self.inner.take_credits(id, take)).await
+    }
+    async fn find_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.call(Call::FindOwner, self.inner.find_owner(account, owner)).await
+    }
+    async fn update_owner(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        update: &apikeys::OwnerUpdate,
+        at: time::OffsetDateTime,
+    ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
+        self.call(Call::UpdateOwner, self.inner.update_owner(account, owner, update, at)).await
+    }
+    async fn take_owner_credits(
+        &self,
+        account: &AccountId,
+        owner: &apikeys::OwnerId,
+        take: apikeys::Take,
+    ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
+        self.call(Call::TakeOwnerCredits, self.inner.take_owner_credits(account, owner, take)).await
     }
 }
 
