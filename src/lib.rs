@@ -90,7 +90,7 @@ pub use service::{KeyService, KeyServiceBuilder, Verifier};
 pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, StoreError};
+pub use store::{Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, RateCounts, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresOptions, PostgresStore};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};

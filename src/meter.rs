@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::clock::{from_unix_micros, unix_micros};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
-use crate::store::StoreError;
+use crate::store::{RateCounts, StoreError};
 use crate::usage::{Balance, RateLimit, RateLimits, Take, Taken};
 
 /// What a use of a key asks for: `cost` credits (1 by default; 0 only checks), the rate limits
@@ -258,6 +259,9 @@ pub(crate) enum Opened<'m> {
     /// Another use of the key is taking a lease that may pay for this one too: wait for it to
     /// end, then open again.
     Wait(LeaseTaken<'m>),
+    /// The use checks rate limits shared with other instances, whose counts this instance has
+    /// not had for this long (the store cannot be reached), and the meter fails closed.
+    Stale(Duration),
 }
 
 /// Shards of the per-key state, so that uses of different keys rarely share a lock.
@@ -273,7 +277,24 @@ pub(crate) struct Meter {
     shards: [CachePadded<Mutex<Shard>>; SHARDS],
     /// Credits a take from the store asks for beyond what the use needs.
     lease: u64,
+    sharing: Sharing,
 }
+
+/// Whether rate-limit counts are shared with the other instances, and how fresh they are.
+struct Sharing {
+    /// When the other instances' counts last arrived (Unix µs); [`NOT_SHARED`] while no exchange
+    /// runs.
+    exchanged_at: AtomicI64,
+    /// How old they may be before a use that checks a limit fails (closed), or counts this
+    /// instance's uses alone (open).
+    stale_after: AtomicI64,
+    fail_open: AtomicBool,
+    /// How many other instances exchanged counts last time: what a window this instance has
+    /// not had the others' counts of yet assumes count it too.
+    peers: AtomicU32,
+}
+
+const NOT_SHARED: i64 = i64::MIN;
 
 #[derive(Default)]
 struct Shard {
@@ -368,7 +389,109 @@ impl KeyMeter {
 impl Meter {
     /// A meter whose takes from the store ask for up to `lease` credits beyond the use's own.
     pub(crate) fn new(lease: u64) -> Self {
-        Self { shards: std::array::from_fn(|_| CachePadded::default()), lease }
+        let sharing = Sharing {
+            exchanged_at: AtomicI64::new(NOT_SHARED),
+            stale_after: AtomicI64::new(i64::MAX),
+            fail_open: AtomicBool::new(false),
+            peers: AtomicU32::new(0),
+        };
+        Self { shards: std::array::from_fn(|_| CachePadded::default()), lease, sharing }
+    }
+
+    /// Starts counting the other instances' uses, as exchanges bring them, from `now`: counts
+    /// older than `stale_after` fail a use that checks a limit, unless `fail_open`. Whether it
+    /// started: one exchange at a time.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn start_sharing(&self, now: i64, stale_after: Duration, fail_open: bool) -> bool {
+        let stale_after = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
+        self.sharing.stale_after.store(stale_after, Ordering::Relaxed);
+        self.sharing.fail_open.store(fail_open, Ordering::Relaxed);
+        let started = self.sharing.exchanged_at.compare_exchange(NOT_SHARED, now, Ordering::AcqRel, Ordering::Acquire);
+        started.is_ok()
+    }
+
+    /// Counts this instance's uses alone again, and forgets the others'.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn stop_sharing(&self) {
+        self.sharing.exchanged_at.store(NOT_SHARED, Ordering::Release);
+        self.sharing.peers.store(0, Ordering::Relaxed);
+        self.replace_others(&[], 0);
+    }
+
+    /// This instance's own counts of every window that holds any, to publish.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn own_counts(&self, now: i64) -> Vec<RateCounts> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for (id, key) in &mut shard.keys {
+                for (name, window) in key.windows.iter_mut() {
+                    window.advance(now);
+                    if window.total > 0 {
+                        let window_ms = u64::try_from(window.window.as_millis()).unwrap_or(u64::MAX);
+                        let counts = window.counts.to_vec();
+                        all.push(RateCounts::new(id.0, name.to_string(), window_ms, window.newest, counts));
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    /// Takes the other instances' counts, as an exchange at `now` brought them, in place of the
+    /// ones before.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    /// Entries named `""` are not counts but the other instances' [`heartbeat`]s.
+    pub(crate) fn take_others(&self, others: &[RateCounts], now: i64) {
+        let peers = others.iter().filter(|counts| counts.name.is_empty()).count();
+        self.sharing.peers.store(u32::try_from(peers).unwrap_or(u32::MAX), Ordering::Relaxed);
+        self.replace_others(others, now);
+        self.sharing.exchanged_at.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Puts `others` in place of the other instances' counts, shard by shard, so that no use
+    /// sees a shard without them.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn replace_others(&self, others: &[RateCounts], now: i64) {
+        let mut by_shard: [Vec<&RateCounts>; SHARDS] = Default::default();
+        for counts in others.iter().filter(|counts| !counts.name.is_empty()) {
+            by_shard[(counts.subject % SHARDS as u128) as usize].push(counts);
+        }
+        for (shard, group) in self.shards.iter().zip(by_shard) {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for key in shard.keys.values_mut() {
+                for (_, window) in key.windows.iter_mut() {
+                    let came = window.others.as_ref().map_or(0, |others| others.came);
+                    window.others = (came > 0).then(|| Box::new(Others { came: 0, ..Others::assumed(came) }));
+                    window.before = std::mem::take(&mut window.since);
+                }
+            }
+            for counts in group {
+                let width = Duration::from_millis(counts.window_ms);
+                let key = shard.keys.entry(MeterId(counts.subject)).or_default();
+                // A window of another width under the same name is a limit changed since: skipped.
+                let found = key.windows.iter().position(|(name, _)| *name == counts.name);
+                let index = match found {
+                    Some(index) if key.windows[index].1.window == width => index,
+                    Some(_) => continue,
+                    None => key.windows.push((SmolStr::new(&counts.name), Window::new(width, 0))),
+                };
+                let window = &mut key.windows[index].1;
+                window.advance(now);
+                window.add_others(counts.newest, &counts.counts);
+            }
+        }
+    }
+
+    /// How old the other instances' counts are at `now`, if a use that checks a limit must fail
+    /// for it.
+    fn stale(&self, now: i64) -> Option<Duration> {
+        let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
+        if exchanged_at == NOT_SHARED || self.sharing.fail_open.load(Ordering::Relaxed) {
+            return None;
+        }
+        let age = now.saturating_sub(exchanged_at);
+        (age > self.sharing.stale_after.load(Ordering::Relaxed)).then(|| Duration::from_micros(age.unsigned_abs()))
     }
 
     /// Checks and, where it can, settles a use of the key `id` at `now` (Unix µs), whose store
@@ -400,6 +523,11 @@ impl Meter {
         if credits.is_none() && count == 0 {
             return Opened::Accepted(UsageReport::default());
         }
+        if count > 0
+            && let Some(age) = self.stale(now)
+        {
+            return Opened::Stale(age);
+        }
         let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
         let key = shard.keys.entry(id).or_default();
@@ -408,8 +536,12 @@ impl Meter {
         }
         let all = limits.as_slice();
         let limit_at = |position: usize| &all[position];
+        let peers = match self.sharing.exchanged_at.load(Ordering::Relaxed) {
+            NOT_SHARED => 0,
+            _ => self.sharing.peers.load(Ordering::Relaxed),
+        };
         for (position, window) in checked.iter_mut() {
-            *window = key.window(limit_at(*position), now);
+            *window = key.window(limit_at(*position), now, peers);
         }
         let store_left = credits.map_or(0, |balance| left_at(balance, now));
         let mut report = UsageReport { credits: credits.map(|_| key.lease + store_left), ..UsageReport::default() };
@@ -425,7 +557,7 @@ impl Meter {
         // The refusal waits for the limit that frees up last.
         let full = checked.iter().enumerate().filter_map(|(index, &(position, window))| {
             let (limit, window) = (limit_at(position).limit(), &key.windows[window].1);
-            (window.total >= limit).then(|| (window.until_below(limit, now), index))
+            (window.projected() >= limit).then(|| (window.until_below(limit, now), index))
         });
         if let Some((retry, index)) = full.max() {
             fill(&mut report, key);
@@ -656,8 +788,9 @@ impl Shard {
 
 impl KeyMeter {
     /// Where the window of `limit` is in `windows`, moved on to `now`: a fresh one if the key
-    /// had none, or if the limit's window changed (in place, so that no other window moves).
-    fn window(&mut self, limit: &RateLimit, now: i64) -> usize {
+    /// had none, or if the limit's window changed (in place, so that no other window moves). A
+    /// fresh window assumes that `peers` other instances count it too, until their counts come.
+    fn window(&mut self, limit: &RateLimit, now: i64, peers: u32) -> usize {
         let found = self.windows.iter().position(|(name, _)| name == limit.name());
         let index = match found {
             Some(index) => {
@@ -667,7 +800,7 @@ impl KeyMeter {
                 }
                 index
             }
-            None => self.windows.push((limit.name_text().clone(), Window::new(limit.window()))),
+            None => self.windows.push((limit.name_text().clone(), Window::new(limit.window(), peers))),
         };
         self.windows[index].1.advance(now);
         index
@@ -691,6 +824,38 @@ struct Window {
     oldest: i64,
     total: u32,
     counts: [u32; SLOTS + 1],
+    /// What the other instances sharing the store counted, as of the last exchange; only when
+    /// rate limits are shared, and apart, so that a window of one instance stays small.
+    others: Option<Box<Others>>,
+    /// This instance's uses since the last exchange of counts, and in the interval before it:
+    /// the others' counts that came may be that old, so both count towards what they are
+    /// assumed to have accepted unseen.
+    since: u32,
+    before: u32,
+}
+
+/// The other instances' uses in a window's slots, by slot as a window counts its own, and how
+/// many instances count uses of it.
+///
+/// Until their next counts come, each instance assumes that every other one that counts uses of
+/// the window accepts as many as it does itself: the instances then share what is left of the
+/// limit, rather than each taking all of it before the next exchange. An instance counts the
+/// window if its counts came in this exchange or the one before (they may lag one exchange), or,
+/// for a window new since the last exchange, if it exchanges at all.
+#[derive(Debug, Clone)]
+struct Others {
+    counts: [u32; SLOTS + 1],
+    total: u32,
+    peers: u32,
+    /// How many instances' counts came in the last exchange.
+    came: u32,
+}
+
+impl Others {
+    /// No uses yet, from `peers` instances (as if their counts had come).
+    fn assumed(peers: u32) -> Self {
+        Self { counts: [0; SLOTS + 1], total: 0, peers, came: peers }
+    }
 }
 
 impl Window {
@@ -699,8 +864,12 @@ impl Window {
         (micros / SLOTS as i64 + i64::from(micros % SLOTS as i64 != 0)).max(1)
     }
 
-    fn new(window: Duration) -> Self {
-        Self { window, slot: Self::slot_width(window), newest: i64::MIN, oldest: 0, total: 0, counts: [0; SLOTS + 1] }
+    /// An empty window that `peers` other instances are assumed to count too.
+    fn new(window: Duration, peers: u32) -> Self {
+        let slot = Self::slot_width(window);
+        let others = (peers > 0).then(|| Box::new(Others::assumed(peers)));
+        let counts = [0; SLOTS + 1];
+        Self { window, slot, newest: i64::MIN, oldest: 0, total: 0, counts, others, since: 0, before: 0 }
     }
 
     fn ring(number: i64) -> usize {
@@ -712,7 +881,7 @@ impl Window {
     /// uses early).
     fn rewidened(&mut self, window: Duration, now: i64) -> Self {
         self.advance(now);
-        let mut wider = Self::new(window);
+        let mut wider = Self::new(window, self.others.as_ref().map_or(0, |others| others.peers));
         wider.advance(now);
         if self.total > 0 {
             wider.counts[Self::ring(wider.newest)] = self.total;
@@ -731,10 +900,17 @@ impl Window {
         if current.saturating_sub(self.newest) > SLOTS as i64 {
             self.counts = [0; SLOTS + 1];
             self.total = 0;
+            // The instances that counted the window are still assumed to.
+            if let Some(others) = &mut self.others {
+                **others = Others::assumed(others.peers);
+            }
         } else {
             for number in self.newest + 1..=current {
-                let count = std::mem::take(&mut self.counts[Self::ring(number)]);
-                self.total -= count;
+                let ring = Self::ring(number);
+                self.total -= std::mem::take(&mut self.counts[ring]);
+                if let Some(others) = &mut self.others {
+                    others.total -= std::mem::take(&mut others.counts[ring]);
+                }
             }
         }
         self.newest = current;
@@ -755,6 +931,7 @@ impl Window {
         }
         self.counts[Self::ring(self.newest)] += 1;
         self.total += 1;
+        self.since = self.since.saturating_add(1);
         self.newest
     }
 
@@ -765,23 +942,42 @@ impl Window {
         if held && *count > 0 {
             *count -= 1;
             self.total -= 1;
+            self.since = self.since.saturating_sub(1);
             if number == self.oldest && self.total > 0 {
                 self.find_oldest(number);
             }
         }
     }
 
+    /// Uses counted now, this instance's and the others'.
+    fn counted(&self) -> u32 {
+        self.total.saturating_add(self.others.as_ref().map_or(0, |others| others.total))
+    }
+
+    /// Uses counted now, with what the other instances are assumed to have accepted since their
+    /// counts came: as many each as this one.
+    fn projected(&self) -> u32 {
+        let recent = self.since.saturating_add(self.before);
+        let unseen = self.others.as_ref().map_or(0, |others| others.peers.saturating_mul(recent));
+        self.counted().saturating_add(unseen)
+    }
+
+    /// Uses counted in the slot at `ring`, this instance's and the others'.
+    fn counted_at(&self, ring: usize) -> u32 {
+        self.counts[ring].saturating_add(self.others.as_ref().map_or(0, |others| others.counts[ring]))
+    }
+
     /// How long from `now` until fewer than `limit` uses are counted: each slot, oldest first,
     /// drops out when the slot `SLOTS + 1` after it begins.
     fn until_below(&self, limit: u32, now: i64) -> Duration {
-        if self.total < limit {
+        let mut total = self.projected();
+        if total < limit {
             return Duration::ZERO;
         }
-        let mut total = self.total;
         let oldest = self.newest - SLOTS as i64;
         let mut ring = Self::ring(oldest);
         for number in oldest..=self.newest {
-            total -= self.counts[ring];
+            total = total.saturating_sub(self.counted_at(ring));
             if total < limit {
                 let drops_at = (number + SLOTS as i64 + 1).saturating_mul(self.slot);
                 return Duration::from_micros(drops_at.saturating_sub(now).max(0) as u64);
@@ -793,18 +989,42 @@ impl Window {
 
     fn holds_any(&mut self, now: i64) -> bool {
         self.advance(now);
-        self.total > 0
+        self.counted() > 0
     }
 
     /// What is left of `limit` at `now`.
     fn left(&self, limit: &RateLimit, now: i64) -> Left {
+        // The oldest slot that counts a use: this instance's own is kept; the others' is rare.
+        let oldest = match &self.others {
+            None => self.oldest,
+            Some(_) => (self.newest - SLOTS as i64..=self.newest)
+                .find(|&number| self.counted_at(Self::ring(number)) > 0)
+                .unwrap_or(self.newest),
+        };
         // One more use is accepted once the oldest counted slot drops out.
-        let reset = match self.total {
+        let reset = match self.counted() {
             0 => 0,
-            _ => (self.oldest + SLOTS as i64 + 1).saturating_mul(self.slot).saturating_sub(now).max(0),
+            _ => (oldest + SLOTS as i64 + 1).saturating_mul(self.slot).saturating_sub(now).max(0),
         };
         let reset_ms = u32::try_from(reset.div_euclid(1_000) + i64::from(reset % 1_000 != 0)).unwrap_or(u32::MAX);
-        Left { remaining: limit.limit().saturating_sub(self.total), reset_ms }
+        Left { remaining: limit.limit().saturating_sub(self.projected()), reset_ms }
+    }
+
+    /// Adds what another instance counted, as it published its window with `newest` as its
+    /// newest slot: the slots still in this window where they fall, any newer (a clock ahead of
+    /// this one) in the newest slot, so that they count at least as long as they would there.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn add_others(&mut self, newest: i64, counts: &[u32]) {
+        let others = self.others.get_or_insert_with(|| Box::new(Others::assumed(0)));
+        others.came += 1;
+        others.peers = others.peers.max(others.came);
+        let first = self.newest.saturating_sub(SLOTS as i64).max(newest.saturating_sub(SLOTS as i64));
+        for number in first..=newest {
+            let count = counts.get(Self::ring(number)).copied().unwrap_or(0);
+            let ring = Self::ring(number.min(self.newest));
+            others.counts[ring] = others.counts[ring].saturating_add(count);
+            others.total = others.total.saturating_add(count);
+        }
     }
 }
 
@@ -830,7 +1050,7 @@ mod tests {
     use super::*;
 
     fn window_at<'k>(key: &'k mut KeyMeter, limit: &RateLimit, now: i64) -> &'k mut Window {
-        let index = key.window(limit, now);
+        let index = key.window(limit, now, 0);
         &mut key.windows[index].1
     }
 
@@ -897,6 +1117,61 @@ mod tests {
         meter.give_back(id, &used, 70);
         assert_eq!(meter.lease_of(&id, 80), 0, "a lease let go gets nothing back");
         assert!(matches!(open(90, None), Opened::Refused(Refused::UsageExceeded(None), _)), "but the slot is free");
+    }
+
+    /// Two instances, simulated: each exchanges counts every 100 ms through a shared board (the
+    /// second 50 ms after the first, so that what each reads is up to 50 ms old), and each
+    /// tries a use of one key every 100 µs for 2.8 s (or only the first does). The most they
+    /// accept in any window of the limit, and in all.
+    fn most_accepted_in_a_window(both_use: bool) -> (usize, usize) {
+        let meters = [Meter::new(0), Meter::new(0)];
+        let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
+        let start = 1_000_000;
+        for meter in &meters {
+            assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+        }
+        let heartbeat = |instance| RateCounts::new(instance, String::new(), 1_000, 0, Vec::new());
+        let mut board: [Vec<RateCounts>; 2] = [vec![heartbeat(0)], vec![heartbeat(1)]];
+        let mut accepted = Vec::new();
+        for step in 0..30_000_i64 {
+            let now = start + step * 100;
+            for (index, offset) in [(0, 0), (1, 500)] {
+                if step % 1_000 == offset {
+                    board[index] = meters[index].own_counts(now);
+                    board[index].push(heartbeat(index as u128));
+                    meters[index].take_others(&board[1 - index], now);
+                }
+            }
+            // After 200 ms, when each has exchanged twice and knows of the other.
+            let using = if step < 2_000 {
+                &meters[..0]
+            } else if both_use {
+                &meters[..]
+            } else {
+                &meters[..1]
+            };
+            for meter in using {
+                if let Opened::Accepted(_) = meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None) {
+                    accepted.push(now);
+                }
+            }
+        }
+        let most = (0..accepted.len())
+            .map(|first| accepted[first..].iter().take_while(|&&at| at < accepted[first] + 1_000_000).count())
+            .max()
+            .unwrap_or(0);
+        (most, accepted.len())
+    }
+
+    #[test]
+    fn instances_that_exchange_counts_hold_one_limit_together_and_one_alone_gets_all_of_it() {
+        let (most, all) = most_accepted_in_a_window(true);
+        // Unshared, the two would accept 200 in a window.
+        assert!(most <= 105, "{most} accepted in one window by two instances sharing a limit of 100");
+        assert!(all >= 250, "{all} accepted in 3 s");
+        let (most, all) = most_accepted_in_a_window(false);
+        assert!(most <= 100, "{most}");
+        assert!(all >= 270, "{all} accepted in 3 s by the one instance that used the key");
     }
 
     #[test]

@@ -38,6 +38,13 @@ struct Inner<S> {
     last_used: Option<LastUsed>,
     meter: Meter,
     owners: OwnerCache,
+    /// How often this instance exchanges rate-limit counts with the others on the store, if it
+    /// does, and whether it counts its own uses alone when it cannot.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    sharing: Option<(Duration, bool)>,
+    /// Tells this instance's counts from the others' in the store.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    instance: u128,
     /// How long a store call may take; `None`: as long as the store takes.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     deadline: Option<Duration>,
@@ -56,6 +63,8 @@ pub struct KeyServiceBuilder<S> {
     last_used_interval: Option<Duration>,
     credit_lease: u64,
     owner_limits_ttl: Duration,
+    sharing: Option<Duration>,
+    fail_open: bool,
     deadline: Option<Duration>,
 }
 
@@ -116,6 +125,31 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// Shares rate-limit counts with the other instances on the store every `interval`, so that
+    /// a limit holds across them rather than in each: [`KeyService::spawn_rate_sharing`] runs
+    /// the exchange. Between two exchanges each instance sees only its own new uses, so the
+    /// instances together may accept what they accept in one interval beyond a limit. A store
+    /// that is not shared between instances (memory, redb) exchanges nothing.
+    ///
+    /// When the others' counts are older than four intervals (at least a second), because the
+    /// store cannot be reached, a use that checks a rate limit fails closed by default, as
+    /// [`StoreError`] (503 over HTTP); see [`rate_limits_fail_open`](Self::rate_limits_fail_open).
+    #[cfg(feature = "tokio")]
+    pub fn share_rate_limits(mut self, interval: Duration) -> Self {
+        self.sharing = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// With [`share_rate_limits`](Self::share_rate_limits): while the other instances' counts
+    /// cannot be had, each instance counts its own uses alone (a limit then holds per
+    /// instance), instead of failing closed. Credits always fail closed: they are never
+    /// overspent.
+    #[cfg(feature = "tokio")]
+    pub fn rate_limits_fail_open(mut self) -> Self {
+        self.fail_open = true;
+        self
+    }
+
     /// The most active keys an account may hold (100 by default).
     pub fn max_active_keys_per_account(mut self, max: u32) -> Self {
         self.max_active = max;
@@ -157,6 +191,8 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 last_used: self.last_used_interval.map(LastUsed::new),
                 meter: Meter::new(self.credit_lease),
                 owners: OwnerCache::new(self.owner_limits_ttl),
+                sharing: self.sharing.map(|interval| (interval, self.fail_open)),
+                instance: uuid::Uuid::now_v7().as_u128(),
                 deadline: self.deadline,
             }),
         }
@@ -188,6 +224,8 @@ impl<S: KeyStore> KeyService<S> {
             last_used_interval: Some(Self::DEFAULT_LAST_USED_INTERVAL),
             credit_lease: Self::DEFAULT_CREDIT_LEASE,
             owner_limits_ttl: Self::DEFAULT_OWNER_LIMITS_TTL,
+            sharing: None,
+            fail_open: false,
             deadline: None,
         }
     }
@@ -569,6 +607,58 @@ impl<S: KeyStore> KeyService<S> {
         }))
     }
 
+    /// Exchanges rate-limit counts with the other instances on the store from a tokio task,
+    /// as [`KeyServiceBuilder::share_rate_limits`] set: `None` if it did not, or if an exchange
+    /// already runs. The task ends once every clone of the service is dropped, or at once if the
+    /// store shares no counts; when it ends, each instance counts its own uses again.
+    #[cfg(feature = "tokio")]
+    pub fn spawn_rate_sharing(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let (interval, fail_open) = self.inner.sharing?;
+        let stale_after = stale_after(interval);
+        if !self.inner.meter.start_sharing(self.inner.clock.now_unix_micros(), stale_after, fail_open) {
+            return None;
+        }
+        let service = Arc::downgrade(&self.inner);
+        let claim = SharingClaim(service.clone());
+        Some(tokio::spawn(async move {
+            let _claim = claim;
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                ticks.tick().await;
+                let Some(inner) = service.upgrade() else { return };
+                // In a task of its own, so that a store that panics ends one exchange, not all.
+                match tokio::spawn(async move { inner.exchange_rate_counts().await }).await {
+                    Ok(Ok(true)) if failing => {
+                        failing = false;
+                        tracing::info!("rate-limit counts are exchanged again");
+                    }
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        tracing::info!("the store shares no rate-limit counts: each instance counts its own uses");
+                        return;
+                    }
+                    Ok(Err(error)) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            "could not exchange rate-limit counts"
+                        );
+                    }
+                    Err(failed) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            error = &failed as &dyn std::error::Error,
+                            "could not exchange rate-limit counts"
+                        );
+                    }
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+        }))
+    }
+
     fn check_grace(&self, grace: Duration) -> Result<(), Error> {
         if grace > self.inner.max_grace {
             return Err(ValidationError::GraceOutOfRange.into());
@@ -735,6 +825,29 @@ impl<S: KeyStore> Inner<S> {
         Ok(key)
     }
 
+    /// Publishes this instance's rate-limit counts and takes the others'; whether the store
+    /// shares them.
+    #[cfg(feature = "tokio")]
+    async fn exchange_rate_counts(&self) -> Result<bool, StoreError> {
+        let now = self.clock.now_unix_micros();
+        let mut mine = self.meter.own_counts(now);
+        // That this instance exchanges counts, for as long as they stay fresh: windows the others
+        // have no counts of yet assume it counts them too.
+        let alive_ms = self.sharing.map_or(0, |(interval, _)| stale_after(interval).as_millis());
+        mine.push(crate::store::RateCounts::new(
+            self.instance,
+            String::new(),
+            u64::try_from(alive_ms).unwrap_or(u64::MAX),
+            0,
+            Vec::new(),
+        ));
+        let at = crate::clock::from_unix_micros(now).unwrap_or(crate::clock::LATEST);
+        let others = self.within(self.store.exchange_rate_counts(self.instance, &mine, at)).await?;
+        let Some(others) = others else { return Ok(false) };
+        self.meter.take_others(&others, now);
+        Ok(true)
+    }
+
     /// The limits of the account's owner `owner`, as this instance last read them if that was
     /// recently enough.
     async fn owner(&self, account: &AccountId, owner: &OwnerId, now: i64) -> Result<Option<Arc<Metered>>, StoreError> {
@@ -811,6 +924,7 @@ impl<S: KeyStore> Inner<S> {
                 Opened::Refused(refused, report) => return Err(Spent::Refused(refused, report)),
                 Opened::Take(pending) => break pending,
                 Opened::Wait(lease_taken) => lease_taken.await,
+                Opened::Stale(age) => return Err(Spent::Store(StoreError::backend(StaleCounts(age)))),
             }
             waits += 1;
             let may_wait = waits < LEASE_WAITS;
@@ -888,6 +1002,18 @@ enum Spent {
     Store(StoreError),
 }
 
+/// How old the other instances' rate-limit counts may be when they are exchanged every
+/// `interval`: four intervals, and at least a second.
+#[cfg(feature = "tokio")]
+fn stale_after(interval: Duration) -> Duration {
+    (interval * 4).max(Duration::from_secs(1))
+}
+
+/// Why a use that checks a rate limit shared with other instances failed closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the other instances' rate-limit counts are {}ms old: the store has not answered", .0.as_millis())]
+struct StaleCounts(Duration);
+
 /// What a use spends from and counts against: a key, or the owner of one.
 struct Purse<'a> {
     id: MeterId,
@@ -945,6 +1071,20 @@ const INLINE_PIECE: usize = 256;
 
 fn warn_unwritten(error: &(dyn std::error::Error + 'static)) {
     tracing::warn!(error, "could not write lastUsedAt; will retry with the next batch");
+}
+
+/// Held by the task that exchanges rate-limit counts: however it ends, each instance counts its
+/// own uses again, rather than failing closed for counts that no longer come.
+#[cfg(feature = "tokio")]
+struct SharingClaim<S: KeyStore>(std::sync::Weak<Inner<S>>);
+
+#[cfg(feature = "tokio")]
+impl<S: KeyStore> Drop for SharingClaim<S> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.meter.stop_sharing();
+        }
+    }
 }
 
 /// Held by the flusher task: however the task ends, verifications write again.

@@ -264,3 +264,83 @@ async fn an_owners_rate_limit_counts_every_key_of_the_owner() {
         assert_eq!(refusal.limit().map(|limit| (limit.limit, limit.remaining)), Some((3, 0)));
     }
 }
+
+/// One process's store of several instances sharing one memory store and one board.
+#[cfg(feature = "tokio")]
+type SharingStore = Arc<Instrumented<Arc<MemoryStore>>>;
+
+/// A service over a store whose instances exchange rate-limit counts through `board`, exchanging
+/// every 10 ms.
+#[cfg(feature = "tokio")]
+fn sharing_instance(
+    memory: &Arc<MemoryStore>,
+    board: &Arc<support::CountBoard>,
+    fail_open: bool,
+) -> (KeyService<SharingStore>, SharingStore) {
+    let store = Arc::new(Instrumented::new(memory.clone()).sharing_counts_on(board.clone()));
+    let builder = KeyService::builder(store.clone(), live()).without_last_used();
+    let builder = builder.share_rate_limits(Duration::from_millis(10));
+    let service = if fail_open { builder.rate_limits_fail_open() } else { builder }.build();
+    assert!(service.spawn_rate_sharing().is_some(), "sharing starts");
+    assert!(service.spawn_rate_sharing().is_none(), "once");
+    (service, store)
+}
+
+/// Polls `done` every 10 ms for at most 3 s.
+#[cfg(feature = "tokio")]
+async fn eventually(mut done: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..300 {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Instances that share rate-limit counts hold one limit between them. When the exchange fails,
+/// a use that checks a limit fails closed once the counts are stale (a second here), or counts
+/// this instance's uses alone if the host chose to fail open; it recovers by itself.
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_sharing_counts_hold_one_limit_and_fail_closed_without_them() {
+    let (memory, board) = (Arc::new(MemoryStore::new()), Arc::new(support::CountBoard::default()));
+    let (first, _) = sharing_instance(&memory, &board, false);
+    let (second, second_store) = sharing_instance(&memory, &board, false);
+    let limit = || RateLimits::new([RateLimit::new("requests", 4, Duration::from_secs(60)).unwrap()]).unwrap();
+    let account = AccountId::new("acme").unwrap();
+    let create = async |new: NewKey| first.create(&account, new).await.unwrap().key.expose_secret().to_owned();
+    let (limited, other, unlimited) = (
+        create(NewKey::default().ratelimits(limit())).await,
+        create(NewKey::default().ratelimits(limit())).await,
+        create(NewKey::default()).await,
+    );
+    for _ in 0..4 {
+        first.verify(&limited).await.unwrap();
+    }
+    let seen = eventually(async || {
+        matches!(second.verify_usage(&limited, &Usage::new().cost(0)).await, Err(Rejection::RateLimited(_)))
+    })
+    .await;
+    assert!(seen, "the second instance learns of the first one's uses");
+    let refused = second.verify(&limited).await;
+    let Err(Rejection::RateLimited(refusal)) = refused else { panic!("{refused:?}") };
+    assert_eq!(refusal.limit().map(|limit| limit.remaining), Some(0));
+
+    second_store.fail(Call::ExchangeRateCounts, true);
+    // Checks of cost 0, which count nothing.
+    let check = Usage::new().cost(0);
+    let closed = eventually(async || matches!(second.verify_usage(&other, &check).await, Err(Rejection::Store(_))));
+    assert!(closed.await, "stale counts fail a limited use closed");
+    assert!(second.verify(&unlimited).await.is_ok(), "a key without limits is not held back");
+    second_store.fail(Call::ExchangeRateCounts, false);
+    let recovered = eventually(async || second.verify_usage(&other, &check).await.is_ok());
+    assert!(recovered.await, "the exchange recovers by itself");
+    assert!(second.verify(&other).await.is_ok());
+
+    let (open, open_store) = sharing_instance(&memory, &board, true);
+    open_store.fail(Call::ExchangeRateCounts, true);
+    let fresh = create(NewKey::default().ratelimits(limit())).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(open.verify(&fresh).await.is_ok(), "failing open counts this instance's uses alone");
+}

@@ -65,6 +65,14 @@ struct StoreArgs {
     /// than the stores' own limits (5 s), so that those answer first with their own errors.
     #[arg(long, env = "APIKEYS_STORE_DEADLINE", global = true, value_parser = humantime::parse_duration, default_value = "10s")]
     store_deadline: Duration,
+    /// How often `serve` exchanges rate-limit counts with the other instances on a shared store
+    /// (PostgreSQL), so that a limit holds across them.
+    #[arg(long, env = "APIKEYS_SHARE_RATE_LIMITS", global = true, value_parser = humantime::parse_duration, default_value = "200ms")]
+    share_rate_limits: Duration,
+    /// While the other instances' counts cannot be had, count this instance's uses alone
+    /// instead of answering 503 to uses that check a rate limit.
+    #[arg(long, env = "APIKEYS_RATE_LIMITS_FAIL_OPEN", global = true)]
+    rate_limits_fail_open: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -499,7 +507,11 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     if args.accept_unpeppered_keys {
         builder = builder.accept_unpeppered_keys();
     }
-    Ok((builder.store_deadline(args.store_deadline).build(), empty))
+    if args.rate_limits_fail_open {
+        builder = builder.rate_limits_fail_open();
+    }
+    let builder = builder.store_deadline(args.store_deadline).share_rate_limits(args.share_rate_limits);
+    Ok((builder.build(), empty))
 }
 
 /// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE`, or none.
@@ -593,6 +605,7 @@ async fn serve(
         }
     }
     service.spawn_flusher();
+    service.spawn_rate_sharing();
     let app = apikeys::http::app(service.clone(), verification);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

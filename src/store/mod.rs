@@ -232,6 +232,32 @@ impl Change {
     }
 }
 
+/// One rate-limit window as one service instance counted it, for
+/// [`KeyStore::exchange_rate_counts`]: instances that share a store add up each other's, so that
+/// a limit holds across them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateCounts {
+    /// What is limited, a key or an owner, as an opaque id.
+    pub subject: u128,
+    /// The limit's name.
+    pub name: String,
+    /// The limit's window, in ms.
+    pub window_ms: u64,
+    /// The number of the window's newest slot: Unix time in µs over the slot's width, the
+    /// window's 1/32.
+    pub newest: i64,
+    /// Uses counted in each slot, by slot number modulo their number (33).
+    pub counts: Vec<u32>,
+}
+
+impl RateCounts {
+    /// Counts as a store read them back.
+    pub fn new(subject: u128, name: String, window_ms: u64, newest: i64, counts: Vec<u32>) -> Self {
+        Self { subject, name, window_ms, newest, counts }
+    }
+}
+
 /// Where keys live. Implement it to add a backend; run the conformance suite of
 /// `apikeys::testing` (feature `test-util`) against it to check the contract below.
 ///
@@ -330,6 +356,25 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         owner: &OwnerId,
         take: Take,
     ) -> Result<Option<Taken>, StoreError>;
+
+    /// Publishes this instance's rate-limit counts and returns the latest the store holds of
+    /// every other instance's: rate limits then hold across the instances that share the store,
+    /// within what they accept between two exchanges. `instance` tells instances apart; `at`, by
+    /// the instance's clock, dates what it publishes, and counts whose window has passed by `at`
+    /// may be forgotten. Not durable: counts lost in a crash cost only accuracy.
+    ///
+    /// `None`, the default: the store is not shared between service instances, or does not share
+    /// counts, and each instance counts its own uses. A store that wraps another must forward
+    /// this method to keep sharing them.
+    async fn exchange_rate_counts(
+        &self,
+        instance: u128,
+        counts: &[RateCounts],
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<RateCounts>>, StoreError> {
+        let _ = (instance, counts, at);
+        Ok(None)
+    }
 
     /// Sets `last_used_at = max(last_used_at, at)` for each pair. Unknown ids are ignored.
     /// Out-of-order batches never move a time back. A store may write a large batch in several
@@ -555,6 +600,15 @@ macro_rules! forward_key_store {
             ) -> StoreFuture<'f, Option<Taken>>
             where 's: 'f, 'a: 'f, 'o: 'f, Self: 'f {
                 (**self).take_owner_credits(account, owner, take)
+            }
+            fn exchange_rate_counts<'s, 'c, 'f>(
+                &'s self,
+                instance: u128,
+                counts: &'c [RateCounts],
+                at: OffsetDateTime,
+            ) -> StoreFuture<'f, Option<Vec<RateCounts>>>
+            where 's: 'f, 'c: 'f, Self: 'f {
+                (**self).exchange_rate_counts(instance, counts, at)
             }
             fn record_last_used<'s, 'u, 'f>(
                 &'s self,

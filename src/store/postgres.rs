@@ -18,7 +18,8 @@ use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::{
-    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
+    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, RateCounts, Roll, StoreError,
+    StoredCredits,
 };
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -100,6 +101,9 @@ struct Statements {
     put_owner: String,
     delete_owner: String,
     ensure_owner: String,
+    publish_counts: String,
+    forget_counts: String,
+    others_counts: String,
     spend_owner_credits: String,
     record_last_used: String,
     is_empty: String,
@@ -149,6 +153,19 @@ impl Statements {
                  refill_interval = EXCLUDED.refill_interval, ratelimits = EXCLUDED.ratelimits"
             ),
             delete_owner: format!("DELETE FROM {owners} WHERE account = $1 AND owner_id = $2"),
+            publish_counts: format!(
+                "INSERT INTO {schema}.rate_counts (subject, name, instance, window_ms, newest, counts, expires_at) \
+                 SELECT subject, name, $1, window_ms, newest, counts, expires_at FROM unnest($2::uuid[], $3::text[], \
+                 $4::int8[], $5::int8[], $6::bytea[], $7::timestamptz[]) \
+                 AS t (subject, name, window_ms, newest, counts, expires_at) \
+                 ON CONFLICT (subject, name, instance) DO UPDATE SET window_ms = EXCLUDED.window_ms, \
+                 newest = EXCLUDED.newest, counts = EXCLUDED.counts, expires_at = EXCLUDED.expires_at"
+            ),
+            forget_counts: format!("DELETE FROM {schema}.rate_counts WHERE expires_at < $1"),
+            others_counts: format!(
+                "SELECT subject, name, window_ms, newest, counts FROM {schema}.rate_counts \
+                 WHERE instance <> $1 AND expires_at >= $2"
+            ),
             ensure_owner: format!(
                 "INSERT INTO {owners} (account, owner_id, ratelimits) VALUES ($1, $2, '') ON CONFLICT DO NOTHING"
             ),
@@ -197,7 +214,8 @@ impl Statements {
 /// and lists start past the keys expired by then (a roll's old keys, short-lived keys).
 /// Version 4: owners, metadata, credits and rate limits (keys from version 3 have none), and an
 /// index of each account's owners.
-/// Version 5: the limits an owner's keys share, one row per owner that has any.
+/// Version 5: the limits an owner's keys share, one row per owner that has any; and each
+/// instance's rate-limit counts, which the instances exchange.
 fn migrations(schema: &str) -> [String; 5] {
     [
         format!(
@@ -242,6 +260,16 @@ fn migrations(schema: &str) -> [String; 5] {
             refill_interval   TEXT,
             ratelimits        TEXT        NOT NULL,
             PRIMARY KEY (account, owner_id)
+        );
+        CREATE TABLE {schema}.rate_counts (
+            subject    UUID        NOT NULL,
+            name       TEXT        NOT NULL,
+            instance   UUID        NOT NULL,
+            window_ms  BIGINT      NOT NULL,
+            newest     BIGINT      NOT NULL,
+            counts     BYTEA       NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (subject, name, instance)
         );"
         ),
     ]
@@ -686,6 +714,16 @@ fn owner_from_row(row: &Row) -> Result<OwnerLimits, Failure> {
     Ok(OwnerLimits::new(credits_from_row(row, 0)?, ratelimits))
 }
 
+/// Another instance's counts, from a row of `others_counts`.
+fn counts_from_row(row: &Row) -> Result<RateCounts, Failure> {
+    let subject: Uuid = row.try_get(0)?;
+    let window_ms: i64 = row.try_get(2)?;
+    let slots: &[u8] = row.try_get(4)?;
+    let counts = slots.chunks_exact(4).map(|count| u32::from_le_bytes([count[0], count[1], count[2], count[3]]));
+    let window_ms = u64::try_from(window_ms).map_err(|error| corrupt("window_ms", error))?;
+    Ok(RateCounts::new(subject.as_u128(), row.try_get(1)?, window_ms, row.try_get(3)?, counts.collect()))
+}
+
 /// A stored value this version cannot accept.
 fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
     Failure::Corrupt(format!("corrupt {column} in a stored record: {error}"))
@@ -915,6 +953,43 @@ impl KeyStore for PostgresStore {
                 transaction.commit().await?;
             }
             Ok(Some(taken))
+        })
+        .await
+    }
+
+    /// One transaction: the instance's counts are upserted, counts whose window has passed are
+    /// deleted, and the other instances' are read.
+    async fn exchange_rate_counts(
+        &self,
+        instance: u128,
+        counts: &[RateCounts],
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<RateCounts>>, StoreError> {
+        let instance = Uuid::from_u128(instance);
+        let subjects: Vec<Uuid> = counts.iter().map(|counts| Uuid::from_u128(counts.subject)).collect();
+        let names: Vec<&str> = counts.iter().map(|counts| counts.name.as_str()).collect();
+        let windows: Vec<i64> =
+            counts.iter().map(|counts| i64::try_from(counts.window_ms).unwrap_or(i64::MAX)).collect();
+        let newest: Vec<i64> = counts.iter().map(|counts| counts.newest).collect();
+        let slots: Vec<Vec<u8>> =
+            counts.iter().map(|counts| counts.counts.iter().flat_map(|count| count.to_le_bytes()).collect()).collect();
+        // A count lasts one window beyond its newest slot, and a slot more.
+        let expiry = |counts: &RateCounts| at + Duration::from_millis(counts.window_ms.saturating_mul(33) / 32 + 1);
+        let expires: Vec<OffsetDateTime> = counts.iter().map(expiry).collect();
+        self.call("exchange_rate_counts", async |client| {
+            let transaction = client.transaction().await?;
+            if !counts.is_empty() {
+                let publish = transaction.prepare_cached(&self.sql.publish_counts).await?;
+                let values: [&(dyn ToSql + Sync); 7] =
+                    [&instance, &subjects, &names, &windows, &newest, &slots, &expires];
+                transaction.execute(&publish, &values).await?;
+            }
+            let forget = transaction.prepare_cached(&self.sql.forget_counts).await?;
+            transaction.execute(&forget, &[&at]).await?;
+            let read = transaction.prepare_cached(&self.sql.others_counts).await?;
+            let rows = transaction.query(&read, &[&instance, &at]).await?;
+            transaction.commit().await?;
+            rows.iter().map(counts_from_row).collect::<Result<Vec<_>, _>>().map(Some)
         })
         .await
     }

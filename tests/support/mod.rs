@@ -10,8 +10,8 @@ pub mod model;
 pub mod postgres;
 pub mod property;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use apikeys::store::BoxError;
 use apikeys::store::Roll;
@@ -93,9 +93,10 @@ pub enum Call {
     FindOwner,
     UpdateOwner,
     TakeOwnerCredits,
+    ExchangeRateCounts,
 }
 
-const CALLS: [Call; 12] = [
+const CALLS: [Call; 13] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -108,6 +109,7 @@ const CALLS: [Call; 12] = [
     Call::FindOwner,
     Call::UpdateOwner,
     Call::TakeOwnerCredits,
+    Call::ExchangeRateCounts,
 ];
 
 /// What a wrapped call does wrong.
@@ -133,7 +135,15 @@ pub struct Instrumented<S> {
     /// Fails the call with this number (counting every method from 0), once, in this way.
     numbered: Mutex<Option<(usize, Fault)>>,
     calls_so_far: AtomicUsize,
+    /// Where this store's instances exchange rate-limit counts, as a shared database would; none:
+    /// the inner store's exchange.
+    board: Option<Arc<CountBoard>>,
 }
+
+/// Rate-limit counts by subject, name and instance: what PostgreSQL's table holds, for tests of
+/// several service instances in one process.
+#[derive(Debug, Default)]
+pub struct CountBoard(Mutex<std::collections::HashMap<(u128, String, u128), apikeys::RateCounts>>);
 
 #[derive(Debug, thiserror::Error)]
 #[error("injected failure")]
@@ -151,7 +161,14 @@ impl<S: KeyStore> Instrumented<S> {
             faults: Mutex::default(),
             numbered: Mutex::default(),
             calls_so_far: AtomicUsize::new(0),
+            board: None,
         }
+    }
+
+    /// Exchanges rate-limit counts through `board`, shared with other stores.
+    pub fn sharing_counts_on(mut self, board: Arc<CountBoard>) -> Self {
+        self.board = Some(board);
+        self
     }
 
     pub fn calls(&self, call: Call) -> usize {
@@ -280,6 +297,25 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
         take: apikeys::Take,
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.call(Call::TakeOwnerCredits, self.inner.take_owner_credits(account, owner, take)).await
+    }
+    async fn exchange_rate_counts(
+        &self,
+        instance: u128,
+        counts: &[apikeys::RateCounts],
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<apikeys::RateCounts>>, StoreError> {
+        let Some(board) = &self.board else {
+            return self.call(Call::ExchangeRateCounts, self.inner.exchange_rate_counts(instance, counts, at)).await;
+        };
+        let exchange = async {
+            let mut board = board.0.lock().unwrap();
+            for published in counts {
+                board.insert((published.subject, published.name.clone(), instance), published.clone());
+            }
+            let others = board.iter().filter(|((_, _, of), _)| *of != instance).map(|(_, counts)| counts.clone());
+            Ok(Some(others.collect()))
+        };
+        self.call(Call::ExchangeRateCounts, exchange).await
     }
 }
 
