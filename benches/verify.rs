@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use apikeys::Maintenance;
 use apikeys::{
     AccountId, Balance, Credits, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore,
-    MemoryStore, NewKey, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
+    MemoryStore, NewKey, OwnerId, OwnerUpdate, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hashbrown::HashTable;
@@ -966,12 +966,20 @@ fn create(c: &mut Criterion) {
 /// runs, so that it holds a lease, as every key in use does in the steady state.
 const LIMITED_SAMPLE: usize = 4_096;
 
-/// `n` keys, every other one with credits (far more than the runs spend) and a `"requests"`
-/// limit (far above the rate any key is used at), and samples of the tokens of each half.
+/// How many keys whose owners have limits the usage benchmark samples, each of an owner of its
+/// own (whose limits the store must hold).
+const OWNED_SAMPLE: usize = 1_024;
+
+/// `n` keys: half with neither credits nor limits; a quarter with credits (far more than the
+/// runs spend) and a `"requests"` limit (far above the rate any key is used at); and a quarter
+/// with both too and an owner that has both as well. Samples of the tokens of each kind.
 struct UsageDataset {
     records: Vec<KeyRecord>,
     plain: Vec<String>,
     limited: Vec<String>,
+    owned: Vec<String>,
+    /// The owners of the sampled owned keys, whose limits the store is given.
+    owners: Vec<(AccountId, OwnerId)>,
 }
 
 impl UsageDataset {
@@ -981,20 +989,30 @@ impl UsageDataset {
         let limits = RateLimits::new([limit]).unwrap();
         let credits = Balance::new(Credits::new(1 << 40).unwrap(), OffsetDateTime::now_utc());
         let sampled: std::collections::HashSet<Digest> = data.digests().into_iter().collect();
-        let (mut plain, mut limited) = (Vec::new(), Vec::new());
+        let (mut plain, mut limited, mut owned, mut owners) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut by_digest: std::collections::HashMap<Digest, String> =
             data.tokens.drain(..).map(|token| (Digest::sha256(&token), token)).collect();
         for (i, record) in data.records.iter_mut().enumerate() {
             let token = if sampled.contains(&record.digest) { by_digest.remove(&record.digest) } else { None };
-            if i % 2 == 1 {
-                record.credits = Some(credits);
-                record.ratelimits = limits.clone();
-                limited.extend(token.filter(|_| limited.len() < LIMITED_SAMPLE));
-            } else {
-                plain.extend(token);
+            match i % 4 {
+                1 => {
+                    record.credits = Some(credits);
+                    record.ratelimits = limits.clone();
+                    limited.extend(token.filter(|_| limited.len() < LIMITED_SAMPLE));
+                }
+                3 => {
+                    let owner = OwnerId::new(format!("owner of {}", record.id)).unwrap();
+                    (record.credits, record.ratelimits, record.owner) =
+                        (Some(credits), limits.clone(), Some(owner.clone()));
+                    if let Some(token) = token.filter(|_| owned.len() < OWNED_SAMPLE) {
+                        owned.push(token);
+                        owners.push((record.account.clone(), owner));
+                    }
+                }
+                _ => plain.extend(token),
             }
         }
-        Self { records: data.records, plain, limited }
+        Self { records: data.records, plain, limited, owned, owners }
     }
 }
 
@@ -1010,8 +1028,17 @@ fn usage(c: &mut Criterion) {
         let data = UsageDataset::new(n);
         let dir = tempfile::tempdir().unwrap();
         let runtime = runtime();
+        let limit = RateLimit::new("requests", 1_000_000, Duration::from_secs(1)).unwrap();
+        let shared = OwnerUpdate::default()
+            .credits(Some(Credits::new(1 << 40).unwrap()))
+            .ratelimits(RateLimits::new([limit]).unwrap());
         let imported = |store: Arc<dyn Maintenance>| {
-            runtime.block_on(store.import(data.records.clone())).unwrap();
+            runtime.block_on(async {
+                store.import(data.records.clone()).await.unwrap();
+                for (account, owner) in &data.owners {
+                    store.update_owner(account, owner, &shared, OffsetDateTime::now_utc()).await.unwrap();
+                }
+            });
             store as Arc<dyn KeyStore>
         };
         let stores = [
@@ -1024,37 +1051,46 @@ fn usage(c: &mut Criterion) {
         for (backend, store, ops) in stores {
             let service = KeyService::builder(store.clone(), format()).credit_lease(10_000).build();
             runtime.block_on(async {
-                for token in &data.limited {
+                for token in data.limited.iter().chain(&data.owned) {
                     service.verify(token).await.unwrap();
                 }
             });
             let balances = || runtime.block_on(sampled_balances(&*store, &data.limited));
             let before = balances();
-            for (label, tokens) in [("verify_plain", &data.plain), ("verify_spend_and_limit", &data.limited)] {
+            let labelled = [
+                ("verify_plain", &data.plain),
+                ("verify_spend_and_limit", &data.limited),
+                ("verify_with_owner", &data.owned),
+            ];
+            for (label, tokens) in labelled {
                 group.bench_function(BenchmarkId::new(format!("{backend}/{label}"), n), |b| {
                     b.iter_custom(|iters| timed(|| verify_cycle(&service, tokens, &runtime, 0, 0, iters)))
                 });
             }
             let times = std::thread::scope(|scope| {
                 let workers = Workers::spawn(scope, 1);
-                let (service, plain, limited) = (&service, &data.plain, &data.limited);
+                let (service, plain, limited, owned) = (&service, &data.plain, &data.limited, &data.owned);
                 alternate(
                     ops,
-                    &[&|start| workers.verify(service, plain, 1, start, ops), &|start| {
-                        workers.verify(service, limited, 1, start, ops)
-                    }],
+                    &[
+                        &|start| workers.verify(service, plain, 1, start, ops),
+                        &|start| workers.verify(service, limited, 1, start, ops),
+                        &|start| workers.verify(service, owned, 1, start, ops),
+                    ],
                 )
             });
             let taken = before.iter().zip(balances()).filter(|(before, after)| **before != *after).count();
             runtime.block_on(service.flush()).unwrap();
-            let ratio = median((0..ROUNDS).map(|round| times[1][round] / times[0][round]).collect());
+            let ratio = |of: usize| median((0..ROUNDS).map(|round| times[of][round] / times[0][round]).collect());
             record_interleaved(
                 &format!("usage_{backend}"),
                 n,
                 &[
                     ("plain_ns", median(times[0].clone())),
                     ("spend_ns", median(times[1].clone())),
-                    ("spend_vs_verify", ratio),
+                    ("spend_vs_verify", ratio(1)),
+                    ("owned_ns", median(times[2].clone())),
+                    ("owned_vs_verify", ratio(2)),
                     ("keys_that_took_from_the_store", taken as f64),
                 ],
             );

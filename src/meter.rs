@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -191,7 +191,7 @@ impl Drop for Pending<'_> {
         if !self.settled {
             let now = unix_micros(self.take.at);
             let mut shard = self.meter.shard(&self.id, now);
-            shard.keys.entry(self.id).or_default().give_back(&self.used);
+            shard.keys.entry(self.id).or_default().give_back(&self.used, now);
             shard.end_take(&self.id, self.leasing);
         }
     }
@@ -239,7 +239,35 @@ pub(crate) struct Used {
     /// Credits taken from the lease, given back to it only in the same lease epoch: a lease from
     /// before a change of the credits is never added to the one after.
     credits: u64,
-    epoch: u32,
+    epoch: u64,
+    /// When those credits are void: the refill boundary after they were taken (Unix µs).
+    void_at: i64,
+}
+
+/// What an accepted use took of a key, given back when this is dropped unless it was
+/// [kept](Self::keep): the key's part of a use that its owner has yet to accept, so that a use
+/// given up (its future dropped) while the owner's part waits for the store takes nothing.
+pub(crate) struct Held<'m> {
+    meter: &'m Meter,
+    id: MeterId,
+    pub(crate) used: Used,
+    now: i64,
+    kept: bool,
+}
+
+impl Held<'_> {
+    /// The use was accepted: what it took stays taken.
+    pub(crate) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.meter.give_back(self.id, &self.used, self.now);
+        }
+    }
 }
 
 /// What [`Meter::close`] decided.
@@ -305,20 +333,38 @@ struct Shard {
     waiting: Vec<(MeterId, Waker)>,
 }
 
-#[derive(Default)]
 struct KeyMeter {
     windows: Windows,
     /// Credits taken from the store and not spent yet.
     lease: u64,
-    /// When the lease is void: the next refill boundary after it was taken (Unix µs).
+    /// When the lease is void: the next refill boundary after it was taken (Unix µs);
+    /// [`VOIDED`] once it has been let go at that boundary.
     lease_void_at: i64,
     /// A take that asks for a lease is under way.
     leasing: bool,
     /// How many leasing takes have ended (wrapping), so that a waiting use knows its has.
     leases_ended: u32,
-    /// Moves on (wrapping) whenever the lease is let go for good: a change of the key's credits,
-    /// a roll.
-    lease_epoch: u32,
+    /// Which lease this is: a new number, never used before in the process, whenever the lease
+    /// is let go for good (a change of the credits, a roll, a refill boundary) and whenever an
+    /// entry is made (an entry swept and made again is not the one a use took from). Credits go
+    /// back only to the lease they came from.
+    lease_epoch: u64,
+}
+
+/// What `lease_void_at` holds once the lease was voided at its refill boundary.
+const VOIDED: i64 = i64::MIN;
+
+/// A lease epoch never used before in the process.
+fn new_epoch() -> u64 {
+    static EPOCHS: AtomicU64 = AtomicU64::new(0);
+    EPOCHS.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for KeyMeter {
+    fn default() -> Self {
+        let (windows, lease_void_at) = (Windows::default(), VOIDED);
+        Self { windows, lease: 0, lease_void_at, leasing: false, leases_ended: 0, lease_epoch: new_epoch() }
+    }
 }
 
 /// A key's windows, each with its limit's name: the first inline, beside the rest of the key's
@@ -371,8 +417,9 @@ impl std::ops::IndexMut<usize> for Windows {
 }
 
 impl KeyMeter {
-    /// Undoes what a use took: its slots, and its part of the lease.
-    fn give_back(&mut self, used: &Used) {
+    /// Undoes what a use took at `now`: its slots, and its part of the lease, if that lease is
+    /// still this one and its credits not void.
+    fn give_back(&mut self, used: &Used, now: i64) {
         for (_, name, width, slot) in &used.slots {
             // A window changed since is not the one the slot was taken from.
             let same = self.windows.iter_mut().find(|(own, window)| own == name && window.window == *width);
@@ -380,8 +427,11 @@ impl KeyMeter {
                 window.remove(*slot);
             }
         }
-        if self.lease_epoch == used.epoch {
+        if self.lease_epoch == used.epoch && now < used.void_at && used.credits > 0 {
             self.lease += used.credits;
+            if self.lease_void_at == VOIDED {
+                self.lease_void_at = used.void_at;
+            }
         }
     }
 }
@@ -415,12 +465,19 @@ impl Meter {
     pub(crate) fn stop_sharing(&self) {
         self.sharing.exchanged_at.store(NOT_SHARED, Ordering::Release);
         self.sharing.peers.store(0, Ordering::Relaxed);
-        self.replace_others(&[], 0);
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for key in shard.keys.values_mut() {
+                for (_, window) in key.windows.iter_mut() {
+                    (window.others, window.since, window.before) = (None, 0, 0);
+                }
+            }
+        }
     }
 
     /// This instance's own counts of every window that holds any, to publish.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn own_counts(&self, now: i64) -> Vec<RateCounts> {
+    pub(crate) fn own_counts(&self, now: i64, instance: u128) -> Vec<RateCounts> {
         let mut all = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -430,7 +487,8 @@ impl Meter {
                     if window.total > 0 {
                         let window_ms = u64::try_from(window.window.as_millis()).unwrap_or(u64::MAX);
                         let counts = window.counts.to_vec();
-                        all.push(RateCounts::new(id.0, name.to_string(), window_ms, window.newest, counts));
+                        let name = name.to_string();
+                        all.push(RateCounts::new(instance, id.0, name, window_ms, window.newest, counts));
                     }
                 }
             }
@@ -441,18 +499,20 @@ impl Meter {
     /// Takes the other instances' counts, as an exchange at `now` brought them, in place of the
     /// ones before.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    /// Entries named `""` are not counts but the other instances' [`heartbeat`]s.
+    /// Entries named `""` are not counts but the other instances' heartbeats: only an instance
+    /// that still exchanges is assumed to go on accepting uses.
     pub(crate) fn take_others(&self, others: &[RateCounts], now: i64) {
-        let peers = others.iter().filter(|counts| counts.name.is_empty()).count();
-        self.sharing.peers.store(u32::try_from(peers).unwrap_or(u32::MAX), Ordering::Relaxed);
-        self.replace_others(others, now);
+        let alive: std::collections::HashSet<u128> =
+            others.iter().filter(|counts| counts.name.is_empty()).map(|counts| counts.instance).collect();
+        self.sharing.peers.store(u32::try_from(alive.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
+        self.replace_others(others, &alive, now);
         self.sharing.exchanged_at.fetch_max(now, Ordering::AcqRel);
     }
 
     /// Puts `others` in place of the other instances' counts, shard by shard, so that no use
     /// sees a shard without them.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn replace_others(&self, others: &[RateCounts], now: i64) {
+    fn replace_others(&self, others: &[RateCounts], alive: &std::collections::HashSet<u128>, now: i64) {
         let mut by_shard: [Vec<&RateCounts>; SHARDS] = Default::default();
         for counts in others.iter().filter(|counts| !counts.name.is_empty()) {
             by_shard[(counts.subject % SHARDS as u128) as usize].push(counts);
@@ -478,7 +538,7 @@ impl Meter {
                 };
                 let window = &mut key.windows[index].1;
                 window.advance(now);
-                window.add_others(counts.newest, &counts.counts);
+                window.add_others(counts.newest, &counts.counts, alive.contains(&counts.instance));
             }
         }
     }
@@ -531,8 +591,8 @@ impl Meter {
         let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
         let key = shard.keys.entry(id).or_default();
-        if now >= key.lease_void_at {
-            key.lease = 0;
+        if now >= key.lease_void_at && key.lease_void_at != VOIDED {
+            (key.lease, key.lease_void_at, key.lease_epoch) = (0, VOIDED, new_epoch());
         }
         let all = limits.as_slice();
         let limit_at = |position: usize| &all[position];
@@ -595,13 +655,14 @@ impl Meter {
             }
             if let Some(used) = used {
                 let credits = if spends { cost } else { 0 };
-                *used = Used { slots: slots_taken(key), credits, epoch: key.lease_epoch };
+                let (epoch, void_at) = (key.lease_epoch, key.lease_void_at);
+                *used = Used { slots: slots_taken(key), credits, epoch, void_at };
             }
             return Opened::Accepted(report);
         }
         let epoch = key.lease_epoch;
         let from_lease = std::mem::take(&mut key.lease);
-        let used = Used { slots: slots_taken(key), credits: from_lease, epoch };
+        let used = Used { slots: slots_taken(key), credits: from_lease, epoch, void_at: key.lease_void_at };
         let need = cost - from_lease;
         let leasing = !key.leasing;
         key.leasing |= leasing;
@@ -640,8 +701,9 @@ impl Meter {
                 shard.end_take(&pending.id, pending.leasing);
                 if let Some(used) = used {
                     // All the use cost goes back to the lease: what it took from the store is
-                    // this instance's now.
+                    // this instance's now, until the next refill.
                     pending.used.credits = from_lease + take.need;
+                    pending.used.void_at = taken.balance.next_refill(take.at).map_or(i64::MAX, unix_micros);
                     *used = std::mem::take(&mut pending.used);
                 }
                 return Closed::Accepted(report);
@@ -662,7 +724,7 @@ impl Meter {
             }
             Err(error) => Closed::Store(error),
         };
-        key.give_back(&pending.used);
+        key.give_back(&pending.used, now);
         shard.end_take(&pending.id, pending.leasing);
         // The report counted the slots this use has given back.
         let report = match &mut refused {
@@ -677,9 +739,14 @@ impl Meter {
         refused
     }
 
+    /// What a use of `id` at `now` takes, to give back unless kept: fill in its `used`.
+    pub(crate) fn hold(&self, id: MeterId, now: i64) -> Held<'_> {
+        Held { meter: self, id, used: Used::default(), now, kept: false }
+    }
+
     /// Gives back what an accepted use took (its [`Used`]), in the same lease epoch only.
     pub(crate) fn give_back(&self, id: MeterId, used: &Used, now: i64) {
-        self.shard(&id, now).keys.entry(id).or_default().give_back(used);
+        self.shard(&id, now).keys.entry(id).or_default().give_back(used, now);
     }
 
     /// The credits this instance holds for `id` at `now`: what lists add to the store's.
@@ -693,7 +760,7 @@ impl Meter {
     pub(crate) fn forget_lease(&self, id: &MeterId, now: i64) {
         if let Some(key) = self.shard(id, now).keys.get_mut(id) {
             key.lease = 0;
-            key.lease_epoch = key.lease_epoch.wrapping_add(1);
+            key.lease_epoch = new_epoch();
         }
     }
 
@@ -703,7 +770,7 @@ impl Meter {
     pub(crate) fn succeed(&self, from: &MeterId, to: MeterId, now: i64) {
         let held = self.shard(from, now).keys.get_mut(from).map(|key| {
             let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
-            key.lease_epoch = key.lease_epoch.wrapping_add(1);
+            key.lease_epoch = new_epoch();
             (lease, key.lease_void_at, key.windows.clone())
         });
         if let Some((lease, void_at, windows)) = held {
@@ -900,6 +967,7 @@ impl Window {
         if current.saturating_sub(self.newest) > SLOTS as i64 {
             self.counts = [0; SLOTS + 1];
             self.total = 0;
+            (self.since, self.before) = (0, 0);
             // The instances that counted the window are still assumed to.
             if let Some(others) = &mut self.others {
                 **others = Others::assumed(others.peers);
@@ -1013,10 +1081,11 @@ impl Window {
     /// Adds what another instance counted, as it published its window with `newest` as its
     /// newest slot: the slots still in this window where they fall, any newer (a clock ahead of
     /// this one) in the newest slot, so that they count at least as long as they would there.
+    /// `alive`: the instance still exchanges counts, so it counts the window from now on too.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn add_others(&mut self, newest: i64, counts: &[u32]) {
+    fn add_others(&mut self, newest: i64, counts: &[u32], alive: bool) {
         let others = self.others.get_or_insert_with(|| Box::new(Others::assumed(0)));
-        others.came += 1;
+        others.came += u32::from(alive);
         others.peers = others.peers.max(others.came);
         let first = self.newest.saturating_sub(SLOTS as i64).max(newest.saturating_sub(SLOTS as i64));
         for number in first..=newest {
@@ -1130,14 +1199,14 @@ mod tests {
         for meter in &meters {
             assert!(meter.start_sharing(start, Duration::from_secs(1), false));
         }
-        let heartbeat = |instance| RateCounts::new(instance, String::new(), 1_000, 0, Vec::new());
+        let heartbeat = |instance| RateCounts::new(instance, 0, String::new(), 1_000, 0, Vec::new());
         let mut board: [Vec<RateCounts>; 2] = [vec![heartbeat(0)], vec![heartbeat(1)]];
         let mut accepted = Vec::new();
         for step in 0..30_000_i64 {
             let now = start + step * 100;
             for (index, offset) in [(0, 0), (1, 500)] {
                 if step % 1_000 == offset {
-                    board[index] = meters[index].own_counts(now);
+                    board[index] = meters[index].own_counts(now, index as u128);
                     board[index].push(heartbeat(index as u128));
                     meters[index].take_others(&board[1 - index], now);
                 }
@@ -1172,6 +1241,75 @@ mod tests {
         let (most, all) = most_accepted_in_a_window(false);
         assert!(most <= 100, "{most}");
         assert!(all >= 270, "{all} accepted in 3 s by the one instance that used the key");
+    }
+
+    #[test]
+    fn once_sharing_stops_a_window_that_was_shared_counts_alone() {
+        let meter = Meter::new(0);
+        let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
+        let start = 1_000_000_000;
+        assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+        let id = MeterId(1);
+        assert!(matches!(meter.open(id, &limits, None, &Usage::new(), start, true, None), Opened::Accepted(_)));
+        let newest = start / Window::slot_width(Duration::from_secs(1));
+        let theirs = RateCounts::new(9, 1, "requests".into(), 1_000, newest, vec![0; SLOTS + 1]);
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new()), theirs], start);
+        meter.stop_sharing();
+        // One attempt a millisecond for 10 s, at 100 a second.
+        let accepted = (1..10_000_i64)
+            .filter(|step| {
+                let now = start + step * 1_000;
+                matches!(meter.open(id, &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_))
+            })
+            .count();
+        assert!(accepted >= 900, "{accepted} accepted after sharing stopped");
+    }
+
+    #[test]
+    fn counts_of_an_instance_that_no_longer_exchanges_are_not_assumed_to_grow() {
+        let meter = Meter::new(0);
+        let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
+        let start = 1_000_000_000;
+        assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+        let newest = start / Window::slot_width(Duration::from_secs(1));
+        // Instance 9's counts, with no heartbeat of it: gone, its counts still in the window.
+        let mut counts = vec![0; SLOTS + 1];
+        counts[Window::ring(newest)] = 10;
+        meter.take_others(&[RateCounts::new(9, 1, "requests".into(), 1_000, newest, counts)], start);
+        let accepted = (0..500_i64)
+            .filter(|step| {
+                let now = start + step * 10;
+                matches!(meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_))
+            })
+            .count();
+        assert_eq!(accepted, 90, "what is left after its 10, not half of it");
+    }
+
+    #[test]
+    fn a_credit_given_back_after_a_refill_boundary_does_not_join_the_new_lease() {
+        use crate::usage::{Credits, Refill, RefillInterval};
+        let (meter, id) = (Meter::new(10), MeterId(7));
+        let refill = Refill::new(100, RefillInterval::seconds(60).unwrap()).unwrap();
+        let mut store = Balance::new(Credits::new(100).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
+        let (limits, second) = (RateLimits::none(), 1_000_000_i64);
+        let take_and_close = |now: i64, store: &mut Balance| {
+            let Opened::Take(pending) = meter.open(id, &limits, Some(store), &Usage::new(), now, true, None) else {
+                panic!("a take")
+            };
+            let taken = store.take(pending.take);
+            *store = taken.balance;
+            assert!(matches!(meter.close(pending, Ok(Some(taken)), now, None), Closed::Accepted(_)));
+        };
+        take_and_close(30 * second, &mut store);
+        assert_eq!(meter.lease_of(&id, 30 * second), 10);
+        // A use just before the boundary at 60 s, given back after it, once a new lease is held.
+        let mut used = Used::default();
+        let before = meter.open(id, &limits, Some(&store), &Usage::new(), 59 * second, true, Some(&mut used));
+        assert!(matches!(before, Opened::Accepted(_)));
+        take_and_close(61 * second, &mut store);
+        assert_eq!(meter.lease_of(&id, 61 * second), 10);
+        meter.give_back(id, &used, 62 * second);
+        assert_eq!(meter.lease_of(&id, 62 * second), 10, "the credit of the period before stays spent");
     }
 
     #[test]

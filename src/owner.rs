@@ -3,6 +3,7 @@
 //! well as the key's own.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -148,7 +149,8 @@ impl OwnerCache {
         }
     }
 
-    /// Keeps the owner's limits as read at `now`; returns them as [`get`](Self::get) will.
+    /// Keeps the owner's limits as read at `now`, unless what it holds was read later (a read
+    /// that raced a change must not undo it); returns what it then holds.
     pub(crate) fn put(
         &self,
         account: &AccountId,
@@ -167,10 +169,19 @@ impl OwnerCache {
                 *owners = Owners::default();
             }
         }
-        let cached = Cached { read_at: now, metered: metered.clone() };
-        let added = owners.of_account.entry(account.clone()).or_default().insert(owner.clone(), cached).is_none();
-        owners.len += usize::from(added);
-        metered
+        let of_account = owners.of_account.entry(account.clone()).or_default();
+        match of_account.entry(owner.clone()) {
+            Entry::Occupied(held) if held.get().read_at > now => held.get().metered.clone(),
+            Entry::Occupied(mut held) => {
+                held.insert(Cached { read_at: now, metered: metered.clone() });
+                metered
+            }
+            Entry::Vacant(free) => {
+                free.insert(Cached { read_at: now, metered: metered.clone() });
+                owners.len += 1;
+                metered
+            }
+        }
     }
 }
 

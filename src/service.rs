@@ -118,25 +118,27 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
     /// How long this instance uses an owner's limits as it read them (1 s by default) before it
     /// reads them again: a key with an owner costs one more store read per owner and interval,
     /// not per use. A change of an owner's limits through this instance counts at once; through
-    /// another, within this interval. Credits are exact regardless, as every take goes to the
-    /// store. Zero reads the owner at every use.
+    /// another, within this interval, and uses this instance accepts meanwhile are held to the
+    /// limits it read (a cap just set elsewhere does not count them). Limits that do not change
+    /// are never overspent: every take of credits goes to the store. Zero reads the owner at every
+    /// use.
     pub fn owner_limits_ttl(mut self, ttl: Duration) -> Self {
         self.owner_limits_ttl = ttl;
         self
     }
 
-    /// Shares rate-limit counts with the other instances on the store every `interval`, so that
-    /// a limit holds across them rather than in each: [`KeyService::spawn_rate_sharing`] runs
-    /// the exchange. Between two exchanges each instance sees only its own new uses, so the
-    /// instances together may accept what they accept in one interval beyond a limit. A store
-    /// that is not shared between instances (memory, redb) exchanges nothing.
+    /// Shares rate-limit counts with the other instances on the store every `interval` (1 ms to
+    /// an hour), so that a limit holds across them rather than in each:
+    /// [`KeyService::spawn_rate_sharing`] runs the exchange. Between two exchanges each instance
+    /// assumes that the others accept as many uses of a window as it does, so they share what is
+    /// left of a limit. A store that shares no counts (memory, SQLite, redb) exchanges nothing.
     ///
     /// When the others' counts are older than four intervals (at least a second), because the
     /// store cannot be reached, a use that checks a rate limit fails closed by default, as
     /// [`StoreError`] (503 over HTTP); see [`rate_limits_fail_open`](Self::rate_limits_fail_open).
     #[cfg(feature = "tokio")]
     pub fn share_rate_limits(mut self, interval: Duration) -> Self {
-        self.sharing = Some(interval.max(Duration::from_millis(1)));
+        self.sharing = Some(interval.clamp(Duration::from_millis(1), Duration::from_secs(3_600)));
         self
     }
 
@@ -484,25 +486,35 @@ impl<S: KeyStore> KeyService<S> {
     /// with what this instance holds of the credits added (as [`list`](Self::list) adds a key's);
     /// `None` when the owner has none. Needs no key of the owner to exist.
     pub async fn owner_limits(&self, account: &AccountId, owner: &OwnerId) -> Result<Option<OwnerLimits>, Error> {
-        let now = self.now();
         let limits = self.inner.within(self.inner.store.find_owner(account, owner)).await.map_err(Error::Store)?;
-        Ok(limits.map(|mut limits| {
-            if let Some(balance) = &mut limits.credits {
-                let lease = self.inner.meter.lease_of(&MeterId::owner(account, owner), unix_micros(now));
-                *balance = Balance::new(balance.at(now), now);
-                balance.remaining += lease;
-            }
-            limits
-        }))
+        Ok(self.as_of_now(account, owner, limits, self.now()))
+    }
+
+    /// An owner's limits as the store holds them, with the credits refilled to `now` and what
+    /// this instance holds of them added.
+    fn as_of_now(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        mut limits: Option<OwnerLimits>,
+        now: time::OffsetDateTime,
+    ) -> Option<OwnerLimits> {
+        if let Some(balance) = limits.as_mut().and_then(|limits| limits.credits.as_mut()) {
+            let lease = self.inner.meter.lease_of(&MeterId::owner(account, owner), unix_micros(now));
+            *balance = Balance::new(balance.at(now), now);
+            balance.remaining += lease;
+        }
+        limits
     }
 
     /// Changes the limits of an owner of the caller's account, through the caller's key, which
-    /// needs scope `keys:write` and no limits of its own: no owner, no credits, no rate limits.
-    /// An owner's limits bound keys the caller did not make, so loosening them could grant
-    /// more than a limited caller holds; an unlimited caller could make such keys anyway.
-    /// Returns the limits as they now are (`None`: none).
+    /// must be unrestricted: every scope (`*`), no expiry, no owner, no credits, no rate limits.
+    /// An owner's limits bound keys the caller did not make, so loosening them could grant more
+    /// than a restricted caller holds; an unrestricted caller could make such keys anyway.
+    /// Returns the limits as [`owner_limits`](Self::owner_limits) gives them (`None`: none).
     ///
-    /// Errors: [`Error::InsufficientScope`], [`Error::ScopeEscalation`], [`Error::Store`].
+    /// Errors: [`Error::InsufficientScope`] (no `keys:write`), [`Error::ScopeEscalation`] (a
+    /// restricted caller), [`Error::Store`].
     pub async fn update_owner(
         &self,
         caller: &AuthenticatedKey,
@@ -510,7 +522,8 @@ impl<S: KeyStore> KeyService<S> {
         update: OwnerUpdate,
     ) -> Result<Option<OwnerLimits>, Error> {
         caller.require(Scopes::KEYS_WRITE)?;
-        if caller.owner.is_some() || caller.credits.is_some() || !caller.ratelimits.is_empty() {
+        let restricted = caller.owner.is_some() || caller.credits.is_some() || !caller.ratelimits.is_empty();
+        if restricted || caller.expires_at.is_some() || !Scopes::all().is_within(&caller.scopes) {
             return Err(Error::ScopeEscalation);
         }
         self.update_owner_as_admin(&caller.account, owner, update).await
@@ -518,7 +531,8 @@ impl<S: KeyStore> KeyService<S> {
 
     /// Changes the limits of an owner of `account`, on the administrator's path. New credits
     /// count from the change: the balance starts again from them, and what this instance held
-    /// of the old one is let go. Returns the limits as they now are (`None`: none).
+    /// of the old one is let go. Returns the limits as [`owner_limits`](Self::owner_limits)
+    /// gives them (`None`: none).
     pub async fn update_owner_as_admin(
         &self,
         account: &AccountId,
@@ -528,12 +542,12 @@ impl<S: KeyStore> KeyService<S> {
         let now = self.now();
         let store = &self.inner.store;
         let limits = self.inner.within(store.update_owner(account, owner, &update, now)).await.map_err(Error::Store)?;
-        let now = unix_micros(now);
         if update.credits.is_some() {
-            self.inner.meter.forget_lease(&MeterId::owner(account, owner), now);
+            self.inner.meter.forget_lease(&MeterId::owner(account, owner), unix_micros(now));
         }
-        self.inner.owners.put(account, owner, limits.clone(), now);
-        Ok(limits)
+        // Read after the change: a verification that read the owner before it cannot undo it.
+        self.inner.owners.put(account, owner, limits.clone(), self.inner.clock.now_unix_micros());
+        Ok(self.as_of_now(account, owner, limits, now))
     }
 
     async fn apply_update(
@@ -830,12 +844,13 @@ impl<S: KeyStore> Inner<S> {
     #[cfg(feature = "tokio")]
     async fn exchange_rate_counts(&self) -> Result<bool, StoreError> {
         let now = self.clock.now_unix_micros();
-        let mut mine = self.meter.own_counts(now);
+        let mut mine = self.meter.own_counts(now, self.instance);
         // That this instance exchanges counts, for as long as they stay fresh: windows the others
         // have no counts of yet assume it counts them too.
         let alive_ms = self.sharing.map_or(0, |(interval, _)| stale_after(interval).as_millis());
         mine.push(crate::store::RateCounts::new(
             self.instance,
+            0,
             String::new(),
             u64::try_from(alive_ms).unwrap_or(u64::MAX),
             0,
@@ -877,12 +892,16 @@ impl<S: KeyStore> Inner<S> {
         {
             return Err((Spent::Refused(refused, report), true));
         }
-        let mut used = Used::default();
-        let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut used)).await.map_err(|spent| (spent, false))?;
+        let mut held = self.meter.hold(key.id.into(), now);
+        let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut held.used)).await;
+        let of_key = of_key.map_err(|spent| (spent, false))?;
         match self.spend(&owner, usage, now, None).await {
-            Ok(of_owner) => Ok((of_key, of_owner)),
+            Ok(of_owner) => {
+                held.keep();
+                Ok((of_key, of_owner))
+            }
             Err(spent) => {
-                self.meter.give_back(key.id.into(), &used, now);
+                drop(held);
                 if let Spent::Refused(Refused::UsageExceeded(_), _) = &spent {
                     // The balance may have been read before another instance changed it.
                     self.owners.forget(&key.account, owner_id);
@@ -1006,7 +1025,7 @@ enum Spent {
 /// `interval`: four intervals, and at least a second.
 #[cfg(feature = "tokio")]
 fn stale_after(interval: Duration) -> Duration {
-    (interval * 4).max(Duration::from_secs(1))
+    interval.saturating_mul(4).max(Duration::from_secs(1))
 }
 
 /// Why a use that checks a rate limit shared with other instances failed closed.

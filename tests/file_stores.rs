@@ -152,13 +152,17 @@ async fn child(args: &[&str]) {
             }
         }
         // Spends the key of APIKEYS_CHILD_TOKEN, one credit per use and with a lease of
-        // args[3], until its credits are used up.
+        // args[3], pausing args[4] ms after each use, until its credits are used up.
         "spend" => {
             let store = backend.open(path).unwrap();
-            let lease = args[3].parse().unwrap();
+            let (lease, pause) = (args[3].parse().unwrap(), Duration::from_millis(args[4].parse().unwrap()));
             let service = apikeys::KeyService::builder(store, support::live()).credit_lease(lease).build();
             let token = std::env::var("APIKEYS_CHILD_TOKEN").unwrap();
-            let spent = support::spend_until_refused(&service, &token, || report!("spent")).await;
+            let spent = support::spend_until_refused(&service, &token, || {
+                report!("spent");
+                std::thread::sleep(pause);
+            })
+            .await;
             report!("done {spent}");
         }
         // Revokes one key.
@@ -972,16 +976,20 @@ fn spenders(
     path: &Path,
     token: &str,
     lease: u64,
+    pause_ms: u64,
     count: usize,
 ) -> Vec<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
     (0..count)
         .map(|_| {
-            let task = format!("spend sqlite {} {lease}", path.display());
+            let task = format!("spend sqlite {} {lease} {pause_ms}", path.display());
             let mut child = child::command(&task, Wrapper::None).env("APIKEYS_CHILD_TOKEN", token).spawn().unwrap();
             let stdout = child.stdout.take().unwrap();
             let (lines, receiver) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                for line in child::reports(BufReader::new(stdout).lines().map_while(Result::ok)) {
+                // Line by line as they come (`child::reports` would wait for the end), so that a
+                // test can act while the child spends.
+                let lines_read = BufReader::new(stdout).lines().map_while(Result::ok);
+                for line in lines_read.filter_map(|line| line.strip_prefix(child::REPORT).map(str::to_owned)) {
                     if lines.send(line).is_err() {
                         return;
                     }
@@ -1009,7 +1017,7 @@ fn processes_spending_one_key_accept_exactly_its_credits() {
     const CREDITS: u64 = 1_200;
     let (_dir, path, token) = sqlite_key_with_credits(CREDITS);
     let mut accepted = Vec::new();
-    for (mut child, reports) in spenders(&path, &token, 25, 4) {
+    for (mut child, reports) in spenders(&path, &token, 25, 0, 4) {
         let (spent, done) = uses_reported(&reports);
         assert!(child.wait().unwrap().success() && done, "a spender failed");
         accepted.push(spent);
@@ -1019,17 +1027,22 @@ fn processes_spending_one_key_accept_exactly_its_credits() {
 
 #[test]
 fn a_process_killed_while_spending_loses_at_most_its_lease() {
-    const CREDITS: u64 = 1_500;
+    const CREDITS: u64 = 3_000;
     const LEASE: u64 = 40;
     let (_dir, path, token) = sqlite_key_with_credits(CREDITS);
-    let mut children = spenders(&path, &token, LEASE, 3);
-    // Once the first has spent 100, it is killed with -9: whatever it held is gone with it.
-    let (mut doomed, doomed_reports) = children.remove(0);
+    // The first starts alone, so that the others cannot use the credits up before it has spent
+    // 100; then it is killed with -9, while they spend too: whatever it held is gone with it.
+    // Each pauses a millisecond after each use, so that the kill lands while the first spends.
+    let (mut doomed, doomed_reports) = spenders(&path, &token, LEASE, 1, 1).remove(0);
+    let mut children = Vec::new();
     let mut spent_by_doomed = 0;
     while spent_by_doomed < 100 {
         match doomed_reports.recv_timeout(Duration::from_secs(30)).expect("the first spender reports") {
             line if line == "spent" => spent_by_doomed += 1,
             other => panic!("the first spender stopped early: {other}"),
+        }
+        if spent_by_doomed == 1 {
+            children = spenders(&path, &token, LEASE, 1, 2);
         }
     }
     doomed.kill().unwrap();

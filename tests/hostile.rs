@@ -165,6 +165,10 @@ fn every_hostile_input_gets_its_exact_answer() {
     let list = |headers: &[String]| request("GET", "/account/api-keys", headers, "");
     let patch =
         |id: &str, body: &str| request("PATCH", &format!("/account/api-keys/{id}"), std::slice::from_ref(&key), body);
+    let owner = |owner: &str, body: &str| {
+        let method = if body.is_empty() { "GET" } else { "PATCH" };
+        request(method, &format!("/account/owners/{owner}"), std::slice::from_ref(&key), body)
+    };
     let bearer = format!("Authorization: Bearer {SERVICE_TOKEN}");
     let verify = |authorization: &str, body: &str| {
         let headers: Vec<String> = (!authorization.is_empty()).then(|| authorization.to_owned()).into_iter().collect();
@@ -230,6 +234,10 @@ fn every_hostile_input_gets_its_exact_answer() {
         ("a change giving remaining twice, the second raising it", patch(&server.other_id, r#"{"credits": {"remaining": 1, "remaining": 1000000}}"#), Error(400, "duplicate_field")),
         ("a change of another account's key", patch(&server.foreign_id, r#"{"name": "mine now"}"#), Error(404, "not_found")),
         ("a change of what cannot change", patch(&server.other_id, r#"{"scopes": ["*"]}"#), Error(400, "unknown_field")),
+        ("an owner id of 129 characters", owner(&"o".repeat(129), ""), Error(400, "invalid_owner_id")),
+        ("an owner id with a NUL in it", owner("a%00b", ""), Error(400, "invalid_owner_id")),
+        ("an owner's credits given twice, the second raising them", owner("o", r#"{"credits": {"remaining": 1}, "credits": {"remaining": 1000000}}"#), Error(400, "duplicate_field")),
+        ("an owner change naming a key's field", owner("o", r#"{"name": "x"}"#), Error(400, "unknown_field")),
         // The verification endpoint.
         ("verification without the service credential", verify("", r#"{"key": "x"}"#), Error(401, "unauthorized")),
         ("verification with a key where the credential goes", verify(&format!("Authorization: Bearer {}", server.key), r#"{"key": "x"}"#), Error(401, "unauthorized")),

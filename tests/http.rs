@@ -1132,7 +1132,7 @@ async fn the_verify_endpoint_decides_every_outcome_behind_the_service_credential
     let refused = |body: &Value| (body["valid"].clone(), body["code"].clone(), body["keyId"].clone());
     let (_, body) = verify_request(&server, &json!({"key": key})).send().await;
     assert_eq!(refused(&body), (json!(false), json!("rate_limited"), json!(id.to_string())));
-    assert_eq!(body["retryAfterMs"], 61_875);
+    assert_eq!((&body["retryAfterMs"], &body["limitedBy"]), (&json!(61_875), &json!("key")));
     // Checking other limits, or none, passes; the cost is checked against what is left.
     let (_, body) = verify_request(&server, &json!({"key": key, "ratelimits": [], "cost": 8})).send().await;
     assert_eq!(refused(&body), (json!(false), json!("usage_exceeded"), json!(id.to_string())));
@@ -1333,8 +1333,15 @@ async fn an_owners_limits_are_read_and_changed_over_http_and_bind_all_its_keys()
     let (status, headers, error) = limited(&server, "/whoami", &first).await;
     assert_eq!((status, error.as_str()), (429, "usage_exceeded"));
     assert!(headers[0].is_some(), "Retry-After: the owner's credits refill tomorrow");
+    let (_, body) = verify_request(&server, &json!({"key": second})).send().await;
+    assert_eq!((&body["code"], &body["limitedBy"]), (&json!("usage_exceeded"), &json!("owner")));
+    assert_eq!(body["credits"], json!({"remaining": 0}), "the owner's credits");
     let (_, body) = server.request(Method::GET, path).key(Some(&admin)).send().await;
     assert_eq!(body["credits"]["remaining"], 0);
+    // A day later a change of the limits alone answers with the credits refilled.
+    server.clock.advance(Duration::days(1));
+    let (status, body) = server.request(Method::PATCH, path).key(Some(&admin)).json(&limit).send().await;
+    assert_eq!((status, &body["credits"]["remaining"]), (StatusCode::OK, &json!(2)), "{body}");
 
     for (bad, status, expected) in [
         (json!({"credits": {"remaining": 1.5}}), StatusCode::BAD_REQUEST, "invalid_credits"),
@@ -1361,7 +1368,10 @@ async fn an_owners_limits_are_read_and_changed_over_http_and_bind_all_its_keys()
     let (status, body) = server.request(Method::PATCH, path).key(Some(&reader)).json(&none).send().await;
     assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "insufficient_scope"));
     assert_eq!(server.request(Method::GET, path).key(Some(&reader)).send().await.0, StatusCode::OK);
-    for writer in [&limited_writer, &owned_writer] {
+    let (writer_only, _) = server.key_with("acme", scoped(&["keys:write"])).await;
+    let tomorrow = apikeys::Clock::now(&server.clock) + Duration::days(1);
+    let (expiring, _) = server.key_with("acme", NewKey::default().expires_at(tomorrow)).await;
+    for writer in [&limited_writer, &owned_writer, &writer_only, &expiring] {
         let (status, body) = server.request(Method::PATCH, path).key(Some(writer)).json(&none).send().await;
         assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "scope_escalation"));
     }

@@ -680,8 +680,8 @@ async fn rate_counts_published_by_one_instance_are_read_by_the_others() {
     let Some(store) = store().await else { return };
     let at = time::OffsetDateTime::now_utc();
     let subject = random_id();
-    let mine = apikeys::RateCounts::new(subject, "requests".into(), 1_000, 42, (0..33).collect());
     let (first, second) = (random_id(), random_id());
+    let mine = apikeys::RateCounts::new(first, subject, "requests".into(), 1_000, 42, (0..33).collect());
     let seen = store.exchange_rate_counts(first, std::slice::from_ref(&mine), at).await.unwrap().unwrap();
     assert!(seen.iter().all(|counts| counts.subject != subject), "an instance never reads its own");
     let seen = store.exchange_rate_counts(second, &[], at).await.unwrap().unwrap();

@@ -344,3 +344,33 @@ async fn instances_sharing_counts_hold_one_limit_and_fail_closed_without_them() 
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert!(open.verify(&fresh).await.is_ok(), "failing open counts this instance's uses alone");
 }
+
+/// A verification given up while its owner's part waits for the store gives the key back what
+/// it took: its credit and its slot.
+#[tokio::test]
+async fn a_use_given_up_while_the_owner_waits_for_the_store_takes_nothing_from_the_key() {
+    let (service, store) = service(0);
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().credits(Some(Credits::new(100).unwrap()))).await;
+    let limit = RateLimits::new([RateLimit::new("requests", 1, Duration::from_secs(60)).unwrap()]).unwrap();
+    let token = key(&service, owned("org-1").credits(Credits::new(5).unwrap()).ratelimits(limit)).await;
+    store.inject(Call::TakeOwnerCredits, Some(Fault::Hang));
+    let given_up = tokio::time::timeout(Duration::from_millis(50), service.verify(&token)).await;
+    assert!(given_up.is_err(), "the use waits for the owner's take");
+    store.inject(Call::TakeOwnerCredits, None);
+    let listed = service.list(&AccountId::new("acme").unwrap()).await.unwrap();
+    assert_eq!(listed[0].credits.map(|credits| credits.remaining), Some(5), "the key's credit is back");
+    let used = service.verify(&token).await.expect("and its slot");
+    assert_eq!(used.usage.credits, Some(4));
+}
+
+/// An interval of any length is taken without a panic, and clamped to an hour.
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn any_sharing_interval_is_taken() {
+    let builder = KeyService::builder(MemoryStore::new(), live()).without_last_used();
+    let service = builder.share_rate_limits(Duration::MAX).build();
+    let sharing = service.spawn_rate_sharing().expect("sharing starts");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(sharing.is_finished(), "a store that shares no counts ends the exchange at once");
+    sharing.await.expect("without a panic");
+}

@@ -11,7 +11,7 @@
 //! | `GET /account/owners/{ownerId}` | 200 `{"ownerId","credits","ratelimits"}`: the limits the owner's keys share (`credits` null and no rate limits for none) | 400 (`invalid_owner_id`), 401, 403 (`insufficient_scope`), 503 |
 //! | `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}` (each left out: unchanged; `null`: none) | 200, the owner's limits as they now are | 400, 401, 403 (`insufficient_scope`; `scope_escalation` for a caller with an owner, credits or rate limits of its own), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
-//! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
+//! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` and `limitedBy` (`key` or `owner`) for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
 //! Every route that takes a key uses it as a request does: 1 credit, the key's `requests` limit.

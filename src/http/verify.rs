@@ -144,7 +144,8 @@ async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Resul
     let answer = match &outcome {
         Ok(key) => Verdict::of("valid", Some(key), &key.usage, None),
         Err(rejection @ (Rejection::RateLimited(refusal) | Rejection::UsageExceeded(refusal))) => {
-            Verdict::of(rejection.reason(), Some(&refusal.key), &refusal.usage, refusal.retry_after)
+            let verdict = Verdict::of(rejection.reason(), Some(&refusal.key), &refusal.usage, refusal.retry_after);
+            Verdict { limited_by: Some(if refusal.by_owner { "owner" } else { "key" }), ..verdict }
         }
         Err(rejection) => Verdict::of(rejection.reason(), rejection.key(), &none, None),
     };
@@ -179,6 +180,10 @@ struct Verdict<'a> {
     expires_at: Option<OffsetDateTime>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after_ms: Option<u64>,
+    /// For a use refused for its limits: whose they are, the key's or its owner's (then
+    /// `credits` and `ratelimits` are the owner's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limited_by: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -222,6 +227,7 @@ impl<'a> Verdict<'a> {
             ratelimits: ratelimits.collect(),
             expires_at: key.and_then(|key| key.expires_at),
             retry_after_ms: retry_after.map(millis),
+            limited_by: None,
         }
     }
 }

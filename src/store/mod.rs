@@ -238,9 +238,13 @@ impl Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RateCounts {
+    /// The instance that counted them. A store fills it in from the exchange that published
+    /// them; an instance's own are published under the exchange's `instance`.
+    pub instance: u128,
     /// What is limited, a key or an owner, as an opaque id.
     pub subject: u128,
-    /// The limit's name.
+    /// The limit's name; empty for an instance's heartbeat, which says that it exchanges counts
+    /// (for `window_ms`) and holds none.
     pub name: String,
     /// The limit's window, in ms.
     pub window_ms: u64,
@@ -253,8 +257,8 @@ pub struct RateCounts {
 
 impl RateCounts {
     /// Counts as a store read them back.
-    pub fn new(subject: u128, name: String, window_ms: u64, newest: i64, counts: Vec<u32>) -> Self {
-        Self { subject, name, window_ms, newest, counts }
+    pub fn new(instance: u128, subject: u128, name: String, window_ms: u64, newest: i64, counts: Vec<u32>) -> Self {
+        Self { instance, subject, name, window_ms, newest, counts }
     }
 }
 

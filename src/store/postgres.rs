@@ -161,9 +161,15 @@ impl Statements {
                  ON CONFLICT (subject, name, instance) DO UPDATE SET window_ms = EXCLUDED.window_ms, \
                  newest = EXCLUDED.newest, counts = EXCLUDED.counts, expires_at = EXCLUDED.expires_at"
             ),
-            forget_counts: format!("DELETE FROM {schema}.rate_counts WHERE expires_at < $1"),
+            // Rows another exchange is deleting are skipped, not waited for: exchanges never wait
+            // on each other's locks, so they cannot deadlock.
+            forget_counts: format!(
+                "DELETE FROM {schema}.rate_counts WHERE (subject, name, instance) IN \
+                 (SELECT subject, name, instance FROM {schema}.rate_counts WHERE expires_at < $1 \
+                  LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+            ),
             others_counts: format!(
-                "SELECT subject, name, window_ms, newest, counts FROM {schema}.rate_counts \
+                "SELECT subject, name, window_ms, newest, counts, instance FROM {schema}.rate_counts \
                  WHERE instance <> $1 AND expires_at >= $2"
             ),
             ensure_owner: format!(
@@ -270,7 +276,8 @@ fn migrations(schema: &str) -> [String; 5] {
             counts     BYTEA       NOT NULL,
             expires_at TIMESTAMPTZ NOT NULL,
             PRIMARY KEY (subject, name, instance)
-        );"
+        );
+        CREATE INDEX rate_counts_by_expiry ON {schema}.rate_counts (expires_at);"
         ),
     ]
 }
@@ -721,7 +728,9 @@ fn counts_from_row(row: &Row) -> Result<RateCounts, Failure> {
     let slots: &[u8] = row.try_get(4)?;
     let counts = slots.chunks_exact(4).map(|count| u32::from_le_bytes([count[0], count[1], count[2], count[3]]));
     let window_ms = u64::try_from(window_ms).map_err(|error| corrupt("window_ms", error))?;
-    Ok(RateCounts::new(subject.as_u128(), row.try_get(1)?, window_ms, row.try_get(3)?, counts.collect()))
+    let instance: Uuid = row.try_get(5)?;
+    let (name, newest) = (row.try_get(1)?, row.try_get(3)?);
+    Ok(RateCounts::new(instance.as_u128(), subject.as_u128(), name, window_ms, newest, counts.collect()))
 }
 
 /// A stored value this version cannot accept.
@@ -957,8 +966,9 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    /// One transaction: the instance's counts are upserted, counts whose window has passed are
-    /// deleted, and the other instances' are read.
+    /// Three statements, each atomic on its own: the instance's counts are upserted (its own rows
+    /// only), up to 1,000 counts whose window has passed are deleted (skipping any another
+    /// exchange holds), and the other instances' are read.
     async fn exchange_rate_counts(
         &self,
         instance: u128,
@@ -974,21 +984,22 @@ impl KeyStore for PostgresStore {
         let slots: Vec<Vec<u8>> =
             counts.iter().map(|counts| counts.counts.iter().flat_map(|count| count.to_le_bytes()).collect()).collect();
         // A count lasts one window beyond its newest slot, and a slot more.
-        let expiry = |counts: &RateCounts| at + Duration::from_millis(counts.window_ms.saturating_mul(33) / 32 + 1);
+        let expiry = |counts: &RateCounts| {
+            let lasts = Duration::from_millis(counts.window_ms.saturating_mul(33) / 32 + 1);
+            time::Duration::try_from(lasts).ok().and_then(|lasts| at.checked_add(lasts)).unwrap_or(at)
+        };
         let expires: Vec<OffsetDateTime> = counts.iter().map(expiry).collect();
         self.call("exchange_rate_counts", async |client| {
-            let transaction = client.transaction().await?;
             if !counts.is_empty() {
-                let publish = transaction.prepare_cached(&self.sql.publish_counts).await?;
+                let publish = client.prepare_cached(&self.sql.publish_counts).await?;
                 let values: [&(dyn ToSql + Sync); 7] =
                     [&instance, &subjects, &names, &windows, &newest, &slots, &expires];
-                transaction.execute(&publish, &values).await?;
+                client.execute(&publish, &values).await?;
             }
-            let forget = transaction.prepare_cached(&self.sql.forget_counts).await?;
-            transaction.execute(&forget, &[&at]).await?;
-            let read = transaction.prepare_cached(&self.sql.others_counts).await?;
-            let rows = transaction.query(&read, &[&instance, &at]).await?;
-            transaction.commit().await?;
+            let forget = client.prepare_cached(&self.sql.forget_counts).await?;
+            client.execute(&forget, &[&at]).await?;
+            let read = client.prepare_cached(&self.sql.others_counts).await?;
+            let rows = client.query(&read, &[&instance, &at]).await?;
             rows.iter().map(counts_from_row).collect::<Result<Vec<_>, _>>().map(Some)
         })
         .await

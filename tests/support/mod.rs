@@ -310,7 +310,9 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
         let exchange = async {
             let mut board = board.0.lock().unwrap();
             for published in counts {
-                board.insert((published.subject, published.name.clone(), instance), published.clone());
+                let mut published = published.clone();
+                published.instance = instance;
+                board.insert((published.subject, published.name.clone(), instance), published);
             }
             let others = board.iter().filter(|((_, _, of), _)| *of != instance).map(|(_, counts)| counts.clone());
             Ok(Some(others.collect()))
