@@ -962,13 +962,11 @@ fn create(c: &mut Criterion) {
     group.finish();
 }
 
-/// How many keys with limits the usage benchmark samples: each is used before the measured
-/// runs, so that it holds a lease, as every key in use does in the steady state.
-const LIMITED_SAMPLE: usize = 4_096;
-
-/// How many keys whose owners have limits the usage benchmark samples, each of an owner of its
-/// own (whose limits the store must hold).
-const OWNED_SAMPLE: usize = 1_024;
+/// How many keys of each kind the usage benchmark samples, so that each kind is measured over
+/// the same number of records. Each key with limits is used before the measured runs, so that
+/// it holds a lease, as every key in use does in the steady state; each owned key has an owner
+/// of its own, whose limits the store holds.
+const KIND_SAMPLE: usize = 4_096;
 
 /// `n` keys: half with neither credits nor limits; a quarter with credits (far more than the
 /// runs spend) and a `"requests"` limit (far above the rate any key is used at); and a quarter
@@ -998,18 +996,18 @@ impl UsageDataset {
                 1 => {
                     record.credits = Some(credits);
                     record.ratelimits = limits.clone();
-                    limited.extend(token.filter(|_| limited.len() < LIMITED_SAMPLE));
+                    limited.extend(token.filter(|_| limited.len() < KIND_SAMPLE));
                 }
                 3 => {
                     let owner = OwnerId::new(format!("owner of {}", record.id)).unwrap();
                     (record.credits, record.ratelimits, record.owner) =
                         (Some(credits), limits.clone(), Some(owner.clone()));
-                    if let Some(token) = token.filter(|_| owned.len() < OWNED_SAMPLE) {
+                    if let Some(token) = token.filter(|_| owned.len() < KIND_SAMPLE) {
                         owned.push(token);
                         owners.push((record.account.clone(), owner));
                     }
                 }
-                _ => plain.extend(token),
+                _ => plain.extend(token.filter(|_| plain.len() < KIND_SAMPLE)),
             }
         }
         Self { records: data.records, plain, limited, owned, owners }

@@ -469,7 +469,7 @@ impl Meter {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             for key in shard.keys.values_mut() {
                 for (_, window) in key.windows.iter_mut() {
-                    (window.others, window.since, window.before) = (None, 0, 0);
+                    window.others = None;
                 }
             }
         }
@@ -521,9 +521,10 @@ impl Meter {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             for key in shard.keys.values_mut() {
                 for (_, window) in key.windows.iter_mut() {
-                    let came = window.others.as_ref().map_or(0, |others| others.came);
-                    window.others = (came > 0).then(|| Box::new(Others { came: 0, ..Others::assumed(came) }));
-                    window.before = std::mem::take(&mut window.since);
+                    // Kept while any instance counted it this exchange or the last.
+                    let (came, since) = window.others.as_ref().map_or((0, 0), |others| (others.came, others.since));
+                    window.others =
+                        (came > 0).then(|| Box::new(Others { came: 0, before: since, ..Others::assumed(came) }));
                 }
             }
             for counts in group {
@@ -894,11 +895,6 @@ struct Window {
     /// What the other instances sharing the store counted, as of the last exchange; only when
     /// rate limits are shared, and apart, so that a window of one instance stays small.
     others: Option<Box<Others>>,
-    /// This instance's uses since the last exchange of counts, and in the interval before it:
-    /// the others' counts that came may be that old, so both count towards what they are
-    /// assumed to have accepted unseen.
-    since: u32,
-    before: u32,
 }
 
 /// The other instances' uses in a window's slots, by slot as a window counts its own, and how
@@ -916,12 +912,17 @@ struct Others {
     peers: u32,
     /// How many instances' counts came in the last exchange.
     came: u32,
+    /// This instance's uses since the last exchange, and in the interval before it: the others'
+    /// counts that came may be that old, so both count towards what they are assumed to have
+    /// accepted unseen.
+    since: u32,
+    before: u32,
 }
 
 impl Others {
     /// No uses yet, from `peers` instances (as if their counts had come).
     fn assumed(peers: u32) -> Self {
-        Self { counts: [0; SLOTS + 1], total: 0, peers, came: peers }
+        Self { counts: [0; SLOTS + 1], total: 0, peers, came: peers, since: 0, before: 0 }
     }
 }
 
@@ -936,7 +937,7 @@ impl Window {
         let slot = Self::slot_width(window);
         let others = (peers > 0).then(|| Box::new(Others::assumed(peers)));
         let counts = [0; SLOTS + 1];
-        Self { window, slot, newest: i64::MIN, oldest: 0, total: 0, counts, others, since: 0, before: 0 }
+        Self { window, slot, newest: i64::MIN, oldest: 0, total: 0, counts, others }
     }
 
     fn ring(number: i64) -> usize {
@@ -967,7 +968,6 @@ impl Window {
         if current.saturating_sub(self.newest) > SLOTS as i64 {
             self.counts = [0; SLOTS + 1];
             self.total = 0;
-            (self.since, self.before) = (0, 0);
             // The instances that counted the window are still assumed to.
             if let Some(others) = &mut self.others {
                 **others = Others::assumed(others.peers);
@@ -999,7 +999,9 @@ impl Window {
         }
         self.counts[Self::ring(self.newest)] += 1;
         self.total += 1;
-        self.since = self.since.saturating_add(1);
+        if let Some(others) = &mut self.others {
+            others.since = others.since.saturating_add(1);
+        }
         self.newest
     }
 
@@ -1010,7 +1012,9 @@ impl Window {
         if held && *count > 0 {
             *count -= 1;
             self.total -= 1;
-            self.since = self.since.saturating_sub(1);
+            if let Some(others) = &mut self.others {
+                others.since = others.since.saturating_sub(1);
+            }
             if number == self.oldest && self.total > 0 {
                 self.find_oldest(number);
             }
@@ -1025,8 +1029,10 @@ impl Window {
     /// Uses counted now, with what the other instances are assumed to have accepted since their
     /// counts came: as many each as this one.
     fn projected(&self) -> u32 {
-        let recent = self.since.saturating_add(self.before);
-        let unseen = self.others.as_ref().map_or(0, |others| others.peers.saturating_mul(recent));
+        let unseen = self
+            .others
+            .as_ref()
+            .map_or(0, |others| others.peers.saturating_mul(others.since.saturating_add(others.before)));
         self.counted().saturating_add(unseen)
     }
 

@@ -507,17 +507,15 @@ async fn key_with_credits(service: &KeyService<PostgresStore>, credits: u64) -> 
     created.key.expose_secret().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_spending_one_key_accept_exactly_its_credits() {
-    if skip_without_server() {
-        return;
-    }
-    const CREDITS: u64 = 3_000;
-    let instances = instances(3, 50).await;
-    let token = key_with_credits(&instances[0], CREDITS).await;
+/// Spends each token through its service from `tasks` tasks at once until refused; the uses each
+/// task accepted, the tasks of one service together.
+async fn spend_at_once<'s>(
+    tokens: impl IntoIterator<Item = (&'s KeyService<PostgresStore>, String)>,
+    tasks: usize,
+) -> Vec<u64> {
     let mut spenders = Vec::new();
-    for service in &instances {
-        for _ in 0..4 {
+    for (service, token) in tokens {
+        for _ in 0..tasks {
             let (service, token) = (service.clone(), token.clone());
             spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
         }
@@ -526,6 +524,18 @@ async fn three_instances_spending_one_key_accept_exactly_its_credits() {
     for spender in spenders {
         accepted.push(spender.await.unwrap());
     }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_spending_one_key_accept_exactly_its_credits() {
+    if skip_without_server() {
+        return;
+    }
+    const CREDITS: u64 = 3_000;
+    let instances = instances(3, 50).await;
+    let token = key_with_credits(&instances[0], CREDITS).await;
+    let accepted = spend_at_once(instances.iter().map(|service| (service, token.clone())), 4).await;
     assert_eq!(accepted.iter().sum::<u64>(), CREDITS, "accepted per task: {accepted:?}");
     let busy: Vec<u64> = accepted.chunks(4).map(|tasks| tasks.iter().sum()).collect();
     assert!(busy.iter().all(|&uses| uses > 0), "every instance spent some: {busy:?}");
@@ -545,19 +555,12 @@ async fn three_instances_spending_one_owners_keys_accept_exactly_its_credits() {
     let (account, owner) = (AccountId::new("spenders").unwrap(), apikeys::OwnerId::new("org-3").unwrap());
     let shared = apikeys::OwnerUpdate::default().credits(Some(apikeys::Credits::new(CREDITS).unwrap()));
     instances[0].update_owner_as_admin(&account, &owner, shared).await.unwrap();
-    let mut spenders = Vec::new();
+    let mut tokens = Vec::new();
     for service in &instances {
         let created = service.create(&account, NewKey::default().owner(owner.clone())).await.unwrap();
-        let token = created.key.expose_secret().to_owned();
-        for _ in 0..3 {
-            let (service, token) = (service.clone(), token.clone());
-            spenders.push(tokio::spawn(async move { support::spend_until_refused(&service, &token, || {}).await }));
-        }
+        tokens.push((service, created.key.expose_secret().to_owned()));
     }
-    let mut accepted = Vec::new();
-    for spender in spenders {
-        accepted.push(spender.await.unwrap());
-    }
+    let accepted = spend_at_once(tokens, 3).await;
     assert_eq!(accepted.iter().sum::<u64>(), CREDITS, "accepted per task: {accepted:?}");
     let left = instances[1].owner_limits(&account, &owner).await.unwrap().and_then(|limits| limits.credits);
     assert_eq!(left.map(|balance| balance.remaining), Some(0));
