@@ -1,9 +1,11 @@
 //! Spending and checking a key's limits: what a use asks for ([`Usage`]), what it found
-//! ([`UsageReport`]), and the [`Meter`] that keeps, per key and in process memory, the rate-limit
-//! windows and the unspent part of the credits last taken from the store (the lease).
+//! ([`UsageReport`]), and the [`Meter`] that keeps, per key and per owner with limits, in process
+//! memory, the rate-limit windows and the unspent part of the credits last taken from the store
+//! (the lease).
 //!
-//! Rate limits are counted here alone: exact within the process, and each instance counts its
-//! own uses. Credits are the store's: a use spends from the lease, and only when the lease cannot
+//! Rate limits are counted here: exact within the process, and across instances within what they
+//! accept between two exchanges of their counts, when they share them (else each instance
+//! counts its own uses). Credits are the store's: a use spends from the lease, and only when the lease cannot
 //! pay does it take more from the store, in one durable write for many uses. A crash loses the
 //! lease, never more, and never lets a credit be spent twice.
 
@@ -320,6 +322,9 @@ struct Sharing {
     /// How many other instances exchanged counts last time: what a window this instance has
     /// not had the others' counts of yet assumes count it too.
     peers: AtomicU32,
+    /// Moves on at every start and stop of sharing, so that an exchange of a sharing that has
+    /// stopped since (its task aborted while the exchange ran) puts nothing back.
+    generation: AtomicU64,
 }
 
 const NOT_SHARED: i64 = i64::MIN;
@@ -427,11 +432,12 @@ impl KeyMeter {
                 window.remove(*slot);
             }
         }
-        if self.lease_epoch == used.epoch && now < used.void_at && used.credits > 0 {
+        // The same lease, and the same refill period: a lease that stayed void across a
+        // boundary (no take granted since) may hold the next period's credits by now.
+        let same_period = self.lease_void_at == VOIDED || self.lease_void_at == used.void_at;
+        if self.lease_epoch == used.epoch && same_period && now < used.void_at && used.credits > 0 {
             self.lease += used.credits;
-            if self.lease_void_at == VOIDED {
-                self.lease_void_at = used.void_at;
-            }
+            self.lease_void_at = used.void_at;
         }
     }
 }
@@ -444,26 +450,35 @@ impl Meter {
             stale_after: AtomicI64::new(i64::MAX),
             fail_open: AtomicBool::new(false),
             peers: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
         };
         Self { shards: std::array::from_fn(|_| CachePadded::default()), lease, sharing }
     }
 
     /// Starts counting the other instances' uses, as exchanges bring them, from `now`: counts
-    /// older than `stale_after` fail a use that checks a limit, unless `fail_open`. Whether it
-    /// started: one exchange at a time.
+    /// older than `stale_after` fail a use that checks a limit, unless `fail_open`. The
+    /// sharing's generation, for [`take_others`](Self::take_others); `None` if one runs already.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn start_sharing(&self, now: i64, stale_after: Duration, fail_open: bool) -> bool {
+    pub(crate) fn start_sharing(&self, now: i64, stale_after: Duration, fail_open: bool) -> Option<u64> {
         let stale_after = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
         self.sharing.stale_after.store(stale_after, Ordering::Relaxed);
         self.sharing.fail_open.store(fail_open, Ordering::Relaxed);
         let started = self.sharing.exchanged_at.compare_exchange(NOT_SHARED, now, Ordering::AcqRel, Ordering::Acquire);
-        started.is_ok()
+        started.ok().map(|_| self.sharing.generation.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
     /// Counts this instance's uses alone again, and forgets the others'.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn stop_sharing(&self) {
+        self.sharing.generation.fetch_add(1, Ordering::AcqRel);
         self.sharing.exchanged_at.store(NOT_SHARED, Ordering::Release);
+        self.forget_others();
+    }
+
+    /// Forgets the other instances' counts, and that any exist: each window counts this
+    /// instance's uses alone, as a sharing that fails open does while the counts are stale.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn forget_others(&self) {
         self.sharing.peers.store(0, Ordering::Relaxed);
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -497,28 +512,50 @@ impl Meter {
     }
 
     /// Takes the other instances' counts, as an exchange at `now` brought them, in place of the
-    /// ones before.
+    /// ones before. Entries named `""` are not counts but the other instances' heartbeats: only
+    /// an instance that still exchanges is assumed to go on accepting uses. For an exchange of the
+    /// sharing of `generation` only: one that stopped since puts nothing back.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    /// Entries named `""` are not counts but the other instances' heartbeats: only an instance
-    /// that still exchanges is assumed to go on accepting uses.
-    pub(crate) fn take_others(&self, others: &[RateCounts], now: i64) {
+    pub(crate) fn take_others(&self, others: &[RateCounts], now: i64, generation: u64) {
         let alive: std::collections::HashSet<u128> =
             others.iter().filter(|counts| counts.name.is_empty()).map(|counts| counts.instance).collect();
+        if !self.replace_others(others, &alive, now, generation) {
+            return;
+        }
         self.sharing.peers.store(u32::try_from(alive.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
-        self.replace_others(others, &alive, now);
-        self.sharing.exchanged_at.fetch_max(now, Ordering::AcqRel);
+        let current = |at: i64| (at != NOT_SHARED).then(|| at.max(now));
+        let _ = self.sharing.exchanged_at.fetch_update(Ordering::AcqRel, Ordering::Acquire, current);
+    }
+
+    /// Whether the others' counts are stale at `now`.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn is_stale(&self, now: i64) -> bool {
+        let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
+        let stale_after = self.sharing.stale_after.load(Ordering::Relaxed);
+        exchanged_at != NOT_SHARED && now.saturating_sub(exchanged_at) > stale_after
     }
 
     /// Puts `others` in place of the other instances' counts, shard by shard, so that no use
-    /// sees a shard without them.
+    /// sees a shard without them; whether the sharing of `generation` still ran for all of it
+    /// (checked under each shard's lock: [`stop_sharing`](Self::stop_sharing) moves the
+    /// generation on before it clears them).
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn replace_others(&self, others: &[RateCounts], alive: &std::collections::HashSet<u128>, now: i64) {
+    fn replace_others(
+        &self,
+        others: &[RateCounts],
+        alive: &std::collections::HashSet<u128>,
+        now: i64,
+        generation: u64,
+    ) -> bool {
         let mut by_shard: [Vec<&RateCounts>; SHARDS] = Default::default();
         for counts in others.iter().filter(|counts| !counts.name.is_empty()) {
             by_shard[(counts.subject % SHARDS as u128) as usize].push(counts);
         }
         for (shard, group) in self.shards.iter().zip(by_shard) {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.sharing.generation.load(Ordering::Acquire) != generation {
+                return false;
+            }
             for key in shard.keys.values_mut() {
                 for (_, window) in key.windows.iter_mut() {
                     // Kept while any instance counted it this exchange or the last.
@@ -542,6 +579,7 @@ impl Meter {
                 window.add_others(counts.newest, &counts.counts, alive.contains(&counts.instance));
             }
         }
+        true
     }
 
     /// How old the other instances' counts are at `now`, if a use that checks a limit must fail
@@ -694,9 +732,13 @@ impl Meter {
             Ok(Some(taken)) if taken.granted >= take.need => {
                 // A lease taken from a balance that a change has since replaced is let go.
                 if pending.leasing && key.lease_epoch == pending.used.epoch {
+                    let void_at = taken.balance.next_refill(take.at).map_or(i64::MAX, unix_micros);
+                    // What the lease holds of another refill period is not this one's.
+                    if key.lease_void_at != VOIDED && key.lease_void_at != void_at {
+                        key.lease = 0;
+                    }
                     key.lease += taken.granted - take.need;
-                    let void_at = taken.balance.next_refill(take.at);
-                    key.lease_void_at = void_at.map_or(i64::MAX, unix_micros);
+                    key.lease_void_at = void_at;
                 }
                 report.credits = Some(key.lease + taken.balance.at(take.at).remaining);
                 shard.end_take(&pending.id, pending.leasing);
@@ -760,8 +802,7 @@ impl Meter {
     /// that a change has replaced.
     pub(crate) fn forget_lease(&self, id: &MeterId, now: i64) {
         if let Some(key) = self.shard(id, now).keys.get_mut(id) {
-            key.lease = 0;
-            key.lease_epoch = new_epoch();
+            (key.lease, key.lease_void_at, key.lease_epoch) = (0, VOIDED, new_epoch());
         }
     }
 
@@ -771,8 +812,9 @@ impl Meter {
     pub(crate) fn succeed(&self, from: &MeterId, to: MeterId, now: i64) {
         let held = self.shard(from, now).keys.get_mut(from).map(|key| {
             let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
+            let void_at = std::mem::replace(&mut key.lease_void_at, VOIDED);
             key.lease_epoch = new_epoch();
-            (lease, key.lease_void_at, key.windows.clone())
+            (lease, void_at, key.windows.clone())
         });
         if let Some((lease, void_at, windows)) = held {
             let mut shard = self.shard(&to, now);
@@ -1090,7 +1132,10 @@ impl Window {
     /// `alive`: the instance still exchanges counts, so it counts the window from now on too.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn add_others(&mut self, newest: i64, counts: &[u32], alive: bool) {
-        let others = self.others.get_or_insert_with(|| Box::new(Others::assumed(0)));
+        // A window that was not shared has not counted its uses since the last exchange: all it
+        // holds stand in for them (the others may have accepted as many meanwhile, unseen).
+        let own = self.total;
+        let others = self.others.get_or_insert_with(|| Box::new(Others { before: own, ..Others::assumed(0) }));
         others.came += u32::from(alive);
         others.peers = others.peers.max(others.came);
         let first = self.newest.saturating_sub(SLOTS as i64).max(newest.saturating_sub(SLOTS as i64));
@@ -1203,7 +1248,7 @@ mod tests {
         let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
         let start = 1_000_000;
         for meter in &meters {
-            assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+            assert!(meter.start_sharing(start, Duration::from_secs(1), false).is_some());
         }
         let heartbeat = |instance| RateCounts::new(instance, 0, String::new(), 1_000, 0, Vec::new());
         let mut board: [Vec<RateCounts>; 2] = [vec![heartbeat(0)], vec![heartbeat(1)]];
@@ -1214,7 +1259,7 @@ mod tests {
                 if step % 1_000 == offset {
                     board[index] = meters[index].own_counts(now, index as u128);
                     board[index].push(heartbeat(index as u128));
-                    meters[index].take_others(&board[1 - index], now);
+                    meters[index].take_others(&board[1 - index], now, 1);
                 }
             }
             // After 200 ms, when each has exchanged twice and knows of the other.
@@ -1254,13 +1299,17 @@ mod tests {
         let meter = Meter::new(0);
         let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
         let start = 1_000_000_000;
-        assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+        let generation = meter.start_sharing(start, Duration::from_secs(1), false).unwrap();
         let id = MeterId(1);
         assert!(matches!(meter.open(id, &limits, None, &Usage::new(), start, true, None), Opened::Accepted(_)));
         let newest = start / Window::slot_width(Duration::from_secs(1));
         let theirs = RateCounts::new(9, 1, "requests".into(), 1_000, newest, vec![0; SLOTS + 1]);
-        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new()), theirs], start);
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new()), theirs], start, generation);
         meter.stop_sharing();
+        // An exchange that was under way when sharing stopped puts nothing back.
+        let late = RateCounts::new(9, 1, "requests".into(), 1_000, newest, vec![50; SLOTS + 1]);
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new()), late], start, generation);
+        assert!(!meter.is_stale(start + 10_000_000), "not sharing: nothing is ever stale");
         // One attempt a millisecond for 10 s, at 100 a second.
         let accepted = (1..10_000_i64)
             .filter(|step| {
@@ -1276,12 +1325,12 @@ mod tests {
         let meter = Meter::new(0);
         let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
         let start = 1_000_000_000;
-        assert!(meter.start_sharing(start, Duration::from_secs(1), false));
+        let generation = meter.start_sharing(start, Duration::from_secs(1), false).unwrap();
         let newest = start / Window::slot_width(Duration::from_secs(1));
         // Instance 9's counts, with no heartbeat of it: gone, its counts still in the window.
         let mut counts = vec![0; SLOTS + 1];
         counts[Window::ring(newest)] = 10;
-        meter.take_others(&[RateCounts::new(9, 1, "requests".into(), 1_000, newest, counts)], start);
+        meter.take_others(&[RateCounts::new(9, 1, "requests".into(), 1_000, newest, counts)], start, generation);
         let accepted = (0..500_i64)
             .filter(|step| {
                 let now = start + step * 10;
@@ -1315,6 +1364,36 @@ mod tests {
         take_and_close(61 * second, &mut store);
         assert_eq!(meter.lease_of(&id, 61 * second), 10);
         meter.give_back(id, &used, 62 * second);
+        assert_eq!(meter.lease_of(&id, 62 * second), 10, "the credit of the period before stays spent");
+    }
+
+    /// A lease that no take filled stays void across a refill boundary, in one epoch: a credit a
+    /// use took from the store before the boundary, given back after a take of the next period
+    /// filled the lease, stays spent.
+    #[test]
+    fn a_credit_of_the_period_before_stays_spent_when_no_lease_was_voided_at_the_boundary() {
+        use crate::usage::{Credits, Refill, RefillInterval};
+        let (meter, id) = (Meter::new(10), MeterId(8));
+        let refill = Refill::new(100, RefillInterval::seconds(60).unwrap()).unwrap();
+        let mut store = Balance::new(Credits::new(100).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
+        let (limits, second) = (RateLimits::none(), 1_000_000_i64);
+        let open =
+            |now, may_wait, store: &Balance| meter.open(id, &limits, Some(store), &Usage::new(), now, may_wait, None);
+        // A leasing take under way, and a use that may not wait for it takes for itself alone.
+        let Opened::Take(leasing) = open(30 * second, true, &store) else { panic!("a leasing take") };
+        let mut used = Used::default();
+        let Opened::Take(alone) = open(30 * second, false, &store) else { panic!("a take of its own") };
+        let taken = store.take(alone.take);
+        store = taken.balance;
+        assert!(matches!(meter.close(alone, Ok(Some(taken)), 30 * second, Some(&mut used)), Closed::Accepted(_)));
+        // The leasing take fails: the lease stays void, and no boundary voids it again.
+        assert!(matches!(meter.close(leasing, Err(StoreError::Busy), 30 * second, None), Closed::Store(_)));
+        // After the boundary at 60 s a take fills the lease from the refilled balance.
+        let Opened::Take(next) = open(61 * second, true, &store) else { panic!("a take") };
+        let taken = store.take(next.take);
+        assert!(matches!(meter.close(next, Ok(Some(taken)), 61 * second, None), Closed::Accepted(_)));
+        assert_eq!(meter.lease_of(&id, 61 * second), 10);
+        meter.give_back(id, &used, 30 * second);
         assert_eq!(meter.lease_of(&id, 62 * second), 10, "the credit of the period before stays spent");
     }
 

@@ -629,9 +629,7 @@ impl<S: KeyStore> KeyService<S> {
     pub fn spawn_rate_sharing(&self) -> Option<tokio::task::JoinHandle<()>> {
         let (interval, fail_open) = self.inner.sharing?;
         let stale_after = stale_after(interval);
-        if !self.inner.meter.start_sharing(self.inner.clock.now_unix_micros(), stale_after, fail_open) {
-            return None;
-        }
+        let generation = self.inner.meter.start_sharing(self.inner.clock.now_unix_micros(), stale_after, fail_open)?;
         let service = Arc::downgrade(&self.inner);
         let claim = SharingClaim(service.clone());
         Some(tokio::spawn(async move {
@@ -643,7 +641,16 @@ impl<S: KeyStore> KeyService<S> {
                 ticks.tick().await;
                 let Some(inner) = service.upgrade() else { return };
                 // In a task of its own, so that a store that panics ends one exchange, not all.
-                match tokio::spawn(async move { inner.exchange_rate_counts().await }).await {
+                let exchanged = tokio::spawn(async move {
+                    let exchanged = inner.exchange_rate_counts(generation).await;
+                    // Failing open: once the others' counts are stale, each window counts this
+                    // instance's uses alone, as if it were the only one.
+                    if exchanged.is_err() && fail_open && inner.meter.is_stale(inner.clock.now_unix_micros()) {
+                        inner.meter.forget_others();
+                    }
+                    exchanged
+                });
+                match exchanged.await {
                     Ok(Ok(true)) if failing => {
                         failing = false;
                         tracing::info!("rate-limit counts are exchanged again");
@@ -839,10 +846,10 @@ impl<S: KeyStore> Inner<S> {
         Ok(key)
     }
 
-    /// Publishes this instance's rate-limit counts and takes the others'; whether the store
-    /// shares them.
+    /// Publishes this instance's rate-limit counts and takes the others', for the sharing of
+    /// `generation`; whether the store shares them.
     #[cfg(feature = "tokio")]
-    async fn exchange_rate_counts(&self) -> Result<bool, StoreError> {
+    async fn exchange_rate_counts(&self, generation: u64) -> Result<bool, StoreError> {
         let now = self.clock.now_unix_micros();
         let mut mine = self.meter.own_counts(now, self.instance);
         // That this instance exchanges counts, for as long as they stay fresh: windows the others
@@ -859,7 +866,7 @@ impl<S: KeyStore> Inner<S> {
         let at = crate::clock::from_unix_micros(now).unwrap_or(crate::clock::LATEST);
         let others = self.within(self.store.exchange_rate_counts(self.instance, &mine, at)).await?;
         let Some(others) = others else { return Ok(false) };
-        self.meter.take_others(&others, now);
+        self.meter.take_others(&others, now, generation);
         Ok(true)
     }
 

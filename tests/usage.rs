@@ -338,11 +338,18 @@ async fn instances_sharing_counts_hold_one_limit_and_fail_closed_without_them() 
     assert!(recovered.await, "the exchange recovers by itself");
     assert!(second.verify(&other).await.is_ok());
 
+    // An instance failing open, which knows of the others (so it shares what is left of a limit
+    // with them), uses a key once; then it loses the store.
     let (open, open_store) = sharing_instance(&memory, &board, true);
-    open_store.fail(Call::ExchangeRateCounts, true);
     let fresh = create(NewKey::default().ratelimits(limit())).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open.verify(&fresh).await.unwrap();
+    open_store.fail(Call::ExchangeRateCounts, true);
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert!(open.verify(&fresh).await.is_ok(), "failing open counts this instance's uses alone");
+    for use_ in 2..=4 {
+        assert!(open.verify(&fresh).await.is_ok(), "use {use_}: failing open, it holds the limit of 4 alone");
+    }
+    assert!(matches!(open.verify(&fresh).await, Err(Rejection::RateLimited(_))), "and no more");
 }
 
 /// A verification given up while its owner's part waits for the store gives the key back what

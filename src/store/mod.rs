@@ -367,6 +367,11 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// the instance's clock, dates what it publishes, and counts whose window has passed by `at`
     /// may be forgotten. Not durable: counts lost in a crash cost only accuracy.
     ///
+    /// What the store returns is every entry another instance published and the store still
+    /// holds, its heartbeats (entries named `""`) included, each with [`RateCounts::instance`]
+    /// set to the instance that published it: an instance whose heartbeat is missing is taken to
+    /// have stopped.
+    ///
     /// `None`, the default: the store is not shared between service instances, or does not share
     /// counts, and each instance counts its own uses. A store that wraps another must forward
     /// this method to keep sharing them.

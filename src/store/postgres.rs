@@ -161,8 +161,8 @@ impl Statements {
                  ON CONFLICT (subject, name, instance) DO UPDATE SET window_ms = EXCLUDED.window_ms, \
                  newest = EXCLUDED.newest, counts = EXCLUDED.counts, expires_at = EXCLUDED.expires_at"
             ),
-            // Rows another exchange is deleting are skipped, not waited for: exchanges never wait
-            // on each other's locks, so they cannot deadlock.
+            // Rows another exchange is deleting are skipped, not waited for: the delete never
+            // waits, and an upsert waits at most for a delete, so exchanges cannot deadlock.
             forget_counts: format!(
                 "DELETE FROM {schema}.rate_counts WHERE (subject, name, instance) IN \
                  (SELECT subject, name, instance FROM {schema}.rate_counts WHERE expires_at < $1 \
