@@ -92,9 +92,12 @@ pub(crate) fn unix_micros(at: OffsetDateTime) -> i64 {
     at.unix_timestamp().saturating_mul(1_000_000).saturating_add(i64::from(at.microsecond()))
 }
 
-/// The inverse of [`unix_micros`]; `None` for a value outside the supported years.
+/// The inverse of [`unix_micros`]; `None` for a value outside the supported years. Seconds and
+/// microseconds separately again: stores decode several times per record, and the nanosecond
+/// form would divide in 128 bits.
 pub(crate) fn from_unix_micros(micros: i64) -> Option<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok()
+    let (seconds, micros) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
+    OffsetDateTime::from_unix_timestamp(seconds).ok()?.replace_microsecond(micros as u32).ok()
 }
 
 #[cfg(test)]
@@ -120,6 +123,18 @@ mod tests {
             assert_eq!(from_unix_micros(unix_micros(at)), Some(at));
         }
         assert_eq!(from_unix_micros(i64::MAX), None);
+        assert_eq!(from_unix_micros(i64::MIN), None);
+    }
+
+    #[test]
+    fn unix_micros_decode_as_the_nanosecond_form_does() {
+        let mut micros = -62_135_596_800_000_000_i64; // year 1
+        while micros < 253_402_300_800_000_000 {
+            let nanos = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok();
+            assert_eq!(from_unix_micros(micros), nanos, "{micros}");
+            assert_eq!(from_unix_micros(micros - 1), nanos.map(|at| at - Duration::microseconds(1)), "{micros}");
+            micros += 987_654_321_012_345;
+        }
     }
 
     #[test]

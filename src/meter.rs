@@ -1158,10 +1158,10 @@ fn until_refill(balance: &Balance, cost: u64, now: i64) -> Option<Duration> {
 
 /// The credits of `balance` at `now` (Unix µs).
 fn left_at(balance: &Balance, now: i64) -> u64 {
-    match (balance.refill, from_unix_micros(now)) {
-        (Some(_), Some(now)) => balance.at(now).remaining,
-        // No date to build for credits that never refill.
-        _ => balance.remaining,
+    // No date to build for credits that never refill.
+    match balance.refill.and_then(|_| from_unix_micros(now)) {
+        Some(now) => balance.at(now).remaining,
+        None => balance.remaining,
     }
 }
 
