@@ -531,8 +531,13 @@ impl Meter {
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn is_stale(&self, now: i64) -> bool {
         let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
-        let stale_after = self.sharing.stale_after.load(Ordering::Relaxed);
-        exchanged_at != NOT_SHARED && now.saturating_sub(exchanged_at) > stale_after
+        exchanged_at != NOT_SHARED && self.age_if_stale(exchanged_at, now).is_some()
+    }
+
+    /// How old counts that came at `exchanged_at` are at `now`, if that is too old.
+    fn age_if_stale(&self, exchanged_at: i64, now: i64) -> Option<Duration> {
+        let age = now.saturating_sub(exchanged_at);
+        (age > self.sharing.stale_after.load(Ordering::Relaxed)).then(|| Duration::from_micros(age.unsigned_abs()))
     }
 
     /// Puts `others` in place of the other instances' counts, shard by shard, so that no use
@@ -582,17 +587,6 @@ impl Meter {
         true
     }
 
-    /// How old the other instances' counts are at `now`, if a use that checks a limit must fail
-    /// for it.
-    fn stale(&self, now: i64) -> Option<Duration> {
-        let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
-        if exchanged_at == NOT_SHARED || self.sharing.fail_open.load(Ordering::Relaxed) {
-            return None;
-        }
-        let age = now.saturating_sub(exchanged_at);
-        (age > self.sharing.stale_after.load(Ordering::Relaxed)).then(|| Duration::from_micros(age.unsigned_abs()))
-    }
-
     /// Checks and, where it can, settles a use of the key `id` at `now` (Unix µs), whose store
     /// balance was just read as `credits`. Order: rate limits, then credits; a refused use takes
     /// no slot and no credit, and a use of cost 0 only checks. `may_wait`: whether the use may
@@ -622,11 +616,19 @@ impl Meter {
         if credits.is_none() && count == 0 {
             return Opened::Accepted(UsageReport::default());
         }
-        if count > 0
-            && let Some(age) = self.stale(now)
-        {
-            return Opened::Stale(age);
-        }
+        // While the counts are shared: how many other instances exchange them, and whether
+        // they are too old for a use that checks a limit (failing closed).
+        let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
+        let peers = if count > 0 && exchanged_at != NOT_SHARED {
+            if !self.sharing.fail_open.load(Ordering::Relaxed)
+                && let Some(age) = self.age_if_stale(exchanged_at, now)
+            {
+                return Opened::Stale(age);
+            }
+            self.sharing.peers.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
         let key = shard.keys.entry(id).or_default();
@@ -635,10 +637,6 @@ impl Meter {
         }
         let all = limits.as_slice();
         let limit_at = |position: usize| &all[position];
-        let peers = match self.sharing.exchanged_at.load(Ordering::Relaxed) {
-            NOT_SHARED => 0,
-            _ => self.sharing.peers.load(Ordering::Relaxed),
-        };
         for (position, window) in checked.iter_mut() {
             *window = key.window(limit_at(*position), now, peers);
         }

@@ -650,31 +650,24 @@ impl<S: KeyStore> KeyService<S> {
                     }
                     exchanged
                 });
-                match exchanged.await {
-                    Ok(Ok(true)) if failing => {
+                match exchanged.await.unwrap_or_else(|failed| Err(StoreError::backend(failed))) {
+                    Ok(true) if failing => {
                         failing = false;
                         tracing::info!("rate-limit counts are exchanged again");
                     }
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => {
+                    Ok(true) => {}
+                    Ok(false) => {
                         tracing::info!("the store shares no rate-limit counts: each instance counts its own uses");
                         return;
                     }
-                    Ok(Err(error)) if !failing => {
+                    Err(error) if !failing => {
                         failing = true;
                         tracing::warn!(
                             error = &error as &dyn std::error::Error,
                             "could not exchange rate-limit counts"
                         );
                     }
-                    Err(failed) if !failing => {
-                        failing = true;
-                        tracing::warn!(
-                            error = &failed as &dyn std::error::Error,
-                            "could not exchange rate-limit counts"
-                        );
-                    }
-                    Ok(Err(_)) | Err(_) => {}
+                    Err(_) => {}
                 }
             }
         }))
