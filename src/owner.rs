@@ -29,6 +29,14 @@ impl OwnerLimits {
         Self { credits, ratelimits }
     }
 
+    /// The credits as they stood at the balance's instant (its remaining and refill), and the
+    /// rate limits: what answers show of an owner's limits (`None`: none, no rate limits).
+    pub fn parts_of(limits: Option<Self>) -> (Option<Credits>, RateLimits) {
+        limits.map_or((None, RateLimits::none()), |limits| {
+            (limits.credits.map(|balance| balance.at(balance.as_of)), limits.ratelimits)
+        })
+    }
+
     /// Whether these limits limit anything: an owner without any is not stored.
     pub fn limits_anything(&self) -> bool {
         self.credits.is_some() || !self.ratelimits.is_empty()

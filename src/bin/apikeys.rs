@@ -739,9 +739,7 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
 
 /// An owner's limits: a line of text, or the HTTP API's JSON body.
 fn print_owner(owner: &OwnerId, limits: Option<OwnerLimits>, json: bool) -> Result<(), Failure> {
-    let (credits, ratelimits) = limits.map_or((None, RateLimits::none()), |limits| {
-        (limits.credits.map(|balance| balance.at(balance.as_of)), limits.ratelimits)
-    });
+    let (credits, ratelimits) = OwnerLimits::parts_of(limits);
     let body = json!({ "ownerId": owner, "credits": credits, "ratelimits": ratelimits });
     let credits_text = credits.map_or_else(
         || "unlimited".to_owned(),

@@ -308,9 +308,7 @@ struct OwnerBody {
 
 impl OwnerBody {
     fn of(owner_id: OwnerId, limits: Option<OwnerLimits>) -> Json<Self> {
-        let (credits, ratelimits) = limits.map_or((None, RateLimits::none()), |limits| {
-            (limits.credits.map(|balance| balance.at(balance.as_of)), limits.ratelimits)
-        });
+        let (credits, ratelimits) = OwnerLimits::parts_of(limits);
         Json(Self { owner_id, credits, ratelimits })
     }
 }
