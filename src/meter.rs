@@ -809,7 +809,9 @@ impl Meter {
     /// copied, so that a roll does not start the limits afresh.
     pub(crate) fn succeed(&self, from: &MeterId, to: MeterId, now: i64) {
         let held = self.shard(from, now).keys.get_mut(from).map(|key| {
-            let lease = if now < key.lease_void_at { std::mem::take(&mut key.lease) } else { 0 };
+            // The old key keeps nothing; the successor gets the lease only if it is not void yet.
+            let held = std::mem::take(&mut key.lease);
+            let lease = if now < key.lease_void_at { held } else { 0 };
             let void_at = std::mem::replace(&mut key.lease_void_at, VOIDED);
             key.lease_epoch = new_epoch();
             (lease, void_at, key.windows.clone())
@@ -1393,6 +1395,28 @@ mod tests {
         assert_eq!(meter.lease_of(&id, 61 * second), 10);
         meter.give_back(id, &used, 30 * second);
         assert_eq!(meter.lease_of(&id, 62 * second), 10, "the credit of the period before stays spent");
+    }
+
+    /// A roll after the refill boundary that voided the old key's lease moves nothing, and leaves
+    /// the old key nothing to spend either.
+    #[test]
+    fn a_roll_after_a_refill_boundary_leaves_no_void_lease_behind() {
+        use crate::usage::{Credits, Refill, RefillInterval};
+        let (meter, old, new) = (Meter::new(10), MeterId(9), MeterId(10));
+        let refill = Refill::new(0, RefillInterval::seconds(1).unwrap()).unwrap();
+        let store = Balance::new(Credits::new(9).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
+        let (limits, second) = (RateLimits::none(), 1_000_000_i64);
+        let Opened::Take(pending) = meter.open(old, &limits, Some(&store), &Usage::new(), 0, true, None) else {
+            panic!("a take")
+        };
+        let taken = store.take(pending.take);
+        assert!(matches!(meter.close(pending, Ok(Some(taken)), 0, None), Closed::Accepted(_)));
+        assert!(meter.lease_of(&old, 0) > 0, "a lease until the boundary at 1 s");
+        meter.succeed(&old, new, second);
+        assert_eq!((meter.lease_of(&old, second), meter.lease_of(&new, second)), (0, 0));
+        let spent = Balance::new(Credits::new(0).unwrap(), time::OffsetDateTime::UNIX_EPOCH);
+        let after = meter.open(old, &limits, Some(&spent), &Usage::new(), second, true, None);
+        assert!(matches!(after, Opened::Refused(Refused::UsageExceeded(_), _)), "the old key spends no void lease");
     }
 
     #[test]
