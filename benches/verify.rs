@@ -33,6 +33,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use apikeys::Maintenance;
+use apikeys::audit::{Action, AuditEvent};
 use apikeys::{
     AccountId, Balance, Credits, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore,
     MemoryStore, NewKey, OwnerId, OwnerUpdate, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
@@ -919,6 +920,11 @@ fn create(c: &mut Criterion) {
         ("redb", Arc::new(RedbStore::open(dir.path().join("create.redb")).unwrap())),
     ];
     let runtime = runtime();
+    let imports: std::collections::HashMap<&str, Arc<dyn Maintenance>> = [
+        ("sqlite", Arc::new(SqliteStore::open(dir.path().join("unaudited.db")).unwrap()) as Arc<dyn Maintenance>),
+        ("redb", Arc::new(RedbStore::open(dir.path().join("unaudited.redb")).unwrap())),
+    ]
+    .into();
     for (backend, store) in stores {
         let service = KeyService::builder(store, format()).max_active_keys_per_account(u32::MAX).build();
         let mut account = 0u64;
@@ -931,6 +937,34 @@ fn create(c: &mut Criterion) {
                         account += 1;
                         let account = AccountId::new(format!("create-{}", account % 1000)).unwrap();
                         black_box(service.create(&account, NewKey::default()).await.unwrap());
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+        // The same durable transaction without the audit event: one record imported.
+        group.bench_function(format!("{backend}/single_without_audit"), |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let record = Dataset::new(1).records;
+                    let started = Instant::now();
+                    runtime.block_on(imports[backend].import(record)).unwrap();
+                    elapsed += started.elapsed();
+                }
+                elapsed
+            })
+        });
+        group.bench_function(format!("{backend}/revoke"), |b| {
+            b.iter_custom(|iters| {
+                let account = AccountId::new("revoke").unwrap();
+                let created: Vec<_> = (0..iters)
+                    .map(|_| runtime.block_on(service.create(&account, NewKey::default())).unwrap().id)
+                    .collect();
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    for id in &created {
+                        service.revoke_as_admin(&account, id).await.unwrap();
                     }
                     started.elapsed()
                 })
@@ -1034,7 +1068,10 @@ fn usage(c: &mut Criterion) {
             runtime.block_on(async {
                 store.import(data.records.clone()).await.unwrap();
                 for (account, owner) in &data.owners {
-                    store.update_owner(account, owner, &shared, OffsetDateTime::now_utc()).await.unwrap();
+                    let at = OffsetDateTime::now_utc();
+                    let admin = apikeys::audit::Actor::admin("bench").unwrap();
+                    let event = AuditEvent::new(at, account.clone(), admin, Action::OwnerUpdated, None);
+                    store.update_owner(account, owner, &shared, at, &event).await.unwrap();
                 }
             });
             store as Arc<dyn KeyStore>

@@ -35,6 +35,23 @@ pub enum ValidationError {
          e.g. ak_01j9zxkp4qbc7n3m8td5e6fvg2"
     )]
     KeyId,
+    /// An audit event id is not `ev_` followed by 26 lowercase Crockford base32 characters.
+    #[error("invalid event id: it must be `ev_` followed by 26 lowercase Crockford base32 characters")]
+    EventId,
+    /// An audit actor is not a key id, or a label of 1 to 64 letters, digits or `_-.:@`.
+    #[error("invalid actor: a key's id, or a label of 1 to 64 letters, digits, `_`, `-`, `.`, `:` or `@`")]
+    Actor,
+    /// An audit action is not one of the known names.
+    #[error(
+        "invalid action: it must be key.created, key.revoked, key.rolled, key.updated, key.leaked or owner.updated"
+    )]
+    Action,
+    /// A request id is not 1 to 128 letters, digits or `_-.:@`.
+    #[error("invalid request id: it must be 1 to 128 letters, digits, `_`, `-`, `.`, `:` or `@`")]
+    RequestId,
+    /// An audit-log cursor is not one a page of the log gave.
+    #[error("invalid cursor: pass the nextCursor of a page as it was given")]
+    Cursor,
     /// A key name is empty, longer than 255 characters or holds a control character.
     #[error("invalid key name: it must be 1 to 255 characters without control characters, or absent")]
     Name,

@@ -10,7 +10,7 @@ use crate::error::ValidationError;
 
 /// Lowercase Crockford base32, the alphabet of TypeID.
 const CROCKFORD: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
-/// Characters after the `ak_` prefix: 128 bits in 26 characters, the first carrying only 3 bits.
+/// Characters of a TypeID after its prefix: 128 bits in 26 characters, the first carrying only 3 bits.
 const SUFFIX_LEN: usize = 26;
 
 /// The public identifier of a key: a [TypeID](https://github.com/jetify-com/typeid) `ak_…`
@@ -42,59 +42,73 @@ impl KeyId {
     pub(crate) fn generate() -> Self {
         Self(Uuid::now_v7())
     }
-
-    /// The id of a UUID, for stores that keep ids as 16 bytes or a native `uuid` column.
-    pub const fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
-
-    /// The UUID behind this id.
-    pub const fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-
-    fn encode(&self) -> [u8; 3 + SUFFIX_LEN] {
-        let mut out = [0u8; 3 + SUFFIX_LEN];
-        out[..3].copy_from_slice(Self::PREFIX.as_bytes());
-        let value = self.0.as_u128();
-        for (i, slot) in out[3..].iter_mut().enumerate() {
-            let shift = 5 * (SUFFIX_LEN - 1 - i);
-            *slot = CROCKFORD[((value >> shift) & 0x1f) as usize];
-        }
-        out
-    }
 }
 
-impl FromStr for KeyId {
-    type Err = ValidationError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let suffix =
-            s.strip_prefix(Self::PREFIX).filter(|suffix| suffix.len() == SUFFIX_LEN).ok_or(ValidationError::KeyId)?;
-        let mut value: u128 = 0;
-        for (i, byte) in suffix.bytes().enumerate() {
-            let digit = CROCKFORD.iter().position(|&c| c == byte).ok_or(ValidationError::KeyId)?;
-            // The first character holds the top 3 of 130 bits: anything above 7 overflows 128 bits.
-            if i == 0 && digit > 7 {
-                return Err(ValidationError::KeyId);
+/// The UUID conversions, text form (`FromStr`, `Display`) and `Debug` of a TypeID over a UUID:
+/// `$type(Uuid)` with a `PREFIX`, whose malformed text is `$invalid`.
+macro_rules! typeid {
+    ($type:ident, $invalid:expr) => {
+        impl $type {
+            /// The id of a UUID, for stores that keep ids as 16 bytes or a native `uuid` column.
+            pub const fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
             }
-            value = (value << 5) | digit as u128;
+
+            /// The UUID behind this id.
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
         }
-        Ok(Self(Uuid::from_u128(value)))
+
+        impl std::str::FromStr for $type {
+            type Err = ValidationError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $crate::id::parse_typeid(s, Self::PREFIX).map(|value| Self(Uuid::from_u128(value))).ok_or($invalid)
+            }
+        }
+
+        impl std::fmt::Display for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                $crate::id::write_typeid(f, Self::PREFIX, self.0.as_u128())
+            }
+        }
+
+        impl std::fmt::Debug for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!(stringify!($type), "({})"), self)
+            }
+        }
+    };
+}
+pub(crate) use typeid;
+
+typeid!(KeyId, ValidationError::KeyId);
+
+/// Writes `prefix` and `value` in 26 characters of Crockford base32: a TypeID.
+pub(crate) fn write_typeid(f: &mut fmt::Formatter<'_>, prefix: &str, value: u128) -> fmt::Result {
+    let mut suffix = [0u8; SUFFIX_LEN];
+    for (i, slot) in suffix.iter_mut().enumerate() {
+        let shift = 5 * (SUFFIX_LEN - 1 - i);
+        *slot = CROCKFORD[((value >> shift) & 0x1f) as usize];
     }
+    f.write_str(prefix)?;
+    f.write_str(std::str::from_utf8(&suffix).map_err(|_| fmt::Error)?)
 }
 
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let encoded = self.encode();
-        f.write_str(std::str::from_utf8(&encoded).map_err(|_| fmt::Error)?)
+/// The value of a TypeID with this prefix; `None` for anything else.
+pub(crate) fn parse_typeid(s: &str, prefix: &str) -> Option<u128> {
+    let suffix = s.strip_prefix(prefix).filter(|suffix| suffix.len() == SUFFIX_LEN)?;
+    let mut value: u128 = 0;
+    for (i, byte) in suffix.bytes().enumerate() {
+        let digit = CROCKFORD.iter().position(|&c| c == byte)?;
+        // The first character holds the top 3 of 130 bits: anything above 7 overflows 128 bits.
+        if i == 0 && digit > 7 {
+            return None;
+        }
+        value = (value << 5) | digit as u128;
     }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({self})")
-    }
+    Some(value)
 }
 
 /// The owner of keys: an opaque id chosen by the embedding service, 1–128 bytes of printable

@@ -31,6 +31,8 @@
 //!   [`SecretToken`].
 //! - Errors: [`Error`], [`Rejection`] (why a token was refused), [`ValidationError`],
 //!   [`TokenError`], [`RandomError`], [`StoreError`], [`OpenError`].
+//! - [`audit`]: the audit trail, an [`AuditEvent`](audit::AuditEvent) per change, written by
+//!   the store in the change's own transaction.
 //! - [`store`]: the [`KeyStore`] trait and its [`KeyRecord`], the optional [`Maintenance`]
 //!   capability, and the backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and
 //!   `PostgresStore` behind the features of the same names.
@@ -49,6 +51,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod audit;
 mod clock;
 mod digest;
 mod error;

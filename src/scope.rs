@@ -53,6 +53,8 @@ impl Scopes {
     pub const KEYS_READ: &'static str = "keys:read";
     /// Creating, rolling and revoking the account's keys through a key.
     pub const KEYS_WRITE: &'static str = "keys:write";
+    /// Reading the account's audit trail through a key.
+    pub const AUDIT_READ: &'static str = "audit:read";
 
     /// Validates a set of grants. Order and duplicates do not matter.
     pub fn new<I>(grants: I) -> Result<Self, ValidationError>

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::{Action, Actor, AuditEvent, AuditPage, AuditQuery, EventId, RequestId, detail};
 use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, ValidationError};
@@ -26,6 +27,15 @@ use crate::usage::{Balance, RateLimits, Take, Taken};
 /// last interval of lastUsedAt is lost (keys and revocations never are).
 pub struct KeyService<S: KeyStore = Arc<dyn KeyStore>> {
     inner: Arc<Inner<S>>,
+    origin: Origin,
+}
+
+/// Where this handle's changes come from, as their audit events record it.
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    request: Option<RequestId>,
+    /// The actor of the administrator's paths; `None`: [`Actor::default_admin`].
+    admin: Option<Actor>,
 }
 
 struct Inner<S> {
@@ -48,6 +58,8 @@ struct Inner<S> {
     /// How long a store call may take; `None`: as long as the store takes.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     deadline: Option<Duration>,
+    /// How long audit events are kept.
+    audit_retention: Duration,
 }
 
 /// Configures a [`KeyService`].
@@ -66,6 +78,7 @@ pub struct KeyServiceBuilder<S> {
     sharing: Option<Duration>,
     fail_open: bool,
     deadline: Option<Duration>,
+    audit_retention: Duration,
 }
 
 impl<S: KeyStore> KeyServiceBuilder<S> {
@@ -180,6 +193,13 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// How long audit events are kept (365 days by default): [`KeyService::purge_audit`]
+    /// deletes older ones.
+    pub fn audit_retention(mut self, retention: Duration) -> Self {
+        self.audit_retention = retention;
+        self
+    }
+
     /// The service.
     pub fn build(self) -> KeyService<S> {
         KeyService {
@@ -196,7 +216,9 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 sharing: self.sharing.map(|interval| (interval, self.fail_open)),
                 instance: uuid::Uuid::now_v7().as_u128(),
                 deadline: self.deadline,
+                audit_retention: self.audit_retention,
             }),
+            origin: Origin::default(),
         }
     }
 }
@@ -212,6 +234,10 @@ impl<S: KeyStore> KeyService<S> {
     pub const DEFAULT_CREDIT_LEASE: u64 = 100;
     /// The default time an owner's limits are used as read.
     pub const DEFAULT_OWNER_LIMITS_TTL: Duration = Duration::from_secs(1);
+    /// The default time audit events are kept: 365 days.
+    pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    /// The most events one page of the audit trail holds.
+    pub const MAX_AUDIT_PAGE: u32 = 1_000;
 
     /// Starts configuring a service over `store`, issuing tokens of `format`.
     pub fn builder(store: S, format: KeyFormat) -> KeyServiceBuilder<S> {
@@ -229,7 +255,75 @@ impl<S: KeyStore> KeyService<S> {
             sharing: None,
             fail_open: false,
             deadline: None,
+            audit_retention: Self::DEFAULT_AUDIT_RETENTION,
         }
+    }
+
+    /// This service, recording `request` as the request of every change it makes: a cheap
+    /// handle over the same store and state, for one request.
+    #[must_use]
+    pub fn in_request(&self, request: RequestId) -> Self {
+        Self { inner: Arc::clone(&self.inner), origin: Origin { request: Some(request), ..self.origin.clone() } }
+    }
+
+    /// This service, recording `actor` as who makes the changes of the administrator's paths
+    /// (`create`, the `_as_admin` methods): `admin` unless the host names one, e.g.
+    /// `Actor::admin("dashboard")` or `Actor::system("provisioning")`. A change made through a
+    /// key always records that key.
+    #[must_use]
+    pub fn acting_as(&self, actor: Actor) -> Self {
+        Self { inner: Arc::clone(&self.inner), origin: Origin { admin: Some(actor), ..self.origin.clone() } }
+    }
+
+    /// The account's audit trail, newest first, one page of at most `limit` events (1 to
+    /// [`MAX_AUDIT_PAGE`](Self::MAX_AUDIT_PAGE); more is read as the maximum) starting after
+    /// `after` (a page's [`AuditPage::next`]; `None`: the newest). The administrator's path:
+    /// a key reads it through [`audit_log_as`](Self::audit_log_as).
+    pub async fn audit_log(
+        &self,
+        account: &AccountId,
+        limit: u32,
+        after: Option<crate::audit::AuditCursor>,
+    ) -> Result<AuditPage, Error> {
+        let limit = limit.clamp(1, Self::MAX_AUDIT_PAGE);
+        // One more than asked for says whether there is a next page.
+        let query = AuditQuery { after, limit: limit + 1 };
+        let mut events = self.inner.within(self.inner.store.audit_log(account, query)).await.map_err(Error::Store)?;
+        let next = (events.len() > limit as usize).then(|| {
+            events.truncate(limit as usize);
+            events.last().map(AuditEvent::cursor)
+        });
+        Ok(AuditPage { events, next: next.flatten() })
+    }
+
+    /// The caller's account's audit trail, as [`audit_log`](Self::audit_log) reads it; the
+    /// caller needs scope `audit:read`.
+    pub async fn audit_log_as(
+        &self,
+        caller: &AuthenticatedKey,
+        limit: u32,
+        after: Option<crate::audit::AuditCursor>,
+    ) -> Result<AuditPage, Error> {
+        caller.require(Scopes::AUDIT_READ)?;
+        self.audit_log(&caller.account, limit, after).await
+    }
+
+    /// An event of a change made now, by `caller` or else on the administrator's path.
+    fn event(
+        &self,
+        at: time::OffsetDateTime,
+        account: &AccountId,
+        caller: Option<&AuthenticatedKey>,
+        action: Action,
+        key_id: Option<KeyId>,
+        detail: serde_json::Map<String, serde_json::Value>,
+    ) -> AuditEvent {
+        let actor = match caller {
+            Some(caller) => Actor::key(caller.id),
+            None => self.origin.admin.clone().unwrap_or_else(Actor::default_admin),
+        };
+        let (id, account, request_id) = (EventId::generate(), account.clone(), self.origin.request.clone());
+        AuditEvent { id, at, account, actor, action, key_id, request_id, detail }
     }
 
     /// The store behind the service.
@@ -253,7 +347,7 @@ impl<S: KeyStore> KeyService<S> {
         let now = self.now();
         let expires_at = self.future_expiry(new.expires_at, now)?;
         let (key, record) = self.new_record(account, now, |record| fill(record, new, expires_at, None))?;
-        self.insert(key, record).await
+        self.insert(key, record, None).await
     }
 
     /// Creates a key through the `caller`'s key, which needs scope `keys:write`. The new key can
@@ -277,7 +371,7 @@ impl<S: KeyStore> KeyService<S> {
         if caller.credits.is_some() || !caller.can_manage(&record) {
             return Err(Error::ScopeEscalation);
         }
-        self.insert(key, record).await
+        self.insert(key, record, Some(caller)).await
     }
 
     /// Rolls the key `id` of the caller's account: makes a new key with its name,
@@ -408,7 +502,7 @@ impl<S: KeyStore> KeyService<S> {
         if !caller.can_manage(&target) {
             return Err(Error::ScopeEscalation);
         }
-        self.revoke_as_admin(&caller.account, id).await
+        self.revoke_by(&caller.account, id, Some(caller)).await
     }
 
     /// Revokes every active key of `owner` in the caller's account, through the caller's key,
@@ -427,14 +521,14 @@ impl<S: KeyStore> KeyService<S> {
         if !owned.iter().all(|record| caller.can_manage(record)) {
             return Err(Error::ScopeEscalation);
         }
-        self.revoke_each(&caller.account, owned).await
+        self.revoke_each(&caller.account, owned, Some(caller)).await
     }
 
     /// Revokes every active key of `owner` in `account`, on the administrator's path: as
     /// [`revoke_owner`](Self::revoke_owner), with no caller to check.
     pub async fn revoke_owner_as_admin(&self, account: &AccountId, owner: &OwnerId) -> Result<Vec<KeyId>, Error> {
         let owned = self.owned_records(account, owner).await?;
-        self.revoke_each(account, owned).await
+        self.revoke_each(account, owned, None).await
     }
 
     async fn owned_records(&self, account: &AccountId, owner: &OwnerId) -> Result<Vec<KeyRecord>, Error> {
@@ -443,15 +537,37 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     /// Revokes each of `records`, leaving out those revoked or expired meanwhile.
-    async fn revoke_each(&self, account: &AccountId, records: Vec<KeyRecord>) -> Result<Vec<KeyId>, Error> {
+    async fn revoke_each(
+        &self,
+        account: &AccountId,
+        records: Vec<KeyRecord>,
+        caller: Option<&AuthenticatedKey>,
+    ) -> Result<Vec<KeyId>, Error> {
         let mut revoked = Vec::with_capacity(records.len());
         for record in records {
-            let done = self.inner.within(self.inner.store.revoke(account, &record.id, self.now())).await;
-            if done.map_err(Error::Store)? {
+            if self.revoke_now(account, &record.id, caller, Action::KeyRevoked).await? {
                 revoked.push(record.id);
             }
         }
         Ok(revoked)
+    }
+
+    /// Revokes the key now, recording `action`; whether it was active.
+    async fn revoke_now(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        caller: Option<&AuthenticatedKey>,
+        action: Action,
+    ) -> Result<bool, Error> {
+        let now = self.now();
+        let event = self.event(now, account, caller, action, Some(*id), serde_json::Map::new());
+        self.inner.within(self.inner.store.revoke(account, id, now, &event)).await.map_err(Error::Store)
+    }
+
+    async fn revoke_by(&self, account: &AccountId, id: &KeyId, caller: Option<&AuthenticatedKey>) -> Result<(), Error> {
+        let revoked = self.revoke_now(account, id, caller, Action::KeyRevoked).await?;
+        if revoked { Ok(()) } else { Err(Error::NotFound) }
     }
 
     /// Changes the name, meta, credits or rate limits of a key of the caller's account, through
@@ -473,13 +589,13 @@ impl<S: KeyStore> KeyService<S> {
         if sets_credits || !caller.can_manage(&target) || !caller.can_manage(&changed) {
             return Err(Error::ScopeEscalation);
         }
-        self.apply_update(&caller.account, id, update, now).await
+        self.apply_update(&caller.account, id, update, now, Some(caller)).await
     }
 
     /// Changes any active key of `account`, on the administrator's path: as
     /// [`update`](Self::update), with no caller to check.
     pub async fn update_as_admin(&self, account: &AccountId, id: &KeyId, update: KeyUpdate) -> Result<ApiKey, Error> {
-        self.apply_update(account, id, update, self.now()).await
+        self.apply_update(account, id, update, self.now(), None).await
     }
 
     /// The limits the account's owner `owner` shares among its keys, as the store holds them,
@@ -526,7 +642,7 @@ impl<S: KeyStore> KeyService<S> {
         if restricted || caller.expires_at.is_some() || !Scopes::all().is_within(&caller.scopes) {
             return Err(Error::ScopeEscalation);
         }
-        self.update_owner_as_admin(&caller.account, owner, update).await
+        self.change_owner(&caller.account, owner, update, Some(caller)).await
     }
 
     /// Changes the limits of an owner of `account`, on the administrator's path. New credits
@@ -539,9 +655,21 @@ impl<S: KeyStore> KeyService<S> {
         owner: &OwnerId,
         update: OwnerUpdate,
     ) -> Result<Option<OwnerLimits>, Error> {
+        self.change_owner(account, owner, update, None).await
+    }
+
+    async fn change_owner(
+        &self,
+        account: &AccountId,
+        owner: &OwnerId,
+        update: OwnerUpdate,
+        caller: Option<&AuthenticatedKey>,
+    ) -> Result<Option<OwnerLimits>, Error> {
         let now = self.now();
+        let event = self.event(now, account, caller, Action::OwnerUpdated, None, detail::owner_updated(owner, &update));
         let store = &self.inner.store;
-        let limits = self.inner.within(store.update_owner(account, owner, &update, now)).await.map_err(Error::Store)?;
+        let changed = store.update_owner(account, owner, &update, now, &event);
+        let limits = self.inner.within(changed).await.map_err(Error::Store)?;
         if update.credits.is_some() {
             self.inner.meter.forget_lease(&MeterId::owner(account, owner), unix_micros(now));
         }
@@ -556,10 +684,13 @@ impl<S: KeyStore> KeyService<S> {
         id: &KeyId,
         update: KeyUpdate,
         now: time::OffsetDateTime,
+        caller: Option<&AuthenticatedKey>,
     ) -> Result<ApiKey, Error> {
         let sets_credits = update.credits.is_some();
+        let event = self.event(now, account, caller, Action::KeyUpdated, Some(*id), detail::updated(&update));
         let change = Change::new(update, now);
-        let changed = self.inner.within(self.inner.store.update(account, id, &change)).await.map_err(Error::Store)?;
+        let store = &self.inner.store;
+        let changed = self.inner.within(store.update(account, id, &change, &event)).await.map_err(Error::Store)?;
         let changed = changed.ok_or(Error::NotFound)?;
         if sets_credits {
             // What this instance holds was taken from the balance the change replaced.
@@ -572,9 +703,7 @@ impl<S: KeyStore> KeyService<S> {
     /// ("dashboard") path, which has no caller key. Unknown, revoked, expired and other
     /// accounts' keys are [`Error::NotFound`].
     pub async fn revoke_as_admin(&self, account: &AccountId, id: &KeyId) -> Result<(), Error> {
-        let revoked =
-            self.inner.within(self.inner.store.revoke(account, id, self.now())).await.map_err(Error::Store)?;
-        if revoked { Ok(()) } else { Err(Error::NotFound) }
+        self.revoke_by(account, id, None).await
     }
 
     /// Writes every lastUsedAt noted since the last write. Call it before shutdown, once the last
@@ -708,9 +837,16 @@ impl<S: KeyStore> KeyService<S> {
         Ok((key, record))
     }
 
-    async fn insert(&self, key: SecretToken, record: KeyRecord) -> Result<CreatedKey, Error> {
+    async fn insert(
+        &self,
+        key: SecretToken,
+        record: KeyRecord,
+        caller: Option<&AuthenticatedKey>,
+    ) -> Result<CreatedKey, Error> {
+        let detail = detail::created(&record);
+        let event = self.event(record.created_at, &record.account, caller, Action::KeyCreated, Some(record.id), detail);
         self.inner
-            .within(self.inner.store.insert(&record, self.inner.max_active))
+            .within(self.inner.store.insert(&record, self.inner.max_active, &event))
             .await
             .map_err(limit_or_store_error)?;
         Ok(created(key, record))
@@ -746,9 +882,10 @@ impl<S: KeyStore> KeyService<S> {
                 new.scopes = old.scopes.clone();
             })?;
             let roll = Roll::new(&old, new, grace_ends);
+            let event = self.event(now, account, caller, Action::KeyRolled, Some(old.id), detail::rolled(&roll));
             if self
                 .inner
-                .within(self.inner.store.roll(&roll, self.inner.max_active))
+                .within(self.inner.store.roll(&roll, self.inner.max_active, &event))
                 .await
                 .map_err(limit_or_store_error)?
             {
@@ -1216,11 +1353,22 @@ impl<S: Maintenance> KeyService<S> {
             None => Ok(0),
         }
     }
+
+    /// Deletes the audit events older than the [audit
+    /// retention](KeyServiceBuilder::audit_retention), and returns how many. Call it from a
+    /// periodic job, as `apikeys serve` does every hour.
+    pub async fn purge_audit(&self) -> Result<u64, Error> {
+        let retention = time::Duration::try_from(self.inner.audit_retention).ok();
+        match retention.and_then(|retention| self.now().checked_sub(retention)) {
+            Some(before) => self.inner.within(self.inner.store.purge_audit(before)).await.map_err(Error::Store),
+            None => Ok(0),
+        }
+    }
 }
 
 impl<S: KeyStore> Clone for KeyService<S> {
     fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner) }
+        Self { inner: Arc::clone(&self.inner), origin: self.origin.clone() }
     }
 }
 

@@ -494,12 +494,37 @@ impl RateLimits {
 
 /// The API's JSON shapes: `meta` as its object, `credits` as `{"remaining", "refill":
 /// {"amount", "interval"} or null}` (interval `"daily"`, `"monthly"` or seconds), `ratelimits` as
-/// `[{"name", "limit", "windowMs"}]`.
+/// `[{"name", "limit", "windowMs"}]`. In the core, for the audit trail's details; the `serde`
+/// feature serializes through them.
+impl Credits {
+    pub(crate) fn to_json(self) -> serde_json::Value {
+        let interval = |interval: RefillInterval| match interval {
+            RefillInterval::Daily => serde_json::json!("daily"),
+            RefillInterval::Monthly => serde_json::json!("monthly"),
+            RefillInterval::Seconds(seconds) => serde_json::json!(seconds.get()),
+        };
+        let refill = self
+            .refill
+            .map(|refill| serde_json::json!({"amount": refill.amount, "interval": interval(refill.interval)}));
+        serde_json::json!({"remaining": self.remaining, "refill": refill})
+    }
+}
+
+impl RateLimits {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let limit = |limit: &RateLimit| {
+            let window_ms = limit.window.as_millis() as u64;
+            serde_json::json!({"name": limit.name(), "limit": limit.limit(), "windowMs": window_ms})
+        };
+        serde_json::Value::Array(self.iter().map(limit).collect())
+    }
+}
+
 #[cfg(feature = "serde")]
 mod json {
-    use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+    use serde::ser::{Serialize, Serializer};
 
-    use super::{Credits, Meta, RateLimits, Refill, RefillInterval};
+    use super::{Credits, Meta, RateLimits};
 
     impl Serialize for Meta {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -509,42 +534,13 @@ mod json {
 
     impl Serialize for Credits {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let mut map = serializer.serialize_map(Some(2))?;
-            map.serialize_entry("remaining", &self.remaining)?;
-            map.serialize_entry("refill", &self.refill)?;
-            map.end()
-        }
-    }
-
-    impl Serialize for Refill {
-        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let mut map = serializer.serialize_map(Some(2))?;
-            map.serialize_entry("amount", &self.amount)?;
-            map.serialize_entry("interval", &self.interval)?;
-            map.end()
-        }
-    }
-
-    impl Serialize for RefillInterval {
-        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            match self {
-                Self::Daily => serializer.serialize_str("daily"),
-                Self::Monthly => serializer.serialize_str("monthly"),
-                Self::Seconds(seconds) => serializer.serialize_u32(seconds.get()),
-            }
+            self.to_json().serialize(serializer)
         }
     }
 
     impl Serialize for RateLimits {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let mut seq = serializer.serialize_seq(Some(self.iter().len()))?;
-            for limit in self.iter() {
-                let window_ms = limit.window.as_millis() as u64;
-                seq.serialize_element(
-                    &serde_json::json!({"name": limit.name(), "limit": limit.limit(), "windowMs": window_ms}),
-                )?;
-            }
-            seq.end()
+            self.to_json().serialize(serializer)
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The tool, run in `dir` (where its default database file lives), with a clean environment.
 fn apikeys(dir: &Path) -> Command {
@@ -295,6 +295,10 @@ async fn serve_prints_a_first_key_answers_the_seeds_requests_and_honours_a_cli_r
         assert!(!log.contains(body_of(token)), "no token in the log");
     }
     assert!(log.contains("status=401") && log.contains("route=\"/account/api-keys\""), "{log}");
+    let events = audit_trail(dir.path(), &[], "default");
+    let first = events.last().unwrap();
+    assert_eq!((&first["action"], &first["actor"]), (&json!("key.created"), &json!({"type": "system", "id": "serve"})));
+    assert_eq!(events[0]["actor"], json!({"type": "admin", "id": "cli"}), "the operator's revocation");
 }
 
 #[tokio::test]
@@ -421,6 +425,23 @@ async fn kill_minus_9_of_the_server_loses_no_acknowledged_create_or_revocation()
                 assert!(active.contains(id.as_str()), "{backend}: acknowledged key {id} was lost");
             }
         }
+        // Every acknowledged change kept its event, and no event tells of a change not made.
+        let events = audit_trail(dir.path(), &["--backend", backend], "default");
+        let with = |action: &str| -> std::collections::HashSet<String> {
+            let of = events.iter().filter(|event| event["action"] == action);
+            of.map(|event| event["keyId"].as_str().unwrap().to_owned()).collect()
+        };
+        let (created_events, revoked_events) = (with("key.created"), with("key.revoked"));
+        for id in &created {
+            assert!(created_events.contains(id), "{backend}: the create of {id} lost its event");
+        }
+        for id in &revoked {
+            assert!(revoked_events.contains(id), "{backend}: the revocation of {id} lost its event");
+        }
+        for id in &revoked_events {
+            assert!(!active.contains(id.as_str()), "{backend}: an event of a revocation that did not land: {id}");
+        }
+        assert_eq!(created_events.len(), listed["data"].as_array().unwrap().len() + revoked_events.len());
         let _ = writeln!(
             std::io::stderr(),
             "{backend}: server killed after {} acknowledged creates and {} revocations, none lost",
@@ -428,6 +449,51 @@ async fn kill_minus_9_of_the_server_loses_no_acknowledged_create_or_revocation()
             revoked.len()
         );
     }
+}
+
+/// The account's whole audit trail through `apikeys audit --json`, page after page.
+fn audit_trail(dir: &Path, store: &[&str], account: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1_000 {
+        let mut args = [store, &["audit", "--account", account, "--json", "--limit", "100"]].concat();
+        if let Some(cursor) = &cursor {
+            args.extend(["--cursor", cursor.as_str()]);
+        }
+        let output = run(dir, &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let page: Value = serde_json::from_str(&stdout(&output)).unwrap();
+        events.extend(page["data"].as_array().unwrap().iter().cloned());
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return events,
+        }
+    }
+    panic!("the trail never ended");
+}
+
+#[test]
+fn the_audit_trail_shows_who_changed_what_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, id) = create(dir.path(), &["--name", "ci"]);
+    let renamed = run(dir.path(), &["update", "--account", "acme", &id, "--name", "ci-2"]);
+    assert!(renamed.status.success(), "{}", stderr(&renamed));
+    let revoked = run(dir.path(), &["revoke", "--account", "acme", &id]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let events = audit_trail(dir.path(), &[], "acme");
+    let summary: Vec<_> =
+        events.iter().map(|event| (event["action"].as_str().unwrap(), event["keyId"].as_str().unwrap())).collect();
+    assert_eq!(summary, [("key.revoked", id.as_str()), ("key.updated", id.as_str()), ("key.created", id.as_str())]);
+    assert!(events.iter().all(|event| event["actor"] == json!({"type": "admin", "id": "cli"})), "{events:?}");
+    assert_eq!(events[1]["detail"], json!({"name": "ci-2"}), "what the update set");
+
+    let table = stdout(&run(dir.path(), &["audit", "--account", "acme", "--limit", "2"]));
+    assert!(table.starts_with("AT") && table.contains("key.revoked") && table.contains("admin:cli"), "{table}");
+    assert!(table.contains("older events: --cursor "), "a page that is not the last says where to go on: {table}");
+    assert!(!table.contains(body_of(&token)), "no secret in the trail");
+    let bad = run(dir.path(), &["audit", "--account", "acme", "--cursor", "nonsense"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("invalid cursor"), "{}", stderr(&bad));
 }
 
 #[test]

@@ -117,7 +117,7 @@ async fn child(args: &[&str]) {
             let mut created = Vec::new();
             for index in 0.. {
                 let new = record(&account, index);
-                if let Err(error) = store.insert(&new, u32::MAX).await {
+                if let Err(error) = store.insert(&new, u32::MAX, &support::created_event(&new)).await {
                     report!("write-error {}", error_chain(&error));
                     return;
                 }
@@ -126,7 +126,7 @@ async fn child(args: &[&str]) {
                 if index % 3 == 1 {
                     let grace_ends = new.created_at + time::Duration::hours(1);
                     let roll = apikeys::store::Roll::new(&new, record(&account, index), grace_ends);
-                    match store.roll(&roll, u32::MAX).await {
+                    match store.roll(&roll, u32::MAX, &support::rolled_event(&roll)).await {
                         Ok(true) => {
                             let successor = roll.new_key();
                             report!("rolled {} {} {}", new.id, successor.id, hex(successor.digest.as_bytes()))
@@ -140,7 +140,15 @@ async fn child(args: &[&str]) {
                 }
                 if index % 3 == 2 {
                     let victim = created[index as usize / 2];
-                    match store.revoke(&account, &victim, OffsetDateTime::now_utc()).await {
+                    match store
+                        .revoke(
+                            &account,
+                            &victim,
+                            OffsetDateTime::now_utc(),
+                            &support::revoked_event(&account, &victim, OffsetDateTime::now_utc()),
+                        )
+                        .await
+                    {
                         Ok(true) => report!("revoked {victim}"),
                         Ok(false) => {}
                         Err(error) => {
@@ -169,7 +177,8 @@ async fn child(args: &[&str]) {
         "revoke" => {
             let store = backend.open(path).unwrap();
             let account = AccountId::new(args[3]).unwrap();
-            let revoked = store.revoke(&account, &args[4].parse().unwrap(), OffsetDateTime::now_utc()).await.unwrap();
+            let (id, now) = (args[4].parse().unwrap(), OffsetDateTime::now_utc());
+            let revoked = store.revoke(&account, &id, now, &support::revoked_event(&account, &id, now)).await.unwrap();
             report!("revoked {revoked}");
         }
         other => panic!("unknown child task {other}"),
@@ -309,9 +318,19 @@ fn records_survive_closing_and_reopening() {
         let (kept, revoked) = (record(&account, 0), record(&account, 1));
         runtime().block_on(async {
             let store = backend.open(&path).unwrap();
-            store.insert(&kept, 10).await.unwrap();
-            store.insert(&revoked, 10).await.unwrap();
-            assert!(store.revoke(&account, &revoked.id, revoked.created_at).await.unwrap());
+            store.insert(&kept, 10, &support::created_event(&kept)).await.unwrap();
+            store.insert(&revoked, 10, &support::created_event(&revoked)).await.unwrap();
+            assert!(
+                store
+                    .revoke(
+                        &account,
+                        &revoked.id,
+                        revoked.created_at,
+                        &support::revoked_event(&account, &revoked.id, revoked.created_at)
+                    )
+                    .await
+                    .unwrap()
+            );
         });
         runtime().block_on(async {
             let store = backend.open(&path).unwrap();
@@ -354,7 +373,7 @@ fn a_revocation_by_another_process_is_seen_by_the_next_verification() {
     let account = AccountId::new("shared").unwrap();
     let key = record(&account, 0);
     runtime().block_on(async {
-        store.insert(&key, 10).await.unwrap();
+        store.insert(&key, 10, &support::created_event(&key)).await.unwrap();
         assert_eq!(store.find_by_digest(&key.digest).await.unwrap().unwrap().revoked_at, None);
     });
     let lines = child::run(&format!("revoke sqlite {} shared {}", path.display(), key.id), Wrapper::None);
@@ -369,7 +388,7 @@ fn sqlite_store_with_a_key(account: &str) -> (tempfile::TempDir, std::path::Path
     let path = dir.path().join("keys.db");
     let store = SqliteStore::open(&path).unwrap();
     let key = record(&AccountId::new(account).unwrap(), 0);
-    runtime().block_on(store.insert(&key, 10)).unwrap();
+    runtime().block_on(store.insert(&key, 10, &support::created_event(&key))).unwrap();
     (dir, path, store, key)
 }
 
@@ -447,7 +466,8 @@ fn sqlite_cuts_its_log_back_after_a_large_import() {
     let (_dir, store, _, log_size) = sqlite_store_with_many_keys();
     let after_import = log_size();
     assert!(after_import > 2 * LOG_LIMIT, "the import should grow the log well past the limit: {after_import} bytes");
-    runtime().block_on(store.insert(&record(&AccountId::new("importer").unwrap(), 0), u32::MAX)).unwrap();
+    let key = record(&AccountId::new("importer").unwrap(), 0);
+    runtime().block_on(store.insert(&key, u32::MAX, &support::created_event(&key))).unwrap();
     assert!(
         log_size() <= LOG_LIMIT,
         "the log stays at {} bytes after the next write ({after_import} after the import)",
@@ -498,11 +518,12 @@ fn sqlite_waits_for_another_writer_and_reports_one_that_holds_the_lock_too_long(
         other.execute_batch("COMMIT").unwrap();
         other
     });
-    runtime().block_on(store.insert(&record(&account, 0), 10)).expect("waits for the other writer");
+    let (first, second) = (record(&account, 0), record(&account, 1));
+    runtime().block_on(store.insert(&first, 10, &support::created_event(&first))).expect("waits for the other writer");
     let other = release.join().unwrap();
 
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let error = runtime().block_on(store.insert(&record(&account, 1), 10)).unwrap_err();
+    let error = runtime().block_on(store.insert(&second, 10, &support::created_event(&second))).unwrap_err();
     other.execute_batch("ROLLBACK").unwrap();
     let message = error_chain(&error);
     assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
@@ -588,9 +609,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 6).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 7).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 6, supported: 5, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 6, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -599,11 +620,11 @@ fn a_file_from_a_newer_version_is_refused() {
         let database = redb::Database::create(&redb_path).unwrap();
         let transaction = database.begin_write().unwrap();
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
-        transaction.open_table(meta).unwrap().insert("schema_version", 7).unwrap();
+        transaction.open_table(meta).unwrap().insert("schema_version", 8).unwrap();
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 5, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 8, supported: 6, .. }), "{error:?}");
 }
 
 /// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
@@ -730,7 +751,12 @@ impl V1File {
         assert_eq!(listed, in_list_order(&[&self.expired, &self.active, &self.expiring]));
         let after_expiring_ended = now + time::Duration::days(2);
         assert_eq!(store.list_active(account, after_expiring_ended).await.unwrap(), std::slice::from_ref(&self.active));
-        assert!(store.revoke(account, &self.expiring.id, now).await.unwrap());
+        assert!(
+            store
+                .revoke(account, &self.expiring.id, now, &support::revoked_event(account, &self.expiring.id, now))
+                .await
+                .unwrap()
+        );
         assert_eq!(store.list_active(account, now).await.unwrap(), std::slice::from_ref(&self.active));
     }
 }
@@ -746,7 +772,7 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         .unwrap()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
 
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
@@ -758,8 +784,8 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
     }
     drop(reopened);
-    // …and records version 5, as the SQLite file does.
-    assert_eq!(redb_schema_version(&redb_path), Some(5));
+    // …and records version 6, as the SQLite file does.
+    assert_eq!(redb_schema_version(&redb_path), Some(6));
 }
 
 /// The schema version a redb file records.
@@ -835,14 +861,14 @@ async fn redb_files_of_schema_version_3_are_upgraded_keeping_every_field() {
     assert_eq!((found.owner, found.meta, found.credits), (None, None, None));
     let now = OffsetDateTime::now_utc();
     assert_eq!(store.list_active(&account, now).await.unwrap(), [key.clone()]);
-    assert!(store.revoke(&account, &key.id, now).await.unwrap());
+    assert!(store.revoke(&account, &key.id, now, &support::revoked_event(&account, &key.id, now)).await.unwrap());
     assert_eq!(store.list_active(&account, now).await.unwrap(), []);
     drop(store);
     let reopened = RedbStore::open(&path).unwrap();
     let found = reopened.find_by_digest(&key.digest).await.unwrap().expect("kept after a revocation");
     assert!(found.revoked_at.is_some());
     drop(reopened);
-    assert_eq!(redb_schema_version(&path), Some(5));
+    assert_eq!(redb_schema_version(&path), Some(6));
 }
 
 #[test]
@@ -855,7 +881,7 @@ fn a_corrupt_file_gives_errors_never_panics() {
         runtime().block_on(async {
             let store = backend.open(&path).unwrap();
             for key in &records {
-                store.insert(key, u32::MAX).await.unwrap();
+                store.insert(key, u32::MAX, &support::created_event(key)).await.unwrap();
             }
         });
         // Overwrite the second half of the file with garbage, keeping its header.

@@ -169,6 +169,7 @@ fn every_hostile_input_gets_its_exact_answer() {
         let method = if body.is_empty() { "GET" } else { "PATCH" };
         request(method, &format!("/account/owners/{owner}"), std::slice::from_ref(&key), body)
     };
+    let audit = |query: &str| request("GET", &format!("/account/audit-log?{query}"), std::slice::from_ref(&key), "");
     let bearer = format!("Authorization: Bearer {SERVICE_TOKEN}");
     let verify = |authorization: &str, body: &str| {
         let headers: Vec<String> = (!authorization.is_empty()).then(|| authorization.to_owned()).into_iter().collect();
@@ -238,6 +239,14 @@ fn every_hostile_input_gets_its_exact_answer() {
         ("an owner id with a NUL in it", owner("a%00b", ""), Error(400, "invalid_owner_id")),
         ("an owner's credits given twice, the second raising them", owner("o", r#"{"credits": {"remaining": 1}, "credits": {"remaining": 1000000}}"#), Error(400, "duplicate_field")),
         ("an owner change naming a key's field", owner("o", r#"{"name": "x"}"#), Error(400, "unknown_field")),
+        // The audit log.
+        ("an audit-log cursor with SQL in it", audit("cursor=1.ev_x'%20OR%201=1--"), Error(400, "invalid_cursor")),
+        ("a token as an audit-log cursor", audit(&format!("cursor={}", server.key)), Error(400, "invalid_cursor")),
+        ("an audit-log cursor past year 9999", audit("cursor=253402300800000000.ev_01j9zxkp4qbc7n3m8td5e6fvg2"), Error(400, "invalid_cursor")),
+        ("an audit-log page of a billion", audit("limit=1000000000"), Error(400, "invalid_query")),
+        ("a negative audit-log limit", audit("limit=-1"), Error(400, "invalid_query")),
+        ("an audit-log read by a key without audit:read", request("GET", "/account/audit-log", std::slice::from_ref(&other), ""), Error(403, "insufficient_scope")),
+        ("a request id with a newline and a key in it", request("GET", "/account/audit-log", &[key.clone(), format!("x-request-id: a%0d%0a{}", server.key)], ""), Success(200)),
         // The verification endpoint.
         ("verification without the service credential", verify("", r#"{"key": "x"}"#), Error(401, "unauthorized")),
         ("verification with a key where the credential goes", verify(&format!("Authorization: Bearer {}", server.key), r#"{"key": "x"}"#), Error(401, "unauthorized")),

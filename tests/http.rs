@@ -225,6 +225,7 @@ fn api_route(path: &str) -> Option<&'static str> {
         _ if path.starts_with("/account/api-keys/") && path.ends_with("/roll") => Some("/account/api-keys/{id}/roll"),
         _ if path.starts_with("/account/api-keys/") => Some("/account/api-keys/{id}"),
         _ if path.starts_with("/account/owners/") => Some("/account/owners/{ownerId}"),
+        "/account/audit-log" => Some("/account/audit-log"),
         _ => None,
     }
 }
@@ -1379,4 +1380,103 @@ async fn an_owners_limits_are_read_and_changed_over_http_and_bind_all_its_keys()
     assert_eq!((status, &body["credits"], &body["ratelimits"]), (StatusCode::OK, &json!(null), &json!([])));
     assert_eq!(limited_status(&server, &first).await, 200, "the owner limits nothing now");
     server.assert_log_clean();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit trail
+
+#[tokio::test]
+async fn the_audit_log_shows_each_change_with_its_actor_and_request_id_a_page_at_a_time() {
+    let server = Server::start().await;
+    let (key, key_id) = server.key("acme").await;
+    let created = server.post(&key).header("x-request-id", "req-create-1").json(&json!({"name": "ci"}));
+    let (status, created) = created.send().await;
+    assert_eq!(status, StatusCode::CREATED);
+    // A request without an id gets one, which the response names.
+    let url = format!("{}/account/api-keys/{}", server.base, created["id"].as_str().unwrap());
+    let revoked = server.client.delete(url).header("x-api-key", &key).send().await.unwrap();
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    let made = header_of(&revoked, "x-request-id").expect("a request id is made");
+    assert!(made.starts_with("req_"), "{made}");
+
+    let mut events = Vec::new();
+    let mut path = "/account/audit-log?limit=1".to_owned();
+    for _ in 0..5 {
+        let (status, page) = server.get(&path, Some(&key)).send().await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["data"].as_array().unwrap().len(), 1, "one event a page: {page}");
+        events.push(page["data"][0].clone());
+        let Some(next) = page["nextCursor"].as_str() else { break };
+        path = format!("/account/audit-log?limit=1&cursor={next}");
+    }
+    let summary: Vec<_> = events
+        .iter()
+        .map(|event| (event["action"].clone(), event["actor"].clone(), event["requestId"].clone()))
+        .collect();
+    let by_key = json!({"type": "key", "id": key_id.to_string()});
+    assert_eq!(
+        summary,
+        [
+            (json!("key.revoked"), by_key.clone(), json!(made)),
+            (json!("key.created"), by_key, json!("req-create-1")),
+            (json!("key.created"), json!({"type": "admin", "id": "admin"}), Value::Null),
+        ],
+        "newest first, each change once, with who made it and in which request"
+    );
+    assert_eq!(events[1]["keyId"], created["id"]);
+    assert_eq!(events[1]["detail"]["name"], "ci");
+    assert_eq!(events[1]["detail"]["prefix"], created["prefix"], "the visible prefix, never more of the token");
+    let (_, all) = server.get("/account/audit-log", Some(&key)).send().await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 3);
+    assert_eq!(all["nextCursor"], Value::Null, "the last page says so");
+    server.assert_log_clean();
+}
+
+#[tokio::test]
+async fn the_audit_log_needs_audit_read_and_refuses_bad_pages() {
+    let server = Server::start().await;
+    let (keys_only, _) = server.key_with("acme", scoped(&["keys:*"])).await;
+    let (auditor, _) = server.key_with("acme", scoped(&["audit:read"])).await;
+    let (other, _) = server.key("another").await;
+    let (status, body) = server.get("/account/audit-log", Some(&keys_only)).send().await;
+    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let (status, body) = server.get("/account/audit-log", Some(&auditor)).send().await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"].as_array().unwrap().len(), 2, "the account's two creates");
+    let (_, theirs) = server.get("/account/audit-log", Some(&other)).send().await;
+    assert_eq!(theirs["data"].as_array().unwrap().len(), 1, "each account sees its own trail only");
+    for (query, expected) in [
+        ("limit=0", "invalid_query"),
+        ("limit=1001", "invalid_query"),
+        ("limit=ten", "invalid_query"),
+        ("limit=1&limit=2", "invalid_query"),
+        ("page=2", "invalid_query"),
+        ("cursor=", "invalid_cursor"),
+        ("cursor=1.ak_01j9zxkp4qbc7n3m8td5e6fvg2", "invalid_cursor"),
+        ("cursor=as_live_v1_abcdefghijklmnopqrstuvwxyz234567", "invalid_cursor"),
+    ] {
+        let (status, body) = server.get(&format!("/account/audit-log?{query}"), Some(&auditor)).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, expected), "{query}");
+    }
+    assert_eq!(server.get("/account/audit-log", None).send().await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_request_id_is_taken_only_when_it_is_one_safe_id() {
+    let server = Server::start().await;
+    let (key, _) = server.key("acme").await;
+    let url = format!("{}/account/api-keys", server.base);
+    let echoed = |ids: &[&str]| {
+        let mut request = server.client.get(&url).header("x-api-key", &key);
+        for id in ids {
+            request = request.header("x-request-id", *id);
+        }
+        async move { header_of(&request.send().await.unwrap(), "x-request-id").unwrap() }
+    };
+    assert_eq!(echoed(&["abc-123_x.y:z@w"]).await, "abc-123_x.y:z@w", "a safe id is kept");
+    let long = "r".repeat(129);
+    for refused in [&["two words"][..], &["a", "b"], &["x\"quoted\""], &[long.as_str()]] {
+        let made = echoed(refused).await;
+        assert!(made.starts_with("req_") && made.len() == 36, "{refused:?} is replaced: {made}");
+    }
 }

@@ -34,8 +34,13 @@ impl Recording {
 
 #[async_trait]
 impl KeyStore for Recording {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        self.inner.insert(record, max_active).await
+    async fn insert(
+        &self,
+        record: &KeyRecord,
+        max_active: u32,
+        event: &apikeys::audit::AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.inner.insert(record, max_active, event).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_digest(digest).await
@@ -43,22 +48,29 @@ impl KeyStore for Recording {
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list_active(account, now).await
     }
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        self.inner.revoke(account, id, at).await
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &apikeys::audit::AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.inner.revoke(account, id, at, event).await
     }
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_id(account, id).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-        self.inner.roll(roll, max_active).await
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
+        self.inner.roll(roll, max_active, event).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.update(account, id, change).await
+        self.inner.update(account, id, change, event).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.inner.take_credits(id, take).await
@@ -76,8 +88,16 @@ impl KeyStore for Recording {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.inner.update_owner(account, owner, update, at).await
+        self.inner.update_owner(account, owner, update, at, event).await
+    }
+    async fn audit_log(
+        &self,
+        account: &AccountId,
+        query: apikeys::audit::AuditQuery,
+    ) -> Result<Vec<apikeys::audit::AuditEvent>, apikeys::StoreError> {
+        self.inner.audit_log(account, query).await
     }
     async fn take_owner_credits(
         &self,

@@ -462,8 +462,13 @@ struct Confused {
 
 #[async_trait::async_trait]
 impl KeyStore for Confused {
-    async fn insert(&self, record: &apikeys::KeyRecord, max_active: u32) -> Result<(), apikeys::StoreError> {
-        self.inner.insert(record, max_active).await
+    async fn insert(
+        &self,
+        record: &apikeys::KeyRecord,
+        max_active: u32,
+        event: &apikeys::audit::AuditEvent,
+    ) -> Result<(), apikeys::StoreError> {
+        self.inner.insert(record, max_active, event).await
     }
     async fn find_by_digest(&self, _: &apikeys::Digest) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
         self.inner.find_by_digest(&self.decoy).await
@@ -486,16 +491,18 @@ impl KeyStore for Confused {
         account: &AccountId,
         id: &KeyId,
         at: time::OffsetDateTime,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<bool, apikeys::StoreError> {
-        self.inner.revoke(account, id, at).await
+        self.inner.revoke(account, id, at, event).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
-        self.inner.update(account, id, change).await
+        self.inner.update(account, id, change, event).await
     }
     async fn take_credits(
         &self,
@@ -517,8 +524,16 @@ impl KeyStore for Confused {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.inner.update_owner(account, owner, update, at).await
+        self.inner.update_owner(account, owner, update, at, event).await
+    }
+    async fn audit_log(
+        &self,
+        account: &AccountId,
+        query: apikeys::audit::AuditQuery,
+    ) -> Result<Vec<apikeys::audit::AuditEvent>, apikeys::StoreError> {
+        self.inner.audit_log(account, query).await
     }
     async fn take_owner_credits(
         &self,
@@ -538,8 +553,13 @@ impl KeyStore for Confused {
     ) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
         self.inner.find_by_id(account, id).await
     }
-    async fn roll(&self, roll: &apikeys::store::Roll, max_active: u32) -> Result<bool, apikeys::StoreError> {
-        self.inner.roll(roll, max_active).await
+    async fn roll(
+        &self,
+        roll: &apikeys::store::Roll,
+        max_active: u32,
+        event: &apikeys::audit::AuditEvent,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.inner.roll(roll, max_active, event).await
     }
 }
 

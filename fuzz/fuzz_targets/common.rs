@@ -112,8 +112,8 @@ impl Fresh {
 
 #[async_trait]
 impl KeyStore for Fresh {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        self.write().insert(record, max_active).await
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<(), StoreError> {
+        self.write().insert(record, max_active, event).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.read().find_by_digest(digest).await
@@ -124,17 +124,17 @@ impl KeyStore for Fresh {
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         self.read().list_active(account, now).await
     }
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        self.write().revoke(account, id, at).await
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
+        self.write().revoke(account, id, at, event).await
     }
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.read().find_by_id(account, id).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-        self.write().roll(roll, max_active).await
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
+        self.write().roll(roll, max_active, event).await
     }
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
-        self.write().update(account, id, change).await
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change, event: &apikeys::audit::AuditEvent) -> Result<Option<KeyRecord>, StoreError> {
+        self.write().update(account, id, change, event).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.write().take_credits(id, take).await
@@ -152,8 +152,16 @@ impl KeyStore for Fresh {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
+        event: &apikeys::audit::AuditEvent,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.write().update_owner(account, owner, update, at).await
+        self.write().update_owner(account, owner, update, at, event).await
+    }
+    async fn audit_log(
+        &self,
+        account: &AccountId,
+        query: apikeys::audit::AuditQuery,
+    ) -> Result<Vec<apikeys::audit::AuditEvent>, apikeys::StoreError> {
+        self.read().audit_log(account, query).await
     }
     async fn take_owner_credits(
         &self,

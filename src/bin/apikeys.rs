@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apikeys::audit::{Actor, AuditPage};
 use apikeys::http::{ServeOptions, ServiceCredential};
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
@@ -73,6 +74,9 @@ struct StoreArgs {
     /// instead of answering 503 to uses that check a rate limit.
     #[arg(long, env = "APIKEYS_RATE_LIMITS_FAIL_OPEN", global = true)]
     rate_limits_fail_open: bool,
+    /// How long audit events are kept; `serve` deletes older ones every hour.
+    #[arg(long, env = "APIKEYS_AUDIT_RETENTION", global = true, value_parser = humantime::parse_duration, default_value = "365days")]
+    audit_retention: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +177,18 @@ enum Command {
         #[arg(long, value_name = "OWNER_ID")]
         owner: Option<String>,
     },
+    /// Show an account's audit trail, newest first: every change to its keys and owners.
+    Audit {
+        /// The account whose trail to show.
+        #[arg(long)]
+        account: String,
+        /// At most this many events (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Start after this place: the `nextCursor` a page gave.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// Read a key from standard input and say whether it is valid: exit 0 valid, 1 rejected, 2 error.
     Verify {
         /// Refused: a key given as an argument ends up in shell history and the process list.
@@ -255,6 +271,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         ));
     }
     let (service, store_is_empty) = open_service(&cli.store).await?;
+    // What an operator changes here is the administrator's doing.
+    let service = service.acting_as(Actor::admin("cli")?);
     let json = cli.json;
     let code = match cli.command {
         Command::Serve { listen, account, limits } => {
@@ -325,6 +343,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     print(json, json!({ "revoked": id }), &format!("revoked {id}"));
                 }
             }
+            ExitCode::SUCCESS
+        }
+        Command::Audit { account, limit, cursor } => {
+            let after = cursor.map(|cursor| cursor.parse()).transpose()?;
+            print_audit(&service.audit_log(&AccountId::new(account)?, limit, after).await?, json)?;
             ExitCode::SUCCESS
         }
         Command::Verify { .. } => verify(&service, json).await?,
@@ -510,7 +533,10 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     if args.rate_limits_fail_open {
         builder = builder.rate_limits_fail_open();
     }
-    let builder = builder.store_deadline(args.store_deadline).share_rate_limits(args.share_rate_limits);
+    let builder = builder
+        .store_deadline(args.store_deadline)
+        .share_rate_limits(args.share_rate_limits)
+        .audit_retention(args.audit_retention);
     Ok((builder.build(), empty))
 }
 
@@ -592,7 +618,7 @@ async fn serve(
         .init();
     if let Some(account) = &first_key_for {
         let first = NewKey::named("first key")?;
-        let created = service.create(account, first).await?;
+        let created = service.acting_as(Actor::system("serve")?).create(account, first).await?;
         if json {
             print_created(&created, true);
         } else {
@@ -606,6 +632,7 @@ async fn serve(
     }
     service.spawn_flusher();
     service.spawn_rate_sharing();
+    tokio::spawn(purge_audit_hourly(service.clone()));
     let app = apikeys::http::app(service.clone(), verification);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -614,6 +641,21 @@ async fn serve(
     apikeys::http::serve(listener, app, options, shutdown_requested()).await?;
     tracing::info!("shutting down: writing pending lastUsedAt");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes the audit events past their retention, now and every hour.
+async fn purge_audit_hourly(service: Service) {
+    let mut hours = tokio::time::interval(Duration::from_secs(60 * 60));
+    loop {
+        hours.tick().await;
+        match service.purge_audit().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "deleted audit events past their retention"),
+            Err(error) => {
+                tracing::warn!(error = &error as &dyn std::error::Error, "could not delete old audit events")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -725,14 +767,45 @@ fn print_list(keys: &[ApiKey], json: bool) -> Result<(), Failure> {
         })
         .collect();
     let header =
-        ["ID", "PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "ROLLED INTO", "OWNER", "CREDITS"]
-            .map(String::from);
-    let widths: Vec<usize> = (0..header.len())
+        ["ID", "PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "ROLLED INTO", "OWNER", "CREDITS"];
+    print_table(header, &rows);
+    Ok(())
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let header = header.map(String::from);
+    let widths: Vec<usize> = (0..N)
         .map(|column| rows.iter().chain([&header]).map(|row| row[column].chars().count()).max().unwrap_or(0))
         .collect();
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(&header).chain(rows) {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         println!("{}", cells.join("  ").trim_end());
+    }
+}
+
+/// A page of the audit trail: a table, then where the next page starts; or the HTTP API's body.
+fn print_audit(page: &AuditPage, json: bool) -> Result<(), Failure> {
+    let next = page.next.map(|next| next.to_string());
+    if json {
+        let data: Vec<serde_json::Value> = page.events.iter().map(|event| event.to_json()).collect();
+        println!("{}", serde_json::to_string(&json!({ "data": data, "nextCursor": next }))?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = page
+        .events
+        .iter()
+        .map(|event| {
+            let key = event.key_id.map_or_else(|| "-".into(), |id| id.to_string());
+            let actor = format!("{}:{}", event.actor.kind().as_str(), event.actor.id());
+            let request = event.request_id.as_ref().map_or_else(|| "-".into(), ToString::to_string);
+            let detail = serde_json::Value::Object(event.detail.clone()).to_string();
+            [rfc3339(event.at), event.action.as_str().into(), key, actor, request, detail]
+        })
+        .collect();
+    print_table(["AT", "ACTION", "KEY", "ACTOR", "REQUEST", "DETAIL"], &rows);
+    if let Some(next) = next {
+        println!("\nolder events: --cursor {next}");
     }
     Ok(())
 }

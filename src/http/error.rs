@@ -212,6 +212,7 @@ impl From<ValidationError> for ApiError {
             ValidationError::Meta => "invalid_meta",
             ValidationError::Credits => "invalid_credits",
             ValidationError::RateLimit => "invalid_ratelimits",
+            ValidationError::Cursor => "invalid_cursor",
             _ => "invalid_request",
         };
         Self::bad_request(code, invalid.to_string())

@@ -10,6 +10,7 @@
 //! | `DELETE /account/api-keys/{id}` | 204 | 400 (`invalid_key_id`), 401, 403, 404, 409 (`cannot_revoke_current_key`), 503 |
 //! | `GET /account/owners/{ownerId}` | 200 `{"ownerId","credits","ratelimits"}`: the limits the owner's keys share (`credits` null and no rate limits for none) | 400 (`invalid_owner_id`), 401, 403 (`insufficient_scope`), 503 |
 //! | `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}` (each left out: unchanged; `null`: none) | 200, the owner's limits as they now are | 400, 401, 403 (`insufficient_scope`; `scope_escalation` for any caller but an unrestricted key: `*`, no expiry, no owner, credits or rate limits), 503 |
+//! | `GET /account/audit-log?limit=&cursor=` (limit 1 to 1,000, default 50) | 200 `{"data":[{"id","at","account","actor":{"type","id"},"action","keyId","requestId","detail"}],"nextCursor"}`, newest first | 400 (`invalid_query`, `invalid_cursor`), 401, 403 (`insufficient_scope`: needs `audit:read`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
 //! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` and `limitedBy` (`key` or `owner`) for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
@@ -19,10 +20,13 @@
 //! `RateLimit` headers ([`ratelimit_headers`]). A use refused for its limits is 429
 //! `rate_limited` or `usage_exceeded`, with `Retry-After` when a retry can succeed.
 //!
-//! Scopes: listing needs `keys:read`, the other key routes `keys:write`; keys made
-//! before scopes existed hold `*`. A key creates, rolls and revokes only keys no more capable
-//! than itself; a created key inherits the caller's scopes and expiry unless it names narrower
-//! ones.
+//! Every request has an id: its `x-request-id` if it sent one valid id, else one made for it
+//! ([`request_ids`]). The response echoes it, and every audit event of the request records it.
+//!
+//! Scopes: listing needs `keys:read`, the audit log `audit:read`, the other key routes
+//! `keys:write`; keys made before scopes existed hold `*`. A key creates, rolls and revokes only
+//! keys no more capable than itself; a created key inherits the caller's scopes and expiry
+//! unless it names narrower ones.
 //!
 //! Errors are `{"error":{"code":"snake_case","message":"…"}}`. Every authentication failure is
 //! the same 401; a failing store is a 503, never a 401. Bodies are read strictly: an unknown field
@@ -57,6 +61,7 @@
 mod auth;
 mod body;
 mod error;
+mod request_id;
 mod server;
 mod verify;
 
@@ -66,7 +71,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -79,6 +84,8 @@ use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
 pub use error::ApiError;
+use request_id::InRequest;
+pub use request_id::{X_REQUEST_ID, request_ids};
 pub use server::{ServeOptions, serve};
 pub use verify::{ServiceCredential, verify_router};
 
@@ -101,8 +108,10 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .route("/account/api-keys/{id}", delete(revoke_key::<St>).patch(update_key::<St>))
         .route("/account/api-keys/{id}/roll", post(roll_key::<St>))
         .route("/account/owners/{ownerId}", axum::routing::get(owner_limits::<St>).patch(update_owner::<St>))
+        .route("/account/audit-log", axum::routing::get(audit_log::<St>))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(ratelimit_headers))
+        .layer(axum::middleware::from_fn(request_ids))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY)]))
         .with_state(service)
@@ -144,8 +153,10 @@ pub async fn log_requests(mut request: Request, next: Next) -> Response {
     let caller = CallerSlot::of(&mut request);
     let response = next.run(request).await;
     let key_id = caller.0.get().map(|(id, _)| id.to_string());
+    let request_id = response.headers().get(X_REQUEST_ID).and_then(|id| id.to_str().ok());
     tracing::info!(
         target: "apikeys::http",
+        request_id = request_id.unwrap_or("-"),
         method = %method,
         route = route.as_deref().unwrap_or("(no route)"),
         status = response.status().as_u16(),
@@ -210,7 +221,7 @@ struct ListBody {
 }
 
 async fn create_key<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -228,7 +239,7 @@ struct ListQuery {
 }
 
 async fn list_keys<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListBody>, ApiError> {
@@ -245,7 +256,7 @@ async fn list_keys<St: KeyStore>(
 
 /// `DELETE /account/api-keys?ownerId=…`: every active key of one owner.
 async fn revoke_owner<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<RevokedBody>, ApiError> {
@@ -263,7 +274,7 @@ struct RevokedBody {
 }
 
 async fn revoke_key<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -272,7 +283,7 @@ async fn revoke_key<St: KeyStore>(
 }
 
 async fn update_key<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -284,7 +295,7 @@ async fn update_key<St: KeyStore>(
 }
 
 async fn roll_key<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -315,7 +326,7 @@ impl OwnerBody {
 
 /// `GET /account/owners/{ownerId}`: the limits the owner's keys share.
 async fn owner_limits<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     owner: Result<Path<String>, PathRejection>,
 ) -> Result<Json<OwnerBody>, ApiError> {
@@ -327,7 +338,7 @@ async fn owner_limits<St: KeyStore>(
 
 /// `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}`, each optional or null.
 async fn update_owner<St: KeyStore>(
-    State(service): State<KeyService<St>>,
+    InRequest(service): InRequest<St>,
     Authenticated(caller): Authenticated,
     owner: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -337,6 +348,49 @@ async fn update_owner<St: KeyStore>(
     let update = json_body::<OwnerRequest>(&headers, body)?.into_update()?;
     let limits = service.update_owner(&caller, &owner, update).await?;
     Ok(OwnerBody::of(owner, limits))
+}
+
+/// `GET /account/audit-log?limit=&cursor=`: both optional, each once.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQueryString {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// The events an audit-log page holds when the request names no limit.
+const AUDIT_PAGE: u32 = 50;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditBody {
+    data: Vec<serde_json::Value>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /account/audit-log`: the caller's account's audit trail, newest first.
+async fn audit_log<St: KeyStore>(
+    InRequest(service): InRequest<St>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<AuditQueryString>, QueryRejection>,
+) -> Result<Json<AuditBody>, ApiError> {
+    caller.require(Scopes::AUDIT_READ)?;
+    let invalid = || {
+        let max = KeyService::<St>::MAX_AUDIT_PAGE;
+        ApiError::bad_request(
+            "invalid_query",
+            format!("The query string may hold limit (1 to {max}) and cursor, each once."),
+        )
+    };
+    let Query(query) = query.map_err(|_| invalid())?;
+    let limit = query.limit.unwrap_or(AUDIT_PAGE);
+    if !(1..=KeyService::<St>::MAX_AUDIT_PAGE).contains(&limit) {
+        return Err(invalid());
+    }
+    let after = query.cursor.map(|cursor| cursor.parse()).transpose()?;
+    let page = service.audit_log_as(&caller, limit, after).await?;
+    let data = page.events.iter().map(crate::audit::AuditEvent::to_json).collect();
+    Ok(Json(AuditBody { data, next_cursor: page.next.map(|next| next.to_string()) }))
 }
 
 /// The owner id in the path.

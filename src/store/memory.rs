@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: keys in a map, for tests and ephemeral services; the reference every other
 //! backend is compared with.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
-use crate::clock::normalize;
+use crate::audit::{AuditEvent, AuditQuery, EventId};
+use crate::clock::{normalize, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::owner::{OwnerLimits, OwnerUpdate};
@@ -49,6 +50,17 @@ struct Index {
     live_of_account: HashMap<AccountId, BTreeSet<(Ends, KeyId)>>,
     /// Each account's owners that have limits.
     owners: HashMap<AccountId, HashMap<OwnerId, OwnerLimits>>,
+    /// Each account's audit trail, in its order (oldest first here).
+    audit: HashMap<AccountId, BTreeMap<(i64, EventId), AuditEvent>>,
+}
+
+impl Index {
+    /// Adds an event to its account's trail, under the index lock that the change holds too.
+    fn log(&mut self, event: &AuditEvent) {
+        let event = AuditEvent { at: normalize(event.at).unwrap_or(event.at), ..event.clone() };
+        let place = (unix_micros(event.at), event.id);
+        self.audit.entry(event.account.clone()).or_default().insert(place, event);
+    }
 }
 
 /// When a key stops being active: at its expiry, or never (ordered after every time).
@@ -204,6 +216,18 @@ impl Maintenance for MemoryStore {
         });
         Ok(purged.len() as u64)
     }
+
+    async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let (mut index, before) = (self.index(), unix_micros(before));
+        let mut purged = 0;
+        index.audit.retain(|_, trail| {
+            let kept = trail.split_off(&(before, EventId::from_uuid(Uuid::nil())));
+            purged += trail.len() as u64;
+            *trail = kept;
+            !trail.is_empty()
+        });
+        Ok(purged)
+    }
 }
 
 impl fmt::Debug for MemoryStore {
@@ -214,7 +238,7 @@ impl fmt::Debug for MemoryStore {
 
 #[async_trait]
 impl KeyStore for MemoryStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
         let mut index = self.index();
         if self.holds(&index, record) {
             return Err(StoreError::Duplicate);
@@ -223,6 +247,7 @@ impl KeyStore for MemoryStore {
             return Err(StoreError::LimitReached { limit: max_active });
         }
         self.add(&mut index, record.clone());
+        index.log(event);
         Ok(())
     }
 
@@ -241,7 +266,13 @@ impl KeyStore for MemoryStore {
         Ok(active)
     }
 
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
         let mut index = self.index();
         let revoked = self.change_record(&index, id, |record| {
             let revocable = record.account == *account && record.is_active(at);
@@ -252,6 +283,7 @@ impl KeyStore for MemoryStore {
         });
         let Some(Some(listed)) = revoked else { return Ok(false) };
         Self::relist(&mut index, account, listed, None);
+        index.log(event);
         Ok(true)
     }
 
@@ -260,7 +292,7 @@ impl KeyStore for MemoryStore {
         Ok(found.flatten())
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
         let mut index = self.index();
         let settled = self.with_id(&index, roll.old(), |old| roll.applies_to(old).then(|| roll.settle(old)));
         let Some(Some((new, old_credits))) = settled else {
@@ -285,20 +317,31 @@ impl KeyStore for MemoryStore {
             Self::relist(&mut index, roll.account(), listed, Some(relisted));
         }
         self.add(&mut index, new);
+        index.log(event);
         Ok(true)
     }
 
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &Change,
+        event: &AuditEvent,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let at = normalize(change.at()).unwrap_or(change.at());
         let change = Change { at, ..change.clone() };
-        let index = self.index();
+        let mut index = self.index();
         let changed = self.change_record(&index, id, |record| {
             (record.account == *account && record.is_active(at)).then(|| {
                 change.apply(record);
                 record.clone()
             })
         });
-        Ok(changed.flatten())
+        let changed = changed.flatten();
+        if changed.is_some() {
+            index.log(event);
+        }
+        Ok(changed)
     }
 
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
@@ -324,9 +367,11 @@ impl KeyStore for MemoryStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<OwnerLimits>, StoreError> {
         let at = normalize(at).unwrap_or(at);
         let mut index = self.index();
+        index.log(event);
         let owners = index.owners.entry(account.clone()).or_default();
         let limits = update.apply(owners.remove(owner), at);
         if let Some(limits) = &limits {
@@ -335,6 +380,16 @@ impl KeyStore for MemoryStore {
             index.owners.remove(account);
         }
         Ok(limits)
+    }
+
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let index = self.index();
+        let Some(trail) = index.audit.get(account) else { return Ok(Vec::new()) };
+        let older = match query.after {
+            Some(after) => trail.range(..(after.at_micros(), after.id())),
+            None => trail.range(..),
+        };
+        Ok(older.rev().take(query.limit as usize).map(|(_, event)| event.clone()).collect())
     }
 
     async fn take_owner_credits(

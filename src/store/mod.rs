@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+use crate::audit::{AuditEvent, AuditQuery};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::KeyUpdate;
@@ -276,6 +277,9 @@ impl RateCounts {
 ///   are gone with it; a new id or digest never repeats one, being random).
 /// - Timestamps are UTC with microsecond precision and come back exactly as stored.
 /// - A record is *active* at `now` when [`KeyRecord::is_active`] says so.
+/// - Every method that changes keys or owners takes the [`AuditEvent`] that records the change,
+///   and stores it in the same atomic step if, and only if, it makes the change: a crash never
+///   leaves a change without its event, or an event without its change.
 #[async_trait]
 pub trait KeyStore: Debug + Send + Sync + 'static {
     /// Stores a new record if its account has fewer than `max_active` records that [count
@@ -284,7 +288,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     ///
     /// Errors: [`StoreError::LimitReached`] (nothing stored), [`StoreError::Duplicate`] when the id
     /// or the digest is already present (nothing stored).
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError>;
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError>;
 
     /// The record with this digest, revoked and expired ones included (so the service can say
     /// why a key is refused). This is the hot path of verification: one indexed read, no write.
@@ -307,7 +311,13 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// Sets `revoked_at = at` on the record with this id if it belongs to `account` and is active
     /// at `at`. Returns whether it did; `false` for an unknown id, another account's key, and a
     /// key already revoked or expired, so the three cannot be told apart.
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError>;
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
 
     /// The account's record with this id, in any state; `None` for an unknown id and for another
     /// account's key alike.
@@ -322,12 +332,18 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// [adds to the count](Roll::adds_to_count) and `max_active` other keys of the account
     /// [count towards the limit](KeyRecord::counts_towards_limit) at the roll's instant;
     /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError>;
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError>;
 
     /// Applies `change` to the account's key `id` as one atomic step, if the key is active at
     /// [`Change::at`], and returns the record as it then is. `None`, nothing changed, for an
     /// unknown id, another account's key, and a revoked or expired key alike.
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError>;
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &Change,
+        event: &AuditEvent,
+    ) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Takes credits from the key with this id as one atomic step: reads its balance, applies
     /// [`Balance::take`] and, if that took any, writes the balance it gives. Durable once it
@@ -342,13 +358,15 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
 
     /// Applies `update` at `at` to the owner's limits as one atomic step, and returns them as
     /// they then are: [`OwnerUpdate::apply`] to what the store holds. `None`, and nothing held
-    /// any more, when they limit nothing. The owner needs no key.
+    /// any more, when they limit nothing. The owner needs no key. The event is stored in every
+    /// case: the change was asked for and made, even if it left the limits as they were.
     async fn update_owner(
         &self,
         account: &AccountId,
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<OwnerLimits>, StoreError>;
 
     /// Takes credits from the owner's balance as one atomic, durable step, as
@@ -360,6 +378,10 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         owner: &OwnerId,
         take: Take,
     ) -> Result<Option<Taken>, StoreError>;
+
+    /// The account's audit events, newest first (by [`AuditEvent::at`], then by id), starting
+    /// after [`AuditQuery::after`] and at most [`AuditQuery::limit`] of them.
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// Publishes this instance's rate-limit counts and returns the latest the store holds of
     /// every other instance's: rate limits then hold across the instances that share the store,
@@ -411,6 +433,10 @@ pub trait Maintenance: KeyStore {
     /// not wait for all of it; each record goes whole or stays whole. Active keys are never
     /// touched. A purged key is gone: its token then verifies as unknown, not revoked or expired.
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Deletes every audit event dated before `before`, and returns how many: the audit trail's
+    /// retention. A store may delete them in several transactions.
+    async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 }
 
 /// Forwards every method, so `Arc<S>` and `Box<S>` of a store that has the capability have it too.
@@ -426,6 +452,9 @@ macro_rules! forward_maintenance {
             }
             async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
                 (**self).purge(before).await
+            }
+            async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+                (**self).purge_audit(before).await
             }
         }
     )*};
@@ -471,6 +500,7 @@ pub(crate) mod checks {
     use time::{Duration, OffsetDateTime};
 
     use super::{KeyRecord, Maintenance, Roll};
+    use crate::audit::{Action, Actor, AuditEvent};
     use crate::digest::Digest;
     use crate::id::{AccountId, KeyId};
     use crate::token::KeyPrefix;
@@ -496,7 +526,9 @@ pub(crate) mod checks {
     ) {
         let account = AccountId::new("a").unwrap_or_else(|_| unreachable!("a valid account"));
         let (never, soon) = (record(&account, None), record(&account, Some(T0 + Duration::hours(1))));
-        store.insert(&never, 10).await.unwrap_or_else(|error| panic!("{error}"));
+        let event = |action, key| AuditEvent::new(T0, account.clone(), Actor::default_admin(), action, Some(key));
+        let created = event(Action::KeyCreated, never.id);
+        store.insert(&never, 10, &created).await.unwrap_or_else(|error| panic!("{error}"));
         store.import(vec![soon.clone()]).await.unwrap_or_else(|error| panic!("{error}"));
         let mut revoked = record(&account, None);
         revoked.revoked_at = Some(T0);
@@ -506,11 +538,11 @@ pub(crate) mod checks {
 
         let grace_ends = T0 + Duration::minutes(5);
         let roll = Roll::new(&never, record(&account, None), grace_ends);
-        assert_eq!(store.roll(&roll, 10).await.ok(), Some(true));
+        assert_eq!(store.roll(&roll, 10, &event(Action::KeyRolled, never.id)).await.ok(), Some(true));
         expected = vec![(Some(grace_ends), never.id), (soon.expires_at, soon.id), (None, roll.new_key().id)];
         assert_eq!(index(store), expected, "the rolled key moved to its new end");
 
-        assert_eq!(store.revoke(&account, &never.id, T0).await.ok(), Some(true));
+        assert_eq!(store.revoke(&account, &never.id, T0, &event(Action::KeyRevoked, never.id)).await.ok(), Some(true));
         expected.remove(0);
         assert_eq!(index(store), expected, "a revoked key left the index");
 
@@ -530,9 +562,14 @@ type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 macro_rules! forward_key_store {
     ($($pointer:ident),*) => {$(
         impl<S: KeyStore + ?Sized> KeyStore for $pointer<S> {
-            fn insert<'s, 'r, 'f>(&'s self, record: &'r KeyRecord, max_active: u32) -> StoreFuture<'f, ()>
-            where 's: 'f, 'r: 'f, Self: 'f {
-                (**self).insert(record, max_active)
+            fn insert<'s, 'r, 'e, 'f>(
+                &'s self,
+                record: &'r KeyRecord,
+                max_active: u32,
+                event: &'e AuditEvent,
+            ) -> StoreFuture<'f, ()>
+            where 's: 'f, 'r: 'f, 'e: 'f, Self: 'f {
+                (**self).insert(record, max_active, event)
             }
             fn find_by_digest<'s, 'd, 'f>(&'s self, digest: &'d Digest) -> StoreFuture<'f, Option<KeyRecord>>
             where 's: 'f, 'd: 'f, Self: 'f {
@@ -549,14 +586,15 @@ macro_rules! forward_key_store {
             where 's: 'f, 'a: 'f, Self: 'f {
                 (**self).list_active(account, now)
             }
-            fn revoke<'s, 'a, 'i, 'f>(
+            fn revoke<'s, 'a, 'i, 'e, 'f>(
                 &'s self,
                 account: &'a AccountId,
                 id: &'i KeyId,
                 at: OffsetDateTime,
+                event: &'e AuditEvent,
             ) -> StoreFuture<'f, bool>
-            where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
-                (**self).revoke(account, id, at)
+            where 's: 'f, 'a: 'f, 'i: 'f, 'e: 'f, Self: 'f {
+                (**self).revoke(account, id, at, event)
             }
             fn find_by_id<'s, 'a, 'i, 'f>(
                 &'s self,
@@ -566,18 +604,19 @@ macro_rules! forward_key_store {
             where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
                 (**self).find_by_id(account, id)
             }
-            fn roll<'s, 'r, 'f>(&'s self, roll: &'r Roll, max_active: u32) -> StoreFuture<'f, bool>
-            where 's: 'f, 'r: 'f, Self: 'f {
-                (**self).roll(roll, max_active)
+            fn roll<'s, 'r, 'e, 'f>(&'s self, roll: &'r Roll, max_active: u32, event: &'e AuditEvent) -> StoreFuture<'f, bool>
+            where 's: 'f, 'r: 'f, 'e: 'f, Self: 'f {
+                (**self).roll(roll, max_active, event)
             }
-            fn update<'s, 'a, 'i, 'c, 'f>(
+            fn update<'s, 'a, 'i, 'c, 'e, 'f>(
                 &'s self,
                 account: &'a AccountId,
                 id: &'i KeyId,
                 change: &'c Change,
+                event: &'e AuditEvent,
             ) -> StoreFuture<'f, Option<KeyRecord>>
-            where 's: 'f, 'a: 'f, 'i: 'f, 'c: 'f, Self: 'f {
-                (**self).update(account, id, change)
+            where 's: 'f, 'a: 'f, 'i: 'f, 'c: 'f, 'e: 'f, Self: 'f {
+                (**self).update(account, id, change, event)
             }
             fn take_credits<'s, 'i, 'f>(&'s self, id: &'i KeyId, take: Take) -> StoreFuture<'f, Option<Taken>>
             where 's: 'f, 'i: 'f, Self: 'f {
@@ -591,15 +630,24 @@ macro_rules! forward_key_store {
             where 's: 'f, 'a: 'f, 'o: 'f, Self: 'f {
                 (**self).find_owner(account, owner)
             }
-            fn update_owner<'s, 'a, 'o, 'u, 'f>(
+            fn update_owner<'s, 'a, 'o, 'u, 'e, 'f>(
                 &'s self,
                 account: &'a AccountId,
                 owner: &'o OwnerId,
                 update: &'u OwnerUpdate,
                 at: OffsetDateTime,
+                event: &'e AuditEvent,
             ) -> StoreFuture<'f, Option<OwnerLimits>>
-            where 's: 'f, 'a: 'f, 'o: 'f, 'u: 'f, Self: 'f {
-                (**self).update_owner(account, owner, update, at)
+            where 's: 'f, 'a: 'f, 'o: 'f, 'u: 'f, 'e: 'f, Self: 'f {
+                (**self).update_owner(account, owner, update, at, event)
+            }
+            fn audit_log<'s, 'a, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                query: AuditQuery,
+            ) -> StoreFuture<'f, Vec<AuditEvent>>
+            where 's: 'f, 'a: 'f, Self: 'f {
+                (**self).audit_log(account, query)
             }
             fn take_owner_credits<'s, 'a, 'o, 'f>(
                 &'s self,

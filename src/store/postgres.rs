@@ -21,6 +21,8 @@ use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, RateCounts, Roll, StoreError,
     StoredCredits,
 };
+use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
+use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
@@ -30,7 +32,7 @@ use crate::token::KeyPrefix;
 use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -108,10 +110,18 @@ struct Statements {
     record_last_used: String,
     is_empty: String,
     purge: String,
+    log_event: String,
+    audit_log_first: String,
+    audit_log_after: String,
+    purge_audit: String,
 }
 
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
      rotated_from, replaced_by, owner_id, meta, credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
+
+/// An audit event's columns, in the order `event_from_row` reads them.
+const EVENT_COLUMNS: &str = "id, account, at, actor_type, actor_id, action, key_id, request_id, detail";
+const EVENT_COLUMNS_AS_TEXT: &str = "id, account, at, actor_type, actor_id, action, key_id, request_id, detail::text";
 
 /// An owner's limits, in the order `owner_from_row` reads them.
 const OWNER_COLUMNS: &str = "credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
@@ -210,6 +220,19 @@ impl Statements {
             ),
             is_empty: format!("SELECT NOT EXISTS (SELECT 1 FROM {keys})"),
             purge: format!("DELETE FROM {keys} WHERE revoked_at < $1 OR expires_at < $1"),
+            log_event: format!(
+                "INSERT INTO {schema}.audit_events ({EVENT_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CAST($9::text AS jsonb))"
+            ),
+            audit_log_first: format!(
+                "SELECT {EVENT_COLUMNS_AS_TEXT} FROM {schema}.audit_events WHERE account = $1 \
+                 ORDER BY at DESC, id DESC LIMIT $2"
+            ),
+            audit_log_after: format!(
+                "SELECT {EVENT_COLUMNS_AS_TEXT} FROM {schema}.audit_events WHERE account = $1 AND (at, id) < ($3, $4) \
+                 ORDER BY at DESC, id DESC LIMIT $2"
+            ),
+            purge_audit: format!("DELETE FROM {schema}.audit_events WHERE at < $1"),
         }
     }
 }
@@ -222,7 +245,8 @@ impl Statements {
 /// index of each account's owners.
 /// Version 5: the limits an owner's keys share, one row per owner that has any; and each
 /// instance's rate-limit counts, which the instances exchange.
-fn migrations(schema: &str) -> [String; 5] {
+/// Version 6: the audit trail, keyed in the order it is read, and indexed by time for retention.
+fn migrations(schema: &str) -> [String; 6] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -278,6 +302,21 @@ fn migrations(schema: &str) -> [String; 5] {
             PRIMARY KEY (subject, name, instance)
         );
         CREATE INDEX rate_counts_by_expiry ON {schema}.rate_counts (expires_at);"
+        ),
+        format!(
+            "CREATE TABLE {schema}.audit_events (
+            account    TEXT        NOT NULL,
+            at         TIMESTAMPTZ NOT NULL,
+            id         UUID        NOT NULL,
+            actor_type TEXT        NOT NULL,
+            actor_id   TEXT        NOT NULL,
+            action     TEXT        NOT NULL,
+            key_id     UUID,
+            request_id TEXT,
+            detail     JSONB       NOT NULL,
+            PRIMARY KEY (account, at, id)
+        );
+        CREATE INDEX audit_events_by_time ON {schema}.audit_events (at);"
         ),
     ]
 }
@@ -404,6 +443,27 @@ impl PostgresStore {
         Ok(Migrated::Done)
     }
 
+    /// Stores an event, in the transaction of the change it records.
+    async fn log(&self, transaction: &deadpool_postgres::Transaction<'_>, event: &AuditEvent) -> Result<(), Failure> {
+        let detail = event.detail_text();
+        let stored = StoredEvent::of(event, &detail);
+        let (id, key_id) = (Uuid::from_bytes(stored.id), stored.key_id.map(Uuid::from_bytes));
+        let statement = transaction.prepare_cached(&self.sql.log_event).await?;
+        let values: [&(dyn ToSql + Sync); 9] = [
+            &id,
+            &stored.account,
+            &event.at,
+            &stored.actor_type,
+            &stored.actor_id,
+            &stored.action,
+            &key_id,
+            &stored.request_id,
+            &stored.detail,
+        ];
+        transaction.execute(&statement, &values).await?;
+        Ok(())
+    }
+
     /// Runs one call on a pooled connection within the time limit, mapping every failure to a
     /// [`StoreError`] that names the database and the operation.
     async fn call<T>(
@@ -521,6 +581,15 @@ impl Maintenance for PostgresStore {
         self.call("is_empty", async |client| {
             let statement = client.prepare_cached(&self.sql.is_empty).await?;
             Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
+        })
+        .await
+    }
+
+    /// In one statement, as [`purge`](Maintenance::purge).
+    async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        self.call_within("purge_audit", self.call_timeout.saturating_mul(60), async |client| {
+            let statement = client.prepare_cached(&self.sql.purge_audit).await?;
+            Ok(client.execute(&statement, &[&before]).await?)
         })
         .await
     }
@@ -733,6 +802,22 @@ fn counts_from_row(row: &Row) -> Result<RateCounts, Failure> {
     Ok(RateCounts::new(instance.as_u128(), subject.as_u128(), name, window_ms, newest, counts.collect()))
 }
 
+/// An audit event from a row of [`EVENT_COLUMNS_AS_TEXT`].
+fn event_from_row(row: &Row) -> Result<AuditEvent, Failure> {
+    let stored = StoredEvent {
+        id: *row.try_get::<_, Uuid>(0)?.as_bytes(),
+        account: row.try_get(1)?,
+        at: unix_micros(row.try_get(2)?),
+        actor_type: row.try_get(3)?,
+        actor_id: row.try_get(4)?,
+        action: row.try_get(5)?,
+        key_id: row.try_get::<_, Option<Uuid>>(6)?.map(Uuid::into_bytes),
+        request_id: row.try_get(7)?,
+        detail: row.try_get(8)?,
+    };
+    stored.decode().map_err(|column| corrupt(column, "not a valid value"))
+}
+
 /// A stored value this version cannot accept.
 fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
     Failure::Corrupt(format!("corrupt {column} in a stored record: {error}"))
@@ -740,7 +825,7 @@ fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
 
 #[async_trait]
 impl KeyStore for PostgresStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
         let inserted = self
             .call("insert", async |client| {
                 let transaction = client.transaction().await?;
@@ -749,7 +834,10 @@ impl KeyStore for PostgresStore {
                 let insert = transaction.prepare_cached(&self.sql.insert_within_limit).await?;
                 let limit = i64::from(max_active);
                 let inserted = transaction.execute(&insert, &Columns::of(record).with_limit(&limit)).await?;
-                transaction.commit().await?;
+                if inserted == 1 {
+                    self.log(&transaction, event).await?;
+                    transaction.commit().await?;
+                }
                 Ok(inserted)
             })
             .await?;
@@ -774,10 +862,22 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
         self.call("revoke", async |client| {
-            let statement = client.prepare_cached(&self.sql.revoke).await?;
-            Ok(client.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1)
+            let transaction = client.transaction().await?;
+            let statement = transaction.prepare_cached(&self.sql.revoke).await?;
+            let revoked = transaction.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1;
+            if revoked {
+                self.log(&transaction, event).await?;
+                transaction.commit().await?;
+            }
+            Ok(revoked)
         })
         .await
     }
@@ -791,7 +891,7 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
         let (account, old, new) = (roll.account().as_str(), roll.old().as_uuid(), roll.new_key());
         let rolled = self
             .call("roll", async |client| {
@@ -830,6 +930,7 @@ impl KeyStore for PostgresStore {
                 // The limit was checked above where it applies; the new key is inserted as is.
                 let no_limit = i64::MAX;
                 transaction.execute(&insert, &Columns::of(&new).with_limit(&no_limit)).await?;
+                self.log(&transaction, event).await?;
                 transaction.commit().await?;
                 Ok(Some(true))
             })
@@ -837,7 +938,13 @@ impl KeyStore for PostgresStore {
         rolled.ok_or(StoreError::LimitReached { limit: max_active })
     }
 
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &Change,
+        event: &AuditEvent,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         self.call("update", async |client| {
             let transaction = client.transaction().await?;
             let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
@@ -860,6 +967,7 @@ impl KeyStore for PostgresStore {
                 &ratelimits,
             ];
             transaction.execute(&statement, &parameters).await?;
+            self.log(&transaction, event).await?;
             transaction.commit().await?;
             Ok(Some(record))
         })
@@ -902,6 +1010,7 @@ impl KeyStore for PostgresStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<OwnerLimits>, StoreError> {
         self.call("update_owner", async |client| {
             let transaction = client.transaction().await?;
@@ -934,8 +1043,28 @@ impl KeyStore for PostgresStore {
                     transaction.execute(&delete, &key).await?
                 }
             };
+            self.log(&transaction, event).await?;
             transaction.commit().await?;
             Ok(limits)
+        })
+        .await
+    }
+
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        self.call("audit_log", async |client| {
+            let limit = i64::from(query.limit);
+            let rows = match query.after {
+                None => {
+                    let statement = client.prepare_cached(&self.sql.audit_log_first).await?;
+                    client.query(&statement, &[&account.as_str(), &limit]).await?
+                }
+                Some(after) => {
+                    let at = crate::clock::from_unix_micros(after.at_micros());
+                    let statement = client.prepare_cached(&self.sql.audit_log_after).await?;
+                    client.query(&statement, &[&account.as_str(), &limit, &at, after.id().as_uuid()]).await?
+                }
+            };
+            rows.iter().map(event_from_row).collect()
         })
         .await
     }

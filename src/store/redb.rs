@@ -15,6 +15,7 @@ use super::writer::{self, LocatedUse, Writer};
 use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
 };
+use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -22,7 +23,7 @@ use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::usage::{Meta, Take, Taken};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 5;
+const SCHEMA_VERSION: u64 = 6;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
@@ -82,6 +83,13 @@ const BY_ACCOUNT_V2: TableDefinition<(&str, i64, &[u8; 16]), &[u8; Digest::LEN]>
 /// the records' usage data. Schema version 5 added it.
 type OwnerValue = (Option<StoredBalance<'static>>, &'static str);
 const OWNERS: TableDefinition<(&str, &str), OwnerValue> = TableDefinition::new("owner_limits");
+/// (account, at, id) -> (actor type, actor id, action, key id, request id, detail): the audit
+/// trail, in the order it is read, times in Unix microseconds. Schema version 6 added it.
+type EventValue =
+    (&'static str, &'static str, &'static str, Option<&'static [u8; 16]>, Option<&'static str>, &'static str);
+const AUDIT: TableDefinition<(&str, i64, &[u8; 16]), EventValue> = TableDefinition::new("audit_events");
+/// (at, id) -> account: the audit trail by time, for retention.
+const AUDIT_BY_TIME: TableDefinition<(i64, &[u8; 16]), &str> = TableDefinition::new("audit_events_by_time");
 /// "schema_version" -> version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
 
@@ -346,6 +354,8 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         transaction.open_table(IDS)?;
         transaction.open_table(BY_ACCOUNT)?;
         transaction.open_table(OWNERS)?;
+        transaction.open_table(AUDIT)?;
+        transaction.open_table(AUDIT_BY_TIME)?;
         transaction.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
         transaction.commit()?;
         Ok(Some(SCHEMA_VERSION))
@@ -528,12 +538,54 @@ impl Maintenance for RedbStore {
         .await
     }
 
+    /// In pieces of 4,096 events, each its own write transaction.
+    async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let before = unix_micros(before);
+        let mut purged = 0;
+        loop {
+            let deleted = self.write("purge_audit", move |transaction| purge_audit_piece(transaction, before)).await?;
+            purged += deleted;
+            if deleted < writer::PURGE_PIECE as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+
     /// In pieces, each its own write transaction (see `writer::purge_in_pieces`).
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
         writer::purge_in_pieces(|after| self.write("purge", move |transaction| purge_piece(transaction, before, after)))
             .await
     }
+}
+
+/// Deletes the [`writer::PURGE_PIECE`] oldest events dated before `before` (Unix µs), if there
+/// are as many, and returns how many it deleted.
+fn purge_audit_piece(transaction: &redb::WriteTransaction, before: i64) -> Result<u64, WriteError> {
+    let mut by_time = transaction.open_table(AUDIT_BY_TIME)?;
+    let mut audit = transaction.open_table(AUDIT)?;
+    let mut due = Vec::new();
+    for entry in by_time.range::<(i64, &[u8; 16])>(..(before, &[0; 16]))?.take(writer::PURGE_PIECE) {
+        let (place, account) = entry?;
+        let (at, id) = place.value();
+        due.push((at, *id, account.value().to_owned()));
+    }
+    for (at, id, account) in &due {
+        by_time.remove((*at, id))?;
+        audit.remove((account.as_str(), *at, id))?;
+    }
+    Ok(due.len() as u64)
+}
+
+/// Stores an event, in the transaction of the change it records.
+fn log(transaction: &redb::WriteTransaction, event: &AuditEvent) -> Result<(), WriteError> {
+    let detail = event.detail_text();
+    let stored = StoredEvent::of(event, &detail);
+    let value =
+        (stored.actor_type, stored.actor_id, stored.action, stored.key_id.as_ref(), stored.request_id, stored.detail);
+    transaction.open_table(AUDIT)?.insert((stored.account, stored.at, &stored.id), value)?;
+    transaction.open_table(AUDIT_BY_TIME)?.insert((stored.at, &stored.id), stored.account)?;
+    Ok(())
 }
 
 /// Deletes, of the [`writer::PURGE_PIECE`] records after `after` in digest order, those revoked
@@ -575,14 +627,15 @@ fn purge_piece(
 
 #[async_trait]
 impl KeyStore for RedbStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        let record = record.clone();
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
+        let (record, event) = (record.clone(), event.clone());
         self.write("insert", move |transaction| {
             let now = unix_micros(record.created_at);
             if count_towards_limit(transaction, &record.account, now, None)? >= u64::from(max_active) {
                 return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
             }
-            insert_record(transaction, &record)
+            insert_record(transaction, &record)?;
+            log(transaction, &event)
         })
         .await
     }
@@ -615,8 +668,14 @@ impl KeyStore for RedbStore {
         })
     }
 
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let (account, id) = (account.clone(), *id);
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let (account, id, event) = (account.clone(), *id, event.clone());
         self.write("revoke", move |transaction| {
             let Some(mut found) = find_in(transaction, &id)? else {
                 return Ok(false);
@@ -628,6 +687,7 @@ impl KeyStore for RedbStore {
             put_record(&mut transaction.open_table(RECORDS)?, &found)?;
             let listed = (found.account.as_str(), ends(found.expires_at.map(unix_micros)), id.as_uuid().as_bytes());
             transaction.open_table(BY_ACCOUNT)?.remove(listed)?;
+            log(transaction, &event)?;
             Ok(true)
         })
         .await
@@ -646,8 +706,8 @@ impl KeyStore for RedbStore {
         })
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-        let roll = roll.clone();
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
+        let (roll, event) = (roll.clone(), event.clone());
         self.write("roll", move |transaction| {
             let Some(mut old) = find_in(transaction, roll.old())? else {
                 return Ok(false);
@@ -675,13 +735,20 @@ impl KeyStore for RedbStore {
             drop(by_account);
             put_record(&mut transaction.open_table(RECORDS)?, &old)?;
             insert_record(transaction, &new)?;
+            log(transaction, &event)?;
             Ok(true)
         })
         .await
     }
 
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
-        let (account, id, change) = (account.clone(), *id, change.clone());
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &Change,
+        event: &AuditEvent,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let (account, id, change, event) = (account.clone(), *id, change.clone(), event.clone());
         self.write("update", move |transaction| {
             let found = find_in(transaction, &id)?;
             let Some(mut record) = found.filter(|record| record.account == account && record.is_active(change.at()))
@@ -690,6 +757,7 @@ impl KeyStore for RedbStore {
             };
             change.apply(&mut record);
             put_record(&mut transaction.open_table(RECORDS)?, &record)?;
+            log(transaction, &event)?;
             Ok(Some(record))
         })
         .await
@@ -727,8 +795,9 @@ impl KeyStore for RedbStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<OwnerLimits>, StoreError> {
-        let (account, owner, update) = (account.clone(), owner.clone(), update.clone());
+        let (account, owner, update, event) = (account.clone(), owner.clone(), update.clone(), event.clone());
         self.write("update_owner", move |transaction| {
             let key = (account.as_str(), owner.as_str());
             let limits = update.apply(find_owner_in(transaction, key)?, at);
@@ -736,9 +805,34 @@ impl KeyStore for RedbStore {
                 Some(limits) => put_owner(transaction, key, limits)?,
                 None => drop(transaction.open_table(OWNERS)?.remove(key)?),
             }
+            log(transaction, &event)?;
             Ok(limits)
         })
         .await
+    }
+
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        self.read("audit_log", |transaction| {
+            let audit = transaction.open_table(AUDIT)?;
+            let account = account.as_str();
+            let start = Bound::Included((account, i64::MIN, &[0; 16]));
+            let after = query.after.map(|after| (after.at_micros(), *after.id().as_uuid().as_bytes()));
+            let end = match &after {
+                Some((at, id)) => Bound::Excluded((account, *at, id)),
+                None => Bound::Included((account, i64::MAX, &[0xff; 16])),
+            };
+            let mut events = Vec::new();
+            for entry in audit.range::<(&str, i64, &[u8; 16])>((start, end))?.rev().take(query.limit as usize) {
+                let (place, value) = entry?;
+                let (account, at, id) = place.value();
+                let (actor_type, actor_id, action, key_id, request_id, detail) = value.value();
+                let key_id = key_id.copied();
+                let stored =
+                    StoredEvent { id: *id, account, at, actor_type, actor_id, action, key_id, request_id, detail };
+                events.push(stored.decode().map_err(|name| format!("invalid {name} in a stored audit event"))?);
+            }
+            Ok(events)
+        })
     }
 
     async fn take_owner_credits(

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
+use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -24,7 +25,7 @@ use crate::usage::{Meta, Take, Taken};
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// How long a write waits for another process's write lock before failing: on the writer
 /// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +41,7 @@ const MMAP_SIZE: i64 = 1 << 30;
 /// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -88,6 +89,21 @@ const MIGRATIONS: [&str; 5] = [
         ratelimits        TEXT    NOT NULL,
         PRIMARY KEY (account, owner_id)
     ) WITHOUT ROWID;",
+    // Version 6: the audit trail, clustered by account in the order it is read (a page is one
+    // range scan), and indexed by time for retention.
+    "CREATE TABLE audit_events (
+        account    TEXT    NOT NULL,
+        at         INTEGER NOT NULL,
+        id         BLOB    NOT NULL,
+        actor_type TEXT    NOT NULL,
+        actor_id   TEXT    NOT NULL,
+        action     TEXT    NOT NULL,
+        key_id     BLOB,
+        request_id TEXT,
+        detail     TEXT    NOT NULL,
+        PRIMARY KEY (account, at, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX audit_events_by_time ON audit_events (at);",
 ];
 
 const FIND_OWNER: &str = "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits \
@@ -642,6 +658,45 @@ fn write_owner(
     Ok(())
 }
 
+/// Stores an event, in the transaction of the change it records.
+fn log(transaction: &rusqlite::Transaction<'_>, event: &AuditEvent) -> rusqlite::Result<()> {
+    let detail = event.detail_text();
+    let stored = StoredEvent::of(event, &detail);
+    transaction
+        .prepare_cached(
+            "INSERT INTO audit_events (id, account, at, actor_type, actor_id, action, key_id, request_id, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            &stored.id[..],
+            stored.account,
+            stored.at,
+            stored.actor_type,
+            stored.actor_id,
+            stored.action,
+            stored.key_id.as_ref().map(|id| &id[..]),
+            stored.request_id,
+            stored.detail,
+        ])?;
+    Ok(())
+}
+
+/// An event from a row of `audit_log`'s query.
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<AuditEvent> {
+    let stored = StoredEvent {
+        id: row.get(0)?,
+        account: row.get_ref(1)?.as_str()?,
+        at: row.get(2)?,
+        actor_type: row.get_ref(3)?.as_str()?,
+        actor_id: row.get_ref(4)?.as_str()?,
+        action: row.get_ref(5)?.as_str()?,
+        key_id: row.get(6)?,
+        request_id: row.get_ref(7)?.as_str_or_null()?,
+        detail: row.get_ref(8)?.as_str()?,
+    };
+    stored.decode().map_err(|name| invalid_field(InvalidField { index: 0, name }))
+}
+
 fn invalid_field(invalid: InvalidField) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(invalid.index, rusqlite::types::Type::Blob, invalid.into())
 }
@@ -652,12 +707,13 @@ fn micros(at: Option<OffsetDateTime>) -> Option<i64> {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        let record = record.clone();
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
+        let (record, event) = (record.clone(), event.clone());
         self.write("insert", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             check_limit(&transaction, &record.account, record.created_at, None, max_active)?;
             insert_row(&transaction, &record)?;
+            log(&transaction, &event)?;
             transaction.commit()?;
             Ok(())
         })
@@ -681,15 +737,26 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let (account, id) = (account.clone(), *id);
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let (account, id, event) = (account.clone(), *id, event.clone());
         self.write("revoke", true, move |connection| {
-            let changed = connection
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let changed = transaction
                 .prepare_cached(
                     "UPDATE api_keys SET revoked_at = ?3 WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL
                      AND (expires_at IS NULL OR expires_at > ?3)",
                 )?
                 .execute(params![id.as_uuid().as_bytes(), account.as_str(), unix_micros(at)])?;
+            if changed == 1 {
+                log(&transaction, &event)?;
+                transaction.commit()?;
+            }
             Ok(changed == 1)
         })
         .await
@@ -702,8 +769,8 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-        let roll = roll.clone();
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
+        let (roll, event) = (roll.clone(), event.clone());
         self.write("roll", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (old, new) = (roll.old(), roll.new_key());
@@ -734,14 +801,21 @@ impl KeyStore for SqliteStore {
                     credits.refill_interval,
                 ])?;
             insert_row(&transaction, &new)?;
+            log(&transaction, &event)?;
             transaction.commit()?;
             Ok(true)
         })
         .await
     }
 
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change) -> Result<Option<KeyRecord>, StoreError> {
-        let (account, id, change) = (account.clone(), *id, change.clone());
+    async fn update(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        change: &Change,
+        event: &AuditEvent,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let (account, id, change, event) = (account.clone(), *id, change.clone(), event.clone());
         self.write("update", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let found = transaction
@@ -766,6 +840,7 @@ impl KeyStore for SqliteStore {
                     credits.refill_interval,
                     record.ratelimits.as_text(),
                 ])?;
+            log(&transaction, &event)?;
             transaction.commit()?;
             Ok(Some(record))
         })
@@ -812,8 +887,9 @@ impl KeyStore for SqliteStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<OwnerLimits>, StoreError> {
-        let (account, owner, update) = (account.clone(), owner.clone(), update.clone());
+        let (account, owner, update, event) = (account.clone(), owner.clone(), update.clone(), event.clone());
         self.write("update_owner", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = params![account.as_str(), owner.as_str()];
@@ -827,10 +903,26 @@ impl KeyStore for SqliteStore {
                         .execute(key)?;
                 }
             }
+            log(&transaction, &event)?;
             transaction.commit()?;
             Ok(limits)
         })
         .await
+    }
+
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        // Without a cursor, from past the newest place there can be.
+        let (at, id) =
+            query.after.map_or((i64::MAX, [0xff; 16]), |after| (after.at_micros(), *after.id().as_uuid().as_bytes()));
+        self.read("audit_log", |connection| {
+            connection
+                .prepare_cached(
+                    "SELECT id, account, at, actor_type, actor_id, action, key_id, request_id, detail FROM audit_events \
+                     WHERE account = ?1 AND (at, id) < (?2, ?3) ORDER BY at DESC, id DESC LIMIT ?4",
+                )?
+                .query_map(params![account.as_str(), at, &id[..], i64::from(query.limit)], event_from_row)?
+                .collect()
+        })
     }
 
     async fn take_owner_credits(
@@ -888,6 +980,29 @@ impl Maintenance for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    /// In pieces of 4,096 events, each its own writer job and committed as
+    /// lastUsedAt is: a purge lost to a power cut leaves only events that were due to go.
+    async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let before = unix_micros(before);
+        let mut purged = 0;
+        loop {
+            let piece = self.write("purge_audit", false, move |connection| {
+                let deleted = connection
+                    .prepare_cached(
+                        "DELETE FROM audit_events WHERE (account, at, id) IN \
+                         (SELECT account, at, id FROM audit_events WHERE at < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![before, writer::PURGE_PIECE as i64])?;
+                Ok(deleted as u64)
+            });
+            let deleted = piece.await?;
+            purged += deleted;
+            if deleted < writer::PURGE_PIECE as u64 {
+                return Ok(purged);
+            }
+        }
     }
 
     /// In pieces, each its own writer job (see `writer::purge_in_pieces`), committed as lastUsedAt

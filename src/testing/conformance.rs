@@ -25,12 +25,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
+use crate::audit::{Action, Actor, AuditEvent, AuditQuery, detail};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
-use crate::store::{KeyRecord, KeyStore, Maintenance, Roll, StoreError};
+use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
 
@@ -48,7 +49,75 @@ fn record(account: &AccountId, created_at: OffsetDateTime) -> KeyRecord {
 }
 
 async fn insert(store: &dyn KeyStore, record: &KeyRecord) {
-    store.insert(record, u32::MAX).await.expect("insert");
+    insert_within(store, record, u32::MAX).await.expect("insert");
+}
+
+/// The events the service would give each change: what a store must keep with it.
+fn event(account: &AccountId, action: Action, key: Option<KeyId>, at: OffsetDateTime) -> AuditEvent {
+    AuditEvent::new(at, account.clone(), Actor::admin("conformance").unwrap(), action, key)
+}
+
+fn created_event(record: &KeyRecord) -> AuditEvent {
+    let mut event = event(&record.account, Action::KeyCreated, Some(record.id), record.created_at);
+    event.detail = detail::created(record);
+    event
+}
+
+fn revoked_event(account: &AccountId, id: &KeyId, at: OffsetDateTime) -> AuditEvent {
+    event(account, Action::KeyRevoked, Some(*id), at)
+}
+
+fn rolled_event(roll: &Roll) -> AuditEvent {
+    let mut event = event(roll.account(), Action::KeyRolled, Some(*roll.old()), roll.new_key().created_at);
+    event.detail = detail::rolled(roll);
+    event
+}
+
+fn updated_event(account: &AccountId, id: &KeyId, change: &Change) -> AuditEvent {
+    event(account, Action::KeyUpdated, Some(*id), change.at())
+}
+
+fn owner_event(account: &AccountId, owner: &OwnerId, at: OffsetDateTime) -> AuditEvent {
+    let mut event = event(account, Action::OwnerUpdated, None, at);
+    event.detail.insert("ownerId".into(), owner.as_str().into());
+    event
+}
+
+/// Each change of the store with the event the service would give it.
+async fn insert_within(store: &dyn KeyStore, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
+    store.insert(record, max_active, &created_event(record)).await
+}
+
+async fn revoke_at(
+    store: &dyn KeyStore,
+    account: &AccountId,
+    id: &KeyId,
+    at: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    store.revoke(account, id, at, &revoked_event(account, id, at)).await
+}
+
+async fn roll_within(store: &dyn KeyStore, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
+    store.roll(roll, max_active, &rolled_event(roll)).await
+}
+
+async fn update_key(
+    store: &dyn KeyStore,
+    account: &AccountId,
+    id: &KeyId,
+    change: &Change,
+) -> Result<Option<KeyRecord>, StoreError> {
+    store.update(account, id, change, &updated_event(account, id, change)).await
+}
+
+async fn update_owner_at(
+    store: &dyn KeyStore,
+    account: &AccountId,
+    owner: &OwnerId,
+    update: &OwnerUpdate,
+    at: OffsetDateTime,
+) -> Result<Option<OwnerLimits>, StoreError> {
+    store.update_owner(account, owner, update, at, &owner_event(account, owner, at)).await
 }
 
 async fn find(store: &dyn KeyStore, record: &KeyRecord) -> KeyRecord {
@@ -125,7 +194,7 @@ pub async fn insert_refuses_a_duplicate_id(store: &dyn KeyStore) {
     insert(store, &first).await;
     let mut same_id = record(&account, T0 + Duration::seconds(1));
     same_id.id = first.id;
-    let refused = store.insert(&same_id, u32::MAX).await;
+    let refused = insert_within(store, &same_id, u32::MAX).await;
     assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
     assert_eq!(found(store, &same_id.digest).await, None);
     assert_eq!(find(store, &first).await, first);
@@ -136,7 +205,7 @@ pub async fn insert_refuses_a_duplicate_digest(store: &dyn KeyStore) {
     insert(store, &first).await;
     let mut same_digest = record(&account(), T0);
     same_digest.digest = first.digest;
-    let refused = store.insert(&same_digest, u32::MAX).await;
+    let refused = insert_within(store, &same_digest, u32::MAX).await;
     assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
     assert_eq!(find(store, &first).await, first);
     assert!(listed_ids(store, &same_digest.account, T0).await.is_empty());
@@ -229,7 +298,7 @@ pub async fn list_active_skips_revoked_and_expired_keys(store: &dyn KeyStore) {
     for stored in [&live, &revoked, &expires_now, &expires_next] {
         insert(store, stored).await;
     }
-    assert!(store.revoke(&account, &revoked.id, T0 + Duration::minutes(1)).await.unwrap());
+    assert!(revoke_at(store, &account, &revoked.id, T0 + Duration::minutes(1)).await.unwrap());
     let listed: BTreeSet<KeyId> = listed_ids(store, &account, now).await.into_iter().collect();
     assert_eq!(listed, BTreeSet::from([live.id, expires_next.id]));
     assert_eq!(listed_ids(store, &account, T0 - Duration::seconds(1)).await.len(), 3, "the revoked key stays revoked");
@@ -249,9 +318,9 @@ pub async fn revoke_sets_revoked_at_once_and_nothing_else(store: &dyn KeyStore) 
     let stored = record(&account, T0);
     insert(store, &stored).await;
     let at = T0 + Duration::minutes(5);
-    assert!(store.revoke(&account, &stored.id, at).await.unwrap());
+    assert!(revoke_at(store, &account, &stored.id, at).await.unwrap());
     assert_eq!(find(store, &stored).await, KeyRecord { revoked_at: Some(at), ..stored.clone() });
-    assert!(!store.revoke(&account, &stored.id, at + Duration::minutes(1)).await.unwrap(), "already revoked");
+    assert!(!revoke_at(store, &account, &stored.id, at + Duration::minutes(1)).await.unwrap(), "already revoked");
     assert_eq!(find(store, &stored).await.revoked_at, Some(at), "a second revoke moves nothing");
 }
 
@@ -259,12 +328,12 @@ pub async fn revoke_of_another_accounts_key_changes_nothing(store: &dyn KeyStore
     let (owner, intruder) = (account(), account());
     let stored = record(&owner, T0);
     insert(store, &stored).await;
-    assert!(!store.revoke(&intruder, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
+    assert!(!revoke_at(store, &intruder, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
     assert_eq!(find(store, &stored).await, stored);
 }
 
 pub async fn revoke_of_an_unknown_id_is_false(store: &dyn KeyStore) {
-    assert!(!store.revoke(&account(), &KeyId::generate(), T0).await.unwrap());
+    assert!(!revoke_at(store, &account(), &KeyId::generate(), T0).await.unwrap());
 }
 
 pub async fn revoke_of_an_expired_key_is_false(store: &dyn KeyStore) {
@@ -272,19 +341,19 @@ pub async fn revoke_of_an_expired_key_is_false(store: &dyn KeyStore) {
     let mut stored = record(&account, T0);
     stored.expires_at = Some(T0 + Duration::minutes(1));
     insert(store, &stored).await;
-    assert!(!store.revoke(&account, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
+    assert!(!revoke_at(store, &account, &stored.id, T0 + Duration::minutes(1)).await.unwrap());
     assert_eq!(find(store, &stored).await, stored);
     let mut later = record(&account, T0);
     later.expires_at = Some(T0 + Duration::minutes(1));
     insert(store, &later).await;
-    assert!(store.revoke(&account, &later.id, T0 + Duration::seconds(59)).await.unwrap(), "not yet expired");
+    assert!(revoke_at(store, &account, &later.id, T0 + Duration::seconds(59)).await.unwrap(), "not yet expired");
 }
 
 pub async fn revoked_keys_are_still_found_by_digest(store: &dyn KeyStore) {
     let account = account();
     let stored = record(&account, T0);
     insert(store, &stored).await;
-    store.revoke(&account, &stored.id, T0).await.unwrap();
+    revoke_at(store, &account, &stored.id, T0).await.unwrap();
     assert_eq!(find(store, &stored).await.revoked_at, Some(T0));
 }
 
@@ -293,32 +362,32 @@ pub async fn the_limit_counts_only_active_keys(store: &dyn KeyStore) {
     let first = record(&account, T0);
     let mut expiring = record(&account, T0);
     expiring.expires_at = Some(T0 + Duration::hours(1));
-    store.insert(&first, 2).await.unwrap();
-    store.insert(&expiring, 2).await.unwrap();
+    insert_within(store, &first, 2).await.unwrap();
+    insert_within(store, &expiring, 2).await.unwrap();
     let third = record(&account, T0 + Duration::minutes(1));
-    let refused = store.insert(&third, 2).await;
+    let refused = insert_within(store, &third, 2).await;
     assert!(matches!(refused, Err(StoreError::LimitReached { limit: 2 })), "{refused:?}");
     assert_eq!(found(store, &third.digest).await, None, "a refused insert stores nothing");
 
-    store.revoke(&account, &first.id, T0 + Duration::minutes(2)).await.unwrap();
+    revoke_at(store, &account, &first.id, T0 + Duration::minutes(2)).await.unwrap();
     let after_revoke = record(&account, T0 + Duration::minutes(3));
-    store.insert(&after_revoke, 2).await.expect("a revoked key frees its place");
+    insert_within(store, &after_revoke, 2).await.expect("a revoked key frees its place");
 
     let after_expiry = record(&account, T0 + Duration::hours(1));
-    store.insert(&after_expiry, 2).await.expect("an expired key frees its place");
+    insert_within(store, &after_expiry, 2).await.expect("an expired key frees its place");
     let over = record(&account, T0 + Duration::hours(1));
-    assert!(matches!(store.insert(&over, 2).await, Err(StoreError::LimitReached { .. })));
+    assert!(matches!(insert_within(store, &over, 2).await, Err(StoreError::LimitReached { .. })));
 }
 
 pub async fn the_limit_is_per_account(store: &dyn KeyStore) {
     let (a, b) = (account(), account());
-    store.insert(&record(&a, T0), 1).await.unwrap();
-    store.insert(&record(&b, T0), 1).await.expect("another account's key does not count");
-    assert!(matches!(store.insert(&record(&a, T0), 1).await, Err(StoreError::LimitReached { limit: 1 })));
+    insert_within(store, &record(&a, T0), 1).await.unwrap();
+    insert_within(store, &record(&b, T0), 1).await.expect("another account's key does not count");
+    assert!(matches!(insert_within(store, &record(&a, T0), 1).await, Err(StoreError::LimitReached { limit: 1 })));
 }
 
 pub async fn a_limit_of_zero_refuses_every_insert(store: &dyn KeyStore) {
-    let refused = store.insert(&record(&account(), T0), 0).await;
+    let refused = insert_within(store, &record(&account(), T0), 0).await;
     assert!(matches!(refused, Err(StoreError::LimitReached { limit: 0 })), "{refused:?}");
 }
 
@@ -374,7 +443,7 @@ pub async fn record_last_used_changes_nothing_else(store: &dyn KeyStore) {
     let mut stored = record(&account, T0);
     stored.expires_at = Some(T0 + Duration::days(1));
     insert(store, &stored).await;
-    store.revoke(&account, &stored.id, T0 + Duration::seconds(5)).await.unwrap();
+    revoke_at(store, &account, &stored.id, T0 + Duration::seconds(5)).await.unwrap();
     store.record_last_used(&[(stored.id, T0 + Duration::seconds(9))]).await.unwrap();
     let expected = KeyRecord {
         revoked_at: Some(T0 + Duration::seconds(5)),
@@ -389,7 +458,7 @@ pub async fn many_keys_list_in_order(store: &dyn KeyStore) {
     let mut expected = Vec::new();
     for i in 0..150 {
         let stored = record(&account, T0 + Duration::milliseconds(i));
-        store.insert(&stored, 1_000).await.unwrap();
+        insert_within(store, &stored, 1_000).await.unwrap();
         expected.push(stored.id);
     }
     assert_eq!(listed_ids(store, &account, T0 + Duration::hours(1)).await, expected);
@@ -412,7 +481,7 @@ pub async fn find_by_id_finds_only_the_accounts_own_key(store: &dyn KeyStore) {
     assert_eq!(store.find_by_id(&mine, &stored.id).await.unwrap(), Some(stored.clone()));
     assert_eq!(store.find_by_id(&other, &stored.id).await.unwrap(), None);
     assert_eq!(store.find_by_id(&mine, &KeyId::generate()).await.unwrap(), None);
-    assert!(store.revoke(&mine, &stored.id, T0).await.unwrap());
+    assert!(revoke_at(store, &mine, &stored.id, T0).await.unwrap());
     let revoked = store.find_by_id(&mine, &stored.id).await.unwrap().expect("revoked keys are found too");
     assert_eq!(revoked.revoked_at, Some(T0));
 }
@@ -425,7 +494,7 @@ pub async fn roll_shortens_the_old_key_and_adds_the_new_one_at_once(store: &dyn 
     insert(store, &old).await;
     let at = T0 + Duration::hours(1);
     let roll = roll_of(&old, at, at + Duration::days(1));
-    assert!(store.roll(&roll, 10).await.unwrap());
+    assert!(roll_within(store, &roll, 10).await.unwrap());
     let rolled_old = find(store, &old).await;
     assert_eq!(rolled_old.expires_at, Some(at + Duration::days(1)));
     assert_eq!(rolled_old.replaced_by, Some(roll.new_key().id));
@@ -456,7 +525,7 @@ pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore
     read_earlier.credits = Some(Balance::new(Credits::new(900).unwrap(), T0));
     (read_earlier.meta, read_earlier.ratelimits) = (None, RateLimits::none());
     let roll = roll_of(&read_earlier, at, at + Duration::days(1));
-    assert!(store.roll(&roll, 10).await.unwrap());
+    assert!(roll_within(store, &roll, 10).await.unwrap());
     let new = find(store, roll.new_key()).await;
     assert_eq!(new.credits, old.credits, "the balance the store held moved");
     assert_eq!((&new.meta, &new.ratelimits), (&old.meta, &old.ratelimits), "as a change left them, not as read");
@@ -465,7 +534,7 @@ pub async fn roll_moves_the_credits_it_finds_to_the_new_key(store: &dyn KeyStore
     assert_eq!(rolled_old.owner, old.owner);
     let plain = record(&account, T0);
     insert(store, &plain).await;
-    assert!(store.roll(&roll_of(&plain, at, at), 10).await.unwrap());
+    assert!(roll_within(store, &roll_of(&plain, at, at), 10).await.unwrap());
     assert_eq!(find(store, &plain).await.credits, None, "unlimited stays unlimited");
 }
 
@@ -483,23 +552,23 @@ pub async fn update_changes_what_it_names_and_nothing_else(store: &dyn KeyStore)
     let at = T0 + Duration::minutes(1);
     let credits = Credits::new(7).unwrap().refill(Refill::new(7, RefillInterval::Daily).unwrap());
     let update = crate::KeyUpdate::default().credits(Some(credits)).meta(None);
-    let changed = store.update(&account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
+    let changed = update_key(store, &account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
     let mut expected = stored.clone();
     (expected.credits, expected.meta) = (Some(Balance::new(credits, at)), None);
     assert_eq!(changed.as_ref(), Some(&expected), "what it names, and nothing else");
     assert_eq!(find(store, &stored).await, expected, "as stored");
     let update = crate::KeyUpdate::default().name(None).credits(None).ratelimits(RateLimits::none());
-    store.update(&account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
+    update_key(store, &account, &stored.id, &crate::Change::new(update, at)).await.unwrap();
     (expected.name, expected.credits, expected.ratelimits) = (None, None, RateLimits::none());
     assert_eq!(find(store, &stored).await, expected, "taken away");
 
     let rename = || crate::Change::new(crate::KeyUpdate::default().name(Some(KeyName::new("after").unwrap())), at);
-    assert_eq!(store.update(&self::account(), &stored.id, &rename()).await.unwrap(), None, "another account's");
-    assert_eq!(store.update(&account, &KeyId::generate(), &rename()).await.unwrap(), None, "unknown");
+    assert_eq!(update_key(store, &self::account(), &stored.id, &rename()).await.unwrap(), None, "another account's");
+    assert_eq!(update_key(store, &account, &KeyId::generate(), &rename()).await.unwrap(), None, "unknown");
     let late = crate::Change::new(crate::KeyUpdate::default().name(None), T0 + Duration::days(2));
-    assert_eq!(store.update(&account, &stored.id, &late).await.unwrap(), None, "expired by then");
-    assert!(store.revoke(&account, &stored.id, at).await.unwrap());
-    assert_eq!(store.update(&account, &stored.id, &rename()).await.unwrap(), None, "revoked");
+    assert_eq!(update_key(store, &account, &stored.id, &late).await.unwrap(), None, "expired by then");
+    assert!(revoke_at(store, &account, &stored.id, at).await.unwrap());
+    assert_eq!(update_key(store, &account, &stored.id, &rename()).await.unwrap(), None, "revoked");
     assert_eq!(find(store, &stored).await.name, None, "none of those changed it");
 }
 
@@ -593,21 +662,22 @@ pub async fn owner_limits_round_trip_and_change_in_place(store: &dyn KeyStore) {
         RateLimits::new([RateLimit::new("requests", 10, std::time::Duration::from_millis(1_500)).unwrap()]).unwrap();
     let set = OwnerUpdate::default().credits(Some(credits)).ratelimits(ratelimits.clone());
     let expected = OwnerLimits::new(Some(Balance::new(credits, T0)), ratelimits.clone());
-    assert_eq!(store.update_owner(&account, &owner, &set, T0).await.unwrap(), Some(expected.clone()));
+    assert_eq!(update_owner_at(store, &account, &owner, &set, T0).await.unwrap(), Some(expected.clone()));
     assert_eq!(store.find_owner(&account, &owner).await.unwrap(), Some(expected.clone()), "read back exactly");
     assert_eq!(store.find_owner(&other, &owner).await.unwrap(), None, "another account's owner of that name");
 
     let later = T0 + Duration::seconds(1);
     let fewer = Credits::new(3).unwrap();
-    let changed = store.update_owner(&account, &owner, &OwnerUpdate::default().credits(Some(fewer)), later).await;
+    let changed = update_owner_at(store, &account, &owner, &OwnerUpdate::default().credits(Some(fewer)), later).await;
     let expected = OwnerLimits::new(Some(Balance::new(fewer, later)), ratelimits);
     assert_eq!(changed.unwrap(), Some(expected.clone()), "the rate limits stay");
     assert_eq!(store.find_owner(&account, &owner).await.unwrap(), Some(expected));
 
-    let uncapped = store.update_owner(&account, &owner, &OwnerUpdate::default().credits(None), later).await.unwrap();
+    let uncapped =
+        update_owner_at(store, &account, &owner, &OwnerUpdate::default().credits(None), later).await.unwrap();
     assert_eq!(uncapped.map(|limits| limits.credits), Some(None));
     let none = OwnerUpdate::default().ratelimits(RateLimits::none());
-    assert_eq!(store.update_owner(&account, &owner, &none, later).await.unwrap(), None, "nothing left to limit");
+    assert_eq!(update_owner_at(store, &account, &owner, &none, later).await.unwrap(), None, "nothing left to limit");
     assert_eq!(store.find_owner(&account, &owner).await.unwrap(), None);
     let take = crate::usage::Take { at: later, need: 1, want: 1 };
     assert_eq!(store.take_owner_credits(&account, &owner, take).await.unwrap(), None, "no credits, no take");
@@ -620,7 +690,7 @@ pub async fn owner_credits_are_taken_exactly(store: &dyn KeyStore) {
     let owner = OwnerId::new("org 7").unwrap();
     let hourly = Refill::new(40, RefillInterval::seconds(3_600).unwrap()).unwrap();
     let set = OwnerUpdate::default().credits(Some(Credits::new(50).unwrap().refill(hourly)));
-    store.update_owner(&account, &owner, &set, T0).await.unwrap();
+    update_owner_at(store, &account, &owner, &set, T0).await.unwrap();
     let granted = in_parallel(8, |i| {
         let (account, owner) = (account.clone(), owner.clone());
         async move {
@@ -653,10 +723,10 @@ pub async fn a_rolled_key_in_its_grace_period_can_be_revoked(store: &dyn KeyStor
     insert(store, &old).await;
     let at = T0 + Duration::hours(1);
     let roll = roll_of(&old, at, at + Duration::days(1));
-    assert!(store.roll(&roll, 10).await.unwrap());
-    assert!(store.revoke(&account, &old.id, at).await.unwrap());
+    assert!(roll_within(store, &roll, 10).await.unwrap());
+    assert!(revoke_at(store, &account, &old.id, at).await.unwrap());
     assert_eq!(listed_ids(store, &account, at).await, [roll.new_key().id]);
-    assert!(!store.revoke(&account, &old.id, at).await.unwrap(), "revoked once");
+    assert!(!revoke_at(store, &account, &old.id, at).await.unwrap(), "revoked once");
 }
 
 pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(store: &dyn KeyStore) {
@@ -667,12 +737,12 @@ pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(st
     // Changed since it was read: another roll got there first.
     let first = roll_of(&old, at, at + Duration::hours(1));
     let stale = roll_of(&old, at, at + Duration::hours(2));
-    assert!(store.roll(&first, 10).await.unwrap());
-    assert!(!store.roll(&stale, 10).await.unwrap(), "the old key changed since it was read");
+    assert!(roll_within(store, &first, 10).await.unwrap());
+    assert!(!roll_within(store, &stale, 10).await.unwrap(), "the old key changed since it was read");
     assert_eq!(found(store, &stale.new_key().digest).await, None);
     // Rolled again from what it is now: allowed, a key in its grace period may be rolled.
     let again = roll_of(&find(store, &old).await, at, at + Duration::minutes(30));
-    assert!(store.roll(&again, 10).await.unwrap());
+    assert!(roll_within(store, &again, 10).await.unwrap());
     // Another account's, revoked, expired, unknown: nothing happens.
     let mut as_if_foreign = find(store, &old).await;
     as_if_foreign.account = self::account();
@@ -682,14 +752,14 @@ pub async fn roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing(st
     as_if_unknown.id = KeyId::generate();
     let unknown = roll_of(&as_if_unknown, at, at);
     for roll in [foreign, expired, unknown] {
-        assert!(!store.roll(&roll, 10).await.unwrap());
+        assert!(!roll_within(store, &roll, 10).await.unwrap());
         assert_eq!(found(store, &roll.new_key().digest).await, None, "no half-done roll");
     }
     let revoked = record(&account, T0);
     insert(store, &revoked).await;
-    assert!(store.revoke(&account, &revoked.id, at).await.unwrap());
+    assert!(revoke_at(store, &account, &revoked.id, at).await.unwrap());
     let roll = roll_of(&find(store, &revoked).await, at, at);
-    assert!(!store.roll(&roll, 10).await.unwrap());
+    assert!(!roll_within(store, &roll, 10).await.unwrap());
     assert_eq!(found(store, &roll.new_key().digest).await, None);
 }
 
@@ -700,20 +770,20 @@ pub async fn replaced_keys_do_not_count_and_rerolling_respects_the_limit(store: 
     insert(store, &old).await;
     // At the limit, rolling a key that counts swaps one for one.
     let roll = roll_of(&old, at, at + Duration::hours(1));
-    assert!(store.roll(&roll, 1).await.unwrap());
+    assert!(roll_within(store, &roll, 1).await.unwrap());
     // The replaced key no longer counts; its successor does.
-    assert!(matches!(store.insert(&record(&account, at), 1).await, Err(StoreError::LimitReached { limit: 1 })));
+    assert!(matches!(insert_within(store, &record(&account, at), 1).await, Err(StoreError::LimitReached { limit: 1 })));
     // Rolling the replaced key again would add one: refused at the limit, nothing changed.
     let reroll = roll_of(&find(store, &old).await, at, at + Duration::minutes(5));
-    assert!(matches!(store.roll(&reroll, 1).await, Err(StoreError::LimitReached { limit: 1 })));
+    assert!(matches!(roll_within(store, &reroll, 1).await, Err(StoreError::LimitReached { limit: 1 })));
     assert_eq!(find(store, &old).await.expires_at, Some(at + Duration::hours(1)));
     assert_eq!(found(store, &reroll.new_key().digest).await, None);
-    assert!(store.roll(&reroll, 2).await.unwrap());
+    assert!(roll_within(store, &reroll, 2).await.unwrap());
     // A roll whose new key repeats an id is a duplicate, and changes nothing.
     let mut twin = record(&account, at);
     twin.id = old.id;
     let duplicate = Roll::new(&find(store, roll.new_key()).await, twin, at);
-    assert!(matches!(store.roll(&duplicate, 10).await, Err(StoreError::Duplicate)));
+    assert!(matches!(roll_within(store, &duplicate, 10).await, Err(StoreError::Duplicate)));
     assert_eq!(find(store, roll.new_key()).await.replaced_by, None);
 }
 
@@ -725,7 +795,11 @@ pub async fn concurrent_rolls_and_a_revoke_leave_one_consistent_outcome(store: &
     let rolls: Vec<Roll> = (0..6).map(|i| roll_of(&old, at, at + Duration::minutes(i + 1))).collect();
     let (rolls, account_ref, old_ref) = (&rolls, &account, &old);
     let outcomes = in_parallel(7, |i| async move {
-        if i == 6 { store.revoke(account_ref, &old_ref.id, at).await } else { store.roll(&rolls[i], 10).await }
+        if i == 6 {
+            revoke_at(store, account_ref, &old_ref.id, at).await
+        } else {
+            roll_within(store, &rolls[i], 10).await
+        }
     })
     .await;
     let succeeded: Vec<usize> = (0..6).filter(|&i| *outcomes[i].as_ref().unwrap()).collect();
@@ -755,7 +829,7 @@ pub async fn concurrent_inserts_respect_the_limit(store: &dyn KeyStore) {
             let mut outcomes = Vec::new();
             for j in 0..3 {
                 let stored = record(&account, T0 + Duration::milliseconds((i * 3 + j) as i64));
-                outcomes.push(store.insert(&stored, 5).await);
+                outcomes.push(insert_within(store, &stored, 5).await);
             }
             outcomes
         }
@@ -772,7 +846,7 @@ pub async fn concurrent_revokes_succeed_once(store: &dyn KeyStore) {
     let account = account();
     let stored = record(&account, T0);
     insert(store, &stored).await;
-    let revoked = in_parallel(8, |i| store.revoke(&account, &stored.id, T0 + Duration::seconds(i as i64))).await;
+    let revoked = in_parallel(8, |i| revoke_at(store, &account, &stored.id, T0 + Duration::seconds(i as i64))).await;
     let succeeded: Vec<_> = revoked.into_iter().map(Result::unwrap).filter(|&revoked| revoked).collect();
     assert_eq!(succeeded.len(), 1);
 }
@@ -790,7 +864,7 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         if worker == 0 {
             for (stored, flag) in keys.iter().zip(revoked) {
                 tokio::task::yield_now().await;
-                assert!(store.revoke(account, &stored.id, T0 + Duration::seconds(1)).await.unwrap());
+                assert!(revoke_at(store, account, &stored.id, T0 + Duration::seconds(1)).await.unwrap());
                 flag.store(true, Ordering::SeqCst);
             }
             readers_done.store(true, Ordering::SeqCst);
@@ -810,6 +884,87 @@ pub async fn a_finished_revoke_is_seen_by_every_later_read(store: &dyn KeyStore)
         }
     })
     .await;
+}
+
+/// The account's whole audit trail, newest first.
+async fn trail(store: &dyn KeyStore, account: &AccountId) -> Vec<AuditEvent> {
+    store.audit_log(account, AuditQuery { after: None, limit: 10_000 }).await.unwrap()
+}
+
+/// Every change a store makes keeps its event, exactly as given; every change it refuses or does
+/// not make keeps none.
+pub async fn each_change_keeps_its_event_and_nothing_else_does(store: &dyn KeyStore) {
+    let account = account();
+    let mut expected = Vec::new();
+    let mut first = record(&account, T0);
+    first.name = Some(KeyName::new("first").unwrap());
+    let created = created_event(&first);
+    store.insert(&first, 1, &created).await.unwrap();
+    expected.push(created);
+    assert_eq!(trail(store, &account).await, expected, "a create keeps its event, detail and all");
+
+    let over = record(&account, T0);
+    assert!(insert_within(store, &over, 1).await.is_err(), "over the limit");
+    let mut same_id = record(&account, T0);
+    same_id.id = first.id;
+    assert!(insert_within(store, &same_id, 10).await.is_err(), "a duplicate");
+    let elsewhere = self::account();
+    assert!(!revoke_at(store, &elsewhere, &first.id, T0).await.unwrap(), "another account's key");
+    let rename = |at| Change::new(crate::KeyUpdate::default().name(Some(KeyName::new("renamed").unwrap())), at);
+    assert_eq!(update_key(store, &elsewhere, &first.id, &rename(T0)).await.unwrap(), None);
+    assert_eq!(trail(store, &account).await, expected, "a refused change keeps no event");
+    assert!(trail(store, &elsewhere).await.is_empty());
+
+    let at = T0 + Duration::seconds(1);
+    let updated = updated_event(&account, &first.id, &rename(at));
+    assert!(store.update(&account, &first.id, &rename(at), &updated).await.unwrap().is_some());
+    let roll = roll_of(&first, at, at + Duration::hours(1));
+    let rolled = rolled_event(&roll);
+    assert!(store.roll(&roll, 10, &rolled).await.unwrap());
+    assert!(!roll_within(store, &roll, 10).await.unwrap(), "a roll of a key already rolled by it");
+    let later = at + Duration::seconds(1);
+    let revoked = revoked_event(&account, &first.id, later);
+    assert!(store.revoke(&account, &first.id, later, &revoked).await.unwrap());
+    assert!(!revoke_at(store, &account, &first.id, later).await.unwrap(), "revoked already");
+    let owner = OwnerId::new("owner").unwrap();
+    let limits = OwnerUpdate::default().credits(Some(Credits::new(5).unwrap()));
+    let owner_updated = owner_event(&account, &owner, later);
+    store.update_owner(&account, &owner, &limits, later, &owner_updated).await.unwrap();
+    // Two events at `later`: their ids order them.
+    let mut newest = [revoked, owner_updated];
+    newest.sort_by_key(|event| std::cmp::Reverse(event.id));
+    let expected: Vec<_> = newest.into_iter().chain([rolled, updated]).chain(expected).collect();
+    let mut in_order = expected.clone();
+    in_order.sort_by_key(|event| std::cmp::Reverse((event.at, event.id)));
+    assert_eq!(trail(store, &account).await, in_order, "one event per change made, newest first");
+}
+
+/// The trail reads newest first by time, then by id, a page after a cursor at a time, each
+/// account's alone.
+pub async fn the_audit_trail_pages_newest_first(store: &dyn KeyStore) {
+    let (account, other) = (account(), account());
+    let mut events = Vec::new();
+    for i in 0..7 {
+        let key = record(&account, T0 + Duration::seconds(i / 2));
+        let created = created_event(&key);
+        store.insert(&key, 100, &created).await.unwrap();
+        events.push(created);
+        insert_within(store, &record(&other, T0), 100).await.unwrap();
+    }
+    // Two events share each second but the last: their ids order them.
+    events.sort_by_key(|event| std::cmp::Reverse((event.at, event.id)));
+    let mut read = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let page = store.audit_log(&account, AuditQuery { after, limit: 3 }).await.unwrap();
+        assert!(page.len() <= 3, "at most the limit");
+        let Some(last) = page.last() else { break };
+        after = Some(last.cursor());
+        read.extend(page);
+    }
+    assert_eq!(read, events, "every event once, newest first, across pages");
+    let none = store.audit_log(&account, AuditQuery { after: None, limit: 0 }).await.unwrap();
+    assert!(none.is_empty(), "a limit of zero reads nothing");
 }
 
 // The checks of the optional `Maintenance` capability, run by `maintenance_tests!`.
@@ -864,6 +1019,34 @@ pub async fn purge_deletes_exactly_the_records_revoked_or_expired_before_the_ins
     assert_eq!(store.purge(before).await.unwrap(), 0, "a second purge finds nothing");
 }
 
+/// Long before any other check's events, and after every record the purge check deletes.
+const AUDIT_AGO: OffsetDateTime = datetime!(2000-03-01 00:00:00.654321 UTC);
+
+pub async fn purge_audit_deletes_exactly_the_events_before_the_instant(store: &dyn Maintenance) {
+    const EVENTS: i64 = 4_200;
+    let account = account();
+    let (mut keys, mut kept) = (Vec::new(), Vec::new());
+    // Enough that a store that purges in pieces of 4,096 goes through two; each key expires at
+    // once, so that the next create need not count it.
+    for i in 0..=EVENTS {
+        let mut key = record(&account, AUDIT_AGO + Duration::seconds(i));
+        key.expires_at = Some(key.created_at + Duration::microseconds(1));
+        let created = created_event(&key);
+        store.insert(&key, u32::MAX, &created).await.unwrap();
+        if i == EVENTS {
+            kept.push(created);
+        }
+        keys.push(key);
+    }
+    let before = AUDIT_AGO + Duration::seconds(EVENTS);
+    assert_eq!(store.purge_audit(before).await.unwrap(), EVENTS as u64, "every event dated before the instant");
+    assert_eq!(trail(store, &account).await, kept, "the event of the instant itself stays");
+    for key in [&keys[0], &keys[EVENTS as usize]] {
+        assert_eq!(find(store, key).await, *key, "keys are not touched");
+    }
+    assert_eq!(store.purge_audit(before).await.unwrap(), 0, "a second purge finds nothing");
+}
+
 pub async fn import_stores_all_or_nothing(store: &dyn Maintenance) {
     let account = account();
     let first: Vec<KeyRecord> = (0..3).map(|i| record(&account, T0 + Duration::seconds(i))).collect();
@@ -890,6 +1073,7 @@ macro_rules! maintenance_tests {
         $crate::conformance_tests!(@each $crate::Maintenance; $make_store;
             purge_deletes_exactly_the_records_revoked_or_expired_before_the_instant,
             import_stores_all_or_nothing,
+            purge_audit_deletes_exactly_the_events_before_the_instant,
         );
     };
     ($make_store:expr) => {
@@ -947,6 +1131,8 @@ macro_rules! conformance_tests {
             roll_of_a_changed_revoked_expired_or_foreign_key_changes_nothing,
             replaced_keys_do_not_count_and_rerolling_respects_the_limit,
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
+            each_change_keeps_its_event_and_nothing_else_does,
+            the_audit_trail_pages_newest_first,
         );
     };
     // One test per check, each over the store as the trait the checks take.

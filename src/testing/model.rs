@@ -361,6 +361,9 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
             }
         }
     }
+    for account in 0..ACCOUNTS {
+        replay_audit_trail(&service, &model, account).await?;
+    }
     for key in &model.keys {
         let stored =
             service.store().find_by_digest(&Digest::sha256(&key.token)).await.map_err(|error| error.to_string())?;
@@ -368,6 +371,103 @@ pub async fn run<S: KeyStore>(store: S, ops: &[Op]) -> Result<(), String> {
         ensure!(!leaks(&format!("{stored:?}"), &key.token), "a stored record shows the secret");
         ensure!(key.token.starts_with(stored.prefix.as_str()), "the stored prefix is not the token's");
     }
+    Ok(())
+}
+
+/// A key as the account's audit trail tells it, replayed from its first event.
+#[derive(Debug, PartialEq)]
+struct Replayed {
+    name: Option<String>,
+    expires_at: Option<OffsetDateTime>,
+    revoked: bool,
+    rotated_from: Option<KeyId>,
+    replaced_by: Option<KeyId>,
+}
+
+/// Reads the account's whole audit trail a few events a page, replays it oldest first, and
+/// checks that it tells the keys as the model has them: every key, created, rolled, renamed and
+/// revoked as it was, and no event with any part of a token.
+async fn replay_audit_trail<S: KeyStore>(service: &KeyService<S>, model: &Model, account: usize) -> Result<(), String> {
+    use crate::audit::Action;
+    let mut events = Vec::new();
+    let mut after = None;
+    loop {
+        let page = service.audit_log(&model.accounts[account], 7, after).await.map_err(|error| error.to_string())?;
+        events.extend(page.events);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let time = |value: Option<&serde_json::Value>| {
+        value.and_then(serde_json::Value::as_str).map(|text| {
+            OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|e| e.to_string())
+        })
+    };
+    let mut keys: std::collections::BTreeMap<KeyId, Replayed> = std::collections::BTreeMap::new();
+    for event in events.iter().rev() {
+        ensure_eq!(event.account, model.accounts[account], "an event of another account");
+        for key in &model.keys {
+            ensure!(!leaks(&event.to_json().to_string(), &key.token), "an audit event shows a secret: {event:?}");
+        }
+        let Some(id) = event.key_id else {
+            ensure_eq!(event.action, Action::OwnerUpdated, "an event of no key");
+            continue;
+        };
+        let name = || event.detail.get("name").map(|name| name.as_str().map(str::to_owned));
+        match event.action {
+            Action::KeyCreated => {
+                let expires_at = time(event.detail.get("expiresAt")).transpose()?;
+                let created = Replayed {
+                    name: name().flatten(),
+                    expires_at,
+                    revoked: false,
+                    rotated_from: None,
+                    replaced_by: None,
+                };
+                ensure!(keys.insert(id, created).is_none(), "a key created twice: {event:?}");
+            }
+            Action::KeyRolled => {
+                let new: KeyId = event
+                    .detail
+                    .get("newKeyId")
+                    .and_then(|id| id.as_str())
+                    .ok_or("no new key")?
+                    .parse()
+                    .map_err(|_| "a bad new key id")?;
+                let old = keys.get_mut(&id).ok_or("a roll of an unknown key")?;
+                let (name, expires_at) = (old.name.clone(), old.expires_at);
+                old.expires_at = time(event.detail.get("expiresAt")).transpose()?;
+                old.replaced_by = Some(new);
+                let rolled = Replayed { name, expires_at, revoked: false, rotated_from: Some(id), replaced_by: None };
+                ensure!(keys.insert(new, rolled).is_none(), "a roll's new key existed: {event:?}");
+            }
+            Action::KeyUpdated => {
+                let key = keys.get_mut(&id).ok_or("an update of an unknown key")?;
+                if let Some(name) = name() {
+                    key.name = name;
+                }
+            }
+            Action::KeyRevoked => keys.get_mut(&id).ok_or("a revocation of an unknown key")?.revoked = true,
+            other => return Err(format!("an action the model never takes: {other:?}")),
+        }
+    }
+    let expected: std::collections::BTreeMap<KeyId, Replayed> = model
+        .keys
+        .iter()
+        .filter(|key| key.account == account)
+        .map(|key| {
+            let replayed = Replayed {
+                name: key.name.as_ref().map(ToString::to_string),
+                expires_at: key.expires_at,
+                revoked: key.revoked,
+                rotated_from: key.rotated_from,
+                replaced_by: key.replaced_by,
+            };
+            (key.id, replayed)
+        })
+        .collect();
+    ensure_eq!(keys, expected, "the audit trail of account {account} replayed");
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! The scenario the crash tests stop part-way: creates, revocations and rolls through any
-//! `KeyStore`, and what a reopened store must show of each change.
+//! `KeyStore`, and what a reopened store must show of each change: the change and its audit
+//! event together, or neither.
 
+use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery, EventId};
 use apikeys::store::Roll;
 use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore};
 use time::OffsetDateTime;
@@ -39,15 +41,30 @@ pub fn scenario() -> Vec<Change> {
     changes
 }
 
+/// The event that records `change`, with an id of its own that every run gives it.
+fn event_of(change: &Change) -> AuditEvent {
+    let (key, action, at, n) = match change {
+        Change::Create(key) => (key, Action::KeyCreated, CREATED_AT, 1),
+        Change::Revoke(key) => (key, Action::KeyRevoked, CHANGED_AT, 2),
+        Change::Roll(old, _) => (old, Action::KeyRolled, CHANGED_AT, 3),
+    };
+    let mut event = AuditEvent::new(at, key.account.clone(), Actor::admin("crash").unwrap(), action, Some(key.id));
+    event.id = EventId::from_uuid(uuid::Uuid::from_u128(key.id.as_uuid().as_u128() + (n << 32)));
+    event
+}
+
 /// Makes `change`; whether the store acknowledged it.
 pub async fn apply(store: &dyn KeyStore, change: &Change) -> bool {
+    let event = event_of(change);
     match change {
-        Change::Create(key) => store.insert(key, 100).await.is_ok(),
-        Change::Revoke(key) => store.revoke(&key.account, &key.id, CHANGED_AT).await.is_ok_and(|revoked| revoked),
+        Change::Create(key) => store.insert(key, 100, &event).await.is_ok(),
+        Change::Revoke(key) => {
+            store.revoke(&key.account, &key.id, CHANGED_AT, &event).await.is_ok_and(|revoked| revoked)
+        }
         Change::Roll(old, new) => {
             let mut new = new.clone();
             new.created_at = CHANGED_AT;
-            store.roll(&Roll::new(old, new, GRACE_ENDS), 100).await.is_ok_and(|rolled| rolled)
+            store.roll(&Roll::new(old, new, GRACE_ENDS), 100, &event).await.is_ok_and(|rolled| rolled)
         }
     }
 }
@@ -58,7 +75,7 @@ pub async fn seen(store: &dyn KeyStore, change: &Change) -> Option<bool> {
         let digest = key.digest;
         async move { store.find_by_digest(&digest).await.unwrap() }
     };
-    match change {
+    let made = match change {
         Change::Create(key) => Some(found(key).await.is_some()),
         Change::Revoke(key) => Some(found(key).await.is_some_and(|stored| stored.revoked_at.is_some())),
         Change::Roll(old, new) => {
@@ -66,7 +83,11 @@ pub async fn seen(store: &dyn KeyStore, change: &Change) -> Option<bool> {
             let added = found(new).await.is_some_and(|stored| stored.rotated_from == Some(old.id));
             (shortened == added).then_some(added)
         }
-    }
+    };
+    let event = event_of(change);
+    let trail = store.audit_log(&event.account, AuditQuery { after: None, limit: 100 }).await.unwrap();
+    let logged = trail.iter().any(|logged| logged.id == event.id);
+    made.filter(|&made| made == logged)
 }
 
 /// Checks that `store`, reopened after the disk stopped, holds the first `acknowledged` changes

@@ -13,12 +13,32 @@ pub mod property;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery};
 use apikeys::store::BoxError;
 use apikeys::store::Roll;
 use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError, Take, Taken};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use time::macros::datetime;
+
+/// The events the service would record with each change, for tests that change a store
+/// directly.
+pub fn created_event(record: &KeyRecord) -> AuditEvent {
+    AuditEvent::new(record.created_at, record.account.clone(), test_admin(), Action::KeyCreated, Some(record.id))
+}
+
+pub fn revoked_event(account: &AccountId, id: &KeyId, at: OffsetDateTime) -> AuditEvent {
+    AuditEvent::new(at, account.clone(), test_admin(), Action::KeyRevoked, Some(*id))
+}
+
+pub fn rolled_event(roll: &Roll) -> AuditEvent {
+    let at = roll.new_key().created_at;
+    AuditEvent::new(at, roll.account().clone(), test_admin(), Action::KeyRolled, Some(*roll.old()))
+}
+
+fn test_admin() -> Actor {
+    Actor::admin("test").unwrap()
+}
 
 /// A store on a file in its own temporary directory, deleted when the store is dropped.
 pub struct InTempDir<S> {
@@ -94,9 +114,10 @@ pub enum Call {
     UpdateOwner,
     TakeOwnerCredits,
     ExchangeRateCounts,
+    AuditLog,
 }
 
-const CALLS: [Call; 13] = [
+const CALLS: [Call; 14] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -110,6 +131,7 @@ const CALLS: [Call; 13] = [
     Call::UpdateOwner,
     Call::TakeOwnerCredits,
     Call::ExchangeRateCounts,
+    Call::AuditLog,
 ];
 
 /// What a wrapped call does wrong.
@@ -242,8 +264,8 @@ fn index(call: Call) -> usize {
 /// takes the awaited path, where faults can be injected and calls counted.
 #[async_trait]
 impl<S: KeyStore> KeyStore for Instrumented<S> {
-    async fn insert(&self, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-        self.call(Call::Insert, self.inner.insert(record, max_active)).await
+    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
+        self.call(Call::Insert, self.inner.insert(record, max_active, event)).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.call(Call::FindByDigest, self.inner.find_by_digest(digest)).await
@@ -251,8 +273,14 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         self.call(Call::ListActive, self.inner.list_active(account, now)).await
     }
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Result<bool, StoreError> {
-        self.call(Call::Revoke, self.inner.revoke(account, id, at)).await
+    async fn revoke(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        at: OffsetDateTime,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.call(Call::Revoke, self.inner.revoke(account, id, at, event)).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.call(Call::RecordLastUsed, self.inner.record_last_used(uses)).await
@@ -260,16 +288,17 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.call(Call::FindById, self.inner.find_by_id(account, id)).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-        self.call(Call::Roll, self.inner.roll(roll, max_active)).await
+    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
+        self.call(Call::Roll, self.inner.roll(roll, max_active, event)).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
+        event: &AuditEvent,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        self.call(Call::Update, self.inner.update(account, id, change)).await
+        self.call(Call::Update, self.inner.update(account, id, change, event)).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.call(Call::TakeCredits, self.inner.take_credits(id, take)).await
@@ -287,8 +316,12 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
+        event: &AuditEvent,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.call(Call::UpdateOwner, self.inner.update_owner(account, owner, update, at)).await
+        self.call(Call::UpdateOwner, self.inner.update_owner(account, owner, update, at, event)).await
+    }
+    async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        self.call(Call::AuditLog, self.inner.audit_log(account, query)).await
     }
     async fn take_owner_credits(
         &self,
