@@ -41,7 +41,7 @@ pub enum ActorType {
     Key,
     /// An administrator: the dashboard, the command-line tool, the host's own code.
     Admin,
-    /// The service itself: the first key `apikeys serve` makes, a leak report.
+    /// The service itself, e.g. the first key `apikeys serve` makes.
     System,
 }
 
@@ -149,6 +149,7 @@ pub enum Action {
     /// A key's name, meta, credits or rate limits changed; `detail` holds what was set.
     KeyUpdated,
     /// A key was revoked because it was found exposed; `detail` says where it was reported.
+    /// Reserved for leak response, which no path of this version takes yet.
     KeyLeaked,
     /// An owner's shared limits changed; the event names no key, and `detail` holds the owner
     /// and what was set.
@@ -192,9 +193,11 @@ impl RequestId {
     /// The longest request id.
     pub const MAX_LEN: usize = 128;
 
-    /// Validates a request id.
+    /// Validates a request id. One that holds `_v1_` is refused: it could be a token, which a
+    /// request id is kept and logged as.
     pub fn new(id: &str) -> Result<Self, ValidationError> {
-        is_label(id, Self::MAX_LEN).then(|| Self(SmolStr::new(id))).ok_or(ValidationError::RequestId)
+        let valid = is_label(id, Self::MAX_LEN) && !id.contains("_v1_");
+        valid.then(|| Self(SmolStr::new(id))).ok_or(ValidationError::RequestId)
     }
 
     /// A new id: `req_` and 32 hex digits of a UUIDv7.
@@ -317,7 +320,8 @@ impl FromStr for AuditCursor {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (at, id) = s.split_once('.').ok_or(ValidationError::Cursor)?;
-        let digits = !at.is_empty() && at.len() <= 19 && at.bytes().all(|b| b.is_ascii_digit());
+        let unsigned = at.strip_prefix('-').unwrap_or(at);
+        let digits = !unsigned.is_empty() && unsigned.len() <= 19 && unsigned.bytes().all(|b| b.is_ascii_digit());
         let at: i64 = at.parse().ok().filter(|_| digits).ok_or(ValidationError::Cursor)?;
         from_unix_micros(at).ok_or(ValidationError::Cursor)?;
         Ok(Self { at, id: id.parse().map_err(|_| ValidationError::Cursor)? })
@@ -489,11 +493,14 @@ mod tests {
         let cursor = event.cursor();
         assert_eq!(cursor.to_string().parse::<AuditCursor>(), Ok(cursor));
         let id = event.id;
+        let before_1970 = AuditCursor { at: -1, id };
+        assert_eq!(before_1970.to_string().parse::<AuditCursor>(), Ok(before_1970), "a clock before 1970");
         for bad in [
             String::new(),
             ".".into(),
-            format!("-1.{id}"),
+            format!("-.{id}"),
             format!("+1.{id}"),
+            format!("--1.{id}"),
             format!("1.{id}x"),
             format!("99999999999999999999.{id}"),
             format!("{}", id),
@@ -514,6 +521,7 @@ mod tests {
         assert!(RequestId::new(&"r".repeat(129)).is_err());
         assert!(Actor::new(ActorType::Key, "admin").is_err(), "a key actor is a key id");
         assert!(RequestId::generate().as_str().starts_with("req_"));
+        assert!(RequestId::new("as_live_v1_abcdefghijklmnopqrstuvwxyz234567abcdefg").is_err(), "a token");
     }
 
     #[test]

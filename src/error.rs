@@ -14,8 +14,8 @@ pub enum ValidationError {
     /// An [`OwnerId`](crate::OwnerId) is empty, too long or not printable ASCII.
     #[error("invalid owner id: it must be 1 to 128 bytes of printable ASCII")]
     OwnerId,
-    /// [`Meta`](crate::Meta) is not a JSON object, or longer than 4 KiB.
-    #[error("invalid meta: it must be a JSON object of at most 4096 bytes")]
+    /// [`Meta`](crate::Meta) is not a JSON object, longer than 4 KiB, or nested deeper than 32.
+    #[error("invalid meta: it must be a JSON object of at most 4096 bytes, nested at most 32 deep")]
     Meta,
     /// [`Credits`](crate::Credits) or their refill are out of range.
     #[error(

@@ -276,7 +276,7 @@ impl<S: KeyStore> KeyService<S> {
     }
 
     /// The account's audit trail, newest first, one page of at most `limit` events (1 to
-    /// [`MAX_AUDIT_PAGE`](Self::MAX_AUDIT_PAGE); more is read as the maximum) starting after
+    /// [`MAX_AUDIT_PAGE`](Self::MAX_AUDIT_PAGE); more is read as the maximum, 0 as 1) starting after
     /// `after` (a page's [`AuditPage::next`]; `None`: the newest). The administrator's path:
     /// a key reads it through [`audit_log_as`](Self::audit_log_as).
     pub async fn audit_log(
@@ -1356,11 +1356,13 @@ impl<S: Maintenance> KeyService<S> {
 
     /// Deletes the audit events older than the [audit
     /// retention](KeyServiceBuilder::audit_retention), and returns how many. Call it from a
-    /// periodic job, as `apikeys serve` does every hour.
+    /// periodic job, as `apikeys serve` does every hour. It runs without the
+    /// [store deadline](KeyServiceBuilder::store_deadline): a purge abandoned half-way would
+    /// leave the store busy with it, and the stores bound their own bulk work.
     pub async fn purge_audit(&self) -> Result<u64, Error> {
         let retention = time::Duration::try_from(self.inner.audit_retention).ok();
         match retention.and_then(|retention| self.now().checked_sub(retention)) {
-            Some(before) => self.inner.within(self.inner.store.purge_audit(before)).await.map_err(Error::Store),
+            Some(before) => self.inner.store.purge_audit(before).await.map_err(Error::Store),
             None => Ok(0),
         }
     }

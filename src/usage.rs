@@ -28,6 +28,9 @@ pub struct Meta(Arc<str>);
 impl Meta {
     /// The longest compact form, in bytes.
     pub const MAX_LEN: usize = 4096;
+    /// The deepest nesting, the object itself being 1: well within what every JSON reader,
+    /// the audit trail's (which holds meta one level deeper) included, reads back.
+    pub const MAX_DEPTH: usize = 32;
 
     /// Validates JSON text: an object, at most [`Meta::MAX_LEN`] bytes once compact.
     pub fn new(json: &str) -> Result<Self, ValidationError> {
@@ -36,10 +39,11 @@ impl Meta {
         Self::from_object(object)
     }
 
-    /// Validates an object's size.
+    /// Validates an object's size and depth.
     pub fn from_object(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, ValidationError> {
-        let text = serde_json::Value::Object(object).to_string();
-        if text.len() > Self::MAX_LEN {
+        let object = serde_json::Value::Object(object);
+        let text = object.to_string();
+        if text.len() > Self::MAX_LEN || depth(&object) > Self::MAX_DEPTH {
             return Err(ValidationError::Meta);
         }
         Ok(Self(text.into()))
@@ -61,6 +65,15 @@ impl Meta {
     /// The object.
     pub fn to_object(&self) -> serde_json::Map<String, serde_json::Value> {
         serde_json::from_str(&self.0).unwrap_or_default()
+    }
+}
+
+/// How deep `value` nests: 0 for a scalar, 1 for an array or object of scalars.
+fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -550,6 +563,14 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+
+    #[test]
+    fn meta_nests_at_most_32_deep() {
+        let nested = |depth: usize| format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+        assert!(Meta::new(&nested(Meta::MAX_DEPTH)).is_ok());
+        assert_eq!(Meta::new(&nested(Meta::MAX_DEPTH + 1)), Err(ValidationError::Meta));
+        assert_eq!(Meta::new(&format!("{{\"a\":{}1{}}}", "[".repeat(32), "]".repeat(32))), Err(ValidationError::Meta));
+    }
 
     #[test]
     fn meta_is_a_bounded_json_object_in_compact_form() {

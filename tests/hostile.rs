@@ -246,6 +246,7 @@ fn every_hostile_input_gets_its_exact_answer() {
         ("an audit-log page of a billion", audit("limit=1000000000"), Error(400, "invalid_query")),
         ("a negative audit-log limit", audit("limit=-1"), Error(400, "invalid_query")),
         ("an audit-log read by a key without audit:read", request("GET", "/account/audit-log", std::slice::from_ref(&other), ""), Error(403, "insufficient_scope")),
+        ("a key as the request id", request("GET", "/account/audit-log", &[key.clone(), format!("x-request-id: {}", server.key)], ""), Success(200)),
         ("a request id with a newline and a key in it", request("GET", "/account/audit-log", &[key.clone(), format!("x-request-id: a%0d%0a{}", server.key)], ""), Success(200)),
         // The verification endpoint.
         ("verification without the service credential", verify("", r#"{"key": "x"}"#), Error(401, "unauthorized")),

@@ -1475,7 +1475,7 @@ async fn a_request_id_is_taken_only_when_it_is_one_safe_id() {
     };
     assert_eq!(echoed(&["abc-123_x.y:z@w"]).await, "abc-123_x.y:z@w", "a safe id is kept");
     let long = "r".repeat(129);
-    for refused in [&["two words"][..], &["a", "b"], &["x\"quoted\""], &[long.as_str()]] {
+    for refused in [&["two words"][..], &["a", "b"], &["x\"quoted\""], &[long.as_str()], &[key.as_str()]] {
         let made = echoed(refused).await;
         assert!(made.starts_with("req_") && made.len() == 36, "{refused:?} is replaced: {made}");
     }

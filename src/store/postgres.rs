@@ -121,7 +121,7 @@ const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at
 
 /// An audit event's columns, in the order `event_from_row` reads them.
 const EVENT_COLUMNS: &str = "id, account, at, actor_type, actor_id, action, key_id, request_id, detail";
-const EVENT_COLUMNS_AS_TEXT: &str = "id, account, at, actor_type, actor_id, action, key_id, request_id, detail::text";
+const EVENT_COLUMNS_AS_TEXT: &str = EVENT_COLUMNS;
 
 /// An owner's limits, in the order `owner_from_row` reads them.
 const OWNER_COLUMNS: &str = "credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits";
@@ -222,7 +222,7 @@ impl Statements {
             purge: format!("DELETE FROM {keys} WHERE revoked_at < $1 OR expires_at < $1"),
             log_event: format!(
                 "INSERT INTO {schema}.audit_events ({EVENT_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CAST($9::text AS jsonb))"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             ),
             audit_log_first: format!(
                 "SELECT {EVENT_COLUMNS_AS_TEXT} FROM {schema}.audit_events WHERE account = $1 \
@@ -313,7 +313,7 @@ fn migrations(schema: &str) -> [String; 6] {
             action     TEXT        NOT NULL,
             key_id     UUID,
             request_id TEXT,
-            detail     JSONB       NOT NULL,
+            detail     TEXT        NOT NULL,
             PRIMARY KEY (account, at, id)
         );
         CREATE INDEX audit_events_by_time ON {schema}.audit_events (at);"
@@ -448,11 +448,13 @@ impl PostgresStore {
         let detail = event.detail_text();
         let stored = StoredEvent::of(event, &detail);
         let (id, key_id) = (Uuid::from_bytes(stored.id), stored.key_id.map(Uuid::from_bytes));
+        // Whole microseconds, as the file stores keep them.
+        let at = crate::clock::from_unix_micros(stored.at);
         let statement = transaction.prepare_cached(&self.sql.log_event).await?;
         let values: [&(dyn ToSql + Sync); 9] = [
             &id,
             &stored.account,
-            &event.at,
+            &at,
             &stored.actor_type,
             &stored.actor_id,
             &stored.action,
