@@ -269,7 +269,8 @@ impl AuditEvent {
     /// `detail` as compact JSON text, as the stores keep it.
     #[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
     pub(crate) fn detail_text(&self) -> String {
-        Value::Object(self.detail.clone()).to_string()
+        // A map of JSON values always serializes.
+        serde_json::to_string(&self.detail).unwrap_or_default()
     }
 
     /// Where this event is in the trail's order, as a cursor: the next page starts after it.
@@ -302,11 +303,6 @@ impl AuditCursor {
     pub fn id(&self) -> EventId {
         self.id
     }
-
-    /// Whether `event` comes after this place, newest first: older, or as old with a lower id.
-    pub fn precedes(&self, event: &AuditEvent) -> bool {
-        (unix_micros(event.at), event.id) < (self.at, self.id)
-    }
 }
 
 impl fmt::Display for AuditCursor {
@@ -335,6 +331,15 @@ pub struct AuditQuery {
     pub after: Option<AuditCursor>,
     /// At most this many events.
     pub limit: u32,
+}
+
+impl AuditQuery {
+    /// Where the page ends, exclusive, as the file stores order events: `(at µs, id bytes)` of
+    /// the cursor, or a place past any event (no time reaches `i64::MAX` µs).
+    #[cfg(any(feature = "sqlite", feature = "redb"))]
+    pub(crate) fn before(&self) -> (i64, [u8; 16]) {
+        self.after.map_or((i64::MAX, [0xff; 16]), |after| (after.at, *after.id.as_uuid().as_bytes()))
+    }
 }
 
 /// One page of an account's audit trail, newest first.

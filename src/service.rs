@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::audit::{Action, Actor, AuditEvent, AuditPage, AuditQuery, EventId, RequestId, detail};
+use crate::audit::{Action, Actor, AuditCursor, AuditEvent, AuditPage, AuditQuery, EventId, RequestId, detail};
 use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, ValidationError};
@@ -283,7 +283,7 @@ impl<S: KeyStore> KeyService<S> {
         &self,
         account: &AccountId,
         limit: u32,
-        after: Option<crate::audit::AuditCursor>,
+        after: Option<AuditCursor>,
     ) -> Result<AuditPage, Error> {
         let limit = limit.clamp(1, Self::MAX_AUDIT_PAGE);
         // One more than asked for says whether there is a next page.
@@ -302,7 +302,7 @@ impl<S: KeyStore> KeyService<S> {
         &self,
         caller: &AuthenticatedKey,
         limit: u32,
-        after: Option<crate::audit::AuditCursor>,
+        after: Option<AuditCursor>,
     ) -> Result<AuditPage, Error> {
         caller.require(Scopes::AUDIT_READ)?;
         self.audit_log(&caller.account, limit, after).await
@@ -545,28 +545,27 @@ impl<S: KeyStore> KeyService<S> {
     ) -> Result<Vec<KeyId>, Error> {
         let mut revoked = Vec::with_capacity(records.len());
         for record in records {
-            if self.revoke_now(account, &record.id, caller, Action::KeyRevoked).await? {
+            if self.revoke_now(account, &record.id, caller).await? {
                 revoked.push(record.id);
             }
         }
         Ok(revoked)
     }
 
-    /// Revokes the key now, recording `action`; whether it was active.
+    /// Revokes the key now; whether it was active.
     async fn revoke_now(
         &self,
         account: &AccountId,
         id: &KeyId,
         caller: Option<&AuthenticatedKey>,
-        action: Action,
     ) -> Result<bool, Error> {
         let now = self.now();
-        let event = self.event(now, account, caller, action, Some(*id), serde_json::Map::new());
+        let event = self.event(now, account, caller, Action::KeyRevoked, Some(*id), serde_json::Map::new());
         self.inner.within(self.inner.store.revoke(account, id, now, &event)).await.map_err(Error::Store)
     }
 
     async fn revoke_by(&self, account: &AccountId, id: &KeyId, caller: Option<&AuthenticatedKey>) -> Result<(), Error> {
-        let revoked = self.revoke_now(account, id, caller, Action::KeyRevoked).await?;
+        let revoked = self.revoke_now(account, id, caller).await?;
         if revoked { Ok(()) } else { Err(Error::NotFound) }
     }
 
@@ -1345,26 +1344,31 @@ impl<S: Maintenance> KeyService<S> {
     /// Deletes the keys that were revoked, or that expired, longer than `retention` ago, and
     /// returns how many. Nothing purges on its own: call it from a periodic job. Until a key is
     /// purged its token verifies as revoked or expired; after, as unknown.
+    ///
+    /// Both purges run without the [store deadline](KeyServiceBuilder::store_deadline), which
+    /// is for the calls of requests: a purge abandoned half-way would leave the store busy with
+    /// it, and the stores bound their own bulk work.
     pub async fn purge(&self, retention: Duration) -> Result<u64, Error> {
-        let before = time::Duration::try_from(retention).ok().and_then(|retention| self.now().checked_sub(retention));
-        match before {
-            Some(before) => self.inner.within(self.inner.store.purge(before)).await.map_err(Error::Store),
-            // A retention reaching back past any representable time keeps everything.
+        match self.cutoff(retention) {
+            Some(before) => self.inner.store.purge(before).await.map_err(Error::Store),
             None => Ok(0),
         }
     }
 
     /// Deletes the audit events older than the [audit
     /// retention](KeyServiceBuilder::audit_retention), and returns how many. Call it from a
-    /// periodic job, as `apikeys serve` does every hour. It runs without the
-    /// [store deadline](KeyServiceBuilder::store_deadline): a purge abandoned half-way would
-    /// leave the store busy with it, and the stores bound their own bulk work.
+    /// periodic job, as `apikeys serve` does every hour.
     pub async fn purge_audit(&self) -> Result<u64, Error> {
-        let retention = time::Duration::try_from(self.inner.audit_retention).ok();
-        match retention.and_then(|retention| self.now().checked_sub(retention)) {
+        match self.cutoff(self.inner.audit_retention) {
             Some(before) => self.inner.store.purge_audit(before).await.map_err(Error::Store),
             None => Ok(0),
         }
+    }
+
+    /// `retention` before now; `None` when that reaches back past any representable time,
+    /// which keeps everything.
+    fn cutoff(&self, retention: Duration) -> Option<time::OffsetDateTime> {
+        time::Duration::try_from(retention).ok().and_then(|retention| self.now().checked_sub(retention))
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use apikeys::http::ServeOptions;
 use apikeys::{AccountId, KeyService, MemoryStore, NewKey, Scopes};
-use support::{PATIENCE, live};
+use support::{PATIENCE, assert_no_secret, live};
 
 /// The credential of `POST /keys/verify` on the server under test.
 const SERVICE_TOKEN: &str = "hostile-test-service-credential-0123456789";
@@ -89,8 +89,18 @@ fn start() -> Server {
 
 impl Server {
     /// Sends `request` as it is, then reads until the server closes the connection or has sent
-    /// a whole answer; what it answered.
+    /// a whole answer; what it answered. No answer, headers included, holds any part of a key's
+    /// secret, whatever the request put where.
     fn ask(&self, request: &[u8]) -> Answer {
+        let (answer, received) = self.exchange(request);
+        let received = String::from_utf8_lossy(&received);
+        for key in [&self.key, &self.other] {
+            assert_no_secret(&received, key);
+        }
+        answer
+    }
+
+    fn exchange(&self, request: &[u8]) -> (Answer, Vec<u8>) {
         let mut stream = TcpStream::connect(self.address).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.set_write_timeout(Some(PATIENCE)).unwrap();
@@ -106,10 +116,10 @@ impl Server {
                 Err(error) => panic!("no answer within {PATIENCE:?}: {error}"),
             }
             if let Some(answer) = parse(&received) {
-                return answer;
+                return (answer, received);
             }
         }
-        parse(&received).unwrap_or(Closed)
+        (parse(&received).unwrap_or(Closed), received)
     }
 }
 

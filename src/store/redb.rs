@@ -541,14 +541,10 @@ impl Maintenance for RedbStore {
     /// In pieces of 4,096 events, each its own write transaction.
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        let mut purged = 0;
-        loop {
-            let deleted = self.write("purge_audit", move |transaction| purge_audit_piece(transaction, before)).await?;
-            purged += deleted;
-            if deleted < writer::PURGE_PIECE as u64 {
-                return Ok(purged);
-            }
-        }
+        writer::purge_oldest_in_pieces(|| {
+            self.write("purge_audit", move |transaction| purge_audit_piece(transaction, before))
+        })
+        .await
     }
 
     /// In pieces, each its own write transaction (see `writer::purge_in_pieces`).
@@ -816,11 +812,8 @@ impl KeyStore for RedbStore {
             let audit = transaction.open_table(AUDIT)?;
             let account = account.as_str();
             let start = Bound::Included((account, i64::MIN, &[0; 16]));
-            let after = query.after.map(|after| (after.at_micros(), *after.id().as_uuid().as_bytes()));
-            let end = match &after {
-                Some((at, id)) => Bound::Excluded((account, *at, id)),
-                None => Bound::Included((account, i64::MAX, &[0xff; 16])),
-            };
+            let (at, id) = query.before();
+            let end = Bound::Excluded((account, at, &id));
             let mut events = Vec::new();
             for entry in audit.range::<(&str, i64, &[u8; 16])>((start, end))?.rev().take(query.limit as usize) {
                 let (place, value) = entry?;

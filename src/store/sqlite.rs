@@ -911,9 +911,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
-        // Without a cursor, from past the newest place there can be.
-        let (at, id) =
-            query.after.map_or((i64::MAX, [0xff; 16]), |after| (after.at_micros(), *after.id().as_uuid().as_bytes()));
+        let (at, id) = query.before();
         self.read("audit_log", |connection| {
             connection
                 .prepare_cached(
@@ -986,9 +984,8 @@ impl Maintenance for SqliteStore {
     /// lastUsedAt is: a purge lost to a power cut leaves only events that were due to go.
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        let mut purged = 0;
-        loop {
-            let piece = self.write("purge_audit", false, move |connection| {
+        writer::purge_oldest_in_pieces(|| {
+            self.write("purge_audit", false, move |connection| {
                 let deleted = connection
                     .prepare_cached(
                         "DELETE FROM audit_events WHERE (account, at, id) IN \
@@ -996,13 +993,9 @@ impl Maintenance for SqliteStore {
                     )?
                     .execute(params![before, writer::PURGE_PIECE as i64])?;
                 Ok(deleted as u64)
-            });
-            let deleted = piece.await?;
-            purged += deleted;
-            if deleted < writer::PURGE_PIECE as u64 {
-                return Ok(purged);
-            }
-        }
+            })
+        })
+        .await
     }
 
     /// In pieces, each its own writer job (see `writer::purge_in_pieces`), committed as lastUsedAt

@@ -155,6 +155,23 @@ where
     }
 }
 
+/// Purges in pieces, each its own job that deletes the [`PURGE_PIECE`] oldest rows due (or
+/// all, if fewer), until one deletes fewer: for tables ordered by what is due, like the audit
+/// trail by time.
+pub(crate) async fn purge_oldest_in_pieces<Purging>(purge: impl Fn() -> Purging) -> Result<u64, StoreError>
+where
+    Purging: Future<Output = Result<u64, StoreError>>,
+{
+    let mut purged = 0;
+    loop {
+        let deleted = purge().await?;
+        purged += deleted;
+        if deleted < PURGE_PIECE as u64 {
+            return Ok(purged);
+        }
+    }
+}
+
 fn stopped() -> StoreError {
     StoreError::backend("the store's writer thread stopped, or the write panicked")
 }
