@@ -417,7 +417,7 @@ fn sizes() -> Vec<usize> {
 }
 
 /// The groups of this bench, as criterion names them.
-const GROUPS: [&str; 8] = ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage"];
+const GROUPS: [&str; 9] = ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage", "webhooks"];
 
 /// Whether the command line selects `group`, so that `cargo bench --bench verify -- scopes`
 /// skips the other groups' setup and interleaved runs as criterion skips their benchmarks. Only a
@@ -1071,7 +1071,7 @@ fn usage(c: &mut Criterion) {
                     let at = OffsetDateTime::now_utc();
                     let admin = apikeys::audit::Actor::admin("bench").unwrap();
                     let event = AuditEvent::new(at, account.clone(), admin, Action::OwnerUpdated, None);
-                    store.update_owner(account, owner, &shared, at, &event).await.unwrap();
+                    store.update_owner(account, owner, &shared, at, &event.clone().into()).await.unwrap();
                 }
             });
             store as Arc<dyn KeyStore>
@@ -1144,9 +1144,99 @@ async fn sampled_balances(store: &dyn KeyStore, tokens: &[String]) -> Vec<Option
     balances
 }
 
+#[cfg(feature = "webhooks")]
+#[allow(dead_code)]
+#[path = "../tests/support/receiver.rs"]
+mod receiver;
+
+/// Webhook deliveries to a local receiver, 32 accounts' at a time (one look at the outbox:
+/// claim, 32 POSTs at once, 32 settlements), against the raw cost of the POSTs alone: the same
+/// 32 bodies, signed, through the same client to the same receiver. Feature `webhooks`.
+#[cfg(feature = "webhooks")]
+fn webhooks(c: &mut Criterion) {
+    use apikeys::webhook::{Endpoint, EndpointName, HttpTransport, Transport, WebhookOptions, WebhookSecret};
+    const BATCH: u32 = 32;
+    if !selected("webhooks") {
+        return;
+    }
+    let runtime = runtime();
+    let receiver = runtime.block_on(receiver::Receiver::start(&[], receiver::Answer::Status(200)));
+    let secret = WebhookSecret::new("whsec_bench_0123456789abcdef0123").unwrap();
+    let endpoint = Endpoint::new(EndpointName::new("bench").unwrap(), &receiver.url(), secret).unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(HttpTransport::default());
+    let options = WebhookOptions::default().batch(BATCH);
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<(&str, Arc<dyn KeyStore>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        ("sqlite", Arc::new(SqliteStore::open(dir.path().join("webhooks.db")).unwrap())),
+        ("redb", Arc::new(RedbStore::open(dir.path().join("webhooks.redb")).unwrap())),
+    ];
+    let mut group = c.benchmark_group("webhooks");
+    group.sample_size(10).measurement_time(Duration::from_secs(5)).throughput(Throughput::Elements(BATCH.into()));
+    let body = AuditEvent::new(
+        OffsetDateTime::now_utc(),
+        AccountId::new("a").unwrap(),
+        apikeys::audit::Actor::admin("bench").unwrap(),
+        Action::KeyCreated,
+        None,
+    )
+    .to_json()
+    .to_string();
+    group.bench_function("post", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut posts = tokio::task::JoinSet::new();
+                    for _ in 0..BATCH {
+                        let (transport, endpoint, body) = (transport.clone(), endpoint.clone(), body.clone());
+                        posts.spawn(async move {
+                            let signature =
+                                endpoint.secret().sign(OffsetDateTime::now_utc().unix_timestamp(), body.as_bytes());
+                            let headers =
+                                [("content-type", "application/json".to_owned()), ("apikeys-signature", signature)];
+                            assert_eq!(transport.post(&endpoint, &headers, &body).await, Ok(200));
+                        });
+                    }
+                    while posts.join_next().await.is_some() {}
+                }
+                started.elapsed()
+            })
+        })
+    });
+    for (backend, store) in stores {
+        let service = KeyService::builder(store, format())
+            .max_active_keys_per_account(u32::MAX)
+            .webhook(endpoint.clone())
+            .build();
+        group.bench_function(format!("{backend}/deliver"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iters {
+                        for account in 0..BATCH {
+                            let account = AccountId::new(format!("hooks-{account}")).unwrap();
+                            service.create(&account, NewKey::default()).await.unwrap();
+                        }
+                        let started = Instant::now();
+                        let report = service.deliver_webhooks(&transport, &options).await.unwrap();
+                        elapsed += started.elapsed();
+                        assert_eq!(report.delivered, BATCH);
+                    }
+                    elapsed
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "webhooks"))]
+fn webhooks(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage
+    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage, webhooks
 }
 criterion_main!(benches);

@@ -8,15 +8,17 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use smol_str::SmolStr;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::clock::{from_unix_micros, unix_micros};
+use crate::clock::{from_unix_micros, normalize, unix_micros};
 use crate::error::ValidationError;
 use crate::id::{AccountId, KeyId};
+use crate::webhook::EndpointName;
 
 /// The id of an audit event: a TypeID `ev_…` over a UUIDv7, like a [`KeyId`].
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -276,6 +278,56 @@ impl AuditEvent {
     /// Where this event is in the trail's order, as a cursor: the next page starts after it.
     pub fn cursor(&self) -> AuditCursor {
         AuditCursor { at: unix_micros(self.at), id: self.id }
+    }
+}
+
+/// What a change writes beside itself, in its own transaction: its audit event, and a webhook
+/// delivery of it into the outbox for each endpoint the service has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    event: AuditEvent,
+    deliveries: Arc<[EndpointName]>,
+    body: String,
+}
+
+impl Entry {
+    /// The event, to be delivered to each of `endpoints` (each name once), its time cut to whole
+    /// microseconds as the stores keep it, so that the body is the audit-log item exactly.
+    pub fn new(mut event: AuditEvent, endpoints: Arc<[EndpointName]>) -> Self {
+        event.at = normalize(event.at).unwrap_or(event.at);
+        let distinct = endpoints.iter().enumerate().all(|(i, name)| !endpoints[..i].contains(name));
+        let deliveries = if distinct {
+            endpoints
+        } else {
+            let mut names: Vec<EndpointName> = endpoints.to_vec();
+            names.sort();
+            names.dedup();
+            names.into()
+        };
+        let body = if deliveries.is_empty() { String::new() } else { event.to_json().to_string() };
+        Self { event, deliveries, body }
+    }
+
+    /// The audit event.
+    pub fn event(&self) -> &AuditEvent {
+        &self.event
+    }
+
+    /// The endpoints a delivery of the event goes into the outbox for.
+    pub fn deliveries(&self) -> &[EndpointName] {
+        &self.deliveries
+    }
+
+    /// The body of each delivery: the event's JSON (empty when there are no deliveries).
+    pub fn body(&self) -> &str {
+        &self.body
+    }
+}
+
+impl From<AuditEvent> for Entry {
+    /// The event alone, delivered nowhere.
+    fn from(event: AuditEvent) -> Self {
+        Self { event, deliveries: Arc::from([]), body: String::new() }
     }
 }
 

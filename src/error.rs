@@ -52,6 +52,19 @@ pub enum ValidationError {
     /// An audit-log cursor is not one a page of the log gave.
     #[error("invalid cursor: pass the nextCursor of a page as it was given")]
     Cursor,
+    /// A webhook endpoint's name is not 1 to 64 letters, digits, `_`, `-` or `.`.
+    #[error("invalid webhook endpoint name: it must be 1 to 64 letters, digits, `_`, `-` or `.`")]
+    EndpointName,
+    /// A webhook endpoint's URL is not `http://` or `https://` and a host, in at most 2,048
+    /// visible ASCII characters, without a user name or password.
+    #[error(
+        "invalid webhook URL: it must be http:// or https:// and a host, in at most 2048 visible ASCII characters, \
+         without a user name or password"
+    )]
+    WebhookUrl,
+    /// A webhook secret is shorter than 16 bytes.
+    #[error("invalid webhook secret: it must be at least 16 bytes of secret random data")]
+    WebhookSecret,
     /// A key name is empty, longer than 255 characters or holds a control character.
     #[error("invalid key name: it must be 1 to 255 characters without control characters, or absent")]
     Name,
@@ -92,6 +105,22 @@ pub enum ValidationError {
     /// The environment variable that should hold the pepper is not set or not UTF-8.
     #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
     PepperMissing(&'static str),
+}
+
+/// Why a webhook delivery's signature is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The header is not `t=<unix seconds>,v1=<hex>[,v1=<hex>…]`.
+    #[error("malformed signature header: it must be t=<unix seconds>,v1=<hex HMAC-SHA256>")]
+    Malformed,
+    /// The signature's time is further from now than the tolerance: a replay, or a clock that
+    /// is off.
+    #[error("the signature's time is outside the tolerance")]
+    OutsideTolerance,
+    /// No signature matches the body under the secret.
+    #[error("no signature matches the body")]
+    Mismatch,
 }
 
 /// The operating system's random number generator failed (the source says how).

@@ -33,6 +33,9 @@
 //!   [`TokenError`], [`RandomError`], [`StoreError`], [`OpenError`].
 //! - [`audit`]: the audit trail, an [`AuditEvent`](audit::AuditEvent) per change, written by
 //!   the store in the change's own transaction.
+//! - [`webhook`]: signed deliveries of every audit event to the host's endpoints, through an
+//!   outbox the store writes in the change's transaction; [`webhook::verify_signature`] for
+//!   receivers.
 //! - [`store`]: the [`KeyStore`] trait and its [`KeyRecord`], the optional [`Maintenance`]
 //!   capability, and the backends: [`MemoryStore`] always; `SqliteStore`, `RedbStore` and
 //!   `PostgresStore` behind the features of the same names.
@@ -76,10 +79,11 @@ pub mod telemetry;
 pub mod testing;
 mod token;
 mod usage;
+pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use digest::{Digest, DigestScheme, Pepper};
-pub use error::{Error, RandomError, TokenError, ValidationError};
+pub use error::{Error, RandomError, SignatureError, TokenError, ValidationError};
 pub use id::{AccountId, KeyId, OwnerId};
 pub use key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 pub use meter::{LimitState, Usage, UsageReport};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::audit::{Action, Actor, AuditCursor, AuditEvent, AuditPage, AuditQuery, EventId, RequestId, detail};
+use crate::audit::{Action, Actor, AuditCursor, AuditEvent, AuditPage, AuditQuery, Entry, EventId, RequestId, detail};
 use crate::clock::{Clock, SystemClock, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, ValidationError};
@@ -19,6 +19,7 @@ use crate::secret::SecretToken;
 use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyFormat;
 use crate::usage::{Balance, RateLimits, Take, Taken};
+use crate::webhook::{DeadDelivery, Endpoint, EndpointName};
 
 /// Issues, lists, verifies and revokes keys. Cheap to clone: clones share one store and one
 /// lastUsedAt buffer.
@@ -60,6 +61,21 @@ struct Inner<S> {
     deadline: Option<Duration>,
     /// How long audit events are kept.
     audit_retention: Duration,
+    /// Where every event is delivered, and their names, which each change's entry carries.
+    endpoints: Arc<[Endpoint]>,
+    deliveries: Arc<[EndpointName]>,
+}
+
+/// A [`KeyService`] that does not keep it alive.
+#[cfg(feature = "webhooks")]
+pub(crate) struct WeakService<S: KeyStore>(std::sync::Weak<Inner<S>>);
+
+#[cfg(feature = "webhooks")]
+impl<S: KeyStore> WeakService<S> {
+    /// The service again, if any clone of it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<KeyService<S>> {
+        Some(KeyService { inner: self.0.upgrade()?, origin: Origin::default() })
+    }
 }
 
 /// Configures a [`KeyService`].
@@ -79,6 +95,7 @@ pub struct KeyServiceBuilder<S> {
     fail_open: bool,
     deadline: Option<Duration>,
     audit_retention: Duration,
+    endpoints: Vec<Endpoint>,
 }
 
 impl<S: KeyStore> KeyServiceBuilder<S> {
@@ -200,8 +217,19 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
         self
     }
 
+    /// Delivers every audit event to `endpoint` as a signed webhook, through the store's outbox:
+    /// each change writes a delivery for each endpoint in its own transaction, and the delivery
+    /// task (`KeyService::spawn_webhooks`, feature `webhooks`) sends them. An endpoint of the name
+    /// of one set before replaces it.
+    pub fn webhook(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.retain(|other| other.name() != endpoint.name());
+        self.endpoints.push(endpoint);
+        self
+    }
+
     /// The service.
     pub fn build(self) -> KeyService<S> {
+        let deliveries = self.endpoints.iter().map(|endpoint| endpoint.name().clone()).collect();
         KeyService {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -217,6 +245,8 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 instance: uuid::Uuid::now_v7().as_u128(),
                 deadline: self.deadline,
                 audit_retention: self.audit_retention,
+                endpoints: self.endpoints.into(),
+                deliveries,
             }),
             origin: Origin::default(),
         }
@@ -256,6 +286,7 @@ impl<S: KeyStore> KeyService<S> {
             fail_open: false,
             deadline: None,
             audit_retention: Self::DEFAULT_AUDIT_RETENTION,
+            endpoints: Vec::new(),
         }
     }
 
@@ -308,7 +339,8 @@ impl<S: KeyStore> KeyService<S> {
         self.audit_log(&caller.account, limit, after).await
     }
 
-    /// An event of a change made now, by `caller` or else on the administrator's path.
+    /// The entry of a change made now, by `caller` or else on the administrator's path: its event,
+    /// to be delivered to every endpoint.
     fn event(
         &self,
         at: time::OffsetDateTime,
@@ -317,13 +349,43 @@ impl<S: KeyStore> KeyService<S> {
         action: Action,
         key_id: Option<KeyId>,
         detail: serde_json::Map<String, serde_json::Value>,
-    ) -> AuditEvent {
+    ) -> Entry {
         let actor = match caller {
             Some(caller) => Actor::key(caller.id),
             None => self.origin.admin.clone().unwrap_or_else(Actor::default_admin),
         };
         let (id, account, request_id) = (EventId::generate(), account.clone(), self.origin.request.clone());
-        AuditEvent { id, at, account, actor, action, key_id, request_id, detail }
+        let event = AuditEvent { id, at, account, actor, action, key_id, request_id, detail };
+        Entry::new(event, self.inner.deliveries.clone())
+    }
+
+    /// The webhook endpoints every event is delivered to.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.inner.endpoints
+    }
+
+    /// The dead webhook deliveries, the most recently given up first: at most `limit`, clamped
+    /// to 1 to [`MAX_AUDIT_PAGE`](Self::MAX_AUDIT_PAGE).
+    pub async fn dead_webhooks(&self, limit: u32) -> Result<Vec<DeadDelivery>, Error> {
+        let limit = limit.clamp(1, Self::MAX_AUDIT_PAGE);
+        self.inner.within(self.inner.store.dead_deliveries(limit)).await.map_err(Error::Store)
+    }
+
+    /// How many webhook deliveries wait in the outbox, for every endpoint.
+    pub async fn pending_webhooks(&self) -> Result<u64, Error> {
+        self.inner.within(self.inner.store.pending_deliveries()).await.map_err(Error::Store)
+    }
+
+    /// The service's clock.
+    #[cfg(feature = "webhooks")]
+    pub(crate) fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    /// A handle that does not keep the service alive, for its background tasks.
+    #[cfg(feature = "webhooks")]
+    pub(crate) fn downgrade(&self) -> WeakService<S> {
+        WeakService(Arc::downgrade(&self.inner))
     }
 
     /// The store behind the service.

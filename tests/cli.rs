@@ -23,6 +23,9 @@ fn apikeys(dir: &Path) -> Command {
         "APIKEYS_NAMESPACE",
         "APIKEYS_SERVICE_TOKEN",
         "APIKEYS_SERVICE_TOKEN_FILE",
+        "APIKEYS_WEBHOOK_URL",
+        "APIKEYS_WEBHOOK_SECRET",
+        "APIKEYS_WEBHOOKS",
     ] {
         command.env_remove(variable);
     }
@@ -208,7 +211,12 @@ struct Served {
 
 /// Starts `apikeys serve` on a free port, logging at `info`; returns it and its log, line by line.
 fn start_serving(dir: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = apikeys(dir)
+    start_serving_as(apikeys(dir), extra)
+}
+
+/// [`start_serving`] with a command of the caller's (its environment, its directory).
+fn start_serving_as(mut command: Command, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = command
         .args([&["serve", "--listen", "127.0.0.1:0"], extra].concat())
         .env("APIKEYS_LOG", "info")
         .stdout(Stdio::piped())
@@ -236,7 +244,12 @@ fn listening_address(log: &mpsc::Receiver<String>) -> String {
 }
 
 fn serve(dir: &Path, extra: &[&str]) -> Served {
-    let (mut child, log) = start_serving(dir, extra);
+    serve_as(apikeys(dir), extra)
+}
+
+/// [`serve`] with a command of the caller's.
+fn serve_as(command: Command, extra: &[&str]) -> Served {
+    let (mut child, log) = start_serving_as(command, extra);
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let first_key = stdout
         .by_ref()
@@ -807,4 +820,136 @@ async fn owner_shows_and_changes_the_limits_an_owners_keys_share() {
     assert_eq!(taken_away.trim(), "owner org-1: credits unlimited; rate limits none");
     let output = run(dir.path(), &["owner", "--account", "default", "org-1", "--credits", "1", "--unlimited"]);
     assert!(!output.status.success() && stderr(&output).contains("cannot be used with"), "{}", stderr(&output));
+}
+
+const WEBHOOK_SECRET: &str = "whsec_cli_0123456789abcdef0123456789";
+
+/// A `--webhooks` file naming one endpoint, the receiver, with its secret in the file.
+fn webhook_file(dir: &Path, receiver: &support::receiver::Receiver) -> String {
+    let file = dir.join("webhooks.json");
+    let config = json!({"endpoints": [{"name": "receiver", "url": receiver.url(), "secret": WEBHOOK_SECRET}]});
+    std::fs::write(&file, config.to_string()).unwrap();
+    file.display().to_string()
+}
+
+/// Whether each delivery's signature holds, by the verification helper.
+fn signed(received: &support::receiver::Received) -> bool {
+    let secret = apikeys::webhook::WebhookSecret::new(WEBHOOK_SECRET).unwrap();
+    let header = received.header(apikeys::webhook::SIGNATURE_HEADER).unwrap_or_default();
+    let now = time::OffsetDateTime::now_utc();
+    apikeys::webhook::verify_signature(&secret, header, received.body.as_bytes(), now, Duration::from_secs(300)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_outlive_a_kill_minus_9_and_arrive_after_the_restart() {
+    use support::receiver::{Answer, Receiver};
+    let dir = tempfile::tempdir().unwrap();
+    let down = Receiver::start(&[], Answer::Status(500)).await;
+    let file = webhook_file(dir.path(), &down);
+    // A short lease, so that a delivery the kill caught in flight is sent again soon after the
+    // restart (at least 5 s past the 1 s timeout).
+    let with_webhooks =
+        ["--webhooks", file.as_str(), "--webhook-poll", "50ms", "--webhook-timeout", "1s", "--webhook-lease", "6s"];
+    let server = serve(dir.path(), &with_webhooks);
+    // Changes by the command line go to the outbox too, and the server sends them.
+    let (_, id) = create(dir.path(), &with_webhooks);
+    let revoked = run(dir.path(), &[&with_webhooks[..], &["revoke", "--account", "acme", &id]].concat());
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let warning = loop {
+        let line = server.log.recv_timeout(support::PATIENCE).expect("serve warns of the failed attempt");
+        if line.contains("webhook delivery failed") {
+            break line;
+        }
+    };
+    assert!(
+        warning.contains("origin=\"http://127.0.0.1") && warning.contains("the endpoint answered 500"),
+        "{warning}"
+    );
+    assert!(!warning.contains("/hooks/apikeys"), "the URL's path stays out of the log: {warning}");
+    server.kill();
+    let waiting = run(dir.path(), &[&with_webhooks[..], &["webhooks", "--json"]].concat());
+    let waiting: Value = serde_json::from_str(&stdout(&waiting)).unwrap();
+    assert_eq!(waiting["pending"], 3, "the first key's, the create's and the revocation's: {waiting}");
+
+    let up = down;
+    up.answer_from_now(Answer::Status(200));
+    let (restarted, log) = start_serving(dir.path(), &with_webhooks);
+    listening_address(&log);
+    // Within the lease and the backoff the kill left (at most 6 s and 4 s), and some slack.
+    let started = std::time::Instant::now();
+    while up.accepted().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the three deliveries after the restart: {:?}",
+            up.received()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = up.accepted();
+    assert!(accepted.iter().all(signed), "every delivery is signed");
+    let actions = |account: &str| -> Vec<String> {
+        let events = accepted.iter().map(|received| serde_json::from_str::<Value>(&received.body).unwrap());
+        let of = events.filter(|event| event["account"] == account);
+        of.map(|event| event["action"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(actions("default"), ["key.created"], "serve's first key");
+    assert_eq!(actions("acme"), ["key.created", "key.revoked"], "each account's in order");
+    terminate(restarted.id());
+    let output = restarted.wait_with_output().unwrap();
+    let logged: Vec<String> = log.try_iter().collect();
+    assert!(
+        !logged.join("\n").contains(WEBHOOK_SECRET) && !stdout(&output).contains(WEBHOOK_SECRET),
+        "no secret logged"
+    );
+    let after = run(dir.path(), &[&with_webhooks[..], &["webhooks"]].concat());
+    assert!(stdout(&after).starts_with("0 deliveries waiting; 0 dead"), "{}", stdout(&after));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_deliver_each_event_once() {
+    use support::receiver::{Answer, Receiver};
+    if support::postgres::skip_without_server() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&[], Answer::Status(200)).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let schema = format!("apikeys_test_{now}_hooks{}", std::process::id());
+    let instance = || {
+        let mut command = apikeys(dir.path());
+        command
+            .env("APIKEYS_DATABASE_URL", support::postgres::url())
+            .env("APIKEYS_WEBHOOK_URL", receiver.url())
+            .env("APIKEYS_WEBHOOK_SECRET", WEBHOOK_SECRET);
+        command
+    };
+    let args = ["--backend", "postgres", "--schema", schema.as_str(), "--webhook-poll", "20ms"];
+    let first = serve_as(instance(), &args);
+    let (mut second, second_log) = start_serving_as(instance(), &args);
+    let second_address = listening_address(&second_log);
+    // Creates through both, so that both write to the outbox while both deliver.
+    let client = reqwest::Client::new();
+    let mut created = 1;
+    for round in 0..20 {
+        let address = if round % 2 == 0 { first.address.clone() } else { second_address.clone() };
+        let response = client
+            .post(format!("http://{address}/account/api-keys"))
+            .header("x-api-key", &first.first_key)
+            .json(&json!({"name": format!("key {round}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        created += 1;
+    }
+    support::eventually("every event delivered", || receiver.accepted().len() >= created).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<String> = receiver.received().iter().map(|received| received.event_id()).collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), created, "every event arrived");
+    assert_eq!(ids.len(), created, "and each once: no claim ran out, so no event came twice");
+    assert!(receiver.received().iter().all(signed));
+    terminate(second.id());
+    second.wait().unwrap();
+    first.stop();
 }

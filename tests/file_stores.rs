@@ -609,9 +609,9 @@ fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("keys.db");
     drop(SqliteStore::open(&sqlite).unwrap());
-    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 7).unwrap();
+    rusqlite::Connection::open(&sqlite).unwrap().pragma_update(None, "user_version", 8).unwrap();
     let error = SqliteStore::open(&sqlite).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 7, supported: 6, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 8, supported: 7, .. }), "{error:?}");
     assert!(error.to_string().contains("upgrade apikeys"), "{error}");
 
     let redb_path = dir.path().join("keys.redb");
@@ -620,11 +620,11 @@ fn a_file_from_a_newer_version_is_refused() {
         let database = redb::Database::create(&redb_path).unwrap();
         let transaction = database.begin_write().unwrap();
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
-        transaction.open_table(meta).unwrap().insert("schema_version", 8).unwrap();
+        transaction.open_table(meta).unwrap().insert("schema_version", 9).unwrap();
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 8, supported: 6, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 7, .. }), "{error:?}");
 }
 
 /// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
@@ -772,7 +772,7 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         .unwrap()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
 
     let redb_path = dir.path().join("v1.redb");
     v1.write_redb(&redb_path);
@@ -785,7 +785,7 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
     }
     drop(reopened);
     // …and records version 6, as the SQLite file does.
-    assert_eq!(redb_schema_version(&redb_path), Some(6));
+    assert_eq!(redb_schema_version(&redb_path), Some(7));
 }
 
 /// The schema version a redb file records.
@@ -868,7 +868,7 @@ async fn redb_files_of_schema_version_3_are_upgraded_keeping_every_field() {
     let found = reopened.find_by_digest(&key.digest).await.unwrap().expect("kept after a revocation");
     assert!(found.revoked_at.is_some());
     drop(reopened);
-    assert_eq!(redb_schema_version(&path), Some(6));
+    assert_eq!(redb_schema_version(&path), Some(7));
 }
 
 #[test]

@@ -38,9 +38,9 @@ impl KeyStore for Recording {
         &self,
         record: &KeyRecord,
         max_active: u32,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<(), StoreError> {
-        self.inner.insert(record, max_active, event).await
+        self.inner.insert(record, max_active, entry).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_digest(digest).await
@@ -53,24 +53,24 @@ impl KeyStore for Recording {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<bool, StoreError> {
-        self.inner.revoke(account, id, at, event).await
+        self.inner.revoke(account, id, at, entry).await
     }
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_id(account, id).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
-        self.inner.roll(roll, max_active, event).await
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &apikeys::audit::Entry) -> Result<bool, StoreError> {
+        self.inner.roll(roll, max_active, entry).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.update(account, id, change, event).await
+        self.inner.update(account, id, change, entry).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.inner.take_credits(id, take).await
@@ -88,9 +88,9 @@ impl KeyStore for Recording {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.inner.update_owner(account, owner, update, at, event).await
+        self.inner.update_owner(account, owner, update, at, entry).await
     }
     async fn audit_log(
         &self,
@@ -106,6 +106,27 @@ impl KeyStore for Recording {
         take: apikeys::Take,
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.inner.take_owner_credits(account, owner, take).await
+    }
+    async fn claim_deliveries(
+        &self,
+        endpoint: &apikeys::webhook::EndpointName,
+        claim: &apikeys::webhook::Claim,
+        limit: u32,
+    ) -> Result<Vec<apikeys::webhook::Delivery>, apikeys::StoreError> {
+        self.inner.claim_deliveries(endpoint, claim, limit).await
+    }
+    async fn settle_delivery(
+        &self,
+        delivery: &apikeys::webhook::Delivery,
+        outcome: &apikeys::webhook::Outcome,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.inner.settle_delivery(delivery, outcome).await
+    }
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<apikeys::webhook::DeadDelivery>, apikeys::StoreError> {
+        self.inner.dead_deliveries(limit).await
+    }
+    async fn pending_deliveries(&self) -> Result<u64, apikeys::StoreError> {
+        self.inner.pending_deliveries().await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         assert!(!self.panic_next.swap(false, Ordering::SeqCst), "a store that panics (as told)");

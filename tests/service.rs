@@ -466,9 +466,9 @@ impl KeyStore for Confused {
         &self,
         record: &apikeys::KeyRecord,
         max_active: u32,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<(), apikeys::StoreError> {
-        self.inner.insert(record, max_active, event).await
+        self.inner.insert(record, max_active, entry).await
     }
     async fn find_by_digest(&self, _: &apikeys::Digest) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
         self.inner.find_by_digest(&self.decoy).await
@@ -491,18 +491,18 @@ impl KeyStore for Confused {
         account: &AccountId,
         id: &KeyId,
         at: time::OffsetDateTime,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<bool, apikeys::StoreError> {
-        self.inner.revoke(account, id, at, event).await
+        self.inner.revoke(account, id, at, entry).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<Option<apikeys::KeyRecord>, apikeys::StoreError> {
-        self.inner.update(account, id, change, event).await
+        self.inner.update(account, id, change, entry).await
     }
     async fn take_credits(
         &self,
@@ -524,9 +524,9 @@ impl KeyStore for Confused {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.inner.update_owner(account, owner, update, at, event).await
+        self.inner.update_owner(account, owner, update, at, entry).await
     }
     async fn audit_log(
         &self,
@@ -543,6 +543,27 @@ impl KeyStore for Confused {
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.inner.take_owner_credits(account, owner, take).await
     }
+    async fn claim_deliveries(
+        &self,
+        endpoint: &apikeys::webhook::EndpointName,
+        claim: &apikeys::webhook::Claim,
+        limit: u32,
+    ) -> Result<Vec<apikeys::webhook::Delivery>, apikeys::StoreError> {
+        self.inner.claim_deliveries(endpoint, claim, limit).await
+    }
+    async fn settle_delivery(
+        &self,
+        delivery: &apikeys::webhook::Delivery,
+        outcome: &apikeys::webhook::Outcome,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.inner.settle_delivery(delivery, outcome).await
+    }
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<apikeys::webhook::DeadDelivery>, apikeys::StoreError> {
+        self.inner.dead_deliveries(limit).await
+    }
+    async fn pending_deliveries(&self) -> Result<u64, apikeys::StoreError> {
+        self.inner.pending_deliveries().await
+    }
     async fn record_last_used(&self, uses: &[(KeyId, time::OffsetDateTime)]) -> Result<(), apikeys::StoreError> {
         self.inner.record_last_used(uses).await
     }
@@ -557,9 +578,9 @@ impl KeyStore for Confused {
         &self,
         roll: &apikeys::store::Roll,
         max_active: u32,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<bool, apikeys::StoreError> {
-        self.inner.roll(roll, max_active, event).await
+        self.inner.roll(roll, max_active, entry).await
     }
 }
 

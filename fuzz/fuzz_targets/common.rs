@@ -112,8 +112,8 @@ impl Fresh {
 
 #[async_trait]
 impl KeyStore for Fresh {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<(), StoreError> {
-        self.write().insert(record, max_active, event).await
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &apikeys::audit::Entry) -> Result<(), StoreError> {
+        self.write().insert(record, max_active, entry).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.read().find_by_digest(digest).await
@@ -124,17 +124,17 @@ impl KeyStore for Fresh {
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
         self.read().list_active(account, now).await
     }
-    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
-        self.write().revoke(account, id, at, event).await
+    async fn revoke(&self, account: &AccountId, id: &KeyId, at: OffsetDateTime, entry: &apikeys::audit::Entry) -> Result<bool, StoreError> {
+        self.write().revoke(account, id, at, entry).await
     }
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.read().find_by_id(account, id).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &apikeys::audit::AuditEvent) -> Result<bool, StoreError> {
-        self.write().roll(roll, max_active, event).await
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &apikeys::audit::Entry) -> Result<bool, StoreError> {
+        self.write().roll(roll, max_active, entry).await
     }
-    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change, event: &apikeys::audit::AuditEvent) -> Result<Option<KeyRecord>, StoreError> {
-        self.write().update(account, id, change, event).await
+    async fn update(&self, account: &AccountId, id: &KeyId, change: &Change, entry: &apikeys::audit::Entry) -> Result<Option<KeyRecord>, StoreError> {
+        self.write().update(account, id, change, entry).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.write().take_credits(id, take).await
@@ -152,9 +152,9 @@ impl KeyStore for Fresh {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
-        event: &apikeys::audit::AuditEvent,
+        entry: &apikeys::audit::Entry,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.write().update_owner(account, owner, update, at, event).await
+        self.write().update_owner(account, owner, update, at, entry).await
     }
     async fn audit_log(
         &self,
@@ -170,6 +170,27 @@ impl KeyStore for Fresh {
         take: apikeys::Take,
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.write().take_owner_credits(account, owner, take).await
+    }
+    async fn claim_deliveries(
+        &self,
+        endpoint: &apikeys::webhook::EndpointName,
+        claim: &apikeys::webhook::Claim,
+        limit: u32,
+    ) -> Result<Vec<apikeys::webhook::Delivery>, apikeys::StoreError> {
+        self.write().claim_deliveries(endpoint, claim, limit).await
+    }
+    async fn settle_delivery(
+        &self,
+        delivery: &apikeys::webhook::Delivery,
+        outcome: &apikeys::webhook::Outcome,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.write().settle_delivery(delivery, outcome).await
+    }
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<apikeys::webhook::DeadDelivery>, apikeys::StoreError> {
+        self.write().dead_deliveries(limit).await
+    }
+    async fn pending_deliveries(&self) -> Result<u64, apikeys::StoreError> {
+        self.write().pending_deliveries().await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.write().record_last_used(uses).await

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use apikeys::audit::{Actor, AuditPage};
 use apikeys::http::{ServeOptions, ServiceCredential};
+use apikeys::webhook::{DeadDelivery, Endpoint, EndpointName, HttpTransport, WebhookOptions, WebhookSecret};
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
     MemoryStore, Meta, NewKey, OwnerId, OwnerLimits, OwnerUpdate, Pepper, PostgresOptions, PostgresStore, RateLimit,
@@ -26,7 +27,8 @@ use serde_json::json;
                   APIKEYS_PEPPER       a pepper (32 bytes or more) to digest keys with HMAC-SHA256\n  \
                   APIKEYS_PEPPER_FILE  a file holding the pepper\n  \
                   APIKEYS_SERVICE_TOKEN       `serve`: the credential of POST /keys/verify (32 bytes or more)\n  \
-                  APIKEYS_SERVICE_TOKEN_FILE  a file holding it\n\
+                  APIKEYS_SERVICE_TOKEN_FILE  a file holding it\n  \
+                  APIKEYS_WEBHOOK_URL, APIKEYS_WEBHOOK_SECRET  a webhook endpoint, named \"default\"\n\
                   `verify` reads the key from standard input."
 )]
 struct Cli {
@@ -77,6 +79,20 @@ struct StoreArgs {
     /// How long audit events are kept; `serve` deletes older ones every hour.
     #[arg(long, env = "APIKEYS_AUDIT_RETENTION", global = true, value_parser = humantime::parse_duration, default_value = "365days")]
     audit_retention: Duration,
+    /// A JSON file of webhook endpoints: {"endpoints": [{"name", "url", "secret" or "secretEnv"}]}.
+    /// Every change, by any command, writes a delivery for each; `serve` sends them.
+    #[arg(long, env = "APIKEYS_WEBHOOKS", global = true, value_name = "FILE")]
+    webhooks: Option<PathBuf>,
+    /// How often `serve` looks for webhook deliveries when it found none the last time.
+    #[arg(long, env = "APIKEYS_WEBHOOK_POLL", global = true, value_parser = humantime::parse_duration, default_value = "1s")]
+    webhook_poll: Duration,
+    /// How long `serve` waits for a webhook endpoint to answer before the attempt counts as failed.
+    #[arg(long, env = "APIKEYS_WEBHOOK_TIMEOUT", global = true, value_parser = humantime::parse_duration, default_value = "10s")]
+    webhook_timeout: Duration,
+    /// How long `serve` holds the webhook deliveries it claims: if it dies, another instance (or
+    /// itself, restarted) sends them this long after. At least 5 s more than the timeout.
+    #[arg(long, env = "APIKEYS_WEBHOOK_LEASE", global = true, value_parser = humantime::parse_duration, default_value = "60s")]
+    webhook_lease: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +205,13 @@ enum Command {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// Show the webhook outbox: how many deliveries wait, and the dead ones (given up after 3
+    /// days of failures), the most recent first.
+    Webhooks {
+        /// At most this many dead deliveries (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// Read a key from standard input and say whether it is valid: exit 0 valid, 1 rejected, 2 error.
     Verify {
         /// Refused: a key given as an argument ends up in shell history and the process list.
@@ -278,7 +301,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
             let verification = service_credential_from_environment()?;
-            serve(service.clone(), listen, first_key_for, limits.options(), verification, json).await?
+            let timing = (cli.store.webhook_poll, cli.store.webhook_timeout, cli.store.webhook_lease);
+            serve(service.clone(), listen, first_key_for, limits.options(), verification, timing, json).await?
         }
         Command::Create { account, name, expires_in, scopes, usage } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
@@ -348,6 +372,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Audit { account, limit, cursor } => {
             let after = cursor.map(|cursor| cursor.parse()).transpose()?;
             print_audit(&service.audit_log(&AccountId::new(account)?, limit, after).await?, json)?;
+            ExitCode::SUCCESS
+        }
+        Command::Webhooks { limit } => {
+            print_webhooks(service.pending_webhooks().await?, &service.dead_webhooks(limit).await?, json)?;
             ExitCode::SUCCESS
         }
         Command::Verify { .. } => verify(&service, json).await?,
@@ -533,11 +561,62 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     if args.rate_limits_fail_open {
         builder = builder.rate_limits_fail_open();
     }
-    let builder = builder
+    let mut builder = builder
         .store_deadline(args.store_deadline)
         .share_rate_limits(args.share_rate_limits)
         .audit_retention(args.audit_retention);
+    for endpoint in webhook_endpoints(args.webhooks.as_deref())? {
+        builder = builder.webhook(endpoint);
+    }
     Ok((builder.build(), empty))
+}
+
+/// The webhook endpoints: `APIKEYS_WEBHOOK_URL` with `APIKEYS_WEBHOOK_SECRET` (named
+/// "default"), and those of the file, if given.
+fn webhook_endpoints(file: Option<&std::path::Path>) -> Result<Vec<Endpoint>, Failure> {
+    let mut endpoints = Vec::new();
+    if let Some(url) = std::env::var_os("APIKEYS_WEBHOOK_URL") {
+        let url = url.into_string().map_err(|_| ValidationError::WebhookUrl)?;
+        let secret = environment_secret("APIKEYS_WEBHOOK_SECRET")?;
+        endpoints.push(Endpoint::new(EndpointName::new("default")?, &url, secret)?);
+    }
+    let Some(file) = file else { return Ok(endpoints) };
+    let unreadable =
+        |error: &dyn std::fmt::Display| Failure(format!("cannot read --webhooks {}: {error}", file.display()));
+    let text = std::fs::read_to_string(file).map_err(|error| unreadable(&error))?;
+    let config: WebhookConfig = serde_json::from_str(&text).map_err(|error| unreadable(&error))?;
+    for endpoint in config.endpoints {
+        let secret = match (endpoint.secret, endpoint.secret_env) {
+            (Some(secret), None) => WebhookSecret::new(secret)?,
+            (None, Some(variable)) => environment_secret(&variable)?,
+            _ => return Err(unreadable(&format!("endpoint {:?} needs one of secret and secretEnv", endpoint.name))),
+        };
+        endpoints.push(Endpoint::new(EndpointName::new(&endpoint.name)?, &endpoint.url, secret)?);
+    }
+    Ok(endpoints)
+}
+
+/// A webhook secret from an environment variable, which must be set.
+fn environment_secret(variable: &str) -> Result<WebhookSecret, Failure> {
+    let secret = std::env::var_os(variable).ok_or_else(|| Failure(format!("{variable} is not set")))?;
+    let secret = secret.into_string().map_err(|_| Failure(format!("{variable} is not valid UTF-8")))?;
+    Ok(WebhookSecret::new(secret)?)
+}
+
+/// The file `--webhooks` names.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookConfig {
+    endpoints: Vec<WebhookEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WebhookEntry {
+    name: String,
+    url: String,
+    secret: Option<String>,
+    secret_env: Option<String>,
 }
 
 /// `APIKEYS_PEPPER`, or the contents of the file named by `APIKEYS_PEPPER_FILE`, or none.
@@ -609,6 +688,7 @@ async fn serve(
     first_key_for: Option<AccountId>,
     options: ServeOptions,
     verification: Option<ServiceCredential>,
+    webhook_timing: (Duration, Duration, Duration),
     json: bool,
 ) -> Result<ExitCode, Failure> {
     tracing_subscriber::fmt()
@@ -632,6 +712,16 @@ async fn serve(
     }
     service.spawn_flusher();
     service.spawn_rate_sharing();
+    if let Some(endpoint) = service.endpoints().iter().find(|endpoint| endpoint.url().starts_with("https://")) {
+        return Err(Failure(format!(
+            "webhook endpoint {:?} is https://, which serve cannot deliver to (it speaks plain http): put a \
+             TLS-terminating proxy next to the receiver, or deliver from your own host with a TLS transport",
+            endpoint.name().as_str()
+        )));
+    }
+    let (poll, timeout, lease) = webhook_timing;
+    let delivery = WebhookOptions::default().poll(poll).timeout(timeout).lease(lease);
+    service.spawn_webhooks_with(Arc::new(HttpTransport::default()), delivery);
     tokio::spawn(purge_audit_hourly(service.clone()));
     let app = apikeys::http::app(service.clone(), verification);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -782,6 +872,40 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         println!("{}", cells.join("  ").trim_end());
     }
+}
+
+/// The outbox: how many deliveries wait, then a table of the dead ones; or the same as JSON.
+fn print_webhooks(pending: u64, dead: &[DeadDelivery], json: bool) -> Result<(), Failure> {
+    if json {
+        let dead: Vec<serde_json::Value> = dead
+            .iter()
+            .map(|dead| {
+                json!({
+                    "endpoint": dead.endpoint.as_str(), "account": dead.account.as_str(),
+                    "eventId": dead.event_id.to_string(), "at": rfc3339(dead.at), "attempts": dead.attempts,
+                    "deadAt": rfc3339(dead.dead_at), "error": dead.error,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&json!({ "pending": pending, "dead": dead }))?);
+        return Ok(());
+    }
+    println!("{pending} deliveries waiting; {} dead:", dead.len());
+    let rows: Vec<[String; 6]> = dead
+        .iter()
+        .map(|dead| {
+            [
+                rfc3339(dead.dead_at),
+                dead.endpoint.to_string(),
+                dead.account.as_str().to_owned(),
+                dead.event_id.to_string(),
+                dead.attempts.to_string(),
+                dead.error.clone(),
+            ]
+        })
+        .collect();
+    print_table(["DEAD AT", "ENDPOINT", "ACCOUNT", "EVENT", "ATTEMPTS", "LAST ERROR"], &rows);
+    Ok(())
 }
 
 /// A page of the audit trail: a table, then where the next page starts; or the HTTP API's body.

@@ -11,14 +11,15 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
-use crate::audit::{AuditEvent, AuditQuery, EventId};
-use crate::clock::{normalize, unix_micros};
+use crate::audit::{AuditEvent, AuditQuery, Entry, EventId};
+use crate::clock::{from_unix_micros, normalize, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
 use crate::usage::{Take, Taken};
+use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome, Waiting, claimable};
 
 /// Shards of the records, so that verifications on different threads rarely share a lock.
 const SHARDS: usize = 16;
@@ -52,13 +53,36 @@ struct Index {
     owners: HashMap<AccountId, HashMap<OwnerId, OwnerLimits>>,
     /// Each account's audit trail, in its order (oldest first here).
     audit: HashMap<AccountId, BTreeMap<(i64, EventId), AuditEvent>>,
+    /// The webhook outbox: each endpoint's deliveries, each account's in their order.
+    outbox: HashMap<EndpointName, BTreeMap<OutboxPlace, Pending>>,
+    /// The dead deliveries, by when they were given up.
+    dead: BTreeMap<(i64, EndpointName, EventId), DeadDelivery>,
+}
+
+/// Where a delivery is in its endpoint's outbox: its account, and its event's time and id.
+type OutboxPlace = (AccountId, i64, EventId);
+
+/// A delivery waiting in the outbox.
+struct Pending {
+    body: String,
+    attempts: u32,
+    /// When it is due, in Unix microseconds.
+    due: i64,
+    /// The claim that holds it, and until when (Unix microseconds).
+    claim: Option<(Uuid, i64)>,
 }
 
 impl Index {
-    /// Adds an event to its account's trail, under the index lock that the change holds too.
-    fn log(&mut self, event: &AuditEvent) {
+    /// Adds an entry's event to its account's trail and its deliveries to the outbox, under the
+    /// index lock that the change holds too.
+    fn log(&mut self, entry: &Entry) {
+        let event = entry.event();
         let event = AuditEvent { at: normalize(event.at).unwrap_or(event.at), ..event.clone() };
         let place = (unix_micros(event.at), event.id);
+        for endpoint in entry.deliveries() {
+            let pending = Pending { body: entry.body().to_owned(), attempts: 0, due: i64::MIN, claim: None };
+            self.outbox.entry(endpoint.clone()).or_default().insert((event.account.clone(), place.0, place.1), pending);
+        }
         self.audit.entry(event.account.clone()).or_default().insert(place, event);
     }
 }
@@ -226,6 +250,7 @@ impl Maintenance for MemoryStore {
             *trail = kept;
             !trail.is_empty()
         });
+        index.dead.retain(|(dead_at, ..), _| *dead_at >= before);
         Ok(purged)
     }
 }
@@ -238,7 +263,7 @@ impl fmt::Debug for MemoryStore {
 
 #[async_trait]
 impl KeyStore for MemoryStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {
         let mut index = self.index();
         if self.holds(&index, record) {
             return Err(StoreError::Duplicate);
@@ -247,7 +272,7 @@ impl KeyStore for MemoryStore {
             return Err(StoreError::LimitReached { limit: max_active });
         }
         self.add(&mut index, record.clone());
-        index.log(event);
+        index.log(entry);
         Ok(())
     }
 
@@ -271,7 +296,7 @@ impl KeyStore for MemoryStore {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError> {
         let mut index = self.index();
         let revoked = self.change_record(&index, id, |record| {
@@ -283,7 +308,7 @@ impl KeyStore for MemoryStore {
         });
         let Some(Some(listed)) = revoked else { return Ok(false) };
         Self::relist(&mut index, account, listed, None);
-        index.log(event);
+        index.log(entry);
         Ok(true)
     }
 
@@ -292,7 +317,7 @@ impl KeyStore for MemoryStore {
         Ok(found.flatten())
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
         let mut index = self.index();
         let settled = self.with_id(&index, roll.old(), |old| roll.applies_to(old).then(|| roll.settle(old)));
         let Some(Some((new, old_credits))) = settled else {
@@ -317,7 +342,7 @@ impl KeyStore for MemoryStore {
             Self::relist(&mut index, roll.account(), listed, Some(relisted));
         }
         self.add(&mut index, new);
-        index.log(event);
+        index.log(entry);
         Ok(true)
     }
 
@@ -326,7 +351,7 @@ impl KeyStore for MemoryStore {
         account: &AccountId,
         id: &KeyId,
         change: &Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let at = normalize(change.at()).unwrap_or(change.at());
         let change = Change { at, ..change.clone() };
@@ -339,7 +364,7 @@ impl KeyStore for MemoryStore {
         });
         let changed = changed.flatten();
         if changed.is_some() {
-            index.log(event);
+            index.log(entry);
         }
         Ok(changed)
     }
@@ -367,11 +392,11 @@ impl KeyStore for MemoryStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<OwnerLimits>, StoreError> {
         let at = normalize(at).unwrap_or(at);
         let mut index = self.index();
-        index.log(event);
+        index.log(entry);
         let owners = index.owners.entry(account.clone()).or_default();
         let limits = update.apply(owners.remove(owner), at);
         if let Some(limits) = &limits {
@@ -407,6 +432,62 @@ impl KeyStore for MemoryStore {
         let taken = balance.take(take);
         *balance = taken.balance;
         Ok(Some(taken))
+    }
+
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let (now, until) = (unix_micros(claim.now), unix_micros(claim.until));
+        let mut index = self.index();
+        let Some(outbox) = index.outbox.get_mut(endpoint) else { return Ok(Vec::new()) };
+        let waiting = outbox.iter().map(|(place, pending)| {
+            let held_until = pending.claim.map(|(_, until)| until);
+            (&place.0, Waiting { due: pending.due, at: place.1, held_until, row: place.clone() })
+        });
+        let mut claimed = Vec::new();
+        for place in claimable(waiting, now, limit) {
+            let Some(pending) = outbox.get_mut(&place) else { continue };
+            pending.claim = Some((claim.token, until));
+            let (account, at, id) = place;
+            let (at, body) = (from_unix_micros(at).unwrap_or(claim.now), pending.body.clone());
+            claimed.push(Delivery::new(endpoint.clone(), account, id, at, body, pending.attempts, claim.token));
+        }
+        Ok(claimed)
+    }
+
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError> {
+        let mut index = self.index();
+        let place = (delivery.account.clone(), unix_micros(delivery.at), delivery.event_id);
+        let Some(outbox) = index.outbox.get_mut(&delivery.endpoint) else { return Ok(false) };
+        let Some(pending) = outbox.get_mut(&place) else { return Ok(false) };
+        if pending.claim.map(|(token, _)| token) != Some(delivery.claim) {
+            return Ok(false);
+        }
+        match outcome {
+            Outcome::Delivered => {
+                outbox.remove(&place);
+            }
+            Outcome::Retry { at, .. } => {
+                (pending.attempts, pending.due, pending.claim) = (pending.attempts + 1, unix_micros(*at), None);
+            }
+            Outcome::Dead { at, error } => {
+                outbox.remove(&place);
+                let dead = DeadDelivery::new(delivery, normalize(*at).unwrap_or(*at), error.clone());
+                index.dead.insert((unix_micros(*at), delivery.endpoint.clone(), delivery.event_id), dead);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError> {
+        Ok(self.index().dead.values().rev().take(limit as usize).cloned().collect())
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        Ok(self.index().outbox.values().map(|outbox| outbox.len() as u64).sum())
     }
 
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::audit::{AuditEvent, AuditQuery};
+use crate::audit::{AuditEvent, AuditQuery, Entry};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::KeyUpdate;
@@ -21,6 +21,7 @@ use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, Meta, RateLimits, Take, Taken};
+use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
 mod error;
 mod memory;
@@ -277,9 +278,12 @@ impl RateCounts {
 ///   are gone with it; a new id or digest never repeats one, being random).
 /// - Timestamps are UTC with microsecond precision and come back exactly as stored.
 /// - A record is *active* at `now` when [`KeyRecord::is_active`] says so.
-/// - Every method that changes keys or owners takes the [`AuditEvent`] that records the change,
-///   and stores it in the same atomic step if, and only if, it makes the change: a crash never
-///   leaves a change without its event, or an event without its change.
+/// - Every method that changes keys or owners takes the [`Entry`] that records the change: its
+///   [`AuditEvent`], and a webhook delivery of the event for each of
+///   [`Entry::deliveries`] into the outbox, each with [`Entry::body`] as its body, attempted
+///   never and due at once. The store writes them in the same atomic step if, and only if, it
+///   makes the change: a crash never leaves a change without its event, or an event without
+///   its change.
 #[async_trait]
 pub trait KeyStore: Debug + Send + Sync + 'static {
     /// Stores a new record if its account has fewer than `max_active` records that [count
@@ -288,7 +292,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     ///
     /// Errors: [`StoreError::LimitReached`] (nothing stored), [`StoreError::Duplicate`] when the id
     /// or the digest is already present (nothing stored).
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError>;
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError>;
 
     /// The record with this digest, revoked and expired ones included (so the service can say
     /// why a key is refused). This is the hot path of verification: one indexed read, no write.
@@ -316,7 +320,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError>;
 
     /// The account's record with this id, in any state; `None` for an unknown id and for another
@@ -332,7 +336,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// [adds to the count](Roll::adds_to_count) and `max_active` other keys of the account
     /// [count towards the limit](KeyRecord::counts_towards_limit) at the roll's instant;
     /// [`StoreError::Duplicate`] as for [`insert`](Self::insert).
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError>;
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError>;
 
     /// Applies `change` to the account's key `id` as one atomic step, if the key is active at
     /// [`Change::at`], and returns the record as it then is. `None`, nothing changed, for an
@@ -342,7 +346,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         account: &AccountId,
         id: &KeyId,
         change: &Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Takes credits from the key with this id as one atomic step: reads its balance, applies
@@ -366,7 +370,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<OwnerLimits>, StoreError>;
 
     /// Takes credits from the owner's balance as one atomic, durable step, as
@@ -407,6 +411,32 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Claims, under `claim`, up to `limit` deliveries to `endpoint` from the outbox: of each
+    /// account, only its oldest delivery to the endpoint (by the event's `at`, then its id), and
+    /// only if that is due by [`Claim::now`] and no claim holds it that runs out after then.
+    /// Claiming is atomic, also across processes sharing the store: two claims never hold one
+    /// delivery, unless the first ran out. Deliveries held by a claim stay in the outbox, so a
+    /// later delivery of the same account waits for them.
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Records, as one atomic step, how an attempt of a claimed delivery ended, if the claim
+    /// that returned it ([`Delivery::claim`]) still holds it: [`Outcome::Delivered`] removes it
+    /// from the outbox; [`Outcome::Retry`] adds one to its attempts, makes it due at the retry's
+    /// time and releases the claim; [`Outcome::Dead`] moves it to the dead deliveries. Returns
+    /// whether it did; `false`, nothing changed, when another claim holds it now or it is gone.
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError>;
+
+    /// The dead deliveries, the most recently given up first, at most `limit` of them.
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError>;
+
+    /// How many deliveries wait in the outbox, claimed or not, for every endpoint.
+    async fn pending_deliveries(&self) -> Result<u64, StoreError>;
+
     /// Sets `last_used_at = max(last_used_at, at)` for each pair. Unknown ids are ignored.
     /// Out-of-order batches never move a time back. A store may write a large batch in several
     /// transactions (the file stores do, so that other writes need not wait for all of it): a
@@ -434,8 +464,9 @@ pub trait Maintenance: KeyStore {
     /// touched. A purged key is gone: its token then verifies as unknown, not revoked or expired.
     async fn purge(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 
-    /// Deletes every audit event dated before `before`, and returns how many: the audit trail's
-    /// retention. A store may delete them in several transactions.
+    /// Deletes every audit event dated before `before`, and returns how many, and every dead
+    /// webhook delivery given up before it: the audit trail's retention. A store may delete them
+    /// in several transactions.
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 }
 
@@ -528,7 +559,7 @@ pub(crate) mod checks {
         let (never, soon) = (record(&account, None), record(&account, Some(T0 + Duration::hours(1))));
         let event = |action, key| AuditEvent::new(T0, account.clone(), Actor::default_admin(), action, Some(key));
         let created = event(Action::KeyCreated, never.id);
-        store.insert(&never, 10, &created).await.unwrap_or_else(|error| panic!("{error}"));
+        store.insert(&never, 10, &created.into()).await.unwrap_or_else(|error| panic!("{error}"));
         store.import(vec![soon.clone()]).await.unwrap_or_else(|error| panic!("{error}"));
         let mut revoked = record(&account, None);
         revoked.revoked_at = Some(T0);
@@ -538,11 +569,14 @@ pub(crate) mod checks {
 
         let grace_ends = T0 + Duration::minutes(5);
         let roll = Roll::new(&never, record(&account, None), grace_ends);
-        assert_eq!(store.roll(&roll, 10, &event(Action::KeyRolled, never.id)).await.ok(), Some(true));
+        assert_eq!(store.roll(&roll, 10, &event(Action::KeyRolled, never.id).into()).await.ok(), Some(true));
         expected = vec![(Some(grace_ends), never.id), (soon.expires_at, soon.id), (None, roll.new_key().id)];
         assert_eq!(index(store), expected, "the rolled key moved to its new end");
 
-        assert_eq!(store.revoke(&account, &never.id, T0, &event(Action::KeyRevoked, never.id)).await.ok(), Some(true));
+        assert_eq!(
+            store.revoke(&account, &never.id, T0, &event(Action::KeyRevoked, never.id).into()).await.ok(),
+            Some(true)
+        );
         expected.remove(0);
         assert_eq!(index(store), expected, "a revoked key left the index");
 
@@ -566,10 +600,10 @@ macro_rules! forward_key_store {
                 &'s self,
                 record: &'r KeyRecord,
                 max_active: u32,
-                event: &'e AuditEvent,
+                entry: &'e Entry,
             ) -> StoreFuture<'f, ()>
             where 's: 'f, 'r: 'f, 'e: 'f, Self: 'f {
-                (**self).insert(record, max_active, event)
+                (**self).insert(record, max_active, entry)
             }
             fn find_by_digest<'s, 'd, 'f>(&'s self, digest: &'d Digest) -> StoreFuture<'f, Option<KeyRecord>>
             where 's: 'f, 'd: 'f, Self: 'f {
@@ -591,10 +625,10 @@ macro_rules! forward_key_store {
                 account: &'a AccountId,
                 id: &'i KeyId,
                 at: OffsetDateTime,
-                event: &'e AuditEvent,
+                entry: &'e Entry,
             ) -> StoreFuture<'f, bool>
             where 's: 'f, 'a: 'f, 'i: 'f, 'e: 'f, Self: 'f {
-                (**self).revoke(account, id, at, event)
+                (**self).revoke(account, id, at, entry)
             }
             fn find_by_id<'s, 'a, 'i, 'f>(
                 &'s self,
@@ -604,19 +638,19 @@ macro_rules! forward_key_store {
             where 's: 'f, 'a: 'f, 'i: 'f, Self: 'f {
                 (**self).find_by_id(account, id)
             }
-            fn roll<'s, 'r, 'e, 'f>(&'s self, roll: &'r Roll, max_active: u32, event: &'e AuditEvent) -> StoreFuture<'f, bool>
+            fn roll<'s, 'r, 'e, 'f>(&'s self, roll: &'r Roll, max_active: u32, entry: &'e Entry) -> StoreFuture<'f, bool>
             where 's: 'f, 'r: 'f, 'e: 'f, Self: 'f {
-                (**self).roll(roll, max_active, event)
+                (**self).roll(roll, max_active, entry)
             }
             fn update<'s, 'a, 'i, 'c, 'e, 'f>(
                 &'s self,
                 account: &'a AccountId,
                 id: &'i KeyId,
                 change: &'c Change,
-                event: &'e AuditEvent,
+                entry: &'e Entry,
             ) -> StoreFuture<'f, Option<KeyRecord>>
             where 's: 'f, 'a: 'f, 'i: 'f, 'c: 'f, 'e: 'f, Self: 'f {
-                (**self).update(account, id, change, event)
+                (**self).update(account, id, change, entry)
             }
             fn take_credits<'s, 'i, 'f>(&'s self, id: &'i KeyId, take: Take) -> StoreFuture<'f, Option<Taken>>
             where 's: 'f, 'i: 'f, Self: 'f {
@@ -636,10 +670,10 @@ macro_rules! forward_key_store {
                 owner: &'o OwnerId,
                 update: &'u OwnerUpdate,
                 at: OffsetDateTime,
-                event: &'e AuditEvent,
+                entry: &'e Entry,
             ) -> StoreFuture<'f, Option<OwnerLimits>>
             where 's: 'f, 'a: 'f, 'o: 'f, 'u: 'f, 'e: 'f, Self: 'f {
-                (**self).update_owner(account, owner, update, at, event)
+                (**self).update_owner(account, owner, update, at, entry)
             }
             fn audit_log<'s, 'a, 'f>(
                 &'s self,
@@ -666,6 +700,27 @@ macro_rules! forward_key_store {
             ) -> StoreFuture<'f, Option<Vec<RateCounts>>>
             where 's: 'f, 'c: 'f, Self: 'f {
                 (**self).exchange_rate_counts(instance, counts, at)
+            }
+            fn claim_deliveries<'s, 'e, 'c, 'f>(
+                &'s self,
+                endpoint: &'e EndpointName,
+                claim: &'c Claim,
+                limit: u32,
+            ) -> StoreFuture<'f, Vec<Delivery>>
+            where 's: 'f, 'e: 'f, 'c: 'f, Self: 'f {
+                (**self).claim_deliveries(endpoint, claim, limit)
+            }
+            fn settle_delivery<'s, 'd, 'o, 'f>(&'s self, delivery: &'d Delivery, outcome: &'o Outcome) -> StoreFuture<'f, bool>
+            where 's: 'f, 'd: 'f, 'o: 'f, Self: 'f {
+                (**self).settle_delivery(delivery, outcome)
+            }
+            fn dead_deliveries<'s, 'f>(&'s self, limit: u32) -> StoreFuture<'f, Vec<DeadDelivery>>
+            where 's: 'f, Self: 'f {
+                (**self).dead_deliveries(limit)
+            }
+            fn pending_deliveries<'s, 'f>(&'s self) -> StoreFuture<'f, u64>
+            where 's: 'f, Self: 'f {
+                (**self).pending_deliveries()
             }
             fn record_last_used<'s, 'u, 'f>(
                 &'s self,

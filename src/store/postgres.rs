@@ -21,7 +21,7 @@ use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, RateCounts, Roll, StoreError,
     StoredCredits,
 };
-use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
+use crate::audit::{AuditEvent, AuditQuery, Entry, EventId, StoredEvent};
 use crate::clock::unix_micros;
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -30,9 +30,10 @@ use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
+use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -114,6 +115,14 @@ struct Statements {
     audit_log_first: String,
     audit_log_after: String,
     purge_audit: String,
+    enqueue: String,
+    claim: String,
+    delivered: String,
+    retry: String,
+    dead: String,
+    dead_deliveries: String,
+    pending_deliveries: String,
+    purge_dead: String,
 }
 
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
@@ -233,6 +242,46 @@ impl Statements {
                  ORDER BY at DESC, id DESC LIMIT $2"
             ),
             purge_audit: format!("DELETE FROM {schema}.audit_events WHERE at < $1"),
+            enqueue: format!(
+                "INSERT INTO {schema}.webhook_outbox (endpoint, account, at, event_id, body) \
+                 SELECT endpoint, $2, $3, $4, $5 FROM unnest($1::text[]) AS t (endpoint)"
+            ),
+            // Of each account its oldest delivery, if due and no delivery of the account is held
+            // past $2 (see `webhook::claimable`), the longest due first. The conditions are
+            // repeated on the row updated, so that of two concurrent claims of one row, the one
+            // that waited for the other's lock sees its claim and skips the row.
+            claim: format!(
+                "UPDATE {schema}.webhook_outbox AS o SET claim = $3, claimed_until = $4 \
+                 FROM (SELECT account, at, event_id FROM \
+                         (SELECT DISTINCT ON (account) account, at, event_id, due, \
+                                 coalesce(bool_or(claimed_until > $2) OVER (PARTITION BY account), false) AS held \
+                          FROM {schema}.webhook_outbox WHERE endpoint = $1 ORDER BY account, at, event_id) AS oldest \
+                       WHERE NOT held AND due <= $2 ORDER BY due, at LIMIT $5) AS head \
+                 WHERE o.endpoint = $1 AND o.account = head.account AND o.at = head.at AND o.event_id = head.event_id \
+                 AND o.due <= $2 AND (o.claimed_until IS NULL OR o.claimed_until <= $2) \
+                 RETURNING o.account, o.at, o.event_id, o.body, o.attempts"
+            ),
+            delivered: format!(
+                "DELETE FROM {schema}.webhook_outbox \
+                 WHERE endpoint = $1 AND account = $2 AND at = $3 AND event_id = $4 AND claim = $5"
+            ),
+            retry: format!(
+                "UPDATE {schema}.webhook_outbox SET attempts = attempts + 1, due = $6, claim = NULL, \
+                 claimed_until = NULL, error = $7 \
+                 WHERE endpoint = $1 AND account = $2 AND at = $3 AND event_id = $4 AND claim = $5"
+            ),
+            dead: format!(
+                "WITH moved AS (DELETE FROM {schema}.webhook_outbox \
+                   WHERE endpoint = $1 AND account = $2 AND at = $3 AND event_id = $4 AND claim = $5 RETURNING *) \
+                 INSERT INTO {schema}.webhook_dead (dead_at, endpoint, event_id, account, at, attempts, error, body) \
+                 SELECT $6, endpoint, event_id, account, at, attempts + 1, $7, body FROM moved"
+            ),
+            dead_deliveries: format!(
+                "SELECT dead_at, endpoint, event_id, account, at, attempts, error FROM {schema}.webhook_dead \
+                 ORDER BY dead_at DESC, endpoint DESC, event_id DESC LIMIT $1"
+            ),
+            pending_deliveries: format!("SELECT count(*) FROM {schema}.webhook_outbox"),
+            purge_dead: format!("DELETE FROM {schema}.webhook_dead WHERE dead_at < $1"),
         }
     }
 }
@@ -246,7 +295,9 @@ impl Statements {
 /// Version 5: the limits an owner's keys share, one row per owner that has any; and each
 /// instance's rate-limit counts, which the instances exchange.
 /// Version 6: the audit trail, keyed in the order it is read, and indexed by time for retention.
-fn migrations(schema: &str) -> [String; 6] {
+/// Version 7: the webhook outbox, keyed by endpoint and account in delivery order, and the dead
+/// deliveries.
+fn migrations(schema: &str) -> [String; 7] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -317,6 +368,32 @@ fn migrations(schema: &str) -> [String; 6] {
             PRIMARY KEY (account, at, id)
         );
         CREATE INDEX audit_events_by_time ON {schema}.audit_events (at);"
+        ),
+        format!(
+            "CREATE TABLE {schema}.webhook_outbox (
+            endpoint      TEXT        NOT NULL,
+            account       TEXT        NOT NULL,
+            at            TIMESTAMPTZ NOT NULL,
+            event_id      UUID        NOT NULL,
+            body          TEXT        NOT NULL,
+            attempts      INTEGER     NOT NULL DEFAULT 0,
+            due           TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+            claim         UUID,
+            claimed_until TIMESTAMPTZ,
+            error         TEXT,
+            PRIMARY KEY (endpoint, account, at, event_id)
+        );
+        CREATE TABLE {schema}.webhook_dead (
+            dead_at  TIMESTAMPTZ NOT NULL,
+            endpoint TEXT        NOT NULL,
+            event_id UUID        NOT NULL,
+            account  TEXT        NOT NULL,
+            at       TIMESTAMPTZ NOT NULL,
+            attempts INTEGER     NOT NULL,
+            error    TEXT        NOT NULL,
+            body     TEXT        NOT NULL,
+            PRIMARY KEY (dead_at, endpoint, event_id)
+        );"
         ),
     ]
 }
@@ -443,8 +520,9 @@ impl PostgresStore {
         Ok(Migrated::Done)
     }
 
-    /// Stores an event, in the transaction of the change it records.
-    async fn log(&self, transaction: &deadpool_postgres::Transaction<'_>, event: &AuditEvent) -> Result<(), Failure> {
+    /// Stores an entry's event and its deliveries, in the transaction of the change it records.
+    async fn log(&self, transaction: &deadpool_postgres::Transaction<'_>, entry: &Entry) -> Result<(), Failure> {
+        let event = entry.event();
         let detail = event.detail_text();
         let stored = StoredEvent::of(event, &detail);
         let (id, key_id) = (Uuid::from_bytes(stored.id), stored.key_id.map(Uuid::from_bytes));
@@ -463,6 +541,11 @@ impl PostgresStore {
             &stored.detail,
         ];
         transaction.execute(&statement, &values).await?;
+        if !entry.deliveries().is_empty() {
+            let endpoints: Vec<&str> = entry.deliveries().iter().map(EndpointName::as_str).collect();
+            let statement = transaction.prepare_cached(&self.sql.enqueue).await?;
+            transaction.execute(&statement, &[&endpoints, &stored.account, &at, &id, &entry.body()]).await?;
+        }
         Ok(())
     }
 
@@ -591,7 +674,10 @@ impl Maintenance for PostgresStore {
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         self.call_within("purge_audit", self.call_timeout.saturating_mul(60), async |client| {
             let statement = client.prepare_cached(&self.sql.purge_audit).await?;
-            Ok(client.execute(&statement, &[&before]).await?)
+            let purged = client.execute(&statement, &[&before]).await?;
+            let statement = client.prepare_cached(&self.sql.purge_dead).await?;
+            client.execute(&statement, &[&before]).await?;
+            Ok(purged)
         })
         .await
     }
@@ -827,7 +913,7 @@ fn corrupt(column: &str, error: impl fmt::Display) -> Failure {
 
 #[async_trait]
 impl KeyStore for PostgresStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {
         let inserted = self
             .call("insert", async |client| {
                 let transaction = client.transaction().await?;
@@ -837,7 +923,7 @@ impl KeyStore for PostgresStore {
                 let limit = i64::from(max_active);
                 let inserted = transaction.execute(&insert, &Columns::of(record).with_limit(&limit)).await?;
                 if inserted == 1 {
-                    self.log(&transaction, event).await?;
+                    self.log(&transaction, entry).await?;
                     transaction.commit().await?;
                 }
                 Ok(inserted)
@@ -869,14 +955,14 @@ impl KeyStore for PostgresStore {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError> {
         self.call("revoke", async |client| {
             let transaction = client.transaction().await?;
             let statement = transaction.prepare_cached(&self.sql.revoke).await?;
             let revoked = transaction.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1;
             if revoked {
-                self.log(&transaction, event).await?;
+                self.log(&transaction, entry).await?;
                 transaction.commit().await?;
             }
             Ok(revoked)
@@ -893,7 +979,7 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
         let (account, old, new) = (roll.account().as_str(), roll.old().as_uuid(), roll.new_key());
         let rolled = self
             .call("roll", async |client| {
@@ -932,7 +1018,7 @@ impl KeyStore for PostgresStore {
                 // The limit was checked above where it applies; the new key is inserted as is.
                 let no_limit = i64::MAX;
                 transaction.execute(&insert, &Columns::of(&new).with_limit(&no_limit)).await?;
-                self.log(&transaction, event).await?;
+                self.log(&transaction, entry).await?;
                 transaction.commit().await?;
                 Ok(Some(true))
             })
@@ -945,7 +1031,7 @@ impl KeyStore for PostgresStore {
         account: &AccountId,
         id: &KeyId,
         change: &Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
         self.call("update", async |client| {
             let transaction = client.transaction().await?;
@@ -969,7 +1055,7 @@ impl KeyStore for PostgresStore {
                 &ratelimits,
             ];
             transaction.execute(&statement, &parameters).await?;
-            self.log(&transaction, event).await?;
+            self.log(&transaction, entry).await?;
             transaction.commit().await?;
             Ok(Some(record))
         })
@@ -1012,7 +1098,7 @@ impl KeyStore for PostgresStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<OwnerLimits>, StoreError> {
         self.call("update_owner", async |client| {
             let transaction = client.transaction().await?;
@@ -1045,7 +1131,7 @@ impl KeyStore for PostgresStore {
                     transaction.execute(&delete, &key).await?
                 }
             };
-            self.log(&transaction, event).await?;
+            self.log(&transaction, entry).await?;
             transaction.commit().await?;
             Ok(limits)
         })
@@ -1067,6 +1153,82 @@ impl KeyStore for PostgresStore {
                 }
             };
             rows.iter().map(event_from_row).collect()
+        })
+        .await
+    }
+
+    /// One statement.
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.call("claim_deliveries", async |client| {
+            let statement = client.prepare_cached(&self.sql.claim).await?;
+            let values: [&(dyn ToSql + Sync); 5] =
+                [&endpoint.as_str(), &claim.now, &claim.token, &claim.until, &i64::from(limit)];
+            let rows = client.query(&statement, &values).await?;
+            let delivery = |row: &Row| -> Result<Delivery, Failure> {
+                let account = AccountId::new(row.try_get::<_, &str>(0)?).map_err(|_| corrupt("account", "invalid"))?;
+                let event_id = EventId::from_uuid(row.try_get(2)?);
+                let attempts = u32::try_from(row.try_get::<_, i32>(4)?).map_err(|error| corrupt("attempts", error))?;
+                let (at, body) = (row.try_get(1)?, row.try_get(3)?);
+                Ok(Delivery::new(endpoint.clone(), account, event_id, at, body, attempts, claim.token))
+            };
+            rows.iter().map(delivery).collect()
+        })
+        .await
+    }
+
+    /// One statement; a death moves the delivery in one too.
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError> {
+        self.call("settle_delivery", async |client| {
+            let key: [&(dyn ToSql + Sync); 5] = [
+                &delivery.endpoint.as_str(),
+                &delivery.account.as_str(),
+                &delivery.at,
+                delivery.event_id.as_uuid(),
+                &delivery.claim,
+            ];
+            let settled = match outcome {
+                Outcome::Delivered => {
+                    let statement = client.prepare_cached(&self.sql.delivered).await?;
+                    client.execute(&statement, &key).await?
+                }
+                Outcome::Retry { at, error } | Outcome::Dead { at, error } => {
+                    let sql = if matches!(outcome, Outcome::Retry { .. }) { &self.sql.retry } else { &self.sql.dead };
+                    let statement = client.prepare_cached(sql).await?;
+                    client.execute(&statement, &[key[0], key[1], key[2], key[3], key[4], at, error]).await?
+                }
+            };
+            Ok(settled == 1)
+        })
+        .await
+    }
+
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError> {
+        self.call("dead_deliveries", async |client| {
+            let statement = client.prepare_cached(&self.sql.dead_deliveries).await?;
+            let rows = client.query(&statement, &[&i64::from(limit)]).await?;
+            let dead = |row: &Row| -> Result<DeadDelivery, Failure> {
+                let endpoint =
+                    EndpointName::new(row.try_get::<_, &str>(1)?).map_err(|_| corrupt("endpoint", "invalid"))?;
+                let account = AccountId::new(row.try_get::<_, &str>(3)?).map_err(|_| corrupt("account", "invalid"))?;
+                let attempts = u32::try_from(row.try_get::<_, i32>(5)?).map_err(|error| corrupt("attempts", error))?;
+                let event_id = EventId::from_uuid(row.try_get(2)?);
+                let (at, dead_at, error) = (row.try_get(4)?, row.try_get(0)?, row.try_get(6)?);
+                Ok(DeadDelivery { endpoint, account, event_id, at, attempts, dead_at, error })
+            };
+            rows.iter().map(dead).collect()
+        })
+        .await
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        self.call("pending_deliveries", async |client| {
+            let statement = client.prepare_cached(&self.sql.pending_deliveries).await?;
+            Ok(client.query_one(&statement, &[]).await?.try_get::<_, i64>(0)?.unsigned_abs())
         })
         .await
     }

@@ -9,21 +9,23 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::stored::{StoredBalance, StoredFields, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
 use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
 };
-use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
+use crate::audit::{AuditEvent, AuditQuery, Entry, EventId, StoredEvent};
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::usage::{Meta, Take, Taken};
+use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome, Waiting, claimable};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 6;
+const SCHEMA_VERSION: u64 = 7;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
@@ -90,6 +92,14 @@ type EventValue =
 const AUDIT: TableDefinition<(&str, i64, &[u8; 16]), EventValue> = TableDefinition::new("audit_events");
 /// (at, id) -> account: the audit trail by time, for retention.
 const AUDIT_BY_TIME: TableDefinition<(i64, &[u8; 16]), &str> = TableDefinition::new("audit_events_by_time");
+/// (endpoint, account, at, event id) -> (body, attempts, due, claim, claimed until, error): the
+/// webhook outbox, each endpoint's and account's deliveries in their order, times in Unix
+/// microseconds. Schema version 7 added it.
+type PendingValue = (&'static str, u32, i64, Option<&'static [u8; 16]>, Option<i64>, Option<&'static str>);
+const OUTBOX: TableDefinition<(&str, &str, i64, &[u8; 16]), PendingValue> = TableDefinition::new("webhook_outbox");
+/// (dead at, endpoint, event id) -> (account, at, attempts, error, body): the dead deliveries.
+type DeadValue = (&'static str, i64, u32, &'static str, &'static str);
+const DEAD: TableDefinition<(i64, &str, &[u8; 16]), DeadValue> = TableDefinition::new("webhook_dead");
 /// "schema_version" -> version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
 
@@ -182,12 +192,24 @@ impl RedbStore {
         operation: &'static str,
         job: impl FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_as(operation, Durability::Immediate, job).await
+    }
+
+    /// [`write`](Self::write) committed with `durability`: `None` for what a crash may undo
+    /// (webhook claims and settlements: the delivery is sent again), which the next durable
+    /// commit makes durable too.
+    async fn write_as<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        durability: Durability,
+        job: impl FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let location = self.location.clone();
         self.writer
             .run(move |database| {
                 let outcome = without_panics(|| -> Result<T, WriteError> {
                     let mut transaction = database.begin_write()?;
-                    transaction.set_durability(Durability::Immediate)?;
+                    transaction.set_durability(durability)?;
                     let value = job(&transaction)?;
                     transaction.commit()?;
                     Ok(value)
@@ -356,6 +378,8 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         transaction.open_table(OWNERS)?;
         transaction.open_table(AUDIT)?;
         transaction.open_table(AUDIT_BY_TIME)?;
+        transaction.open_table(OUTBOX)?;
+        transaction.open_table(DEAD)?;
         transaction.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
         transaction.commit()?;
         Ok(Some(SCHEMA_VERSION))
@@ -541,10 +565,17 @@ impl Maintenance for RedbStore {
     /// In pieces of 4,096 events, each its own write transaction.
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        writer::purge_oldest_in_pieces(|| {
+        let purged = writer::purge_oldest_in_pieces(|| {
             self.write("purge_audit", move |transaction| purge_audit_piece(transaction, before))
         })
-        .await
+        .await?;
+        self.write("purge_dead_deliveries", move |transaction| {
+            let mut dead = transaction.open_table(DEAD)?;
+            dead.retain_in::<(i64, &str, &[u8; 16]), _>(..(before, "", &[0; 16]), |_, _| false)?;
+            Ok(())
+        })
+        .await?;
+        Ok(purged)
     }
 
     /// In pieces, each its own write transaction (see `writer::purge_in_pieces`).
@@ -573,15 +604,66 @@ fn purge_audit_piece(transaction: &redb::WriteTransaction, before: i64) -> Resul
     Ok(due.len() as u64)
 }
 
-/// Stores an event, in the transaction of the change it records.
-fn log(transaction: &redb::WriteTransaction, event: &AuditEvent) -> Result<(), WriteError> {
+/// Stores an entry's event and its deliveries, in the transaction of the change it records.
+fn log(transaction: &redb::WriteTransaction, entry: &Entry) -> Result<(), WriteError> {
+    let event = entry.event();
     let detail = event.detail_text();
     let stored = StoredEvent::of(event, &detail);
     let value =
         (stored.actor_type, stored.actor_id, stored.action, stored.key_id.as_ref(), stored.request_id, stored.detail);
     transaction.open_table(AUDIT)?.insert((stored.account, stored.at, &stored.id), value)?;
     transaction.open_table(AUDIT_BY_TIME)?.insert((stored.at, &stored.id), stored.account)?;
+    let mut outbox = transaction.open_table(OUTBOX)?;
+    for endpoint in entry.deliveries() {
+        let pending = (entry.body(), 0, i64::MIN, None, None, None);
+        outbox.insert((endpoint.as_str(), stored.account, stored.at, &stored.id), pending)?;
+    }
     Ok(())
+}
+
+/// The deliveries a claim takes from the outbox (see `webhook::claimable`), each with when it
+/// was due and its last error, to be written back as they were.
+fn claimable_in(
+    outbox: &impl ReadableTable<(&'static str, &'static str, i64, &'static [u8; 16]), PendingValue>,
+    endpoint: &EndpointName,
+    claim: &Claim,
+    limit: u32,
+) -> Result<Vec<(Delivery, i64, Option<String>)>, BoxError> {
+    let invalid = || -> BoxError { "invalid webhook delivery in the outbox".into() };
+    let start = (endpoint.as_str(), "", i64::MIN, &[0; 16]);
+    let mut waiting = Vec::new();
+    for row in outbox.range::<(&str, &str, i64, &[u8; 16])>(start..)? {
+        let (place, value) = row?;
+        let (name, account, at, id) = place.value();
+        if name != endpoint.as_str() {
+            break;
+        }
+        let (body, attempts, due, _, held_until, error) = value.value();
+        let row = (account.to_owned(), at, *id, body.to_owned(), attempts, due, error.map(str::to_owned));
+        waiting.push((account.to_owned(), Waiting { due, at, held_until, row }));
+    }
+    let mut claimed = Vec::new();
+    for (account, at, id, body, attempts, due, error) in claimable(waiting, unix_micros(claim.now), limit) {
+        let account = AccountId::new(account).map_err(|_| invalid())?;
+        let at = from_unix_micros(at).ok_or_else(invalid)?;
+        let delivery = Delivery::new(
+            endpoint.clone(),
+            account,
+            EventId::from_uuid(Uuid::from_bytes(id)),
+            at,
+            body,
+            attempts,
+            claim.token,
+        );
+        claimed.push((delivery, due, error));
+    }
+    Ok(claimed)
+}
+
+/// A delivery's place in the outbox.
+fn outbox_key(delivery: &Delivery) -> (&str, &str, i64, &[u8; 16]) {
+    let event_id = delivery.event_id.as_uuid().as_bytes();
+    (delivery.endpoint.as_str(), delivery.account.as_str(), unix_micros(delivery.at), event_id)
 }
 
 /// Deletes, of the [`writer::PURGE_PIECE`] records after `after` in digest order, those revoked
@@ -623,15 +705,15 @@ fn purge_piece(
 
 #[async_trait]
 impl KeyStore for RedbStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
-        let (record, event) = (record.clone(), event.clone());
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {
+        let (record, entry) = (record.clone(), entry.clone());
         self.write("insert", move |transaction| {
             let now = unix_micros(record.created_at);
             if count_towards_limit(transaction, &record.account, now, None)? >= u64::from(max_active) {
                 return Err(WriteError::Store(StoreError::LimitReached { limit: max_active }));
             }
             insert_record(transaction, &record)?;
-            log(transaction, &event)
+            log(transaction, &entry)
         })
         .await
     }
@@ -669,9 +751,9 @@ impl KeyStore for RedbStore {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError> {
-        let (account, id, event) = (account.clone(), *id, event.clone());
+        let (account, id, entry) = (account.clone(), *id, entry.clone());
         self.write("revoke", move |transaction| {
             let Some(mut found) = find_in(transaction, &id)? else {
                 return Ok(false);
@@ -683,7 +765,7 @@ impl KeyStore for RedbStore {
             put_record(&mut transaction.open_table(RECORDS)?, &found)?;
             let listed = (found.account.as_str(), ends(found.expires_at.map(unix_micros)), id.as_uuid().as_bytes());
             transaction.open_table(BY_ACCOUNT)?.remove(listed)?;
-            log(transaction, &event)?;
+            log(transaction, &entry)?;
             Ok(true)
         })
         .await
@@ -702,8 +784,8 @@ impl KeyStore for RedbStore {
         })
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
-        let (roll, event) = (roll.clone(), event.clone());
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
+        let (roll, entry) = (roll.clone(), entry.clone());
         self.write("roll", move |transaction| {
             let Some(mut old) = find_in(transaction, roll.old())? else {
                 return Ok(false);
@@ -721,17 +803,17 @@ impl KeyStore for RedbStore {
             let old_id = old.id.as_uuid().as_bytes();
             let listed = (old.account.as_str(), ends(old.expires_at.map(unix_micros)), old_id);
             let mut by_account = transaction.open_table(BY_ACCOUNT)?;
-            let entry = by_account.remove(listed)?.map(|digest| *digest.value());
+            let listed_digest = by_account.remove(listed)?.map(|digest| *digest.value());
             old.expires_at = Some(roll.old_expires_at());
             old.replaced_by = Some(new.id);
             old.credits = old_credits;
-            if let Some(digest) = entry {
+            if let Some(digest) = listed_digest {
                 by_account.insert((old.account.as_str(), ends(old.expires_at.map(unix_micros)), old_id), &digest)?;
             }
             drop(by_account);
             put_record(&mut transaction.open_table(RECORDS)?, &old)?;
             insert_record(transaction, &new)?;
-            log(transaction, &event)?;
+            log(transaction, &entry)?;
             Ok(true)
         })
         .await
@@ -742,9 +824,9 @@ impl KeyStore for RedbStore {
         account: &AccountId,
         id: &KeyId,
         change: &Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let (account, id, change, event) = (account.clone(), *id, change.clone(), event.clone());
+        let (account, id, change, entry) = (account.clone(), *id, change.clone(), entry.clone());
         self.write("update", move |transaction| {
             let found = find_in(transaction, &id)?;
             let Some(mut record) = found.filter(|record| record.account == account && record.is_active(change.at()))
@@ -753,7 +835,7 @@ impl KeyStore for RedbStore {
             };
             change.apply(&mut record);
             put_record(&mut transaction.open_table(RECORDS)?, &record)?;
-            log(transaction, &event)?;
+            log(transaction, &entry)?;
             Ok(Some(record))
         })
         .await
@@ -791,9 +873,9 @@ impl KeyStore for RedbStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<OwnerLimits>, StoreError> {
-        let (account, owner, update, event) = (account.clone(), owner.clone(), update.clone(), event.clone());
+        let (account, owner, update, entry) = (account.clone(), owner.clone(), update.clone(), entry.clone());
         self.write("update_owner", move |transaction| {
             let key = (account.as_str(), owner.as_str());
             let limits = update.apply(find_owner_in(transaction, key)?, at);
@@ -801,7 +883,7 @@ impl KeyStore for RedbStore {
                 Some(limits) => put_owner(transaction, key, limits)?,
                 None => drop(transaction.open_table(OWNERS)?.remove(key)?),
             }
-            log(transaction, &event)?;
+            log(transaction, &entry)?;
             Ok(limits)
         })
         .await
@@ -826,6 +908,95 @@ impl KeyStore for RedbStore {
             }
             Ok(events)
         })
+    }
+
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        // Looked for in a read first, so that a look that finds nothing writes nothing.
+        let due = self.read("claim_deliveries", |transaction| {
+            Ok(!claimable_in(&transaction.open_table(OUTBOX)?, endpoint, claim, 1)?.is_empty())
+        })?;
+        if !due {
+            return Ok(Vec::new());
+        }
+        let (endpoint, claim) = (endpoint.clone(), *claim);
+        self.write_as("claim_deliveries", Durability::None, move |transaction| {
+            let mut outbox = transaction.open_table(OUTBOX)?;
+            let claimed = claimable_in(&outbox, &endpoint, &claim, limit).map_err(WriteError::Backend)?;
+            let until = Some(unix_micros(claim.until));
+            for (delivery, due, error) in &claimed {
+                let token = Some(claim.token.as_bytes());
+                let hold = (delivery.body.as_str(), delivery.attempts, *due, token, until, error.as_deref());
+                outbox.insert(outbox_key(delivery), hold)?;
+            }
+            Ok(claimed.into_iter().map(|(delivery, ..)| delivery).collect())
+        })
+        .await
+    }
+
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError> {
+        let (delivery, outcome) = (delivery.clone(), outcome.clone());
+        self.write_as("settle_delivery", Durability::None, move |transaction| {
+            let mut outbox = transaction.open_table(OUTBOX)?;
+            let held = outbox.get(outbox_key(&delivery))?.is_some_and(|pending| {
+                let (_, _, _, claim, _, _) = pending.value();
+                claim == Some(delivery.claim.as_bytes())
+            });
+            if !held {
+                return Ok(false);
+            }
+            let key = outbox_key(&delivery);
+            match &outcome {
+                Outcome::Delivered => {
+                    outbox.remove(key)?;
+                }
+                Outcome::Retry { at, error } => {
+                    let retry = (
+                        delivery.body.as_str(),
+                        delivery.attempts + 1,
+                        unix_micros(*at),
+                        None,
+                        None,
+                        Some(error.as_str()),
+                    );
+                    outbox.insert(key, retry)?;
+                }
+                Outcome::Dead { at, error } => {
+                    outbox.remove(key)?;
+                    let dead = (key.1, key.2, delivery.attempts + 1, error.as_str(), delivery.body.as_str());
+                    transaction.open_table(DEAD)?.insert((unix_micros(*at), key.0, key.3), dead)?;
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError> {
+        self.read("dead_deliveries", |transaction| {
+            let mut dead = Vec::new();
+            for row in transaction.open_table(DEAD)?.iter()?.rev().take(limit as usize) {
+                let (place, value) = row?;
+                let (dead_at, endpoint, id) = place.value();
+                let (account, at, attempts, error, _) = value.value();
+                let invalid = || "invalid dead webhook delivery";
+                let endpoint = EndpointName::new(endpoint).map_err(|_| invalid())?;
+                let account = AccountId::new(account).map_err(|_| invalid())?;
+                let at = from_unix_micros(at).ok_or_else(invalid)?;
+                let dead_at = from_unix_micros(dead_at).ok_or_else(invalid)?;
+                let event_id = EventId::from_uuid(Uuid::from_bytes(*id));
+                dead.push(DeadDelivery { endpoint, account, event_id, at, attempts, dead_at, error: error.to_owned() });
+            }
+            Ok(dead)
+        })
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        self.read("pending_deliveries", |transaction| Ok(transaction.open_table(OUTBOX)?.len()?))
     }
 
     async fn take_owner_credits(

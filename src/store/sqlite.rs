@@ -14,18 +14,19 @@ use uuid::Uuid;
 use super::stored::{InvalidField, StoredBalance, StoredFields, decode_balance, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
 use super::{BackendError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits};
-use crate::audit::{AuditEvent, AuditQuery, StoredEvent};
-use crate::clock::unix_micros;
+use crate::audit::{AuditEvent, AuditQuery, Entry, EventId, StoredEvent};
+use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::spread::{CachePadded, thread_number};
 use crate::usage::{Meta, Take, Taken};
+use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
 /// `PRAGMA application_id` of an apikeys database: "apky". Tells our files from any other SQLite file.
 const APPLICATION_ID: i32 = 0x6170_6b79;
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 /// How long a write waits for another process's write lock before failing: on the writer
 /// thread, so the wait holds up no caller.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,7 +42,7 @@ const MMAP_SIZE: i64 = 1 << 30;
 /// until the log next starts over (normally at the next write).
 const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     // Version 1. The digest is the primary key of a WITHOUT ROWID table, so verification is
     // one B-tree descent that ends at the whole record.
     "CREATE TABLE api_keys (
@@ -104,7 +105,51 @@ const MIGRATIONS: [&str; 6] = [
         PRIMARY KEY (account, at, id)
     ) WITHOUT ROWID;
     CREATE INDEX audit_events_by_time ON audit_events (at);",
+    // Version 7: the webhook outbox, clustered by endpoint and account in delivery order (the
+    // oldest of an account is the first of its range), and the dead deliveries by when they died.
+    "CREATE TABLE webhook_outbox (
+        endpoint      TEXT    NOT NULL,
+        account       TEXT    NOT NULL,
+        at            INTEGER NOT NULL,
+        event_id      BLOB    NOT NULL,
+        body          TEXT    NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        due           INTEGER NOT NULL,
+        claim         BLOB,
+        claimed_until INTEGER,
+        error         TEXT,
+        PRIMARY KEY (endpoint, account, at, event_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE webhook_dead (
+        dead_at  INTEGER NOT NULL,
+        endpoint TEXT    NOT NULL,
+        event_id BLOB    NOT NULL,
+        account  TEXT    NOT NULL,
+        at       INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        error    TEXT    NOT NULL,
+        body     TEXT    NOT NULL,
+        PRIMARY KEY (dead_at, endpoint, event_id)
+    ) WITHOUT ROWID;",
 ];
+
+/// The deliveries a claim at `?2` takes (see `webhook::claimable`): of each account its oldest
+/// delivery to the endpoint, if due and no delivery of the account is held past `?2`; the longest
+/// due first.
+const CLAIMABLE: &str = "SELECT account, at, event_id, body, attempts FROM webhook_outbox AS o \
+     WHERE endpoint = ?1 AND due <= ?2 AND (claimed_until IS NULL OR claimed_until <= ?2) \
+     AND NOT EXISTS (SELECT 1 FROM webhook_outbox AS p WHERE p.endpoint = ?1 AND p.account = o.account \
+                     AND ((p.at, p.event_id) < (o.at, o.event_id) OR p.claimed_until > ?2)) \
+     ORDER BY due, at LIMIT ?3";
+
+/// Settling a delivery: its primary key and its claim are `?1` to `?5`.
+const DELIVERED: &str = "DELETE FROM webhook_outbox \
+     WHERE endpoint = ?1 AND account = ?2 AND at = ?3 AND event_id = ?4 AND claim = ?5";
+const RETRY: &str = "UPDATE webhook_outbox SET attempts = attempts + 1, due = ?6, claim = NULL, claimed_until = NULL, \
+     error = ?7 WHERE endpoint = ?1 AND account = ?2 AND at = ?3 AND event_id = ?4 AND claim = ?5";
+const DEAD: &str = "INSERT INTO webhook_dead (dead_at, endpoint, event_id, account, at, attempts, error, body) \
+     SELECT ?6, endpoint, event_id, account, at, attempts + 1, ?7, body FROM webhook_outbox \
+     WHERE endpoint = ?1 AND account = ?2 AND at = ?3 AND event_id = ?4 AND claim = ?5";
 
 const FIND_OWNER: &str = "SELECT credits_remaining, credits_as_of, refill_amount, refill_interval, ratelimits \
                           FROM owner_limits WHERE account = ?1 AND owner_id = ?2";
@@ -658,8 +703,9 @@ fn write_owner(
     Ok(())
 }
 
-/// Stores an event, in the transaction of the change it records.
-fn log(transaction: &rusqlite::Transaction<'_>, event: &AuditEvent) -> rusqlite::Result<()> {
+/// Stores an entry's event and its deliveries, in the transaction of the change it records.
+fn log(transaction: &rusqlite::Transaction<'_>, entry: &Entry) -> rusqlite::Result<()> {
+    let event = entry.event();
     let detail = event.detail_text();
     let stored = StoredEvent::of(event, &detail);
     transaction
@@ -678,7 +724,36 @@ fn log(transaction: &rusqlite::Transaction<'_>, event: &AuditEvent) -> rusqlite:
             stored.request_id,
             stored.detail,
         ])?;
+    for endpoint in entry.deliveries() {
+        transaction
+            .prepare_cached(
+                "INSERT INTO webhook_outbox (endpoint, account, at, event_id, body, due) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![endpoint.as_str(), stored.account, stored.at, &stored.id[..], entry.body(), i64::MIN])?;
+    }
     Ok(())
+}
+
+/// A delivery from a row of [`CLAIMABLE`], claimed for `endpoint` by `claim`.
+fn delivery_from_row(row: &Row<'_>, endpoint: &EndpointName, claim: Uuid) -> rusqlite::Result<Delivery> {
+    let invalid = |name| invalid_field(InvalidField { index: 0, name });
+    let account = AccountId::new(row.get_ref(0)?.as_str()?).map_err(|_| invalid("account"))?;
+    let at = from_unix_micros(row.get(1)?).ok_or_else(|| invalid("at"))?;
+    let event_id = EventId::from_uuid(Uuid::from_bytes(row.get(2)?));
+    let attempts = u32::try_from(row.get::<_, i64>(4)?).map_err(|_| invalid("attempts"))?;
+    Ok(Delivery::new(endpoint.clone(), account, event_id, at, row.get(3)?, attempts, claim))
+}
+
+/// A dead delivery from a row of `dead_deliveries`' query.
+fn dead_from_row(row: &Row<'_>) -> rusqlite::Result<DeadDelivery> {
+    let invalid = |name| invalid_field(InvalidField { index: 0, name });
+    let endpoint = EndpointName::new(row.get_ref(1)?.as_str()?).map_err(|_| invalid("endpoint"))?;
+    let account = AccountId::new(row.get_ref(3)?.as_str()?).map_err(|_| invalid("account"))?;
+    let at = from_unix_micros(row.get(4)?).ok_or_else(|| invalid("at"))?;
+    let event_id = EventId::from_uuid(Uuid::from_bytes(row.get(2)?));
+    let attempts = u32::try_from(row.get::<_, i64>(5)?).map_err(|_| invalid("attempts"))?;
+    let dead_at = from_unix_micros(row.get(0)?).ok_or_else(|| invalid("dead_at"))?;
+    Ok(DeadDelivery { endpoint, account, event_id, at, attempts, dead_at, error: row.get(6)? })
 }
 
 /// An event from a row of `audit_log`'s query.
@@ -707,13 +782,13 @@ fn micros(at: Option<OffsetDateTime>) -> Option<i64> {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
-        let (record, event) = (record.clone(), event.clone());
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {
+        let (record, entry) = (record.clone(), entry.clone());
         self.write("insert", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             check_limit(&transaction, &record.account, record.created_at, None, max_active)?;
             insert_row(&transaction, &record)?;
-            log(&transaction, &event)?;
+            log(&transaction, &entry)?;
             transaction.commit()?;
             Ok(())
         })
@@ -742,9 +817,9 @@ impl KeyStore for SqliteStore {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError> {
-        let (account, id, event) = (account.clone(), *id, event.clone());
+        let (account, id, entry) = (account.clone(), *id, entry.clone());
         self.write("revoke", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let changed = transaction
@@ -754,7 +829,7 @@ impl KeyStore for SqliteStore {
                 )?
                 .execute(params![id.as_uuid().as_bytes(), account.as_str(), unix_micros(at)])?;
             if changed == 1 {
-                log(&transaction, &event)?;
+                log(&transaction, &entry)?;
                 transaction.commit()?;
             }
             Ok(changed == 1)
@@ -769,8 +844,8 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
-        let (roll, event) = (roll.clone(), event.clone());
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
+        let (roll, entry) = (roll.clone(), entry.clone());
         self.write("roll", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (old, new) = (roll.old(), roll.new_key());
@@ -801,7 +876,7 @@ impl KeyStore for SqliteStore {
                     credits.refill_interval,
                 ])?;
             insert_row(&transaction, &new)?;
-            log(&transaction, &event)?;
+            log(&transaction, &entry)?;
             transaction.commit()?;
             Ok(true)
         })
@@ -813,9 +888,9 @@ impl KeyStore for SqliteStore {
         account: &AccountId,
         id: &KeyId,
         change: &Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let (account, id, change, event) = (account.clone(), *id, change.clone(), event.clone());
+        let (account, id, change, entry) = (account.clone(), *id, change.clone(), entry.clone());
         self.write("update", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let found = transaction
@@ -840,7 +915,7 @@ impl KeyStore for SqliteStore {
                     credits.refill_interval,
                     record.ratelimits.as_text(),
                 ])?;
-            log(&transaction, &event)?;
+            log(&transaction, &entry)?;
             transaction.commit()?;
             Ok(Some(record))
         })
@@ -887,9 +962,9 @@ impl KeyStore for SqliteStore {
         owner: &OwnerId,
         update: &OwnerUpdate,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<OwnerLimits>, StoreError> {
-        let (account, owner, update, event) = (account.clone(), owner.clone(), update.clone(), event.clone());
+        let (account, owner, update, entry) = (account.clone(), owner.clone(), update.clone(), entry.clone());
         self.write("update_owner", true, move |connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let key = params![account.as_str(), owner.as_str()];
@@ -903,7 +978,7 @@ impl KeyStore for SqliteStore {
                         .execute(key)?;
                 }
             }
-            log(&transaction, &event)?;
+            log(&transaction, &entry)?;
             transaction.commit()?;
             Ok(limits)
         })
@@ -921,6 +996,107 @@ impl KeyStore for SqliteStore {
                 .query_map(params![account.as_str(), at, &id[..], i64::from(query.limit)], event_from_row)?
                 .collect()
         })
+    }
+
+    /// One writer job, committed as lastUsedAt is: a claim lost to a power cut only lets the
+    /// delivery be claimed again.
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        // Looked for in a read first, so that a look that finds nothing takes no write lock.
+        let due = self.read("claim_deliveries", |connection| {
+            connection
+                .prepare_cached(CLAIMABLE)?
+                .query_map(params![endpoint.as_str(), unix_micros(claim.now), 1], |_| Ok(()))?
+                .next()
+                .transpose()
+        })?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        let (endpoint, claim) = (endpoint.clone(), *claim);
+        self.write("claim_deliveries", false, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (now, token) = (unix_micros(claim.now), claim.token.as_bytes());
+            let claimed: Vec<Delivery> = transaction
+                .prepare_cached(CLAIMABLE)?
+                .query_map(params![endpoint.as_str(), now, i64::from(limit)], |row| {
+                    delivery_from_row(row, &endpoint, claim.token)
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut hold = transaction.prepare_cached(
+                "UPDATE webhook_outbox SET claim = ?5, claimed_until = ?6 \
+                 WHERE endpoint = ?1 AND account = ?2 AND at = ?3 AND event_id = ?4",
+            )?;
+            for delivery in &claimed {
+                let key = (delivery.account.as_str(), unix_micros(delivery.at), delivery.event_id.as_uuid().as_bytes());
+                hold.execute(params![endpoint.as_str(), key.0, key.1, key.2, token, unix_micros(claim.until)])?;
+            }
+            drop(hold);
+            transaction.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    /// Committed as lastUsedAt is: a settlement lost to a power cut delivers the event again.
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError> {
+        let (delivery, outcome) = (delivery.clone(), outcome.clone());
+        self.write("settle_delivery", false, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = (
+                delivery.endpoint.as_str(),
+                delivery.account.as_str(),
+                unix_micros(delivery.at),
+                delivery.event_id.as_uuid().as_bytes(),
+                delivery.claim.as_bytes(),
+            );
+            let held = params![key.0, key.1, key.2, key.3, key.4];
+            let settled = match &outcome {
+                Outcome::Delivered => transaction.prepare_cached(DELIVERED)?.execute(held)?,
+                Outcome::Retry { at, error } | Outcome::Dead { at, error } => {
+                    let dead = matches!(outcome, Outcome::Dead { .. });
+                    let changed = transaction.prepare_cached(if dead { DEAD } else { RETRY })?.execute(params![
+                        key.0,
+                        key.1,
+                        key.2,
+                        key.3,
+                        key.4,
+                        unix_micros(*at),
+                        error
+                    ])?;
+                    if dead {
+                        transaction.prepare_cached(DELIVERED)?.execute(held)?;
+                    }
+                    changed
+                }
+            };
+            transaction.commit()?;
+            Ok(settled == 1)
+        })
+        .await
+    }
+
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError> {
+        self.read("dead_deliveries", |connection| {
+            connection
+                .prepare_cached(
+                    "SELECT dead_at, endpoint, event_id, account, at, attempts, error FROM webhook_dead \
+                     ORDER BY dead_at DESC, endpoint DESC, event_id DESC LIMIT ?1",
+                )?
+                .query_map(params![i64::from(limit)], dead_from_row)?
+                .collect()
+        })
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        self.read("pending_deliveries", |connection| {
+            connection.query_row("SELECT count(*) FROM webhook_outbox", [], |row| row.get::<_, i64>(0))
+        })
+        .map(i64::unsigned_abs)
     }
 
     async fn take_owner_credits(
@@ -984,7 +1160,7 @@ impl Maintenance for SqliteStore {
     /// lastUsedAt is: a purge lost to a power cut leaves only events that were due to go.
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let before = unix_micros(before);
-        writer::purge_oldest_in_pieces(|| {
+        let purged = writer::purge_oldest_in_pieces(|| {
             self.write("purge_audit", false, move |connection| {
                 let deleted = connection
                     .prepare_cached(
@@ -995,7 +1171,13 @@ impl Maintenance for SqliteStore {
                 Ok(deleted as u64)
             })
         })
-        .await
+        .await?;
+        self.write("purge_dead_deliveries", false, move |connection| {
+            connection.prepare_cached("DELETE FROM webhook_dead WHERE dead_at < ?1")?.execute(params![before])?;
+            Ok(())
+        })
+        .await?;
+        Ok(purged)
     }
 
     /// In pieces, each its own writer job (see `writer::purge_in_pieces`), committed as lastUsedAt

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
-use crate::audit::{Action, Actor, AuditEvent, AuditQuery, detail};
+use crate::audit::{Action, Actor, AuditEvent, AuditQuery, Entry, detail};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
@@ -34,6 +34,7 @@ use crate::scope::Scopes;
 use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
+use crate::webhook::{Claim, Delivery, EndpointName, Outcome};
 
 /// A base time with microseconds, to catch a store that rounds them away.
 const T0: OffsetDateTime = datetime!(2025-10-15 09:00:00.123456 UTC);
@@ -85,7 +86,7 @@ fn owner_event(account: &AccountId, owner: &OwnerId, at: OffsetDateTime) -> Audi
 
 /// Each change of the store with the event the service would give it.
 async fn insert_within(store: &dyn KeyStore, record: &KeyRecord, max_active: u32) -> Result<(), StoreError> {
-    store.insert(record, max_active, &created_event(record)).await
+    store.insert(record, max_active, &created_event(record).into()).await
 }
 
 async fn revoke_at(
@@ -94,11 +95,11 @@ async fn revoke_at(
     id: &KeyId,
     at: OffsetDateTime,
 ) -> Result<bool, StoreError> {
-    store.revoke(account, id, at, &revoked_event(account, id, at)).await
+    store.revoke(account, id, at, &revoked_event(account, id, at).into()).await
 }
 
 async fn roll_within(store: &dyn KeyStore, roll: &Roll, max_active: u32) -> Result<bool, StoreError> {
-    store.roll(roll, max_active, &rolled_event(roll)).await
+    store.roll(roll, max_active, &rolled_event(roll).into()).await
 }
 
 async fn update_key(
@@ -107,7 +108,7 @@ async fn update_key(
     id: &KeyId,
     change: &Change,
 ) -> Result<Option<KeyRecord>, StoreError> {
-    store.update(account, id, change, &updated_event(account, id, change)).await
+    store.update(account, id, change, &updated_event(account, id, change).into()).await
 }
 
 async fn update_owner_at(
@@ -117,7 +118,7 @@ async fn update_owner_at(
     update: &OwnerUpdate,
     at: OffsetDateTime,
 ) -> Result<Option<OwnerLimits>, StoreError> {
-    store.update_owner(account, owner, update, at, &owner_event(account, owner, at)).await
+    store.update_owner(account, owner, update, at, &owner_event(account, owner, at).into()).await
 }
 
 async fn find(store: &dyn KeyStore, record: &KeyRecord) -> KeyRecord {
@@ -899,7 +900,7 @@ pub async fn each_change_keeps_its_event_and_nothing_else_does(store: &dyn KeySt
     let mut first = record(&account, T0);
     first.name = Some(KeyName::new("first").unwrap());
     let created = created_event(&first);
-    store.insert(&first, 1, &created).await.unwrap();
+    store.insert(&first, 1, &created.clone().into()).await.unwrap();
     expected.push(created);
     assert_eq!(trail(store, &account).await, expected, "a create keeps its event, detail and all");
 
@@ -917,19 +918,19 @@ pub async fn each_change_keeps_its_event_and_nothing_else_does(store: &dyn KeySt
 
     let at = T0 + Duration::seconds(1);
     let updated = updated_event(&account, &first.id, &rename(at));
-    assert!(store.update(&account, &first.id, &rename(at), &updated).await.unwrap().is_some());
+    assert!(store.update(&account, &first.id, &rename(at), &updated.clone().into()).await.unwrap().is_some());
     let roll = roll_of(&first, at, at + Duration::hours(1));
     let rolled = rolled_event(&roll);
-    assert!(store.roll(&roll, 10, &rolled).await.unwrap());
+    assert!(store.roll(&roll, 10, &rolled.clone().into()).await.unwrap());
     assert!(!roll_within(store, &roll, 10).await.unwrap(), "a roll of a key already rolled by it");
     let later = at + Duration::seconds(1);
     let revoked = revoked_event(&account, &first.id, later);
-    assert!(store.revoke(&account, &first.id, later, &revoked).await.unwrap());
+    assert!(store.revoke(&account, &first.id, later, &revoked.clone().into()).await.unwrap());
     assert!(!revoke_at(store, &account, &first.id, later).await.unwrap(), "revoked already");
     let owner = OwnerId::new("owner").unwrap();
     let limits = OwnerUpdate::default().credits(Some(Credits::new(5).unwrap()));
     let owner_updated = owner_event(&account, &owner, later);
-    store.update_owner(&account, &owner, &limits, later, &owner_updated).await.unwrap();
+    store.update_owner(&account, &owner, &limits, later, &owner_updated.clone().into()).await.unwrap();
     // Two events at `later`: their ids order them.
     let mut newest = [revoked, owner_updated];
     newest.sort_by_key(|event| std::cmp::Reverse(event.id));
@@ -947,7 +948,7 @@ pub async fn the_audit_trail_pages_newest_first(store: &dyn KeyStore) {
     for i in 0..7 {
         let key = record(&account, T0 + Duration::seconds(i / 2));
         let created = created_event(&key);
-        store.insert(&key, 100, &created).await.unwrap();
+        store.insert(&key, 100, &created.clone().into()).await.unwrap();
         events.push(created);
         insert_within(store, &record(&other, T0), 100).await.unwrap();
     }
@@ -965,6 +966,221 @@ pub async fn the_audit_trail_pages_newest_first(store: &dyn KeyStore) {
     assert_eq!(read, events, "every event once, newest first, across pages");
     let none = store.audit_log(&account, AuditQuery { after: None, limit: 0 }).await.unwrap();
     assert!(none.is_empty(), "a limit of zero reads nothing");
+}
+
+/// A webhook endpoint no other check delivers to, so that checks can share one store.
+fn endpoint() -> EndpointName {
+    EndpointName::new(&format!("conformance-{}", uuid::Uuid::now_v7().simple())).unwrap()
+}
+
+/// Creates a key of `account` at `at` whose event goes to each of `endpoints`; the event.
+async fn create_delivered(
+    store: &dyn KeyStore,
+    account: &AccountId,
+    at: OffsetDateTime,
+    endpoints: &[EndpointName],
+) -> AuditEvent {
+    let key = record(account, at);
+    let event = created_event(&key);
+    store.insert(&key, u32::MAX, &Entry::new(event.clone(), endpoints.into())).await.unwrap();
+    event
+}
+
+fn claim_at(now: OffsetDateTime) -> Claim {
+    Claim::new(now, std::time::Duration::from_secs(60))
+}
+
+async fn claim(store: &dyn KeyStore, endpoint: &EndpointName, now: OffsetDateTime) -> Vec<Delivery> {
+    let mut claimed = store.claim_deliveries(endpoint, &claim_at(now), 100).await.unwrap();
+    claimed.sort_by_key(|delivery| delivery.at);
+    claimed
+}
+
+/// Every change made writes a delivery of its event for each endpoint of its entry, with the
+/// event's JSON as the body; a refused change writes none. A claim returns, of each account, only
+/// its oldest delivery, and nothing a live claim holds; settling it as delivered lets the next one
+/// of the account be claimed.
+pub async fn the_outbox_delivers_each_accounts_events_in_order_once_claimed(store: &dyn KeyStore) {
+    let (a, b) = (endpoint(), endpoint());
+    let (first, second) = (account(), account());
+    let both = [a.clone(), b.clone()];
+    let one = create_delivered(store, &first, T0, &both).await;
+    let two = create_delivered(store, &first, T0 + Duration::seconds(1), &both).await;
+    let three = create_delivered(store, &second, T0 + Duration::seconds(2), std::slice::from_ref(&a)).await;
+    let refused = record(&first, T0);
+    let entry = Entry::new(created_event(&refused), both.as_slice().into());
+    assert!(store.insert(&refused, 0, &entry).await.is_err(), "over the limit: no delivery");
+
+    let now = T0 + Duration::minutes(1);
+    let claimed = claim(store, &a, now).await;
+    let seen: Vec<_> = claimed.iter().map(|delivery| (delivery.event_id, delivery.account.clone())).collect();
+    assert_eq!(seen, [(one.id, first.clone()), (three.id, second.clone())], "each account's oldest, and only those");
+    let delivery = &claimed[0];
+    assert_eq!((delivery.at, delivery.attempts, &delivery.endpoint), (one.at, 0, &a));
+    assert_eq!(delivery.body, one.to_json().to_string(), "the body is the event's JSON");
+    assert!(claim(store, &a, now).await.is_empty(), "a live claim holds them");
+    assert_eq!(claim(store, &b, now).await.len(), 1, "each endpoint has deliveries of its own");
+
+    let mut forged = delivery.clone();
+    forged.claim = uuid::Uuid::now_v7();
+    assert!(!store.settle_delivery(&forged, &Outcome::Delivered).await.unwrap(), "only the holding claim settles");
+    assert!(store.settle_delivery(delivery, &Outcome::Delivered).await.unwrap());
+    assert!(!store.settle_delivery(delivery, &Outcome::Delivered).await.unwrap(), "a delivery settles once");
+    let next = claim(store, &a, now).await;
+    assert_eq!(next.iter().map(|delivery| delivery.event_id).collect::<Vec<_>>(), [two.id], "then the account's next");
+}
+
+/// A claim that ran out passes its deliveries to the next claim, and the first can no longer
+/// settle them.
+pub async fn a_claim_that_ran_out_passes_to_the_next(store: &dyn KeyStore) {
+    let (endpoint, account) = (endpoint(), account());
+    let event = create_delivered(store, &account, T0, std::slice::from_ref(&endpoint)).await;
+    let first = Claim::new(T0, std::time::Duration::from_secs(1));
+    let held = store.claim_deliveries(&endpoint, &first, 10).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let before = Claim::new(T0 + Duration::milliseconds(999), std::time::Duration::from_secs(60));
+    assert!(store.claim_deliveries(&endpoint, &before, 10).await.unwrap().is_empty(), "not yet run out");
+    let after = Claim::new(T0 + Duration::seconds(1), std::time::Duration::from_secs(60));
+    let taken = store.claim_deliveries(&endpoint, &after, 10).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|delivery| (delivery.event_id, delivery.claim)).collect::<Vec<_>>(),
+        [(event.id, after.token)]
+    );
+    assert!(!store.settle_delivery(&held[0], &Outcome::Delivered).await.unwrap(), "the first claim ran out");
+    assert!(store.settle_delivery(&taken[0], &Outcome::Delivered).await.unwrap());
+}
+
+/// A retried delivery is claimed again only once due, with one more attempt counted, and the
+/// account's later deliveries wait for it; a dead one leaves the outbox for the dead deliveries,
+/// and the next one of its account comes up.
+pub async fn retries_keep_their_place_and_dead_deliveries_are_kept(store: &dyn KeyStore) {
+    let (endpoint, account) = (endpoint(), account());
+    let endpoints = std::slice::from_ref(&endpoint);
+    let first = create_delivered(store, &account, T0, endpoints).await;
+    let second = create_delivered(store, &account, T0 + Duration::seconds(1), endpoints).await;
+    let now = T0 + Duration::minutes(1);
+    let claimed = claim(store, &endpoint, now).await;
+    let retry_at = now + Duration::seconds(30);
+    let retry = Outcome::Retry { at: retry_at, error: "the endpoint answered 500".into() };
+    assert!(store.settle_delivery(&claimed[0], &retry).await.unwrap());
+    assert!(claim(store, &endpoint, retry_at - Duration::seconds(1)).await.is_empty(), "the later one waits its turn");
+    let again = claim(store, &endpoint, retry_at).await;
+    assert_eq!(
+        again.iter().map(|delivery| (delivery.event_id, delivery.attempts)).collect::<Vec<_>>(),
+        [(first.id, 1)]
+    );
+
+    let died_at = retry_at + Duration::seconds(1);
+    let dead = Outcome::Dead { at: died_at, error: "no answer within 10000 ms".into() };
+    assert!(store.settle_delivery(&again[0], &dead).await.unwrap());
+    let kept = store.dead_deliveries(1_000).await.unwrap();
+    let kept: Vec<_> = kept.into_iter().filter(|dead| dead.endpoint == endpoint).collect();
+    assert_eq!(kept.len(), 1);
+    let kept = &kept[0];
+    assert_eq!((kept.event_id, &kept.account, kept.at, kept.attempts), (first.id, &account, first.at, 2));
+    assert_eq!((kept.dead_at, kept.error.as_str()), (died_at, "no answer within 10000 ms"));
+    let next = claim(store, &endpoint, died_at).await;
+    assert_eq!(next.iter().map(|delivery| delivery.event_id).collect::<Vec<_>>(), [second.id], "then the next");
+}
+
+/// Claims made at once from several threads never hold one delivery twice, and together take
+/// every due delivery.
+pub async fn concurrent_claims_never_share_a_delivery(store: &dyn KeyStore) {
+    let endpoint = endpoint();
+    let mut events = BTreeSet::new();
+    for i in 0..24 {
+        let at = T0 + Duration::milliseconds(i);
+        events.insert(create_delivered(store, &account(), at, std::slice::from_ref(&endpoint)).await.id);
+    }
+    let claim = claim_at(T0 + Duration::minutes(1));
+    let claims = in_parallel(6, |_| {
+        let (endpoint, claim) = (endpoint.clone(), Claim { token: uuid::Uuid::now_v7(), ..claim });
+        async move { store.claim_deliveries(&endpoint, &claim, 3).await.unwrap() }
+    });
+    let claimed: Vec<Delivery> = claims.await.into_iter().flatten().collect();
+    let ids: BTreeSet<_> = claimed.iter().map(|delivery| delivery.event_id).collect();
+    assert_eq!(ids.len(), claimed.len(), "no delivery claimed twice");
+    let rest = store.claim_deliveries(&endpoint, &claim, 100).await.unwrap();
+    let ids: BTreeSet<_> = ids.into_iter().chain(rest.iter().map(|delivery| delivery.event_id)).collect();
+    assert_eq!(ids, events, "every delivery claimed, once");
+}
+
+/// Delivers every delivery to `endpoint` that a claim at `now` can take, one look after another
+/// (at most 100), and returns their events' ids in the order they were claimed.
+async fn drain(store: &dyn KeyStore, endpoint: &EndpointName, now: OffsetDateTime) -> Vec<crate::audit::EventId> {
+    let mut delivered = Vec::new();
+    for _ in 0..100 {
+        let claimed = store.claim_deliveries(endpoint, &claim_at(now), 100).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for delivery in claimed {
+            assert!(store.settle_delivery(&delivery, &Outcome::Delivered).await.unwrap());
+            delivered.push(delivery.event_id);
+        }
+    }
+    delivered
+}
+
+/// Every kind of change writes its deliveries with its event: a create, an update, a roll, a
+/// revocation and an owner's limits; a refused revocation, update or roll writes none.
+pub async fn every_change_writes_its_deliveries_and_a_refused_one_none(store: &dyn KeyStore) {
+    let (endpoint, account, elsewhere) = (endpoint(), account(), account());
+    let to = |event: &AuditEvent| Entry::new(event.clone(), std::slice::from_ref(&endpoint).into());
+    let key = record(&account, T0);
+    let created = created_event(&key);
+    store.insert(&key, 10, &to(&created)).await.unwrap();
+    let at = T0 + Duration::seconds(1);
+    let rename = Change::new(crate::KeyUpdate::default().name(Some(KeyName::new("renamed").unwrap())), at);
+    let updated = updated_event(&account, &key.id, &rename);
+    assert!(store.update(&account, &key.id, &rename, &to(&updated)).await.unwrap().is_some());
+    let refused = updated_event(&elsewhere, &key.id, &rename);
+    assert!(store.update(&elsewhere, &key.id, &rename, &to(&refused)).await.unwrap().is_none());
+    let later = at + Duration::seconds(1);
+    let roll = roll_of(&key, later, later + Duration::hours(1));
+    let rolled = rolled_event(&roll);
+    assert!(store.roll(&roll, 10, &to(&rolled)).await.unwrap());
+    let again = rolled_event(&roll);
+    assert!(!store.roll(&roll, 10, &to(&again)).await.unwrap(), "a roll that no longer applies");
+    let last = later + Duration::seconds(1);
+    let revoked = revoked_event(&account, &key.id, last);
+    assert!(store.revoke(&account, &key.id, last, &to(&revoked)).await.unwrap());
+    let twice = revoked_event(&account, &key.id, last);
+    assert!(!store.revoke(&account, &key.id, last, &to(&twice)).await.unwrap(), "revoked already");
+    let owner = OwnerId::new("owner").unwrap();
+    let limits = OwnerUpdate::default().credits(Some(Credits::new(5).unwrap()));
+    let owner_updated = owner_event(&account, &owner, last);
+    store.update_owner(&account, &owner, &limits, last, &to(&owner_updated)).await.unwrap();
+    let mut expected = [created, updated, rolled, revoked, owner_updated];
+    expected.sort_by_key(|event| (event.at, event.id));
+    let expected: Vec<_> = expected.iter().map(|event| event.id).collect();
+    assert_eq!(drain(store, &endpoint, last + Duration::minutes(1)).await, expected, "each change's, in order, once");
+}
+
+/// A claim takes the longest due deliveries first, whatever their accounts are named; and while
+/// a delivery of an account is in flight, none other of the account is claimed, not even one of
+/// an earlier event written since.
+pub async fn claims_are_fair_and_an_account_has_one_delivery_in_flight(store: &dyn KeyStore) {
+    let endpoint = endpoint();
+    let endpoints = std::slice::from_ref(&endpoint);
+    let named = |first: char| AccountId::new(format!("{first} {}", KeyId::generate())).unwrap();
+    let (early_name, late_name) = (named('a'), named('z'));
+    create_delivered(store, &early_name, T0 + Duration::seconds(5), endpoints).await;
+    let oldest = create_delivered(store, &late_name, T0, endpoints).await;
+    let now = T0 + Duration::minutes(1);
+    let first = store.claim_deliveries(&endpoint, &claim_at(now), 1).await.unwrap();
+    assert_eq!(
+        first.iter().map(|delivery| delivery.event_id).collect::<Vec<_>>(),
+        [oldest.id],
+        "the oldest, not the first name"
+    );
+
+    let earlier = create_delivered(store, &late_name, T0 - Duration::seconds(1), endpoints).await;
+    let next = store.claim_deliveries(&endpoint, &claim_at(now), 10).await.unwrap();
+    assert!(next.iter().all(|delivery| delivery.account != late_name), "the account has one in flight: {next:?}");
+    assert!(store.settle_delivery(&first[0], &Outcome::Delivered).await.unwrap());
+    let then = store.claim_deliveries(&endpoint, &claim_at(now), 10).await.unwrap();
+    assert_eq!(then.iter().map(|delivery| delivery.event_id).collect::<Vec<_>>(), [earlier.id], "then the next of it");
 }
 
 // The checks of the optional `Maintenance` capability, run by `maintenance_tests!`.
@@ -1032,7 +1248,7 @@ pub async fn purge_audit_deletes_exactly_the_events_before_the_instant(store: &d
         let mut key = record(&account, AUDIT_AGO + Duration::seconds(i));
         key.expires_at = Some(key.created_at + Duration::microseconds(1));
         let created = created_event(&key);
-        store.insert(&key, u32::MAX, &created).await.unwrap();
+        store.insert(&key, u32::MAX, &created.clone().into()).await.unwrap();
         if i == EVENTS {
             kept.push(created);
         }
@@ -1136,6 +1352,12 @@ macro_rules! conformance_tests {
             concurrent_rolls_and_a_revoke_leave_one_consistent_outcome,
             each_change_keeps_its_event_and_nothing_else_does,
             the_audit_trail_pages_newest_first,
+            the_outbox_delivers_each_accounts_events_in_order_once_claimed,
+            a_claim_that_ran_out_passes_to_the_next,
+            retries_keep_their_place_and_dead_deliveries_are_kept,
+            concurrent_claims_never_share_a_delivery,
+            every_change_writes_its_deliveries_and_a_refused_one_none,
+            claims_are_fair_and_an_account_has_one_delivery_in_flight,
         );
     };
     // One test per check, each over the store as the trait the checks take.

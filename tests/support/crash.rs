@@ -2,8 +2,9 @@
 //! `KeyStore`, and what a reopened store must show of each change: the change and its audit
 //! event together, or neither.
 
-use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery, EventId};
+use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery, Entry, EventId};
 use apikeys::store::Roll;
+use apikeys::webhook::EndpointName;
 use apikeys::{AccountId, Digest, KeyId, KeyRecord, KeyStore};
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -41,6 +42,11 @@ pub fn scenario() -> Vec<Change> {
     changes
 }
 
+/// The webhook endpoint every change's event goes to.
+fn endpoints() -> std::sync::Arc<[EndpointName]> {
+    std::sync::Arc::from([EndpointName::new("crash").unwrap()])
+}
+
 /// The event that records `change`, with an id of its own that every run gives it.
 fn event_of(change: &Change) -> AuditEvent {
     let (key, action, at, n) = match change {
@@ -55,7 +61,7 @@ fn event_of(change: &Change) -> AuditEvent {
 
 /// Makes `change`; whether the store acknowledged it.
 pub async fn apply(store: &dyn KeyStore, change: &Change) -> bool {
-    let event = event_of(change);
+    let event = Entry::new(event_of(change), endpoints());
     match change {
         Change::Create(key) => store.insert(key, 100, &event).await.is_ok(),
         Change::Revoke(key) => {
@@ -91,15 +97,20 @@ pub async fn seen(store: &dyn KeyStore, change: &Change) -> Option<bool> {
 }
 
 /// Checks that `store`, reopened after the disk stopped, holds the first `acknowledged` changes
-/// of the scenario, the next one whole or not at all, and none after it.
+/// of the scenario, the next one whole or not at all, and none after it; and a webhook delivery
+/// of each change it holds, waiting in the outbox.
 pub async fn check(store: &dyn KeyStore, acknowledged: usize, what: &str) {
+    let mut made = 0;
     for (i, change) in scenario().iter().enumerate() {
         let seen = seen(store, change).await;
         assert!(seen.is_some(), "{what}: change {i} ({change:?}) is there in part");
+        made += u64::from(seen == Some(true));
         if i < acknowledged {
             assert_eq!(seen, Some(true), "{what}: acknowledged change {i} ({change:?}) is lost");
         } else if i > acknowledged {
             assert_eq!(seen, Some(false), "{what}: change {i}, never made, is there");
         }
     }
+    let pending = store.pending_deliveries().await.unwrap();
+    assert_eq!(pending, made, "{what}: the outbox holds a delivery of each change made, and only those");
 }

@@ -9,13 +9,15 @@ pub mod crash;
 pub mod model;
 pub mod postgres;
 pub mod property;
+pub mod receiver;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery};
+use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery, Entry};
 use apikeys::store::BoxError;
 use apikeys::store::Roll;
+use apikeys::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 use apikeys::{AccountId, Digest, Environment, KeyFormat, KeyId, KeyRecord, KeyStore, StoreError, Take, Taken};
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -23,17 +25,17 @@ use time::macros::datetime;
 
 /// The events the service would record with each change, for tests that change a store
 /// directly.
-pub fn created_event(record: &KeyRecord) -> AuditEvent {
-    AuditEvent::new(record.created_at, record.account.clone(), test_admin(), Action::KeyCreated, Some(record.id))
+pub fn created_event(record: &KeyRecord) -> Entry {
+    AuditEvent::new(record.created_at, record.account.clone(), test_admin(), Action::KeyCreated, Some(record.id)).into()
 }
 
-pub fn revoked_event(account: &AccountId, id: &KeyId, at: OffsetDateTime) -> AuditEvent {
-    AuditEvent::new(at, account.clone(), test_admin(), Action::KeyRevoked, Some(*id))
+pub fn revoked_event(account: &AccountId, id: &KeyId, at: OffsetDateTime) -> Entry {
+    AuditEvent::new(at, account.clone(), test_admin(), Action::KeyRevoked, Some(*id)).into()
 }
 
-pub fn rolled_event(roll: &Roll) -> AuditEvent {
+pub fn rolled_event(roll: &Roll) -> Entry {
     let at = roll.new_key().created_at;
-    AuditEvent::new(at, roll.account().clone(), test_admin(), Action::KeyRolled, Some(*roll.old()))
+    AuditEvent::new(at, roll.account().clone(), test_admin(), Action::KeyRolled, Some(*roll.old())).into()
 }
 
 fn test_admin() -> Actor {
@@ -115,9 +117,13 @@ pub enum Call {
     TakeOwnerCredits,
     ExchangeRateCounts,
     AuditLog,
+    ClaimDeliveries,
+    SettleDelivery,
+    DeadDeliveries,
+    PendingDeliveries,
 }
 
-const CALLS: [Call; 14] = [
+const CALLS: [Call; 18] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -132,6 +138,10 @@ const CALLS: [Call; 14] = [
     Call::TakeOwnerCredits,
     Call::ExchangeRateCounts,
     Call::AuditLog,
+    Call::ClaimDeliveries,
+    Call::SettleDelivery,
+    Call::DeadDeliveries,
+    Call::PendingDeliveries,
 ];
 
 /// What a wrapped call does wrong.
@@ -264,8 +274,8 @@ fn index(call: Call) -> usize {
 /// takes the awaited path, where faults can be injected and calls counted.
 #[async_trait]
 impl<S: KeyStore> KeyStore for Instrumented<S> {
-    async fn insert(&self, record: &KeyRecord, max_active: u32, event: &AuditEvent) -> Result<(), StoreError> {
-        self.call(Call::Insert, self.inner.insert(record, max_active, event)).await
+    async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {
+        self.call(Call::Insert, self.inner.insert(record, max_active, entry)).await
     }
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         self.call(Call::FindByDigest, self.inner.find_by_digest(digest)).await
@@ -278,9 +288,9 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
         account: &AccountId,
         id: &KeyId,
         at: OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<bool, StoreError> {
-        self.call(Call::Revoke, self.inner.revoke(account, id, at, event)).await
+        self.call(Call::Revoke, self.inner.revoke(account, id, at, entry)).await
     }
     async fn record_last_used(&self, uses: &[(KeyId, OffsetDateTime)]) -> Result<(), StoreError> {
         self.call(Call::RecordLastUsed, self.inner.record_last_used(uses)).await
@@ -288,17 +298,17 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.call(Call::FindById, self.inner.find_by_id(account, id)).await
     }
-    async fn roll(&self, roll: &Roll, max_active: u32, event: &AuditEvent) -> Result<bool, StoreError> {
-        self.call(Call::Roll, self.inner.roll(roll, max_active, event)).await
+    async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
+        self.call(Call::Roll, self.inner.roll(roll, max_active, entry)).await
     }
     async fn update(
         &self,
         account: &AccountId,
         id: &KeyId,
         change: &apikeys::Change,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        self.call(Call::Update, self.inner.update(account, id, change, event)).await
+        self.call(Call::Update, self.inner.update(account, id, change, entry)).await
     }
     async fn take_credits(&self, id: &KeyId, take: Take) -> Result<Option<Taken>, StoreError> {
         self.call(Call::TakeCredits, self.inner.take_credits(id, take)).await
@@ -316,12 +326,29 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
         owner: &apikeys::OwnerId,
         update: &apikeys::OwnerUpdate,
         at: time::OffsetDateTime,
-        event: &AuditEvent,
+        entry: &Entry,
     ) -> Result<Option<apikeys::OwnerLimits>, apikeys::StoreError> {
-        self.call(Call::UpdateOwner, self.inner.update_owner(account, owner, update, at, event)).await
+        self.call(Call::UpdateOwner, self.inner.update_owner(account, owner, update, at, entry)).await
     }
     async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
         self.call(Call::AuditLog, self.inner.audit_log(account, query)).await
+    }
+    async fn claim_deliveries(
+        &self,
+        endpoint: &EndpointName,
+        claim: &Claim,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.call(Call::ClaimDeliveries, self.inner.claim_deliveries(endpoint, claim, limit)).await
+    }
+    async fn settle_delivery(&self, delivery: &Delivery, outcome: &Outcome) -> Result<bool, StoreError> {
+        self.call(Call::SettleDelivery, self.inner.settle_delivery(delivery, outcome)).await
+    }
+    async fn dead_deliveries(&self, limit: u32) -> Result<Vec<DeadDelivery>, StoreError> {
+        self.call(Call::DeadDeliveries, self.inner.dead_deliveries(limit)).await
+    }
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        self.call(Call::PendingDeliveries, self.inner.pending_deliveries()).await
     }
     async fn take_owner_credits(
         &self,

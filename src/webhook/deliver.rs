@@ -1,0 +1,320 @@
+//! The delivery task: claims due deliveries from the outbox, POSTs them signed, and tells the
+//! store how each attempt ended (feature `webhooks`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use uuid::Uuid;
+
+use super::{Claim, Delivery, Endpoint, Outcome, SIGNATURE_HEADER};
+use crate::error::Error;
+use crate::service::KeyService;
+use crate::store::KeyStore;
+
+/// How a delivery is sent: an HTTP client. [`HttpTransport`] is the one built in; a host that
+/// delivers to `https://` endpoints passes one over its own TLS client (reqwest, hyper-rustls).
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// POSTs `body` to the endpoint's URL with these headers, and returns the answer's status,
+    /// or why there was none. The delivery task bounds the call with its own timeout. An error
+    /// must not hold the URL, which may hold a credential.
+    async fn post(&self, endpoint: &Endpoint, headers: &[(&'static str, String)], body: &str) -> Result<u16, String>;
+}
+
+/// hyper's client over plain TCP, with connections kept alive: `http://` endpoints only (an
+/// `https://` one fails every attempt, saying so).
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for HttpTransport {
+    fn default() -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    async fn post(&self, endpoint: &Endpoint, headers: &[(&'static str, String)], body: &str) -> Result<u16, String> {
+        if endpoint.url().starts_with("https://") {
+            return Err("https endpoints need a transport with TLS: this one speaks plain http".into());
+        }
+        let mut request = hyper::Request::post(endpoint.url());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).map_err(|_| "invalid URL")?;
+        let response = self.client.request(request).await.map_err(|error| describe(&error))?;
+        let status = response.status().as_u16();
+        // Read (up to 64 KiB) so that the connection can be used again; what it says is not used.
+        let _ = Limited::new(response.into_body(), 64 * 1024).collect().await;
+        Ok(status)
+    }
+}
+
+/// A transport's error as the operator sees it: the URL (which may hold a credential in its
+/// path or query) replaced by its origin, and at most 512 bytes.
+fn without_url(endpoint: &Endpoint, error: String) -> String {
+    let mut error = error.replace(endpoint.url(), endpoint.origin());
+    if error.len() > 512 {
+        let end = (0..=512).rev().find(|&at| error.is_char_boundary(at)).unwrap_or(0);
+        error.truncate(end);
+    }
+    error
+}
+
+/// An error and its sources, as one line.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How the delivery task works.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WebhookOptions {
+    /// How long the task waits between two looks at the outbox when the last found nothing to
+    /// do (1 s by default).
+    pub poll: Duration,
+    /// How long one attempt may take before it counts as failed (10 s by default).
+    pub timeout: Duration,
+    /// How long a claim holds its deliveries: another task takes them over once it runs out, so
+    /// it must outlast an attempt and its settling (60 s by default).
+    pub lease: Duration,
+    /// How many deliveries of each endpoint one look claims, and attempts at once (32 by default).
+    pub batch: u32,
+}
+
+impl Default for WebhookOptions {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
+            batch: 32,
+        }
+    }
+}
+
+impl WebhookOptions {
+    /// The options as the task uses them: a poll of at least 1 ms, a batch of at least 1, and a
+    /// lease at least 5 s longer than an attempt may take, so that a claim does not run out while
+    /// its holder waits for an answer.
+    fn checked(mut self) -> Self {
+        self.poll = self.poll.max(Duration::from_millis(1));
+        self.batch = self.batch.max(1);
+        self.lease = self.lease.max(self.timeout.saturating_add(Duration::from_secs(5)));
+        self
+    }
+
+    /// Sets [`poll`](Self::poll).
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Sets [`timeout`](Self::timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets [`lease`](Self::lease).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets [`batch`](Self::batch), at least 1.
+    pub fn batch(mut self, batch: u32) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+}
+
+/// What one look at the outbox did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryReport {
+    /// Deliveries the endpoint took.
+    pub delivered: u32,
+    /// Failed attempts that will be retried.
+    pub retried: u32,
+    /// Deliveries given up.
+    pub died: u32,
+    /// Attempts the store would not settle: another claim holds the delivery now (this one ran
+    /// out) or it is gone, so it may arrive twice; or the transport panicked, and the delivery
+    /// is attempted again once this claim runs out.
+    pub lost: u32,
+}
+
+impl DeliveryReport {
+    /// How many deliveries were attempted.
+    pub fn attempted(&self) -> u32 {
+        self.delivered + self.retried + self.died + self.lost
+    }
+
+    fn add(&mut self, outcome: Option<&Outcome>) {
+        match outcome {
+            Some(Outcome::Delivered) => self.delivered += 1,
+            Some(Outcome::Retry { .. }) => self.retried += 1,
+            Some(Outcome::Dead { .. }) => self.died += 1,
+            None => self.lost += 1,
+        }
+    }
+}
+
+impl<S: KeyStore> KeyService<S> {
+    /// Looks at the outbox once: claims the due deliveries of every endpoint (each account's
+    /// oldest), attempts them at once over `transport`, and settles each. Most hosts call
+    /// [`spawn_webhooks`](Self::spawn_webhooks) instead, which does this on schedule.
+    pub async fn deliver_webhooks(
+        &self,
+        transport: &Arc<dyn Transport>,
+        options: &WebhookOptions,
+    ) -> Result<DeliveryReport, Error> {
+        let options = options.clone().checked();
+        let (mut report, mut failed) = (DeliveryReport::default(), None);
+        // An endpoint whose claim fails leaves the others to go on.
+        for endpoint in self.endpoints().iter() {
+            let claim = Claim::new(self.clock().now(), options.lease);
+            let claimed = match self.store().claim_deliveries(endpoint.name(), &claim, options.batch).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    failed = failed.or(Some(Error::Store(error)));
+                    continue;
+                }
+            };
+            let mut attempts = tokio::task::JoinSet::new();
+            for delivery in claimed {
+                let (service, endpoint, transport) = (self.clone(), endpoint.clone(), transport.clone());
+                let timeout = options.timeout;
+                attempts.spawn(async move { service.attempt(&endpoint, &delivery, &*transport, timeout).await });
+            }
+            // Every attempt is waited for, even after one failed to settle, so that none is cut off.
+            while let Some(attempted) = attempts.join_next().await {
+                match attempted {
+                    Ok(Ok(outcome)) => report.add(outcome.as_ref()),
+                    Ok(Err(error)) => failed = failed.or(Some(error)),
+                    // A transport that panicked: its claim runs out and another look retries.
+                    Err(_) => report.add(None),
+                }
+            }
+        }
+        failed.map_or(Ok(report), Err)
+    }
+
+    /// Attempts one delivery and settles it; the outcome, or `None` if its claim ran out.
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        delivery: &Delivery,
+        transport: &dyn Transport,
+        timeout: Duration,
+    ) -> Result<Option<Outcome>, Error> {
+        let sent_at = self.clock().now();
+        let headers = [
+            ("content-type", "application/json".to_owned()),
+            ("user-agent", concat!("apikeys/", env!("CARGO_PKG_VERSION")).to_owned()),
+            ("apikeys-event-id", delivery.event_id.to_string()),
+            (SIGNATURE_HEADER, endpoint.secret().sign(sent_at.unix_timestamp(), delivery.body.as_bytes())),
+        ];
+        let posted = tokio::time::timeout(timeout, transport.post(endpoint, &headers, &delivery.body)).await;
+        let failure = match posted {
+            Ok(Ok(status)) if (200..300).contains(&status) => None,
+            Ok(Ok(status)) => Some(format!("the endpoint answered {status}")),
+            Ok(Err(error)) => Some(without_url(endpoint, error)),
+            Err(_) => Some(format!("no answer within {} ms", timeout.as_millis())),
+        };
+        let outcome = match failure {
+            None => Outcome::Delivered,
+            Some(error) => {
+                let outcome = Outcome::after_failure(delivery, self.clock().now(), error, jitter());
+                if let Outcome::Retry { error, .. } | Outcome::Dead { error, .. } = &outcome {
+                    let dead = matches!(outcome, Outcome::Dead { .. });
+                    tracing::warn!(
+                        endpoint = %endpoint.name(),
+                        origin = endpoint.origin(),
+                        event = %delivery.event_id,
+                        attempts = delivery.attempts + 1,
+                        dead,
+                        error = error.as_str(),
+                        "webhook delivery failed"
+                    );
+                }
+                outcome
+            }
+        };
+        let settled = self.store().settle_delivery(delivery, &outcome).await.map_err(Error::Store)?;
+        Ok(settled.then_some(outcome))
+    }
+
+    /// Delivers webhooks from a tokio task over [`HttpTransport`], with
+    /// [`WebhookOptions::default`]: see [`spawn_webhooks_with`](Self::spawn_webhooks_with).
+    pub fn spawn_webhooks(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.spawn_webhooks_with(Arc::new(HttpTransport::default()), WebhookOptions::default())
+    }
+
+    /// Delivers webhooks from a tokio task: looks at the outbox again at once after a look that
+    /// attempted anything (so that a burst drains as fast as the endpoints answer, each
+    /// account's deliveries one after another), and after [`WebhookOptions::poll`] otherwise. `None` when the
+    /// service has no endpoints. A look that fails (the store is down) is logged and tried again
+    /// after the poll interval; the task ends once every clone of the service is dropped. Any
+    /// number of tasks, in any number of processes sharing the store, may deliver at once: each
+    /// delivery is claimed by one of them.
+    pub fn spawn_webhooks_with(
+        &self,
+        transport: Arc<dyn Transport>,
+        options: WebhookOptions,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if self.endpoints().is_empty() {
+            return None;
+        }
+        let service = self.downgrade();
+        let options = options.checked();
+        Some(tokio::spawn(async move {
+            loop {
+                let Some(service) = service.upgrade() else { return };
+                let looked = tokio::spawn({
+                    let (transport, options) = (transport.clone(), options.clone());
+                    async move { service.deliver_webhooks(&transport, &options).await }
+                });
+                let busy = match looked.await {
+                    Ok(Ok(report)) => report.attempted() > 0,
+                    Ok(Err(error)) => {
+                        let error: &(dyn std::error::Error + 'static) = &error;
+                        tracing::warn!(error, "could not look at the webhook outbox; will look again");
+                        false
+                    }
+                    Err(panicked) => {
+                        let error: &(dyn std::error::Error + 'static) = &panicked;
+                        tracing::warn!(error, "a look at the webhook outbox panicked; will look again");
+                        false
+                    }
+                };
+                if !busy {
+                    tokio::time::sleep(options.poll).await;
+                }
+            }
+        }))
+    }
+}
+
+/// A factor from 0.5 to 1.0 that spreads retries, from the random bits of a UUIDv7.
+fn jitter() -> f64 {
+    let random = (Uuid::now_v7().as_u128() & u128::from(u32::MAX)) as f64;
+    0.5 + random / f64::from(u32::MAX) / 2.0
+}
