@@ -116,6 +116,11 @@ impl Actor {
         valid.then(|| Self { kind, id: SmolStr::new(id) }).ok_or(ValidationError::Actor)
     }
 
+    /// The actor of expiry notices.
+    pub(crate) fn expiry() -> Self {
+        Self { kind: ActorType::System, id: SmolStr::new_static("expiry") }
+    }
+
     /// The administrator path's actor when the host names none.
     pub(crate) fn default_admin() -> Self {
         Self { kind: ActorType::Admin, id: SmolStr::new_static("admin") }
@@ -150,6 +155,9 @@ pub enum Action {
     KeyRolled,
     /// A key's name, meta, credits or rate limits changed; `detail` holds what was set.
     KeyUpdated,
+    /// A key expires within a week: the notice, recorded once per key; `detail` holds its
+    /// prefix, name and expiry. Not a change: the key is as it was.
+    KeyExpiring,
     /// A key was revoked because it was found exposed; `detail` says where it was reported.
     /// Reserved for leak response, which no path of this version takes yet.
     KeyLeaked,
@@ -160,17 +168,25 @@ pub enum Action {
 
 impl Action {
     /// Every action, in the order of the list above.
-    pub const ALL: [Self; 6] =
-        [Self::KeyCreated, Self::KeyRevoked, Self::KeyRolled, Self::KeyUpdated, Self::KeyLeaked, Self::OwnerUpdated];
+    pub const ALL: [Self; 7] = [
+        Self::KeyCreated,
+        Self::KeyRevoked,
+        Self::KeyRolled,
+        Self::KeyUpdated,
+        Self::KeyExpiring,
+        Self::KeyLeaked,
+        Self::OwnerUpdated,
+    ];
 
-    /// `"key.created"`, `"key.revoked"`, `"key.rolled"`, `"key.updated"`, `"key.leaked"` or
-    /// `"owner.updated"`.
+    /// `"key.created"`, `"key.revoked"`, `"key.rolled"`, `"key.updated"`, `"key.expiring"`,
+    /// `"key.leaked"` or `"owner.updated"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::KeyCreated => "key.created",
             Self::KeyRevoked => "key.revoked",
             Self::KeyRolled => "key.rolled",
             Self::KeyUpdated => "key.updated",
+            Self::KeyExpiring => "key.expiring",
             Self::KeyLeaked => "key.leaked",
             Self::OwnerUpdated => "owner.updated",
         }
@@ -494,6 +510,15 @@ pub(crate) mod detail {
         let mut detail = Map::new();
         detail.insert("ownerId".into(), json!(owner.as_str()));
         set_limits(&mut detail, None, update.credits, update.ratelimits.as_ref());
+        detail
+    }
+
+    /// What an expiry notice tells of the key: its prefix, name and expiry.
+    pub(crate) fn expiring(record: &KeyRecord) -> Map<String, Value> {
+        let mut detail = Map::new();
+        detail.insert("prefix".into(), json!(record.prefix.as_str()));
+        detail.insert("name".into(), json!(record.name.as_deref()));
+        detail.insert("expiresAt".into(), json!(record.expires_at.map(rfc3339)));
         detail
     }
 

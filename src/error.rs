@@ -43,7 +43,8 @@ pub enum ValidationError {
     Actor,
     /// An audit action is not one of the known names.
     #[error(
-        "invalid action: it must be key.created, key.revoked, key.rolled, key.updated, key.leaked or owner.updated"
+        "invalid action: it must be key.created, key.revoked, key.rolled, key.updated, key.expiring, key.leaked or \
+         owner.updated"
     )]
     Action,
     /// A request id is not 1 to 128 letters, digits or `_-.:@`.

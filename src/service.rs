@@ -266,6 +266,8 @@ impl<S: KeyStore> KeyService<S> {
     pub const DEFAULT_OWNER_LIMITS_TTL: Duration = Duration::from_secs(1);
     /// The default time audit events are kept: 365 days.
     pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    /// How long before a key expires its notice, `key.expiring`, is recorded and delivered.
+    pub const EXPIRY_NOTICE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
     /// The most events one page of the audit trail holds.
     pub const MAX_AUDIT_PAGE: u32 = 1_000;
 
@@ -362,6 +364,34 @@ impl<S: KeyStore> KeyService<S> {
     /// The webhook endpoints every event is delivered to.
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.inner.endpoints
+    }
+
+    /// Records the expiry notice of every key that expires within [`EXPIRY_NOTICE`](Self::EXPIRY_NOTICE)
+    /// and has had none: a `key.expiring` event each (actor `system:expiry`), which webhooks
+    /// deliver like any other. Returns how many it recorded. Keys rolled into another get none
+    /// (their end is the roll's grace period). The delivery task calls it every hour; any number
+    /// of instances may, at once: each key gets one notice.
+    pub async fn note_expiring_keys(&self) -> Result<u64, Error> {
+        const PAGE: u32 = 1_000;
+        let now = self.now();
+        let by = now.checked_add(Self::EXPIRY_NOTICE.try_into().unwrap_or(time::Duration::MAX)).unwrap_or(now);
+        let noting = self.acting_as(Actor::expiry());
+        let store = &self.inner.store;
+        let mut noted = 0;
+        // Bounded: a page is noted whole before the next is read, so each read finds new keys.
+        for _ in 0..1_000 {
+            let keys = self.inner.within(store.expiring_keys(now, by, PAGE)).await.map_err(Error::Store)?;
+            for key in &keys {
+                let entry =
+                    noting.event(now, &key.account, None, Action::KeyExpiring, Some(key.id), detail::expiring(key));
+                let note = store.note_expiry(&key.account, &key.id, now, &entry);
+                noted += u64::from(self.inner.within(note).await.map_err(Error::Store)?);
+            }
+            if keys.len() < PAGE as usize {
+                break;
+            }
+        }
+        Ok(noted)
     }
 
     /// The dead webhook deliveries, the most recently given up first: at most `limit`, clamped

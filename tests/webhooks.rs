@@ -201,3 +201,27 @@ async fn the_delivery_task_sends_each_event_on_its_own() {
     let none = KeyService::builder(MemoryStore::new(), live()).build();
     assert!(none.spawn_webhooks().is_none(), "no endpoints, no task");
 }
+
+#[tokio::test]
+async fn a_key_expiring_within_a_week_is_announced_once() {
+    let receiver = Receiver::start(&[], OK).await;
+    let clock = ManualClock::new(T0);
+    let (service, _) = service(&receiver, &clock);
+    let account = AccountId::new("acme").unwrap();
+    let mut new = NewKey::named("short-lived").unwrap();
+    new.expires_at = Some(T0 + time::Duration::days(10));
+    let key = service.create(&account, new).await.unwrap();
+    assert_eq!(service.note_expiring_keys().await.unwrap(), 0, "ten days out: not yet");
+    clock.advance(time::Duration::days(3) + time::Duration::seconds(1));
+    assert_eq!(service.note_expiring_keys().await.unwrap(), 1, "now within the week");
+    assert_eq!(service.note_expiring_keys().await.unwrap(), 0, "once");
+    while deliver(&service).await.attempted() > 0 {}
+    let events: Vec<serde_json::Value> =
+        receiver.accepted().iter().map(|received| serde_json::from_str(&received.body).unwrap()).collect();
+    let notice = events.iter().find(|event| event["action"] == "key.expiring").expect("the notice is delivered");
+    assert_eq!(notice["keyId"], key.id.to_string());
+    assert_eq!(notice["actor"], serde_json::json!({"type": "system", "id": "expiry"}));
+    assert_eq!(notice["detail"]["name"], "short-lived");
+    assert_eq!(notice["detail"]["expiresAt"], "2025-10-25T09:00:00Z");
+    assert_eq!(events.len(), 2, "the creation and the notice: {events:?}");
+}

@@ -171,6 +171,23 @@ impl KeyStore for Fresh {
     ) -> Result<Option<apikeys::Taken>, apikeys::StoreError> {
         self.write().take_owner_credits(account, owner, take).await
     }
+    async fn expiring_keys(
+        &self,
+        now: time::OffsetDateTime,
+        by: time::OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<apikeys::KeyRecord>, apikeys::StoreError> {
+        self.write().expiring_keys(now, by, limit).await
+    }
+    async fn note_expiry(
+        &self,
+        account: &apikeys::AccountId,
+        id: &apikeys::KeyId,
+        now: time::OffsetDateTime,
+        entry: &apikeys::audit::Entry,
+    ) -> Result<bool, apikeys::StoreError> {
+        self.write().note_expiry(account, id, now, entry).await
+    }
     async fn claim_deliveries(
         &self,
         endpoint: &apikeys::webhook::EndpointName,

@@ -57,6 +57,8 @@ struct Index {
     outbox: HashMap<EndpointName, BTreeMap<OutboxPlace, Pending>>,
     /// The dead deliveries, by when they were given up.
     dead: BTreeMap<(i64, EndpointName, EventId), DeadDelivery>,
+    /// The keys whose expiry notice was recorded.
+    noticed: HashSet<KeyId>,
 }
 
 /// Where a delivery is in its endpoint's outbox: its account, and its event's time and id.
@@ -234,6 +236,7 @@ impl Maintenance for MemoryStore {
             shard.retain(|record| !(purged_at(record, before) && purged.insert(record.id)));
         }
         index.hash_of.retain(|id, _| !purged.contains(id));
+        index.noticed.retain(|id| !purged.contains(id));
         index.live_of_account.retain(|_, live| {
             live.retain(|(_, id)| !purged.contains(id));
             !live.is_empty()
@@ -432,6 +435,51 @@ impl KeyStore for MemoryStore {
         let taken = balance.take(take);
         *balance = taken.balance;
         Ok(Some(taken))
+    }
+
+    /// Walks every account's live keys: the memory store keeps no index by expiry.
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let index = self.index();
+        let mut due: Vec<(OffsetDateTime, KeyId)> = index
+            .live_of_account
+            .values()
+            .flatten()
+            .filter_map(|&(ends, id)| match ends {
+                Ends::At(at) if at > now && at <= by && !index.noticed.contains(&id) => Some((at, id)),
+                _ => None,
+            })
+            .collect();
+        due.sort_unstable();
+        let unrolled = |record: &KeyRecord| record.replaced_by.is_none().then(|| record.clone());
+        let found = due.iter().filter_map(|(_, id)| self.with_id(&index, id, unrolled).flatten());
+        Ok(found.take(limit as usize).collect())
+    }
+
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        let mut index = self.index();
+        let notable = |record: &KeyRecord| {
+            record.account == *account
+                && record.is_active(now)
+                && record.expires_at.is_some()
+                && record.replaced_by.is_none()
+        };
+        if index.noticed.contains(id) || self.with_id(&index, id, notable) != Some(true) {
+            return Ok(false);
+        }
+        index.noticed.insert(*id);
+        index.log(entry);
+        Ok(true)
     }
 
     async fn claim_deliveries(

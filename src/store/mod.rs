@@ -411,6 +411,26 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Keys that are active at `now`, expire by `by`, were not rolled into another key, and have
+    /// had no expiry notice: at most `limit`, the soonest to expire first.
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Records the expiry notice of the account's key `id` with its entry, as one atomic step, if
+    /// the key has had none, is active at `now`, expires and was not rolled. Returns whether it
+    /// did: of several instances noting one key, one does. A purged key's notice goes with it.
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError>;
+
     /// Claims, under `claim`, up to `limit` deliveries to `endpoint` from the outbox: of each
     /// account, only its oldest delivery to the endpoint (by the event's `at`, then its id), and
     /// only if that is due by [`Claim::now`] and no claim holds it that runs out after then.
@@ -700,6 +720,25 @@ macro_rules! forward_key_store {
             ) -> StoreFuture<'f, Option<Vec<RateCounts>>>
             where 's: 'f, 'c: 'f, Self: 'f {
                 (**self).exchange_rate_counts(instance, counts, at)
+            }
+            fn expiring_keys<'s, 'f>(
+                &'s self,
+                now: OffsetDateTime,
+                by: OffsetDateTime,
+                limit: u32,
+            ) -> StoreFuture<'f, Vec<KeyRecord>>
+            where 's: 'f, Self: 'f {
+                (**self).expiring_keys(now, by, limit)
+            }
+            fn note_expiry<'s, 'a, 'i, 'e, 'f>(
+                &'s self,
+                account: &'a AccountId,
+                id: &'i KeyId,
+                now: OffsetDateTime,
+                entry: &'e Entry,
+            ) -> StoreFuture<'f, bool>
+            where 's: 'f, 'a: 'f, 'i: 'f, 'e: 'f, Self: 'f {
+                (**self).note_expiry(account, id, now, entry)
             }
             fn claim_deliveries<'s, 'e, 'c, 'f>(
                 &'s self,

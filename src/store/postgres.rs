@@ -123,6 +123,8 @@ struct Statements {
     dead_deliveries: String,
     pending_deliveries: String,
     purge_dead: String,
+    expiring: String,
+    note_expiry: String,
 }
 
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
@@ -282,6 +284,15 @@ impl Statements {
             ),
             pending_deliveries: format!("SELECT count(*) FROM {schema}.webhook_outbox"),
             purge_dead: format!("DELETE FROM {schema}.webhook_dead WHERE dead_at < $1"),
+            expiring: format!(
+                "SELECT {COLUMNS} FROM {keys} WHERE revoked_at IS NULL AND expires_at IS NOT NULL \
+                 AND replaced_by IS NULL AND expires_at > $1 AND expires_at <= $2 \
+                 AND id NOT IN (SELECT key_id FROM {schema}.expiry_notices) ORDER BY expires_at LIMIT $3"
+            ),
+            note_expiry: format!(
+                "INSERT INTO {schema}.expiry_notices (key_id) SELECT id FROM {keys} WHERE id = $1 AND account = $2 \
+                 AND revoked_at IS NULL AND replaced_by IS NULL AND expires_at > $3 ON CONFLICT DO NOTHING"
+            ),
         }
     }
 }
@@ -393,7 +404,12 @@ fn migrations(schema: &str) -> [String; 7] {
             error    TEXT        NOT NULL,
             body     TEXT        NOT NULL,
             PRIMARY KEY (dead_at, endpoint, event_id)
-        );"
+        );
+        CREATE TABLE {schema}.expiry_notices (
+            key_id UUID NOT NULL PRIMARY KEY REFERENCES {schema}.api_keys (id) ON DELETE CASCADE
+        );
+        CREATE INDEX api_keys_by_expiry ON {schema}.api_keys (expires_at)
+            WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL;"
         ),
     ]
 }
@@ -1153,6 +1169,40 @@ impl KeyStore for PostgresStore {
                 }
             };
             rows.iter().map(event_from_row).collect()
+        })
+        .await
+    }
+
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.call("expiring_keys", async |client| {
+            let statement = client.prepare_cached(&self.sql.expiring).await?;
+            let rows = client.query(&statement, &[&now, &by, &i64::from(limit)]).await?;
+            rows.iter().map(record_from_row).collect()
+        })
+        .await
+    }
+
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        self.call("note_expiry", async |client| {
+            let transaction = client.transaction().await?;
+            let statement = transaction.prepare_cached(&self.sql.note_expiry).await?;
+            let noted = transaction.execute(&statement, &[id.as_uuid(), &account.as_str(), &now]).await?;
+            if noted == 1 {
+                self.log(&transaction, entry).await?;
+                transaction.commit().await?;
+            }
+            Ok(noted == 1)
         })
         .await
     }

@@ -100,6 +100,8 @@ const OUTBOX: TableDefinition<(&str, &str, i64, &[u8; 16]), PendingValue> = Tabl
 /// (dead at, endpoint, event id) -> (account, at, attempts, error, body): the dead deliveries.
 type DeadValue = (&'static str, i64, u32, &'static str, &'static str);
 const DEAD: TableDefinition<(i64, &str, &[u8; 16]), DeadValue> = TableDefinition::new("webhook_dead");
+/// key id -> when its expiry notice was recorded (Unix µs). Schema version 7 added it.
+const EXPIRY_NOTICES: TableDefinition<&[u8; 16], i64> = TableDefinition::new("expiry_notices");
 /// "schema_version" -> version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
 
@@ -380,6 +382,7 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         transaction.open_table(AUDIT_BY_TIME)?;
         transaction.open_table(OUTBOX)?;
         transaction.open_table(DEAD)?;
+        transaction.open_table(EXPIRY_NOTICES)?;
         transaction.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
         transaction.commit()?;
         Ok(Some(SCHEMA_VERSION))
@@ -694,9 +697,11 @@ fn purge_piece(
             (looked_at, last) = (looked_at + 1, Some(digest));
         }
     }
+    let mut notices = transaction.open_table(EXPIRY_NOTICES)?;
     for (digest, id, account, ends) in &due {
         records.remove(digest)?;
         ids.remove(id)?;
+        notices.remove(id)?;
         by_account.remove((account.as_str(), *ends, id))?;
     }
     let resume = if looked_at == writer::PURGE_PIECE { last } else { None };
@@ -908,6 +913,70 @@ impl KeyStore for RedbStore {
             }
             Ok(events)
         })
+    }
+
+    /// Reads every record, in a read transaction on the writer thread (so that a scan of a large
+    /// file does not hold up an executor's thread, and writes wait for it only in turn): redb keeps
+    /// no index by expiry. The delivery task calls it once an hour.
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read_on_writer("expiring_keys", move |transaction| {
+            let notices = transaction.open_table(EXPIRY_NOTICES)?;
+            let mut due = Vec::new();
+            for row in transaction.open_table(RECORDS)?.iter()? {
+                let (digest, value) = row?;
+                let record = record_from_value(digest.value(), value.value())?;
+                let expiring = record.expires_at.is_some_and(|at| at > now && at <= by);
+                let notable = expiring && record.is_active(now) && record.replaced_by.is_none();
+                if notable && notices.get(record.id.as_uuid().as_bytes())?.is_none() {
+                    due.push(record);
+                }
+            }
+            due.sort_by_key(|record| (record.expires_at, record.id));
+            due.truncate(limit as usize);
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        let (account, id, entry) = (account.clone(), *id, entry.clone());
+        self.write("note_expiry", move |transaction| {
+            let mut notices = transaction.open_table(EXPIRY_NOTICES)?;
+            let key = id.as_uuid().as_bytes();
+            if notices.get(key)?.is_some() {
+                return Ok(false);
+            }
+            let Some(digest) = transaction.open_table(IDS)?.get(key)?.map(|digest| *digest.value()) else {
+                return Ok(false);
+            };
+            let record =
+                transaction.open_table(RECORDS)?.get(&digest)?.map(|found| record_from_value(&digest, found.value()));
+            let record = record.transpose().map_err(WriteError::Backend)?;
+            let notable = record.is_some_and(|record| {
+                record.account == account
+                    && record.is_active(now)
+                    && record.expires_at.is_some()
+                    && record.replaced_by.is_none()
+            });
+            if notable {
+                notices.insert(key, unix_micros(now))?;
+                drop(notices);
+                log(transaction, &entry)?;
+            }
+            Ok(notable)
+        })
+        .await
     }
 
     async fn claim_deliveries(

@@ -130,7 +130,12 @@ const MIGRATIONS: [&str; 7] = [
         error    TEXT    NOT NULL,
         body     TEXT    NOT NULL,
         PRIMARY KEY (dead_at, endpoint, event_id)
-    ) WITHOUT ROWID;",
+    ) WITHOUT ROWID;
+    CREATE TABLE expiry_notices (key_id BLOB NOT NULL PRIMARY KEY) WITHOUT ROWID;
+    CREATE TRIGGER expiry_notices_go_with_their_keys AFTER DELETE ON api_keys
+        BEGIN DELETE FROM expiry_notices WHERE key_id = OLD.id; END;
+    CREATE INDEX api_keys_by_expiry ON api_keys (expires_at)
+        WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL;",
 ];
 
 /// The deliveries a claim at `?2` takes (see `webhook::claimable`): of each account its oldest
@@ -181,6 +186,15 @@ const COUNT_TOWARDS_LIMIT: &str =
     concat!("SELECT count(*) FROM api_keys WHERE ", active_in_account!(), " AND replaced_by IS NULL AND id IS NOT ?3");
 const LIST_ACTIVE: &str =
     concat!("SELECT ", columns!(), " FROM api_keys WHERE ", active_in_account!(), " ORDER BY created_at, id");
+
+/// The keys of `expiring_keys`, through the index `api_keys_by_expiry`.
+const EXPIRING: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM api_keys WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL \
+     AND expires_at > ?1 AND expires_at <= ?2 AND id NOT IN (SELECT key_id FROM expiry_notices) \
+     ORDER BY expires_at LIMIT ?3"
+);
 
 /// Keys in an SQLite file, in WAL mode: several processes on one machine may share the file
 /// (the server and the CLI do), and readers never wait for each other or for the writer.
@@ -996,6 +1010,45 @@ impl KeyStore for SqliteStore {
                 .query_map(params![account.as_str(), at, &id[..], i64::from(query.limit)], event_from_row)?
                 .collect()
         })
+    }
+
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read("expiring_keys", |connection| {
+            connection
+                .prepare_cached(EXPIRING)?
+                .query_map(params![unix_micros(now), unix_micros(by), i64::from(limit)], record_from_row)?
+                .collect()
+        })
+    }
+
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        let (account, id, entry) = (account.clone(), *id, entry.clone());
+        self.write("note_expiry", true, move |connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let noted = transaction
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO expiry_notices (key_id) SELECT id FROM api_keys WHERE id = ?1 \
+                     AND account = ?2 AND revoked_at IS NULL AND replaced_by IS NULL AND expires_at > ?3",
+                )?
+                .execute(params![id.as_uuid().as_bytes(), account.as_str(), unix_micros(now)])?;
+            if noted == 1 {
+                log(&transaction, &entry)?;
+                transaction.commit()?;
+            }
+            Ok(noted == 1)
+        })
+        .await
     }
 
     /// One writer job, committed as lastUsedAt is: a claim lost to a power cut only lets the

@@ -1183,6 +1183,50 @@ pub async fn claims_are_fair_and_an_account_has_one_delivery_in_flight(store: &d
     assert_eq!(then.iter().map(|delivery| delivery.event_id).collect::<Vec<_>>(), [earlier.id], "then the next of it");
 }
 
+/// The keys that expire within the window, active, unrolled and not yet noticed, soonest first;
+/// a notice is recorded once, with its entry, and only for such a key.
+pub async fn expiry_notices_are_recorded_once_per_key(store: &dyn KeyStore) {
+    let (account, endpoint) = (account(), endpoint());
+    let expiring = |days: i64| {
+        let mut key = record(&account, T0);
+        key.expires_at = Some(T0 + Duration::days(days));
+        key
+    };
+    let (soon, sooner, later, never) = (expiring(5), expiring(3), expiring(10), record(&account, T0));
+    let (revoked, rolled) = (expiring(2), expiring(4));
+    for key in [&soon, &sooner, &later, &never, &revoked, &rolled] {
+        insert(store, key).await;
+    }
+    assert!(revoke_at(store, &account, &revoked.id, T0).await.unwrap());
+    let roll = roll_of(&rolled, T0, T0 + Duration::days(1));
+    assert!(roll_within(store, &roll, 100).await.unwrap());
+    let window = T0 + Duration::days(7);
+    // Other checks' keys share the store: only this account's count here.
+    let ours = |keys: Vec<KeyRecord>| -> Vec<KeyId> {
+        keys.into_iter().filter(|key| key.account == account).map(|key| key.id).collect()
+    };
+    let found = ours(store.expiring_keys(T0, window, 10_000).await.unwrap());
+    // The roll's new key keeps the old one's expiry (4 days); the old one is left out.
+    let renewed = roll.new_key().id;
+    assert_eq!(found, [sooner.id, renewed, soon.id], "active, unrolled, within the window, soonest first");
+
+    let notice = event(&account, Action::KeyExpiring, Some(sooner.id), T0);
+    let entry = Entry::new(notice.clone(), std::slice::from_ref(&endpoint).into());
+    assert!(store.note_expiry(&account, &sooner.id, T0, &entry).await.unwrap());
+    let again = Entry::new(event(&account, Action::KeyExpiring, Some(sooner.id), T0), entry.deliveries().into());
+    assert!(!store.note_expiry(&account, &sooner.id, T0, &again).await.unwrap(), "once per key");
+    let elsewhere = self::account();
+    let foreign = Entry::from(event(&elsewhere, Action::KeyExpiring, Some(soon.id), T0));
+    assert!(!store.note_expiry(&elsewhere, &soon.id, T0, &foreign).await.unwrap(), "another account's key");
+    let gone = Entry::from(event(&account, Action::KeyExpiring, Some(revoked.id), T0));
+    assert!(!store.note_expiry(&account, &revoked.id, T0, &gone).await.unwrap(), "a revoked key");
+    let left = ours(store.expiring_keys(T0, window, 10_000).await.unwrap());
+    assert_eq!(left, [renewed, soon.id], "a noticed key is not found again");
+    let trail = trail(store, &account).await;
+    assert_eq!(trail.iter().filter(|logged| logged.action == Action::KeyExpiring).collect::<Vec<_>>(), [&notice]);
+    assert_eq!(drain(store, &endpoint, T0).await, [notice.id], "its delivery is in the outbox");
+}
+
 // The checks of the optional `Maintenance` capability, run by `maintenance_tests!`.
 
 /// A time long before any other check's, so that a purge here deletes only this check's records
@@ -1358,6 +1402,7 @@ macro_rules! conformance_tests {
             concurrent_claims_never_share_a_delivery,
             every_change_writes_its_deliveries_and_a_refused_one_none,
             claims_are_fair_and_an_account_has_one_delivery_in_flight,
+            expiry_notices_are_recorded_once_per_key,
         );
     };
     // One test per check, each over the store as the trait the checks take.

@@ -96,6 +96,9 @@ pub struct WebhookOptions {
     pub lease: Duration,
     /// How many deliveries of each endpoint one look claims, and attempts at once (32 by default).
     pub batch: u32,
+    /// How often the task records the expiry notices of keys that expire within a week
+    /// ([`KeyService::note_expiring_keys`]): at its start, then this often (1 h by default).
+    pub expiry_scan: Duration,
 }
 
 impl Default for WebhookOptions {
@@ -105,6 +108,7 @@ impl Default for WebhookOptions {
             timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
             batch: 32,
+            expiry_scan: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -117,6 +121,7 @@ impl WebhookOptions {
         self.poll = self.poll.max(Duration::from_millis(1));
         self.batch = self.batch.max(1);
         self.lease = self.lease.max(self.timeout.saturating_add(Duration::from_secs(5)));
+        self.expiry_scan = self.expiry_scan.max(Duration::from_millis(1));
         self
     }
 
@@ -135,6 +140,12 @@ impl WebhookOptions {
     /// Sets [`lease`](Self::lease).
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Sets [`expiry_scan`](Self::expiry_scan).
+    pub fn expiry_scan(mut self, every: Duration) -> Self {
+        self.expiry_scan = every;
         self
     }
 
@@ -286,11 +297,22 @@ impl<S: KeyStore> KeyService<S> {
         let service = self.downgrade();
         let options = options.checked();
         Some(tokio::spawn(async move {
+            let mut next_scan = tokio::time::Instant::now();
             loop {
                 let Some(service) = service.upgrade() else { return };
+                let scan = tokio::time::Instant::now() >= next_scan;
+                if scan {
+                    next_scan += options.expiry_scan;
+                }
                 let looked = tokio::spawn({
                     let (transport, options) = (transport.clone(), options.clone());
-                    async move { service.deliver_webhooks(&transport, &options).await }
+                    async move {
+                        if scan && let Err(error) = service.note_expiring_keys().await {
+                            let error: &(dyn std::error::Error + 'static) = &error;
+                            tracing::warn!(error, "could not record expiry notices; will try again");
+                        }
+                        service.deliver_webhooks(&transport, &options).await
+                    }
                 });
                 let busy = match looked.await {
                     Ok(Ok(report)) => report.attempted() > 0,

@@ -117,13 +117,15 @@ pub enum Call {
     TakeOwnerCredits,
     ExchangeRateCounts,
     AuditLog,
+    ExpiringKeys,
+    NoteExpiry,
     ClaimDeliveries,
     SettleDelivery,
     DeadDeliveries,
     PendingDeliveries,
 }
 
-const CALLS: [Call; 18] = [
+const CALLS: [Call; 20] = [
     Call::Insert,
     Call::FindByDigest,
     Call::ListActive,
@@ -138,6 +140,8 @@ const CALLS: [Call; 18] = [
     Call::TakeOwnerCredits,
     Call::ExchangeRateCounts,
     Call::AuditLog,
+    Call::ExpiringKeys,
+    Call::NoteExpiry,
     Call::ClaimDeliveries,
     Call::SettleDelivery,
     Call::DeadDeliveries,
@@ -332,6 +336,23 @@ impl<S: KeyStore> KeyStore for Instrumented<S> {
     }
     async fn audit_log(&self, account: &AccountId, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
         self.call(Call::AuditLog, self.inner.audit_log(account, query)).await
+    }
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        by: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.call(Call::ExpiringKeys, self.inner.expiring_keys(now, by, limit)).await
+    }
+    async fn note_expiry(
+        &self,
+        account: &AccountId,
+        id: &KeyId,
+        now: OffsetDateTime,
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        self.call(Call::NoteExpiry, self.inner.note_expiry(account, id, now, entry)).await
     }
     async fn claim_deliveries(
         &self,
