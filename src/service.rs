@@ -374,24 +374,31 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn note_expiring_keys(&self) -> Result<u64, Error> {
         const PAGE: u32 = 1_000;
         let now = self.now();
-        let by = now.checked_add(Self::EXPIRY_NOTICE.try_into().unwrap_or(time::Duration::MAX)).unwrap_or(now);
+        let by = now.checked_add(Self::EXPIRY_NOTICE.try_into().unwrap_or(time::Duration::MAX));
+        let by = by.unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
         let noting = self.acting_as(Actor::expiry());
         let store = &self.inner.store;
-        let mut noted = 0;
-        // Bounded: a page is noted whole before the next is read, so each read finds new keys.
+        let (mut noted, mut failed, mut tried) = (0, None, std::collections::HashSet::new());
+        // Bounded, and a page that brings no key not tried yet ends the scan: a key whose note
+        // fails (and is found again) cannot hold the others up, nor keep the scan going.
         for _ in 0..1_000 {
             let keys = self.inner.within(store.expiring_keys(now, by, PAGE)).await.map_err(Error::Store)?;
-            for key in &keys {
+            let fresh: Vec<&KeyRecord> = keys.iter().filter(|key| tried.insert(key.id)).collect();
+            for key in &fresh {
+                // Each notice is dated when it is written, as every event is.
+                let at = self.now();
                 let entry =
-                    noting.event(now, &key.account, None, Action::KeyExpiring, Some(key.id), detail::expiring(key));
-                let note = store.note_expiry(&key.account, &key.id, now, &entry);
-                noted += u64::from(self.inner.within(note).await.map_err(Error::Store)?);
+                    noting.event(at, &key.account, None, Action::KeyExpiring, Some(key.id), detail::expiring(key));
+                match self.inner.within(store.note_expiry(&key.account, &key.id, at, &entry)).await {
+                    Ok(done) => noted += u64::from(done),
+                    Err(error) => failed = failed.or(Some(error)),
+                }
             }
-            if keys.len() < PAGE as usize {
+            if keys.len() < PAGE as usize || fresh.is_empty() {
                 break;
             }
         }
-        Ok(noted)
+        failed.map_or(Ok(noted), |error| Err(Error::Store(error)))
     }
 
     /// The dead webhook deliveries, the most recently given up first: at most `limit`, clamped

@@ -287,11 +287,15 @@ impl Statements {
             expiring: format!(
                 "SELECT {COLUMNS} FROM {keys} WHERE revoked_at IS NULL AND expires_at IS NOT NULL \
                  AND replaced_by IS NULL AND expires_at > $1 AND expires_at <= $2 \
-                 AND id NOT IN (SELECT key_id FROM {schema}.expiry_notices) ORDER BY expires_at LIMIT $3"
+                 AND NOT EXISTS (SELECT 1 FROM {schema}.expiry_notices AS n WHERE n.key_id = {keys}.id) \
+                 ORDER BY expires_at, id LIMIT $3"
             ),
+            // The key is locked, so that a revocation or roll under way is waited for and its
+            // outcome checked: no notice for a key that has just been revoked or rolled.
             note_expiry: format!(
-                "INSERT INTO {schema}.expiry_notices (key_id) SELECT id FROM {keys} WHERE id = $1 AND account = $2 \
-                 AND revoked_at IS NULL AND replaced_by IS NULL AND expires_at > $3 ON CONFLICT DO NOTHING"
+                "WITH key AS (SELECT id FROM {keys} WHERE id = $1 AND account = $2 AND revoked_at IS NULL \
+                   AND replaced_by IS NULL AND expires_at > $3 FOR SHARE) \
+                 INSERT INTO {schema}.expiry_notices (key_id) SELECT id FROM key ON CONFLICT DO NOTHING"
             ),
         }
     }

@@ -663,6 +663,29 @@ fn claimable_in(
     Ok(claimed)
 }
 
+/// The records `expiring_keys` returns, read from every record.
+fn expiring_in(
+    transaction: &redb::ReadTransaction,
+    now: OffsetDateTime,
+    by: OffsetDateTime,
+    limit: u32,
+) -> Result<Vec<KeyRecord>, BoxError> {
+    let notices = transaction.open_table(EXPIRY_NOTICES)?;
+    let mut due = Vec::new();
+    for row in transaction.open_table(RECORDS)?.iter()? {
+        let (digest, value) = row?;
+        let record = record_from_value(digest.value(), value.value())?;
+        let expiring = record.expires_at.is_some_and(|at| at > now && at <= by);
+        let notable = expiring && record.is_active(now) && record.replaced_by.is_none();
+        if notable && notices.get(record.id.as_uuid().as_bytes())?.is_none() {
+            due.push(record);
+        }
+    }
+    due.sort_by_key(|record| (record.expires_at, record.id));
+    due.truncate(limit as usize);
+    Ok(due)
+}
+
 /// A delivery's place in the outbox.
 fn outbox_key(delivery: &Delivery) -> (&str, &str, i64, &[u8; 16]) {
     let event_id = delivery.event_id.as_uuid().as_bytes();
@@ -915,32 +938,21 @@ impl KeyStore for RedbStore {
         })
     }
 
-    /// Reads every record, in a read transaction on the writer thread (so that a scan of a large
-    /// file does not hold up an executor's thread, and writes wait for it only in turn): redb keeps
-    /// no index by expiry. The delivery task calls it once an hour.
+    /// Reads every record, in a read transaction on a blocking thread (redb keeps no index by
+    /// expiry): writes go on meanwhile, and no executor's thread waits for the scan.
     async fn expiring_keys(
         &self,
         now: OffsetDateTime,
         by: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        self.read_on_writer("expiring_keys", move |transaction| {
-            let notices = transaction.open_table(EXPIRY_NOTICES)?;
-            let mut due = Vec::new();
-            for row in transaction.open_table(RECORDS)?.iter()? {
-                let (digest, value) = row?;
-                let record = record_from_value(digest.value(), value.value())?;
-                let expiring = record.expires_at.is_some_and(|at| at > now && at <= by);
-                let notable = expiring && record.is_active(now) && record.replaced_by.is_none();
-                if notable && notices.get(record.id.as_uuid().as_bytes())?.is_none() {
-                    due.push(record);
-                }
-            }
-            due.sort_by_key(|record| (record.expires_at, record.id));
-            due.truncate(limit as usize);
-            Ok(due)
-        })
-        .await
+        let (database, location) = (self.database.clone(), self.location.clone());
+        let scan = tokio::task::spawn_blocking(move || {
+            read_in(&database, &location, "expiring_keys", |transaction| expiring_in(transaction, now, by, limit))
+        });
+        let failed =
+            |error: tokio::task::JoinError| BackendError::new("redb", self.location.clone(), "expiring_keys", error);
+        scan.await.map_err(|error| StoreError::from(failed(error)))?
     }
 
     async fn note_expiry(

@@ -192,8 +192,9 @@ const EXPIRING: &str = concat!(
     "SELECT ",
     columns!(),
     " FROM api_keys WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL \
-     AND expires_at > ?1 AND expires_at <= ?2 AND id NOT IN (SELECT key_id FROM expiry_notices) \
-     ORDER BY expires_at LIMIT ?3"
+     AND expires_at > ?1 AND expires_at <= ?2 \
+     AND NOT EXISTS (SELECT 1 FROM expiry_notices AS n WHERE n.key_id = api_keys.id) \
+     ORDER BY expires_at, id LIMIT ?3"
 );
 
 /// Keys in an SQLite file, in WAL mode: several processes on one machine may share the file

@@ -121,7 +121,8 @@ impl WebhookOptions {
         self.poll = self.poll.max(Duration::from_millis(1));
         self.batch = self.batch.max(1);
         self.lease = self.lease.max(self.timeout.saturating_add(Duration::from_secs(5)));
-        self.expiry_scan = self.expiry_scan.max(Duration::from_millis(1));
+        // Within a year, so that the next scan's instant can always be told.
+        self.expiry_scan = self.expiry_scan.clamp(Duration::from_millis(1), Duration::from_secs(365 * 24 * 60 * 60));
         self
     }
 
@@ -279,7 +280,9 @@ impl<S: KeyStore> KeyService<S> {
         self.spawn_webhooks_with(Arc::new(HttpTransport::default()), WebhookOptions::default())
     }
 
-    /// Delivers webhooks from a tokio task: looks at the outbox again at once after a look that
+    /// Delivers webhooks from a tokio task, and records expiry notices at its start and every
+    /// [`WebhookOptions::expiry_scan`] (see [`note_expiring_keys`](Self::note_expiring_keys)).
+    /// It looks at the outbox again at once after a look that
     /// attempted anything (so that a burst drains as fast as the endpoints answer, each
     /// account's deliveries one after another), and after [`WebhookOptions::poll`] otherwise. `None` when the
     /// service has no endpoints. A look that fails (the store is down) is logged and tried again
@@ -298,21 +301,32 @@ impl<S: KeyStore> KeyService<S> {
         let options = options.checked();
         Some(tokio::spawn(async move {
             let mut next_scan = tokio::time::Instant::now();
+            let mut scanning: Option<tokio::task::JoinHandle<bool>> = None;
             loop {
                 let Some(service) = service.upgrade() else { return };
-                let scan = tokio::time::Instant::now() >= next_scan;
-                if scan {
-                    next_scan += options.expiry_scan;
+                // The expiry scan runs beside the deliveries, one at a time; one that failed is
+                // tried again after a minute (or the interval, if shorter).
+                if let Some(scan) = scanning.take_if(|scan| scan.is_finished())
+                    && !scan.await.unwrap_or(false)
+                {
+                    let soon = tokio::time::Instant::now() + options.expiry_scan.min(Duration::from_secs(60));
+                    next_scan = next_scan.min(soon);
+                }
+                if scanning.is_none() && tokio::time::Instant::now() >= next_scan {
+                    next_scan = tokio::time::Instant::now() + options.expiry_scan;
+                    let service = service.clone();
+                    scanning = Some(tokio::spawn(async move {
+                        let noted = service.note_expiring_keys().await;
+                        if let Err(error) = &noted {
+                            let error: &(dyn std::error::Error + 'static) = error;
+                            tracing::warn!(error, "could not record every expiry notice; will try again");
+                        }
+                        noted.is_ok()
+                    }));
                 }
                 let looked = tokio::spawn({
                     let (transport, options) = (transport.clone(), options.clone());
-                    async move {
-                        if scan && let Err(error) = service.note_expiring_keys().await {
-                            let error: &(dyn std::error::Error + 'static) = &error;
-                            tracing::warn!(error, "could not record expiry notices; will try again");
-                        }
-                        service.deliver_webhooks(&transport, &options).await
-                    }
+                    async move { service.deliver_webhooks(&transport, &options).await }
                 });
                 let busy = match looked.await {
                     Ok(Ok(report)) => report.attempted() > 0,
