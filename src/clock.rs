@@ -79,6 +79,13 @@ impl Clock for ManualClock {
 /// The last time the library can store: the end of year 9999, UTC.
 pub(crate) const LATEST: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
 
+/// `at` plus `wait` as the library stores times (see [`normalize`]), or [`LATEST`] if that is
+/// past it: for deadlines that a huge wait must not overflow.
+pub(crate) fn later(at: OffsetDateTime, wait: std::time::Duration) -> OffsetDateTime {
+    let wait = time::Duration::try_from(wait).unwrap_or(time::Duration::MAX);
+    at.checked_add(wait).and_then(normalize).unwrap_or(LATEST)
+}
+
 /// A time as the library stores it: UTC, whole microseconds (what every backend, PostgreSQL
 /// included, keeps exactly). `None` if the time is not representable in UTC (past year 9999).
 pub(crate) fn normalize(at: OffsetDateTime) -> Option<OffsetDateTime> {

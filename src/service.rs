@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::audit::{Action, Actor, AuditCursor, AuditEvent, AuditPage, AuditQuery, Entry, EventId, RequestId, detail};
-use crate::clock::{Clock, SystemClock, normalize, unix_micros};
+use crate::clock::{Clock, SystemClock, later, normalize, unix_micros};
 use crate::digest::{Digest, Digester, Pepper};
 use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
@@ -374,8 +374,7 @@ impl<S: KeyStore> KeyService<S> {
     pub async fn note_expiring_keys(&self) -> Result<u64, Error> {
         const PAGE: u32 = 1_000;
         let now = self.now();
-        let by = now.checked_add(Self::EXPIRY_NOTICE.try_into().unwrap_or(time::Duration::MAX));
-        let by = by.unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
+        let by = later(now, Self::EXPIRY_NOTICE);
         let noting = self.acting_as(Actor::expiry());
         let store = &self.inner.store;
         let (mut noted, mut failed, mut tried) = (0, None, std::collections::HashSet::new());
@@ -972,8 +971,7 @@ impl<S: KeyStore> KeyService<S> {
             if caller.is_some_and(|caller| !caller.can_manage(&old)) {
                 return Err(Error::ScopeEscalation);
             }
-            let grace_ends = now.checked_add(grace.try_into().unwrap_or(time::Duration::MAX));
-            let grace_ends = grace_ends.and_then(normalize).unwrap_or(crate::clock::LATEST);
+            let grace_ends = later(now, grace);
             let (key, new) = self.new_record(account, now, |new| {
                 new.name = old.name.clone();
                 new.expires_at = old.expires_at;

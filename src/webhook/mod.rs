@@ -28,6 +28,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::audit::EventId;
+use crate::clock::later;
 use crate::error::{SignatureError, ValidationError};
 use crate::id::AccountId;
 
@@ -48,9 +49,6 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The longest wait between two attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
-
-/// The last instant a time can hold, where a claim or retry that would come later is put.
-const END_OF_TIME: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
 
 /// The name of a webhook endpoint: 1 to 64 letters, digits, `_`, `-` or `.`. Deliveries are
 /// kept by it, so an endpoint keeps its deliveries across restarts as long as its name stays.
@@ -295,11 +293,7 @@ pub struct Claim {
 impl Claim {
     /// A new claim, made at `now`, that lasts `lease` (or to the end of time, if that is sooner).
     pub fn new(now: OffsetDateTime, lease: Duration) -> Self {
-        Self {
-            token: Uuid::now_v7(),
-            now,
-            until: now.checked_add(lease.try_into().unwrap_or(time::Duration::MAX)).unwrap_or(END_OF_TIME),
-        }
+        Self { token: Uuid::now_v7(), now, until: later(now, lease) }
     }
 }
 
@@ -403,9 +397,8 @@ impl Outcome {
     /// [`MAX_AGE`] old or the retry would come after that.
     pub fn after_failure(delivery: &Delivery, now: OffsetDateTime, error: String, jitter: f64) -> Self {
         let backoff = FIRST_BACKOFF.saturating_mul(1 << delivery.attempts.min(20)).min(MAX_BACKOFF);
-        let after = |at: OffsetDateTime, wait: Duration| at.checked_add(wait.try_into().unwrap_or(time::Duration::MAX));
-        let next = after(now, backoff.mul_f64(jitter.clamp(0.5, 1.0))).unwrap_or(END_OF_TIME);
-        if delivery.at.checked_add(time::Duration::seconds(MAX_AGE.as_secs() as i64)).is_none_or(|end| next >= end) {
+        let next = later(now, backoff.mul_f64(jitter.clamp(0.5, 1.0)));
+        if next >= later(delivery.at, MAX_AGE) {
             Self::Dead { at: now, error }
         } else {
             Self::Retry { at: next, error }
