@@ -306,7 +306,6 @@ async fn eventually(mut done: impl AsyncFnMut() -> bool) -> bool {
 async fn instances_sharing_counts_hold_one_limit_and_fail_closed_without_them() {
     let (memory, board) = (Arc::new(MemoryStore::new()), Arc::new(support::CountBoard::default()));
     let (first, _) = sharing_instance(&memory, &board, false);
-    let (second, second_store) = sharing_instance(&memory, &board, false);
     let limit = || RateLimits::new([RateLimit::new("requests", 4, Duration::from_secs(60)).unwrap()]).unwrap();
     let account = AccountId::new("acme").unwrap();
     let create = async |new: NewKey| first.create(&account, new).await.unwrap().key.expose_secret().to_owned();
@@ -315,9 +314,12 @@ async fn instances_sharing_counts_hold_one_limit_and_fail_closed_without_them() 
         create(NewKey::default().ratelimits(limit())).await,
         create(NewKey::default()).await,
     );
+    // Used up while the first instance is alone: with another one already exchanging, a fresh
+    // window would share the limit with it until its counts came, and refuse the third use.
     for _ in 0..4 {
         first.verify(&limited).await.unwrap();
     }
+    let (second, second_store) = sharing_instance(&memory, &board, false);
     let seen = eventually(async || {
         matches!(second.verify_usage(&limited, &Usage::new().cost(0)).await, Err(Rejection::RateLimited(_)))
     })
