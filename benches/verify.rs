@@ -417,7 +417,8 @@ fn sizes() -> Vec<usize> {
 }
 
 /// The groups of this bench, as criterion names them.
-const GROUPS: [&str; 9] = ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage", "webhooks"];
+const GROUPS: [&str; 10] =
+    ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage", "webhooks", "scan"];
 
 /// Whether the command line selects `group`, so that `cargo bench --bench verify -- scopes`
 /// skips the other groups' setup and interleaved runs as criterion skips their benchmarks. Only a
@@ -1234,9 +1235,49 @@ fn webhooks(c: &mut Criterion) {
 #[cfg(not(feature = "webhooks"))]
 fn webhooks(_: &mut Criterion) {}
 
+/// The leak scanner over 8 MiB of text like source code: a `_v1_` look-alike every 16 lines, and
+/// a real token every 2,048. Against the least any scanner does: find each `_v1_` (memchr's `memmem`) and
+/// count the newlines, in one pass each.
+fn scan(c: &mut Criterion) {
+    if !selected("scan") {
+        return;
+    }
+    let format = format();
+    let mut text = String::with_capacity(8 << 20);
+    let (mut line, mut planted) = (0, 0);
+    while text.len() < 8 << 20 {
+        line += 1;
+        match line % 16 {
+            0 => text.push_str("    let lookalike = \"as_live_v1_notatokennotatokennotatokennotatokenx\";\n"),
+            1 if line % 2048 == 1 => {
+                text.push_str(&format!("API_KEY={}\n", format.generate().unwrap().0.expose_secret()));
+                planted += 1;
+            }
+            _ => text.push_str(&format!("    let value_{line} = compute(&input, {line}) + offset; // a comment\n")),
+        }
+    }
+    let bytes = text.into_bytes();
+    let mut group = c.benchmark_group("scan");
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_function("memmem_and_newlines", |b| {
+        let finder = memchr::memmem::Finder::new("_v1_");
+        b.iter(|| black_box(finder.find_iter(&bytes).count() + memchr::memchr_iter(b'\n', &bytes).count()))
+    });
+    let scanner = apikeys::leak::Scanner::any();
+    group.bench_function("scanner", |b| {
+        b.iter(|| {
+            let mut found = 0;
+            scanner.scan_reader(bytes.as_slice(), |_| found += 1).unwrap();
+            assert_eq!(found, planted);
+            black_box(found)
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage, webhooks
+    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage, webhooks, scan
 }
 criterion_main!(benches);

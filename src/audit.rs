@@ -118,7 +118,12 @@ impl Actor {
 
     /// The actor of expiry notices.
     pub(crate) fn expiry() -> Self {
-        Self { kind: ActorType::System, id: SmolStr::new_static("expiry") }
+        Self::system_static("expiry")
+    }
+
+    /// A system actor of a label known to be valid.
+    pub(crate) fn system_static(label: &'static str) -> Self {
+        Self { kind: ActorType::System, id: SmolStr::new_static(label) }
     }
 
     /// The administrator path's actor when the host names none.
@@ -158,8 +163,9 @@ pub enum Action {
     /// A key expires within a week: the notice, recorded once per key; `detail` holds its
     /// prefix, name and expiry. Not a change: the key is as it was.
     KeyExpiring,
-    /// A key was revoked because it was found exposed; `detail` says where it was reported.
-    /// Reserved for leak response, which no path of this version takes yet.
+    /// A key was revoked because it was reported leaked; `detail` holds its prefix, name and
+    /// the reporter's `sourceUrl` (or null). The actor is the reporter, `system:github` or
+    /// `system:leak-report`.
     KeyLeaked,
     /// An owner's shared limits changed; the event names no key, and `detail` holds the owner
     /// and what was set.

@@ -66,6 +66,10 @@ pub enum ValidationError {
     /// A webhook secret is shorter than 16 bytes.
     #[error("invalid webhook secret: it must be at least 16 bytes of secret random data")]
     WebhookSecret,
+    /// A GitHub public key is not a P-256 key in PEM, its identifier is empty, too long or not
+    /// visible ASCII, or a key document names none.
+    #[error("invalid GitHub public key: each must be a P-256 public key in PEM under a visible ASCII identifier")]
+    GitHubKey,
     /// A key name is empty, longer than 255 characters or holds a control character.
     #[error("invalid key name: it must be 1 to 255 characters without control characters, or absent")]
     Name,

@@ -63,6 +63,7 @@ pub mod http;
 mod id;
 mod key;
 mod last_used;
+pub mod leak;
 mod meter;
 mod name;
 mod owner;

@@ -356,9 +356,50 @@ impl<S: KeyStore> KeyService<S> {
             Some(caller) => Actor::key(caller.id),
             None => self.origin.admin.clone().unwrap_or_else(Actor::default_admin),
         };
+        self.event_by(actor, at, account, action, key_id, detail)
+    }
+
+    /// An event of `actor`'s, to be recorded with a change, for each webhook endpoint.
+    fn event_by(
+        &self,
+        actor: Actor,
+        at: time::OffsetDateTime,
+        account: &AccountId,
+        action: Action,
+        key_id: Option<KeyId>,
+        detail: serde_json::Map<String, serde_json::Value>,
+    ) -> Entry {
         let (id, account, request_id) = (EventId::generate(), account.clone(), self.origin.request.clone());
         let event = AuditEvent { id, at, account, actor, action, key_id, request_id, detail };
         Entry::new(event, self.inner.deliveries.clone())
+    }
+
+    /// The stored record of `token`, a token of any format, read without using the key: no
+    /// credit spent, no lastUsedAt noted, no format check.
+    pub(crate) async fn record_of(&self, token: &str) -> Result<Option<KeyRecord>, Error> {
+        let inner = &self.inner;
+        let digests = std::iter::once(inner.digester.digest(token)).chain(inner.digester.legacy_digest(token));
+        for digest in digests {
+            let found = inner.within(inner.store.find_by_digest(&digest)).await.map_err(Error::Store)?;
+            if let Some(record) = found.filter(|record| record.digest.ct_eq(&digest)) {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Revokes the key of `record` now as `actor`, recording `action`; whether it was active.
+    pub(crate) async fn revoke_record_as(
+        &self,
+        record: &KeyRecord,
+        actor: Actor,
+        action: Action,
+        detail: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<bool, Error> {
+        let now = self.now();
+        let event = self.event_by(actor, now, &record.account, action, Some(record.id), detail);
+        let revoke = self.inner.store.revoke(&record.account, &record.id, now, &event);
+        self.inner.within(revoke).await.map_err(Error::Store)
     }
 
     /// The webhook endpoints every event is delivered to.
@@ -997,7 +1038,7 @@ impl<S: KeyStore> KeyService<S> {
         Err(Error::RollConflict)
     }
 
-    fn now(&self) -> time::OffsetDateTime {
+    pub(crate) fn now(&self) -> time::OffsetDateTime {
         let now = self.inner.clock.now();
         normalize(now).unwrap_or(now)
     }

@@ -32,7 +32,7 @@ const VERSION: &str = "v1";
 /// Longest namespace, environment and token; anything longer is rejected before it is read.
 const MAX_NAMESPACE: usize = 16;
 const MAX_ENVIRONMENT: usize = 8;
-const MAX_LEAD_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1;
+pub(crate) const MAX_LEAD_LEN: usize = MAX_NAMESPACE + 1 + MAX_ENVIRONMENT + 1 + VERSION.len() + 1;
 const MAX_TOKEN_LEN: usize = MAX_LEAD_LEN + BODY_CHARS;
 const MAX_PREFIX_LEN: usize = MAX_LEAD_LEN + PREFIX_BODY_CHARS;
 

@@ -953,3 +953,106 @@ async fn two_servers_on_one_postgres_deliver_each_event_once() {
     second.wait().unwrap();
     first.stop();
 }
+
+/// `scan` finds keys in a tree, prints where and which key (never the key), and exits 1 when it
+/// found one, 0 when it found none and 2 when a path could not be read; without a store file it
+/// makes none and shows the keys without ids.
+#[test]
+fn scan_finds_keys_in_files_and_never_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, id) = create(dir.path(), &[]);
+    let (revoked, revoked_id) = create(dir.path(), &[]);
+    let revoke = run(dir.path(), &["revoke", "--account", "acme", &revoked_id]);
+    assert!(revoke.status.success(), "{}", stderr(&revoke));
+    let tree = dir.path().join("repo");
+    std::fs::create_dir_all(tree.join("ci")).unwrap();
+    std::fs::write(tree.join("ci/deploy.sh"), format!("#!/bin/sh\nexport API_KEY={key}\n")).unwrap();
+    std::fs::write(tree.join("notes.txt"), format!("old: {revoked}\n")).unwrap();
+    std::fs::write(tree.join("clean.txt"), "nothing here: as_live_v1_abcd\n").unwrap();
+
+    let found = run(dir.path(), &["scan", "repo"]);
+    assert_eq!(found.status.code(), Some(1), "{}", stderr(&found));
+    let text = stdout(&found);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains(&format!("repo/ci/deploy.sh:2:16: {}… {id} of account \"acme\" (active)", &key[..15])),
+        "{text}"
+    );
+    assert!(text.contains("repo/notes.txt:1:6:") && text.contains("(inactive)"), "{text}");
+    for token in [&key, &revoked] {
+        support::assert_no_secret(&text, token);
+        support::assert_no_secret(&stderr(&found), token);
+    }
+
+    let json = run(dir.path(), &["scan", "--json", "repo/ci"]);
+    let line: Value = serde_json::from_str(stdout(&json).trim()).unwrap();
+    assert_eq!(line["keyId"], json!(id));
+    assert_eq!((&line["line"], &line["column"], &line["state"]), (&json!(2), &json!(16), &json!("active")));
+
+    let clean = run(dir.path(), &["scan", "repo/clean.txt"]);
+    assert_eq!((clean.status.code(), stdout(&clean).as_str()), (Some(0), ""));
+    let missing = run(dir.path(), &["scan", "repo/ci", "repo/nothere"]);
+    assert_eq!(missing.status.code(), Some(2), "an unreadable path is an error");
+    assert!(
+        stderr(&missing).contains("repo/nothere") && stdout(&missing).contains("deploy.sh"),
+        "the rest is still scanned"
+    );
+
+    let no_store = run(dir.path(), &["--db", "elsewhere.db", "scan", "repo/ci"]);
+    assert_eq!(no_store.status.code(), Some(1));
+    assert!(stdout(&no_store).trim().ends_with(&format!("{}…", &key[..15])), "{}", stdout(&no_store));
+    assert!(stderr(&no_store).contains("no store at elsewhere.db"));
+    assert!(!dir.path().join("elsewhere.db").exists(), "a scan makes no store");
+}
+
+/// `serve` takes leak reports from anyone, and GitHub's signed ones with `--github-keys`: each
+/// revokes the reported key at once.
+#[tokio::test]
+async fn serve_revokes_keys_reported_leaked_by_anyone_and_by_github() {
+    use p256::ecdsa::signature::Signer as _;
+    use p256::pkcs8::EncodePublicKey as _;
+    let dir = tempfile::tempdir().unwrap();
+    let github = p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
+    let pem = github.verifying_key().to_public_key_pem(p256::pkcs8::LineEnding::LF).unwrap();
+    let document = json!({"public_keys": [{"key_identifier": "k1", "key": pem, "is_current": true}]});
+    std::fs::write(dir.path().join("github.json"), document.to_string()).unwrap();
+    let server = serve(dir.path(), &["--github-keys", "github.json"]);
+    let client = reqwest::Client::new();
+    let (reported, found_by_github) = (server.first_key.clone(), create(dir.path(), &[]).0);
+
+    let answer = client.post(server.url("/leaks")).json(&json!({"key": reported})).send().await.unwrap();
+    assert_eq!(answer.status(), 202);
+    let body =
+        json!([{"token": found_by_github, "type": "apikeys", "url": "https://github.com/o/r/blob/1/a"}]).to_string();
+    let signature: p256::ecdsa::Signature = github.sign(body.as_bytes());
+    let signature = <base64ct::Base64 as base64ct::Encoding>::encode_string(signature.to_der().as_bytes());
+    let answer = client
+        .post(server.url("/leaks/github"))
+        .header("Github-Public-Key-Identifier", "k1")
+        .header("Github-Public-Key-Signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let labels: Value = answer.json().await.unwrap();
+    assert_eq!(labels[0]["label"], json!("true_positive"));
+    for token in [&reported, &found_by_github] {
+        let verified = run_with_stdin(dir.path(), &["verify"], token);
+        assert_eq!(verified.status.code(), Some(1), "revoked: {}", stdout(&verified));
+    }
+    let (code, log) = server.stop();
+    assert_eq!(code, Some(0));
+    for token in [&reported, &found_by_github] {
+        assert!(!log.join("\n").contains(body_of(token)), "no token in the log");
+    }
+    let leaked = |account| {
+        let events = audit_trail(dir.path(), &[], account).into_iter();
+        events
+            .filter(|event| event["action"] == json!("key.leaked"))
+            .map(|event| event["actor"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(leaked("default"), [json!({"type": "system", "id": "leak-report"})]);
+    assert_eq!(leaked("acme"), [json!({"type": "system", "id": "github"})]);
+}

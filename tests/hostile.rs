@@ -74,7 +74,9 @@ fn start() -> Server {
     options.header_read_timeout = Duration::from_millis(300);
     options.body_read_timeout = Duration::from_millis(300);
     let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
-    let app = apikeys::http::app(service, Some(credential));
+    let mut parts = apikeys::http::AppOptions::default();
+    parts.verification = Some(credential);
+    let app = apikeys::http::app(service, parts);
     runtime.spawn(apikeys::http::serve(listener, app, options, std::future::pending()));
     Server {
         address,

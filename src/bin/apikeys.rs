@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apikeys::audit::{Actor, AuditPage};
-use apikeys::http::{ServeOptions, ServiceCredential};
+use apikeys::http::{AppOptions, GitHubKeys, LeakOptions, ServeOptions, ServiceCredential};
+use apikeys::leak::{KeyState, ScanEvent, Scanner};
 use apikeys::webhook::{DeadDelivery, Endpoint, EndpointName, HttpTransport, WebhookOptions, WebhookSecret};
 use apikeys::{
     AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
@@ -212,6 +213,14 @@ enum Command {
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
+    /// Find keys in files and directories (of the namespace, in any environment, told by their
+    /// checksum): print file:line:column, the prefix and, if the store knows the key, its id and
+    /// state; never the key. Exit 0 when none is found, 1 when one is, 2 on an error.
+    Scan {
+        /// Files and directories to scan; binary files are skipped.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Read a key from standard input and say whether it is valid: exit 0 valid, 1 rejected, 2 error.
     Verify {
         /// Refused: a key given as an argument ends up in shell history and the process list.
@@ -293,6 +302,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .into(),
         ));
     }
+    if let Command::Scan { paths } = &cli.command {
+        return scan(&cli.store, paths, cli.json).await;
+    }
     let (service, store_is_empty) = open_service(&cli.store).await?;
     // What an operator changes here is the administrator's doing.
     let service = service.acting_as(Actor::admin("cli")?);
@@ -300,9 +312,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let code = match cli.command {
         Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
-            let verification = service_credential_from_environment()?;
+            let app = limits.app_options(service_credential_from_environment()?)?;
             let timing = (cli.store.webhook_poll, cli.store.webhook_timeout, cli.store.webhook_lease);
-            serve(service.clone(), listen, first_key_for, limits.options(), verification, timing, json).await?
+            serve(service.clone(), listen, first_key_for, limits.options(), app, timing, json).await?
         }
         Command::Create { account, name, expires_in, scopes, usage } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
@@ -379,6 +391,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             ExitCode::SUCCESS
         }
         Command::Verify { .. } => verify(&service, json).await?,
+        Command::Scan { .. } => unreachable!("scanned above"),
     };
     service.flush().await?;
     Ok(code)
@@ -668,9 +681,34 @@ struct ServeLimits {
     /// How long requests in flight may take to finish after SIGTERM or SIGINT.
     #[arg(long, env = "APIKEYS_SHUTDOWN_DEADLINE", value_parser = humantime::parse_duration, default_value = "10s")]
     shutdown_deadline: Duration,
+    /// How many leak reports POST /leaks takes a minute, from everyone together (0: none).
+    #[arg(long, env = "APIKEYS_LEAK_REPORTS_PER_MINUTE", default_value_t = 60)]
+    leak_reports_per_minute: u32,
+    /// GitHub's secret-scanning public keys, as api.github.com/meta/public_keys/secret_scanning
+    /// answers: serve POST /leaks/github, GitHub's partner endpoint.
+    #[arg(long, env = "APIKEYS_GITHUB_KEYS", value_name = "FILE")]
+    github_keys: Option<PathBuf>,
 }
 
 impl ServeLimits {
+    /// What the app serves besides the key routes: `POST /keys/verify` with `verification`, and
+    /// the leak endpoints.
+    fn app_options(&self, verification: Option<ServiceCredential>) -> Result<AppOptions, Failure> {
+        let mut leaks = LeakOptions::default();
+        leaks.reports_per_minute = self.leak_reports_per_minute;
+        if let Some(file) = &self.github_keys {
+            let unreadable = |error: &dyn std::fmt::Display| {
+                Failure(format!("cannot read --github-keys {}: {error}", file.display()))
+            };
+            let document = std::fs::read_to_string(file).map_err(|error| unreadable(&error))?;
+            leaks.github = Some(GitHubKeys::from_json(&document).map_err(|error| unreadable(&error))?);
+        }
+        let mut options = AppOptions::default();
+        options.verification = verification;
+        options.leaks = Some(leaks);
+        Ok(options)
+    }
+
     fn options(&self) -> ServeOptions {
         let mut options = ServeOptions::default();
         options.header_read_timeout = self.header_timeout;
@@ -687,7 +725,7 @@ async fn serve(
     listen: SocketAddr,
     first_key_for: Option<AccountId>,
     options: ServeOptions,
-    verification: Option<ServiceCredential>,
+    app: AppOptions,
     webhook_timing: (Duration, Duration, Duration),
     json: bool,
 ) -> Result<ExitCode, Failure> {
@@ -723,7 +761,7 @@ async fn serve(
     let delivery = WebhookOptions::default().poll(poll).timeout(timeout).lease(lease);
     service.spawn_webhooks_with(Arc::new(HttpTransport::default()), delivery);
     tokio::spawn(purge_audit_hourly(service.clone()));
-    let app = apikeys::http::app(service.clone(), verification);
+    let app = apikeys::http::app(service.clone(), app);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;
@@ -957,6 +995,83 @@ fn print_owner(owner: &OwnerId, limits: Option<OwnerLimits>, json: bool) -> Resu
 
 fn rfc3339(at: time::OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// `apikeys scan`: prints each key found as it is found, looked up in the store if there is one
+/// (a store file that does not exist is not made: the keys are then shown without their ids).
+async fn scan(args: &StoreArgs, paths: &[PathBuf], json: bool) -> Result<ExitCode, Failure> {
+    let missing = match args.backend {
+        Backend::Sqlite => args.db.clone().or_else(|| Some("apikeys.db".into())),
+        Backend::Redb => args.db.clone().or_else(|| Some("apikeys.redb".into())),
+        Backend::Postgres | Backend::Memory => None,
+    }
+    .filter(|file| !file.exists());
+    let service = match &missing {
+        Some(file) => {
+            eprintln!("no store at {}: keys found are shown without their ids", file.display());
+            None
+        }
+        None => Some(open_service(args).await?.0),
+    };
+    let scanner = Scanner::namespace(&args.namespace);
+    // The scan reads files on a blocking thread and sends what it finds here, to be looked up.
+    let (found, mut findings) = tokio::sync::mpsc::channel(64);
+    let paths = paths.to_vec();
+    let scanning = tokio::task::spawn_blocking(move || {
+        scanner.scan_paths(&paths, |event| {
+            let event = match event {
+                ScanEvent::Found { path, finding } => Ok((path.to_path_buf(), finding)),
+                ScanEvent::Binary { .. } => return,
+                ScanEvent::Failed { path, error } => Err(format!("{}: {error}", path.display())),
+            };
+            let _ = found.blocking_send(event);
+        });
+    });
+    let (mut keys, mut errors) = (0u64, 0u64);
+    while let Some(event) = findings.recv().await {
+        let (path, finding) = match event {
+            Ok(found) => found,
+            Err(message) => {
+                errors += 1;
+                eprintln!("{message}");
+                continue;
+            }
+        };
+        keys += 1;
+        let state = match &service {
+            Some(service) => Some(service.identify(finding.token.expose_secret()).await?),
+            None => None,
+        };
+        let (state, key) = match &state {
+            None => (None, None),
+            Some(KeyState::Active(key)) => (Some("active"), Some(key)),
+            Some(KeyState::Inactive(key)) => (Some("inactive"), Some(key)),
+            Some(KeyState::Unknown) => (Some("unknown"), None),
+        };
+        let place = format!("{}:{}:{}", path.display(), finding.line, finding.column);
+        if json {
+            let line = json!({
+                "path": path.display().to_string(),
+                "line": finding.line,
+                "column": finding.column,
+                "prefix": finding.prefix.as_str(),
+                "state": state,
+                "keyId": key.map(|key| key.id.to_string()),
+                "accountId": key.map(|key| key.account.as_str()),
+            });
+            println!("{line}");
+        } else {
+            let id = key.map_or_else(String::new, |key| format!(" {} of account {:?}", key.id, key.account.as_str()));
+            let state = state.map_or_else(String::new, |state| format!(" ({state})"));
+            println!("{place}: {}…{id}{state}", finding.prefix);
+        }
+    }
+    scanning.await.map_err(|error| Failure(format!("the scan stopped: {error}")))?;
+    Ok(match (errors, keys) {
+        (1.., _) => ExitCode::from(2),
+        (0, 1..) => ExitCode::from(1),
+        (0, 0) => ExitCode::SUCCESS,
+    })
 }
 
 #[cfg(test)]

@@ -61,6 +61,9 @@
 mod auth;
 mod body;
 mod error;
+#[cfg(feature = "github")]
+mod github;
+mod leaks;
 mod request_id;
 mod server;
 mod verify;
@@ -84,6 +87,9 @@ use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
 pub use error::ApiError;
+#[cfg(feature = "github")]
+pub use github::{GITHUB_BODY_LIMIT, GitHubKeys, KEY_IDENTIFIER_HEADER, MAX_TOKENS, SIGNATURE_HEADER};
+pub use leaks::{LeakOptions, leaks_router};
 use request_id::InRequest;
 pub use request_id::{X_REQUEST_ID, request_ids};
 pub use server::{ServeOptions, serve};
@@ -117,19 +123,36 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
         .with_state(service)
 }
 
+/// What [`app`] serves besides the key routes. Build with [`AppOptions::default`] (the key
+/// routes and the OpenAPI document only) and set what differs.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct AppOptions {
+    /// The credential of `POST /keys/verify`; without one, that path is a 404 like any unknown
+    /// path.
+    pub verification: Option<ServiceCredential>,
+    /// How the leak endpoints are served; without these, they are not.
+    pub leaks: Option<LeakOptions>,
+}
+
 /// The whole application `apikeys serve` runs: [`router`], `POST /keys/verify`
-/// ([`verify_router`]) for holders of `verification`'s credential (without one, that path is
-/// a 404 like any unknown path), the OpenAPI document at `/openapi.json`, a JSON 404 for any
-/// other path, one log line per request ([`log_requests`]), and `x-api-key` and
-/// `Authorization` marked sensitive for every layer around it. For a service whose only routes
-/// are the key routes; a host with routes of its own merges [`router`] into its app instead.
-pub fn app<St: KeyStore>(service: KeyService<St>, verification: Option<ServiceCredential>) -> Router {
-    let verify = match verification {
+/// ([`verify_router`]) and the leak endpoints ([`leaks_router`]) as `options` says, the OpenAPI
+/// document at `/openapi.json`, a JSON 404 for any other path, one log line per request
+/// ([`log_requests`]), and `x-api-key` and `Authorization` marked sensitive for every layer
+/// around it. For a service whose only routes are the key routes; a host with routes of its own
+/// merges [`router`] into its app instead.
+pub fn app<St: KeyStore>(service: KeyService<St>, options: AppOptions) -> Router {
+    let verify = match options.verification {
         Some(credential) => verify_router(service.verifier(), credential),
+        None => Router::new(),
+    };
+    let leaks = match options.leaks {
+        Some(leaks) => leaks_router(service.clone(), leaks),
         None => Router::new(),
     };
     router(service)
         .merge(verify)
+        .merge(leaks)
         .route("/openapi.json", axum::routing::get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
         .layer(axum::middleware::from_fn(log_requests))

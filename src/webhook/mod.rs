@@ -249,7 +249,7 @@ impl Endpoint {
 /// from 1 to 65535, and a path and query of the characters RFC 3986 allows (no fragment), in at
 /// most [`Endpoint::MAX_URL_LEN`] bytes: what an HTTP client accepts, so that an endpoint never
 /// fails every attempt for its URL.
-fn is_http_url(url: &str) -> bool {
+pub(crate) fn is_http_url(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else { return false };
     let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
     let (host, port) = match authority.rsplit_once(':') {

@@ -4,6 +4,8 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod child;
+#[cfg(feature = "http")]
+pub mod contract;
 pub mod crash;
 #[cfg(feature = "test-util")]
 pub mod model;

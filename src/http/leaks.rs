@@ -1,0 +1,150 @@
+//! Leak reports: `POST /leaks`, where anyone may report a key, and (feature `github`)
+//! `POST /leaks/github`, GitHub's secret-scanning partner endpoint. Both revoke a reported key
+//! at once ([`KeyService::revoke_leaked`]), and both are throttled.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+
+use super::body::{Sent, json_body};
+use super::{ApiError, BODY_LIMIT};
+use crate::leak::LeakReport;
+use crate::{KeyService, KeyStore};
+
+/// How the leak endpoints are served. Build with [`LeakOptions::default`] and set what differs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LeakOptions {
+    /// How many reports `POST /leaks` takes a minute, from everyone together; more are 429.
+    /// 60 by default.
+    pub reports_per_minute: u32,
+    /// GitHub's public keys, which serve `POST /leaks/github`; without them that path is not
+    /// served.
+    #[cfg(feature = "github")]
+    pub github: Option<super::github::GitHubKeys>,
+    /// How many requests `POST /leaks/github` takes a minute; more are 429 (GitHub sends them
+    /// again). 600 by default.
+    #[cfg(feature = "github")]
+    pub github_requests_per_minute: u32,
+}
+
+impl Default for LeakOptions {
+    fn default() -> Self {
+        Self {
+            reports_per_minute: 60,
+            #[cfg(feature = "github")]
+            github: None,
+            #[cfg(feature = "github")]
+            github_requests_per_minute: 600,
+        }
+    }
+}
+
+/// `POST /leaks` over `service`, and `POST /leaks/github` when `options` holds GitHub's keys.
+/// Merge it into the app that should serve them: they take no credential, so they belong on a
+/// public address.
+///
+/// `POST /leaks` takes `{"key": "…", "url": "…"}` (`url`, where the key was found, optional)
+/// and answers 202 `{"received": true}` whether or not the key was one: the endpoint cannot
+/// tell anyone whether a guess was right. A key that verifies is revoked before the answer.
+pub fn leaks_router<St: KeyStore, S: Clone + Send + Sync + 'static>(
+    service: KeyService<St>,
+    options: LeakOptions,
+) -> Router<S> {
+    let public = Reports { service: service.clone(), throttle: Throttle::per_minute(options.reports_per_minute) };
+    let router = Router::new()
+        .route("/leaks", post(report_leak::<St>))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(public);
+    #[cfg(feature = "github")]
+    if let Some(keys) = options.github {
+        let throttle = Throttle::per_minute(options.github_requests_per_minute);
+        return router.merge(super::github::github_router(service, keys, throttle));
+    }
+    router
+}
+
+struct Reports<St: KeyStore> {
+    service: KeyService<St>,
+    throttle: Throttle,
+}
+
+impl<St: KeyStore> Clone for Reports<St> {
+    fn clone(&self) -> Self {
+        Self { service: self.service.clone(), throttle: self.throttle.clone() }
+    }
+}
+
+/// The body of `POST /leaks`. No `Debug`: it holds a token.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportRequest {
+    #[serde(default)]
+    key: Option<Sent<String>>,
+    #[serde(default)]
+    url: Option<Sent<String>>,
+}
+
+async fn report_leak<St: KeyStore>(
+    State(reports): State<Reports<St>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    reports.throttle.admit()?;
+    let request = json_body::<ReportRequest>(&headers, body)?;
+    let Some(Sent::Valid(key)) = request.key else {
+        return Err(ApiError::bad_request("invalid_key", "Give the leaked key as a string: {\"key\": \"…\"}."));
+    };
+    let mut report = LeakReport::public();
+    match request.url {
+        None => {}
+        Some(Sent::Valid(url)) => report = report.found_at(&url),
+        Some(Sent::WrongType) => {
+            return Err(ApiError::bad_request("invalid_url", "url must be a string: where the key was found."));
+        }
+    }
+    reports.service.revoke_leaked(&key, &report).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "received": true }))).into_response())
+}
+
+/// A token bucket shared by every request of one endpoint: `per_minute` a minute, in bursts of
+/// at most that many.
+#[derive(Clone)]
+pub(super) struct Throttle {
+    per_minute: u32,
+    /// Tokens left, and when they were counted.
+    bucket: Arc<Mutex<(f64, Instant)>>,
+}
+
+impl Throttle {
+    pub(super) fn per_minute(per_minute: u32) -> Self {
+        Self { per_minute, bucket: Arc::new(Mutex::new((f64::from(per_minute), Instant::now()))) }
+    }
+
+    /// Takes a token, or answers 429 with when one will be there.
+    pub(super) fn admit(&self) -> Result<(), ApiError> {
+        let rate = f64::from(self.per_minute) / 60.0;
+        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let (tokens, counted) = *bucket;
+        let tokens = (tokens + now.duration_since(counted).as_secs_f64() * rate).min(f64::from(self.per_minute));
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            return Ok(());
+        }
+        *bucket = (tokens, now);
+        let wait = if rate > 0.0 { ((1.0 - tokens) / rate).ceil().min(3600.0) } else { 3600.0 };
+        let refused =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "Too many reports; try again later.");
+        Err(refused.with_header(header::RETRY_AFTER, HeaderValue::from(Duration::from_secs_f64(wait).as_secs().max(1))))
+    }
+}
