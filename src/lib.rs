@@ -100,7 +100,7 @@ pub use store::RedbStore;
 pub use store::SqliteStore;
 pub use store::{Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, RateCounts, StoreError};
 #[cfg(feature = "postgres")]
-pub use store::{PostgresOptions, PostgresStore};
+pub use store::{PostgresOptions, PostgresStore, SslMode};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};
 pub use usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval, Take, Taken};
 

@@ -53,6 +53,15 @@ struct StoreArgs {
     /// With --backend postgres: the server, e.g. postgres://user:password@host:5432/db.
     #[arg(long, env = "APIKEYS_DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
+    /// With --backend postgres: TLS to the server, as libpq's sslmode: disable, prefer (the
+    /// default: TLS if offered, unchecked), require (unchecked), verify-ca, verify-full. Wins
+    /// over the URL's sslmode.
+    #[arg(long, env = "PGSSLMODE", global = true, value_name = "MODE")]
+    database_sslmode: Option<apikeys::SslMode>,
+    /// With --backend postgres: a PEM file of the CAs that vouch for the server [default: the
+    /// URL's sslrootcert, else the system's CAs].
+    #[arg(long, env = "PGSSLROOTCERT", global = true, value_name = "FILE")]
+    database_sslrootcert: Option<PathBuf>,
     /// With --backend postgres: the schema that holds the tables.
     #[arg(long, env = "APIKEYS_SCHEMA", default_value = "apikeys", global = true)]
     schema: String,
@@ -558,6 +567,8 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
                 .ok_or_else(|| Failure("--backend postgres needs --database-url (or APIKEYS_DATABASE_URL)".into()))?;
             let mut options = PostgresOptions::default();
             options.schema = args.schema.clone();
+            options.ssl_mode = args.database_sslmode;
+            options.ssl_root_cert = args.database_sslrootcert.clone();
             Arc::new(PostgresStore::connect_with(url, options).await?)
         }
         Backend::Memory => Arc::new(MemoryStore::new()),

@@ -27,6 +27,8 @@ mod error;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres-tls")]
+mod postgres_tls;
 #[cfg(feature = "redb")]
 mod redb;
 #[cfg(feature = "sqlite")]
@@ -37,10 +39,13 @@ mod stored;
 mod writer;
 
 pub use crate::error::{BackendError, BoxError, StoreError};
+/// The pool crate of [`PostgresStore::from_pool`], at the version this crate builds with.
+#[cfg(feature = "postgres")]
+pub use deadpool_postgres;
 pub use error::OpenError;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{PostgresOptions, PostgresStore, SslMode};
 #[cfg(feature = "redb")]
 pub use redb::RedbStore;
 #[cfg(feature = "sqlite")]

@@ -6,7 +6,7 @@
 //! far more code). Every statement is prepared once per connection and cached.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,6 +49,48 @@ pub struct PostgresOptions {
     /// How long one call (connecting included) may take before failing, so that a stalled
     /// network cannot hang a request. Default 5 s.
     pub call_timeout: Duration,
+    /// TLS to the server, as libpq's `sslmode`; `None`: the URL's `sslmode`, else
+    /// [`SslMode::Prefer`]. Any mode that needs TLS needs feature `postgres-tls`.
+    pub ssl_mode: Option<SslMode>,
+    /// A PEM file of the CAs that vouch for the server; `None`: the URL's `sslrootcert`, else
+    /// the platform's CAs (`system`, here or in the URL, says so too).
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+/// How the connection to the server is protected: libpq's `sslmode`, with libpq's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, plain if not; the certificate is not checked. The default,
+    /// as in libpq; without feature `postgres-tls`, always plain.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked, unless CAs are given: then it is
+    /// checked as for [`VerifyCa`](Self::VerifyCa). Encrypts, but a machine in the middle can
+    /// pass for the server.
+    Require,
+    /// TLS, with a certificate that a trusted CA signed, for any host name.
+    VerifyCa,
+    /// TLS, with a certificate that a trusted CA signed for the host connected to: what to use
+    /// across any network not your own.
+    VerifyFull,
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(mode: &str) -> Result<Self, Self::Err> {
+        Ok(match mode {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            _ => {
+                return Err(format!("sslmode {mode:?}: it must be disable, prefer, require, verify-ca or verify-full"));
+            }
+        })
+    }
 }
 
 impl Default for PostgresOptions {
@@ -58,6 +100,8 @@ impl Default for PostgresOptions {
             max_connections: 16,
             pool_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
+            ssl_mode: None,
+            ssl_root_cert: None,
         }
     }
 }
@@ -425,11 +469,12 @@ impl PostgresStore {
         Self::connect_with(url, PostgresOptions::default()).await
     }
 
-    /// Connects with `options`.
+    /// Connects with `options`. The URL may also be libpq's `key=value` form, and may name
+    /// `sslmode` and `sslrootcert` as libpq takes them (what `options` sets wins).
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, OpenError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|source| OpenError::Other { path: PathBuf::from("(PostgreSQL URL)"), source: Box::new(source) })?;
+        let bad_url = |source: BoxError| OpenError::Other { path: PathBuf::from("(PostgreSQL URL)"), source };
+        let (url, url_mode, url_root) = take_tls_parameters(url).map_err(|error| bad_url(error.into()))?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|source| bad_url(Box::new(source)))?;
         let location = describe(&config, &options.schema);
         let path = || PathBuf::from(&location);
         if !is_identifier(&options.schema) {
@@ -440,7 +485,35 @@ impl PostgresStore {
         // Notice a dead peer on an idle pooled connection in seconds, not hours.
         config.keepalives(true).keepalives_idle(Duration::from_secs(10));
         config.application_name("apikeys");
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mode = options.ssl_mode.or(url_mode).unwrap_or(SslMode::Prefer);
+        // `system`, as libpq takes it: the platform's CAs.
+        let given = options.ssl_root_cert.clone().map(|path| (path != Path::new("system")).then_some(path));
+        let root_cert = given.or(url_root).flatten();
+        config.ssl_mode(match mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match mode {
+            SslMode::Disable => Manager::from_config(config, NoTls, recycling),
+            #[cfg(feature = "postgres-tls")]
+            _ => {
+                let tls = super::postgres_tls::connector(mode, root_cert.as_deref())
+                    .map_err(|source| OpenError::Other { path: path(), source })?;
+                Manager::from_config(config, tls, recycling)
+            }
+            #[cfg(not(feature = "postgres-tls"))]
+            SslMode::Prefer => {
+                let _ = root_cert;
+                Manager::from_config(config, NoTls, recycling)
+            }
+            #[cfg(not(feature = "postgres-tls"))]
+            _ => {
+                let source = format!("sslmode {mode:?} needs TLS: build with feature postgres-tls").into();
+                return Err(OpenError::Other { path: path(), source });
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(options.max_connections)
             .wait_timeout(Some(options.pool_timeout))
@@ -449,12 +522,24 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|source| OpenError::Other { path: path(), source: Box::new(source) })?;
-        let store = Self {
-            pool,
-            location: location.clone(),
-            call_timeout: options.call_timeout,
-            sql: Statements::new(&options.schema),
-        };
+        Self::open(pool, location, &options).await
+    }
+
+    /// A store over a pool of the host's own: any connector (its own TLS, a proxy's), any pool
+    /// settings. Creates or upgrades the schema of `options` (whose connection settings are
+    /// the pool's business, and not read). `location` names the database in errors, e.g.
+    /// `postgres://db.internal:5432/keys`: never put a password in it.
+    pub async fn from_pool(pool: Pool, location: &str, options: PostgresOptions) -> Result<Self, OpenError> {
+        let location = format!("{location}?schema={}", options.schema);
+        if !is_identifier(&options.schema) {
+            let source = "the schema must match [a-z_][a-z0-9_]{0,62}".into();
+            return Err(OpenError::Other { path: PathBuf::from(&location), source });
+        }
+        Self::open(pool, location, &options).await
+    }
+
+    async fn open(pool: Pool, location: String, options: &PostgresOptions) -> Result<Self, OpenError> {
+        let store = Self { pool, location, call_timeout: options.call_timeout, sql: Statements::new(&options.schema) };
         store.migrate(&options.schema).await?;
         Ok(store)
     }
@@ -747,6 +832,61 @@ fn is_creation_race(error: &tokio_postgres::Error) -> bool {
 }
 
 /// `postgres://user@host:port/db?schema=…`: where the store is, without the password.
+/// Takes `sslmode` and `sslrootcert` out of a URL (`postgres://…?sslmode=…`) or a libpq
+/// `key=value` string, for tokio-postgres knows neither `verify-ca`, `verify-full` nor
+/// `sslrootcert`. `sslrootcert=system` is the platform's CAs: `Some(None)`.
+#[allow(clippy::type_complexity)]
+fn take_tls_parameters(url: &str) -> Result<(String, Option<SslMode>, Option<Option<PathBuf>>), String> {
+    let (mut mode, mut root) = (None, None);
+    let mut take = |key: &str, value: &str| -> Result<bool, String> {
+        match key {
+            "sslmode" => mode = Some(value.parse()?),
+            "sslrootcert" => root = Some((value != "system").then(|| PathBuf::from(value))),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), None, None)) };
+        let mut kept = Vec::new();
+        for parameter in query.split('&') {
+            let (key, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+            if !take(key, &percent_decoded(value)?)? {
+                kept.push(parameter);
+            }
+        }
+        if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
+    } else {
+        let mut kept = Vec::new();
+        for word in url.split_ascii_whitespace() {
+            let (key, value) = word.split_once('=').unwrap_or((word, ""));
+            if value.starts_with('\'') || !take(key.trim(), value)? {
+                kept.push(word);
+            }
+        }
+        kept.join(" ")
+    };
+    Ok((rest, mode, root))
+}
+
+/// A URL query value with its `%XX` escapes decoded.
+fn percent_decoded(value: &str) -> Result<String, String> {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut rest = value.as_bytes();
+    while let [first, tail @ ..] = rest {
+        if *first == b'%' {
+            let hex = tail.get(..2).and_then(|hex| std::str::from_utf8(hex).ok());
+            let byte = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()).ok_or("a bad %-escape in the URL")?;
+            bytes.push(byte);
+            rest = &tail[2..];
+        } else {
+            bytes.push(*first);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| "a %-escape in the URL that is not UTF-8".to_owned())
+}
+
 fn describe(config: &tokio_postgres::Config, schema: &str) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
@@ -1370,5 +1510,30 @@ impl KeyStore for PostgresStore {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore").field("location", &self.location).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_either_form_and_the_rest_is_kept() {
+        let taken = take_tls_parameters(
+            "postgres://u:p@db:5432/keys?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        let expected = ("postgres://u:p@db:5432/keys?application_name=x".to_owned(), Some(SslMode::VerifyFull));
+        let (url, mode, root) = taken.unwrap();
+        assert_eq!(((url, mode), root), (expected, Some(Some(PathBuf::from("/etc/ca.pem")))));
+        let (url, mode, root) = take_tls_parameters("postgresql://db/keys?sslmode=require").unwrap();
+        assert_eq!((url.as_str(), mode, root), ("postgresql://db/keys", Some(SslMode::Require), None));
+        let (url, mode, root) =
+            take_tls_parameters("host=db  user=u sslmode=verify-ca sslrootcert=system dbname=k").unwrap();
+        assert_eq!((url.as_str(), mode, root), ("host=db user=u dbname=k", Some(SslMode::VerifyCa), Some(None)));
+        let (url, mode, _) = take_tls_parameters("postgres://db/keys").unwrap();
+        assert_eq!((url.as_str(), mode), ("postgres://db/keys", None));
+        for bad in ["postgres://db?sslmode=verify", "postgres://db?sslrootcert=%zz", "host=db sslmode=allow"] {
+            assert!(take_tls_parameters(bad).is_err(), "{bad}");
+        }
     }
 }
