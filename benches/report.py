@@ -65,7 +65,7 @@ def times(value):
 print("| backend | keys | limit (parse + SHA-256 + clock + raw read, as one operation) | verify | ratio | "
       "lastUsed on/off | 2 threads vs 1: verify | 2 threads vs 1: raw read | verify's scaling / raw's |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for backend in ["memory", "sqlite", "redb", "postgres"]:
+for backend in ["memory", "sqlite", "redb", "redb_tuple_baseline", "postgres"]:
     for n in sorted({int(name.split("/")[2]) for name in figures if name.startswith(f"interleaved/{backend}/")}):
         get = lambda name: interleaved(backend, n, name)
         print(f"| {backend} | {n:,} | {fmt(get('limit_ns'))} | {fmt(get('verify_ns'))} | {times(get('verify_vs_limit'))} | "
@@ -73,16 +73,18 @@ for backend in ["memory", "sqlite", "redb", "postgres"]:
               f"{times(get('raw_two_threads_vs_one'))} | {times(get('scaling_vs_raw_scaling'))} |")
 print()
 
-raw_names = {"memory": "raw_map_hit", "sqlite": "raw_select", "redb": "raw_get", "postgres": "raw_select"}
+raw_names = [("memory", "raw_map_hit"), ("sqlite", "raw_select"), ("redb", "raw_get"), ("redb", "raw_tuple_get"),
+             ("postgres", "raw_select")]
 print("| backend | keys | raw read (criterion) | verify (criterion) | verify / (parts + raw read) |")
 print("| --- | ---: | ---: | ---: | ---: |")
-for backend, raw_name in raw_names.items():
+for backend, raw_name in raw_names:
     for n in sizes_of(backend):
         raw1 = ns(backend, f"{raw_name}_threads=1", str(n))
         verify1 = ns(backend, "verify_threads=1", str(n))
         if None in (raw1, verify1, parse, sha, clock):
             continue
-        print(f"| {backend} | {n:,} | {fmt(raw1)} | {fmt(verify1)} | {ratio(verify1, parse + sha + clock + raw1)} |")
+        label = f"{backend} ({raw_name})" if raw_name == "raw_tuple_get" else backend
+        print(f"| {label} | {n:,} | {fmt(raw1)} | {fmt(verify1)} | {ratio(verify1, parse + sha + clock + raw1)} |")
 print()
 
 for backend in ["memory", "sqlite"]:

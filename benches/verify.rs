@@ -667,23 +667,7 @@ fn redb(c: &mut Criterion) {
     if !selected("redb") {
         return;
     }
-    type Value = (
-        &'static [u8; 16],
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        &'static str,
-        Option<&'static [u8; 16]>,
-        Option<&'static [u8; 16]>,
-        Usage,
-    );
-    type Usage =
-        (Option<&'static str>, Option<&'static str>, Option<(i64, i64, Option<(i64, &'static str)>)>, &'static str);
-    const RECORDS: redb::TableDefinition<&[u8; 33], Value> = redb::TableDefinition::new("api_keys_v4");
+    const RECORDS: redb::TableDefinition<&[u8; 33], &[u8]> = redb::TableDefinition::new("api_keys_v8");
     for n in sizes() {
         let data = Dataset::new(n);
         let digests = data.digests();
@@ -692,8 +676,9 @@ fn redb(c: &mut Criterion) {
         runtime().block_on(RedbStore::open(&path).unwrap().import(data.records.clone())).unwrap();
         let mut group = c.benchmark_group("redb");
         group.throughput(Throughput::Elements(1));
-        // Raw: the store's read transaction, table and value decoding, on a copy of the file
-        // (redb lets one handle at a time open a file, and the store holds the original).
+        // Raw: one get of a compact record, the bytes copied out, in the store's read
+        // transaction and table, on a copy of the file (redb lets one handle at a time open a
+        // file, and the store holds the original).
         use redb::ReadableDatabase;
         let copy = dir.path().join("raw.redb");
         std::fs::copy(&path, &copy).unwrap();
@@ -702,33 +687,103 @@ fn redb(c: &mut Criterion) {
             let transaction = database.begin_read().unwrap();
             let table = transaction.open_table(RECORDS).unwrap();
             let found = table.get(digest.as_bytes()).unwrap().unwrap();
-            let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by, usage) =
-                found.value();
-            let (owner, meta, credits, ratelimits) = usage;
-            black_box((
-                *id,
-                account.to_owned(),
-                prefix.to_owned(),
-                name.map(str::to_owned),
-                created,
-                expires,
-                used,
-                revoked,
-                scopes.to_owned(),
-                rotated_from.copied(),
-                replaced_by.copied(),
-                (owner.map(str::to_owned), meta.map(str::to_owned), credits, ratelimits.to_owned()),
-            ));
-            usize::from(revoked.is_some())
+            black_box(found.value().to_vec()).len()
         };
         group.bench_function(BenchmarkId::new("raw_get/threads=1", n), |b| {
             b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &|thread, i| raw(thread, &digests[i % digests.len()]))))
+        });
+        let tuples = TupleFile::new(&dir.path().join("tuple.redb"), &data.records);
+        group.bench_function(BenchmarkId::new("raw_tuple_get/threads=1", n), |b| {
+            b.iter_custom(|iters| {
+                timed(|| cycle(0, 0, iters, &|thread, i| tuples.get(thread, &digests[i % digests.len()])))
+            })
         });
         record_figure(&format!("redb_bytes_per_key/{n}"), std::fs::metadata(&path).unwrap().len() as f64 / n as f64);
         let store = Arc::new(RedbStore::open(&path).unwrap());
         bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
-        interleaved("redb", n, &data, 10_000, raw, store);
+        interleaved("redb", n, &data, 10_000, raw, store.clone());
+        interleaved("redb_tuple_baseline", n, &data, 10_000, |thread, digest| tuples.get(thread, digest), store);
+    }
+}
+
+/// The records as redb stored them before the compact layout: a 12-field tuple of nested
+/// tuples and options, decoded and copied out. The baseline the bench used to have, kept to
+/// show what the layout changed.
+struct TupleFile(redb::Database);
+
+type TupleUsage =
+    (Option<&'static str>, Option<&'static str>, Option<(i64, i64, Option<(i64, &'static str)>)>, &'static str);
+type TupleValue = (
+    &'static [u8; 16],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    &'static str,
+    Option<&'static [u8; 16]>,
+    Option<&'static [u8; 16]>,
+    TupleUsage,
+);
+const TUPLES: redb::TableDefinition<&[u8; 33], TupleValue> = redb::TableDefinition::new("api_keys_v4");
+
+impl TupleFile {
+    /// A file of `records`, as tuples (the bench's keys have no roll, owner, meta or limits).
+    fn new(path: &Path, records: &[KeyRecord]) -> Self {
+        let database = redb::Database::create(path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        {
+            let mut table = transaction.open_table(TUPLES).unwrap();
+            let micros = |at: time::OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+            for record in records {
+                let scopes = record.scopes.iter().collect::<Vec<_>>().join(" ");
+                let value = (
+                    record.id.as_uuid().as_bytes(),
+                    record.account.as_str(),
+                    record.prefix.as_str(),
+                    record.name.as_deref(),
+                    micros(record.created_at),
+                    record.expires_at.map(micros),
+                    record.last_used_at.map(micros),
+                    record.revoked_at.map(micros),
+                    scopes.as_str(),
+                    None,
+                    None,
+                    (None, None, None, ""),
+                );
+                table.insert(record.digest.as_bytes(), value).unwrap();
+            }
+        }
+        transaction.commit().unwrap();
+        Self(database)
+    }
+
+    fn get(&self, _: usize, digest: &Digest) -> usize {
+        use redb::ReadableDatabase;
+        let transaction = self.0.begin_read().unwrap();
+        let table = transaction.open_table(TUPLES).unwrap();
+        let found = table.get(digest.as_bytes()).unwrap().unwrap();
+        let (id, account, prefix, name, created, expires, used, revoked, scopes, rotated_from, replaced_by, usage) =
+            found.value();
+        let (owner, meta, credits, ratelimits) = usage;
+        black_box((
+            *id,
+            account.to_owned(),
+            prefix.to_owned(),
+            name.map(str::to_owned),
+            created,
+            expires,
+            used,
+            revoked,
+            scopes.to_owned(),
+            rotated_from.copied(),
+            replaced_by.copied(),
+            (owner.map(str::to_owned), meta.map(str::to_owned), credits, ratelimits.to_owned()),
+        ));
+        usize::from(revoked.is_some())
     }
 }
 

@@ -624,7 +624,7 @@ fn a_file_from_a_newer_version_is_refused() {
         transaction.commit().unwrap();
     }
     let error = RedbStore::open(&redb_path).unwrap_err();
-    assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 7, .. }), "{error:?}");
+    assert!(matches!(error, OpenError::SchemaTooNew { found: 9, supported: 8, .. }), "{error:?}");
 }
 
 /// A file as apikeys 0.1 (schema version 1, before scopes and rolls) left it, holding a key with
@@ -784,8 +784,8 @@ async fn files_of_schema_version_1_are_upgraded_in_place_keeping_every_key() {
         assert_eq!(found.map(|key| key.id), Some(expected.id), "kept by the upgrade, after a reopen");
     }
     drop(reopened);
-    // …and records version 6, as the SQLite file does.
-    assert_eq!(redb_schema_version(&redb_path), Some(7));
+    // …and records the current version.
+    assert_eq!(redb_schema_version(&redb_path), Some(8));
 }
 
 /// The schema version a redb file records.
@@ -868,7 +868,110 @@ async fn redb_files_of_schema_version_3_are_upgraded_keeping_every_field() {
     let found = reopened.find_by_digest(&key.digest).await.unwrap().expect("kept after a revocation");
     assert!(found.revoked_at.is_some());
     drop(reopened);
-    assert_eq!(redb_schema_version(&path), Some(7));
+    assert_eq!(redb_schema_version(&path), Some(8));
+}
+
+/// Schema version 7's records, redb tuples, move to the compact layout of version 8 with every
+/// field, and the old table goes.
+#[tokio::test]
+async fn redb_files_of_schema_version_7_move_to_the_compact_layout_keeping_every_field() {
+    let account = AccountId::new("upgraded-v7").unwrap();
+    let mut full = record(&account, 0);
+    full.name = Some(apikeys::KeyName::new("ci").unwrap());
+    full.expires_at = Some(full.created_at + time::Duration::days(1));
+    full.last_used_at = Some(full.created_at + time::Duration::seconds(1));
+    full.scopes = apikeys::Scopes::new(["orders:read", "reports:*"]).unwrap();
+    full.rotated_from = Some(KeyId::from_uuid(uuid::Uuid::now_v7()));
+    full.owner = Some(apikeys::OwnerId::new("org-1").unwrap());
+    full.meta = Some(apikeys::Meta::new(r#"{"plan":"pro"}"#).unwrap());
+    let refill = apikeys::Refill::new(100, apikeys::RefillInterval::Monthly).unwrap();
+    full.credits = Some(apikeys::Balance::new(apikeys::Credits::new(7).unwrap().refill(refill), full.created_at));
+    let limit = apikeys::RateLimit::new("requests", 10, std::time::Duration::from_secs(1)).unwrap();
+    full.ratelimits = apikeys::RateLimits::new([limit]).unwrap();
+    let bare = record(&account, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v7.redb");
+    {
+        type Usage<'a> = (Option<&'a str>, Option<&'a str>, Option<(i64, i64, Option<(i64, &'a str)>)>, &'a str);
+        type V7<'a> = (
+            &'a [u8; 16],
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            &'a str,
+            Option<&'a [u8; 16]>,
+            Option<&'a [u8; 16]>,
+            Usage<'a>,
+        );
+        let records: redb::TableDefinition<&[u8; 33], V7<'static>> = redb::TableDefinition::new("api_keys_v4");
+        let ids: redb::TableDefinition<&[u8; 16], &[u8; 33]> = redb::TableDefinition::new("api_keys_by_id");
+        let by_account: redb::TableDefinition<(&str, i64, &[u8; 16]), &[u8; 33]> =
+            redb::TableDefinition::new("api_keys_live_by_account");
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("apikeys_meta");
+        let micros = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+        let database = redb::Database::create(&path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        for key in [&full, &bare] {
+            let (id, digest) = (key.id.as_uuid().as_bytes(), key.digest.as_bytes());
+            let scopes = key.scopes.iter().collect::<Vec<_>>().join(" ");
+            let rotated_from = key.rotated_from.map(|id| *id.as_uuid().as_bytes());
+            let interval = key.credits.and_then(|balance| balance.refill).map(|refill| refill.interval.as_text());
+            let credits = key.credits.map(|balance| {
+                let refill = balance.refill.map(|refill| refill.amount as i64).zip(interval.as_deref());
+                (balance.remaining as i64, micros(balance.as_of), refill)
+            });
+            let ratelimits = key.ratelimits.as_text();
+            let usage = (
+                key.owner.as_ref().map(|owner| owner.as_str()),
+                key.meta.as_ref().map(|meta| meta.as_str()),
+                credits,
+                ratelimits.as_str(),
+            );
+            let value = (
+                id,
+                key.account.as_str(),
+                key.prefix.as_str(),
+                key.name.as_deref(),
+                micros(key.created_at),
+                key.expires_at.map(micros),
+                key.last_used_at.map(micros),
+                None,
+                scopes.as_str(),
+                rotated_from.as_ref(),
+                None,
+                usage,
+            );
+            transaction.open_table(records).unwrap().insert(digest, value).unwrap();
+            transaction.open_table(ids).unwrap().insert(id, digest).unwrap();
+            let ends = key.expires_at.map_or(i64::MAX, micros);
+            transaction.open_table(by_account).unwrap().insert((key.account.as_str(), ends, id), digest).unwrap();
+        }
+        transaction.open_table(meta).unwrap().insert("schema_version", 7).unwrap();
+        transaction.commit().unwrap();
+    }
+
+    let store = RedbStore::open(&path).unwrap();
+    for key in [&full, &bare] {
+        assert_eq!(store.find_by_digest(&key.digest).await.unwrap().as_ref(), Some(key), "kept by the upgrade");
+    }
+    let now = OffsetDateTime::now_utc();
+    let mut expected = vec![full.clone(), bare.clone()];
+    expected.sort_by_key(|key| (key.created_at, key.id));
+    assert_eq!(store.list_active(&account, now).await.unwrap(), expected);
+    drop(store);
+    assert_eq!(redb_schema_version(&path), Some(8));
+    let database = redb::Database::open(&path).unwrap();
+    let tables: Vec<String> = redb::ReadableDatabase::begin_read(&database)
+        .unwrap()
+        .list_tables()
+        .unwrap()
+        .map(|table| redb::TableHandle::name(&table).to_owned())
+        .collect();
+    assert!(tables.contains(&"api_keys_v8".to_owned()) && !tables.contains(&"api_keys_v4".to_owned()), "{tables:?}");
 }
 
 #[test]

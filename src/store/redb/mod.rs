@@ -13,6 +13,8 @@ use uuid::Uuid;
 
 use super::stored::{StoredBalance, StoredFields, decode_owner};
 use super::writer::{self, LocatedUse, Writer};
+
+mod record;
 use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
 };
@@ -21,22 +23,24 @@ use crate::clock::{from_unix_micros, unix_micros};
 use crate::digest::Digest;
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::owner::{OwnerLimits, OwnerUpdate};
-use crate::usage::{Meta, Take, Taken};
+use crate::usage::{Take, Taken};
 use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome, Waiting, claimable};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: u64 = 7;
+const SCHEMA_VERSION: u64 = 8;
 /// What every redb file starts with.
 const REDB_MAGIC: &[u8] = b"redb";
 
-/// digest -> (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes,
-/// rotated_from, replaced_by, (owner, meta, credits, ratelimits)); times in Unix microseconds,
-/// scopes joined by spaces, credits as (remaining, as_of, (refill amount, interval)), rate limits
-/// as [`RateLimits::as_text`](crate::usage::RateLimits::as_text). The usage data shares the last
-/// element because redb tuples stop at 12. Verification reads this table only.
-type RecordValue = RecordValueRef<'static>;
-const RECORDS: TableDefinition<&[u8; Digest::LEN], RecordValue> = TableDefinition::new("api_keys_v4");
-type RecordValueRef<'a> = (
+/// digest -> the record in the compact layout of [`record`]. Verification reads this table only.
+/// Schema version 8 brought it.
+const RECORDS: TableDefinition<&[u8; Digest::LEN], &[u8]> = TableDefinition::new("api_keys_v8");
+/// Schema versions 4 to 7's records: digest -> (id, account, prefix, name, created_at,
+/// expires_at, last_used_at, revoked_at, scopes, rotated_from, replaced_by, (owner, meta,
+/// credits, ratelimits)), the usage data in the last element because redb tuples stop at 12.
+/// Migration moves them.
+type RecordValueV4 = RecordValueV4Ref<'static>;
+const RECORDS_V4: TableDefinition<&[u8; Digest::LEN], RecordValueV4> = TableDefinition::new("api_keys_v4");
+type RecordValueV4Ref<'a> = (
     &'a [u8; 16],
     &'a str,
     &'a str,
@@ -165,7 +169,7 @@ impl RedbStore {
         self.read("find_by_digest", |transaction| {
             let records = transaction.open_table(RECORDS)?;
             let found = records.get(digest.as_bytes())?;
-            found.map(|found| record_from_value(digest.as_bytes(), found.value())).transpose()
+            found.map(|found| record::decode(digest.as_bytes(), found.value())).transpose()
         })
     }
 
@@ -374,6 +378,9 @@ fn migrate(path: &Path, database: &Database) -> Result<(), OpenError> {
         if found.is_some_and(|found| found < 4) {
             upgrade_from_v3(&transaction)?;
         }
+        if found.is_some_and(|found| found < 8) {
+            upgrade_from_v7(&transaction).map_err(|error| redb::Error::Corrupted(error.to_string()))?;
+        }
         transaction.open_table(RECORDS)?;
         transaction.open_table(IDS)?;
         transaction.open_table(BY_ACCOUNT)?;
@@ -437,7 +444,7 @@ fn upgrade_from_v2(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
 fn upgrade_from_v3(transaction: &redb::WriteTransaction) -> Result<(), redb::Error> {
     {
         let old = transaction.open_table(RECORDS_V2)?;
-        let mut records = transaction.open_table(RECORDS)?;
+        let mut records = transaction.open_table(RECORDS_V4)?;
         for entry in old.iter()? {
             let (digest, value) = entry?;
             let (id, account, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, from, by) =
@@ -464,7 +471,24 @@ fn upgrade_from_v3(transaction: &redb::WriteTransaction) -> Result<(), redb::Err
     Ok(())
 }
 
-fn record_from_value(digest: &[u8; Digest::LEN], value: RecordValueRef<'_>) -> Result<KeyRecord, BoxError> {
+/// Version 7 to 8: every record moves to the compact layout. The indexes point at digests, which
+/// do not change, so they stay. A record that does not decode fails the migration, which then
+/// changes nothing.
+fn upgrade_from_v7(transaction: &redb::WriteTransaction) -> Result<(), BoxError> {
+    {
+        let old = transaction.open_table(RECORDS_V4)?;
+        let mut records = transaction.open_table(RECORDS)?;
+        for entry in old.iter()? {
+            let (digest, value) = entry?;
+            let record = record_from_v4(digest.value(), value.value())?;
+            records.insert(digest.value(), record::encode(&record).as_slice())?;
+        }
+    }
+    transaction.delete_table(RECORDS_V4)?;
+    Ok(())
+}
+
+fn record_from_v4(digest: &[u8; Digest::LEN], value: RecordValueV4Ref<'_>) -> Result<KeyRecord, BoxError> {
     let (owner, meta, credits, ratelimits) = value.11;
     let fields = StoredFields {
         id: *value.0,
@@ -504,7 +528,7 @@ fn find_in(transaction: &redb::WriteTransaction, id: &KeyId) -> Result<Option<Ke
         return Ok(None);
     };
     let found = records.get(&digest)?;
-    found.map(|found| record_from_value(&digest, found.value())).transpose().map_err(WriteError::Backend)
+    found.map(|found| record::decode(&digest, found.value())).transpose().map_err(WriteError::Backend)
 }
 
 /// Runs `read` in a read transaction of `database`.
@@ -534,7 +558,7 @@ fn write_last_used(transaction: &redb::WriteTransaction, uses: &[LocatedUse]) ->
     for &(digest, at) in uses {
         // Made by `unix_micros`, so always in range.
         let Some(at) = from_unix_micros(at) else { continue };
-        let found = records.get(&digest)?.map(|found| record_from_value(&digest, found.value()));
+        let found = records.get(&digest)?.map(|found| record::decode(&digest, found.value()));
         let Some(mut found) = found.transpose().map_err(WriteError::Backend)? else { continue };
         if found.last_used_at.is_some_and(|last| last >= at) {
             continue;
@@ -674,7 +698,7 @@ fn expiring_in(
     let mut due = Vec::new();
     for row in transaction.open_table(RECORDS)?.iter()? {
         let (digest, value) = row?;
-        let record = record_from_value(digest.value(), value.value())?;
+        let record = record::decode(digest.value(), value.value())?;
         let expiring = record.expires_at.is_some_and(|at| at > now && at <= by);
         let notable = expiring && record.is_active(now) && record.replaced_by.is_none();
         if notable && notices.get(record.id.as_uuid().as_bytes())?.is_none() {
@@ -713,9 +737,15 @@ fn purge_piece(
         for entry in range.take(writer::PURGE_PIECE) {
             let (digest, value) = entry?;
             let digest = *digest.value();
-            let (id, account, _, _, _, expires_at, _, revoked_at, ..) = value.value();
+            let record = record::decode(&digest, value.value()).map_err(WriteError::Backend)?;
+            let (expires_at, revoked_at) = (record.expires_at.map(unix_micros), record.revoked_at.map(unix_micros));
             if revoked_at.is_some_and(|at| at < before) || expires_at.is_some_and(|at| at < before) {
-                due.push((digest, *id, account.to_owned(), ends(expires_at)));
+                due.push((
+                    digest,
+                    *record.id.as_uuid().as_bytes(),
+                    record.account.as_str().to_owned(),
+                    ends(expires_at),
+                ));
             }
             (looked_at, last) = (looked_at + 1, Some(digest));
         }
@@ -764,9 +794,9 @@ impl KeyStore for RedbStore {
                 let (_, digest) = entry?;
                 let digest = digest.value();
                 let Some(found) = records.get(digest)? else { continue };
-                let value = found.value();
-                if is_active(value.5, value.7, now) {
-                    active.push(record_from_value(digest, value)?);
+                let record = record::decode(digest, found.value())?;
+                if is_active(record.expires_at.map(unix_micros), record.revoked_at.map(unix_micros), now) {
+                    active.push(record);
                 }
             }
             active.sort_unstable_by_key(|record| (record.created_at, record.id));
@@ -807,7 +837,7 @@ impl KeyStore for RedbStore {
                 return Ok(None);
             };
             let found = records.get(&digest)?;
-            let record = found.map(|found| record_from_value(&digest, found.value())).transpose()?;
+            let record = found.map(|found| record::decode(&digest, found.value())).transpose()?;
             Ok(record.filter(|record| record.account == *account))
         })
     }
@@ -973,7 +1003,7 @@ impl KeyStore for RedbStore {
                 return Ok(false);
             };
             let record =
-                transaction.open_table(RECORDS)?.get(&digest)?.map(|found| record_from_value(&digest, found.value()));
+                transaction.open_table(RECORDS)?.get(&digest)?.map(|found| record::decode(&digest, found.value()));
             let record = record.transpose().map_err(WriteError::Backend)?;
             let notable = record.is_some_and(|record| {
                 record.account == account
@@ -1127,9 +1157,10 @@ fn count_towards_limit(
     for entry in by_account.range(active_range(account.as_str(), now))? {
         let (_, digest) = entry?;
         if let Some(existing) = records.get(digest.value())? {
-            let (id, .., expires_at, _, revoked_at, _, _, replaced_by, _) = existing.value();
-            let counts = is_active(expires_at, revoked_at, now) && replaced_by.is_none() && Some(*id) != except;
-            counted += u64::from(counts);
+            let record = record::decode(digest.value(), existing.value()).map_err(WriteError::Backend)?;
+            let (id, expires_at, revoked_at) = (*record.id.as_uuid().as_bytes(), record.expires_at, record.revoked_at);
+            let active = is_active(expires_at.map(unix_micros), revoked_at.map(unix_micros), now);
+            counted += u64::from(active && record.replaced_by.is_none() && Some(id) != except);
         }
     }
     Ok(counted)
@@ -1157,34 +1188,10 @@ fn insert_record(transaction: &redb::WriteTransaction, record: &KeyRecord) -> Re
 /// Writes `record` under its digest in the records table, replacing what was there: the one
 /// encoding of a record, for inserts and for read-modify-write alike.
 fn put_record(
-    records: &mut redb::Table<&[u8; Digest::LEN], RecordValue>,
+    records: &mut redb::Table<&[u8; Digest::LEN], &[u8]>,
     record: &KeyRecord,
 ) -> Result<(), redb::StorageError> {
-    let rotated_from = record.rotated_from.map(|id| *id.as_uuid().as_bytes());
-    let replaced_by = record.replaced_by.map(|id| *id.as_uuid().as_bytes());
-    let credits = StoredCredits::of(record.credits.as_ref());
-    let ratelimits = record.ratelimits.as_text();
-    let usage = (
-        record.owner.as_ref().map(OwnerId::as_str),
-        record.meta.as_ref().map(Meta::as_str),
-        balance_value(&credits),
-        ratelimits.as_str(),
-    );
-    let value = (
-        record.id.as_uuid().as_bytes(),
-        record.account.as_str(),
-        record.prefix.as_str(),
-        record.name.as_deref(),
-        unix_micros(record.created_at),
-        record.expires_at.map(unix_micros),
-        record.last_used_at.map(unix_micros),
-        record.revoked_at.map(unix_micros),
-        record.scopes.as_text(),
-        rotated_from.as_ref(),
-        replaced_by.as_ref(),
-        usage,
-    );
-    records.insert(record.digest.as_bytes(), value)?;
+    records.insert(record.digest.as_bytes(), record::encode(record).as_slice())?;
     Ok(())
 }
 
