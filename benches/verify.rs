@@ -969,8 +969,58 @@ fn postgres(c: &mut Criterion) {
             ],
         );
         runtime.block_on(service.flush()).unwrap();
+        cached_against_memory(&runtime, &url, &schema, n, &data);
         runtime.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))).unwrap();
     }
+}
+
+/// Warm verification through PostgreSQL's verified-key cache against verification from the
+/// memory store, interleaved, over the same keys. The cache's staleness is a minute here, so
+/// that every verification measured is a hit; with the default second, each key also costs a
+/// read of the database once a second at most.
+fn cached_against_memory(runtime: &tokio::runtime::Runtime, url: &str, schema: &str, n: usize, data: &Dataset) {
+    let mut options = apikeys::PostgresOptions::default();
+    options.schema = schema.to_owned();
+    let mut cache = apikeys::CacheOptions::default();
+    cache.max_staleness = Duration::from_secs(60);
+    options.cache = Some(cache);
+    let store = runtime.block_on(apikeys::PostgresStore::connect_with(url, options)).unwrap();
+    for _ in 0..500 {
+        if store.cache_is_up() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(store.cache_is_up(), "the cache's listener never listened");
+    let memory = MemoryStore::new();
+    runtime.block_on(memory.import(data.records.clone())).unwrap();
+    let cached = KeyService::builder(store, format()).build();
+    let memory = KeyService::builder(memory, format()).build();
+    let tokens = &data.tokens;
+    for token in tokens {
+        runtime.block_on(cached.verify(token)).unwrap();
+    }
+    let verify = |service: &dyn Fn(&str) -> bool, start: usize, ops: u64| {
+        timed(|| {
+            for i in 0..ops as usize {
+                black_box(service(&tokens[(start + i) % tokens.len()]));
+            }
+        })
+    };
+    let on_cached = |token: &str| runtime.block_on(cached.verify(token)).is_ok();
+    let on_memory = |token: &str| runtime.block_on(memory.verify(token)).is_ok();
+    let ops = 10_000;
+    let times = alternate(ops, &[&|start| verify(&on_memory, start, ops), &|start| verify(&on_cached, start, ops)]);
+    let (memory_ns, cached_ns) = (&times[0], &times[1]);
+    record_interleaved(
+        "postgres_cached",
+        n,
+        &[
+            ("memory_verify_ns", median(memory_ns.clone())),
+            ("cached_verify_ns", median(cached_ns.clone())),
+            ("cached_vs_memory", median((0..ROUNDS).map(|r| cached_ns[r] / memory_ns[r]).collect())),
+        ],
+    );
 }
 
 /// Durable creates: one per transaction through the service, and imports of 100 per transaction.

@@ -114,7 +114,8 @@ impl KeyCache {
         }
         let kept = if is_unknown { shard.unknown } else { shard.entries.len() - shard.unknown };
         if kept >= limit {
-            let victim = shard.entries.iter().find(|(_, entry)| entry.record.is_none() == is_unknown).map(|(key, _)| *key);
+            let victim =
+                shard.entries.iter().find(|(_, entry)| entry.record.is_none() == is_unknown).map(|(key, _)| *key);
             if let Some(victim) = victim {
                 shard.remove(&victim);
             }
@@ -157,6 +158,10 @@ impl KeyCache {
     pub(crate) fn down(&self) {
         self.up.store(false, Ordering::Release);
         self.clear();
+    }
+
+    pub(crate) fn max_staleness(&self) -> Duration {
+        self.options.max_staleness
     }
 
     pub(crate) fn is_up(&self) -> bool {

@@ -23,6 +23,8 @@ use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, Meta, RateLimits, Take, Taken};
 use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
+#[cfg(feature = "postgres")]
+mod cache;
 mod error;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -39,6 +41,8 @@ mod stored;
 mod writer;
 
 pub use crate::error::{BackendError, BoxError, StoreError};
+#[cfg(feature = "postgres")]
+pub use cache::CacheOptions;
 /// The pool crate of [`PostgresStore::from_pool`], at the version this crate builds with.
 #[cfg(feature = "postgres")]
 pub use deadpool_postgres;

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
+use super::cache::{CacheOptions, KeyCache};
 use super::{
     BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, RateCounts, Roll, StoreError,
     StoredCredits,
@@ -33,7 +35,7 @@ use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
 use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -55,6 +57,10 @@ pub struct PostgresOptions {
     /// A PEM file of the CAs that vouch for the server; `None`: the URL's `sslrootcert`, else
     /// the platform's CAs (`system`, here or in the URL, says so too).
     pub ssl_root_cert: Option<PathBuf>,
+    /// A verified-key cache in this instance, which every instance's changes invalidate through
+    /// `LISTEN`/`NOTIFY` on a connection of its own; `None` (the default): every verification
+    /// reads the database. See [`CacheOptions`].
+    pub cache: Option<CacheOptions>,
 }
 
 /// How the connection to the server is protected: libpq's `sslmode`, with libpq's meaning.
@@ -102,6 +108,7 @@ impl Default for PostgresOptions {
             call_timeout: Duration::from_secs(5),
             ssl_mode: None,
             ssl_root_cert: None,
+            cache: None,
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct PostgresStore {
     location: String,
     call_timeout: Duration,
     sql: Statements,
+    /// The verified-key cache, if the options asked for one; its listener holds it weakly.
+    cache: Option<Arc<KeyCache>>,
 }
 
 /// The statements, with the schema filled in.
@@ -265,7 +274,7 @@ impl Statements {
             ),
             revoke: format!(
                 "UPDATE {keys} SET revoked_at = $3 WHERE id = $1 AND account = $2 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $3)"
+                 AND (expires_at IS NULL OR expires_at > $3) RETURNING digest"
             ),
             record_last_used: format!(
                 "UPDATE {keys} AS k SET last_used_at = GREATEST(k.last_used_at, u.at) \
@@ -356,7 +365,7 @@ impl Statements {
 /// Version 6: the audit trail, keyed in the order it is read, and indexed by time for retention.
 /// Version 7: the webhook outbox, keyed by endpoint and account in delivery order, and the dead
 /// deliveries.
-fn migrations(schema: &str) -> [String; 7] {
+fn migrations(schema: &str) -> [String; 8] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -459,7 +468,117 @@ fn migrations(schema: &str) -> [String; 7] {
         CREATE INDEX api_keys_by_expiry ON {schema}.api_keys (expires_at)
             WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL;"
         ),
+        // Every change a verification would see is announced on the channel named after the
+        // schema, when its transaction commits: what the instances' caches listen for. Spending
+        // credits and lastUsedAt are not announced (a cache keeps them at most its staleness).
+        format!(
+            "CREATE FUNCTION {schema}.announce_key_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('{schema}', encode(NEW.digest, 'hex'));
+                RETURN NULL;
+            END $$;
+        CREATE TRIGGER key_created AFTER INSERT ON {schema}.api_keys
+            FOR EACH ROW EXECUTE FUNCTION {schema}.announce_key_change();
+        CREATE TRIGGER key_changed AFTER UPDATE ON {schema}.api_keys FOR EACH ROW
+            WHEN (OLD.revoked_at IS DISTINCT FROM NEW.revoked_at OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
+                OR OLD.replaced_by IS DISTINCT FROM NEW.replaced_by OR OLD.scopes IS DISTINCT FROM NEW.scopes
+                OR OLD.name IS DISTINCT FROM NEW.name OR OLD.owner_id IS DISTINCT FROM NEW.owner_id
+                OR OLD.meta IS DISTINCT FROM NEW.meta OR OLD.ratelimits IS DISTINCT FROM NEW.ratelimits
+                OR OLD.refill_amount IS DISTINCT FROM NEW.refill_amount
+                OR OLD.refill_interval IS DISTINCT FROM NEW.refill_interval
+                OR (OLD.credits_remaining IS NULL) <> (NEW.credits_remaining IS NULL))
+            EXECUTE FUNCTION {schema}.announce_key_change();"
+        ),
     ]
+}
+
+/// Starts the listener of `cache`, if there is one: a task on a connection of its own that
+/// `LISTEN`s on `channel`, invalidates each digest announced, and keeps the cache up only
+/// while it listens and its connection answers; it reconnects by itself, and ends with the
+/// store.
+fn listen_for_changes<T>(cache: Option<&Arc<KeyCache>>, config: &tokio_postgres::Config, tls: T, channel: String)
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    let Some(cache) = cache else { return };
+    let mut config = config.clone();
+    // Named, so that an operator can tell the listeners apart (PostgreSQL keeps 63 bytes).
+    config.application_name(format!("apikeys-listener {channel}"));
+    tokio::spawn(listen(Arc::downgrade(cache), config, tls, channel));
+}
+
+async fn listen<T>(cache: Weak<KeyCache>, config: tokio_postgres::Config, tls: T, channel: String)
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(staleness) = cache.upgrade().map(|cache| cache.max_staleness()) else { return };
+        // Often enough that a silent network is noticed well within the staleness bound.
+        let heartbeat = (staleness / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        if let Ok((client, connection)) = config.connect(tls.clone()).await {
+            let listened = listen_on(&cache, client, connection, &channel, heartbeat).await;
+            if listened {
+                backoff = Duration::from_millis(50);
+            }
+        }
+        if let Some(cache) = cache.upgrade() {
+            cache.down();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Listens on one connection until it fails or stops answering; whether it got as far as
+/// listening.
+async fn listen_on<S, C>(
+    cache: &Weak<KeyCache>,
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, C>,
+    channel: &str,
+    heartbeat: Duration,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let notified = cache.clone();
+    let mut driver = tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let Some(cache) = notified.upgrade() else { return };
+                cache.invalidate_hex(notification.payload());
+            }
+        }
+    });
+    let listening = tokio::time::timeout(heartbeat * 4, client.batch_execute(&format!("LISTEN {channel}"))).await;
+    if !matches!(listening, Ok(Ok(()))) {
+        driver.abort();
+        return false;
+    }
+    match cache.upgrade() {
+        Some(cache) => cache.up(),
+        None => return true,
+    }
+    loop {
+        // The connection ended, or a heartbeat's time went by.
+        if tokio::time::timeout(heartbeat, &mut driver).await.is_ok() {
+            break;
+        }
+        let answered = tokio::time::timeout(heartbeat * 2, client.simple_query("SELECT 1")).await;
+        if !matches!(answered, Ok(Ok(_))) || cache.strong_count() == 0 {
+            break;
+        }
+    }
+    driver.abort();
+    true
 }
 
 impl PostgresStore {
@@ -495,17 +614,24 @@ impl PostgresStore {
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         });
         let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let cache = options.cache.clone().map(|options| Arc::new(KeyCache::new(options)));
+        let channel = options.schema.clone();
         let manager = match mode {
-            SslMode::Disable => Manager::from_config(config, NoTls, recycling),
+            SslMode::Disable => {
+                listen_for_changes(cache.as_ref(), &config, NoTls, channel);
+                Manager::from_config(config, NoTls, recycling)
+            }
             #[cfg(feature = "postgres-tls")]
             _ => {
                 let tls = super::postgres_tls::connector(mode, root_cert.as_deref())
                     .map_err(|source| OpenError::Other { path: path(), source })?;
+                listen_for_changes(cache.as_ref(), &config, tls.clone(), channel);
                 Manager::from_config(config, tls, recycling)
             }
             #[cfg(not(feature = "postgres-tls"))]
             SslMode::Prefer => {
                 let _ = root_cert;
+                listen_for_changes(cache.as_ref(), &config, NoTls, channel);
                 Manager::from_config(config, NoTls, recycling)
             }
             #[cfg(not(feature = "postgres-tls"))]
@@ -522,26 +648,50 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|source| OpenError::Other { path: path(), source: Box::new(source) })?;
-        Self::open(pool, location, &options).await
+        Self::open(pool, location, &options, cache).await
     }
 
     /// A store over a pool of the host's own: any connector (its own TLS, a proxy's), any pool
     /// settings. Creates or upgrades the schema of `options` (whose connection settings are
     /// the pool's business, and not read). `location` names the database in errors, e.g.
-    /// `postgres://db.internal:5432/keys`: never put a password in it.
+    /// `postgres://db.internal:5432/keys`: never put a password in it. No cache: its listener
+    /// needs a connection of its own, which a pool does not give ([`OpenError`] if `options`
+    /// asks for one; use [`connect_with`](Self::connect_with)).
     pub async fn from_pool(pool: Pool, location: &str, options: PostgresOptions) -> Result<Self, OpenError> {
         let location = format!("{location}?schema={}", options.schema);
+        let refused = |source: &str| Err(OpenError::Other { path: PathBuf::from(&location), source: source.into() });
         if !is_identifier(&options.schema) {
-            let source = "the schema must match [a-z_][a-z0-9_]{0,62}".into();
-            return Err(OpenError::Other { path: PathBuf::from(&location), source });
+            return refused("the schema must match [a-z_][a-z0-9_]{0,62}");
         }
-        Self::open(pool, location, &options).await
+        if options.cache.is_some() {
+            return refused("a cache needs PostgresStore::connect_with, which opens its listener's connection");
+        }
+        Self::open(pool, location, &options, None).await
     }
 
-    async fn open(pool: Pool, location: String, options: &PostgresOptions) -> Result<Self, OpenError> {
-        let store = Self { pool, location, call_timeout: options.call_timeout, sql: Statements::new(&options.schema) };
+    async fn open(
+        pool: Pool,
+        location: String,
+        options: &PostgresOptions,
+        cache: Option<Arc<KeyCache>>,
+    ) -> Result<Self, OpenError> {
+        let sql = Statements::new(&options.schema);
+        let store = Self { pool, location, call_timeout: options.call_timeout, sql, cache };
         store.migrate(&options.schema).await?;
         Ok(store)
+    }
+
+    /// Whether the verified-key cache is in use: configured, and its listener listening. While
+    /// it is not, every verification reads the database.
+    pub fn cache_is_up(&self) -> bool {
+        self.cache.as_ref().is_some_and(|cache| cache.is_up())
+    }
+
+    /// Forgets what this instance cached for `digest`, after a change it made.
+    fn changed(&self, digest: &[u8]) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(digest);
+        }
     }
 
     /// Creates the schema of a new database and upgrades an older one; refuses a newer one and
@@ -764,7 +914,11 @@ impl Maintenance for PostgresStore {
             transaction.commit().await?;
             Ok(())
         })
-        .await
+        .await?;
+        for record in &records {
+            self.changed(record.digest.as_bytes());
+        }
+        Ok(())
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
@@ -1085,6 +1239,7 @@ impl KeyStore for PostgresStore {
                 if inserted == 1 {
                     self.log(&transaction, entry).await?;
                     transaction.commit().await?;
+                    self.changed(record.digest.as_bytes());
                 }
                 Ok(inserted)
             })
@@ -1093,12 +1248,27 @@ impl KeyStore for PostgresStore {
     }
 
     async fn find_by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.call("find_by_digest", async |client| {
-            let statement = client.prepare_cached(&self.sql.find_by_digest).await?;
-            let row = client.query_opt(&statement, &[&&digest.as_bytes()[..]]).await?;
-            row.as_ref().map(record_from_row).transpose()
-        })
-        .await
+        if let Some(cached) = self.cache.as_ref().and_then(|cache| cache.get(digest)) {
+            return Ok(cached);
+        }
+        let ticket = self.cache.as_ref().and_then(|cache| cache.ticket());
+        let found = self
+            .call("find_by_digest", async |client| {
+                let statement = client.prepare_cached(&self.sql.find_by_digest).await?;
+                let row = client.query_opt(&statement, &[&&digest.as_bytes()[..]]).await?;
+                row.as_ref().map(record_from_row).transpose()
+            })
+            .await?;
+        if let (Some(cache), Some(ticket)) = (&self.cache, ticket) {
+            cache.fill(ticket, digest, found.as_ref());
+        }
+        Ok(found)
+    }
+
+    /// A cached answer, at memory speed; without one, the caller awaits
+    /// [`find_by_digest`](KeyStore::find_by_digest).
+    fn find_by_digest_now(&self, digest: &Digest) -> Option<Result<Option<KeyRecord>, StoreError>> {
+        self.cache.as_ref()?.get(digest).map(Ok)
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
@@ -1120,12 +1290,12 @@ impl KeyStore for PostgresStore {
         self.call("revoke", async |client| {
             let transaction = client.transaction().await?;
             let statement = transaction.prepare_cached(&self.sql.revoke).await?;
-            let revoked = transaction.execute(&statement, &[id.as_uuid(), &account.as_str(), &at]).await? == 1;
-            if revoked {
-                self.log(&transaction, entry).await?;
-                transaction.commit().await?;
-            }
-            Ok(revoked)
+            let revoked = transaction.query_opt(&statement, &[id.as_uuid(), &account.as_str(), &at]).await?;
+            let Some(row) = revoked else { return Ok(false) };
+            self.log(&transaction, entry).await?;
+            transaction.commit().await?;
+            self.changed(row.try_get::<_, &[u8]>(0)?);
+            Ok(true)
         })
         .await
     }
@@ -1180,6 +1350,8 @@ impl KeyStore for PostgresStore {
                 transaction.execute(&insert, &Columns::of(&new).with_limit(&no_limit)).await?;
                 self.log(&transaction, entry).await?;
                 transaction.commit().await?;
+                self.changed(old_record.digest.as_bytes());
+                self.changed(new.digest.as_bytes());
                 Ok(Some(true))
             })
             .await?;
@@ -1217,6 +1389,7 @@ impl KeyStore for PostgresStore {
             transaction.execute(&statement, &parameters).await?;
             self.log(&transaction, entry).await?;
             transaction.commit().await?;
+            self.changed(record.digest.as_bytes());
             Ok(Some(record))
         })
         .await
