@@ -1056,3 +1056,53 @@ async fn serve_revokes_keys_reported_leaked_by_anyone_and_by_github() {
     assert_eq!(leaked("default"), [json!({"type": "system", "id": "leak-report"})]);
     assert_eq!(leaked("acme"), [json!({"type": "system", "id": "github"})]);
 }
+
+/// Two `apikeys serve` on one PostgreSQL, each with the verified-key cache: a key revoked
+/// through one is refused by the other, whose cache held it, once the notification arrives,
+/// long before the cache's staleness of a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cached_servers_on_one_postgres_refuse_a_key_revoked_through_either() {
+    if support::postgres::skip_without_server() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let schema = format!("apikeys_test_{now}_cache{}", std::process::id());
+    let instance = || {
+        let mut command = apikeys(dir.path());
+        command.env("APIKEYS_DATABASE_URL", support::postgres::url());
+        command
+    };
+    let args = ["--backend", "postgres", "--schema", schema.as_str(), "--cache-staleness", "60s"];
+    let first = serve_as(instance(), &args);
+    let (second, second_log) = start_serving_as(instance(), &args);
+    let address = listening_address(&second_log);
+    let second = Served { child: second, address, first_key: String::new(), log: second_log };
+    let client = reqwest::Client::new();
+    let created = create_over_http(&client, &first, &first.first_key, r#"{"name": "agent"}"#).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let list = |server: &Served| client.get(server.url("/account/api-keys")).header("x-api-key", key.clone()).send();
+    for _ in 0..2 {
+        assert_eq!(list(&second).await.unwrap().status(), 200, "the second server knows the key, and caches it");
+    }
+    let id = created["id"].as_str().unwrap();
+    let revoked = client
+        .delete(first.url(&format!("/account/api-keys/{id}")))
+        .header("x-api-key", &first.first_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    assert_eq!(list(&first).await.unwrap().status(), 401, "at once on the server that revoked it");
+    let mut refused = false;
+    for _ in 0..500 {
+        if list(&second).await.unwrap().status() == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the other server still accepts the key after 5 s, with a staleness bound of 60 s");
+    first.stop();
+    second.stop();
+}

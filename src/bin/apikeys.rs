@@ -62,6 +62,10 @@ struct StoreArgs {
     /// URL's sslrootcert, else the system's CAs].
     #[arg(long, env = "PGSSLROOTCERT", global = true, value_name = "FILE")]
     database_sslrootcert: Option<PathBuf>,
+    /// With --backend postgres: keep verified keys in memory for at most this long (e.g. 1s),
+    /// dropped at once when any instance changes them (LISTEN/NOTIFY) [default: no cache].
+    #[arg(long, env = "APIKEYS_CACHE_STALENESS", global = true, value_parser = humantime::parse_duration)]
+    cache_staleness: Option<Duration>,
     /// With --backend postgres: the schema that holds the tables.
     #[arg(long, env = "APIKEYS_SCHEMA", default_value = "apikeys", global = true)]
     schema: String,
@@ -569,6 +573,11 @@ async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
             options.schema = args.schema.clone();
             options.ssl_mode = args.database_sslmode;
             options.ssl_root_cert = args.database_sslrootcert.clone();
+            options.cache = args.cache_staleness.map(|staleness| {
+                let mut cache = apikeys::CacheOptions::default();
+                cache.max_staleness = staleness;
+                cache
+            });
             Arc::new(PostgresStore::connect_with(url, options).await?)
         }
         Backend::Memory => Arc::new(MemoryStore::new()),

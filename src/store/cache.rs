@@ -44,14 +44,16 @@ pub(crate) struct KeyCache {
     shards: [Mutex<Shard>; SHARDS],
     /// Whether the change feed listens: only then is the cache read or filled.
     up: AtomicBool,
-    /// Moves on at every invalidation, and at every change of `up`.
-    changes: AtomicU64,
+    /// Moves on at every change of `up`.
+    epoch: AtomicU64,
 }
 
 #[derive(Default)]
 struct Shard {
     entries: HashMap<[u8; Digest::LEN], Entry>,
     unknown: usize,
+    /// Moves on at every invalidation of a digest of this shard.
+    changes: u64,
 }
 
 struct Entry {
@@ -59,10 +61,13 @@ struct Entry {
     filled: Instant,
 }
 
-/// Taken before a store read whose answer may fill the cache: the fill is dropped if anything
-/// changed meanwhile.
+/// Taken before a store read whose answer may fill the cache: the fill is dropped if the feed
+/// went down or came back, or a digest of the same shard changed, meanwhile.
 #[derive(Clone, Copy)]
-pub(crate) struct Ticket(u64);
+pub(crate) struct Ticket {
+    epoch: u64,
+    changes: u64,
+}
 
 impl KeyCache {
     pub(crate) fn new(options: CacheOptions) -> Self {
@@ -70,7 +75,7 @@ impl KeyCache {
             options,
             shards: std::array::from_fn(|_| Mutex::default()),
             up: AtomicBool::new(false),
-            changes: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -91,10 +96,11 @@ impl KeyCache {
         (entry.filled.elapsed() < self.options.max_staleness).then(|| entry.record.clone())
     }
 
-    /// A ticket for a store read, if its answer may be cached.
-    pub(crate) fn ticket(&self) -> Option<Ticket> {
-        let ticket = self.changes.load(Ordering::Acquire);
-        self.up.load(Ordering::Acquire).then_some(Ticket(ticket))
+    /// A ticket for a store read of `digest`, if its answer may be cached.
+    pub(crate) fn ticket(&self, digest: &Digest) -> Option<Ticket> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let changes = self.shard(digest.as_bytes()).changes;
+        self.up.load(Ordering::Acquire).then_some(Ticket { epoch, changes })
     }
 
     /// Keeps what the store answered for `digest`, unless anything changed since `ticket`.
@@ -102,7 +108,8 @@ impl KeyCache {
         let key = *digest.as_bytes();
         let mut shard = self.shard(&key);
         // Checked under the shard's lock, which an invalidation of this digest also takes.
-        if self.changes.load(Ordering::Acquire) != ticket.0 || !self.up.load(Ordering::Acquire) {
+        let current = self.epoch.load(Ordering::Acquire) == ticket.epoch && shard.changes == ticket.changes;
+        if !current || !self.up.load(Ordering::Acquire) {
             return;
         }
         let (limit, is_unknown) = match found {
@@ -129,7 +136,7 @@ impl KeyCache {
     pub(crate) fn invalidate(&self, digest: &[u8]) {
         let Ok(key) = <[u8; Digest::LEN]>::try_from(digest) else { return };
         let mut shard = self.shard(&key);
-        self.changes.fetch_add(1, Ordering::AcqRel);
+        shard.changes = shard.changes.wrapping_add(1);
         shard.remove(&key);
     }
 
@@ -169,7 +176,7 @@ impl KeyCache {
     }
 
     fn clear(&self) {
-        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.entries.clear();
@@ -208,16 +215,16 @@ mod tests {
     fn answers_are_kept_until_invalidated_and_never_while_the_feed_is_down() {
         let cache = cache(CacheOptions::default());
         let key = record("a");
-        cache.fill(cache.ticket().unwrap(), &key.digest, Some(&key));
+        cache.fill(cache.ticket(&key.digest).unwrap(), &key.digest, Some(&key));
         let unknown = Digest::sha256("nobody");
-        cache.fill(cache.ticket().unwrap(), &unknown, None);
+        cache.fill(cache.ticket(&unknown).unwrap(), &unknown, None);
         assert_eq!(cache.get(&key.digest), Some(Some(key.clone())));
         assert_eq!(cache.get(&unknown), Some(None));
         let hex: String = key.digest.as_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
         cache.invalidate_hex(&hex);
         assert_eq!(cache.get(&key.digest), None, "a notification drops it");
         cache.down();
-        assert!(cache.ticket().is_none() && cache.get(&unknown).is_none(), "down: neither read nor filled");
+        assert!(cache.ticket(&unknown).is_none() && cache.get(&unknown).is_none(), "down: neither read nor filled");
         cache.up();
         assert_eq!(cache.get(&unknown), None, "what was cached before the feed came back is gone");
     }
@@ -226,7 +233,7 @@ mod tests {
     fn a_read_that_a_change_overtook_does_not_fill() {
         let cache = cache(CacheOptions::default());
         let key = record("a");
-        let ticket = cache.ticket().unwrap();
+        let ticket = cache.ticket(&key.digest).unwrap();
         cache.invalidate(key.digest.as_bytes());
         cache.fill(ticket, &key.digest, Some(&key));
         assert_eq!(cache.get(&key.digest), None);
@@ -238,8 +245,9 @@ mod tests {
         let cache = cache(options);
         let keys: Vec<KeyRecord> = (0..200).map(|i| record(&i.to_string())).collect();
         for key in &keys {
-            cache.fill(cache.ticket().unwrap(), &key.digest, Some(key));
-            cache.fill(cache.ticket().unwrap(), &Digest::sha256(&format!("unknown {}", key.id)), None);
+            cache.fill(cache.ticket(&key.digest).unwrap(), &key.digest, Some(key));
+            let unknown = Digest::sha256(&format!("unknown {}", key.id));
+            cache.fill(cache.ticket(&unknown).unwrap(), &unknown, None);
         }
         let held: usize = cache.shards.iter().map(|shard| shard.lock().unwrap().entries.len()).sum();
         assert!(held <= 32 + 16 + 2 * SHARDS, "{held}");

@@ -35,7 +35,7 @@ use crate::usage::{Balance, Meta, RateLimits, Take, Taken};
 use crate::webhook::{Claim, DeadDelivery, Delivery, EndpointName, Outcome};
 
 /// The schema this build writes and the newest it reads.
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 7;
 
 /// How to reach the database and what to ask of it.
 #[derive(Debug, Clone)]
@@ -125,9 +125,10 @@ impl Default for PostgresOptions {
 ///   a [`StoreError::Backend`] that names the server; broken connections are dropped from the
 ///   pool, so the store recovers by itself once the database is back.
 ///
-/// The SQL avoids PostgreSQL-only features where that costs nothing (no advisory locks, no
-/// `LISTEN`), so it also suits PostgreSQL-compatible distributed databases; the partial index and
-/// `unnest` of two arrays are the parts to check on such an engine.
+/// The SQL avoids PostgreSQL-only features where that costs nothing (no advisory locks;
+/// `LISTEN` and triggers only for the [cache](PostgresOptions::cache)), so it also suits
+/// PostgreSQL-compatible distributed databases; the partial index and `unnest` of two arrays are
+/// the parts to check on such an engine.
 pub struct PostgresStore {
     pool: Pool,
     location: String,
@@ -365,7 +366,7 @@ impl Statements {
 /// Version 6: the audit trail, keyed in the order it is read, and indexed by time for retention.
 /// Version 7: the webhook outbox, keyed by endpoint and account in delivery order, and the dead
 /// deliveries.
-fn migrations(schema: &str) -> [String; 8] {
+fn migrations(schema: &str) -> [String; 7] {
     [
         format!(
             "CREATE TABLE {schema}.api_keys (
@@ -468,11 +469,17 @@ fn migrations(schema: &str) -> [String; 8] {
         CREATE INDEX api_keys_by_expiry ON {schema}.api_keys (expires_at)
             WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND replaced_by IS NULL;"
         ),
-        // Every change a verification would see is announced on the channel named after the
-        // schema, when its transaction commits: what the instances' caches listen for. Spending
-        // credits and lastUsedAt are not announced (a cache keeps them at most its staleness).
-        format!(
-            "CREATE FUNCTION {schema}.announce_key_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    ]
+}
+
+/// What announces, on the channel named after the schema and when its transaction commits, every
+/// change a verification would see: what the caches listen for. Spending credits and lastUsedAt
+/// are not announced (a cache keeps them at most its staleness). Installed by the first store
+/// that opens the schema with a cache, and not a migration: a database without triggers or
+/// `NOTIFY` (CockroachDB) keeps working without a cache.
+fn announcements(schema: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {schema}.announce_key_change() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 PERFORM pg_notify('{schema}', encode(NEW.digest, 'hex'));
                 RETURN NULL;
@@ -488,8 +495,7 @@ fn migrations(schema: &str) -> [String; 8] {
                 OR OLD.refill_interval IS DISTINCT FROM NEW.refill_interval
                 OR (OLD.credits_remaining IS NULL) <> (NEW.credits_remaining IS NULL))
             EXECUTE FUNCTION {schema}.announce_key_change();"
-        ),
-    ]
+    )
 }
 
 /// Starts the listener of `cache`, if there is one: a task on a connection of its own that
@@ -678,7 +684,32 @@ impl PostgresStore {
         let sql = Statements::new(&options.schema);
         let store = Self { pool, location, call_timeout: options.call_timeout, sql, cache };
         store.migrate(&options.schema).await?;
+        if store.cache.is_some() {
+            store.announce_changes(&options.schema).await?;
+        }
         Ok(store)
+    }
+
+    /// Installs [`announcements`] unless they are there; two stores that race to install them
+    /// both succeed.
+    async fn announce_changes(&self, schema: &str) -> Result<(), OpenError> {
+        let installed = self.call("install announcements", async |client| {
+            let transaction = client.transaction().await?;
+            let exists = "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                          JOIN pg_namespace n ON n.oid = c.relnamespace \
+                          WHERE t.tgname = 'key_changed' AND c.relname = 'api_keys' AND n.nspname = $1";
+            if transaction.query_opt(exists, &[&schema]).await?.is_some() {
+                return Ok(());
+            }
+            match transaction.batch_execute(&announcements(schema)).await {
+                Ok(()) => transaction.commit().await?,
+                // Another store installed them meanwhile.
+                Err(error) if error.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+                Err(error) => return Err(error.into()),
+            }
+            Ok(())
+        });
+        installed.await.map_err(|error| OpenError::Other { path: PathBuf::from(&self.location), source: error.into() })
     }
 
     /// Whether the verified-key cache is in use: configured, and its listener listening. While
@@ -985,7 +1016,6 @@ fn is_creation_race(error: &tokio_postgres::Error) -> bool {
     matches!(error.code(), Some(code) if *code == SqlState::UNIQUE_VIOLATION || *code == SqlState::DUPLICATE_SCHEMA)
 }
 
-/// `postgres://user@host:port/db?schema=…`: where the store is, without the password.
 /// Takes `sslmode` and `sslrootcert` out of a URL (`postgres://…?sslmode=…`) or a libpq
 /// `key=value` string, for tokio-postgres knows neither `verify-ca`, `verify-full` nor
 /// `sslrootcert`. `sslrootcert=system` is the platform's CAs: `Some(None)`.
@@ -1041,6 +1071,7 @@ fn percent_decoded(value: &str) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "a %-escape in the URL that is not UTF-8".to_owned())
 }
 
+/// `postgres://user@host:port/db?schema=…`: where the store is, without the password.
 fn describe(config: &tokio_postgres::Config, schema: &str) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
@@ -1251,7 +1282,7 @@ impl KeyStore for PostgresStore {
         if let Some(cached) = self.cache.as_ref().and_then(|cache| cache.get(digest)) {
             return Ok(cached);
         }
-        let ticket = self.cache.as_ref().and_then(|cache| cache.ticket());
+        let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(digest));
         let found = self
             .call("find_by_digest", async |client| {
                 let statement = client.prepare_cached(&self.sql.find_by_digest).await?;
