@@ -115,16 +115,6 @@ fn as_postgres_in(namespace: &str, program: &Path) -> Command {
     command
 }
 
-fn postgres_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 /// What this machine lacks, if anything, checked before anything is made.
 fn missing() -> Option<String> {
     if !Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.starts_with(b"0\n")) {
@@ -135,12 +125,12 @@ fn missing() -> Option<String> {
             return Some(format!("no {tool}"));
         }
     }
-    postgres_bin().is_none().then(|| "no initdb under /usr/lib/postgresql/*/bin".into())
+    support::postgres::server_bin().is_none().then(|| "no initdb under /usr/lib/postgresql/*/bin".into())
 }
 
 /// Starts PostgreSQL on host `pg`, port 5432, taking connections from the subnet.
 fn start_postgres(hosts: &mut Hosts) {
-    let bin = postgres_bin().unwrap();
+    let bin = support::postgres::server_bin().unwrap();
     let dir = std::env::temp_dir().join(format!("apikeys-hosts-{}", hosts.id));
     std::fs::create_dir_all(&dir).unwrap();
     let ok = |command: &mut Command| assert!(command.output().unwrap().status.success(), "{command:?}");
@@ -314,6 +304,27 @@ async fn a_partitioned_instance_never_serves_a_revoked_key_past_the_bound_and_re
     let seen = poll(&client, &hosts, 3, &joined, |status| status == "revoked").await;
     assert_eq!(seen.last().unwrap().1, "revoked", "b refuses the revoked key");
     report(format!("across hosts: revoke on a to refusal on b, joined: {:?}", revoked_at.elapsed()));
+
+    // Delayed, where the kernel has netem: the notification crosses a slow link to b.
+    let link = format!("ak{}bi", hosts.id);
+    let delay =
+        ["netns", "exec", &hosts.namespace("b"), "tc", "qdisc", "add", "dev", &link, "root", "netem", "delay", "20ms"];
+    match ip(&delay) {
+        Ok(()) => {
+            let (slow, slow_id) = create().await;
+            assert_eq!(status(&client, &hosts, 3, &slow).await, "valid");
+            let revoked_at = revoke(&slow_id).await;
+            let seen = poll(&client, &hosts, 3, &slow, |status| status == "revoked").await;
+            assert_eq!(seen.last().unwrap().1, "revoked", "b refuses the revoked key over a slow link");
+            report(format!(
+                "across hosts: revoke on a to refusal on b, 20 ms each way to b: {:?}",
+                revoked_at.elapsed()
+            ));
+            let undo = ["netns", "exec", &hosts.namespace("b"), "tc", "qdisc", "del", "dev", &link, "root"];
+            ip(&undo).unwrap();
+        }
+        Err(refused) => report(format!("across hosts: no delays here, the kernel refuses netem: {refused}")),
+    }
 
     // Cut: b keeps serving a revoked key from its cache at most the staleness bound, then fails
     // closed, even for a key that is still valid.

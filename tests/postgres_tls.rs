@@ -7,6 +7,8 @@
 //! `initdb` and `pg_ctl` under `/usr/lib/postgresql/*/bin`, and `openssl`. Where any is missing,
 //! each test says so and skips; under `CI=true`, it fails.
 
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,7 +57,7 @@ fn missing() -> Option<String> {
             if Command::new("openssl").arg("version").output().is_err() {
                 return Some("no openssl".into());
             }
-            postgres_bin().is_none().then(|| "no initdb under /usr/lib/postgresql/*/bin".into())
+            support::postgres::server_bin().is_none().then(|| "no initdb under /usr/lib/postgresql/*/bin".into())
         })
         .clone()
 }
@@ -67,16 +69,6 @@ fn skip() -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI=true, and {missing}");
     let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {missing}\n").as_bytes());
     true
-}
-
-fn postgres_bin() -> Option<PathBuf> {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    versions.sort();
-    versions.pop()
 }
 
 /// The certificates, made once per test binary: a CA, a server certificate it signs for
@@ -124,7 +116,7 @@ fn certificates() -> &'static Path {
 
 /// Starts a server; with `tls`, it takes only TLS connections over TCP.
 fn start(tls: bool) -> Server {
-    let bin = postgres_bin().unwrap();
+    let bin = support::postgres::server_bin().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = std::env::temp_dir().join(format!("apikeys-tls-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

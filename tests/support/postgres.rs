@@ -45,3 +45,15 @@ pub fn skip_without_server() -> bool {
     let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {missing}\n").as_bytes());
     true
 }
+
+/// The directory of PostgreSQL's server programs (`initdb`, `pg_ctl`), the newest version's,
+/// for tests that start servers of their own.
+pub fn server_bin() -> Option<std::path::PathBuf> {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
