@@ -146,8 +146,9 @@ async fn an_unannounced_change_lives_at_most_the_staleness_bound() {
     // The creation's own notification first: one that lands while the reader reads keeps the
     // answer out of the cache.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    reader.verify(&token).await.unwrap();
+    // An answer's age counts from when its read began.
     let cached_at = Instant::now();
+    reader.verify(&token).await.unwrap();
     let admin = admin().await;
     revoke_silently(&admin, &schema, &token, &writer).await;
     // Still cached, unless the bound passed already on a slow machine.

@@ -219,6 +219,18 @@ async fn a_plain_server_is_refused_by_every_mode_that_requires_tls() {
         let refused = connect(&server, "localhost", mode, Some(ca("ca"))).await.unwrap_err();
         assert!(refused.to_lowercase().contains("tls"), "{mode:?}: {refused}");
     }
+    // libpq's quoted form is read as such, never weakened to prefer.
+    let quoted = format!("host=localhost port={} user=postgres sslmode='require'", server.port);
+    let refused = chain(&PostgresStore::connect(&quoted).await.expect_err("require, quoted, refuses a plain server"));
+    assert!(refused.to_lowercase().contains("tls"), "{refused}");
+    // sslrootcert=system asks for verify-full, and nothing weaker.
+    let system = format!("postgres://postgres@localhost:{}/postgres?sslrootcert=system", server.port);
+    let refused =
+        chain(&PostgresStore::connect(&system).await.expect_err("system CAs: verify-full, which a plain server fails"));
+    assert!(refused.to_lowercase().contains("tls"), "{refused}");
+    let weaker = format!("{system}&sslmode=require");
+    let refused = chain(&PostgresStore::connect(&weaker).await.expect_err("system with require is refused"));
+    assert!(refused.contains("verify-full"), "{refused}");
 }
 
 /// The URL carries libpq's `sslmode` and `sslrootcert`, in both of its forms; what the options

@@ -67,6 +67,8 @@ struct Entry {
 pub(crate) struct Ticket {
     epoch: u64,
     changes: u64,
+    /// When the read began: the answer's age counts from here, not from when it came.
+    at: Instant,
 }
 
 impl KeyCache {
@@ -100,7 +102,7 @@ impl KeyCache {
     pub(crate) fn ticket(&self, digest: &Digest) -> Option<Ticket> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let changes = self.shard(digest.as_bytes()).changes;
-        self.up.load(Ordering::Acquire).then_some(Ticket { epoch, changes })
+        self.up.load(Ordering::Acquire).then(|| Ticket { epoch, changes, at: Instant::now() })
     }
 
     /// Keeps what the store answered for `digest`, unless anything changed since `ticket`.
@@ -129,7 +131,26 @@ impl KeyCache {
         }
         shard.remove(&key);
         shard.unknown += usize::from(is_unknown);
-        shard.entries.insert(key, Entry { record: found.cloned(), filled: Instant::now() });
+        shard.entries.insert(key, Entry { record: found.cloned(), filled: ticket.at });
+    }
+
+    /// Forgets what is cached for the key `id`, whatever its digest: after a change of this
+    /// instance's whose outcome is unknown (its call ran out of time), when only the id is.
+    pub(crate) fn invalidate_key(&self, id: &crate::id::KeyId) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            // Every shard's reads in flight may be of that key.
+            shard.changes = shard.changes.wrapping_add(1);
+            let found: Vec<_> = shard
+                .entries
+                .iter()
+                .filter(|(_, entry)| entry.record.as_ref().is_some_and(|record| record.id == *id))
+                .map(|(key, _)| *key)
+                .collect();
+            for key in found {
+                shard.remove(&key);
+            }
+        }
     }
 
     /// Forgets what is cached for `digest`.

@@ -498,22 +498,27 @@ fn announcements(schema: &str) -> String {
     )
 }
 
-/// Starts the listener of `cache`, if there is one: a task on a connection of its own that
-/// `LISTEN`s on `channel`, invalidates each digest announced, and keeps the cache up only
+/// What starts the listener of `cache`, if there is one: a task on a connection of its own
+/// that `LISTEN`s on `channel`, invalidates each digest announced, and keeps the cache up only
 /// while it listens and its connection answers; it reconnects by itself, and ends with the
 /// store.
-fn listen_for_changes<T>(cache: Option<&Arc<KeyCache>>, config: &tokio_postgres::Config, tls: T, channel: String)
+fn listen_for_changes<T>(
+    cache: Option<&Arc<KeyCache>>,
+    config: &tokio_postgres::Config,
+    tls: T,
+    channel: String,
+) -> Option<Box<dyn FnOnce() + Send>>
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
     T::Stream: Send,
     T::TlsConnect: Send,
     <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
 {
-    let Some(cache) = cache else { return };
+    let cache = Arc::downgrade(cache?);
     let mut config = config.clone();
     // Named, so that an operator can tell the listeners apart (PostgreSQL keeps 63 bytes).
     config.application_name(format!("apikeys-listener {channel}"));
-    tokio::spawn(listen(Arc::downgrade(cache), config, tls, channel));
+    Some(Box::new(move || drop(tokio::spawn(listen(cache, config, tls, channel)))))
 }
 
 async fn listen<T>(cache: Weak<KeyCache>, config: tokio_postgres::Config, tls: T, channel: String)
@@ -610,10 +615,26 @@ impl PostgresStore {
         // Notice a dead peer on an idle pooled connection in seconds, not hours.
         config.keepalives(true).keepalives_idle(Duration::from_secs(10));
         config.application_name("apikeys");
-        let mode = options.ssl_mode.or(url_mode).unwrap_or(SslMode::Prefer);
-        // `system`, as libpq takes it: the platform's CAs.
+        // What the URL said in a form left to tokio-postgres (quoted, say) counts too.
+        let url_mode = url_mode.unwrap_or(match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        });
+        // `system`, as libpq takes it: the platform's CAs, and then nothing short of verify-full.
         let given = options.ssl_root_cert.clone().map(|path| (path != Path::new("system")).then_some(path));
-        let root_cert = given.or(url_root).flatten();
+        let root = given.or(url_root);
+        let system = matches!(root, Some(None));
+        let mode = options.ssl_mode.unwrap_or(if system && url_mode == SslMode::Prefer {
+            SslMode::VerifyFull
+        } else {
+            url_mode
+        });
+        if system && mode != SslMode::VerifyFull {
+            let source = format!("sslrootcert=system needs sslmode verify-full, not {mode:?}").into();
+            return Err(OpenError::Other { path: path(), source });
+        }
+        let root_cert = root.flatten();
         config.ssl_mode(match mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -622,22 +643,23 @@ impl PostgresStore {
         let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let cache = options.cache.clone().map(|options| Arc::new(KeyCache::new(options)));
         let channel = options.schema.clone();
+        let listener;
         let manager = match mode {
             SslMode::Disable => {
-                listen_for_changes(cache.as_ref(), &config, NoTls, channel);
+                listener = listen_for_changes(cache.as_ref(), &config, NoTls, channel);
                 Manager::from_config(config, NoTls, recycling)
             }
             #[cfg(feature = "postgres-tls")]
             _ => {
                 let tls = super::postgres_tls::connector(mode, root_cert.as_deref())
                     .map_err(|source| OpenError::Other { path: path(), source })?;
-                listen_for_changes(cache.as_ref(), &config, tls.clone(), channel);
+                listener = listen_for_changes(cache.as_ref(), &config, tls.clone(), channel);
                 Manager::from_config(config, tls, recycling)
             }
             #[cfg(not(feature = "postgres-tls"))]
             SslMode::Prefer => {
                 let _ = root_cert;
-                listen_for_changes(cache.as_ref(), &config, NoTls, channel);
+                listener = listen_for_changes(cache.as_ref(), &config, NoTls, channel);
                 Manager::from_config(config, NoTls, recycling)
             }
             #[cfg(not(feature = "postgres-tls"))]
@@ -654,7 +676,12 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|source| OpenError::Other { path: path(), source: Box::new(source) })?;
-        Self::open(pool, location, &options, cache).await
+        let store = Self::open(pool, location, &options, cache).await?;
+        // Only once the triggers are there: a cache up before them would hear nothing.
+        if let Some(listen) = listener {
+            listen();
+        }
+        Ok(store)
     }
 
     /// A store over a pool of the host's own: any connector (its own TLS, a proxy's), any pool
@@ -690,23 +717,31 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Installs [`announcements`] unless they are there; two stores that race to install them
-    /// both succeed.
+    /// Installs [`announcements`] unless both triggers are there; stores that race to install
+    /// them all succeed.
     async fn announce_changes(&self, schema: &str) -> Result<(), OpenError> {
         let installed = self.call("install announcements", async |client| {
-            let transaction = client.transaction().await?;
-            let exists = "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
-                          JOIN pg_namespace n ON n.oid = c.relnamespace \
-                          WHERE t.tgname = 'key_changed' AND c.relname = 'api_keys' AND n.nspname = $1";
-            if transaction.query_opt(exists, &[&schema]).await?.is_some() {
+            let count = "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE t.tgname IN ('key_created', 'key_changed') AND c.relname = 'api_keys' \
+                         AND n.nspname = $1";
+            if client.query_one(count, &[&schema]).await?.try_get::<_, i64>(0)? == 2 {
                 return Ok(());
             }
-            match transaction.batch_execute(&announcements(schema)).await {
-                Ok(()) => transaction.commit().await?,
-                // Another store installed them meanwhile.
-                Err(error) if error.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-                Err(error) => return Err(error.into()),
+            // Installers queue on this lock (the mode conflicts with itself), and the one that
+            // finds them missing once it holds it installs them: instances starting together
+            // all open. It also holds off writes for the moment the install takes.
+            let transaction = client.transaction().await?;
+            transaction.batch_execute(&format!("LOCK TABLE {schema}.api_keys IN SHARE ROW EXCLUSIVE MODE")).await?;
+            if transaction.query_one(count, &[&schema]).await?.try_get::<_, i64>(0)? < 2 {
+                let drop = format!(
+                    "DROP TRIGGER IF EXISTS key_created ON {schema}.api_keys; \
+                     DROP TRIGGER IF EXISTS key_changed ON {schema}.api_keys;"
+                );
+                transaction.batch_execute(&drop).await?;
+                transaction.batch_execute(&announcements(schema)).await?;
             }
+            transaction.commit().await?;
             Ok(())
         });
         installed.await.map_err(|error| OpenError::Other { path: PathBuf::from(&self.location), source: error.into() })
@@ -723,6 +758,16 @@ impl PostgresStore {
         if let Some(cache) = &self.cache {
             cache.invalidate(digest);
         }
+    }
+
+    /// Forgets what this instance cached for the key `id` if `outcome` is an error: the change
+    /// may have been committed all the same (a call that ran out of time), and its own
+    /// invalidation, by digest, never ran.
+    fn changed_unless_refused<T>(&self, id: &KeyId, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let (Some(cache), Err(_)) = (&self.cache, &outcome) {
+            cache.invalidate_key(id);
+        }
+        outcome
     }
 
     /// Creates the schema of a new database and upgrades an older one; refuses a newer one and
@@ -886,70 +931,73 @@ impl PostgresStore {
 impl Maintenance for PostgresStore {
     /// In one transaction, a thousand rows per statement.
     async fn import(&self, records: Vec<KeyRecord>) -> Result<(), StoreError> {
-        self.call_within("import", self.call_timeout.saturating_mul(60), async |client| {
-            let transaction = client.transaction().await?;
-            let statement = transaction.prepare_cached(&self.sql.import).await?;
-            // A thousand rows per statement, as arrays: a round trip per thousand keys, not per key.
-            for chunk in records.chunks(1000) {
-                let ids: Vec<Uuid> = chunk.iter().map(|record| *record.id.as_uuid()).collect();
-                let accounts: Vec<&str> = chunk.iter().map(|record| record.account.as_str()).collect();
-                let digests: Vec<&[u8]> = chunk.iter().map(|record| &record.digest.as_bytes()[..]).collect();
-                let prefixes: Vec<&str> = chunk.iter().map(|record| record.prefix.as_str()).collect();
-                let names: Vec<Option<&str>> =
-                    chunk.iter().map(|record| record.name.as_ref().map(|name| name.as_str())).collect();
-                let times = |time: fn(&KeyRecord) -> Option<OffsetDateTime>| chunk.iter().map(time).collect::<Vec<_>>();
-                let created = times(|record| Some(record.created_at));
-                let (expires, used, revoked) = (
-                    times(|record| record.expires_at),
-                    times(|record| record.last_used_at),
-                    times(|record| record.revoked_at),
-                );
-                let scopes: Vec<&str> = chunk.iter().map(|record| record.scopes.as_text()).collect();
-                let key_ids = |id: fn(&KeyRecord) -> Option<KeyId>| {
-                    chunk.iter().map(|record| id(record).map(|id| *id.as_uuid())).collect::<Vec<_>>()
-                };
-                let (rotated_from, replaced_by) =
-                    (key_ids(|record| record.rotated_from), key_ids(|record| record.replaced_by));
-                let usage: Vec<Usage> = chunk.iter().map(Usage::of).collect();
-                let owners: Vec<Option<&str>> = usage.iter().map(|usage| usage.owner).collect();
-                let metas: Vec<Option<&str>> = usage.iter().map(|usage| usage.meta).collect();
-                let remaining: Vec<Option<i64>> = usage.iter().map(|usage| usage.credits.remaining).collect();
-                let as_of: Vec<Option<OffsetDateTime>> = usage.iter().map(|usage| usage.credits.as_of).collect();
-                let refill_amounts: Vec<Option<i64>> = usage.iter().map(|usage| usage.credits.refill_amount).collect();
-                let refill_intervals: Vec<Option<&str>> =
-                    usage.iter().map(|usage| usage.credits.refill_interval.as_deref()).collect();
-                let ratelimits: Vec<&str> = usage.iter().map(|usage| usage.ratelimits.as_str()).collect();
-                let parameters: [&(dyn ToSql + Sync); 19] = [
-                    &ids,
-                    &accounts,
-                    &digests,
-                    &prefixes,
-                    &names,
-                    &created,
-                    &expires,
-                    &used,
-                    &revoked,
-                    &scopes,
-                    &rotated_from,
-                    &replaced_by,
-                    &owners,
-                    &metas,
-                    &remaining,
-                    &as_of,
-                    &refill_amounts,
-                    &refill_intervals,
-                    &ratelimits,
-                ];
-                transaction.execute(&statement, &parameters).await?;
-            }
-            transaction.commit().await?;
-            Ok(())
-        })
-        .await?;
+        let imported = self
+            .call_within("import", self.call_timeout.saturating_mul(60), async |client| {
+                let transaction = client.transaction().await?;
+                let statement = transaction.prepare_cached(&self.sql.import).await?;
+                // A thousand rows per statement, as arrays: a round trip per thousand keys, not per key.
+                for chunk in records.chunks(1000) {
+                    let ids: Vec<Uuid> = chunk.iter().map(|record| *record.id.as_uuid()).collect();
+                    let accounts: Vec<&str> = chunk.iter().map(|record| record.account.as_str()).collect();
+                    let digests: Vec<&[u8]> = chunk.iter().map(|record| &record.digest.as_bytes()[..]).collect();
+                    let prefixes: Vec<&str> = chunk.iter().map(|record| record.prefix.as_str()).collect();
+                    let names: Vec<Option<&str>> =
+                        chunk.iter().map(|record| record.name.as_ref().map(|name| name.as_str())).collect();
+                    let times =
+                        |time: fn(&KeyRecord) -> Option<OffsetDateTime>| chunk.iter().map(time).collect::<Vec<_>>();
+                    let created = times(|record| Some(record.created_at));
+                    let (expires, used, revoked) = (
+                        times(|record| record.expires_at),
+                        times(|record| record.last_used_at),
+                        times(|record| record.revoked_at),
+                    );
+                    let scopes: Vec<&str> = chunk.iter().map(|record| record.scopes.as_text()).collect();
+                    let key_ids = |id: fn(&KeyRecord) -> Option<KeyId>| {
+                        chunk.iter().map(|record| id(record).map(|id| *id.as_uuid())).collect::<Vec<_>>()
+                    };
+                    let (rotated_from, replaced_by) =
+                        (key_ids(|record| record.rotated_from), key_ids(|record| record.replaced_by));
+                    let usage: Vec<Usage> = chunk.iter().map(Usage::of).collect();
+                    let owners: Vec<Option<&str>> = usage.iter().map(|usage| usage.owner).collect();
+                    let metas: Vec<Option<&str>> = usage.iter().map(|usage| usage.meta).collect();
+                    let remaining: Vec<Option<i64>> = usage.iter().map(|usage| usage.credits.remaining).collect();
+                    let as_of: Vec<Option<OffsetDateTime>> = usage.iter().map(|usage| usage.credits.as_of).collect();
+                    let refill_amounts: Vec<Option<i64>> =
+                        usage.iter().map(|usage| usage.credits.refill_amount).collect();
+                    let refill_intervals: Vec<Option<&str>> =
+                        usage.iter().map(|usage| usage.credits.refill_interval.as_deref()).collect();
+                    let ratelimits: Vec<&str> = usage.iter().map(|usage| usage.ratelimits.as_str()).collect();
+                    let parameters: [&(dyn ToSql + Sync); 19] = [
+                        &ids,
+                        &accounts,
+                        &digests,
+                        &prefixes,
+                        &names,
+                        &created,
+                        &expires,
+                        &used,
+                        &revoked,
+                        &scopes,
+                        &rotated_from,
+                        &replaced_by,
+                        &owners,
+                        &metas,
+                        &remaining,
+                        &as_of,
+                        &refill_amounts,
+                        &refill_intervals,
+                        &ratelimits,
+                    ];
+                    transaction.execute(&statement, &parameters).await?;
+                }
+                transaction.commit().await?;
+                Ok(())
+            })
+            .await;
         for record in &records {
             self.changed(record.digest.as_bytes());
         }
-        Ok(())
+        imported
     }
 
     async fn is_empty(&self) -> Result<bool, StoreError> {
@@ -1041,16 +1089,47 @@ fn take_tls_parameters(url: &str) -> Result<(String, Option<SslMode>, Option<Opt
         }
         if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
     } else {
-        let mut kept = Vec::new();
-        for word in url.split_ascii_whitespace() {
-            let (key, value) = word.split_once('=').unwrap_or((word, ""));
-            if value.starts_with('\'') || !take(key.trim(), value)? {
-                kept.push(word);
+        // Only `key=value` words with a bare value are taken; anything else (a quoted value,
+        // spaces around `=`) is left to tokio-postgres, which refuses what it does not know.
+        let mut rest = String::with_capacity(url.len());
+        let mut kept_until = 0;
+        for (start, end) in words(url) {
+            let (key, value) = url[start..end].split_once('=').unwrap_or((&url[start..end], ""));
+            if !value.starts_with('\'') && take(key, value)? {
+                rest.push_str(&url[kept_until..start]);
+                kept_until = end;
             }
         }
-        kept.join(" ")
+        rest.push_str(&url[kept_until..]);
+        rest
     };
     Ok((rest, mode, root))
+}
+
+/// Where each word of a libpq `key=value` string starts and ends: words are split by
+/// whitespace outside single quotes, in which `\` escapes the next character.
+fn words(text: &str) -> Vec<(usize, usize)> {
+    let (mut words, mut start, mut quoted, mut escaped) = (Vec::new(), None, false, false);
+    for (at, c) in text.char_indices() {
+        match (start, c) {
+            (None, c) if c.is_whitespace() => continue,
+            (None, _) => start = Some(at),
+            (Some(_), _) if escaped => escaped = false,
+            (Some(_), '\\') if quoted => escaped = true,
+            (Some(_), '\'') => quoted = !quoted,
+            (Some(begin), c) if c.is_whitespace() && !quoted => {
+                words.push((begin, at));
+                start = None;
+                continue;
+            }
+            _ => {}
+        }
+        if start == Some(at) && c == '\'' {
+            quoted = true;
+        }
+    }
+    words.extend(start.map(|begin| (begin, text.len())));
+    words
 }
 
 /// A URL query value with its `%XX` escapes decoded.
@@ -1270,11 +1349,13 @@ impl KeyStore for PostgresStore {
                 if inserted == 1 {
                     self.log(&transaction, entry).await?;
                     transaction.commit().await?;
-                    self.changed(record.digest.as_bytes());
                 }
                 Ok(inserted)
             })
-            .await?;
+            .await;
+        // Whether it was committed or its call ran out of time: nothing cached holds for it.
+        self.changed(record.digest.as_bytes());
+        let inserted = inserted?;
         if inserted == 0 { Err(StoreError::LimitReached { limit: max_active }) } else { Ok(()) }
     }
 
@@ -1318,17 +1399,19 @@ impl KeyStore for PostgresStore {
         at: OffsetDateTime,
         entry: &Entry,
     ) -> Result<bool, StoreError> {
-        self.call("revoke", async |client| {
-            let transaction = client.transaction().await?;
-            let statement = transaction.prepare_cached(&self.sql.revoke).await?;
-            let revoked = transaction.query_opt(&statement, &[id.as_uuid(), &account.as_str(), &at]).await?;
-            let Some(row) = revoked else { return Ok(false) };
-            self.log(&transaction, entry).await?;
-            transaction.commit().await?;
-            self.changed(row.try_get::<_, &[u8]>(0)?);
-            Ok(true)
-        })
-        .await
+        let revoked = self
+            .call("revoke", async |client| {
+                let transaction = client.transaction().await?;
+                let statement = transaction.prepare_cached(&self.sql.revoke).await?;
+                let revoked = transaction.query_opt(&statement, &[id.as_uuid(), &account.as_str(), &at]).await?;
+                let Some(row) = revoked else { return Ok(false) };
+                self.log(&transaction, entry).await?;
+                transaction.commit().await?;
+                self.changed(row.try_get::<_, &[u8]>(0)?);
+                Ok(true)
+            })
+            .await;
+        self.changed_unless_refused(id, revoked)
     }
 
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -1385,7 +1468,9 @@ impl KeyStore for PostgresStore {
                 self.changed(new.digest.as_bytes());
                 Ok(Some(true))
             })
-            .await?;
+            .await;
+        self.changed(new.digest.as_bytes());
+        let rolled = self.changed_unless_refused(roll.old(), rolled)?;
         rolled.ok_or(StoreError::LimitReached { limit: max_active })
     }
 
@@ -1396,34 +1481,36 @@ impl KeyStore for PostgresStore {
         change: &Change,
         entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        self.call("update", async |client| {
-            let transaction = client.transaction().await?;
-            let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
-            let row = transaction.query_opt(&find, &[id.as_uuid(), &account.as_str()]).await?;
-            let found = row.as_ref().map(record_from_row).transpose()?;
-            let Some(mut record) = found.filter(|record| record.is_active(change.at())) else { return Ok(None) };
-            change.apply(&mut record);
-            let credits = StoredCredits::of(record.credits.as_ref());
-            let (name, meta, ratelimits) =
-                (record.name.as_deref(), record.meta.as_ref().map(Meta::as_str), record.ratelimits.as_text());
-            let statement = transaction.prepare_cached(&self.sql.update).await?;
-            let parameters: [&(dyn ToSql + Sync); 8] = [
-                id.as_uuid(),
-                &name,
-                &meta,
-                &credits.remaining,
-                &credits.as_of,
-                &credits.refill_amount,
-                &credits.refill_interval,
-                &ratelimits,
-            ];
-            transaction.execute(&statement, &parameters).await?;
-            self.log(&transaction, entry).await?;
-            transaction.commit().await?;
-            self.changed(record.digest.as_bytes());
-            Ok(Some(record))
-        })
-        .await
+        let updated = self
+            .call("update", async |client| {
+                let transaction = client.transaction().await?;
+                let find = transaction.prepare_cached(&self.sql.find_for_roll).await?;
+                let row = transaction.query_opt(&find, &[id.as_uuid(), &account.as_str()]).await?;
+                let found = row.as_ref().map(record_from_row).transpose()?;
+                let Some(mut record) = found.filter(|record| record.is_active(change.at())) else { return Ok(None) };
+                change.apply(&mut record);
+                let credits = StoredCredits::of(record.credits.as_ref());
+                let (name, meta, ratelimits) =
+                    (record.name.as_deref(), record.meta.as_ref().map(Meta::as_str), record.ratelimits.as_text());
+                let statement = transaction.prepare_cached(&self.sql.update).await?;
+                let parameters: [&(dyn ToSql + Sync); 8] = [
+                    id.as_uuid(),
+                    &name,
+                    &meta,
+                    &credits.remaining,
+                    &credits.as_of,
+                    &credits.refill_amount,
+                    &credits.refill_interval,
+                    &ratelimits,
+                ];
+                transaction.execute(&statement, &parameters).await?;
+                self.log(&transaction, entry).await?;
+                transaction.commit().await?;
+                self.changed(record.digest.as_bytes());
+                Ok(Some(record))
+            })
+            .await;
+        self.changed_unless_refused(id, updated)
     }
 
     /// In one transaction that locks the key's row, so that takes by every instance queue on it.
@@ -1733,9 +1820,14 @@ mod tests {
         assert_eq!((url.as_str(), mode, root), ("postgresql://db/keys", Some(SslMode::Require), None));
         let (url, mode, root) =
             take_tls_parameters("host=db  user=u sslmode=verify-ca sslrootcert=system dbname=k").unwrap();
-        assert_eq!((url.as_str(), mode, root), ("host=db user=u dbname=k", Some(SslMode::VerifyCa), Some(None)));
+        assert_eq!((url.as_str(), mode, root), ("host=db  user=u   dbname=k", Some(SslMode::VerifyCa), Some(None)));
         let (url, mode, _) = take_tls_parameters("postgres://db/keys").unwrap();
         assert_eq!((url.as_str(), mode), ("postgres://db/keys", None));
+        // A quoted value, or spaces around `=`, is tokio-postgres's to read; the rest stays as it was.
+        let quoted = "host=db password='a  b\\' c' sslmode='require'  sslrootcert=/ca.pem";
+        let (url, mode, root) = take_tls_parameters(quoted).unwrap();
+        assert_eq!(url, "host=db password='a  b\\' c' sslmode='require'  ");
+        assert_eq!((mode, root), (None, Some(Some(PathBuf::from("/ca.pem")))));
         for bad in ["postgres://db?sslmode=verify", "postgres://db?sslrootcert=%zz", "host=db sslmode=allow"] {
             assert!(take_tls_parameters(bad).is_err(), "{bad}");
         }
