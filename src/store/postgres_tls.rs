@@ -27,14 +27,14 @@ pub(super) fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeR
         SslMode::Require | SslMode::VerifyCa => Some(false),
         SslMode::VerifyFull => Some(true),
     };
-    let verifier: Arc<dyn ServerCertVerifier> = match verify {
-        None => Arc::new(Unverified(provider.signature_verification_algorithms)),
+    let chain = match verify {
+        None => None,
         Some(check_name) => {
             let roots = Arc::new(roots(root_cert)?);
-            let chain = WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
-            if check_name { chain } else { Arc::new(AnyName(chain)) }
+            Some((WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?, check_name))
         }
     };
+    let verifier = Arc::new(Checked { chain, algorithms: provider.signature_verification_algorithms });
     let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
@@ -65,50 +65,16 @@ fn roots(root_cert: Option<&Path>) -> Result<RootCertStore, BoxError> {
     Ok(roots)
 }
 
-/// `prefer` and `require` without CAs: any certificate, but a handshake really signed by it.
+/// The certificate check of a mode: none for `prefer` and `require` without CAs (any
+/// certificate); the chain to a trusted CA, and the name if asked (`verify-full`), for the
+/// others. The handshake must be signed by the certificate in every mode.
 #[derive(Debug)]
-struct Unverified(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
+struct Checked {
+    chain: Option<(Arc<WebPkiServerVerifier>, bool)>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-/// `verify-ca`: the chain must lead to a trusted CA; the name is not checked.
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Checked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -117,10 +83,12 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some((chain, check_name)) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        // webpki checks the name after the chain: a name error means the chain held.
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !check_name => Ok(ServerCertVerified::assertion()),
             verified => verified,
         }
     }
@@ -131,7 +99,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -140,10 +108,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
