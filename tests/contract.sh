@@ -9,7 +9,11 @@ dir="$(mktemp -d)"
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 # The verification endpoint is served only with a service credential.
 service_token="contract-test-service-credential-$(date +%s%N)"
-(cd "$dir" && APIKEYS_SERVICE_TOKEN="$service_token" exec "$binary" serve --listen "127.0.0.1:$port" > out.txt 2> err.txt) &
+# GitHub's leak endpoint is served only with GitHub's public keys: a P-256 key made here stands in.
+openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl ec -pubout 2>/dev/null > "$dir/github.pem"
+python3 -c 'import json, sys; print(json.dumps({"public_keys": [{"key_identifier": "contract", "key": open(sys.argv[1]).read(), "is_current": True}]}))' \
+  "$dir/github.pem" > "$dir/github.json"
+(cd "$dir" && APIKEYS_SERVICE_TOKEN="$service_token" exec "$binary" serve --listen "127.0.0.1:$port" --github-keys github.json > out.txt 2> err.txt) &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$dir/err.txt" 2>/dev/null && break; sleep 0.1; done
