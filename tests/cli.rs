@@ -279,6 +279,15 @@ impl Served {
     }
 }
 
+/// A test that fails on the way leaves no server running.
+impl Drop for Served {
+    fn drop(&mut self) {
+        // Ok, and no signal, for a child already waited for.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test]
 async fn serve_prints_a_first_key_answers_the_seeds_requests_and_honours_a_cli_revoke_at_once() {
     let dir = tempfile::tempdir().unwrap();
