@@ -109,6 +109,18 @@ struct StoreArgs {
     webhook_lease: Duration,
 }
 
+impl StoreArgs {
+    /// The database file of a file backend: `--db`, or the backend's default.
+    fn file(&self) -> Option<PathBuf> {
+        let default = match self.backend {
+            Backend::Sqlite => "apikeys.db",
+            Backend::Redb => "apikeys.redb",
+            Backend::Postgres | Backend::Memory => return None,
+        };
+        Some(self.db.clone().unwrap_or_else(|| default.into()))
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     /// An SQLite file, shared safely by several processes (the server and this tool).
@@ -562,8 +574,8 @@ type Service = KeyService<Arc<dyn Maintenance>>;
 /// The service over the chosen store, and whether that store holds no key at all.
 async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
     let store: Arc<dyn Maintenance> = match args.backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open(args.db.clone().unwrap_or_else(|| "apikeys.db".into()))?),
-        Backend::Redb => Arc::new(RedbStore::open(args.db.clone().unwrap_or_else(|| "apikeys.redb".into()))?),
+        Backend::Sqlite => Arc::new(SqliteStore::open(args.file().unwrap_or_default())?),
+        Backend::Redb => Arc::new(RedbStore::open(args.file().unwrap_or_default())?),
         Backend::Postgres => {
             let url = args
                 .database_url
@@ -1020,12 +1032,7 @@ fn rfc3339(at: time::OffsetDateTime) -> String {
 /// `apikeys scan`: prints each key found as it is found, looked up in the store if there is one
 /// (a store file that does not exist is not made: the keys are then shown without their ids).
 async fn scan(args: &StoreArgs, paths: &[PathBuf], json: bool) -> Result<ExitCode, Failure> {
-    let missing = match args.backend {
-        Backend::Sqlite => args.db.clone().or_else(|| Some("apikeys.db".into())),
-        Backend::Redb => args.db.clone().or_else(|| Some("apikeys.redb".into())),
-        Backend::Postgres | Backend::Memory => None,
-    }
-    .filter(|file| !file.exists());
+    let missing = args.file().filter(|file| !file.exists());
     let service = match &missing {
         Some(file) => {
             eprintln!("no store at {}: keys found are shown without their ids", file.display());
