@@ -32,12 +32,12 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
-use apikeys::Maintenance;
 use apikeys::audit::{Action, AuditEvent};
 use apikeys::{
-    AccountId, Balance, Credits, Digest, Environment, KeyFormat, KeyId, KeyName, KeyRecord, KeyService, KeyStore,
-    MemoryStore, NewKey, OwnerId, OwnerUpdate, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
+    AccountId, Balance, Credits, Digest, Environment, KeyFormat, KeyId, KeyName, KeyPrefix, KeyRecord, KeyService,
+    KeyStore, MemoryStore, NewKey, OwnerId, OwnerUpdate, RateLimit, RateLimits, RedbStore, Scopes, SqliteStore,
 };
+use apikeys::{AccountListing, AccountQuery, Maintenance};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hashbrown::HashTable;
 use hmac::{Hmac, KeyInit, Mac};
@@ -417,8 +417,8 @@ fn sizes() -> Vec<usize> {
 }
 
 /// The groups of this bench, as criterion names them.
-const GROUPS: [&str; 10] =
-    ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage", "webhooks", "scan"];
+const GROUPS: [&str; 11] =
+    ["parts", "memory", "sqlite", "redb", "postgres", "create", "scopes", "usage", "webhooks", "scan", "accounts"];
 
 /// Whether the command line selects `group`, so that `cargo bench --bench verify -- scopes`
 /// skips the other groups' setup and interleaved runs as criterion skips their benchmarks. Only a
@@ -1387,9 +1387,84 @@ fn scan(c: &mut Criterion) {
     group.finish();
 }
 
+/// How many accounts the account listing pages through, each with one key.
+const ACCOUNTS: usize = 100_000;
+/// A page of the account listing: the dashboard's.
+const PAGE: u32 = 50;
+
+/// A page of [`PAGE`] accounts from the start and from the middle of [`ACCOUNTS`], against
+/// `list_active` of one account on the same store: what a page costs in account reads; and a
+/// search that one account matches, which reads them all. On every store, PostgreSQL too where
+/// one answers (`APIKEYS_BENCH_POSTGRES_URL`, as for `postgres`).
+fn accounts(c: &mut Criterion) {
+    if !selected("accounts") {
+        return;
+    }
+    let created_at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let prefix = KeyPrefix::new("as_live_v1_abcd").unwrap();
+    let records: Vec<KeyRecord> = (0..ACCOUNTS)
+        .map(|i| {
+            let account = AccountId::new(format!("account-{i:06}")).unwrap();
+            let id = KeyId::from_uuid(uuid::Uuid::now_v7());
+            KeyRecord::new(id, account, Digest::sha256(&format!("token {i}")), prefix, created_at)
+        })
+        .collect();
+    let middle = records[ACCOUNTS / 2].account.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("accounts");
+    group.sample_size(10).measurement_time(Duration::from_secs(2));
+    let mut bench = |backend: &str, store: &dyn Listing| {
+        runtime.block_on(store.import(records.clone())).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let page = |after: Option<&AccountId>, search: &str| AccountQuery {
+            after: after.cloned(),
+            search: search.to_owned(),
+            limit: PAGE,
+        };
+        // A search only the last account matches: the whole listing read for one account.
+        let queries = [
+            ("first_page", page(None, ""), PAGE),
+            ("middle_page", page(Some(&middle), ""), PAGE),
+            ("search_one", page(None, "-099999"), 1),
+        ];
+        for (name, query, listed) in queries {
+            assert_eq!(runtime.block_on(store.list_accounts(&query, now)).unwrap().len(), listed as usize);
+            group.bench_function(BenchmarkId::new(format!("{backend}/{name}"), ACCOUNTS), |b| {
+                b.iter(|| black_box(runtime.block_on(store.list_accounts(&query, now)).unwrap()))
+            });
+        }
+        group.bench_function(BenchmarkId::new(format!("{backend}/list_active_of_one"), ACCOUNTS), |b| {
+            b.iter(|| black_box(runtime.block_on(store.list_active(&middle, now)).unwrap()))
+        });
+    };
+    let dir = tempfile::tempdir().unwrap();
+    bench("memory", &MemoryStore::new());
+    bench("sqlite", &SqliteStore::open(dir.path().join("accounts.db")).unwrap());
+    bench("redb", &RedbStore::open(dir.path().join("accounts.redb")).unwrap());
+    let url = std::env::var("APIKEYS_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let schema = format!("apikeys_bench_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let mut options = apikeys::PostgresOptions::default();
+    options.schema = schema.clone();
+    match runtime.block_on(apikeys::PostgresStore::connect_with(&url, options)) {
+        Ok(store) => {
+            bench("postgres", &store);
+            let (client, connection) = runtime.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+            runtime.spawn(connection);
+            runtime.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))).unwrap();
+        }
+        Err(_) => eprintln!("no PostgreSQL at {url}: skipping its account listing"),
+    }
+    group.finish();
+}
+
+/// A store that lists accounts and imports keys, as every store of this crate does.
+trait Listing: AccountListing + Maintenance {}
+impl<S: AccountListing + Maintenance> Listing for S {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage, webhooks, scan
+    targets = parts, memory, sqlite, redb, postgres, create, scopes, usage, webhooks, scan, accounts
 }
 criterion_main!(benches);

@@ -98,9 +98,12 @@ pub use service::{KeyService, KeyServiceBuilder, Verifier};
 pub use store::RedbStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
+pub use store::{
+    AccountListing, AccountQuery, AccountSummary, Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError,
+    RateCounts, StoreError,
+};
 #[cfg(feature = "postgres")]
 pub use store::{CacheOptions, PostgresOptions, PostgresStore, SslMode};
-pub use store::{Change, KeyRecord, KeyStore, Maintenance, MemoryStore, OpenError, RateCounts, StoreError};
 pub use token::{Environment, KeyFormat, KeyPrefix, TokenParts};
 pub use usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval, Take, Taken};
 

@@ -16,7 +16,9 @@ use crate::owner::{Metered, OwnerCache, OwnerLimits, OwnerUpdate};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
 use crate::secret::SecretToken;
-use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
+use crate::store::{
+    AccountListing, AccountQuery, AccountSummary, Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError,
+};
 use crate::token::KeyFormat;
 use crate::usage::{Balance, RateLimits, Take, Taken};
 use crate::webhook::{DeadDelivery, Endpoint, EndpointName};
@@ -1041,6 +1043,15 @@ impl<S: KeyStore> KeyService<S> {
     pub(crate) fn now(&self) -> time::OffsetDateTime {
         let now = self.inner.clock.now();
         normalize(now).unwrap_or(now)
+    }
+}
+
+impl<S: AccountListing> KeyService<S> {
+    /// One page of the accounts that have active keys, as [`AccountListing::list_accounts`]
+    /// reads it now: the administrator's view of every account.
+    pub async fn list_accounts(&self, query: &AccountQuery) -> Result<Vec<AccountSummary>, Error> {
+        let now = self.now();
+        self.inner.within(self.inner.store.list_accounts(query, now)).await.map_err(Error::Store)
     }
 }
 

@@ -10,6 +10,7 @@ use support::InTempDir;
 mod on_file {
     apikeys::conformance_tests!(async { super::InTempDir::open("keys.redb", super::RedbStore::open) });
     apikeys::maintenance_tests!(async { super::InTempDir::open("keys.redb", super::RedbStore::open) });
+    apikeys::account_listing_tests!(async { super::InTempDir::open("keys.redb", super::RedbStore::open) });
 }
 
 proptest! {

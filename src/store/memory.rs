@@ -10,7 +10,9 @@ use hashbrown::HashTable;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at};
+use super::{
+    AccountListing, AccountQuery, AccountSummary, Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError, purged_at,
+};
 use crate::audit::{AuditEvent, AuditQuery, Entry, EventId};
 use crate::clock::{from_unix_micros, normalize, unix_micros};
 use crate::digest::Digest;
@@ -48,7 +50,7 @@ struct Index {
     /// Each account's keys that are not revoked, by when each stops being active: revocation
     /// removes them, and a read at any time starts past the keys expired by then, so counting and
     /// listing never wade through revoked or expired keys.
-    live_of_account: HashMap<AccountId, BTreeSet<(Ends, KeyId)>>,
+    live_of_account: BTreeMap<AccountId, BTreeSet<(Ends, KeyId)>>,
     /// Each account's owners that have limits.
     owners: HashMap<AccountId, HashMap<OwnerId, OwnerLimits>>,
     /// Each account's audit trail, in its order (oldest first here).
@@ -205,6 +207,33 @@ impl MemoryStore {
 
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl AccountListing for MemoryStore {
+    async fn list_accounts(
+        &self,
+        query: &AccountQuery,
+        now: OffsetDateTime,
+    ) -> Result<Vec<AccountSummary>, StoreError> {
+        let index = self.index();
+        let from = match &query.after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        let active_from = (Ends::At(now), KeyId::from_uuid(Uuid::nil()));
+        let page = index
+            .live_of_account
+            .range::<AccountId, _>((from, std::ops::Bound::Unbounded))
+            .filter(|(account, _)| query.matches(account))
+            .filter_map(|(account, live)| {
+                let active = live.range(&active_from..).filter(|(ends, _)| *ends != Ends::At(now)).count();
+                (active > 0).then(|| AccountSummary { account: account.clone(), active_keys: active as u64 })
+            })
+            .take(query.limit as usize)
+            .collect();
+        Ok(page)
     }
 }
 

@@ -499,6 +499,64 @@ pub trait Maintenance: KeyStore {
     async fn purge_audit(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 }
 
+/// Listing the accounts a store holds keys of, a page at a time: an optional capability, for an
+/// operator's view of every account (the dashboard's). Every store of this crate implements it.
+#[async_trait]
+pub trait AccountListing: KeyStore {
+    /// The accounts with at least one key active at `now`, in the byte order of their ids,
+    /// starting after [`AccountQuery::after`], only those whose id contains
+    /// [`AccountQuery::search`], at most [`AccountQuery::limit`] of them, each with how many of
+    /// its keys are active. A page costs about its length in index reads, however many accounts
+    /// the store holds; a search that few ids match reads further to fill a page.
+    async fn list_accounts(&self, query: &AccountQuery, now: OffsetDateTime)
+    -> Result<Vec<AccountSummary>, StoreError>;
+}
+
+/// Which accounts [`AccountListing::list_accounts`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountQuery {
+    /// Only accounts whose id sorts after this one: the last of the previous page.
+    pub after: Option<AccountId>,
+    /// Only accounts whose id contains this text, as it is (case matters); empty: every one.
+    pub search: String,
+    /// At most this many accounts.
+    pub limit: u32,
+}
+
+impl AccountQuery {
+    /// Whether `account` is one the query asks for, apart from its place and the limit.
+    pub fn matches(&self, account: &AccountId) -> bool {
+        account.as_str().contains(self.search.as_str())
+    }
+}
+
+/// One account of [`AccountListing::list_accounts`]'s page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSummary {
+    /// The account.
+    pub account: AccountId,
+    /// How many of its keys are active.
+    pub active_keys: u64,
+}
+
+/// Forwards the account listing, so `Arc<S>` and `Box<S>` of a store that has it have it too.
+macro_rules! forward_account_listing {
+    ($($pointer:ident),*) => {$(
+        #[async_trait]
+        impl<S: AccountListing + ?Sized> AccountListing for $pointer<S> {
+            async fn list_accounts(
+                &self,
+                query: &AccountQuery,
+                now: OffsetDateTime,
+            ) -> Result<Vec<AccountSummary>, StoreError> {
+                (**self).list_accounts(query, now).await
+            }
+        }
+    )*};
+}
+
+forward_account_listing!(Arc, Box);
+
 /// Forwards every method, so `Arc<S>` and `Box<S>` of a store that has the capability have it too.
 macro_rules! forward_maintenance {
     ($($pointer:ident),*) => {$(
@@ -577,9 +635,10 @@ pub(crate) mod checks {
     }
 
     /// Every change keeps a store's account index exact: one entry per key not revoked, at its
-    /// current end (`None`: never), in order of ends. Reads check each record again, so a stale
-    /// entry would only cost time, which only a look inside shows. `index` reads the index of
-    /// account `a` in the store's own order.
+    /// current end (`None`: never), in order of ends. Reads of keys check each record again, so
+    /// there a stale entry would only cost time, which only a look inside shows; the account
+    /// listing counts the entries themselves. `index` reads the index of account `a` in the
+    /// store's own order.
     pub(crate) async fn the_account_index_follows_every_change<S: Maintenance>(
         store: &S,
         index: impl Fn(&S) -> Vec<(Option<OffsetDateTime>, KeyId)>,

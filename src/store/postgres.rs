@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,8 +20,8 @@ use uuid::Uuid;
 
 use super::cache::{CacheOptions, KeyCache};
 use super::{
-    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, RateCounts, Roll, StoreError,
-    StoredCredits,
+    AccountListing, AccountQuery, AccountSummary, BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance,
+    OpenError, RateCounts, Roll, StoreError, StoredCredits,
 };
 use crate::audit::{AuditEvent, AuditQuery, Entry, EventId, StoredEvent};
 use crate::clock::unix_micros;
@@ -136,6 +136,9 @@ pub struct PostgresStore {
     sql: Statements,
     /// The verified-key cache, if the options asked for one; its listener holds it weakly.
     cache: Option<Arc<KeyCache>>,
+    /// Whether `account`'s collation sorts ids as bytes, so that its index gives pages of
+    /// accounts in their order; asked of the database at the first listing.
+    accounts_sort_as_bytes: OnceLock<bool>,
 }
 
 /// The statements, with the schema filled in.
@@ -179,6 +182,9 @@ struct Statements {
     purge_dead: String,
     expiring: String,
     note_expiry: String,
+    accounts_sort_as_bytes: String,
+    accounts_in_index_order: String,
+    accounts_sorted: String,
 }
 
 const COLUMNS: &str = "id, account, digest, prefix, name, created_at, expires_at, last_used_at, revoked_at, scopes, \
@@ -344,6 +350,18 @@ impl Statements {
                  AND NOT EXISTS (SELECT 1 FROM {schema}.expiry_notices AS n WHERE n.key_id = {keys}.id) \
                  ORDER BY expires_at, id LIMIT $3"
             ),
+            // Every string of one or two printable ASCII characters (chr(31) stands for none),
+            // sorted by the column's collation and by bytes: the same order for these means the
+            // same order for every id, which is printable ASCII (a collation that differs from
+            // bytes at all, as the linguistic ones do, already does on case or punctuation).
+            accounts_sort_as_bytes: format!(
+                "SELECT array_agg(c COLLATE \"C\" ORDER BY c) = array_agg(c COLLATE \"C\" ORDER BY c COLLATE \"C\") \
+                 FROM (SELECT account FROM {keys} WHERE false UNION ALL \
+                       SELECT chr(a) || coalesce(chr(nullif(b, 31)), '') \
+                       FROM generate_series(32, 126) AS a, generate_series(31, 126) AS b) AS probe (c)"
+            ),
+            accounts_in_index_order: list_accounts(&keys, "account"),
+            accounts_sorted: list_accounts(&keys, "account COLLATE \"C\""),
             // The key is locked, so that a revocation or roll under way is waited for and its
             // outcome checked: no notice for a key that has just been revoked or rolled.
             note_expiry: format!(
@@ -353,6 +371,17 @@ impl Statements {
             ),
         }
     }
+}
+
+/// A page of `list_accounts`, comparing, grouping and ordering ids as `account` (the column
+/// itself, or under another collation): accounts after $2 (`''` for the first page, as no id is
+/// empty) with keys active at $1, whose id holds $3 (`strpos` is 1 for an empty $3), at most $4.
+/// With the column itself, `api_keys_live_by_account` gives the rows in their order.
+fn list_accounts(keys: &str, account: &str) -> String {
+    format!(
+        "SELECT {account}, count(*) FROM {keys} WHERE revoked_at IS NULL AND coalesce(expires_at, 'infinity') > $1 \
+         AND {account} > $2 AND strpos({account}, $3) > 0 GROUP BY {account} ORDER BY {account} LIMIT $4"
+    )
 }
 
 /// Version 1: the keys, the account rows that serialise creates, and the index of unrevoked keys.
@@ -709,7 +738,8 @@ impl PostgresStore {
         cache: Option<Arc<KeyCache>>,
     ) -> Result<Self, OpenError> {
         let sql = Statements::new(&options.schema);
-        let store = Self { pool, location, call_timeout: options.call_timeout, sql, cache };
+        let (call_timeout, accounts_sort_as_bytes) = (options.call_timeout, OnceLock::new());
+        let store = Self { pool, location, call_timeout, sql, cache, accounts_sort_as_bytes };
         store.migrate(&options.schema).await?;
         if store.cache.is_some() {
             store.announce_changes(&options.schema).await?;
@@ -1796,6 +1826,46 @@ impl KeyStore for PostgresStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl AccountListing for PostgresStore {
+    /// Through `api_keys_live_by_account` in its order where the column's collation sorts ids as
+    /// bytes (`C`, or glibc's `C.UTF-8`: the first listing asks). Under any other, such as
+    /// `en_US.UTF-8`, the index cannot give byte order, and each page sorts every account with
+    /// active keys after `after`: create the database with `LC_COLLATE` `C` for large stores.
+    async fn list_accounts(
+        &self,
+        query: &AccountQuery,
+        now: OffsetDateTime,
+    ) -> Result<Vec<AccountSummary>, StoreError> {
+        // PostgreSQL's text cannot hold NUL, and no account id does either.
+        if query.search.contains('\0') {
+            return Ok(Vec::new());
+        }
+        let after = query.after.as_ref().map_or("", AccountId::as_str);
+        self.call("list_accounts", async |client| {
+            let as_bytes = match self.accounts_sort_as_bytes.get() {
+                Some(as_bytes) => *as_bytes,
+                None => {
+                    let statement = client.prepare_cached(&self.sql.accounts_sort_as_bytes).await?;
+                    let as_bytes = client.query_one(&statement, &[]).await?.try_get(0)?;
+                    *self.accounts_sort_as_bytes.get_or_init(|| as_bytes)
+                }
+            };
+            let sql = if as_bytes { &self.sql.accounts_in_index_order } else { &self.sql.accounts_sorted };
+            let statement = client.prepare_cached(sql).await?;
+            let rows = client.query(&statement, &[&now, &after, &query.search, &i64::from(query.limit)]).await?;
+            rows.iter().map(account_summary_from_row).collect()
+        })
+        .await
+    }
+}
+
+/// An account of a page of [`list_accounts`].
+fn account_summary_from_row(row: &Row) -> Result<AccountSummary, Failure> {
+    let account = AccountId::new(row.try_get::<_, &str>(0)?).map_err(|error| corrupt("account", error))?;
+    Ok(AccountSummary { account, active_keys: row.try_get::<_, i64>(1)?.unsigned_abs() })
 }
 
 impl fmt::Debug for PostgresStore {

@@ -15,7 +15,9 @@
 //! The expression is a future of anything that dereferences to a store, so a fixture can keep a
 //! temporary directory alive next to the store. A store that also implements the optional
 //! [`Maintenance`] capability runs its checks (import, purge) with
-//! [`maintenance_tests!`](crate::maintenance_tests), which takes the same expression.
+//! [`maintenance_tests!`](crate::maintenance_tests), which takes the same expression, and one that
+//! implements [`AccountListing`] runs its checks with
+//! [`account_listing_tests!`](crate::account_listing_tests).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::collections::BTreeSet;
@@ -31,7 +33,9 @@ use crate::id::{AccountId, KeyId, OwnerId};
 use crate::name::KeyName;
 use crate::owner::{OwnerLimits, OwnerUpdate};
 use crate::scope::Scopes;
-use crate::store::{Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError};
+use crate::store::{
+    AccountListing, AccountQuery, AccountSummary, Change, KeyRecord, KeyStore, Maintenance, Roll, StoreError,
+};
 use crate::token::KeyPrefix;
 use crate::usage::{Balance, Credits, MAX_CREDITS, Meta, RateLimit, RateLimits, Refill, RefillInterval};
 use crate::webhook::{Claim, Delivery, EndpointName, Outcome};
@@ -1325,6 +1329,173 @@ pub async fn import_stores_all_or_nothing(store: &dyn Maintenance) {
     let refused = store.import(vec![twice.clone(), twice.clone()]).await;
     assert!(matches!(refused, Err(StoreError::Duplicate)), "a record repeated within the import: {refused:?}");
     assert!(!store.is_empty().await.unwrap());
+}
+
+// The checks of the optional `AccountListing` capability, run by `account_listing_tests!`. Each
+// check's accounts hold a marker of its own, which it searches for: other checks' accounts, in a
+// store the checks share, never show in its pages.
+
+/// A text no other check's accounts hold.
+fn marker() -> String {
+    KeyId::generate().to_string()
+}
+
+/// `keys` keys of a new account named `id`, created at [`T0`] and never expiring.
+async fn account_with_keys(store: &dyn KeyStore, id: String, keys: u64) -> AccountSummary {
+    let account = AccountId::new(id).unwrap();
+    for _ in 0..keys {
+        insert(store, &record(&account, T0)).await;
+    }
+    AccountSummary { account, active_keys: keys }
+}
+
+/// The order pages list accounts in.
+fn in_byte_order(summaries: &mut [AccountSummary]) {
+    summaries.sort_by(|a, b| a.account.as_str().as_bytes().cmp(b.account.as_str().as_bytes()));
+}
+
+async fn accounts(
+    store: &dyn AccountListing,
+    after: Option<&AccountId>,
+    search: &str,
+    limit: u32,
+    now: OffsetDateTime,
+) -> Vec<AccountSummary> {
+    let query = AccountQuery { after: after.cloned(), search: search.to_owned(), limit };
+    store.list_accounts(&query, now).await.expect("list_accounts")
+}
+
+pub async fn list_accounts_pages_in_byte_order_with_no_repeats_or_gaps(store: &dyn AccountListing) {
+    let (mine, other) = (marker(), marker());
+    // Case and punctuation first, where byte order and any language's order part ways; another
+    // marker's accounts in between, which a page must pass over and not count towards its limit.
+    let starts = ["", " ", "-", "A", "B", "_", "a", "a!", "aB", "b", "~"];
+    let mut expected = Vec::new();
+    for (i, start) in starts.iter().enumerate() {
+        expected.push(account_with_keys(store, format!("{start}{mine}"), i as u64 % 3 + 1).await);
+        account_with_keys(store, format!("{start}{other}"), 1).await;
+    }
+    in_byte_order(&mut expected);
+    // Each page is the next three, so the pages end, with every account once.
+    let (mut listed, mut after) = (0, None);
+    loop {
+        let page = accounts(store, after.as_ref(), &mine, 3, T0).await;
+        let next = &expected[listed..expected.len().min(listed + 3)];
+        assert_eq!(page, next, "after {after:?}: the next accounts in byte order, each with its active keys");
+        let Some(last) = page.last() else { break };
+        (listed, after) = (listed + page.len(), Some(last.account.clone()));
+    }
+    assert_eq!(accounts(store, None, &mine, 100, T0).await, expected, "one page holds them all");
+
+    let unheld = AccountId::new(format!("a {mine}")).unwrap();
+    let from = expected.iter().position(|summary| summary.account.as_str() == format!("a!{mine}")).unwrap();
+    assert_eq!(accounts(store, Some(&unheld), &mine, 3, T0).await, expected[from..from + 3], "after an id not held");
+    let past = AccountId::new(format!("~~{mine}")).unwrap();
+    assert!(accounts(store, Some(&past), &mine, 3, T0).await.is_empty(), "after every one of them");
+}
+
+pub async fn list_accounts_counts_only_active_keys_and_skips_accounts_with_none(store: &dyn AccountListing) {
+    let marker = marker();
+    let now = T0 + Duration::hours(1);
+    let named = |label: &str| AccountId::new(format!("{label} {marker}")).unwrap();
+    let expiring = |account: &AccountId, expires_at: Option<OffsetDateTime>| {
+        let mut key = record(account, T0);
+        key.expires_at = expires_at;
+        key
+    };
+    let (soon, later) = (Some(now - Duration::minutes(1)), Some(now + Duration::microseconds(1)));
+    // Two keys of each account: when each expires, and whether it is revoked.
+    let accounts_keys = [
+        ("half revoked", [(None, false), (None, true)]),
+        ("all revoked", [(None, true), (later, true)]),
+        ("all expired", [(soon, false), (soon, false)]),
+        ("ends now", [(Some(now), false), (Some(now), false)]),
+        ("ends after now", [(Some(now), false), (later, false)]),
+        ("all active", [(None, false), (later, false)]),
+    ];
+    for (label, keys) in accounts_keys {
+        for (expires_at, revoked) in keys {
+            let key = expiring(&named(label), expires_at);
+            insert(store, &key).await;
+            if revoked {
+                assert!(revoke_at(store, &key.account, &key.id, T0 + Duration::seconds(1)).await.unwrap());
+            }
+        }
+    }
+    let summary = |label: &str, active_keys| AccountSummary { account: named(label), active_keys };
+    let mut expected = vec![summary("half revoked", 1), summary("ends after now", 1), summary("all active", 2)];
+    in_byte_order(&mut expected);
+    assert_eq!(
+        accounts(store, None, &marker, 100, now).await,
+        expected,
+        "revoked keys, keys expired before now and keys that expire at now exactly are not active"
+    );
+    let mut before = vec![
+        summary("half revoked", 1),
+        summary("all expired", 2),
+        summary("ends now", 2),
+        summary("ends after now", 2),
+        summary("all active", 2),
+    ];
+    in_byte_order(&mut before);
+    let earlier = accounts(store, None, &marker, 100, T0 + Duration::seconds(2)).await;
+    assert_eq!(earlier, before, "keys are active until they expire, and revoked ones are not");
+}
+
+pub async fn list_accounts_search_is_a_case_sensitive_substring(store: &dyn AccountListing) {
+    let marker = marker();
+    let upper = marker.to_uppercase();
+    let mut held = Vec::new();
+    for id in [
+        format!("x{marker}a"),
+        format!("x{marker}a!"),
+        format!("x{marker}aB"),
+        format!("x{marker}A"),
+        format!("x{marker}b"),
+        format!("x{upper}a"),
+    ] {
+        held.push(account_with_keys(store, id, 1).await);
+    }
+    let search = |search: String, limit| async move { accounts(store, None, &search, limit, T0).await };
+    assert_eq!(search(format!("{marker}a"), 10).await, held[..3], "the text anywhere in the id, as it is");
+    assert_eq!(search(format!("{marker}a"), 2).await, held[..2], "the limit counts matches only");
+    assert_eq!(search(upper.clone(), 10).await, held[5..], "case matters");
+    assert!(search(format!("{marker}~"), 10).await.is_empty(), "no id holds it");
+    for unheld in [format!("{marker}\0"), format!("{marker}é"), "\u{7f}".to_owned()] {
+        assert!(search(unheld, 10).await.is_empty(), "no id holds a character that is not printable ASCII");
+    }
+    // The ids that sort right after `x{marker}` start with it, and only ours do: with no search,
+    // the page after it is ours.
+    let start = AccountId::new(format!("x{marker}")).unwrap();
+    let mut ours = held[..5].to_vec();
+    in_byte_order(&mut ours);
+    assert_eq!(accounts(store, Some(&start), "", 5, T0).await, ours, "an empty search matches every id");
+}
+
+pub async fn list_accounts_with_a_limit_of_zero_returns_nothing(store: &dyn AccountListing) {
+    let marker = marker();
+    account_with_keys(store, format!("zero {marker}"), 2).await;
+    assert_eq!(accounts(store, None, &marker, 1, T0).await.len(), 1);
+    assert!(accounts(store, None, &marker, 0, T0).await.is_empty());
+    assert!(accounts(store, None, "", 0, T0).await.is_empty());
+}
+
+/// Runs every check of the [`AccountListing`] capability against a store made by an async
+/// expression, one `#[tokio::test]` per check, as [`conformance_tests!`](crate::conformance_tests)
+/// does for [`KeyStore`].
+#[macro_export]
+macro_rules! account_listing_tests {
+    (optional $make_store:expr) => {
+        $crate::conformance_tests!(@each $crate::AccountListing; $make_store;
+            list_accounts_pages_in_byte_order_with_no_repeats_or_gaps,
+            list_accounts_counts_only_active_keys_and_skips_accounts_with_none,
+            list_accounts_search_is_a_case_sensitive_substring,
+            list_accounts_with_a_limit_of_zero_returns_nothing,
+        );
+    };
+    ($make_store:expr) => {
+        $crate::account_listing_tests!(optional async { ::core::option::Option::Some($make_store.await) });
+    };
 }
 
 /// Runs every check of the [`Maintenance`] capability against a store made by an async

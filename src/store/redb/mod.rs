@@ -16,7 +16,8 @@ use super::writer::{self, LocatedUse, Writer};
 
 mod record;
 use super::{
-    BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance, OpenError, Roll, StoreError, StoredCredits,
+    AccountListing, AccountQuery, AccountSummary, BackendError, BoxError, Change, KeyRecord, KeyStore, Maintenance,
+    OpenError, Roll, StoreError, StoredCredits,
 };
 use crate::audit::{AuditEvent, AuditQuery, Entry, EventId, StoredEvent};
 use crate::clock::{from_unix_micros, unix_micros};
@@ -611,6 +612,64 @@ impl Maintenance for RedbStore {
         writer::purge_in_pieces(|after| self.write("purge", move |transaction| purge_piece(transaction, before, after)))
             .await
     }
+}
+
+#[async_trait]
+impl AccountListing for RedbStore {
+    async fn list_accounts(
+        &self,
+        query: &AccountQuery,
+        now: OffsetDateTime,
+    ) -> Result<Vec<AccountSummary>, StoreError> {
+        self.read("list_accounts", |transaction| accounts_in(transaction, query, unix_micros(now)))
+    }
+}
+
+/// A page of `list_accounts` from `BY_ACCOUNT`, whose runs of entries are the accounts with keys
+/// not revoked, in byte order: each run's entries that end after `now` are its active keys.
+/// Counted from the index alone, which every change keeps exact, so a page reads about as many
+/// entries as its accounts hold and no record.
+fn accounts_in(
+    transaction: &redb::ReadTransaction,
+    query: &AccountQuery,
+    now: i64,
+) -> Result<Vec<AccountSummary>, BoxError> {
+    let limit = query.limit as usize;
+    let mut page = Vec::new();
+    if limit == 0 {
+        return Ok(page);
+    }
+    let by_account = transaction.open_table(BY_ACCOUNT)?;
+    // The last key an account can have: everything past it belongs to later accounts.
+    let start =
+        query.after.as_ref().map_or(Bound::Unbounded, |after| Bound::Excluded((after.as_str(), i64::MAX, &[0xff; 16])));
+    // The run being read: its account (a buffer reused from run to run) and its active keys.
+    let (mut run, mut active) = (String::new(), 0);
+    for entry in by_account.range::<(&str, i64, &[u8; 16])>((start, Bound::Unbounded))? {
+        let (key, _) = entry?;
+        let (account, ends, _) = key.value();
+        if account != run {
+            page.extend(summary(&run, active, query)?);
+            if page.len() == limit {
+                return Ok(page);
+            }
+            run.clear();
+            run.push_str(account);
+            active = 0;
+        }
+        active += u64::from(ends > now);
+    }
+    page.extend(summary(&run, active, query)?);
+    Ok(page)
+}
+
+/// The page's entry for a run of `active` active keys of `account`, if the query wants it.
+fn summary(account: &str, active: u64, query: &AccountQuery) -> Result<Option<AccountSummary>, BoxError> {
+    if active == 0 {
+        return Ok(None);
+    }
+    let account = AccountId::new(account).map_err(|_| "invalid account in the account index")?;
+    Ok(query.matches(&account).then_some(AccountSummary { account, active_keys: active }))
 }
 
 /// Deletes the [`writer::PURGE_PIECE`] oldest events dated before `before` (Unix µs), if there
