@@ -128,7 +128,12 @@ impl Actor {
 
     /// The administrator path's actor when the host names none.
     pub(crate) fn default_admin() -> Self {
-        Self { kind: ActorType::Admin, id: SmolStr::new_static("admin") }
+        Self::admin_static("admin")
+    }
+
+    /// An administrator of a label known to be valid.
+    pub(crate) fn admin_static(label: &'static str) -> Self {
+        Self { kind: ActorType::Admin, id: SmolStr::new_static(label) }
     }
 
     /// The type of actor.

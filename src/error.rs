@@ -103,10 +103,10 @@ pub enum ValidationError {
     /// A roll's grace period is longer than the service allows.
     #[error("invalid grace period: it must be between 0 and the service's maximum (7 days by default)")]
     GraceOutOfRange,
-    /// A service credential is shorter than 32 bytes or holds a character that is not visible
-    /// ASCII.
-    #[error("invalid service credential: it must be at least 32 visible ASCII characters of secret random data")]
-    ServiceCredential,
+    /// A credential (the service's or the administrator's) is shorter than 32 bytes or holds a
+    /// character that is not visible ASCII.
+    #[error("invalid credential: it must be at least 32 visible ASCII characters of secret random data")]
+    Credential,
     /// The environment variable that should hold the pepper is not set or not UTF-8.
     #[error("invalid pepper: the environment variable {0} is not set or not valid UTF-8")]
     PepperMissing(&'static str),

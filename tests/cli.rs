@@ -23,6 +23,8 @@ fn apikeys(dir: &Path) -> Command {
         "APIKEYS_NAMESPACE",
         "APIKEYS_SERVICE_TOKEN",
         "APIKEYS_SERVICE_TOKEN_FILE",
+        "APIKEYS_ADMIN_TOKEN",
+        "APIKEYS_ADMIN_TOKEN_FILE",
         "APIKEYS_WEBHOOK_URL",
         "APIKEYS_WEBHOOK_SECRET",
         "APIKEYS_WEBHOOKS",
@@ -286,6 +288,41 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[tokio::test]
+async fn serve_serves_the_dashboard_only_with_an_admin_credential_from_the_environment_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let off = serve(dir.path(), &[]);
+    for path in ["/dashboard", "/dashboard/sign-in", "/admin/accounts"] {
+        assert_eq!(client.get(off.url(path)).send().await.unwrap().status(), 404, "{path}");
+    }
+    let (_, log) = off.stop();
+    assert!(log.iter().any(|line| line.contains("the dashboard is off: set APIKEYS_ADMIN_TOKEN")), "{log:?}");
+
+    let short = apikeys(dir.path()).env("APIKEYS_ADMIN_TOKEN", "too-short").args(["serve"]).output().unwrap();
+    assert!(!short.status.success());
+    let error = String::from_utf8_lossy(&short.stderr);
+    assert!(error.contains("APIKEYS_ADMIN_TOKEN") && error.contains("at least 32"), "{error}");
+    assert!(!error.contains("too-short"), "the error does not repeat the secret: {error}");
+
+    let token = "admin-token-from-a-file-0123456789abcdef";
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let mut command = apikeys(dir.path());
+    command.env("APIKEYS_ADMIN_TOKEN_FILE", &file);
+    let (mut child, log) = start_serving_as(command, &[]);
+    let _stdout = child.stdout.take();
+    let on = Served { address: listening_address(&log), child, first_key: String::new(), log };
+    let accounts = client.get(on.url("/admin/accounts")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(accounts.status(), 200);
+    let accounts: Value = accounts.json().await.unwrap();
+    assert_eq!(accounts["data"], json!([{"accountId": "default", "activeKeys": 1}]));
+    assert_eq!(client.get(on.url("/dashboard/sign-in")).send().await.unwrap().status(), 200);
+    let (_, log) = on.stop();
+    assert!(log.iter().any(|line| line.contains("/dashboard: sign in with APIKEYS_ADMIN_TOKEN")), "{log:?}");
+    assert!(!log.iter().any(|line| line.contains(token)));
 }
 
 #[tokio::test]

@@ -73,7 +73,7 @@ fn start() -> Server {
     let mut options = ServeOptions::default();
     options.header_read_timeout = Duration::from_millis(300);
     options.body_read_timeout = Duration::from_millis(300);
-    let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
+    let credential = apikeys::http::Credential::new(SERVICE_TOKEN).unwrap();
     let mut parts = apikeys::http::AppOptions::default();
     parts.verification = Some(credential);
     let app = apikeys::http::app(service, parts);

@@ -101,7 +101,7 @@ impl Server {
                 require_scope,
             )))
             .with_state(HostState { keys: service.clone() });
-        let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
+        let credential = apikeys::http::Credential::new(SERVICE_TOKEN).unwrap();
         let app = apikeys::http::router(service.clone())
             .route("/openapi.json", get(apikeys::http::openapi))
             .merge(apikeys::http::verify_router(service.clone(), credential))
@@ -1145,8 +1145,8 @@ async fn without_a_service_credential_there_is_no_verify_endpoint() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert!(apikeys::http::ServiceCredential::new("too short").is_err());
-    let credential = apikeys::http::ServiceCredential::new(SERVICE_TOKEN).unwrap();
+    assert!(apikeys::http::Credential::new("too short").is_err());
+    let credential = apikeys::http::Credential::new(SERVICE_TOKEN).unwrap();
     assert!(!format!("{credential:?}").contains("service-credential"), "the credential is never printed");
 }
 

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apikeys::audit::{Actor, AuditPage};
-use apikeys::http::{AppOptions, GitHubKeys, LeakOptions, ServeOptions, ServiceCredential};
+use apikeys::http::{AppOptions, Credential, DashboardOptions, GitHubKeys, LeakOptions, ServeOptions};
 use apikeys::leak::{KeyState, ScanEvent, Scanner};
 use apikeys::webhook::{DeadDelivery, Endpoint, EndpointName, HttpTransport, WebhookOptions, WebhookSecret};
 use apikeys::{
-    AccountId, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService, KeyUpdate, Maintenance,
-    MemoryStore, Meta, NewKey, OwnerId, OwnerLimits, OwnerUpdate, Pepper, PostgresOptions, PostgresStore, RateLimit,
-    RateLimits, RedbStore, Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
+    AccountId, AccountListing, ApiKey, CreatedKey, Credits, Environment, KeyFormat, KeyId, KeyName, KeyService,
+    KeyUpdate, Maintenance, MemoryStore, Meta, NewKey, OwnerId, OwnerLimits, OwnerUpdate, Pepper, PostgresOptions,
+    PostgresStore, RateLimit, RateLimits, RedbStore, Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -29,6 +29,8 @@ use serde_json::json;
                   APIKEYS_PEPPER_FILE  a file holding the pepper\n  \
                   APIKEYS_SERVICE_TOKEN       `serve`: the credential of POST /keys/verify (32 bytes or more)\n  \
                   APIKEYS_SERVICE_TOKEN_FILE  a file holding it\n  \
+                  APIKEYS_ADMIN_TOKEN         `serve`: the administrator's credential, which signs in to /dashboard\n  \
+                  APIKEYS_ADMIN_TOKEN_FILE    a file holding it\n  \
                   APIKEYS_WEBHOOK_URL, APIKEYS_WEBHOOK_SECRET  a webhook endpoint, named \"default\"\n\
                   `verify` reads the key from standard input."
 )]
@@ -337,7 +339,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let code = match cli.command {
         Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
-            let app = limits.app_options(service_credential_from_environment()?)?;
+            let verification = credential_from_environment("APIKEYS_SERVICE_TOKEN")?;
+            let app = limits.app_options(verification, credential_from_environment("APIKEYS_ADMIN_TOKEN")?)?;
             let timing = (cli.store.webhook_poll, cli.store.webhook_timeout, cli.store.webhook_lease);
             serve(service.clone(), listen, first_key_for, limits.options(), app, timing, json).await?
         }
@@ -568,12 +571,18 @@ fn expiry_after(ttl: Duration) -> Result<time::OffsetDateTime, Failure> {
         .ok_or_else(|| Failure("--expires-in is too long: the expiry must be before the year 10000".into()))
 }
 
+/// What the tool needs of a store besides the key operations: upkeep, and the accounts the
+/// dashboard lists.
+trait ManagedStore: Maintenance + AccountListing {}
+
+impl<S: Maintenance + AccountListing + ?Sized> ManagedStore for S {}
+
 /// The service the tool runs: over whichever store was chosen, with its maintenance operations.
-type Service = KeyService<Arc<dyn Maintenance>>;
+type Service = KeyService<Arc<dyn ManagedStore>>;
 
 /// The service over the chosen store, and whether that store holds no key at all.
 async fn open_service(args: &StoreArgs) -> Result<(Service, bool), Failure> {
-    let store: Arc<dyn Maintenance> = match args.backend {
+    let store: Arc<dyn ManagedStore> = match args.backend {
         Backend::Sqlite => Arc::new(SqliteStore::open(args.file().unwrap_or_default())?),
         Backend::Redb => Arc::new(RedbStore::open(args.file().unwrap_or_default())?),
         Backend::Postgres => {
@@ -672,18 +681,20 @@ fn pepper_from_environment() -> Result<Option<Pepper>, Failure> {
     Ok(secret_file("APIKEYS_PEPPER_FILE")?.map(Pepper::new).transpose()?)
 }
 
-/// `APIKEYS_SERVICE_TOKEN`, or the contents of the file named by `APIKEYS_SERVICE_TOKEN_FILE`,
-/// or none: the credential of `POST /keys/verify`.
-fn service_credential_from_environment() -> Result<Option<ServiceCredential>, Failure> {
-    let secret = match std::env::var_os("APIKEYS_SERVICE_TOKEN") {
-        Some(secret) => secret.into_string().map_err(|_| ValidationError::ServiceCredential)?.into_bytes(),
-        None => match secret_file("APIKEYS_SERVICE_TOKEN_FILE")? {
+/// The credential in the environment variable `variable`, or in the file that `variable`_FILE
+/// names, or none: `APIKEYS_SERVICE_TOKEN` for `POST /keys/verify`, `APIKEYS_ADMIN_TOKEN` for
+/// the dashboard.
+fn credential_from_environment(variable: &str) -> Result<Option<Credential>, Failure> {
+    let secret = match std::env::var_os(variable) {
+        Some(secret) => secret.into_string().map_err(|_| ValidationError::Credential)?.into_bytes(),
+        None => match secret_file(&format!("{variable}_FILE"))? {
             Some(secret) => secret,
             None => return Ok(None),
         },
     };
-    let secret = std::str::from_utf8(&secret).map_err(|_| ValidationError::ServiceCredential)?;
-    Ok(Some(ServiceCredential::new(secret)?))
+    let secret = std::str::from_utf8(&secret).map_err(|_| ValidationError::Credential)?;
+    let credential = Credential::new(secret).map_err(|error| Failure(format!("{variable}: {error}")))?;
+    Ok(Some(credential))
 }
 
 /// The contents of the file named by the environment variable `variable`, without a trailing
@@ -725,7 +736,7 @@ struct ServeLimits {
 impl ServeLimits {
     /// What the app serves besides the key routes: `POST /keys/verify` with `verification`, and
     /// the leak endpoints.
-    fn app_options(&self, verification: Option<ServiceCredential>) -> Result<AppOptions, Failure> {
+    fn app_options(&self, verification: Option<Credential>, admin: Option<Credential>) -> Result<AppOptions, Failure> {
         let mut leaks = LeakOptions::default();
         leaks.reports_per_minute = self.leak_reports_per_minute;
         if let Some(file) = &self.github_keys {
@@ -738,6 +749,7 @@ impl ServeLimits {
         let mut options = AppOptions::default();
         options.verification = verification;
         options.leaks = Some(leaks);
+        options.dashboard = admin.map(DashboardOptions::new);
         Ok(options)
     }
 
@@ -793,11 +805,21 @@ async fn serve(
     let delivery = WebhookOptions::default().poll(poll).timeout(timeout).lease(lease);
     service.spawn_webhooks_with(Arc::new(HttpTransport::default()), delivery);
     tokio::spawn(purge_audit_hourly(service.clone()));
+    let dashboard = app.dashboard.is_some();
     let app = apikeys::http::app(service.clone(), app);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| Failure(format!("cannot listen on {listen}: {error}")))?;
-    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let address = listener.local_addr()?;
+    tracing::info!("listening on http://{address}");
+    if dashboard {
+        tracing::info!("the dashboard is at http://{address}/dashboard: sign in with APIKEYS_ADMIN_TOKEN");
+    } else {
+        tracing::info!(
+            "the dashboard is off: set APIKEYS_ADMIN_TOKEN (or APIKEYS_ADMIN_TOKEN_FILE) to a secret of 32 characters \
+             or more to serve it at /dashboard"
+        );
+    }
     apikeys::http::serve(listener, app, options, shutdown_requested()).await?;
     tracing::info!("shutting down: writing pending lastUsedAt");
     Ok(ExitCode::SUCCESS)

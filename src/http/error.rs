@@ -73,6 +73,11 @@ impl ApiError {
         self.code
     }
 
+    /// The human message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -204,6 +209,7 @@ impl From<ValidationError> for ApiError {
     fn from(invalid: ValidationError) -> Self {
         let code = match invalid {
             ValidationError::KeyId => "invalid_key_id",
+            ValidationError::AccountId => "invalid_account_id",
             ValidationError::Name => "invalid_name",
             ValidationError::ExpiryNotInFuture | ValidationError::ExpiryOutOfRange => "invalid_expires_at",
             ValidationError::Scope | ValidationError::TooManyScopes => "invalid_scopes",

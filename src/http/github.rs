@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::ApiError;
-use super::leaks::Throttle;
+use super::throttle::Throttle;
 use crate::error::ValidationError;
 use crate::leak::LeakReport;
 use crate::{KeyService, KeyStore};
@@ -160,7 +160,7 @@ async fn github_report<St: KeyStore>(
     }
     // Throttled once signed: a flood of unsigned requests, which never reaches the store, cannot
     // use up GitHub's share.
-    partner.throttle.admit()?;
+    partner.throttle.admit("Too many requests; try again later.")?;
     let matches: Vec<Match> = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
             "invalid_body",

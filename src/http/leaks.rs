@@ -2,20 +2,18 @@
 //! `POST /leaks/github`, GitHub's secret-scanning partner endpoint. Both revoke a reported key
 //! at once ([`KeyService::revoke_leaked`]), and both are throttled.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
-
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
 
 use super::body::{Sent, json_body};
+use super::throttle::Throttle;
 use super::{ApiError, BODY_LIMIT};
 use crate::leak::LeakReport;
 use crate::{KeyService, KeyStore};
@@ -99,7 +97,7 @@ async fn report_leak<St: KeyStore>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    reports.throttle.admit()?;
+    reports.throttle.admit("Too many reports; try again later.")?;
     let request = json_body::<ReportRequest>(&headers, body)?;
     let Some(Sent::Valid(key)) = request.key else {
         return Err(ApiError::bad_request("invalid_key", "Give the leaked key as a string: {\"key\": \"…\"}."));
@@ -114,37 +112,4 @@ async fn report_leak<St: KeyStore>(
     }
     reports.service.revoke_leaked(&key, &report).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "received": true }))).into_response())
-}
-
-/// A token bucket shared by every request of one endpoint: `per_minute` a minute, in bursts of
-/// at most that many.
-#[derive(Clone)]
-pub(super) struct Throttle {
-    per_minute: u32,
-    /// Tokens left, and when they were counted.
-    bucket: Arc<Mutex<(f64, Instant)>>,
-}
-
-impl Throttle {
-    pub(super) fn per_minute(per_minute: u32) -> Self {
-        Self { per_minute, bucket: Arc::new(Mutex::new((f64::from(per_minute), Instant::now()))) }
-    }
-
-    /// Takes a token, or answers 429 with when one will be there.
-    pub(super) fn admit(&self) -> Result<(), ApiError> {
-        let rate = f64::from(self.per_minute) / 60.0;
-        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        let (tokens, counted) = *bucket;
-        let tokens = (tokens + now.duration_since(counted).as_secs_f64() * rate).min(f64::from(self.per_minute));
-        if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
-            return Ok(());
-        }
-        *bucket = (tokens, now);
-        let wait = if rate > 0.0 { ((1.0 - tokens) / rate).ceil().min(3600.0) } else { 3600.0 };
-        let refused =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "Too many reports; try again later.");
-        Err(refused.with_header(header::RETRY_AFTER, HeaderValue::from(Duration::from_secs_f64(wait).as_secs().max(1))))
-    }
 }

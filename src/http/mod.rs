@@ -12,7 +12,7 @@
 //! | `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}` (each left out: unchanged; `null`: none) | 200, the owner's limits as they now are | 400, 401, 403 (`insufficient_scope`; `scope_escalation` for any caller but an unrestricted key: `*`, no expiry, no owner, credits or rate limits), 503 |
 //! | `GET /account/audit-log?limit=&cursor=` (limit 1 to 1,000, default 50) | 200 `{"data":[{"id","at","account","actor":{"type","id"},"action","keyId","requestId","detail"}],"nextCursor"}`, newest first | 400 (`invalid_query`, `invalid_cursor`), 401, 403 (`insufficient_scope`: needs `audit:read`), 503 |
 //! | `POST /account/api-keys/{id}/roll` `{"graceSeconds": 0 to 604800}` (body optional: 0) | 201, the created-key body plus `"previous":{"id","expiresAt"}` | 400 (`invalid_key_id`, `invalid_grace`), 401, 403, 404, 408, 409 (`cannot_expire_current_key`, `roll_conflict`), 422, 503 |
-//! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`ServiceCredential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` and `limitedBy` (`key` or `owner`) for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
+//! | `POST /keys/verify` `{"key", "cost", "ratelimits", "scopes"}` ([`verify_router`], behind `Authorization: Bearer` and a [`Credential`]) | 200 `{"valid","code","keyId","accountId","ownerId","scopes","meta","credits","ratelimits","expiresAt"}`, plus `retryAfterMs` and `limitedBy` (`key` or `owner`) for a use refused for its limits | 400, 401, 408, 413, 415, 503 |
 //! | [`openapi`], where the host mounts it | 200, the OpenAPI 3.1 document of the above | — |
 //!
 //! Every route that takes a key uses it as a request does: 1 credit, the key's `requests` limit.
@@ -58,14 +58,20 @@
 //! trace layer of the host that wraps the whole app sees requests first: put
 //! `tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer` with [`X_API_KEY`] outside it.
 
+#[cfg(feature = "dashboard")]
+mod admin;
 mod auth;
 mod body;
+mod credential;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod error;
 #[cfg(feature = "github")]
 mod github;
 mod leaks;
 mod request_id;
 mod server;
+mod throttle;
 mod verify;
 
 use std::time::Instant;
@@ -83,9 +89,14 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+#[cfg(feature = "dashboard")]
+pub use admin::admin_router;
 use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
+pub use credential::Credential;
+#[cfg(feature = "dashboard")]
+pub use dashboard::{DashboardOptions, dashboard_router};
 pub use error::ApiError;
 #[cfg(feature = "github")]
 pub use github::{GITHUB_BODY_LIMIT, GitHubKeys, KEY_IDENTIFIER_HEADER, MAX_TOKENS, SIGNATURE_HEADER};
@@ -93,10 +104,11 @@ pub use leaks::{LeakOptions, leaks_router};
 use request_id::InRequest;
 pub use request_id::{X_REQUEST_ID, request_ids};
 pub use server::{ServeOptions, serve};
-pub use verify::{ServiceCredential, verify_router};
+pub use verify::verify_router;
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};
+use crate::store::AccountListing;
 use crate::{Credits, KeyName, KeyService, KeyStore, Meta, OwnerId, OwnerLimits, RateLimits, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
@@ -130,9 +142,13 @@ pub fn router<St: KeyStore, S: Clone + Send + Sync + 'static>(service: KeyServic
 pub struct AppOptions {
     /// The credential of `POST /keys/verify`; without one, that path is a 404 like any unknown
     /// path.
-    pub verification: Option<ServiceCredential>,
+    pub verification: Option<Credential>,
     /// How the leak endpoints are served; without these, they are not.
     pub leaks: Option<LeakOptions>,
+    /// How the dashboard is served; without this (no administrator's credential), `/dashboard`
+    /// is a 404 like any unknown path.
+    #[cfg(feature = "dashboard")]
+    pub dashboard: Option<DashboardOptions>,
 }
 
 /// The whole application `apikeys serve` runs: [`router`], `POST /keys/verify`
@@ -141,7 +157,7 @@ pub struct AppOptions {
 /// ([`log_requests`]), and `x-api-key` and `Authorization` marked sensitive for every layer
 /// around it. For a service whose only routes are the key routes; a host with routes of its own
 /// merges [`router`] into its app instead.
-pub fn app<St: KeyStore>(service: KeyService<St>, options: AppOptions) -> Router {
+pub fn app<St: AccountListing>(service: KeyService<St>, options: AppOptions) -> Router {
     let verify = match options.verification {
         Some(credential) => verify_router(service.verifier(), credential),
         None => Router::new(),
@@ -149,6 +165,13 @@ pub fn app<St: KeyStore>(service: KeyService<St>, options: AppOptions) -> Router
     let leaks = match options.leaks {
         Some(leaks) => leaks_router(service.clone(), leaks),
         None => Router::new(),
+    };
+    #[cfg(feature = "dashboard")]
+    let leaks = match options.dashboard {
+        Some(dashboard) => leaks
+            .merge(admin_router(service.clone(), dashboard.admin.clone()))
+            .merge(dashboard_router(service.clone(), dashboard)),
+        None => leaks,
     };
     router(service)
         .merge(verify)
@@ -398,8 +421,18 @@ async fn audit_log<St: KeyStore>(
     query: Result<Query<AuditQueryString>, QueryRejection>,
 ) -> Result<Json<AuditBody>, ApiError> {
     caller.require(Scopes::AUDIT_READ)?;
+    let (limit, after) = audit_page::<St>(query)?;
+    let page = service.audit_log_as(&caller, limit, after).await?;
+    let data = page.events.iter().map(crate::audit::AuditEvent::to_json).collect();
+    Ok(Json(AuditBody { data, next_cursor: page.next.map(|next| next.to_string()) }))
+}
+
+/// The page an audit-log query string asks for: how many events, after which.
+fn audit_page<St: KeyStore>(
+    query: Result<Query<AuditQueryString>, QueryRejection>,
+) -> Result<(u32, Option<crate::audit::AuditCursor>), ApiError> {
+    let max = KeyService::<St>::MAX_AUDIT_PAGE;
     let invalid = || {
-        let max = KeyService::<St>::MAX_AUDIT_PAGE;
         ApiError::bad_request(
             "invalid_query",
             format!("The query string may hold limit (1 to {max}) and cursor, each once."),
@@ -407,13 +440,10 @@ async fn audit_log<St: KeyStore>(
     };
     let Query(query) = query.map_err(|_| invalid())?;
     let limit = query.limit.unwrap_or(AUDIT_PAGE);
-    if !(1..=KeyService::<St>::MAX_AUDIT_PAGE).contains(&limit) {
+    if !(1..=max).contains(&limit) {
         return Err(invalid());
     }
-    let after = query.cursor.map(|cursor| cursor.parse()).transpose()?;
-    let page = service.audit_log_as(&caller, limit, after).await?;
-    let data = page.events.iter().map(crate::audit::AuditEvent::to_json).collect();
-    Ok(Json(AuditBody { data, next_cursor: page.next.map(|next| next.to_string()) }))
+    Ok((limit, query.cursor.map(|cursor| cursor.parse()).transpose()?))
 }
 
 /// The owner id in the path.

@@ -5,54 +5,20 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use smol_str::SmolStr;
-use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use super::body::{Sent, json_body, whole_number};
-use super::{ApiError, BODY_LIMIT};
+use super::{ApiError, BODY_LIMIT, Credential};
 use crate::key::AuthenticatedKey;
 use crate::meter::UsageReport;
 use crate::rejection::Rejection;
 use crate::{AccountId, KeyId, Meta, OwnerId, RateLimits, Scopes, Usage, ValidationError, Verifier};
-
-/// The credential that callers of `POST /keys/verify` present as `Authorization: Bearer …`.
-/// Only its SHA-256 digest is kept, and a presented one is compared in constant time.
-#[derive(Clone)]
-pub struct ServiceCredential([u8; 32]);
-
-impl ServiceCredential {
-    /// The shortest credential accepted, in bytes: as much entropy as a key's.
-    pub const MIN_LEN: usize = 32;
-
-    /// A credential of at least [`MIN_LEN`](Self::MIN_LEN) visible ASCII characters, as a header
-    /// carries it.
-    pub fn new(secret: &str) -> Result<Self, ValidationError> {
-        let visible = secret.bytes().all(|byte| byte.is_ascii_graphic());
-        if secret.len() < Self::MIN_LEN || !visible {
-            return Err(ValidationError::ServiceCredential);
-        }
-        Ok(Self(Sha256::digest(secret.as_bytes()).into()))
-    }
-
-    /// Whether `presented` is the credential.
-    fn admits(&self, presented: &str) -> bool {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        bool::from(digest.ct_eq(&self.0))
-    }
-}
-
-impl std::fmt::Debug for ServiceCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServiceCredential([REDACTED])")
-    }
-}
 
 /// `POST /keys/verify` over `keys` (a [`KeyService`](crate::KeyService) over any store, or its
 /// [`Verifier`]), for callers holding `credential`. Merge it into the app that should serve it.
@@ -65,10 +31,7 @@ impl std::fmt::Debug for ServiceCredential {
 /// valid key its id, account, owner, scopes, meta, credits, rate limits and expiry; a refused
 /// use adds `retryAfterMs` when a retry can succeed. 401 without the credential, 400 for a bad
 /// body, 503 when the store cannot answer.
-pub fn verify_router<S: Clone + Send + Sync + 'static>(
-    keys: impl Into<Verifier>,
-    credential: ServiceCredential,
-) -> Router<S> {
+pub fn verify_router<S: Clone + Send + Sync + 'static>(keys: impl Into<Verifier>, credential: Credential) -> Router<S> {
     Router::new()
         .route("/keys/verify", post(verify_key))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -79,7 +42,7 @@ pub fn verify_router<S: Clone + Send + Sync + 'static>(
 #[derive(Clone)]
 struct Endpoint {
     verifier: Verifier,
-    credential: ServiceCredential,
+    credential: Credential,
 }
 
 /// The body: every field but `key` optional or null. No `Debug`: it holds a token.
@@ -126,12 +89,7 @@ impl VerifyRequest {
 
 async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Result<Response, ApiError> {
     // The credential first: a caller without it gets nothing read, not even its body.
-    let presented = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    if !presented.and_then(bearer).is_some_and(|bearer| endpoint.credential.admits(bearer)) {
-        let message = "The service credential is required: Authorization: Bearer <credential>.";
-        let refused = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-        return Err(refused.with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
-    }
+    endpoint.credential.require(request.headers(), "The service credential")?;
     let (parts, body) = request.into_parts();
     let body = Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), &()).await;
     let headers = parts.headers;
@@ -154,13 +112,6 @@ async fn verify_key(State(endpoint): State<Endpoint>, request: Request) -> Resul
 
 fn as_str<S: serde::Serializer>(text: &SmolStr, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(text)
-}
-
-/// The credentials of an `Authorization` value of the Bearer scheme, whose name is
-/// case-insensitive.
-fn bearer(authorization: &str) -> Option<&str> {
-    let (scheme, credentials) = authorization.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
 }
 
 /// The answer: `valid`, the outcome's code, and what is known of the key.

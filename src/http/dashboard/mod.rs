@@ -1,0 +1,683 @@
+//! The operators' dashboard at `/dashboard` (feature `dashboard`): accounts, their keys, and
+//! their audit trails, in a browser, for whoever holds the administrator's [`Credential`].
+//!
+//! Server-rendered pages that work without scripts; one small script (copy, confirm, filter as
+//! one types) and one stylesheet, compiled into the binary. Signing in with the credential
+//! starts a session: an opaque id in an HttpOnly, SameSite=Strict cookie (Secure behind TLS)
+//! that expires, its state in process memory. Every change is a POST that carries the session's
+//! CSRF token and comes from the dashboard's own origin. Every page is sent with a strict
+//! Content-Security-Policy (no inline script or style) and `Cache-Control: no-store`; no secret is
+//! ever put in a URL. Sign-in attempts are throttled, from everyone together.
+
+// An early answer is a whole response, made at most once a request: boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
+
+mod pages;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use askama::Template;
+use axum::Router;
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Form, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::throttle::Throttle;
+use super::{ApiError, BODY_LIMIT, Credential};
+use crate::audit::{Actor, AuditCursor};
+use crate::id::{AccountId, KeyId, OwnerId};
+use crate::key::{ApiKey, NewKey};
+use crate::store::{AccountListing, AccountQuery};
+use crate::usage::{Credits, RateLimit, RateLimits, Refill, RefillInterval};
+use crate::{Error, KeyName, KeyService, Scopes};
+use pages::{
+    AccountPage, AccountRow, AccountsPage, ConfirmPage, CreateForm, CreatedView, EventRow, KeyRow, MessagePage,
+    SignInPage, SortBy,
+};
+use session::{Flash, Sessions, Signed};
+
+/// How the dashboard is served. Build with [`DashboardOptions::new`] and set what differs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DashboardOptions {
+    /// The administrator's credential: what signs in.
+    pub admin: Credential,
+    /// How long a session lasts from sign-in; 8 hours by default.
+    pub session_lifetime: Duration,
+    /// Whether the session cookie is `Secure`. `None`, the default: when the request came over
+    /// TLS as a proxy in front says (`X-Forwarded-Proto: https`).
+    pub secure_cookie: Option<bool>,
+    /// How many sign-in attempts the dashboard takes a minute, from everyone together; more are
+    /// refused until the minute has passed. 10 by default.
+    pub sign_ins_per_minute: u32,
+}
+
+impl DashboardOptions {
+    /// The defaults, signing in with `admin`.
+    pub fn new(admin: Credential) -> Self {
+        Self { admin, session_lifetime: Duration::from_secs(8 * 60 * 60), secure_cookie: None, sign_ins_per_minute: 10 }
+    }
+}
+
+/// The keys an accounts page lists.
+const ACCOUNTS_PAGE: u32 = 50;
+
+/// The events an account page shows at once.
+const EVENTS_PAGE: u32 = 20;
+
+/// The dashboard over `service`, at `/dashboard`, for the holder of `options.admin`. Merge it
+/// into the app that should serve it. Its changes are the administrator's, recorded as by
+/// `admin:dashboard`.
+pub fn dashboard_router<St: AccountListing, S: Clone + Send + Sync + 'static>(
+    service: KeyService<St>,
+    options: DashboardOptions,
+) -> Router<S> {
+    let dashboard = Dashboard {
+        service: service.acting_as(Actor::admin_static("dashboard")),
+        sessions: Arc::new(Sessions::new(options.session_lifetime)),
+        admin: options.admin,
+        throttle: Throttle::per_minute(options.sign_ins_per_minute),
+        secure_cookie: options.secure_cookie,
+    };
+    Router::new()
+        .route("/dashboard", get(home::<St>))
+        .route("/dashboard/sign-in", get(sign_in_page::<St>).post(sign_in::<St>))
+        .route("/dashboard/sign-out", post(sign_out::<St>))
+        .route("/dashboard/accounts", get(accounts::<St>))
+        .route("/dashboard/accounts/{account}", get(account::<St>))
+        .route("/dashboard/accounts/{account}/keys", post(create_key::<St>))
+        .route("/dashboard/accounts/{account}/keys/{id}/revoke", post(revoke_key::<St>))
+        .route("/dashboard/accounts/{account}/keys/{id}/roll", post(roll_key::<St>))
+        .route("/dashboard/assets/{file}", get(asset))
+        .layer(axum::middleware::from_fn(protect))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(dashboard)
+}
+
+struct Dashboard<St: AccountListing> {
+    service: KeyService<St>,
+    sessions: Arc<Sessions>,
+    admin: Credential,
+    throttle: Throttle,
+    secure_cookie: Option<bool>,
+}
+
+impl<St: AccountListing> Clone for Dashboard<St> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            sessions: self.sessions.clone(),
+            admin: self.admin.clone(),
+            throttle: self.throttle.clone(),
+            secure_cookie: self.secure_cookie,
+        }
+    }
+}
+
+/// A response that ends a handler early: a redirect to sign in, or a page saying what went wrong.
+type Page = Result<Response, Response>;
+
+impl<St: AccountListing> Dashboard<St> {
+    /// The request's session, or a redirect to sign in.
+    fn signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
+        self.sessions.of(headers).ok_or_else(|| Redirect::to("/dashboard/sign-in").into_response())
+    }
+
+    /// The session of a change: signed in, from the dashboard's own origin, with the session's
+    /// CSRF token. Anything else changes nothing.
+    fn change(&self, headers: &HeaderMap, csrf: &str) -> Result<Signed, Response> {
+        let signed = self.signed(headers)?;
+        if !same_origin(headers) || !signed.admits(csrf) {
+            return Err(message(
+                StatusCode::FORBIDDEN,
+                &signed.csrf,
+                "Nothing was changed",
+                "This form did not come from this dashboard, or it has expired. Reload the page and try again.",
+                "/dashboard/accounts",
+            ));
+        }
+        Ok(signed)
+    }
+
+    fn secure(&self, headers: &HeaderMap) -> bool {
+        self.secure_cookie.unwrap_or_else(|| {
+            let proto = headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok());
+            proto.is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
+        })
+    }
+}
+
+/// Whether the request came from the dashboard's own pages, by what browsers say of every
+/// request they send: a cross-site form cannot post here even with a stolen token.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|site| site != "same-origin" && site != "none") {
+        return false;
+    }
+    match (text("origin"), text("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, authority)| authority == host),
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
+}
+
+/// Every response of the dashboard: no caching of pages, no framing, no inline script, and
+/// nothing loaded from anywhere else.
+async fn protect(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
+}
+
+/// A rendered page with this status.
+fn render(status: StatusCode, page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => {
+            let html_type = HeaderValue::from_static("text/html; charset=utf-8");
+            (status, [(header::CONTENT_TYPE, html_type)], html).into_response()
+        }
+        Err(error) => {
+            tracing::error!(error = &error as &dyn std::error::Error, "a dashboard page failed to render");
+            (StatusCode::INTERNAL_SERVER_ERROR, "The page could not be rendered.").into_response()
+        }
+    }
+}
+
+/// A page that says one thing, with a link back.
+fn message(status: StatusCode, csrf: &str, title: &'static str, text: &str, back: &str) -> Response {
+    let back_label =
+        if back.starts_with("/dashboard/accounts/") { "Back to the account" } else { "Back to the accounts" };
+    let page =
+        MessagePage { csrf: csrf.to_owned(), title, message: text.to_owned(), back: back.to_owned(), back_label };
+    render(status, &page)
+}
+
+/// The page of a failed call: the status and message the JSON API would answer with.
+fn failure(error: impl Into<ApiError>, signed: &Signed, back: &str) -> Response {
+    let error = error.into();
+    let title = match error.status() {
+        StatusCode::NOT_FOUND => "Not found",
+        StatusCode::SERVICE_UNAVAILABLE => "The key store is unavailable",
+        status if status.is_client_error() => "Nothing was changed",
+        _ => "Something went wrong",
+    };
+    message(error.status(), &signed.csrf, title, error.message(), back)
+}
+
+async fn home<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
+    match dashboard.sessions.of(&headers) {
+        Some(_) => Redirect::to("/dashboard/accounts").into_response(),
+        None => Redirect::to("/dashboard/sign-in").into_response(),
+    }
+}
+
+async fn sign_in_page<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
+    if dashboard.sessions.of(&headers).is_some() {
+        return Redirect::to("/dashboard/accounts").into_response();
+    }
+    render(StatusCode::OK, &SignInPage { csrf: String::new(), error: None })
+}
+
+/// The sign-in form. No `Debug`: it holds the credential.
+#[derive(Deserialize)]
+struct SignInForm {
+    #[serde(default)]
+    token: String,
+}
+
+async fn sign_in<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    form: Result<Form<SignInForm>, FormRejection>,
+) -> Response {
+    let refused =
+        |status, error: &str| render(status, &SignInPage { csrf: String::new(), error: Some(error.to_owned()) });
+    if !same_origin(&headers) {
+        return refused(StatusCode::FORBIDDEN, "Sign in from the dashboard's own sign-in page.");
+    }
+    if let Err(wait) = dashboard.throttle.take() {
+        let text = format!("Too many sign-in attempts. Try again in {} seconds.", wait.as_secs());
+        let mut response = refused(StatusCode::TOO_MANY_REQUESTS, &text);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        return response;
+    }
+    let Ok(Form(form)) = form else {
+        return refused(StatusCode::BAD_REQUEST, "Enter the admin token.");
+    };
+    if !dashboard.admin.admits(form.token.trim()) {
+        tracing::warn!(target: "apikeys::dashboard", "a sign-in with a wrong admin token was refused");
+        return refused(StatusCode::UNAUTHORIZED, "That is not the admin token.");
+    }
+    let id = match dashboard.sessions.start() {
+        Ok(id) => id,
+        Err(_) => return refused(StatusCode::SERVICE_UNAVAILABLE, "No session could be started; try again."),
+    };
+    let cookie = session::set_cookie(Some(&id), dashboard.sessions.lifetime(), dashboard.secure(&headers));
+    tracing::info!(target: "apikeys::dashboard", "an administrator signed in");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/accounts")).into_response()
+}
+
+/// The one field of a form that changes nothing but needs the session: sign-out.
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn sign_out<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    form: Result<Form<CsrfForm>, FormRejection>,
+) -> Page {
+    let (signed, _) = dashboard.changed_by(&headers, form)?;
+    dashboard.sessions.end(&signed);
+    let cookie = session::set_cookie(None, Duration::ZERO, dashboard.secure(&headers));
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/sign-in")).into_response())
+}
+
+#[derive(Deserialize)]
+struct AccountsQuery {
+    #[serde(default)]
+    q: String,
+    after: Option<String>,
+}
+
+async fn accounts<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    query: Result<Query<AccountsQuery>, QueryRejection>,
+) -> Page {
+    let signed = dashboard.signed(&headers)?;
+    let bad = |text: &str| message(StatusCode::BAD_REQUEST, &signed.csrf, "Not a page", text, "/dashboard/accounts");
+    let Query(query) = query.map_err(|_| bad("The address holds parameters this page does not know."))?;
+    let search = query.q.trim().to_owned();
+    let after = match query.after.as_deref().filter(|after| !after.is_empty()) {
+        Some(after) => {
+            Some(AccountId::new(after).map_err(|_| bad("The page starts after an account id that is not one."))?)
+        }
+        None => None,
+    };
+    // One more than a page says whether there is a next one.
+    let page = AccountQuery { after: after.clone(), search: search.clone(), limit: ACCOUNTS_PAGE + 1 };
+    let mut found =
+        dashboard.service.list_accounts(&page).await.map_err(|error| failure(error, &signed, "/dashboard/accounts"))?;
+    let more = found.len() > ACCOUNTS_PAGE as usize;
+    found.truncate(ACCOUNTS_PAGE as usize);
+    let next = more.then(|| found.last().map(|last| pages::accounts_href(&search, Some(&last.account)))).flatten();
+    let open = AccountId::new(&search)
+        .ok()
+        .filter(|account| !found.iter().any(|summary| &summary.account == account))
+        .map(|account| AccountRow::of(&crate::store::AccountSummary { account, active_keys: 0 }));
+    let page = AccountsPage {
+        csrf: signed.csrf.clone(),
+        accounts: found.iter().map(AccountRow::of).collect(),
+        open,
+        first: after.is_some().then(|| pages::accounts_href(&search, None)),
+        next,
+        search,
+    };
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// How an account page shows its keys and which events.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct AccountView {
+    sort: String,
+    dir: String,
+    filter: String,
+    events: String,
+}
+
+/// The account in the path, or the page that says it is not one.
+fn account_of(path: &str, signed: &Signed) -> Result<AccountId, Response> {
+    AccountId::new(path).map_err(|error| failure(error, signed, "/dashboard/accounts"))
+}
+
+async fn account<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    view: Result<Query<AccountView>, QueryRejection>,
+) -> Page {
+    let signed = dashboard.signed(&headers)?;
+    let account = account_of(&account, &signed)?;
+    let view = view.map(|Query(view)| view).unwrap_or_default();
+    let flash = dashboard.sessions.take_flash(&signed, &account);
+    account_page(&dashboard, &signed, &account, &view, flash, None).await
+}
+
+/// An account's page: its keys as `view` sorts and filters them, its audit trail, and what the
+/// session was to be shown once, or the create form's `error` beside what it was sent with.
+async fn account_page<St: AccountListing>(
+    dashboard: &Dashboard<St>,
+    signed: &Signed,
+    account: &AccountId,
+    view: &AccountView,
+    flash: Option<Flash>,
+    error: Option<(StatusCode, String, CreateForm)>,
+) -> Page {
+    let href = pages::account_href(account);
+    let unavailable = |error: Error| failure(error, signed, &href);
+    let mut keys: Vec<ApiKey> = dashboard.service.list(account).await.map_err(unavailable)?;
+    let total = keys.len();
+    let filter = view.filter.trim().to_owned();
+    let needle = filter.to_lowercase();
+    let sort = SortBy::named(&view.sort);
+    let descending = view.dir == "desc";
+    sort.sort(&mut keys, descending);
+    let prefixes = keys.iter().map(|key| (key.id, key.prefix.as_str())).collect();
+    let mut rows: Vec<KeyRow> = keys.iter().map(|key| KeyRow::of(key, &href, &prefixes)).collect();
+    rows.retain(|row| row.search.contains(&needle));
+    let cursor = (!view.events.is_empty()).then(|| view.events.parse::<AuditCursor>()).transpose();
+    let cursor = cursor.map_err(|error| failure(error, signed, &href))?;
+    let audit = dashboard.service.audit_log(account, EVENTS_PAGE, cursor).await.map_err(unavailable)?;
+    let (sort_param, dir) = pages::sort_params(sort, descending);
+    let (created, notice) = match &flash {
+        Some(Flash::Created { key, previous, .. }) => {
+            let title = match previous {
+                Some(_) => format!("Key rolled: the new key {}…", key.prefix),
+                None => format!("Key {}… created", key.prefix),
+            };
+            let previous = previous.map(|previous| {
+                format!("The old key {} works until {}.", previous.id, pages_time(previous.expires_at))
+            });
+            (Some(CreatedView { title, key: key.key.expose_secret(), previous }), None)
+        }
+        Some(Flash::Notice { text, .. }) => (None, Some(text.clone())),
+        None => (None, None),
+    };
+    let (status, error, form) = match error {
+        Some((status, error, form)) => (status, Some(error), form),
+        None => (StatusCode::OK, None, CreateForm::default()),
+    };
+    let page = AccountPage {
+        csrf: signed.csrf.clone(),
+        account: account.as_str(),
+        columns: pages::columns(&href, sort, descending, &filter),
+        shown: rows.len(),
+        keys: rows,
+        total,
+        sort: sort_param,
+        dir,
+        filter,
+        created,
+        notice,
+        error,
+        form,
+        expiries: pages::EXPIRIES,
+        refills: pages::REFILLS,
+        events: audit.events.iter().map(EventRow::of).collect(),
+        newest: cursor.is_some().then(|| href.clone()),
+        older: audit.next.map(|next| format!("{href}?events={}", pages::encode(&next.to_string()))),
+        href,
+    };
+    Ok(render(status, &page))
+}
+
+fn pages_time(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The create form, and the session's token.
+#[derive(Deserialize)]
+struct CreateKeyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(flatten)]
+    key: CreateForm,
+}
+
+impl CreateForm {
+    /// The key the form asks for, or what is wrong with it.
+    fn new_key(&self, now: OffsetDateTime) -> Result<NewKey, String> {
+        let mut new = NewKey::default();
+        let name = self.name.trim();
+        if !name.is_empty() {
+            new = new.name(KeyName::new(name).map_err(|error| error.to_string())?);
+        }
+        if !self.expires.is_empty() {
+            let days: i64 = self
+                .expires
+                .parse()
+                .ok()
+                .filter(|days| (1..=3660).contains(days))
+                .ok_or("Choose when the key expires.")?;
+            new = new.expires_at(now + time::Duration::days(days));
+        }
+        let scopes: Vec<&str> = self.scopes.split_whitespace().collect();
+        if !scopes.is_empty() {
+            new = new.scopes(Scopes::new(scopes).map_err(|error| error.to_string())?);
+        }
+        let owner = self.owner.trim();
+        if !owner.is_empty() {
+            new = new.owner(OwnerId::new(owner).map_err(|error| error.to_string())?);
+        }
+        let whole = |text: &str, what: &str| {
+            text.trim().parse::<u64>().map_err(|_| format!("{what} must be a whole number, or empty."))
+        };
+        let credits = self.credits.trim();
+        if !credits.is_empty() {
+            let amount = whole(credits, "Credits")?;
+            let mut credits = Credits::new(amount).map_err(|error| error.to_string())?;
+            let interval = match self.refill.as_str() {
+                "" => None,
+                "daily" => Some(RefillInterval::Daily),
+                "monthly" => Some(RefillInterval::Monthly),
+                _ => return Err("Choose how credits refill.".to_owned()),
+            };
+            if let Some(interval) = interval {
+                credits = credits.refill(Refill::new(amount, interval).map_err(|error| error.to_string())?);
+            }
+            new = new.credits(credits);
+        } else if !self.refill.is_empty() {
+            return Err("Credits refill only if the key has credits: give how many.".to_owned());
+        }
+        let per_minute = self.per_minute.trim();
+        if !per_minute.is_empty() {
+            let limit = u32::try_from(whole(per_minute, "Requests per minute")?)
+                .map_err(|_| "Requests per minute is too large.".to_owned())?;
+            let limit =
+                RateLimit::new("requests", limit, Duration::from_secs(60)).map_err(|error| error.to_string())?;
+            new = new.ratelimits(RateLimits::new([limit]).map_err(|error| error.to_string())?);
+        }
+        Ok(new)
+    }
+}
+
+async fn create_key<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    form: Result<Form<CreateKeyForm>, FormRejection>,
+) -> Page {
+    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let account = account_of(&account, &signed)?;
+    let view = AccountView::default();
+    let new = match form.key.new_key(dashboard.service.now()) {
+        Ok(new) => new,
+        Err(error) => {
+            let error = Some((StatusCode::BAD_REQUEST, error, form.key));
+            return account_page(&dashboard, &signed, &account, &view, None, error).await;
+        }
+    };
+    match dashboard.service.create(&account, new).await {
+        Ok(key) => {
+            dashboard
+                .sessions
+                .flash(&signed, Flash::Created { account: account.clone(), key: Box::new(key), previous: None });
+            Ok(Redirect::to(&pages::account_href(&account)).into_response())
+        }
+        Err(error) => {
+            let error = ApiError::from(error);
+            if error.status() == StatusCode::SERVICE_UNAVAILABLE {
+                return Err(failure(error, &signed, &pages::account_href(&account)));
+            }
+            let error = Some((error.status(), error.message().to_owned(), form.key));
+            account_page(&dashboard, &signed, &account, &view, None, error).await
+        }
+    }
+}
+
+/// A form that changes something: it carries the session's CSRF token.
+trait ChangeForm {
+    fn csrf(&self) -> &str;
+}
+
+macro_rules! change_forms {
+    ($($form:ty),*) => {$(
+        impl ChangeForm for $form {
+            fn csrf(&self) -> &str {
+                &self.csrf
+            }
+        }
+    )*};
+}
+
+change_forms!(CsrfForm, CreateKeyForm, RevokeForm, RollForm);
+
+impl<St: AccountListing> Dashboard<St> {
+    /// The form of a change, and its session, or the answer that changes nothing.
+    fn changed_by<F: ChangeForm>(
+        &self,
+        headers: &HeaderMap,
+        form: Result<Form<F>, FormRejection>,
+    ) -> Result<(Signed, F), Response> {
+        let Ok(Form(form)) = form else {
+            return Err(bad_form(self, headers));
+        };
+        Ok((self.change(headers, form.csrf())?, form))
+    }
+}
+
+/// The account and key a change names in its path, and the account page's path.
+fn key_of(path: (String, String), signed: &Signed) -> Result<(AccountId, String, KeyId), Response> {
+    let account = account_of(&path.0, signed)?;
+    let href = pages::account_href(&account);
+    let id = path.1.parse().map_err(|error: crate::ValidationError| failure(error, signed, &href))?;
+    Ok((account, href, id))
+}
+
+/// A change whose body is not the dashboard's form: refused, nothing changed.
+fn bad_form<St: AccountListing>(dashboard: &Dashboard<St>, headers: &HeaderMap) -> Response {
+    match dashboard.signed(headers) {
+        Ok(signed) => message(
+            StatusCode::BAD_REQUEST,
+            &signed.csrf,
+            "Nothing was changed",
+            "The form was not sent as the dashboard sends it.",
+            "/dashboard/accounts",
+        ),
+        Err(redirect) => redirect,
+    }
+}
+
+/// A revocation, confirmed or still to be.
+#[derive(Deserialize)]
+struct RevokeForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    confirmed: String,
+}
+
+async fn revoke_key<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    Path(path): Path<(String, String)>,
+    form: Result<Form<RevokeForm>, FormRejection>,
+) -> Page {
+    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let (account, href, id) = key_of(path, &signed)?;
+    let key = active_key(&dashboard, &signed, &account, &id).await?;
+    if form.confirmed != "yes" {
+        let page = ConfirmPage {
+            csrf: signed.csrf.clone(),
+            account: account.as_str(),
+            prefix: key.prefix.to_string(),
+            name: key.name.as_ref().map(|name| name.as_str().to_owned()).unwrap_or_default(),
+            action: format!("{href}/keys/{id}/revoke"),
+            back: href,
+        };
+        return Ok(render(StatusCode::OK, &page));
+    }
+    dashboard.service.revoke_as_admin(&account, &id).await.map_err(|error| failure(error, &signed, &href))?;
+    let text = format!("Key {}… was revoked: every request with it is refused.", key.prefix);
+    dashboard.sessions.flash(&signed, Flash::Notice { account, text });
+    Ok(Redirect::to(&href).into_response())
+}
+
+/// The account's active key `id`, or the page that says there is none.
+async fn active_key<St: AccountListing>(
+    dashboard: &Dashboard<St>,
+    signed: &Signed,
+    account: &AccountId,
+    id: &KeyId,
+) -> Result<ApiKey, Response> {
+    let href = pages::account_href(account);
+    let keys = dashboard.service.list(account).await.map_err(|error| failure(error, signed, &href))?;
+    keys.into_iter().find(|key| key.id == *id).ok_or_else(|| {
+        message(StatusCode::NOT_FOUND, &signed.csrf, "Not found", "The account has no active key with this id.", &href)
+    })
+}
+
+#[derive(Deserialize)]
+struct RollForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    grace: String,
+}
+
+async fn roll_key<St: AccountListing>(
+    State(dashboard): State<Dashboard<St>>,
+    headers: HeaderMap,
+    Path(path): Path<(String, String)>,
+    form: Result<Form<RollForm>, FormRejection>,
+) -> Page {
+    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let (account, href, id) = key_of(path, &signed)?;
+    let grace =
+        form.grace.parse::<u64>().map_err(|_| failure(crate::ValidationError::GraceOutOfRange, &signed, &href))?;
+    let rolled = dashboard
+        .service
+        .roll_as_admin(&account, &id, Duration::from_secs(grace))
+        .await
+        .map_err(|error| failure(error, &signed, &href))?;
+    let flash = Flash::Created { account, key: Box::new(rolled.key), previous: Some(rolled.previous) };
+    dashboard.sessions.flash(&signed, flash);
+    Ok(Redirect::to(&href).into_response())
+}
+
+/// The stylesheet and the script, compiled in; cached briefly, as a new binary may change them.
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, content_type) = match file.as_str() {
+        "dashboard.css" => (include_str!("assets/dashboard.css"), "text/css; charset=utf-8"),
+        "dashboard.js" => (include_str!("assets/dashboard.js"), "text/javascript; charset=utf-8"),
+        "favicon.svg" => (include_str!("assets/favicon.svg"), "image/svg+xml"),
+        _ => return (StatusCode::NOT_FOUND, "No such asset.").into_response(),
+    };
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300")),
+    ];
+    (headers, body).into_response()
+}

@@ -1,0 +1,166 @@
+//! Dashboard sessions: an opaque random id in an HttpOnly, SameSite=Strict cookie, the rest in
+//! process memory (so signing out ends a session for good, and a restart ends them all), and
+//! the per-session CSRF token every change must carry.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use rand::TryRng;
+use rand::rngs::SysRng;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::RandomError;
+use crate::id::AccountId;
+use crate::key::{CreatedKey, PreviousKey};
+
+/// The session cookie's name.
+pub(super) const COOKIE: &str = "apikeys_dashboard";
+
+/// At most this many sessions at once: a flood of sign-ins cannot grow memory without bound
+/// (the oldest session goes first).
+const MAX_SESSIONS: usize = 1024;
+
+/// What a session shows once, on the next page of its account, and then forgets.
+pub(super) enum Flash {
+    /// A change that went well.
+    Notice { account: AccountId, text: String },
+    /// A key just created or rolled: the only time its token is shown.
+    Created { account: AccountId, key: Box<CreatedKey>, previous: Option<PreviousKey> },
+}
+
+impl Flash {
+    fn account(&self) -> &AccountId {
+        match self {
+            Self::Notice { account, .. } | Self::Created { account, .. } => account,
+        }
+    }
+}
+
+struct Session {
+    expires: Instant,
+    csrf: String,
+    flash: Option<Flash>,
+}
+
+/// The sessions of one dashboard, by the SHA-256 of their ids (the ids themselves are kept
+/// nowhere but in the browsers' cookies).
+pub(super) struct Sessions {
+    lifetime: Duration,
+    by_digest: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+/// A session a request carries: its id's digest and its CSRF token.
+#[derive(Clone)]
+pub(super) struct Signed {
+    digest: [u8; 32],
+    /// The token every form of the session's pages carries.
+    pub(super) csrf: String,
+}
+
+impl Sessions {
+    pub(super) fn new(lifetime: Duration) -> Self {
+        Self { lifetime, by_digest: Mutex::new(HashMap::new()) }
+    }
+
+    pub(super) fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Starts a session and returns its id, for the cookie.
+    pub(super) fn start(&self) -> Result<String, RandomError> {
+        let id = random_hex()?;
+        let session = Session { expires: Instant::now() + self.lifetime, csrf: random_hex()?, flash: None };
+        let mut sessions = self.lock();
+        let now = Instant::now();
+        sessions.retain(|_, session| session.expires > now);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions.iter().min_by_key(|(_, session)| session.expires).map(|(digest, _)| *digest)
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(digest(&id), session);
+        Ok(id)
+    }
+
+    /// The live session whose id the request's cookie holds, if any.
+    pub(super) fn of(&self, headers: &HeaderMap) -> Option<Signed> {
+        let digest = digest(cookie(headers)?);
+        let mut sessions = self.lock();
+        let session = sessions.get(&digest)?;
+        if session.expires <= Instant::now() {
+            sessions.remove(&digest);
+            return None;
+        }
+        Some(Signed { digest, csrf: session.csrf.clone() })
+    }
+
+    /// Ends the session.
+    pub(super) fn end(&self, signed: &Signed) {
+        self.lock().remove(&signed.digest);
+    }
+
+    /// Keeps `flash` for the session's next page of its account.
+    pub(super) fn flash(&self, signed: &Signed, flash: Flash) {
+        if let Some(session) = self.lock().get_mut(&signed.digest) {
+            session.flash = Some(flash);
+        }
+    }
+
+    /// The flash kept for `account`'s page, taken: a reload shows it no more.
+    pub(super) fn take_flash(&self, signed: &Signed, account: &AccountId) -> Option<Flash> {
+        let mut sessions = self.lock();
+        let session = sessions.get_mut(&signed.digest)?;
+        if session.flash.as_ref()?.account() != account {
+            return None;
+        }
+        session.flash.take()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        self.by_digest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Signed {
+    /// Whether a form's `csrf` field is the session's token, compared in constant time.
+    pub(super) fn admits(&self, presented: &str) -> bool {
+        bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))
+    }
+}
+
+/// The `Set-Cookie` value that stores `id` for `lifetime`, or (with `None`) deletes the cookie.
+pub(super) fn set_cookie(id: Option<&str>, lifetime: Duration, secure: bool) -> HeaderValue {
+    let (value, max_age) = match id {
+        Some(id) => (id, lifetime.as_secs()),
+        None => ("", 0),
+    };
+    let secure = if secure { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    // Only hex digits and fixed text: always a valid header value.
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The session id among the request's cookies.
+fn cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|cookies| cookies.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(name, value)| (name == COOKIE).then_some(value))
+}
+
+fn digest(id: &str) -> [u8; 32] {
+    Sha256::digest(id.as_bytes()).into()
+}
+
+/// 32 random bytes in hex: a session id or a CSRF token.
+fn random_hex() -> Result<String, RandomError> {
+    let mut bytes = [0u8; 32];
+    SysRng.try_fill_bytes(&mut bytes).map_err(RandomError::new)?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
