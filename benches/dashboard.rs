@@ -16,7 +16,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use apikeys::http::{AppOptions, Credential, DashboardOptions};
+use apikeys::http::{AppOptions, Credential, DashboardOptions, dashboard_router};
 use apikeys::store::AccountQuery;
 use apikeys::{
     AccountId, Digest, Environment, KeyFormat, KeyId, KeyPrefix, KeyRecord, KeyService, Maintenance, NewKey,
@@ -72,7 +72,7 @@ fn dashboard(c: &mut Criterion) {
         }
     });
     let mut options = AppOptions::default();
-    options.dashboard = Some(DashboardOptions::new(Credential::new(ADMIN).unwrap()));
+    options.routes = dashboard_router(service.clone(), DashboardOptions::new(Credential::new(ADMIN).unwrap()));
     let app = apikeys::http::app(service.clone(), options);
     let cookie = runtime.block_on(async {
         let sign_in = Request::post("/dashboard/sign-in")

@@ -7,20 +7,21 @@ mod support;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use apikeys::http::{AppOptions, Credential, DashboardOptions};
+use apikeys::http::{AppOptions, Credential, DashboardOptions, dashboard_router};
 use apikeys::{AccountId, KeyService, MemoryStore, NewKey};
 use regex::Regex;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
-use support::live;
+use support::{Call, Instrumented, live};
 
 const ADMIN_TOKEN: &str = "admin-credential-of-the-dashboard-tests-0123";
 
-type Service = KeyService<Arc<MemoryStore>>;
+type Service = KeyService<Arc<Instrumented<MemoryStore>>>;
 
 struct Dashboard {
     base: String,
     service: Service,
+    store: Arc<Instrumented<MemoryStore>>,
     client: reqwest::Client,
 }
 
@@ -36,12 +37,14 @@ impl Dashboard {
     }
 
     async fn start_with(configure: impl FnOnce(DashboardOptions) -> DashboardOptions) -> Self {
-        let service = KeyService::builder(Arc::new(MemoryStore::new()), live()).build();
+        let store = Arc::new(Instrumented::new(MemoryStore::new()));
+        let service = KeyService::builder(store.clone(), live()).build();
+        let dashboard = configure(DashboardOptions::new(Credential::new(ADMIN_TOKEN).unwrap()));
         let mut options = AppOptions::default();
-        options.dashboard = Some(configure(DashboardOptions::new(Credential::new(ADMIN_TOKEN).unwrap())));
+        options.routes = dashboard_router(service.clone(), dashboard);
         let base = serve(apikeys::http::app(service.clone(), options)).await;
         let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        Self { base, service, client }
+        Self { base, service, store, client }
     }
 
     async fn get(&self, path: &str, browser: Option<&Browser>) -> reqwest::Response {
@@ -180,7 +183,7 @@ async fn signing_in_takes_the_admin_token_and_sets_a_strict_expiring_cookie() {
 #[tokio::test]
 async fn repeated_sign_ins_are_slowed_down() {
     let dashboard = Dashboard::start_with(|mut options| {
-        options.sign_ins_per_minute = 3;
+        options.wrong_credentials_per_minute = 3;
         options
     })
     .await;
@@ -603,4 +606,94 @@ async fn the_admin_routes_take_the_admin_token_and_do_what_the_dashboard_does() 
         admin(reqwest::Method::POST, path).json(&serde_json::json!({"expires_at": "soon"})).send().await.unwrap();
     assert_eq!(bad_body.status(), StatusCode::BAD_REQUEST);
     assert_eq!(dashboard.service.list(&account()).await.unwrap().len(), 1, "the old key, in its grace period");
+}
+
+/// Ids a browser would resolve away as a path (`.`, `..`) or that look like the escape of one
+/// get pages of their own, and the changes made on them land on them.
+#[tokio::test]
+async fn accounts_with_ids_of_dots_tildes_and_url_characters_have_pages_of_their_own() {
+    let dashboard = Dashboard::start().await;
+    let browser = dashboard.sign_in().await;
+    let link = Regex::new(r#"<a href="(/dashboard/accounts/[^"]+)">"#).unwrap();
+    for id in [".", "..", "~.", "~x", "a b/c?d#e%f&g", " padded "] {
+        let account = AccountId::new(id).unwrap();
+        dashboard.service.create(&account, NewKey::named("first").unwrap()).await.unwrap();
+        let search =
+            format!("/dashboard/accounts?q={}", id.bytes().map(|byte| format!("%{byte:02X}")).collect::<String>());
+        let found = dashboard.page(&search, &browser).await;
+        let href = link.captures(&found).unwrap_or_else(|| panic!("{id:?} is found: {found}"))[1].replace("&#38;", "&");
+        let page = dashboard.page(&href, &browser).await;
+        assert!(page.contains("first"), "{id:?} at {href}");
+        let created = dashboard.change(&format!("{href}/keys"), &browser, &[("name", "second")]).await;
+        assert_eq!(created.status(), StatusCode::SEE_OTHER, "{id:?}");
+        assert_eq!(created.headers()[LOCATION], href.as_str(), "{id:?}");
+        let keys = dashboard.service.list(&account).await.unwrap();
+        assert_eq!(keys.len(), 2, "{id:?}: the change landed on its account");
+    }
+}
+
+/// A key created in one tab is still shown once there after another tab's change, and a page
+/// that could not be shown keeps it for the next.
+#[tokio::test]
+async fn a_created_key_waits_through_other_changes_and_failed_pages_until_it_is_shown() {
+    let dashboard = Dashboard::start().await;
+    let browser = dashboard.sign_in().await;
+    let other = dashboard.service.create(&AccountId::new("other").unwrap(), NewKey::default()).await.unwrap();
+    let created = dashboard.change(&format!("{ACCOUNT_PAGE}/keys"), &browser, &[("name", "tab one")]).await;
+    assert_eq!(created.status(), StatusCode::SEE_OTHER);
+    let revoke = format!("/dashboard/accounts/other/keys/{}/revoke", other.id);
+    assert_eq!(dashboard.change(&revoke, &browser, &[("confirmed", "yes")]).await.status(), StatusCode::SEE_OTHER);
+    assert!(dashboard.page("/dashboard/accounts/other", &browser).await.contains("was revoked"));
+
+    dashboard.store.fail(Call::ListActive, true);
+    let failed = dashboard.get(ACCOUNT_PAGE, Some(&browser)).await;
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shown_key(&failed.text().await.unwrap()), None);
+    dashboard.store.fail(Call::ListActive, false);
+    let token = shown_key(&dashboard.page(ACCOUNT_PAGE, &browser).await).expect("the key, shown once at last");
+    assert_eq!(dashboard.service.verify(&token).await.unwrap().name.unwrap().as_str(), "tab one");
+    assert_eq!(shown_key(&dashboard.page(ACCOUNT_PAGE, &browser).await), None);
+}
+
+/// Wrong credentials at sign-in and on `/admin` share one budget; once it is spent, the right
+/// one waits too, wherever it is presented.
+#[tokio::test]
+async fn wrong_credentials_on_admin_and_at_sign_in_share_one_throttle() {
+    let dashboard = Dashboard::start_with(|mut options| {
+        options.wrong_credentials_per_minute = 2;
+        options
+    })
+    .await;
+    let admin =
+        |token: &str| dashboard.client.get(format!("{}/admin/accounts", dashboard.base)).bearer_auth(token).send();
+    assert_eq!(admin(ADMIN_TOKEN).await.unwrap().status(), StatusCode::OK, "the right one takes nothing");
+    assert_eq!(admin("wrong-wrong-wrong").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let wrong_sign_in = dashboard.post("/dashboard/sign-in", None, &[("token", "wrong")]).await;
+    assert_eq!(wrong_sign_in.status(), StatusCode::UNAUTHORIZED);
+    let throttled = admin(ADMIN_TOKEN).await.unwrap();
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(throttled.headers().contains_key("retry-after"));
+    let sign_in = dashboard.post("/dashboard/sign-in", None, &[("token", ADMIN_TOKEN)]).await;
+    assert_eq!(sign_in.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn signing_in_again_ends_the_browsers_old_session_and_tls_makes_the_cookie_secure() {
+    let dashboard = Dashboard::start().await;
+    let old = dashboard.sign_in().await;
+    let again = dashboard
+        .client
+        .post(format!("{}/dashboard/sign-in", dashboard.base))
+        .header("cookie", &old.cookie)
+        .header("origin", "https://keys.example.com")
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::SEE_OTHER);
+    let cookie = again.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(cookie.contains("; Secure"), "signed in over https, as the browser says: {cookie}");
+    let replayed = dashboard.get("/dashboard/accounts", Some(&old)).await;
+    assert_eq!(replayed.status(), StatusCode::SEE_OTHER, "the old session is over");
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apikeys::audit::{Actor, AuditPage};
-use apikeys::http::{AppOptions, Credential, DashboardOptions, GitHubKeys, LeakOptions, ServeOptions};
+use apikeys::http::{
+    AppOptions, Credential, DashboardOptions, GitHubKeys, LeakOptions, ServeOptions, dashboard_router,
+};
 use apikeys::leak::{KeyState, ScanEvent, Scanner};
 use apikeys::webhook::{DeadDelivery, Endpoint, EndpointName, HttpTransport, WebhookOptions, WebhookSecret};
 use apikeys::{
@@ -340,7 +342,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Serve { listen, account, limits } => {
             let first_key_for = store_is_empty.then_some(AccountId::new(account)?);
             let verification = credential_from_environment("APIKEYS_SERVICE_TOKEN")?;
-            let app = limits.app_options(verification, credential_from_environment("APIKEYS_ADMIN_TOKEN")?)?;
+            let admin = credential_from_environment("APIKEYS_ADMIN_TOKEN")?;
+            if admin.is_some() && admin == verification {
+                // Not refused, but said: whoever may verify keys may then administer every account.
+                eprintln!(
+                    "warning: APIKEYS_ADMIN_TOKEN is APIKEYS_SERVICE_TOKEN: give the administrator a secret of its own"
+                );
+            }
+            let app = limits.app_options(&service, verification, admin)?;
             let timing = (cli.store.webhook_poll, cli.store.webhook_timeout, cli.store.webhook_lease);
             serve(service.clone(), listen, first_key_for, limits.options(), app, timing, json).await?
         }
@@ -727,6 +736,10 @@ struct ServeLimits {
     /// How many leak reports POST /leaks takes a minute, from everyone together (0: none).
     #[arg(long, env = "APIKEYS_LEAK_REPORTS_PER_MINUTE", default_value_t = 60)]
     leak_reports_per_minute: u32,
+    /// How many wrong administrator's credentials serve takes a minute, at the dashboard's
+    /// sign-in and on /admin together; once spent, no credential is compared until they refill.
+    #[arg(long, env = "APIKEYS_ADMIN_GUESSES_PER_MINUTE", default_value_t = 10)]
+    admin_guesses_per_minute: u32,
     /// GitHub's secret-scanning public keys, as api.github.com/meta/public_keys/secret_scanning
     /// answers: serve POST /leaks/github, GitHub's partner endpoint.
     #[arg(long, env = "APIKEYS_GITHUB_KEYS", value_name = "FILE")]
@@ -736,7 +749,12 @@ struct ServeLimits {
 impl ServeLimits {
     /// What the app serves besides the key routes: `POST /keys/verify` with `verification`, and
     /// the leak endpoints.
-    fn app_options(&self, verification: Option<Credential>, admin: Option<Credential>) -> Result<AppOptions, Failure> {
+    fn app_options(
+        &self,
+        service: &Service,
+        verification: Option<Credential>,
+        admin: Option<Credential>,
+    ) -> Result<AppOptions, Failure> {
         let mut leaks = LeakOptions::default();
         leaks.reports_per_minute = self.leak_reports_per_minute;
         if let Some(file) = &self.github_keys {
@@ -749,7 +767,11 @@ impl ServeLimits {
         let mut options = AppOptions::default();
         options.verification = verification;
         options.leaks = Some(leaks);
-        options.dashboard = admin.map(DashboardOptions::new);
+        if let Some(admin) = admin {
+            let mut dashboard = DashboardOptions::new(admin);
+            dashboard.wrong_credentials_per_minute = self.admin_guesses_per_minute;
+            options.routes = dashboard_router(service.clone(), dashboard);
+        }
         Ok(options)
     }
 
@@ -805,7 +827,8 @@ async fn serve(
     let delivery = WebhookOptions::default().poll(poll).timeout(timeout).lease(lease);
     service.spawn_webhooks_with(Arc::new(HttpTransport::default()), delivery);
     tokio::spawn(purge_audit_hourly(service.clone()));
-    let dashboard = app.dashboard.is_some();
+    // The only routes serve adds to the app are the dashboard's.
+    let dashboard = app.routes.has_routes();
     let app = apikeys::http::app(service.clone(), app);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -35,6 +35,16 @@ impl Credential {
     }
 }
 
+/// Equal when the secrets are, compared in constant time: so that a host can refuse one secret
+/// in two roles.
+impl PartialEq for Credential {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for Credential {}
+
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Credential([REDACTED])")
@@ -42,21 +52,25 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    /// Whether the request's `Authorization` carries the credential.
-    pub(super) fn is_presented_in(&self, headers: &HeaderMap) -> bool {
-        let presented = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        presented.and_then(bearer).is_some_and(|bearer| self.admits(bearer))
-    }
-
     /// Nothing, when the request carries the credential; else the 401 that asks for `what`.
     pub(super) fn require(&self, headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
-        if self.is_presented_in(headers) {
-            return Ok(());
+        match bearer_in(headers) {
+            Some(presented) if self.admits(presented) => Ok(()),
+            _ => Err(asked_for(what)),
         }
-        let message = format!("{what} is required: Authorization: Bearer <credential>.");
-        let refused = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-        Err(refused.with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
     }
+}
+
+/// The bearer credentials of the request's `Authorization`, if it has them.
+pub(super) fn bearer_in(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(bearer)
+}
+
+/// The 401 of a request without the credential `what` names.
+pub(super) fn asked_for(what: &str) -> ApiError {
+    let message = format!("{what} is required: Authorization: Bearer <credential>.");
+    let refused = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    refused.with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
 }
 
 /// The credentials of an `Authorization` value of the Bearer scheme, whose name is

@@ -58,8 +58,6 @@
 //! trace layer of the host that wraps the whole app sees requests first: put
 //! `tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer` with [`X_API_KEY`] outside it.
 
-#[cfg(feature = "dashboard")]
-mod admin;
 mod auth;
 mod body;
 mod credential;
@@ -89,8 +87,6 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-#[cfg(feature = "dashboard")]
-pub use admin::admin_router;
 use auth::CallerSlot;
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
@@ -108,7 +104,6 @@ pub use verify::verify_router;
 
 use crate::id::KeyId;
 use crate::key::{ApiKey, CreatedKey, PreviousKey};
-use crate::store::AccountListing;
 use crate::{Credits, KeyName, KeyService, KeyStore, Meta, OwnerId, OwnerLimits, RateLimits, Scopes, ValidationError};
 
 /// The largest request body accepted, in bytes.
@@ -145,19 +140,18 @@ pub struct AppOptions {
     pub verification: Option<Credential>,
     /// How the leak endpoints are served; without these, they are not.
     pub leaks: Option<LeakOptions>,
-    /// How the dashboard is served; without this (no administrator's credential), `/dashboard`
-    /// is a 404 like any unknown path.
-    #[cfg(feature = "dashboard")]
-    pub dashboard: Option<DashboardOptions>,
+    /// More routes to serve inside the app's request log and sensitive headers, such as the
+    /// dashboard's ([`dashboard_router`], feature `dashboard`). None by default.
+    pub routes: Router,
 }
 
 /// The whole application `apikeys serve` runs: [`router`], `POST /keys/verify`
-/// ([`verify_router`]) and the leak endpoints ([`leaks_router`]) as `options` says, the OpenAPI
-/// document at `/openapi.json`, a JSON 404 for any other path, one log line per request
-/// ([`log_requests`]), and `x-api-key` and `Authorization` marked sensitive for every layer
-/// around it. For a service whose only routes are the key routes; a host with routes of its own
+/// ([`verify_router`]), the leak endpoints ([`leaks_router`]) and the other routes as `options`
+/// says, the OpenAPI document at `/openapi.json`, a JSON 404 for any other path, one log line per
+/// request ([`log_requests`]), and `x-api-key`, `Authorization` and `Cookie` marked sensitive for
+/// every layer around it. For a service whose only routes are the key routes; a host with routes of its own
 /// merges [`router`] into its app instead.
-pub fn app<St: AccountListing>(service: KeyService<St>, options: AppOptions) -> Router {
+pub fn app<St: KeyStore>(service: KeyService<St>, options: AppOptions) -> Router {
     let verify = match options.verification {
         Some(credential) => verify_router(service.verifier(), credential),
         None => Router::new(),
@@ -166,20 +160,18 @@ pub fn app<St: AccountListing>(service: KeyService<St>, options: AppOptions) -> 
         Some(leaks) => leaks_router(service.clone(), leaks),
         None => Router::new(),
     };
-    #[cfg(feature = "dashboard")]
-    let leaks = match options.dashboard {
-        Some(dashboard) => leaks
-            .merge(admin_router(service.clone(), dashboard.admin.clone()))
-            .merge(dashboard_router(service.clone(), dashboard)),
-        None => leaks,
-    };
     router(service)
         .merge(verify)
         .merge(leaks)
+        .merge(options.routes)
         .route("/openapi.json", axum::routing::get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
         .layer(axum::middleware::from_fn(log_requests))
-        .layer(SetSensitiveRequestHeadersLayer::new([HeaderName::from_static(X_API_KEY), header::AUTHORIZATION]))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            HeaderName::from_static(X_API_KEY),
+            header::AUTHORIZATION,
+            header::COOKIE,
+        ]))
 }
 
 /// A handler that answers with [`OPENAPI_JSON`], for `route("/openapi.json", get(openapi))` or

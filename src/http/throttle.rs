@@ -23,13 +23,23 @@ impl Throttle {
 
     /// Takes a token, or says how long until one is there.
     pub(super) fn take(&self) -> Result<(), Duration> {
+        self.draw(1.0)
+    }
+
+    /// Nothing if a token is there, else how long until one is; takes none.
+    pub(super) fn check(&self) -> Result<(), Duration> {
+        self.draw(0.0)
+    }
+
+    /// Takes `cost` of a token (0 or 1) if a whole one is there, or says how long until one is.
+    fn draw(&self, cost: f64) -> Result<(), Duration> {
         let rate = f64::from(self.per_minute) / 60.0;
         let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let (tokens, counted) = *bucket;
         let tokens = (tokens + now.duration_since(counted).as_secs_f64() * rate).min(f64::from(self.per_minute));
         if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
+            *bucket = (tokens - cost, now);
             return Ok(());
         }
         *bucket = (tokens, now);

@@ -278,6 +278,18 @@ fn index(call: Call) -> usize {
 
 /// `find_by_digest_now` keeps its default (`None`), so every verification through this wrapper
 /// takes the awaited path, where faults can be injected and calls counted.
+/// The account listing is not instrumented: it passes straight through.
+#[async_trait]
+impl<S: apikeys::AccountListing> apikeys::AccountListing for Instrumented<S> {
+    async fn list_accounts(
+        &self,
+        query: &apikeys::AccountQuery,
+        now: OffsetDateTime,
+    ) -> Result<Vec<apikeys::AccountSummary>, StoreError> {
+        self.inner.list_accounts(query, now).await
+    }
+}
+
 #[async_trait]
 impl<S: KeyStore> KeyStore for Instrumented<S> {
     async fn insert(&self, record: &KeyRecord, max_active: u32, entry: &Entry) -> Result<(), StoreError> {

@@ -7,11 +7,15 @@
 //! that expires, its state in process memory. Every change is a POST that carries the session's
 //! CSRF token and comes from the dashboard's own origin. Every page is sent with a strict
 //! Content-Security-Policy (no inline script or style) and `Cache-Control: no-store`; no secret is
-//! ever put in a URL. Sign-in attempts are throttled, from everyone together.
+//! ever put in a URL. Wrong credentials are throttled, from everyone together.
+//!
+//! The same router serves the administrator's JSON routes under `/admin` ([`admin`]'s table),
+//! for scripts holding the credential.
 
 // An early answer is a whole response, made at most once a request: boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod pages;
 mod session;
 
@@ -34,7 +38,7 @@ use super::{ApiError, BODY_LIMIT, Credential};
 use crate::audit::{Actor, AuditCursor};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, NewKey};
-use crate::store::{AccountListing, AccountQuery};
+use crate::store::{AccountListing, AccountQuery, AccountSummary};
 use crate::usage::{Credits, RateLimit, RateLimits, Refill, RefillInterval};
 use crate::{Error, KeyName, KeyService, Scopes};
 use pages::{
@@ -42,6 +46,7 @@ use pages::{
     SignInPage, SortBy,
 };
 use session::{Flash, Sessions, Signed};
+use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 
 /// How the dashboard is served. Build with [`DashboardOptions::new`] and set what differs.
 #[derive(Debug, Clone)]
@@ -51,39 +56,46 @@ pub struct DashboardOptions {
     pub admin: Credential,
     /// How long a session lasts from sign-in; 8 hours by default.
     pub session_lifetime: Duration,
-    /// Whether the session cookie is `Secure`. `None`, the default: when the request came over
-    /// TLS as a proxy in front says (`X-Forwarded-Proto: https`).
+    /// Whether the session cookie is `Secure`. `None`, the default: when the sign-in came over
+    /// TLS, as the browser's `Origin` or a proxy's `X-Forwarded-Proto: https` says.
     pub secure_cookie: Option<bool>,
-    /// How many sign-in attempts the dashboard takes a minute, from everyone together; more are
-    /// refused until the minute has passed. 10 by default.
-    pub sign_ins_per_minute: u32,
+    /// How many wrong credentials, at sign-in and on the `/admin` routes together, the dashboard
+    /// takes a minute from everyone; past that, every credential is refused (429) until the
+    /// bucket refills, so that guessing goes no faster. 10 by default.
+    pub wrong_credentials_per_minute: u32,
 }
 
 impl DashboardOptions {
     /// The defaults, signing in with `admin`.
     pub fn new(admin: Credential) -> Self {
-        Self { admin, session_lifetime: Duration::from_secs(8 * 60 * 60), secure_cookie: None, sign_ins_per_minute: 10 }
+        Self {
+            admin,
+            session_lifetime: Duration::from_secs(8 * 60 * 60),
+            secure_cookie: None,
+            wrong_credentials_per_minute: 10,
+        }
     }
 }
 
-/// The keys an accounts page lists.
+/// The accounts a page lists, unless an `/admin` request names another number.
 const ACCOUNTS_PAGE: u32 = 50;
 
 /// The events an account page shows at once.
 const EVENTS_PAGE: u32 = 20;
 
-/// The dashboard over `service`, at `/dashboard`, for the holder of `options.admin`. Merge it
-/// into the app that should serve it. Its changes are the administrator's, recorded as by
-/// `admin:dashboard`.
+/// The dashboard over `service`, at `/dashboard`, and the `/admin` routes, for the holder of
+/// `options.admin`. Merge it into the app that should serve it (with [`http::app`](super::app),
+/// through [`AppOptions::routes`](super::AppOptions::routes)). Its changes are the
+/// administrator's, recorded as by `admin:dashboard` (`admin:api` for `/admin`).
 pub fn dashboard_router<St: AccountListing, S: Clone + Send + Sync + 'static>(
     service: KeyService<St>,
     options: DashboardOptions,
 ) -> Router<S> {
+    let gate = Gate { admin: options.admin, failures: Throttle::per_minute(options.wrong_credentials_per_minute) };
     let dashboard = Dashboard {
         service: service.acting_as(Actor::admin_static("dashboard")),
         sessions: Arc::new(Sessions::new(options.session_lifetime)),
-        admin: options.admin,
-        throttle: Throttle::per_minute(options.sign_ins_per_minute),
+        gate: gate.clone(),
         secure_cookie: options.secure_cookie,
     };
     Router::new()
@@ -97,15 +109,65 @@ pub fn dashboard_router<St: AccountListing, S: Clone + Send + Sync + 'static>(
         .route("/dashboard/accounts/{account}/keys/{id}/roll", post(roll_key::<St>))
         .route("/dashboard/assets/{file}", get(asset))
         .layer(axum::middleware::from_fn(protect))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(dashboard)
+        .merge(admin::routes(service, gate))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
+        .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+}
+
+/// The administrator's credential, and the throttle of wrong attempts at it that the sign-in
+/// form and the `/admin` routes share: one budget of guesses, wherever they are made.
+#[derive(Clone)]
+struct Gate {
+    admin: Credential,
+    failures: Throttle,
+}
+
+/// Why a credential was refused.
+enum Refused {
+    Wrong,
+    /// Too many wrong credentials lately: none is looked at until this has passed.
+    Throttled(Duration),
+}
+
+impl Gate {
+    /// Whether `presented` is the credential. While the wrong ones have used up the budget,
+    /// none is compared, the right one included: guessing can go no faster than the budget.
+    fn check(&self, presented: Option<&str>) -> Result<(), Refused> {
+        if let Err(wait) = self.failures.check() {
+            tracing::warn!(target: "apikeys::dashboard", "a credential was refused unread: too many wrong ones lately");
+            return Err(Refused::Throttled(wait));
+        }
+        if presented.is_some_and(|presented| self.admin.admits(presented)) {
+            return Ok(());
+        }
+        let _ = self.failures.take();
+        tracing::warn!(target: "apikeys::dashboard", "a wrong administrator's credential was refused");
+        Err(Refused::Wrong)
+    }
+}
+
+/// One page of accounts after `after` whose ids contain `search`, and the cursor of the next
+/// page if there is one.
+async fn accounts_page<St: AccountListing>(
+    service: &KeyService<St>,
+    search: String,
+    after: Option<AccountId>,
+    limit: u32,
+) -> Result<(Vec<AccountSummary>, Option<AccountId>), Error> {
+    // One more than a page says whether there is a next one.
+    let mut found = service.list_accounts(&AccountQuery { after, search, limit: limit + 1 }).await?;
+    let more = found.len() > limit as usize;
+    found.truncate(limit as usize);
+    let next = if more { found.last().map(|last| last.account.clone()) } else { None };
+    Ok((found, next))
 }
 
 struct Dashboard<St: AccountListing> {
     service: KeyService<St>,
     sessions: Arc<Sessions>,
-    admin: Credential,
-    throttle: Throttle,
+    gate: Gate,
     secure_cookie: Option<bool>,
 }
 
@@ -114,15 +176,15 @@ impl<St: AccountListing> Clone for Dashboard<St> {
         Self {
             service: self.service.clone(),
             sessions: self.sessions.clone(),
-            admin: self.admin.clone(),
-            throttle: self.throttle.clone(),
+            gate: self.gate.clone(),
             secure_cookie: self.secure_cookie,
         }
     }
 }
 
-/// A response that ends a handler early: a redirect to sign in, or a page saying what went wrong.
-type Page = Result<Response, Response>;
+/// A page, or the response that ended its handler early: a redirect to sign in, or a page saying
+/// what went wrong.
+type Answer = Result<Response, Response>;
 
 impl<St: AccountListing> Dashboard<St> {
     /// The request's session, or a redirect to sign in.
@@ -146,20 +208,26 @@ impl<St: AccountListing> Dashboard<St> {
         Ok(signed)
     }
 
+    /// Whether the cookie is `Secure`: as the options say, else whether the request came over
+    /// TLS, by the browser's word (`Origin`) or the proxy's (`X-Forwarded-Proto`).
     fn secure(&self, headers: &HeaderMap) -> bool {
         self.secure_cookie.unwrap_or_else(|| {
-            let proto = headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok());
-            proto.is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
+            let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+            text("origin").is_some_and(|origin| origin.starts_with("https://"))
+                || text("x-forwarded-proto").is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
         })
     }
 }
 
 /// Whether the request came from the dashboard's own pages, by what browsers say of every
-/// request they send: a cross-site form cannot post here even with a stolen token.
+/// request they send: a cross-site form cannot post here even with a stolen token. Current
+/// browsers say `Sec-Fetch-Site`, which holds behind a proxy that rewrites `Host`; for older
+/// ones, `Origin` must name the host. A client that says neither is no browser a forged page
+/// can drive.
 fn same_origin(headers: &HeaderMap) -> bool {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    if text("sec-fetch-site").is_some_and(|site| site != "same-origin" && site != "none") {
-        return false;
+    if let Some(site) = text("sec-fetch-site") {
+        return site == "same-origin" || site == "none";
     }
     match (text("origin"), text("host")) {
         (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, authority)| authority == host),
@@ -253,18 +321,22 @@ async fn sign_in<St: AccountListing>(
     if !same_origin(&headers) {
         return refused(StatusCode::FORBIDDEN, "Sign in from the dashboard's own sign-in page.");
     }
-    if let Err(wait) = dashboard.throttle.take() {
-        let text = format!("Too many sign-in attempts. Try again in {} seconds.", wait.as_secs());
-        let mut response = refused(StatusCode::TOO_MANY_REQUESTS, &text);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
-        return response;
-    }
     let Ok(Form(form)) = form else {
         return refused(StatusCode::BAD_REQUEST, "Enter the admin token.");
     };
-    if !dashboard.admin.admits(form.token.trim()) {
-        tracing::warn!(target: "apikeys::dashboard", "a sign-in with a wrong admin token was refused");
-        return refused(StatusCode::UNAUTHORIZED, "That is not the admin token.");
+    match dashboard.gate.check(Some(form.token.trim())) {
+        Ok(()) => {}
+        Err(Refused::Wrong) => return refused(StatusCode::UNAUTHORIZED, "That is not the admin token."),
+        Err(Refused::Throttled(wait)) => {
+            let text = format!("Too many sign-in attempts. Try again in {} seconds.", wait.as_secs());
+            let mut response = refused(StatusCode::TOO_MANY_REQUESTS, &text);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+            return response;
+        }
+    }
+    // A browser signing in again leaves no session behind that it can no longer sign out of.
+    if let Some(old) = dashboard.sessions.of(&headers) {
+        dashboard.sessions.end(&old);
     }
     let id = match dashboard.sessions.start() {
         Ok(id) => id,
@@ -286,7 +358,7 @@ async fn sign_out<St: AccountListing>(
     State(dashboard): State<Dashboard<St>>,
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
-) -> Page {
+) -> Answer {
     let (signed, _) = dashboard.changed_by(&headers, form)?;
     dashboard.sessions.end(&signed);
     let cookie = session::set_cookie(None, Duration::ZERO, dashboard.secure(&headers));
@@ -294,6 +366,7 @@ async fn sign_out<St: AccountListing>(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AccountsQuery {
     #[serde(default)]
     q: String,
@@ -304,28 +377,30 @@ async fn accounts<St: AccountListing>(
     State(dashboard): State<Dashboard<St>>,
     headers: HeaderMap,
     query: Result<Query<AccountsQuery>, QueryRejection>,
-) -> Page {
+) -> Answer {
     let signed = dashboard.signed(&headers)?;
     let bad = |text: &str| message(StatusCode::BAD_REQUEST, &signed.csrf, "Not a page", text, "/dashboard/accounts");
     let Query(query) = query.map_err(|_| bad("The address holds parameters this page does not know."))?;
-    let search = query.q.trim().to_owned();
+    // As typed: an account id may begin or end with a space.
+    let search = query.q;
     let after = match query.after.as_deref().filter(|after| !after.is_empty()) {
         Some(after) => {
             Some(AccountId::new(after).map_err(|_| bad("The page starts after an account id that is not one."))?)
         }
         None => None,
     };
-    // One more than a page says whether there is a next one.
-    let page = AccountQuery { after: after.clone(), search: search.clone(), limit: ACCOUNTS_PAGE + 1 };
-    let mut found =
-        dashboard.service.list_accounts(&page).await.map_err(|error| failure(error, &signed, "/dashboard/accounts"))?;
-    let more = found.len() > ACCOUNTS_PAGE as usize;
-    found.truncate(ACCOUNTS_PAGE as usize);
-    let next = more.then(|| found.last().map(|last| pages::accounts_href(&search, Some(&last.account)))).flatten();
+    // A search longer than any id can match none: no need to read the accounts for it.
+    let (found, next) = if search.len() > AccountId::MAX_LEN {
+        (Vec::new(), None)
+    } else {
+        let page = accounts_page(&dashboard.service, search.clone(), after.clone(), ACCOUNTS_PAGE).await;
+        page.map_err(|error| failure(error, &signed, "/dashboard/accounts"))?
+    };
+    let next = next.map(|last| pages::accounts_href(&search, Some(&last)));
     let open = AccountId::new(&search)
         .ok()
         .filter(|account| !found.iter().any(|summary| &summary.account == account))
-        .map(|account| AccountRow::of(&crate::store::AccountSummary { account, active_keys: 0 }));
+        .map(|account| AccountRow::of(&AccountSummary { account, active_keys: 0 }));
     let page = AccountsPage {
         csrf: signed.csrf.clone(),
         accounts: found.iter().map(AccountRow::of).collect(),
@@ -349,7 +424,7 @@ struct AccountView {
 
 /// The account in the path, or the page that says it is not one.
 fn account_of(path: &str, signed: &Signed) -> Result<AccountId, Response> {
-    AccountId::new(path).map_err(|error| failure(error, signed, "/dashboard/accounts"))
+    AccountId::new(pages::account_in(path)).map_err(|error| failure(error, signed, "/dashboard/accounts"))
 }
 
 async fn account<St: AccountListing>(
@@ -357,12 +432,19 @@ async fn account<St: AccountListing>(
     headers: HeaderMap,
     Path(account): Path<String>,
     view: Result<Query<AccountView>, QueryRejection>,
-) -> Page {
+) -> Answer {
     let signed = dashboard.signed(&headers)?;
     let account = account_of(&account, &signed)?;
     let view = view.map(|Query(view)| view).unwrap_or_default();
     let flash = dashboard.sessions.take_flash(&signed, &account);
-    account_page(&dashboard, &signed, &account, &view, flash, None).await
+    let page = account_page(&dashboard, &signed, &account, &view, flash.as_ref(), None).await;
+    // A page that could not be shown keeps its flash for the next: a key is never lost unseen.
+    if let Some(flash) = flash
+        && !page.as_ref().is_ok_and(|page| page.status() == StatusCode::OK)
+    {
+        dashboard.sessions.flash(&signed, flash);
+    }
+    page
 }
 
 /// An account's page: its keys as `view` sorts and filters them, its audit trail, and what the
@@ -372,9 +454,9 @@ async fn account_page<St: AccountListing>(
     signed: &Signed,
     account: &AccountId,
     view: &AccountView,
-    flash: Option<Flash>,
-    error: Option<(StatusCode, String, CreateForm)>,
-) -> Page {
+    flash: Option<&Flash>,
+    error: Option<FormError>,
+) -> Answer {
     let href = pages::account_href(account);
     let unavailable = |error: Error| failure(error, signed, &href);
     let mut keys: Vec<ApiKey> = dashboard.service.list(account).await.map_err(unavailable)?;
@@ -391,14 +473,14 @@ async fn account_page<St: AccountListing>(
     let cursor = cursor.map_err(|error| failure(error, signed, &href))?;
     let audit = dashboard.service.audit_log(account, EVENTS_PAGE, cursor).await.map_err(unavailable)?;
     let (sort_param, dir) = pages::sort_params(sort, descending);
-    let (created, notice) = match &flash {
+    let (created, notice) = match flash {
         Some(Flash::Created { key, previous, .. }) => {
             let title = match previous {
                 Some(_) => format!("Key rolled: the new key {}…", key.prefix),
                 None => format!("Key {}… created", key.prefix),
             };
             let previous = previous.map(|previous| {
-                format!("The old key {} works until {}.", previous.id, pages_time(previous.expires_at))
+                format!("The old key {} works until {} UTC.", previous.id, pages::When::text_of(previous.expires_at))
             });
             (Some(CreatedView { title, key: key.key.expose_secret(), previous }), None)
         }
@@ -406,10 +488,15 @@ async fn account_page<St: AccountListing>(
         None => (None, None),
     };
     let (status, error, form) = match error {
-        Some((status, error, form)) => (status, Some(error), form),
+        Some(FormError { status, message, form }) => (status, Some(message), form),
         None => (StatusCode::OK, None, CreateForm::default()),
     };
+    let newest = cursor.is_some().then(|| pages::account_view_href(&href, sort_param, dir, &filter, None));
+    let older =
+        audit.next.map(|next| pages::account_view_href(&href, sort_param, dir, &filter, Some(&next.to_string())));
     let page = AccountPage {
+        newest,
+        older,
         csrf: signed.csrf.clone(),
         account: account.as_str(),
         columns: pages::columns(&href, sort, descending, &filter),
@@ -426,15 +513,17 @@ async fn account_page<St: AccountListing>(
         expiries: pages::EXPIRIES,
         refills: pages::REFILLS,
         events: audit.events.iter().map(EventRow::of).collect(),
-        newest: cursor.is_some().then(|| href.clone()),
-        older: audit.next.map(|next| format!("{href}?events={}", pages::encode(&next.to_string()))),
+
         href,
     };
     Ok(render(status, &page))
 }
 
-fn pages_time(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+/// The create form sent back beside what is wrong with it, and the status to answer with.
+struct FormError {
+    status: StatusCode,
+    message: String,
+    form: CreateForm,
 }
 
 /// The create form, and the session's token.
@@ -508,15 +597,15 @@ async fn create_key<St: AccountListing>(
     headers: HeaderMap,
     Path(account): Path<String>,
     form: Result<Form<CreateKeyForm>, FormRejection>,
-) -> Page {
+) -> Answer {
     let (signed, form) = dashboard.changed_by(&headers, form)?;
     let account = account_of(&account, &signed)?;
     let view = AccountView::default();
     let new = match form.key.new_key(dashboard.service.now()) {
         Ok(new) => new,
         Err(error) => {
-            let error = Some((StatusCode::BAD_REQUEST, error, form.key));
-            return account_page(&dashboard, &signed, &account, &view, None, error).await;
+            let error = FormError { status: StatusCode::BAD_REQUEST, message: error, form: form.key };
+            return account_page(&dashboard, &signed, &account, &view, None, Some(error)).await;
         }
     };
     match dashboard.service.create(&account, new).await {
@@ -531,8 +620,8 @@ async fn create_key<St: AccountListing>(
             if error.status() == StatusCode::SERVICE_UNAVAILABLE {
                 return Err(failure(error, &signed, &pages::account_href(&account)));
             }
-            let error = Some((error.status(), error.message().to_owned(), form.key));
-            account_page(&dashboard, &signed, &account, &view, None, error).await
+            let error = FormError { status: error.status(), message: error.message().to_owned(), form: form.key };
+            account_page(&dashboard, &signed, &account, &view, None, Some(error)).await
         }
     }
 }
@@ -604,7 +693,7 @@ async fn revoke_key<St: AccountListing>(
     headers: HeaderMap,
     Path(path): Path<(String, String)>,
     form: Result<Form<RevokeForm>, FormRejection>,
-) -> Page {
+) -> Answer {
     let (signed, form) = dashboard.changed_by(&headers, form)?;
     let (account, href, id) = key_of(path, &signed)?;
     let key = active_key(&dashboard, &signed, &account, &id).await?;
@@ -652,7 +741,7 @@ async fn roll_key<St: AccountListing>(
     headers: HeaderMap,
     Path(path): Path<(String, String)>,
     form: Result<Form<RollForm>, FormRejection>,
-) -> Page {
+) -> Answer {
     let (signed, form) = dashboard.changed_by(&headers, form)?;
     let (account, href, id) = key_of(path, &signed)?;
     let grace =

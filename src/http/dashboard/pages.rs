@@ -24,7 +24,37 @@ pub(super) fn encode(text: &str) -> String {
 
 /// The path of an account's page.
 pub(super) fn account_href(account: &AccountId) -> String {
-    format!("/dashboard/accounts/{}", encode(account.as_str()))
+    format!("/dashboard/accounts/{}", segment(account))
+}
+
+/// An account id as one path segment. A browser resolves a segment of only dots (`.`, `..`)
+/// away, escaped or not, so such an id, and any that starts with `~`, gets a `~` in front,
+/// which [`account_in`] takes off again.
+fn segment(account: &AccountId) -> String {
+    let id = account.as_str();
+    let escape = id.starts_with('~') || id.bytes().all(|byte| byte == b'.');
+    format!("{}{}", if escape { "~" } else { "" }, encode(id))
+}
+
+/// The account id of a path segment [`segment`] made (as the router has decoded it).
+pub(super) fn account_in(segment: &str) -> &str {
+    segment.strip_prefix('~').unwrap_or(segment)
+}
+
+/// An account page sorted and filtered as given, at the audit trail's page after `events`.
+pub(super) fn account_view_href(
+    account_href: &str,
+    sort: &str,
+    dir: &str,
+    filter: &str,
+    events: Option<&str>,
+) -> String {
+    let mut href = format!("{account_href}?sort={sort}&dir={dir}&filter={}", encode(filter));
+    if let Some(events) = events {
+        href.push_str("&events=");
+        href.push_str(&encode(events));
+    }
+    href
 }
 
 /// An instant, as a `<time>` shows it.
@@ -35,8 +65,14 @@ pub(super) struct When {
 
 impl When {
     fn of(at: OffsetDateTime) -> Option<Self> {
-        let text = at.format(format_description!("[year]-[month]-[day] [hour]:[minute]")).ok()?;
-        Some(Self { iso: at.format(&Rfc3339).ok()?, text })
+        Some(Self { iso: at.format(&Rfc3339).ok()?, text: Self::text_of(at) })
+    }
+
+    /// The instant as the pages write it, to the minute (in UTC, as the page says).
+    pub(super) fn text_of(at: OffsetDateTime) -> String {
+        let text = at.format(format_description!("[year]-[month]-[day] [hour]:[minute]"));
+        // Formatting fails only for a year past 9999, which no stored time has.
+        text.unwrap_or_default()
     }
 }
 
@@ -222,23 +258,24 @@ pub(super) enum SortBy {
 }
 
 impl SortBy {
-    const ALL: [(Self, &'static str, &'static str); 7] = [
-        (Self::Prefix, "prefix", "Prefix"),
-        (Self::Name, "name", "Name"),
-        (Self::Owner, "owner", "Owner"),
-        (Self::Created, "created", "Created"),
-        (Self::LastUsed, "last_used", "Last used"),
-        (Self::Expires, "expires", "Expires"),
-        (Self::Credits, "credits", "Credits left"),
+    /// Every column that sorts, by its `sort` parameter.
+    const ALL: [(Self, &'static str); 7] = [
+        (Self::Prefix, "prefix"),
+        (Self::Name, "name"),
+        (Self::Owner, "owner"),
+        (Self::Created, "created"),
+        (Self::LastUsed, "last_used"),
+        (Self::Expires, "expires"),
+        (Self::Credits, "credits"),
     ];
 
     /// The column a `sort` parameter names; the creation time for any other.
     pub(super) fn named(name: &str) -> Self {
-        Self::ALL.iter().find(|(_, param, _)| *param == name).map_or(Self::Created, |(sort, _, _)| *sort)
+        Self::ALL.iter().find(|(_, param)| *param == name).map_or(Self::Created, |(sort, _)| *sort)
     }
 
     fn param(self) -> &'static str {
-        Self::ALL.iter().find(|(sort, _, _)| *sort == self).map_or("created", |(_, param, _)| param)
+        Self::ALL.iter().find(|(sort, _)| *sort == self).map_or("created", |(_, param)| param)
     }
 
     /// Sorts `keys` by this column, then by id so that the order is total.
@@ -272,25 +309,32 @@ pub(super) struct Column {
     pub(super) aria_sort: Option<&'static str>,
 }
 
-/// The heads of the key table sorted by `sorted`, each linking to the table sorted by it (the
-/// sorted one, the other way round).
+/// The key table's columns in their order, by label, with the order each sorts by, if any.
+const COLUMNS: [(&str, Option<SortBy>); 9] = [
+    ("Prefix", Some(SortBy::Prefix)),
+    ("Name", Some(SortBy::Name)),
+    ("Scopes", None),
+    ("Owner", Some(SortBy::Owner)),
+    ("Created", Some(SortBy::Created)),
+    ("Last used", Some(SortBy::LastUsed)),
+    ("Expires", Some(SortBy::Expires)),
+    ("Credits left", Some(SortBy::Credits)),
+    ("Rolled", None),
+];
+
+/// The heads of the key table sorted by `sorted`, each that sorts linking to the table sorted by
+/// it (the sorted one, the other way round).
 pub(super) fn columns(account_href: &str, sorted: SortBy, descending: bool, filter: &str) -> Vec<Column> {
-    let mut columns: Vec<Column> = SortBy::ALL
-        .iter()
-        .map(|&(sort, param, label)| {
-            let flip = sort == sorted && !descending;
-            let dir = if flip { "desc" } else { "asc" };
-            Column {
-                label,
-                href: Some(format!("{account_href}?sort={param}&dir={dir}&filter={}", encode(filter))),
-                aria_sort: (sort == sorted).then_some(if descending { "descending" } else { "ascending" }),
-            }
-        })
-        .collect();
-    // The table's order: prefix, name, scopes (not sortable), owner, and the rest.
-    columns.insert(2, Column { label: "Scopes", href: None, aria_sort: None });
-    columns.insert(8, Column { label: "Rolled", href: None, aria_sort: None });
-    columns
+    let column = |&(label, sort): &(&'static str, Option<SortBy>)| {
+        let Some(sort) = sort else { return Column { label, href: None, aria_sort: None } };
+        let dir = if sort == sorted && !descending { "desc" } else { "asc" };
+        Column {
+            label,
+            href: Some(account_view_href(account_href, sort.param(), dir, filter, None)),
+            aria_sort: (sort == sorted).then_some(if descending { "descending" } else { "ascending" }),
+        }
+    };
+    COLUMNS.iter().map(column).collect()
 }
 
 /// The `sort` and `dir` parameters of the table's order.

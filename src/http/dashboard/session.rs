@@ -17,11 +17,15 @@ use crate::id::AccountId;
 use crate::key::{CreatedKey, PreviousKey};
 
 /// The session cookie's name.
-pub(super) const COOKIE: &str = "apikeys_dashboard";
+const COOKIE: &str = "apikeys_dashboard";
 
 /// At most this many sessions at once: a flood of sign-ins cannot grow memory without bound
 /// (the oldest session goes first).
 const MAX_SESSIONS: usize = 1024;
+
+/// At most this many flashes wait in a session (the oldest goes first): one per change made in
+/// another tab before this one's page was shown.
+const MAX_FLASHES: usize = 16;
 
 /// What a session shows once, on the next page of its account, and then forgets.
 pub(super) enum Flash {
@@ -42,7 +46,8 @@ impl Flash {
 struct Session {
     expires: Instant,
     csrf: String,
-    flash: Option<Flash>,
+    /// What the session's next pages of their accounts show once, oldest first.
+    flashes: Vec<Flash>,
 }
 
 /// The sessions of one dashboard, by the SHA-256 of their ids (the ids themselves are kept
@@ -72,7 +77,7 @@ impl Sessions {
     /// Starts a session and returns its id, for the cookie.
     pub(super) fn start(&self) -> Result<String, RandomError> {
         let id = random_hex()?;
-        let session = Session { expires: Instant::now() + self.lifetime, csrf: random_hex()?, flash: None };
+        let session = Session { expires: Instant::now() + self.lifetime, csrf: random_hex()?, flashes: Vec::new() };
         let mut sessions = self.lock();
         let now = Instant::now();
         sessions.retain(|_, session| session.expires > now);
@@ -105,18 +110,19 @@ impl Sessions {
     /// Keeps `flash` for the session's next page of its account.
     pub(super) fn flash(&self, signed: &Signed, flash: Flash) {
         if let Some(session) = self.lock().get_mut(&signed.digest) {
-            session.flash = Some(flash);
+            if session.flashes.len() >= MAX_FLASHES {
+                session.flashes.remove(0);
+            }
+            session.flashes.push(flash);
         }
     }
 
-    /// The flash kept for `account`'s page, taken: a reload shows it no more.
+    /// The oldest flash kept for `account`'s page, taken: a reload shows it no more.
     pub(super) fn take_flash(&self, signed: &Signed, account: &AccountId) -> Option<Flash> {
         let mut sessions = self.lock();
-        let session = sessions.get_mut(&signed.digest)?;
-        if session.flash.as_ref()?.account() != account {
-            return None;
-        }
-        session.flash.take()
+        let flashes = &mut sessions.get_mut(&signed.digest)?.flashes;
+        let place = flashes.iter().position(|flash| flash.account() == account)?;
+        Some(flashes.remove(place))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Session>> {

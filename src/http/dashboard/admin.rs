@@ -1,31 +1,33 @@
-//! The administrator's JSON routes under `/admin` (feature `dashboard`): what the dashboard does,
-//! for scripts holding the administrator's credential as `Authorization: Bearer …`. Any account,
-//! any key, including one in use; changes are recorded as by `admin:api`.
+//! The administrator's JSON routes under `/admin`: what the dashboard does, for scripts holding
+//! the administrator's credential as `Authorization: Bearer …`. Any account, any key, including
+//! one in use; changes are recorded as by `admin:api`.
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use super::body::{CreateRequest, RollRequest, json_body};
-use super::{ApiError, AuditBody, AuditQueryString, BODY_LIMIT, CreatedBody, Credential, ListBody, key_id};
+use super::{ACCOUNTS_PAGE, Gate, Refused, accounts_page};
 use crate::audit::{Actor, AuditEvent};
+use crate::http::body::{CreateRequest, RollRequest, json_body};
+use crate::http::credential::{asked_for, bearer_in};
+use crate::http::{
+    ApiError, AuditBody, AuditQueryString, CreatedBody, ListBody, audit_page, key_id, method_not_allowed,
+};
 use crate::id::AccountId;
-use crate::store::{AccountListing, AccountQuery};
+use crate::store::AccountListing;
 use crate::{KeyService, ValidationError};
 
-/// The accounts a page lists when the request names no limit, and the most it may name.
-const ACCOUNTS_PAGE: u32 = 50;
+/// The most accounts a page may ask for.
 const MAX_ACCOUNTS_PAGE: u32 = 1_000;
 
-/// The `/admin` routes over `service`, for callers holding `admin`:
+/// The `/admin` routes over `service`, for callers that `gate` admits:
 ///
 /// | request | success |
 /// | --- | --- |
@@ -36,10 +38,11 @@ const MAX_ACCOUNTS_PAGE: u32 = 1_000;
 /// | `POST /admin/accounts/{accountId}/api-keys/{id}/roll` | 201, as `POST /account/api-keys/{id}/roll` |
 /// | `GET /admin/accounts/{accountId}/audit-log?limit=&cursor=` | 200, as `GET /account/audit-log` |
 ///
-/// Every route answers 401 without the credential, and errors as the account routes do.
-pub fn admin_router<St: AccountListing, S: Clone + Send + Sync + 'static>(
+/// Every route answers 401 without the credential (429 while wrong credentials are throttled),
+/// and errors as the account routes do.
+pub(super) fn routes<St: AccountListing, S: Clone + Send + Sync + 'static>(
     service: KeyService<St>,
-    admin: Credential,
+    gate: Gate,
 ) -> Router<S> {
     let service = service.acting_as(Actor::admin_static("api"));
     Router::new()
@@ -48,18 +51,23 @@ pub fn admin_router<St: AccountListing, S: Clone + Send + Sync + 'static>(
         .route("/admin/accounts/{account}/api-keys/{id}", delete(revoke_key::<St>))
         .route("/admin/accounts/{account}/api-keys/{id}/roll", post(roll_key::<St>))
         .route("/admin/accounts/{account}/audit-log", get(audit_log::<St>))
-        .method_not_allowed_fallback(super::method_not_allowed)
-        .route_layer(axum::middleware::from_fn_with_state(admin, require_admin))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(gate, require_admin))
         .with_state(service)
 }
 
 /// The credential before anything else: a caller without it learns nothing, not even whether an
 /// account exists.
-async fn require_admin(State(admin): State<Credential>, request: Request, next: Next) -> Result<Response, ApiError> {
-    admin.require(request.headers(), "The administrator's credential")?;
-    Ok(next.run(request).await)
+async fn require_admin(State(gate): State<Gate>, request: Request, next: Next) -> Result<Response, ApiError> {
+    match gate.check(bearer_in(request.headers())) {
+        Ok(()) => Ok(next.run(request).await),
+        Err(Refused::Wrong) => Err(asked_for("The administrator's credential")),
+        Err(Refused::Throttled(wait)) => {
+            let message = "Too many wrong credentials; try again later.";
+            let refused = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+            Err(refused.with_header(header::RETRY_AFTER, HeaderValue::from(wait.as_secs())))
+        }
+    }
 }
 
 /// The account in the path.
@@ -108,12 +116,7 @@ async fn accounts<St: AccountListing>(
         return Err(invalid());
     }
     let after = query.after.map(AccountId::new).transpose().map_err(|_| invalid())?;
-    // One more than asked for says whether there is a next page.
-    let page = AccountQuery { after, search, limit: limit + 1 };
-    let mut found = service.list_accounts(&page).await?;
-    let more = found.len() > limit as usize;
-    found.truncate(limit as usize);
-    let next_cursor = more.then(|| found.last().map(|last| last.account.clone())).flatten();
+    let (found, next_cursor) = accounts_page(&service, search, after, limit).await?;
     let data =
         found.into_iter().map(|summary| AccountItem { account_id: summary.account, active_keys: summary.active_keys });
     Ok(Json(AccountsBody { data: data.collect(), next_cursor }))
@@ -171,7 +174,7 @@ async fn audit_log<St: AccountListing>(
     query: Result<Query<AuditQueryString>, QueryRejection>,
 ) -> Result<Json<AuditBody>, ApiError> {
     let account = account(path)?;
-    let (limit, after) = super::audit_page::<St>(query)?;
+    let (limit, after) = audit_page::<St>(query)?;
     let page = service.audit_log(&account, limit, after).await?;
     let data = page.events.iter().map(AuditEvent::to_json).collect();
     Ok(Json(AuditBody { data, next_cursor: page.next.map(|next| next.to_string()) }))
