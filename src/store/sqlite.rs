@@ -193,8 +193,9 @@ macro_rules! active_in_account {
 /// The account's keys that count towards its limit at ?2, leaving out the key with id ?3 (if any).
 const COUNT_TOWARDS_LIMIT: &str =
     concat!("SELECT count(*) FROM api_keys WHERE ", active_in_account!(), " AND replaced_by IS NULL AND id IS NOT ?3");
-const LIST_ACTIVE: &str =
-    concat!("SELECT ", columns!(), " FROM api_keys WHERE ", active_in_account!(), " ORDER BY created_at, id");
+/// Sorted by the caller: for the few keys of one account, an `ORDER BY` here costs SQLite a
+/// sorter of its own, more than the read.
+const LIST_ACTIVE: &str = concat!("SELECT ", columns!(), " FROM api_keys WHERE ", active_in_account!());
 
 /// A page of `list_accounts`, through the index `api_keys_live_by_account` in its order: accounts
 /// after ?1 (`''` for the first page, as no id is empty) with keys active at ?2, whose id holds ?3
@@ -837,12 +838,14 @@ impl KeyStore for SqliteStore {
     }
 
     async fn list_active(&self, account: &AccountId, now: OffsetDateTime) -> Result<Vec<KeyRecord>, StoreError> {
-        self.read("list_active", |connection| {
+        let mut records = self.read("list_active", |connection| {
             connection
                 .prepare_cached(LIST_ACTIVE)?
                 .query_map(params![account.as_str(), unix_micros(now)], record_from_row)?
-                .collect()
-        })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        records.sort_unstable_by_key(|record| (record.created_at, record.id));
+        Ok(records)
     }
 
     async fn revoke(
