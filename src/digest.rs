@@ -115,6 +115,17 @@ impl Digest {
     }
 }
 
+/// `bytes` in lowercase hex, as signatures, notifications, labels and session ids carry them.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
 impl fmt::Debug for Digest {
     /// Scheme and the first 4 bytes, enough to tell digests apart in a test failure.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

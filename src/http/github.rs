@@ -177,7 +177,7 @@ async fn github_report<St: KeyStore>(
             report = report.found_at(url);
         }
         let leaked = partner.service.revoke_leaked(&found.token, &report).await?;
-        let token_hash = Sha256::digest(found.token.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect();
+        let token_hash = crate::digest::hex(&Sha256::digest(found.token.as_bytes()));
         let label = if leaked.is_key() { "true_positive" } else { "false_positive" };
         labels.push(Label { token_hash, token_type: found.token_type, label });
     }

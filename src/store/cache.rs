@@ -241,8 +241,7 @@ mod tests {
         cache.fill(cache.ticket(&unknown).unwrap(), &unknown, None);
         assert_eq!(cache.get(&key.digest), Some(Some(key.clone())));
         assert_eq!(cache.get(&unknown), Some(None));
-        let hex: String = key.digest.as_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
-        cache.invalidate_hex(&hex);
+        cache.invalidate_hex(&crate::digest::hex(key.digest.as_bytes()));
         assert_eq!(cache.get(&key.digest), None, "a notification drops it");
         cache.down();
         assert!(cache.ticket(&unknown).is_none() && cache.get(&unknown).is_none(), "down: neither read nor filled");

@@ -111,11 +111,7 @@ impl WebhookSecret {
     pub fn sign(&self, at: i64, body: &[u8]) -> String {
         let mut mac = self.mac();
         signed_payload(&mut mac, at, body);
-        let mut header = format!("t={at},v1=");
-        for byte in mac.finalize().into_bytes() {
-            header.push_str(&format!("{byte:02x}"));
-        }
-        header
+        format!("t={at},v1={}", crate::digest::hex(&mac.finalize().into_bytes()))
     }
 }
 

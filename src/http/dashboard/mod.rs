@@ -212,7 +212,7 @@ impl<St: AccountListing> Dashboard<St> {
     /// TLS, by the browser's word (`Origin`) or the proxy's (`X-Forwarded-Proto`).
     fn secure(&self, headers: &HeaderMap) -> bool {
         self.secure_cookie.unwrap_or_else(|| {
-            let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+            let text = |name| header_text(headers, name);
             text("origin").is_some_and(|origin| origin.starts_with("https://"))
                 || text("x-forwarded-proto").is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
         })
@@ -225,7 +225,7 @@ impl<St: AccountListing> Dashboard<St> {
 /// ones, `Origin` must name the host. A client that says neither is no browser a forged page
 /// can drive.
 fn same_origin(headers: &HeaderMap) -> bool {
-    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let text = |name| header_text(headers, name);
     if let Some(site) = text("sec-fetch-site") {
         return site == "same-origin" || site == "none";
     }
@@ -234,6 +234,11 @@ fn same_origin(headers: &HeaderMap) -> bool {
         (Some(_), None) => false,
         (None, _) => true,
     }
+}
+
+/// A request header's value, if it is one and is text.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
 }
 
 /// Every response of the dashboard: no caching of pages, no framing, no inline script, and

@@ -168,5 +168,5 @@ fn digest(id: &str) -> [u8; 32] {
 fn random_hex() -> Result<String, RandomError> {
     let mut bytes = [0u8; 32];
     SysRng.try_fill_bytes(&mut bytes).map_err(RandomError::new)?;
-    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+    Ok(crate::digest::hex(&bytes))
 }
