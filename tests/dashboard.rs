@@ -596,6 +596,8 @@ async fn the_admin_routes_take_the_admin_token_and_do_what_the_dashboard_does() 
         (reqwest::Method::GET, "/admin/accounts?color=red", "invalid_query"),
         (reqwest::Method::GET, "/admin/accounts/caf%C3%A9/api-keys", "invalid_account_id"),
         (reqwest::Method::DELETE, "/admin/accounts/a/api-keys/nope", "invalid_key_id"),
+        (reqwest::Method::DELETE, "/admin/accounts/%FF/api-keys/nope", "invalid_account_id"),
+        (reqwest::Method::DELETE, "/admin/accounts/a/api-keys/%FF", "invalid_key_id"),
         (reqwest::Method::GET, "/admin/accounts/a/audit-log?cursor=nope", "invalid_cursor"),
     ] {
         let response = admin(method, path).send().await.unwrap();

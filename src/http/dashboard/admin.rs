@@ -5,6 +5,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -143,8 +144,19 @@ async fn create_key<St: AccountListing>(
 
 /// The account and key id in the path.
 fn account_and_key(path: Result<Path<(String, String)>, PathRejection>) -> Result<(AccountId, crate::KeyId), ApiError> {
-    let Path((account, id)) = path.map_err(|_| ValidationError::KeyId)?;
+    let Path((account, id)) = path.map_err(|rejection| match rejection {
+        PathRejection::FailedToDeserializePathParams(failed) if names_account(failed.kind()) => {
+            ValidationError::AccountId
+        }
+        _ => ValidationError::KeyId,
+    })?;
     Ok((AccountId::new(account)?, key_id(Ok(Path(id)))?))
+}
+
+/// Whether a path that failed to decode failed in its account segment, so that the error names
+/// the part that was wrong.
+fn names_account(kind: &ErrorKind) -> bool {
+    matches!(kind, ErrorKind::InvalidUtf8InPathParam { key } if key == "account")
 }
 
 async fn revoke_key<St: AccountListing>(
