@@ -690,6 +690,13 @@ fn redb(c: &mut Criterion) {
             let found = table.get(digest.as_bytes()).unwrap().unwrap();
             black_box(found.value().to_vec()).len()
         };
+        // The same get from a table held open in one read transaction, as the store's
+        // verification reads: what the get costs without beginning a transaction.
+        let held = database.begin_read().unwrap().open_table(RECORDS).unwrap();
+        let held_get = |_: usize, digest: &Digest| {
+            let found = held.get(digest.as_bytes()).unwrap().unwrap();
+            black_box(found.value().to_vec()).len()
+        };
         group.bench_function(BenchmarkId::new("raw_get/threads=1", n), |b| {
             b.iter_custom(|iters| timed(|| cycle(0, 0, iters, &|thread, i| raw(thread, &digests[i % digests.len()]))))
         });
@@ -703,6 +710,7 @@ fn redb(c: &mut Criterion) {
         bench_verify(&mut group, n, &store, &data.tokens);
         group.finish();
         interleaved("redb", n, &data, 10_000, raw, store.clone());
+        interleaved("redb_held_table_baseline", n, &data, 10_000, held_get, store.clone());
         interleaved("redb_tuple_baseline", n, &data, 10_000, |thread, digest| tuples.get(thread, digest), store);
     }
 }

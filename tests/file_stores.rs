@@ -504,6 +504,39 @@ fn redb_refuses_a_second_opener_while_the_file_is_in_use() {
     assert!(lines[0].starts_with("open-error ") && lines[0].contains("in use"), "{lines:?}");
 }
 
+/// redb's verification reads from a snapshot held between commits. Each commit replaces it before
+/// the write returns, so the next read sees the write; and one snapshot is held at a time, so
+/// redb reuses the pages that commits free, and the file does not grow with every commit.
+#[test]
+fn redb_verification_sees_every_commit_and_the_file_does_not_grow_with_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let store = RedbStore::open(&path).unwrap();
+    let account = AccountId::new("snapshot").unwrap();
+    let keys: Vec<KeyRecord> = (0..100).map(|i| record(&account, i)).collect();
+    let runtime = runtime();
+    runtime.block_on(store.import(keys.clone())).unwrap();
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let mut warmed_up = 0;
+    for round in 0..1_000 {
+        let used_at = start + time::Duration::seconds(round + 1);
+        let uses: Vec<(KeyId, OffsetDateTime)> = keys.iter().map(|key| (key.id, used_at)).collect();
+        runtime.block_on(store.record_last_used(&uses)).unwrap();
+        let key = &keys[round as usize % keys.len()];
+        let found = store.find_by_digest_now(&key.digest).unwrap().unwrap().unwrap();
+        assert_eq!(found.last_used_at, Some(used_at), "round {round}: the read after a commit");
+        if round == 100 {
+            warmed_up = size();
+        }
+    }
+    let revocation = support::revoked_event(&account, &keys[0].id, start);
+    assert!(runtime.block_on(store.revoke(&account, &keys[0].id, start, &revocation)).unwrap());
+    let revoked = store.find_by_digest_now(&keys[0].digest).unwrap().unwrap().unwrap();
+    assert!(revoked.revoked_at.is_some(), "the read after a revocation");
+    assert!(size() <= warmed_up + (1 << 20), "the file grew from {warmed_up} to {} bytes over 900 commits", size());
+}
+
 #[test]
 fn sqlite_waits_for_another_writer_and_reports_one_that_holds_the_lock_too_long() {
     let dir = tempfile::tempdir().unwrap();
@@ -995,7 +1028,6 @@ fn a_corrupt_file_gives_errors_never_panics() {
         }
         std::fs::write(&path, &bytes).unwrap();
         let _ = std::fs::remove_file(path.with_extension("db-wal"));
-        // Opening may fail, or reads may fail: either way typed errors, and no panic.
         // Opening may fail, or reads may fail: either way typed errors, and no panic. A read that
         // succeeds gives what was written: never another key's record, never "no such key".
         let reported = match backend.open(&path) {

@@ -113,15 +113,34 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("apikeys_meta");
 /// Keys in a redb file: pure Rust, no C compiler needed, one process at a time (a second process
 /// gets [`OpenError::InUse`]).
 ///
-/// Reads run inline in their own read transaction (about a microsecond); writes run on a
-/// dedicated thread, each in one write transaction committed with `Durability::Immediate`, so
+/// Reads run inline: verification's from a snapshot of the records held between commits, the
+/// others each in a read transaction of its own. Writes run on a dedicated thread, each in one write transaction committed with `Durability::Immediate`, so
 /// an acknowledged create or revocation is on disk and the caller's executor never waits for
 /// fsync. The three tables (records by digest, id index, account index) change together in one
 /// transaction, so they never disagree.
 pub struct RedbStore {
+    /// First, so that the snapshot's read transaction ends before the database is closed.
+    records: Arc<Snapshot>,
     location: String,
     database: Arc<Database>,
     writer: Writer<Arc<Database>>,
+}
+
+/// The records table as of the last commit, open in a read transaction held for verification:
+/// a verification then reads one B-tree, without the cost of beginning a transaction and
+/// finding the table in redb's table of tables. The writer thread replaces it after each commit
+/// and before the write returns, so that a revocation is seen by every verification after it;
+/// one snapshot is held at a time, so redb frees what the commits before it replaced. `None`
+/// while no snapshot could be opened: verification then begins a transaction of its own.
+#[derive(Default)]
+struct Snapshot(std::sync::RwLock<Option<redb::ReadOnlyTable<&'static [u8; Digest::LEN], &'static [u8]>>>);
+
+impl Snapshot {
+    /// Holds the records as `database` has them now.
+    fn refresh(&self, database: &Database) {
+        let opened = without_panics(|| -> Result<_, BoxError> { Ok(database.begin_read()?.open_table(RECORDS)?) });
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = opened.ok();
+    }
 }
 
 /// redb's readers take no lock a writer could hold for them: nothing to keep between writes.
@@ -160,18 +179,26 @@ impl RedbStore {
         });
         let database = opened.map_err(|panic| OpenError::Other { path: path.to_owned(), source: panic.into() })??;
         let database = Arc::new(database);
+        let records = Arc::new(Snapshot::default());
+        records.refresh(&database);
         let writer = Writer::spawn("apikeys-redb-writer", Arc::clone(&database))
             .map_err(|source| OpenError::Other { path: path.to_owned(), source: source.into() })?;
-        Ok(Self { location: path.display().to_string(), database, writer })
+        Ok(Self { location: path.display().to_string(), database, writer, records })
     }
 
-    /// The record with this digest: verification's read, on the caller's thread.
+    /// The record with this digest: verification's read, on the caller's thread, from the
+    /// snapshot of the last commit.
     fn get(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        self.read("find_by_digest", |transaction| {
-            let records = transaction.open_table(RECORDS)?;
+        let find = |records: &redb::ReadOnlyTable<&[u8; Digest::LEN], &[u8]>| -> Result<_, BoxError> {
             let found = records.get(digest.as_bytes())?;
             found.map(|found| record::decode(digest.as_bytes(), found.value())).transpose()
-        })
+        };
+        let held = self.records.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match held.as_ref() {
+            Some(records) => without_panics(|| find(records))
+                .map_err(|source| BackendError::new("redb", self.location.clone(), "find_by_digest", source).into()),
+            None => self.read("find_by_digest", |transaction| find(&transaction.open_table(RECORDS)?)),
+        }
     }
 
     /// Runs `read` in a read transaction on the caller's thread.
@@ -211,7 +238,7 @@ impl RedbStore {
         durability: Durability,
         job: impl FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let location = self.location.clone();
+        let (location, records) = (self.location.clone(), Arc::clone(&self.records));
         self.writer
             .run(move |database| {
                 let outcome = without_panics(|| -> Result<T, WriteError> {
@@ -219,6 +246,7 @@ impl RedbStore {
                     transaction.set_durability(durability)?;
                     let value = job(&transaction)?;
                     transaction.commit()?;
+                    records.refresh(database);
                     Ok(value)
                 });
                 outcome.map_err(|error| error.into_store_error("redb", location, operation))
