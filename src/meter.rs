@@ -16,13 +16,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use smol_str::SmolStr;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::clock::{from_unix_micros, unix_micros};
 use crate::id::{AccountId, KeyId, OwnerId};
-use crate::prehashed::PrehashedMap;
 use crate::spread::CachePadded;
 use crate::store::{RateCounts, StoreError};
 use crate::usage::{Balance, RateLimit, RateLimits, Take, Taken};
@@ -193,7 +193,7 @@ impl Drop for Pending<'_> {
         if !self.settled {
             let now = unix_micros(self.take.at);
             let mut shard = self.meter.shard(&self.id, now);
-            shard.keys.entry(self.id).or_default().give_back(&self.used, now);
+            shard.keys.entry(self.id).give_back(&self.used, now);
             shard.end_take(&self.id, self.leasing);
         }
     }
@@ -203,10 +203,10 @@ impl Drop for Pending<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MeterId(u128);
 
-impl std::hash::Hash for MeterId {
-    /// Both halves folded, as [`KeyId`]'s: the bits are random already.
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64((self.0 >> 64) as u64 ^ self.0 as u64);
+impl MeterId {
+    /// Both halves folded, as [`KeyId`]'s hash: the bits are random already.
+    fn hash(&self) -> u64 {
+        (self.0 >> 64) as u64 ^ self.0 as u64
     }
 }
 
@@ -331,15 +331,16 @@ const NOT_SHARED: i64 = i64::MIN;
 
 #[derive(Default)]
 struct Shard {
-    keys: PrehashedMap<MeterId, KeyMeter>,
+    keys: Keys,
     /// How many keys the shard held after its last sweep of idle ones.
     swept_at: usize,
     /// Uses waiting for a key's leasing take to end; rare, so kept apart from the keys.
     waiting: Vec<(MeterId, Waker)>,
 }
 
+/// In this order (see [`Keys`]).
+#[repr(C)]
 struct KeyMeter {
-    windows: Windows,
     /// Credits taken from the store and not spent yet.
     lease: u64,
     /// When the lease is void: the next refill boundary after it was taken (Unix µs);
@@ -354,6 +355,54 @@ struct KeyMeter {
     /// entry is made (an entry swept and made again is not the one a use took from). Credits go
     /// back only to the lease they came from.
     lease_epoch: u64,
+    windows: Windows,
+}
+
+/// The state of each key (or owner) a shard meters. An entry is four cache lines, and begins one:
+/// the first holds the id beside the lease and the first window's newest slot, the second that
+/// window's total, name and first counts, so a use reads two lines next to each other and at most
+/// one more of counts. The meter's entries are the one random access a limited use adds to a
+/// verification: the smaller, the more of them the caches hold.
+#[derive(Default)]
+struct Keys(HashTable<Entry>);
+
+/// A key's state and its id, which a lookup compares first.
+#[repr(C, align(64))]
+struct Entry {
+    id: MeterId,
+    key: KeyMeter,
+}
+
+impl Keys {
+    fn get(&self, id: &MeterId) -> Option<&KeyMeter> {
+        self.0.find(id.hash(), |entry| entry.id == *id).map(|entry| &entry.key)
+    }
+
+    fn get_mut(&mut self, id: &MeterId) -> Option<&mut KeyMeter> {
+        self.0.find_mut(id.hash(), |entry| entry.id == *id).map(|entry| &mut entry.key)
+    }
+
+    /// The state of `id`, new if it had none.
+    fn entry(&mut self, id: MeterId) -> &mut KeyMeter {
+        let found = self.0.entry(id.hash(), |entry| entry.id == id, |entry| entry.id.hash());
+        &mut found.or_insert_with(|| Entry { id, key: KeyMeter::default() }).into_mut().key
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&MeterId, &mut KeyMeter)> {
+        self.0.iter_mut().map(|entry| (&entry.id, &mut entry.key))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut KeyMeter> {
+        self.0.iter_mut().map(|entry| &mut entry.key)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&mut KeyMeter) -> bool) {
+        self.0.retain(|entry| keep(&mut entry.key));
+    }
 }
 
 /// What `lease_void_at` holds once the lease was voided at its refill boundary.
@@ -372,42 +421,45 @@ impl Default for KeyMeter {
     }
 }
 
-/// A key's windows, each with its limit's name: the first inline, beside the rest of the key's
-/// state, so that a use of a key with one limit reads no other memory; the others on the heap.
+/// A key's windows: the first inline, beside the rest of the key's state, so that a use of a key
+/// with one limit reads no other memory; the others on the heap.
 #[derive(Debug, Clone, Default)]
+#[repr(C)]
 struct Windows {
-    first: Option<(SmolStr, Window)>,
-    rest: Vec<(SmolStr, Window)>,
+    first: Option<Window>,
+    #[expect(clippy::box_collection, reason = "one word beside the key's state, not a vector's three")]
+    rest: Option<Box<Vec<Window>>>,
 }
 
 impl Windows {
-    fn iter(&self) -> impl Iterator<Item = &(SmolStr, Window)> {
-        self.first.iter().chain(&self.rest)
+    fn iter(&self) -> impl Iterator<Item = &Window> {
+        self.first.iter().chain(self.rest.iter().flat_map(|rest| rest.iter()))
     }
 
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut (SmolStr, Window)> {
-        self.first.iter_mut().chain(&mut self.rest)
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Window> {
+        self.first.iter_mut().chain(self.rest.iter_mut().flat_map(|rest| rest.iter_mut()))
     }
 
     /// Adds a window; returns where it is.
-    fn push(&mut self, window: (SmolStr, Window)) -> usize {
+    fn push(&mut self, window: Window) -> usize {
         if self.first.is_none() {
             self.first = Some(window);
             0
         } else {
-            self.rest.push(window);
-            self.rest.len()
+            let rest = self.rest.get_or_insert_default();
+            rest.push(window);
+            rest.len()
         }
     }
 }
 
 impl std::ops::Index<usize> for Windows {
-    type Output = (SmolStr, Window);
+    type Output = Window;
 
     fn index(&self, index: usize) -> &Self::Output {
         match (index, &self.first) {
             (0, Some(first)) => first,
-            _ => &self.rest[index - 1],
+            _ => &self.rest.as_deref().map_or(&[][..], Vec::as_slice)[index - 1],
         }
     }
 }
@@ -416,7 +468,7 @@ impl std::ops::IndexMut<usize> for Windows {
     fn index_mut(&mut self, index: usize) -> &mut Self::Output {
         match (index, &mut self.first) {
             (0, Some(first)) => first,
-            _ => &mut self.rest[index - 1],
+            _ => &mut self.rest.as_deref_mut().map_or(&mut [][..], Vec::as_mut_slice)[index - 1],
         }
     }
 }
@@ -427,8 +479,8 @@ impl KeyMeter {
     fn give_back(&mut self, used: &Used, now: i64) {
         for (_, name, width, slot) in &used.slots {
             // A window changed since is not the one the slot was taken from.
-            let same = self.windows.iter_mut().find(|(own, window)| own == name && window.window == *width);
-            if let Some((_, window)) = same {
+            let same = self.windows.iter_mut().find(|window| window.name == *name && window.window() == *width);
+            if let Some(window) = same {
                 window.remove(*slot);
             }
         }
@@ -483,7 +535,7 @@ impl Meter {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             for key in shard.keys.values_mut() {
-                for (_, window) in key.windows.iter_mut() {
+                for window in key.windows.iter_mut() {
                     window.others = None;
                 }
             }
@@ -496,13 +548,13 @@ impl Meter {
         let mut all = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            for (id, key) in &mut shard.keys {
-                for (name, window) in key.windows.iter_mut() {
+            for (id, key) in shard.keys.iter_mut() {
+                for window in key.windows.iter_mut() {
                     window.advance(now);
                     if window.total > 0 {
-                        let window_ms = u64::try_from(window.window.as_millis()).unwrap_or(u64::MAX);
+                        let window_ms = u64::from(window.window_ms);
                         let counts = window.counts.to_vec();
-                        let name = name.to_string();
+                        let name = window.name.to_string();
                         all.push(RateCounts::new(instance, id.0, name, window_ms, window.newest, counts));
                     }
                 }
@@ -562,7 +614,7 @@ impl Meter {
                 return false;
             }
             for key in shard.keys.values_mut() {
-                for (_, window) in key.windows.iter_mut() {
+                for window in key.windows.iter_mut() {
                     // Kept while any instance counted it this exchange or the last.
                     let (came, since) = window.others.as_ref().map_or((0, 0), |others| (others.came, others.since));
                     window.others =
@@ -570,16 +622,18 @@ impl Meter {
                 }
             }
             for counts in group {
+                // No limit has a window of more than 2^31 ms.
+                let Ok(window_ms) = u32::try_from(counts.window_ms) else { continue };
                 let width = Duration::from_millis(counts.window_ms);
-                let key = shard.keys.entry(MeterId(counts.subject)).or_default();
+                let key = shard.keys.entry(MeterId(counts.subject));
                 // A window of another width under the same name is a limit changed since: skipped.
-                let found = key.windows.iter().position(|(name, _)| *name == counts.name);
+                let found = key.windows.iter().position(|window| window.name == counts.name);
                 let index = match found {
-                    Some(index) if key.windows[index].1.window == width => index,
+                    Some(index) if key.windows[index].window_ms == window_ms => index,
                     Some(_) => continue,
-                    None => key.windows.push((SmolStr::new(&counts.name), Window::new(width, 0))),
+                    None => key.windows.push(Window::new(SmolStr::new(&counts.name), width, 0)),
                 };
-                let window = &mut key.windows[index].1;
+                let window = &mut key.windows[index];
                 window.advance(now);
                 window.add_others(counts.newest, &counts.counts, alive.contains(&counts.instance));
             }
@@ -631,7 +685,7 @@ impl Meter {
         };
         let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
-        let key = shard.keys.entry(id).or_default();
+        let key = shard.keys.entry(id);
         if now >= key.lease_void_at && key.lease_void_at != VOIDED {
             (key.lease, key.lease_void_at, key.lease_epoch) = (0, VOIDED, new_epoch());
         }
@@ -648,12 +702,12 @@ impl Meter {
         let fill = |report: &mut UsageReport, key: &KeyMeter| {
             for &(position, window) in checked.iter() {
                 report.checked |= 1 << position;
-                report.left[position] = key.windows[window].1.left(limit_at(position), now);
+                report.left[position] = key.windows[window].left(limit_at(position), now);
             }
         };
         // The refusal waits for the limit that frees up last.
         let full = checked.iter().enumerate().filter_map(|(index, &(position, window))| {
-            let (limit, window) = (limit_at(position).limit(), &key.windows[window].1);
+            let (limit, window) = (limit_at(position).limit(), &key.windows[window]);
             (window.projected() >= limit).then(|| (window.until_below(limit, now), index))
         });
         if let Some((retry, index)) = full.max() {
@@ -673,15 +727,15 @@ impl Meter {
         let mut slots = [0; RateLimits::MAX];
         if cost > 0 {
             for (&(_, window), slot) in checked.iter().zip(&mut slots) {
-                *slot = key.windows[window].1.add();
+                *slot = key.windows[window].add();
             }
         }
         fill(&mut report, key);
         let counted = if cost > 0 { count } else { 0 };
         let slots_taken = |key: &KeyMeter| {
             let slots = checked[..counted].iter().zip(slots).map(|(&(position, window), slot)| {
-                let (name, window) = &key.windows[window];
-                (position, name.clone(), window.window, slot)
+                let window = &key.windows[window];
+                (position, window.name.clone(), window.window(), slot)
             });
             slots.collect()
         };
@@ -723,7 +777,7 @@ impl Meter {
     ) -> Closed {
         pending.settled = true;
         let mut shard = self.shard(&pending.id, now);
-        let key = shard.keys.entry(pending.id).or_default();
+        let key = shard.keys.entry(pending.id);
         let (take, from_lease) = (pending.take, pending.used.credits);
         let mut report = std::mem::take(&mut pending.report);
         let mut refused = match taken {
@@ -787,7 +841,7 @@ impl Meter {
 
     /// Gives back what an accepted use took (its [`Used`]), in the same lease epoch only.
     pub(crate) fn give_back(&self, id: MeterId, used: &Used, now: i64) {
-        self.shard(&id, now).keys.entry(id).or_default().give_back(used, now);
+        self.shard(&id, now).keys.entry(id).give_back(used, now);
     }
 
     /// The credits this instance holds for `id` at `now`: what lists add to the store's.
@@ -818,7 +872,7 @@ impl Meter {
         });
         if let Some((lease, void_at, windows)) = held {
             let mut shard = self.shard(&to, now);
-            let key = shard.keys.entry(to).or_default();
+            let key = shard.keys.entry(to);
             key.windows = windows;
             if lease > 0 {
                 (key.lease, key.lease_void_at) = (key.lease + lease, void_at);
@@ -889,9 +943,8 @@ impl Shard {
         if self.keys.len() < 2 * self.swept_at.max(512) {
             return;
         }
-        self.keys.retain(|_, key| {
-            key.lease > 0 || key.leasing || key.windows.iter_mut().any(|(_, window)| window.holds_any(now))
-        });
+        self.keys
+            .retain(|key| key.lease > 0 || key.leasing || key.windows.iter_mut().any(|window| window.holds_any(now)));
         self.swept_at = self.keys.len();
     }
 }
@@ -901,18 +954,18 @@ impl KeyMeter {
     /// had none, or if the limit's window changed (in place, so that no other window moves). A
     /// fresh window assumes that `peers` other instances count it too, until their counts come.
     fn window(&mut self, limit: &RateLimit, now: i64, peers: u32) -> usize {
-        let found = self.windows.iter().position(|(name, _)| name == limit.name());
+        let found = self.windows.iter().position(|window| window.name == limit.name());
         let index = match found {
             Some(index) => {
-                let window = &mut self.windows[index].1;
-                if window.window != limit.window() {
+                let window = &mut self.windows[index];
+                if window.window() != limit.window() {
                     *window = window.rewidened(limit.window(), now);
                 }
                 index
             }
-            None => self.windows.push((limit.name_text().clone(), Window::new(limit.window(), peers))),
+            None => self.windows.push(Window::new(limit.name_text().clone(), limit.window(), peers)),
         };
-        self.windows[index].1.advance(now);
+        self.windows[index].advance(now);
         index
     }
 }
@@ -922,21 +975,25 @@ impl KeyMeter {
 /// (1/32 of the window) later than an exact log of every use would.
 const SLOTS: usize = 32;
 
-/// A sliding window of accepted uses, counted in slots of equal width.
+/// A sliding window of accepted uses of a limit, counted in slots of equal width. What every use
+/// reads comes first, before the counts, of which a use reads one or two.
 #[derive(Debug, Clone)]
+#[repr(C)]
 struct Window {
-    /// The limit's window, and its slots' width in µs.
-    window: Duration,
-    slot: i64,
     /// The number (time / width) of the newest slot; the ring holds it and the `SLOTS` before.
     newest: i64,
+    /// The slots' width in µs.
+    slot: i64,
     /// The number of the oldest slot that counts a use, when `total` is not 0.
     oldest: i64,
     total: u32,
-    counts: [u32; SLOTS + 1],
+    /// The limit's window (whole ms, under 2^31) and name.
+    window_ms: u32,
+    name: SmolStr,
     /// What the other instances sharing the store counted, as of the last exchange; only when
     /// rate limits are shared, and apart, so that a window of one instance stays small.
     others: Option<Box<Others>>,
+    counts: [u32; SLOTS + 1],
 }
 
 /// The other instances' uses in a window's slots, by slot as a window counts its own, and how
@@ -974,12 +1031,17 @@ impl Window {
         (micros / SLOTS as i64 + i64::from(micros % SLOTS as i64 != 0)).max(1)
     }
 
-    /// An empty window that `peers` other instances are assumed to count too.
-    fn new(window: Duration, peers: u32) -> Self {
+    /// An empty window of the limit `name` that `peers` other instances are assumed to count too.
+    fn new(name: SmolStr, window: Duration, peers: u32) -> Self {
         let slot = Self::slot_width(window);
         let others = (peers > 0).then(|| Box::new(Others::assumed(peers)));
         let counts = [0; SLOTS + 1];
-        Self { window, slot, newest: i64::MIN, oldest: 0, total: 0, counts, others }
+        let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX);
+        Self { newest: i64::MIN, slot, oldest: 0, total: 0, window_ms, name, others, counts }
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(u64::from(self.window_ms))
     }
 
     fn ring(number: i64) -> usize {
@@ -991,7 +1053,8 @@ impl Window {
     /// uses early).
     fn rewidened(&mut self, window: Duration, now: i64) -> Self {
         self.advance(now);
-        let mut wider = Self::new(window, self.others.as_ref().map_or(0, |others| others.peers));
+        let peers = self.others.as_ref().map_or(0, |others| others.peers);
+        let mut wider = Self::new(self.name.clone(), window, peers);
         wider.advance(now);
         if self.total > 0 {
             wider.counts[Self::ring(wider.newest)] = self.total;
@@ -1171,7 +1234,7 @@ mod tests {
 
     fn window_at<'k>(key: &'k mut KeyMeter, limit: &RateLimit, now: i64) -> &'k mut Window {
         let index = key.window(limit, now, 0);
-        &mut key.windows[index].1
+        &mut key.windows[index]
     }
 
     fn limit(limit: u32, window_ms: u64) -> RateLimit {
@@ -1220,7 +1283,7 @@ mod tests {
         let (meter, id) = (Meter::new(10), MeterId(7));
         {
             let mut shard = meter.lock(&id);
-            let key = shard.keys.entry(id).or_default();
+            let key = shard.keys.entry(id);
             (key.lease, key.lease_void_at) = (5, i64::MAX);
         }
         let limits = RateLimits::new([limit(1, 1_000)]).unwrap();
@@ -1417,6 +1480,29 @@ mod tests {
         let spent = Balance::new(Credits::new(0).unwrap(), time::OffsetDateTime::UNIX_EPOCH);
         let after = meter.open(old, &limits, Some(&spent), &Usage::new(), second, true, None);
         assert!(matches!(after, Opened::Refused(Refused::UsageExceeded(_), _)), "the old key spends no void lease");
+    }
+
+    #[test]
+    fn an_entry_of_a_key_with_one_limit_is_four_cache_lines_and_reads_the_first_two() {
+        assert_eq!((std::mem::size_of::<Entry>(), std::mem::align_of::<Entry>()), (256, 64));
+        let mut keys = Keys::default();
+        let key = keys.entry(MeterId(7));
+        key.windows.push(Window::new(SmolStr::new("requests"), Duration::from_secs(1), 0));
+        let entry = keys.0.iter().next().unwrap();
+        let window = entry.key.windows.first.as_ref().unwrap();
+        let line = |field: *const u8| (field as usize - std::ptr::from_ref(entry) as usize) / 64;
+        let lines = [
+            line(std::ptr::from_ref(&entry.id).cast()),
+            line(std::ptr::from_ref(&entry.key.lease).cast()),
+            line(std::ptr::from_ref(&entry.key.lease_void_at).cast()),
+            line(std::ptr::from_ref(&window.newest).cast()),
+            line(std::ptr::from_ref(&window.slot).cast()),
+            line(std::ptr::from_ref(&window.oldest).cast()),
+            line(std::ptr::from_ref(&window.total).cast()),
+            line(std::ptr::from_ref(&window.name).cast()),
+            line(std::ptr::from_ref(&window.window_ms).cast()),
+        ];
+        assert_eq!(lines, [0, 0, 0, 0, 0, 1, 1, 1, 1]);
     }
 
     #[test]

@@ -260,7 +260,9 @@ async fn a_change_without_the_sessions_csrf_token_or_from_elsewhere_changes_noth
     let create = format!("{ACCOUNT_PAGE}/keys");
     let no_token = dashboard.post(&create, Some(&browser), &[("name", "x")]).await;
     assert_eq!(no_token.status(), StatusCode::FORBIDDEN);
-    assert!(no_token.text().await.unwrap().contains("Nothing was changed"));
+    let refusal = no_token.text().await.unwrap();
+    assert!(refusal.contains("Nothing was changed"));
+    assert!(refusal.contains(&format!("<a href=\"{ACCOUNT_PAGE}\">")), "links back to the account: {refusal}");
     let wrong = dashboard.post(&create, Some(&browser), &[("name", "x"), ("csrf", &"0".repeat(64))]).await;
     assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
     for (header, value) in
@@ -401,6 +403,7 @@ async fn bad_input_is_a_clear_error_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(not_a_form.status(), StatusCode::BAD_REQUEST);
+    assert!(not_a_form.text().await.unwrap().contains(&format!("<a href=\"{ACCOUNT_PAGE}\">")));
     let bad_query = dashboard.get(&format!("/dashboard/accounts?after={}", "%C3%A9"), Some(&browser)).await;
     assert_eq!(bad_query.status(), StatusCode::BAD_REQUEST);
     let bad_cursor = dashboard.get(&format!("{ACCOUNT_PAGE}?events=nonsense"), Some(&browser)).await;

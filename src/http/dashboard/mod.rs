@@ -79,6 +79,8 @@ impl DashboardOptions {
 
 /// The accounts a page lists, unless an `/admin` request names another number.
 const ACCOUNTS_PAGE: u32 = 50;
+/// The list of accounts, where a page that names no account links back to.
+const ACCOUNTS_HREF: &str = "/dashboard/accounts";
 
 /// The events an account page shows at once.
 const EVENTS_PAGE: u32 = 20;
@@ -193,8 +195,8 @@ impl<St: AccountListing> Dashboard<St> {
     }
 
     /// The session of a change: signed in, from the dashboard's own origin, with the session's
-    /// CSRF token. Anything else changes nothing.
-    fn change(&self, headers: &HeaderMap, csrf: &str) -> Result<Signed, Response> {
+    /// CSRF token. Anything else changes nothing, and links `back` to the page of the change.
+    fn change(&self, headers: &HeaderMap, csrf: &str, back: &str) -> Result<Signed, Response> {
         let signed = self.signed(headers)?;
         if !same_origin(headers) || !signed.admits(csrf) {
             return Err(message(
@@ -202,7 +204,7 @@ impl<St: AccountListing> Dashboard<St> {
                 &signed.csrf,
                 "Nothing was changed",
                 "This form did not come from this dashboard, or it has expired. Reload the page and try again.",
-                "/dashboard/accounts",
+                back,
             ));
         }
         Ok(signed)
@@ -297,14 +299,14 @@ fn failure(error: impl Into<ApiError>, signed: &Signed, back: &str) -> Response 
 
 async fn home<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
     match dashboard.sessions.of(&headers) {
-        Some(_) => Redirect::to("/dashboard/accounts").into_response(),
+        Some(_) => Redirect::to(ACCOUNTS_HREF).into_response(),
         None => Redirect::to("/dashboard/sign-in").into_response(),
     }
 }
 
 async fn sign_in_page<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
     if dashboard.sessions.of(&headers).is_some() {
-        return Redirect::to("/dashboard/accounts").into_response();
+        return Redirect::to(ACCOUNTS_HREF).into_response();
     }
     render(StatusCode::OK, &SignInPage { csrf: String::new(), error: None })
 }
@@ -349,7 +351,7 @@ async fn sign_in<St: AccountListing>(
     };
     let cookie = session::set_cookie(Some(&id), dashboard.sessions.lifetime(), dashboard.secure(&headers));
     tracing::info!(target: "apikeys::dashboard", "an administrator signed in");
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/accounts")).into_response()
+    ([(header::SET_COOKIE, cookie)], Redirect::to(ACCOUNTS_HREF)).into_response()
 }
 
 /// The one field of a form that changes nothing but needs the session: sign-out.
@@ -364,7 +366,7 @@ async fn sign_out<St: AccountListing>(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Answer {
-    let (signed, _) = dashboard.changed_by(&headers, form)?;
+    let (signed, _) = dashboard.changed_by(&headers, form, ACCOUNTS_HREF)?;
     dashboard.sessions.end(&signed);
     let cookie = session::set_cookie(None, Duration::ZERO, dashboard.secure(&headers));
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/sign-in")).into_response())
@@ -384,7 +386,7 @@ async fn accounts<St: AccountListing>(
     query: Result<Query<AccountsQuery>, QueryRejection>,
 ) -> Answer {
     let signed = dashboard.signed(&headers)?;
-    let bad = |text: &str| message(StatusCode::BAD_REQUEST, &signed.csrf, "Not a page", text, "/dashboard/accounts");
+    let bad = |text: &str| message(StatusCode::BAD_REQUEST, &signed.csrf, "Not a page", text, ACCOUNTS_HREF);
     let Query(query) = query.map_err(|_| bad("The address holds parameters this page does not know."))?;
     // As typed: an account id may begin or end with a space.
     let search = query.q;
@@ -399,7 +401,7 @@ async fn accounts<St: AccountListing>(
         (Vec::new(), None)
     } else {
         let page = accounts_page(&dashboard.service, search.clone(), after.clone(), ACCOUNTS_PAGE).await;
-        page.map_err(|error| failure(error, &signed, "/dashboard/accounts"))?
+        page.map_err(|error| failure(error, &signed, ACCOUNTS_HREF))?
     };
     let next = next.map(|last| pages::accounts_href(&search, Some(&last)));
     let open = AccountId::new(&search)
@@ -429,7 +431,13 @@ struct AccountView {
 
 /// The account in the path, or the page that says it is not one.
 fn account_of(path: &str, signed: &Signed) -> Result<AccountId, Response> {
-    AccountId::new(pages::account_in(path)).map_err(|error| failure(error, signed, "/dashboard/accounts"))
+    AccountId::new(pages::account_in(path)).map_err(|error| failure(error, signed, ACCOUNTS_HREF))
+}
+
+/// The page of the account a change's path names, or the list if it names none.
+fn back_to(path: &str) -> String {
+    AccountId::new(pages::account_in(path))
+        .map_or_else(|_| ACCOUNTS_HREF.to_owned(), |account| pages::account_href(&account))
 }
 
 async fn account<St: AccountListing>(
@@ -603,7 +611,7 @@ async fn create_key<St: AccountListing>(
     Path(account): Path<String>,
     form: Result<Form<CreateKeyForm>, FormRejection>,
 ) -> Answer {
-    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let (signed, form) = dashboard.changed_by(&headers, form, &back_to(&account))?;
     let account = account_of(&account, &signed)?;
     let view = AccountView::default();
     let new = match form.key.new_key(dashboard.service.now()) {
@@ -649,16 +657,18 @@ macro_rules! change_forms {
 change_forms!(CsrfForm, CreateKeyForm, RevokeForm, RollForm);
 
 impl<St: AccountListing> Dashboard<St> {
-    /// The form of a change, and its session, or the answer that changes nothing.
+    /// The form of a change, and its session, or the answer that changes nothing and links
+    /// `back` to the page the form was on.
     fn changed_by<F: ChangeForm>(
         &self,
         headers: &HeaderMap,
         form: Result<Form<F>, FormRejection>,
+        back: &str,
     ) -> Result<(Signed, F), Response> {
         let Ok(Form(form)) = form else {
-            return Err(bad_form(self, headers));
+            return Err(bad_form(self, headers, back));
         };
-        Ok((self.change(headers, form.csrf())?, form))
+        Ok((self.change(headers, form.csrf(), back)?, form))
     }
 }
 
@@ -671,14 +681,14 @@ fn key_of(path: (String, String), signed: &Signed) -> Result<(AccountId, String,
 }
 
 /// A change whose body is not the dashboard's form: refused, nothing changed.
-fn bad_form<St: AccountListing>(dashboard: &Dashboard<St>, headers: &HeaderMap) -> Response {
+fn bad_form<St: AccountListing>(dashboard: &Dashboard<St>, headers: &HeaderMap, back: &str) -> Response {
     match dashboard.signed(headers) {
         Ok(signed) => message(
             StatusCode::BAD_REQUEST,
             &signed.csrf,
             "Nothing was changed",
             "The form was not sent as the dashboard sends it.",
-            "/dashboard/accounts",
+            back,
         ),
         Err(redirect) => redirect,
     }
@@ -699,7 +709,7 @@ async fn revoke_key<St: AccountListing>(
     Path(path): Path<(String, String)>,
     form: Result<Form<RevokeForm>, FormRejection>,
 ) -> Answer {
-    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let (signed, form) = dashboard.changed_by(&headers, form, &back_to(&path.0))?;
     let (account, href, id) = key_of(path, &signed)?;
     let key = active_key(&dashboard, &signed, &account, &id).await?;
     if form.confirmed != "yes" {
@@ -747,7 +757,7 @@ async fn roll_key<St: AccountListing>(
     Path(path): Path<(String, String)>,
     form: Result<Form<RollForm>, FormRejection>,
 ) -> Answer {
-    let (signed, form) = dashboard.changed_by(&headers, form)?;
+    let (signed, form) = dashboard.changed_by(&headers, form, &back_to(&path.0))?;
     let (account, href, id) = key_of(path, &signed)?;
     let grace =
         form.grace.parse::<u64>().map_err(|_| failure(crate::ValidationError::GraceOutOfRange, &signed, &href))?;
