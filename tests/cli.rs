@@ -312,9 +312,14 @@ async fn serve_serves_the_dashboard_only_with_an_admin_credential_from_the_envir
     std::fs::write(&file, format!("{token}\n")).unwrap();
     let mut command = apikeys(dir.path());
     command.env("APIKEYS_ADMIN_TOKEN_FILE", &file);
-    let (mut child, log) = start_serving_as(command, &[]);
+    let (mut child, log) = start_serving_as(command, &["--behind-tls"]);
     let _stdout = child.stdout.take();
     let on = Served { address: listening_address(&log), child, first_key: String::new(), log };
+    // Behind TLS, the session cookie is the __Host- one even where the request does not say so.
+    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let signed = no_redirects.post(on.url("/dashboard/sign-in")).form(&[("token", token)]).send().await.unwrap();
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.starts_with("__Host-apikeys_dashboard=") && cookie.contains("; Secure"), "{cookie}");
     let accounts = client.get(on.url("/admin/accounts")).bearer_auth(token).send().await.unwrap();
     assert_eq!(accounts.status(), 200);
     let accounts: Value = accounts.json().await.unwrap();

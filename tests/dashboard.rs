@@ -82,6 +82,12 @@ impl Dashboard {
         Browser { cookie, csrf }
     }
 
+    /// A sign-in behind a TLS-terminating proxy that says so.
+    async fn sign_in_over_tls(&self) -> reqwest::Response {
+        let request = self.client.post(format!("{}/dashboard/sign-in", self.base)).form(&[("token", ADMIN_TOKEN)]);
+        request.header("x-forwarded-proto", "https").send().await.unwrap()
+    }
+
     /// The text of a page that must answer 200.
     async fn page(&self, path: &str, browser: &Browser) -> String {
         let response = self.get(path, Some(browser)).await;
@@ -163,15 +169,12 @@ async fn signing_in_takes_the_admin_token_and_sets_a_strict_expiring_cookie() {
     assert!(!cookie.contains(ADMIN_TOKEN), "the cookie holds a session id, not the credential");
 
     // Behind a TLS-terminating proxy, the cookie is Secure.
-    let behind_tls = dashboard
-        .client
-        .post(format!("{}/dashboard/sign-in", dashboard.base))
-        .header("x-forwarded-proto", "https")
-        .form(&[("token", ADMIN_TOKEN)])
-        .send()
-        .await
-        .unwrap();
-    assert!(behind_tls.headers()[SET_COOKIE].to_str().unwrap().contains("; Secure"));
+    let behind_tls = dashboard.sign_in_over_tls().await;
+    let secure = behind_tls.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(secure.starts_with("__Host-apikeys_dashboard="), "{secure}");
+    for part in ["; Path=/;", "; Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(secure.contains(part), "{secure}");
+    }
 
     // A cookie that is no session is sent to sign in.
     let forged = Browser { cookie: format!("apikeys_dashboard={}", "00".repeat(32)), csrf: String::new() };
@@ -701,4 +704,48 @@ async fn signing_in_again_ends_the_browsers_old_session_and_tls_makes_the_cookie
     assert!(cookie.contains("; Secure"), "signed in over https, as the browser says: {cookie}");
     let replayed = dashboard.get("/dashboard/accounts", Some(&old)).await;
     assert_eq!(replayed.status(), StatusCode::SEE_OTHER, "the old session is over");
+}
+
+/// A page load over TLS (behind a proxy that says so) with `cookie`.
+async fn over_tls(dashboard: &Dashboard, path: &str, cookie: &str) -> reqwest::Response {
+    let request = dashboard.client.get(format!("{}{path}", dashboard.base)).header("cookie", cookie);
+    request.header("x-forwarded-proto", "https").send().await.unwrap()
+}
+
+#[tokio::test]
+async fn over_tls_only_the_host_cookie_counts_so_no_other_site_can_plant_a_session() {
+    let dashboard = Dashboard::start().await;
+    let signed = dashboard.sign_in_over_tls().await;
+    let cookie = signed.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let id = cookie.strip_prefix("__Host-apikeys_dashboard=").expect("a __Host- cookie over TLS");
+    assert_eq!(over_tls(&dashboard, "/dashboard/accounts", &cookie).await.status(), StatusCode::OK);
+
+    // The same session under the plain name, as a sibling subdomain or a page over plain HTTP
+    // could set it: a request over TLS does not count it.
+    let planted = format!("apikeys_dashboard={id}");
+    let refused = over_tls(&dashboard, "/dashboard/accounts", &planted).await;
+    assert_eq!(refused.status(), StatusCode::SEE_OTHER, "a planted cookie is no session over TLS");
+    assert_eq!(refused.headers()[LOCATION], "/dashboard/sign-in");
+    // Beside the real one, the real one counts.
+    let both = format!("apikeys_dashboard={}; {cookie}", "00".repeat(32));
+    assert_eq!(over_tls(&dashboard, "/dashboard/accounts", &both).await.status(), StatusCode::OK);
+
+    // Told the dashboard is behind TLS, it counts only the __Host- cookie on every request, even
+    // one that says nothing of TLS.
+    let strict = Dashboard::start_with(|mut options| {
+        options.secure_cookie = Some(true);
+        options
+    })
+    .await;
+    let browser = strict.sign_in().await;
+    let id = browser.cookie.strip_prefix("__Host-apikeys_dashboard=").expect("a __Host- cookie");
+    assert_eq!(strict.get("/dashboard/accounts", Some(&browser)).await.status(), StatusCode::OK);
+    let planted = Browser { cookie: format!("apikeys_dashboard={id}"), csrf: String::new() };
+    assert_eq!(strict.get("/dashboard/accounts", Some(&planted)).await.status(), StatusCode::SEE_OTHER);
+
+    // Signing out over TLS deletes the __Host- cookie.
+    let out = strict.change("/dashboard/sign-out", &browser, &[]).await;
+    let deleted = out.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(deleted.starts_with("__Host-apikeys_dashboard=;") && deleted.contains("Max-Age=0"), "{deleted}");
+    assert!(deleted.contains("; Path=/;") && deleted.contains("; Secure"), "{deleted}");
 }

@@ -740,6 +740,10 @@ struct ServeLimits {
     /// sign-in and on /admin together; once spent, no credential is compared until they refill.
     #[arg(long, env = "APIKEYS_ADMIN_GUESSES_PER_MINUTE", default_value_t = 10)]
     admin_guesses_per_minute: u32,
+    /// Clients reach serve only over TLS (a proxy in front terminates it): the dashboard's
+    /// session cookie is always the Secure `__Host-` one, and no other is counted.
+    #[arg(long, env = "APIKEYS_BEHIND_TLS")]
+    behind_tls: bool,
     /// GitHub's secret-scanning public keys, as api.github.com/meta/public_keys/secret_scanning
     /// answers: serve POST /leaks/github, GitHub's partner endpoint.
     #[arg(long, env = "APIKEYS_GITHUB_KEYS", value_name = "FILE")]
@@ -770,6 +774,7 @@ impl ServeLimits {
         if let Some(admin) = admin {
             let mut dashboard = DashboardOptions::new(admin);
             dashboard.wrong_credentials_per_minute = self.admin_guesses_per_minute;
+            dashboard.secure_cookie = self.behind_tls.then_some(true);
             options.routes = dashboard_router(service.clone(), dashboard);
         }
         Ok(options)

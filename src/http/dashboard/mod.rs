@@ -3,8 +3,8 @@
 //!
 //! Server-rendered pages that work without scripts; one small script (copy, confirm, filter as
 //! one types) and one stylesheet, compiled into the binary. Signing in with the credential
-//! starts a session: an opaque id in an HttpOnly, SameSite=Strict cookie (Secure behind TLS)
-//! that expires, its state in process memory. Every change is a POST that carries the session's
+//! starts a session: an opaque id in an HttpOnly, SameSite=Strict cookie (a `__Host-` one behind
+//! TLS) that expires, its state in process memory. Every change is a POST that carries the session's
 //! CSRF token and comes from the dashboard's own origin. Every page is sent with a strict
 //! Content-Security-Policy (no inline script or style) and `Cache-Control: no-store`; no secret is
 //! ever put in a URL. Wrong credentials are throttled, from everyone together.
@@ -56,8 +56,10 @@ pub struct DashboardOptions {
     pub admin: Credential,
     /// How long a session lasts from sign-in; 8 hours by default.
     pub session_lifetime: Duration,
-    /// Whether the session cookie is `Secure`. `None`, the default: when the sign-in came over
-    /// TLS, as the browser's `Origin` or a proxy's `X-Forwarded-Proto: https` says.
+    /// Whether the session cookie is `Secure`, and so the whole host's `__Host-` cookie, which no
+    /// other site can plant. `None`, the default: when the request came over TLS, as the
+    /// browser's `Origin` or a proxy's `X-Forwarded-Proto: https` says. `Some(true)` behind TLS
+    /// makes every request count only that cookie, even a page load that says neither.
     pub secure_cookie: Option<bool>,
     /// How many wrong credentials, at sign-in and on the `/admin` routes together, the dashboard
     /// takes a minute from everyone; past that, every credential is refused (429) until the
@@ -189,9 +191,15 @@ impl<St: AccountListing> Clone for Dashboard<St> {
 type Answer = Result<Response, Response>;
 
 impl<St: AccountListing> Dashboard<St> {
+    /// The request's session, if it has one. A request known to come over TLS counts only the
+    /// `__Host-` cookie, which no other site can have planted.
+    fn session(&self, headers: &HeaderMap) -> Option<Signed> {
+        self.sessions.of(headers, !self.secure(headers))
+    }
+
     /// The request's session, or a redirect to sign in.
     fn signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
-        self.sessions.of(headers).ok_or_else(|| Redirect::to("/dashboard/sign-in").into_response())
+        self.session(headers).ok_or_else(|| Redirect::to("/dashboard/sign-in").into_response())
     }
 
     /// The session of a change: signed in, from the dashboard's own origin, with the session's
@@ -298,14 +306,14 @@ fn failure(error: impl Into<ApiError>, signed: &Signed, back: &str) -> Response 
 }
 
 async fn home<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
-    match dashboard.sessions.of(&headers) {
+    match dashboard.session(&headers) {
         Some(_) => Redirect::to(ACCOUNTS_HREF).into_response(),
         None => Redirect::to("/dashboard/sign-in").into_response(),
     }
 }
 
 async fn sign_in_page<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
-    if dashboard.sessions.of(&headers).is_some() {
+    if dashboard.session(&headers).is_some() {
         return Redirect::to(ACCOUNTS_HREF).into_response();
     }
     render(StatusCode::OK, &SignInPage { csrf: String::new(), error: None })
@@ -341,8 +349,9 @@ async fn sign_in<St: AccountListing>(
             return response;
         }
     }
-    // A browser signing in again leaves no session behind that it can no longer sign out of.
-    if let Some(old) = dashboard.sessions.of(&headers) {
+    // A browser signing in again leaves no session behind that it can no longer sign out of,
+    // under either cookie: ending a session gives no one anything.
+    if let Some(old) = dashboard.sessions.of(&headers, true) {
         dashboard.sessions.end(&old);
     }
     let id = match dashboard.sessions.start() {

@@ -1,4 +1,5 @@
-//! Dashboard sessions: an opaque random id in an HttpOnly, SameSite=Strict cookie, the rest in
+//! Dashboard sessions: an opaque random id in an HttpOnly, SameSite=Strict cookie (`__Host-`
+//! over TLS), the rest in
 //! process memory (so signing out ends a session for good, and a restart ends them all), and
 //! the per-session CSRF token every change must carry.
 
@@ -16,7 +17,13 @@ use crate::error::RandomError;
 use crate::id::AccountId;
 use crate::key::{CreatedKey, PreviousKey};
 
-/// The session cookie's name.
+/// The session cookie's name over TLS. A browser keeps a `__Host-` cookie only from a secure
+/// origin and only for the whole host (`Path=/`, no `Domain`), so no other site (a sibling
+/// subdomain, a page over plain HTTP) can plant one: no one can sign a browser into a session of
+/// theirs and read the tokens it creates.
+const SECURE_COOKIE: &str = "__Host-apikeys_dashboard";
+
+/// Its name over plain HTTP (loopback, development), where browsers refuse the prefix.
 const COOKIE: &str = "apikeys_dashboard";
 
 /// At most this many sessions at once: a flood of sign-ins cannot grow memory without bound
@@ -90,9 +97,10 @@ impl Sessions {
         Ok(id)
     }
 
-    /// The live session whose id the request's cookie holds, if any.
-    pub(super) fn of(&self, headers: &HeaderMap) -> Option<Signed> {
-        let digest = digest(cookie(headers)?);
+    /// The live session whose id the request's cookie holds, if any: the `__Host-` cookie's,
+    /// or with `plain` (the request may have come over plain HTTP) the unprefixed one's.
+    pub(super) fn of(&self, headers: &HeaderMap, plain: bool) -> Option<Signed> {
+        let digest = digest(cookie(headers, SECURE_COOKIE).or_else(|| cookie(headers, COOKIE).filter(|_| plain))?);
         let mut sessions = self.lock();
         let session = sessions.get(&digest)?;
         if session.expires <= Instant::now() {
@@ -137,27 +145,29 @@ impl Signed {
     }
 }
 
-/// The `Set-Cookie` value that stores `id` for `lifetime`, or (with `None`) deletes the cookie.
+/// The `Set-Cookie` value that stores `id` for `lifetime`, or (with `None`) deletes the cookie:
+/// over TLS the `__Host-` cookie, which must be the whole host's; over plain HTTP one only the
+/// dashboard's paths are sent.
 pub(super) fn set_cookie(id: Option<&str>, lifetime: Duration, secure: bool) -> HeaderValue {
     let (value, max_age) = match id {
         Some(id) => (id, lifetime.as_secs()),
         None => ("", 0),
     };
-    let secure = if secure { "; Secure" } else { "" };
-    let cookie = format!("{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    let (name, scope) = if secure { (SECURE_COOKIE, "Path=/; Secure") } else { (COOKIE, "Path=/dashboard") };
+    let cookie = format!("{name}={value}; {scope}; HttpOnly; SameSite=Strict; Max-Age={max_age}");
     // Only hex digits and fixed text: always a valid header value.
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// The session id among the request's cookies.
-fn cookie(headers: &HeaderMap) -> Option<&str> {
+/// The value of the request's cookie `name`.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|cookies| cookies.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find_map(|(name, value)| (name == COOKIE).then_some(value))
+        .find_map(|(named, value)| (named == name).then_some(value))
 }
 
 fn digest(id: &str) -> [u8; 32] {
