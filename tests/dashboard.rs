@@ -689,6 +689,11 @@ async fn wrong_credentials_on_admin_and_at_sign_in_share_one_throttle() {
 async fn signing_in_again_ends_the_browsers_old_session_and_tls_makes_the_cookie_secure() {
     let dashboard = Dashboard::start().await;
     let old = dashboard.sign_in().await;
+    // A plain cookie may count on a page load that says nothing of TLS, and not on the change
+    // after it, which says it came over https: so the sign-in page shows its form, or the
+    // browser would go back and forth between it and the page it came from.
+    let form = dashboard.get("/dashboard/sign-in", Some(&old)).await;
+    assert_eq!(form.status(), StatusCode::OK, "the sign-in form, not a redirect");
     let again = dashboard
         .client
         .post(format!("{}/dashboard/sign-in", dashboard.base))
@@ -702,6 +707,11 @@ async fn signing_in_again_ends_the_browsers_old_session_and_tls_makes_the_cookie
     assert_eq!(again.status(), StatusCode::SEE_OTHER);
     let cookie = again.headers()[SET_COOKIE].to_str().unwrap();
     assert!(cookie.contains("; Secure"), "signed in over https, as the browser says: {cookie}");
+    let cookies: Vec<&str> = again.headers().get_all(SET_COOKIE).iter().map(|value| value.to_str().unwrap()).collect();
+    assert!(cookies[0].starts_with("__Host-apikeys_dashboard="), "{cookies:?}");
+    let deleted = cookies.get(1).expect("the plain cookie deleted too");
+    assert!(deleted.starts_with("apikeys_dashboard=;") && deleted.contains("Path=/dashboard"), "{deleted}");
+    assert!(deleted.contains("Max-Age=0"), "{deleted}");
     let replayed = dashboard.get("/dashboard/accounts", Some(&old)).await;
     assert_eq!(replayed.status(), StatusCode::SEE_OTHER, "the old session is over");
 }

@@ -313,7 +313,10 @@ async fn home<St: AccountListing>(State(dashboard): State<Dashboard<St>>, header
 }
 
 async fn sign_in_page<St: AccountListing>(State(dashboard): State<Dashboard<St>>, headers: HeaderMap) -> Response {
-    if dashboard.session(&headers).is_some() {
+    // Only a session every request counts skips the form: a plain cookie may count on this page
+    // load (which says nothing of TLS) and not on the changes after it (which do), and its
+    // browser must be able to sign in again.
+    if dashboard.sessions.of(&headers, dashboard.secure_cookie == Some(false)).is_some() {
         return Redirect::to(ACCOUNTS_HREF).into_response();
     }
     render(StatusCode::OK, &SignInPage { csrf: String::new(), error: None })
@@ -351,16 +354,14 @@ async fn sign_in<St: AccountListing>(
     }
     // A browser signing in again leaves no session behind that it can no longer sign out of,
     // under either cookie: ending a session gives no one anything.
-    if let Some(old) = dashboard.sessions.of(&headers, true) {
-        dashboard.sessions.end(&old);
-    }
+    dashboard.sessions.end_all(&headers);
     let id = match dashboard.sessions.start() {
         Ok(id) => id,
         Err(_) => return refused(StatusCode::SERVICE_UNAVAILABLE, "No session could be started; try again."),
     };
-    let cookie = session::set_cookie(Some(&id), dashboard.sessions.lifetime(), dashboard.secure(&headers));
+    let cookies = session::set_cookies(Some(&id), dashboard.sessions.lifetime(), dashboard.secure(&headers));
     tracing::info!(target: "apikeys::dashboard", "an administrator signed in");
-    ([(header::SET_COOKIE, cookie)], Redirect::to(ACCOUNTS_HREF)).into_response()
+    (cookies, Redirect::to(ACCOUNTS_HREF)).into_response()
 }
 
 /// The one field of a form that changes nothing but needs the session: sign-out.
@@ -377,8 +378,8 @@ async fn sign_out<St: AccountListing>(
 ) -> Answer {
     let (signed, _) = dashboard.changed_by(&headers, form, ACCOUNTS_HREF)?;
     dashboard.sessions.end(&signed);
-    let cookie = session::set_cookie(None, Duration::ZERO, dashboard.secure(&headers));
-    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/sign-in")).into_response())
+    let cookies = session::set_cookies(None, Duration::ZERO, dashboard.secure(&headers));
+    Ok((cookies, Redirect::to("/dashboard/sign-in")).into_response())
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::AppendHeaders;
 use rand::TryRng;
 use rand::rngs::SysRng;
 use sha2::{Digest as _, Sha256};
@@ -100,7 +101,21 @@ impl Sessions {
     /// The live session whose id the request's cookie holds, if any: the `__Host-` cookie's,
     /// or with `plain` (the request may have come over plain HTTP) the unprefixed one's.
     pub(super) fn of(&self, headers: &HeaderMap, plain: bool) -> Option<Signed> {
-        let digest = digest(cookie(headers, SECURE_COOKIE).or_else(|| cookie(headers, COOKIE).filter(|_| plain))?);
+        let secure = cookie(headers, SECURE_COOKIE).and_then(|id| self.live(id));
+        secure.or_else(|| cookie(headers, COOKIE).filter(|_| plain).and_then(|id| self.live(id)))
+    }
+
+    /// Ends the sessions of the request's cookies, under either name.
+    pub(super) fn end_all(&self, headers: &HeaderMap) {
+        let mut sessions = self.lock();
+        for id in [SECURE_COOKIE, COOKIE].into_iter().filter_map(|name| cookie(headers, name)) {
+            sessions.remove(&digest(id));
+        }
+    }
+
+    /// The live session with this id.
+    fn live(&self, id: &str) -> Option<Signed> {
+        let digest = digest(id);
         let mut sessions = self.lock();
         let session = sessions.get(&digest)?;
         if session.expires <= Instant::now() {
@@ -145,10 +160,26 @@ impl Signed {
     }
 }
 
+/// The `Set-Cookie` headers that store `id` for `lifetime`, or (with `None`) delete the session
+/// cookie. Over TLS they delete the plain cookie too: one left from a sign-in over plain HTTP
+/// would still count on page loads that do not say they came over TLS, and not on changes, which
+/// do.
+pub(super) fn set_cookies(
+    id: Option<&str>,
+    lifetime: Duration,
+    secure: bool,
+) -> AppendHeaders<Vec<(HeaderName, HeaderValue)>> {
+    let mut cookies = vec![(header::SET_COOKIE, set_cookie(id, lifetime, secure))];
+    if secure {
+        cookies.push((header::SET_COOKIE, set_cookie(None, Duration::ZERO, false)));
+    }
+    AppendHeaders(cookies)
+}
+
 /// The `Set-Cookie` value that stores `id` for `lifetime`, or (with `None`) deletes the cookie:
 /// over TLS the `__Host-` cookie, which must be the whole host's; over plain HTTP one only the
 /// dashboard's paths are sent.
-pub(super) fn set_cookie(id: Option<&str>, lifetime: Duration, secure: bool) -> HeaderValue {
+fn set_cookie(id: Option<&str>, lifetime: Duration, secure: bool) -> HeaderValue {
     let (value, max_age) = match id {
         Some(id) => (id, lifetime.as_secs()),
         None => ("", 0),
