@@ -27,6 +27,7 @@ impl Throttle {
     }
 
     /// Nothing if a token is there, else how long until one is; takes none.
+    #[cfg(feature = "dashboard")]
     pub(super) fn check(&self) -> Result<(), Duration> {
         self.draw(0.0)
     }

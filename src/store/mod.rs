@@ -670,6 +670,10 @@ pub(crate) mod checks {
 
         assert_eq!(store.purge(T0 + Duration::days(1)).await.ok(), Some(3));
         assert_eq!(index(store), [(None, roll.new_key().id)], "purged keys left the index");
+
+        let last = roll.new_key().id;
+        assert_eq!(store.revoke(&account, &last, T0, &event(Action::KeyRevoked, last).into()).await.ok(), Some(true));
+        assert_eq!(index(store), [], "the account's last key left the index");
     }
 }
 
