@@ -12,7 +12,9 @@ mod support;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use apikeys::{AccountId, CacheOptions, KeyService, NewKey, PostgresOptions, PostgresStore, Rejection};
+use apikeys::{
+    AccountId, CacheOptions, Credits, KeyService, KeyUpdate, NewKey, PostgresOptions, PostgresStore, Rejection,
+};
 use support::live;
 use support::postgres::{skip_without_server, url};
 
@@ -164,6 +166,65 @@ async fn an_unannounced_change_lives_at_most_the_staleness_bound() {
     report(format!(
         "postgres cache: an unannounced revocation was refused {lived:?} after it was cached (bound {staleness:?})"
     ));
+    admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}
+
+/// Credits topped up on one instance are spent on another at once, though its cache holds the
+/// spent-out balance for a minute: a rise in credits is announced, so a cached balance does not
+/// refuse uses the key can pay for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_topped_up_on_one_instance_are_spent_on_another_at_once() {
+    if skip_without_server() {
+        return;
+    }
+    let schema = fresh_schema();
+    let staleness = Duration::from_secs(60);
+    let (admin_side, spender) = (instance(&schema, staleness).await, instance(&schema, staleness).await);
+    listening(&[admin_side.clone(), spender.clone()]).await;
+    let account = AccountId::new("acme").unwrap();
+    let created = admin_side.create(&account, NewKey::default().credits(Credits::new(1).unwrap())).await.unwrap();
+    let token = created.key.expose_secret().to_owned();
+    // The creation's own notification first, so that the answers below stay cached.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Spent out elsewhere, then read by the spender, which caches the empty balance: on its own,
+    // it would refuse from the cache without asking the database.
+    admin_side.verify(&token).await.unwrap();
+    assert!(matches!(spender.verify(&token).await, Err(Rejection::UsageExceeded(_))), "spent out");
+    assert!(matches!(spender.verify(&token).await, Err(Rejection::UsageExceeded(_))), "from the cache");
+    let topped_up = Instant::now();
+    let update = KeyUpdate::default().credits(Some(Credits::new(5).unwrap()));
+    admin_side.update_as_admin(&account, &created.id, update).await.unwrap();
+    let accepted = until(async || spender.verify(&token).await.is_ok()).await;
+    let took = accepted.expect("the top-up was never seen by the other instance within 5 s");
+    assert!(topped_up.elapsed() < staleness, "seen through its notification, not the staleness bound");
+    report(format!("postgres cache: credits topped up on one instance were spent on another {took:?} later"));
+    admin().await.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}
+
+/// A schema whose update trigger is the version before (which announced no rise in credits) gets
+/// the current one, in place of the old, from the next store that opens it with a cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_announcing_trigger_is_replaced() {
+    if skip_without_server() {
+        return;
+    }
+    let schema = fresh_schema();
+    drop(instance(&schema, Duration::from_secs(1)).await);
+    let admin = admin().await;
+    let older = format!("ALTER TRIGGER key_changed_v2 ON {schema}.api_keys RENAME TO key_changed");
+    admin.batch_execute(&older).await.unwrap();
+    drop(instance(&schema, Duration::from_secs(1)).await);
+    let triggers = admin
+        .query(
+            "SELECT t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'api_keys' AND n.nspname = $1 AND NOT t.tgisinternal ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = triggers.iter().map(|row| row.get(0)).collect();
+    assert_eq!(names, ["key_changed_v2", "key_created"], "the old one replaced");
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
 }
 

@@ -501,11 +501,17 @@ fn migrations(schema: &str) -> [String; 7] {
     ]
 }
 
+/// The trigger that announces changes of keys; the version before announced no rise in credits.
+const KEY_CHANGED: &str = "key_changed_v2";
+
 /// What announces, on the channel named after the schema and when its transaction commits, every
-/// change a verification would see: what the caches listen for. Spending credits and lastUsedAt
-/// are not announced (a cache keeps them at most its staleness). Installed by the first store
-/// that opens the schema with a cache, and not a migration: a database without triggers or
-/// `NOTIFY` (CockroachDB) keeps working without a cache.
+/// change a verification would see: what the caches listen for. Credits that rise (a top-up, a
+/// refill taken) are announced, or a cached balance would refuse uses the key can pay for;
+/// spending them and lastUsedAt are not (a cache keeps them at most its staleness, and a spend
+/// still takes from the database). The update trigger's name says its version, so that a store
+/// that finds an older one replaces it. Installed by the first store that opens the schema with
+/// a cache, and not a migration: a database without triggers or `NOTIFY` (CockroachDB) keeps
+/// working without a cache.
 fn announcements(schema: &str) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION {schema}.announce_key_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -515,14 +521,15 @@ fn announcements(schema: &str) -> String {
             END $$;
         CREATE TRIGGER key_created AFTER INSERT ON {schema}.api_keys
             FOR EACH ROW EXECUTE FUNCTION {schema}.announce_key_change();
-        CREATE TRIGGER key_changed AFTER UPDATE ON {schema}.api_keys FOR EACH ROW
+        CREATE TRIGGER {KEY_CHANGED} AFTER UPDATE ON {schema}.api_keys FOR EACH ROW
             WHEN (OLD.revoked_at IS DISTINCT FROM NEW.revoked_at OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
                 OR OLD.replaced_by IS DISTINCT FROM NEW.replaced_by OR OLD.scopes IS DISTINCT FROM NEW.scopes
                 OR OLD.name IS DISTINCT FROM NEW.name OR OLD.owner_id IS DISTINCT FROM NEW.owner_id
                 OR OLD.meta IS DISTINCT FROM NEW.meta OR OLD.ratelimits IS DISTINCT FROM NEW.ratelimits
                 OR OLD.refill_amount IS DISTINCT FROM NEW.refill_amount
                 OR OLD.refill_interval IS DISTINCT FROM NEW.refill_interval
-                OR (OLD.credits_remaining IS NULL) <> (NEW.credits_remaining IS NULL))
+                OR (OLD.credits_remaining IS NULL) <> (NEW.credits_remaining IS NULL)
+                OR NEW.credits_remaining > OLD.credits_remaining)
             EXECUTE FUNCTION {schema}.announce_key_change();"
     )
 }
@@ -751,10 +758,13 @@ impl PostgresStore {
     /// them all succeed.
     async fn announce_changes(&self, schema: &str) -> Result<(), OpenError> {
         let installed = self.call("install announcements", async |client| {
-            let count = "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
-                         JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE t.tgname IN ('key_created', 'key_changed') AND c.relname = 'api_keys' \
-                         AND n.nspname = $1";
+            let count = format!(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE t.tgname IN ('key_created', '{KEY_CHANGED}') AND c.relname = 'api_keys' \
+                 AND n.nspname = $1"
+            );
+            let count = count.as_str();
             if client.query_one(count, &[&schema]).await?.try_get::<_, i64>(0)? == 2 {
                 return Ok(());
             }
@@ -766,7 +776,8 @@ impl PostgresStore {
             if transaction.query_one(count, &[&schema]).await?.try_get::<_, i64>(0)? < 2 {
                 let drop = format!(
                     "DROP TRIGGER IF EXISTS key_created ON {schema}.api_keys; \
-                     DROP TRIGGER IF EXISTS key_changed ON {schema}.api_keys;"
+                     DROP TRIGGER IF EXISTS key_changed ON {schema}.api_keys; \
+                     DROP TRIGGER IF EXISTS {KEY_CHANGED} ON {schema}.api_keys;"
                 );
                 transaction.batch_execute(&drop).await?;
                 transaction.batch_execute(&announcements(schema)).await?;
