@@ -191,12 +191,11 @@ async fn credits_topped_up_on_one_instance_are_spent_on_another_at_once() {
     admin_side.verify(&token).await.unwrap();
     assert!(matches!(spender.verify(&token).await, Err(Rejection::UsageExceeded(_))), "spent out");
     assert!(matches!(spender.verify(&token).await, Err(Rejection::UsageExceeded(_))), "from the cache");
-    let topped_up = Instant::now();
     let update = KeyUpdate::default().credits(Some(Credits::new(5).unwrap()));
     admin_side.update_as_admin(&account, &created.id, update).await.unwrap();
     let accepted = until(async || spender.verify(&token).await.is_ok()).await;
+    // Within 5 s, far under the cache's minute: through the top-up's notification.
     let took = accepted.expect("the top-up was never seen by the other instance within 5 s");
-    assert!(topped_up.elapsed() < staleness, "seen through its notification, not the staleness bound");
     report(format!("postgres cache: credits topped up on one instance were spent on another {took:?} later"));
     admin().await.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
 }

@@ -4,8 +4,8 @@
 //! Server-rendered pages that work without scripts; one small script (copy, confirm, filter as
 //! one types) and one stylesheet, compiled into the binary. Signing in with the credential
 //! starts a session: an opaque id in an HttpOnly, SameSite=Strict cookie (a `__Host-` one behind
-//! TLS) that expires, its state in process memory. Every change is a POST that carries the session's
-//! CSRF token and comes from the dashboard's own origin. Every page is sent with a strict
+//! TLS) that expires, its state in process memory. Every change is a POST that carries the
+//! session's CSRF token and comes from the dashboard's own origin. Every page is sent with a strict
 //! Content-Security-Policy (no inline script or style) and `Cache-Control: no-store`; no secret is
 //! ever put in a URL. Wrong credentials are throttled, from everyone together.
 //!

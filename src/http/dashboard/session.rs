@@ -1,7 +1,6 @@
 //! Dashboard sessions: an opaque random id in an HttpOnly, SameSite=Strict cookie (`__Host-`
-//! over TLS), the rest in
-//! process memory (so signing out ends a session for good, and a restart ends them all), and
-//! the per-session CSRF token every change must carry.
+//! over TLS), the rest in process memory (so signing out ends a session for good, and a restart
+//! ends them all), and the per-session CSRF token every change must carry.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
