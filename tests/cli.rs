@@ -956,6 +956,42 @@ async fn webhooks_outlive_a_kill_minus_9_and_arrive_after_the_restart() {
     assert!(stdout(&after).starts_with("0 deliveries waiting; 0 dead"), "{}", stdout(&after));
 }
 
+/// An `https://` receiver whose certificate the test's own CA signed: `serve` delivers to it
+/// once `SSL_CERT_FILE` names that CA, and without it refuses the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_delivers_to_an_https_endpoint_over_tls_trusting_the_ca_of_ssl_cert_file() {
+    use support::receiver::{Answer, Receiver};
+    if support::tls::skip_without_openssl() {
+        return;
+    }
+    let receiver = Receiver::start_tls(&[], Answer::Status(200), support::tls::acceptor()).await;
+    let ca = support::tls::certificates().join("ca.crt");
+    let other_ca = support::tls::certificates().join("other-ca.crt");
+    for (trusted, delivers) in [(other_ca, false), (ca, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = webhook_file(dir.path(), &receiver);
+        let mut command = apikeys(dir.path());
+        command.env("SSL_CERT_FILE", &trusted).env_remove("SSL_CERT_DIR");
+        let server = serve_as(command, &["--webhooks", file.as_str(), "--webhook-poll", "50ms"]);
+        if delivers {
+            support::eventually("serve's first key.created, delivered over TLS", || !receiver.accepted().is_empty())
+                .await;
+            assert!(receiver.accepted().iter().all(signed), "signed");
+        } else {
+            let warning = loop {
+                let line = server.log.recv_timeout(support::PATIENCE).expect("serve warns of the failed attempt");
+                if line.contains("webhook delivery failed") {
+                    break line;
+                }
+            };
+            assert!(warning.contains("certificate"), "refused for the certificate: {warning}");
+            assert!(!warning.contains("/hooks/apikeys"), "the URL's path stays out of the log: {warning}");
+            assert!(receiver.received().is_empty(), "no request reached the receiver");
+        }
+        server.kill();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_deliver_each_event_once() {
     use support::receiver::{Answer, Receiver};

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use apikeys::{AccountId, Environment, KeyFormat, KeyService, NewKey, PostgresOptions, PostgresStore, SslMode};
+use support::tls::{certificates, run};
 
 /// A PostgreSQL server of this test's, stopped when dropped.
 struct Server {
@@ -36,11 +37,6 @@ fn as_postgres(program: &Path) -> Command {
     let mut command = Command::new("runuser");
     command.args(["-u", "postgres", "--"]).arg(program);
     command
-}
-
-fn run(command: &mut Command) {
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// What this machine lacks to run the servers, if anything.
@@ -69,49 +65,6 @@ fn skip() -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI=true, and {missing}");
     let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {missing}\n").as_bytes());
     true
-}
-
-/// The certificates, made once per test binary: a CA, a server certificate it signs for
-/// `localhost` only (so 127.0.0.1 is the wrong name), and another CA that signed nothing.
-fn certificates() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("apikeys-tls-certs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args));
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        for ca in ["ca", "other-ca"] {
-            let (key, crt, subject) = (format!("{ca}.key"), format!("{ca}.crt"), format!("/CN=apikeys test {ca}"));
-            let args = [&["req", "-x509"], &ec[..], &["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subject]];
-            openssl(&args.concat());
-        }
-        openssl(
-            &[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat(),
-        );
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        dir
-    })
 }
 
 /// Starts a server; with `tls`, it takes only TLS connections over TCP.

@@ -225,3 +225,39 @@ async fn a_key_expiring_within_a_week_is_announced_once() {
     assert_eq!(notice["detail"]["expiresAt"], "2025-10-25T09:00:00Z");
     assert_eq!(events.len(), 2, "the creation and the notice: {events:?}");
 }
+
+/// Feature `webhooks-tls`: a receiver over TLS, with a certificate for `localhost` that the
+/// test's own CA signed. The default transport trusts the platform's CAs only, so its attempt
+/// fails on the certificate and the receiver gets nothing; a transport that trusts the test's
+/// CA delivers the event, signed.
+#[cfg(feature = "webhooks-tls")]
+#[tokio::test]
+async fn an_https_endpoint_gets_its_events_from_a_transport_that_trusts_its_certificate() {
+    if support::tls::skip_without_openssl() {
+        return;
+    }
+    let receiver = Receiver::start_tls(&[], OK, support::tls::acceptor()).await;
+    let clock = ManualClock::new(T0);
+    let (service, _) = service(&receiver, &clock);
+    let account = AccountId::new("acme").unwrap();
+    service.create(&account, NewKey::named("first").unwrap()).await.unwrap();
+
+    let endpoint = Endpoint::new(EndpointName::new("receiver").unwrap(), &receiver.url(), secret()).unwrap();
+    let refused = HttpTransport::default().post(&endpoint, &[], "{}").await.unwrap_err();
+    assert!(refused.contains("certificate"), "refused for its certificate: {refused}");
+    let untrusting: Arc<dyn Transport> = Arc::new(HttpTransport::default());
+    assert_eq!(service.deliver_webhooks(&untrusting, &options()).await.unwrap().retried, 1);
+    assert!(receiver.received().is_empty(), "no request reached the receiver");
+
+    let trusting: Arc<dyn Transport> = Arc::new(HttpTransport::with_roots(support::tls::ca_roots()));
+    clock.advance(time::Duration::seconds(2));
+    assert_eq!(service.deliver_webhooks(&trusting, &options()).await.unwrap().delivered, 1);
+    let received = receiver.accepted();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let signature = received[0].header(SIGNATURE_HEADER).expect("signed");
+    let now = T0 + Duration::from_secs(2);
+    assert_eq!(
+        verify_signature(&secret(), signature, received[0].body.as_bytes(), now, Duration::from_secs(60)),
+        Ok(())
+    );
+}

@@ -821,13 +821,6 @@ async fn serve(
     }
     service.spawn_flusher();
     service.spawn_rate_sharing();
-    if let Some(endpoint) = service.endpoints().iter().find(|endpoint| endpoint.url().starts_with("https://")) {
-        return Err(Failure(format!(
-            "webhook endpoint {:?} is https://, which serve cannot deliver to (it speaks plain http): put a \
-             TLS-terminating proxy next to the receiver, or deliver from your own host with a TLS transport",
-            endpoint.name().as_str()
-        )));
-    }
     let (poll, timeout, lease) = webhook_timing;
     let delivery = WebhookOptions::default().poll(poll).timeout(timeout).lease(lease);
     service.spawn_webhooks_with(Arc::new(HttpTransport::default()), delivery);

@@ -17,8 +17,8 @@ use crate::error::Error;
 use crate::service::KeyService;
 use crate::store::KeyStore;
 
-/// How a delivery is sent: an HTTP client. [`HttpTransport`] is the one built in; a host that
-/// delivers to `https://` endpoints passes one over its own TLS client (reqwest, hyper-rustls).
+/// How a delivery is sent: an HTTP client. [`HttpTransport`] is the one built in; a host may
+/// pass its own (a proxy, a client it already configures).
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// POSTs `body` to the endpoint's URL with these headers, and returns the answer's status,
@@ -27,24 +27,65 @@ pub trait Transport: Send + Sync + 'static {
     async fn post(&self, endpoint: &Endpoint, headers: &[(&'static str, String)], body: &str) -> Result<u16, String>;
 }
 
-/// hyper's client over plain TCP, with connections kept alive: `http://` endpoints only (an
-/// `https://` one fails every attempt, saying so).
+/// hyper's client, with connections kept alive. With feature `webhooks-tls` it speaks TLS to
+/// `https://` endpoints (rustls, checking the certificate's chain and name against the
+/// platform's CAs, or those of `SSL_CERT_FILE` / `SSL_CERT_DIR`); without it, `http://` only,
+/// and an `https://` endpoint fails every attempt, saying so.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
 }
 
+#[cfg(feature = "webhooks-tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "webhooks-tls"))]
+type Connector = HttpConnector;
+
+#[cfg(not(feature = "webhooks-tls"))]
 impl Default for HttpTransport {
     fn default() -> Self {
         Self { client: Client::builder(TokioExecutor::new()).build_http() }
     }
 }
 
+#[cfg(feature = "webhooks-tls")]
+impl Default for HttpTransport {
+    /// Trusts the platform's CAs; with none found, every `https://` attempt fails on the
+    /// certificate, saying so.
+    fn default() -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in rustls_native_certs::load_native_certs().certs {
+            // One unreadable certificate of the platform's does not spoil the others.
+            let _ = roots.add(certificate);
+        }
+        Self::with_roots(roots)
+    }
+}
+
+#[cfg(feature = "webhooks-tls")]
+impl HttpTransport {
+    /// A transport that trusts only the CAs of `roots` for `https://` endpoints, e.g. a private
+    /// CA of the host's.
+    #[allow(clippy::expect_used, reason = "ring has suites for every default version: no input can fail it")]
+    pub fn with_roots(roots: rustls::RootCertStore) -> Self {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_or_http().enable_http1().build();
+        Self { client: Client::builder(TokioExecutor::new()).build(connector) }
+    }
+}
+
 #[async_trait]
 impl Transport for HttpTransport {
     async fn post(&self, endpoint: &Endpoint, headers: &[(&'static str, String)], body: &str) -> Result<u16, String> {
+        #[cfg(not(feature = "webhooks-tls"))]
         if endpoint.url().starts_with("https://") {
-            return Err("https endpoints need a transport with TLS: this one speaks plain http".into());
+            return Err("https endpoints need feature webhooks-tls: this transport speaks plain http".into());
         }
         let mut request = hyper::Request::post(endpoint.url());
         for (name, value) in headers {

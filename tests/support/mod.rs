@@ -12,6 +12,7 @@ pub mod model;
 pub mod postgres;
 pub mod property;
 pub mod receiver;
+pub mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,13 +1,13 @@
 //! A webhook receiver on 127.0.0.1 for the delivery tests: it answers each request as it is
-//! scripted to, and keeps what it was sent. Plain HTTP/1.1 with keep-alive, written over TCP so
-//! that the tests need no server framework.
+//! scripted to, and keeps what it was sent. HTTP/1.1 with keep-alive, written over TCP (or TLS
+//! over TCP) so that the tests need no server framework.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// How the receiver answers one request.
@@ -49,6 +49,8 @@ struct State {
 /// The receiver; it stops when dropped.
 pub struct Receiver {
     pub address: SocketAddr,
+    /// Over TLS: its URLs are `https://localhost:…`, the name its certificate is for.
+    tls: bool,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -62,6 +64,15 @@ impl Drop for Receiver {
 impl Receiver {
     /// A receiver that answers with `script` in turn, then with `otherwise` every time.
     pub async fn start(script: &[Answer], otherwise: Answer) -> Self {
+        Self::listen(script, otherwise, None).await
+    }
+
+    /// The same over TLS, with the certificate of `acceptor`.
+    pub async fn start_tls(script: &[Answer], otherwise: Answer, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        Self::listen(script, otherwise, Some(acceptor)).await
+    }
+
+    async fn listen(script: &[Answer], otherwise: Answer, acceptor: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let address = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -69,14 +80,26 @@ impl Receiver {
             otherwise: Some(otherwise),
             received: Vec::new(),
         }));
-        let shared = state.clone();
+        let (shared, tls) = (state.clone(), acceptor.is_some());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((connection, _)) = listener.accept().await else { return };
-                tokio::spawn(serve(connection, shared.clone()));
+                let shared = shared.clone();
+                match &acceptor {
+                    None => drop(tokio::spawn(serve(connection, shared))),
+                    Some(acceptor) => {
+                        let accepting = acceptor.accept(connection);
+                        tokio::spawn(async move {
+                            // A client that refuses the certificate ends the handshake: no request.
+                            if let Ok(connection) = accepting.await {
+                                serve(connection, shared).await;
+                            }
+                        });
+                    }
+                }
             }
         });
-        Self { address, state, task }
+        Self { address, tls, state, task }
     }
 
     /// Answers every later request this way, e.g. as a receiver that is back up.
@@ -87,7 +110,10 @@ impl Receiver {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/hooks/apikeys", self.address)
+        match self.tls {
+            false => format!("http://{}/hooks/apikeys", self.address),
+            true => format!("https://localhost:{}/hooks/apikeys", self.address.port()),
+        }
     }
 
     /// Every request so far.
@@ -103,7 +129,7 @@ impl Receiver {
 }
 
 /// Answers the requests of one connection until it closes (bounded: 10,000 requests).
-async fn serve(mut connection: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
+async fn serve(mut connection: impl AsyncRead + AsyncWrite + Unpin, state: Arc<Mutex<State>>) {
     let mut buffer = Vec::new();
     for _ in 0..10_000 {
         let Some((headers, body)) = read_request(&mut connection, &mut buffer).await else { return };
@@ -116,7 +142,9 @@ async fn serve(mut connection: tokio::net::TcpStream, state: Arc<Mutex<State>>) 
         match answer {
             Answer::Status(status) => {
                 let response = format!("HTTP/1.1 {status} Scripted\r\ncontent-length: 0\r\n\r\n");
-                if connection.write_all(response.as_bytes()).await.is_err() {
+                // Flushed: over TLS, what is written waits in the session until then.
+                let written = connection.write_all(response.as_bytes()).await;
+                if written.is_err() || connection.flush().await.is_err() {
                     return;
                 }
             }
@@ -130,7 +158,7 @@ async fn serve(mut connection: tokio::net::TcpStream, state: Arc<Mutex<State>>) 
 
 /// One request's headers and body, or `None` when the connection closed.
 async fn read_request(
-    connection: &mut tokio::net::TcpStream,
+    connection: &mut (impl AsyncRead + Unpin),
     buffer: &mut Vec<u8>,
 ) -> Option<(Vec<(String, String)>, String)> {
     let mut chunk = [0u8; 8192];
