@@ -78,6 +78,8 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
+#[cfg(any(feature = "postgres-tls", feature = "webhooks-tls"))]
+mod tls;
 mod token;
 mod usage;
 pub mod webhook;

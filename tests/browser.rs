@@ -7,9 +7,11 @@
 //! `APIKEYS_CHROMIUM`) and curl. Where one is missing the test says so on a line of its own and
 //! skips, except under `CI=true`, where it fails: `.ci/run` installs them all.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "support/skip.rs"]
+mod skip;
 
 /// What the browser test needs that this machine lacks, if anything.
 fn missing(browser: &Path) -> Option<String> {
@@ -39,10 +41,7 @@ fn missing(browser: &Path) -> Option<String> {
 fn the_dashboard_works_in_headless_chromium() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let browser = root.join("tests/browser");
-    if let Some(missing) = missing(&browser) {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, and {missing}");
-        let line = format!("SKIPPED the_dashboard_works_in_headless_chromium: {missing}\n");
-        let _ = std::io::stderr().write_all(line.as_bytes());
+    if skip::skip_for(missing(&browser)) {
         return;
     }
     let output = Command::new("node")

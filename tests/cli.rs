@@ -267,6 +267,19 @@ impl Served {
         format!("http://{}{path}", self.address)
     }
 
+    /// The warning the server logs of the first failed webhook delivery, which names the
+    /// endpoint's origin and not its URL's path.
+    fn delivery_failure(&self) -> String {
+        let warning = loop {
+            let line = self.log.recv_timeout(support::PATIENCE).expect("serve warns of the failed attempt");
+            if line.contains("webhook delivery failed") {
+                break line;
+            }
+        };
+        assert!(!warning.contains("/hooks/apikeys"), "the URL's path stays out of the log: {warning}");
+        warning
+    }
+
     /// Kills the server with SIGKILL, as a crash or the OOM killer would.
     fn kill(mut self) {
         self.child.kill().unwrap();
@@ -906,17 +919,11 @@ async fn webhooks_outlive_a_kill_minus_9_and_arrive_after_the_restart() {
     let (_, id) = create(dir.path(), &with_webhooks);
     let revoked = run(dir.path(), &[&with_webhooks[..], &["revoke", "--account", "acme", &id]].concat());
     assert!(revoked.status.success(), "{}", stderr(&revoked));
-    let warning = loop {
-        let line = server.log.recv_timeout(support::PATIENCE).expect("serve warns of the failed attempt");
-        if line.contains("webhook delivery failed") {
-            break line;
-        }
-    };
+    let warning = server.delivery_failure();
     assert!(
         warning.contains("origin=\"http://127.0.0.1") && warning.contains("the endpoint answered 500"),
         "{warning}"
     );
-    assert!(!warning.contains("/hooks/apikeys"), "the URL's path stays out of the log: {warning}");
     server.kill();
     let waiting = run(dir.path(), &[&with_webhooks[..], &["webhooks", "--json"]].concat());
     let waiting: Value = serde_json::from_str(&stdout(&waiting)).unwrap();
@@ -978,14 +985,8 @@ async fn serve_delivers_to_an_https_endpoint_over_tls_trusting_the_ca_of_ssl_cer
                 .await;
             assert!(receiver.accepted().iter().all(signed), "signed");
         } else {
-            let warning = loop {
-                let line = server.log.recv_timeout(support::PATIENCE).expect("serve warns of the failed attempt");
-                if line.contains("webhook delivery failed") {
-                    break line;
-                }
-            };
+            let warning = server.delivery_failure();
             assert!(warning.contains("certificate"), "refused for the certificate: {warning}");
-            assert!(!warning.contains("/hooks/apikeys"), "the URL's path stays out of the log: {warning}");
             assert!(receiver.received().is_empty(), "no request reached the receiver");
         }
         server.kill();

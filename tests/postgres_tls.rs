@@ -60,11 +60,7 @@ fn missing() -> Option<String> {
 
 /// Whether the calling test must skip; it has said so on its own line. Under `CI=true` it fails.
 fn skip() -> bool {
-    let Some(missing) = missing() else { return false };
-    let test = std::thread::current().name().unwrap_or("a PostgreSQL TLS test").to_owned();
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI=true, and {missing}");
-    let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {missing}\n").as_bytes());
-    true
+    support::skip_for(missing())
 }
 
 /// Starts a server; with `tls`, it takes only TLS connections over TCP.

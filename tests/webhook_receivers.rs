@@ -6,6 +6,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+#[path = "support/skip.rs"]
+mod skip;
+
 use apikeys::webhook::{WebhookSecret, verify_signature};
 
 const SECRET: &str = "whsec_docs_0123456789abcdef0123456789";
@@ -65,11 +68,7 @@ fn accepts(program: &str, file: &std::path::Path, header: &str, body: &str) -> b
 /// Whether `program` runs here; if not, says so loudly (and fails under CI=true).
 fn present(program: &str) -> bool {
     let runs = Command::new(program).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !runs {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, and {program} is not installed");
-        let _ = std::io::stderr().write_all(format!("SKIPPED: {program} is not installed\n").as_bytes());
-    }
-    runs
+    !skip::skip_for((!runs).then(|| format!("{program} is not installed")))
 }
 
 fn check(program: &str, extension: &str, code: String) {

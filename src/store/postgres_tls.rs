@@ -41,24 +41,19 @@ pub(super) fn connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeR
 
 /// The CAs of a PEM file, or the platform's.
 fn roots(root_cert: Option<&Path>) -> Result<RootCertStore, BoxError> {
-    let mut roots = RootCertStore::empty();
-    match root_cert {
+    let roots = match root_cert {
         Some(path) => {
+            let mut roots = RootCertStore::empty();
             let certificates = CertificateDer::pem_file_iter(path)
                 .map_err(|error| format!("cannot read the CA file {}: {error}", path.display()))?;
             for certificate in certificates {
                 let certificate = certificate.map_err(|error| format!("bad CA file {}: {error}", path.display()))?;
                 roots.add(certificate)?;
             }
+            roots
         }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for certificate in found.certs {
-                // One unreadable certificate of the platform's does not spoil the others.
-                let _ = roots.add(certificate);
-            }
-        }
-    }
+        None => crate::tls::platform_roots(),
+    };
     if roots.is_empty() {
         return Err("no CA certificate to verify the server with".into());
     }

@@ -53,12 +53,7 @@ impl Default for HttpTransport {
     /// Trusts the platform's CAs; with none found, every `https://` attempt fails on the
     /// certificate, saying so.
     fn default() -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in rustls_native_certs::load_native_certs().certs {
-            // One unreadable certificate of the platform's does not spoil the others.
-            let _ = roots.add(certificate);
-        }
-        Self::with_roots(roots)
+        Self::with_roots(crate::tls::platform_roots())
     }
 }
 

@@ -12,10 +12,13 @@ pub mod model;
 pub mod postgres;
 pub mod property;
 pub mod receiver;
+pub mod skip;
 pub mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+pub use skip::skip_for;
 
 use apikeys::audit::{Action, Actor, AuditEvent, AuditQuery, Entry};
 use apikeys::store::BoxError;
