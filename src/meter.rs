@@ -452,6 +452,16 @@ impl Windows {
         rest.as_deref_mut().map_or(&mut [], Vec::as_mut_slice)
     }
 
+    /// Where the window of the limit named `name` is.
+    fn position(&self, name: &SmolStr) -> Option<usize> {
+        match &self.first {
+            // Most keys' only window.
+            Some(first) if first.name == *name => Some(0),
+            Some(_) => self.rest().iter().position(|window| window.name == *name).map(|at| at + 1),
+            None => None,
+        }
+    }
+
     /// Adds a window; returns where it is.
     fn push(&mut self, window: Window) -> usize {
         if self.first.is_none() {
@@ -966,8 +976,7 @@ impl KeyMeter {
     /// had none, or if the limit's window changed (in place, so that no other window moves). A
     /// fresh window assumes that `peers` other instances count it too, until their counts come.
     fn window(&mut self, limit: &RateLimit, now: i64, peers: u32) -> usize {
-        let found = self.windows.iter().position(|window| window.name == limit.name());
-        let index = match found {
+        let index = match self.windows.position(limit.name_text()) {
             Some(index) => {
                 let window = &mut self.windows[index];
                 if window.window() != limit.window() {

@@ -116,6 +116,39 @@ async fn a_use_of_cost_zero_checks_without_counting() {
     assert!(matches!(full, Err(Rejection::RateLimited(_))), "a full limit refuses a check too");
 }
 
+/// A key with three limits: each use counts in the windows of the limits it checks and no
+/// other, and a refusal names the limit that refused it.
+#[tokio::test]
+async fn each_limit_of_a_key_counts_only_the_uses_that_check_it() {
+    let (service, _) = service(10);
+    let limit = |name, limit| RateLimit::new(name, limit, Duration::from_secs(60)).unwrap();
+    let limits = RateLimits::new([limit("requests", 5), limit("tokens", 2), limit("images", 1)]).unwrap();
+    let token = key(&service, NewKey::default().ratelimits(limits)).await;
+    let left = |usage: &apikeys::UsageReport| -> Vec<(String, u32)> {
+        usage.ratelimits().map(|limit| (limit.name.to_string(), limit.remaining)).collect()
+    };
+    let tokens = Usage::new().ratelimits(["requests", "tokens"]);
+    let used = service.verify_usage(&token, &tokens).await.unwrap();
+    assert_eq!(left(&used.usage), [("requests".into(), 4), ("tokens".into(), 1)]);
+    let used = service.verify_usage(&token, &Usage::new().ratelimits(["images"])).await.unwrap();
+    assert_eq!(left(&used.usage), [("images".into(), 0)], "the other windows are not this one's");
+    let used = service.verify_usage(&token, &tokens).await.unwrap();
+    assert_eq!(left(&used.usage), [("requests".into(), 3), ("tokens".into(), 0)]);
+    let Err(Rejection::RateLimited(refused)) = service.verify_usage(&token, &tokens).await else {
+        panic!("the third use of tokens is refused")
+    };
+    assert_eq!(refused.limit().map(|limit| limit.name.to_string()).as_deref(), Some("tokens"));
+    assert_eq!(left(&refused.usage), [("requests".into(), 3), ("tokens".into(), 0)], "a refusal counts nothing");
+    for remaining in [2, 1, 0] {
+        let used = service.verify(&token).await.unwrap();
+        assert_eq!(left(&used.usage), [("requests".into(), remaining)], "requests alone");
+    }
+    let Err(Rejection::RateLimited(refused)) = service.verify_usage(&token, &tokens).await else {
+        panic!("both limits are full")
+    };
+    assert!(refused.limit().is_some(), "a full limit is named");
+}
+
 #[tokio::test]
 async fn changing_a_limits_window_never_frees_the_uses_it_counted() {
     let (service, _) = service(10);
