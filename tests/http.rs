@@ -1133,6 +1133,32 @@ async fn the_verify_endpoint_decides_every_outcome_behind_the_service_credential
     server.assert_log_clean();
 }
 
+/// A key with two limits, checked together and apart through the verify endpoint: each
+/// counts the uses that name it, and the body lists each one checked.
+#[tokio::test]
+async fn the_verify_endpoint_counts_each_named_limit_of_a_key_apart() {
+    let server = Server::start().await;
+    let limit = |name, limit| apikeys::RateLimit::new(name, limit, std::time::Duration::from_secs(60)).unwrap();
+    let limits = apikeys::RateLimits::new([limit("requests", 5), limit("tokens.in", 2)]).unwrap();
+    let (key, _) = server.key_with("acme", NewKey::default().ratelimits(limits)).await;
+    let verified = async |body: Value| -> (Value, Vec<(String, u64)>) {
+        let (_, body) = verify_request(&server, &body).send().await;
+        let limits = body["ratelimits"].as_array().cloned().unwrap_or_default();
+        let left = limits
+            .iter()
+            .map(|limit| (limit["name"].as_str().unwrap().to_owned(), limit["remaining"].as_u64().unwrap()));
+        (body["code"].clone(), left.collect())
+    };
+    let both = json!({"key": key, "ratelimits": ["requests", "tokens.in"]});
+    let left = |requests: u64, tokens: u64| vec![("requests".to_owned(), requests), ("tokens.in".to_owned(), tokens)];
+    assert_eq!(verified(both.clone()).await, (json!("valid"), left(4, 1)));
+    assert_eq!(verified(both.clone()).await, (json!("valid"), left(3, 0)));
+    assert_eq!(verified(both).await, (json!("rate_limited"), left(3, 0)), "refused, and nothing counted");
+    let requests = vec![("requests".to_owned(), 2)];
+    assert_eq!(verified(json!({"key": key})).await, (json!("valid"), requests), "requests alone");
+    server.assert_log_clean();
+}
+
 #[tokio::test]
 async fn without_a_service_credential_there_is_no_verify_endpoint() {
     let service = KeyService::builder(MemoryStore::new(), live()).build();
