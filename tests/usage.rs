@@ -149,6 +149,27 @@ async fn each_limit_of_a_key_counts_only_the_uses_that_check_it() {
     assert!(refused.limit().is_some(), "a full limit is named");
 }
 
+/// Of two full limits, a refusal names the one that frees up last, and says to retry then.
+#[tokio::test]
+async fn a_use_refused_by_two_limits_waits_for_the_one_that_frees_up_last() {
+    let clock = ManualClock::new(T0);
+    let service = KeyService::builder(MemoryStore::new(), live()).clock(clock.clone()).without_last_used().build();
+    // 64 s in slots of 2 s: a use counts until the slot 33 after its own begins, 66 s on.
+    let limit = |name| RateLimit::new(name, 1, Duration::from_secs(64)).unwrap();
+    let limits = RateLimits::new([limit("requests"), limit("tokens")]).unwrap();
+    let created = service.create(&AccountId::new("acme").unwrap(), NewKey::default().ratelimits(limits)).await;
+    let token = created.unwrap().key.expose_secret().to_owned();
+    service.verify_usage(&token, &Usage::new().ratelimits(["tokens"])).await.unwrap();
+    clock.advance(time::Duration::seconds(10));
+    service.verify(&token).await.unwrap();
+    let both = Usage::new().ratelimits(["tokens", "requests"]);
+    let Err(Rejection::RateLimited(refused)) = service.verify_usage(&token, &both).await else {
+        panic!("both limits are full")
+    };
+    let reached = refused.limit().map(|limit| limit.name.to_string());
+    assert_eq!((reached.as_deref(), refused.retry_after), (Some("requests"), Some(Duration::from_secs(66))));
+}
+
 #[tokio::test]
 async fn changing_a_limits_window_never_frees_the_uses_it_counted() {
     let (service, _) = service(10);

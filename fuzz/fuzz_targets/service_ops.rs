@@ -26,10 +26,11 @@ enum Step {
         credits: Option<u8>,
         refill: Option<(u8, u16)>,
         limit: Option<u8>,
+        tokens: Option<u8>,
         owner: Option<u8>,
     },
     SetOwnerLimits { account: u8, owner: u8, credits: Option<u8>, refill: Option<(u8, u16)>, limit: Option<u8> },
-    Spend { key: u8, cost: u8 },
+    Spend { key: u8, cost: u8, checks: u8 },
 }
 
 impl From<Step> for Op {
@@ -60,12 +61,13 @@ impl From<Step> for Op {
             }
             Step::Advance { seconds } => Op::Advance { seconds: seconds.into() },
             Step::Flush => Op::Flush,
-            Step::CreateLimited { account: a, scopes, credits, refill, limit, owner } => Op::CreateLimited {
+            Step::CreateLimited { account: a, scopes, credits, refill, limit, tokens, owner } => Op::CreateLimited {
                 account: account(a),
                 scopes,
                 credits: credits.map(u64::from),
                 refill: refill.map(|(amount, every)| (u64::from(amount), u32::from(every))),
                 limit: limit.map(|limit| u32::from(limit % 5)).filter(|&limit| limit > 0),
+                tokens: tokens.map(|tokens| u32::from(tokens % 4)).filter(|&tokens| tokens > 0),
                 owner: owner.map(usize::from),
             },
             Step::SetOwnerLimits { account: a, owner, credits, refill, limit } => Op::SetOwnerLimits {
@@ -75,7 +77,7 @@ impl From<Step> for Op {
                 refill: refill.map(|(amount, every)| (u64::from(amount), u32::from(every))),
                 limit: limit.map(|limit| u32::from(limit % 7)).filter(|&limit| limit > 0),
             },
-            Step::Spend { key, cost } => Op::Spend { key: key.into(), cost: u64::from(cost % 8) },
+            Step::Spend { key, cost, checks } => Op::Spend { key: key.into(), cost: u64::from(cost % 8), checks: checks % 4 },
         }
     }
 }

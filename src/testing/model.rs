@@ -82,7 +82,8 @@ pub enum Op {
     },
     Flush,
     /// The administrator's create of a key with limits: `credits` to start with, refilled to
-    /// `refill.0` every `refill.1` seconds, and at most `limit` uses per [`LIMIT_WINDOW`].
+    /// `refill.0` every `refill.1` seconds, at most `limit` uses per [`LIMIT_WINDOW`] of its
+    /// `"requests"` limit and `tokens` of its `"tokens"` limit.
     /// Its scopes leave out what manages keys (`*`, `keys:*`, `keys:write`): a key with
     /// credits makes no keys, and one with limits manages no unlimited keys. `owner`: one of the
     /// account's [`OWNERS`], whose limits the key then shares.
@@ -92,6 +93,7 @@ pub enum Op {
         credits: Option<u64>,
         refill: Option<(u64, u32)>,
         limit: Option<u32>,
+        tokens: Option<u32>,
         owner: Option<usize>,
     },
     /// The administrator sets the limits of one of the account's [`OWNERS`], as
@@ -103,17 +105,25 @@ pub enum Op {
         refill: Option<(u64, u32)>,
         limit: Option<u32>,
     },
-    /// A use of the key that costs `cost` credits and checks `"requests"` (counting towards it
-    /// unless the cost is 0).
+    /// A use of the key that costs `cost` credits and checks the limits of [`LIMIT_NAMES`]
+    /// whose bits `checks` holds (counting towards them unless the cost is 0).
     Spend {
         key: usize,
         cost: u64,
+        checks: u8,
     },
 }
 
 /// The window of every rate limit of [`Op::CreateLimited`]: 32 s, so that each of its slots is
 /// one second and a use at a whole second counts until 33 s later.
 pub const LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(32);
+
+/// The names of the model's rate limits, in the order a key holds them; a use checks those
+/// whose bits (1 for the first) its [`Op::Spend`] holds.
+pub const LIMIT_NAMES: [&str; 2] = [crate::RateLimit::REQUESTS, "tokens"];
+
+/// What an authenticated request checks: `"requests"`.
+const REQUESTS: u8 = 0b01;
 
 /// The grants that let a key manage keys, left out of a limited key's.
 const MANAGING: u8 = 0b1011;
@@ -160,20 +170,53 @@ struct ModelKey {
     replaced_by: Option<KeyId>,
     /// Where the key's credits are in [`Model::balances`]; `None`: unlimited.
     credits: Option<usize>,
-    /// The key's `"requests"` limit, and the instants of the uses it accepted.
-    limit: Option<u32>,
-    uses: Vec<OffsetDateTime>,
+    limits: ModelLimits,
     /// Which of its account's [`OWNERS`] the key belongs to.
     owner: Option<usize>,
 }
 
-/// An owner's limits: credits (in [`Model::balances`]), a `"requests"` limit, and the instants
-/// of the uses it counted.
+/// An owner's limits: credits (in [`Model::balances`]) and a `"requests"` limit.
 #[derive(Debug, Default)]
 struct ModelOwner {
     credits: Option<usize>,
-    limit: Option<u32>,
-    uses: Vec<OffsetDateTime>,
+    limits: ModelLimits,
+}
+
+/// The limits of [`LIMIT_NAMES`], each at most so many uses per [`LIMIT_WINDOW`] (`None`: no such
+/// limit), and the instants of the uses each counted. A window outlives its limit, as the
+/// service's does: a limit set again finds the uses it counted.
+#[derive(Debug, Clone, Default)]
+struct ModelLimits([(Option<u32>, Vec<OffsetDateTime>); 2]);
+
+impl ModelLimits {
+    fn new(requests: Option<u32>, tokens: Option<u32>) -> Self {
+        Self([(requests, Vec::new()), (tokens, Vec::new())])
+    }
+
+    /// Sets the `"requests"` limit; its window keeps the uses it counted.
+    fn set_requests(&mut self, limit: Option<u32>) {
+        self.0[0].0 = limit;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|(limit, _)| limit.is_none())
+    }
+
+    /// The limits the service holds: `"requests"`, then `"tokens"`, where set.
+    fn as_service(&self) -> crate::RateLimits {
+        let named = LIMIT_NAMES.iter().zip(&self.0);
+        let each = named.filter_map(|(name, (limit, _))| crate::RateLimit::new(name, (*limit)?, LIMIT_WINDOW).ok());
+        crate::RateLimits::new(each).unwrap_or_default()
+    }
+
+    /// The limits a use with `checks` checks: name, limit and uses, in the key's order.
+    fn checked(&mut self, checks: u8) -> impl Iterator<Item = (&'static str, u32, &mut Vec<OffsetDateTime>)> {
+        let named = LIMIT_NAMES.iter().zip(&mut self.0).enumerate();
+        named.filter(move |(bit, _)| checks & (1 << bit) != 0).filter_map(|(_, (name, (limit, uses)))| {
+            let limit = (*limit)?;
+            Some((*name, limit, uses))
+        })
+    }
 }
 
 /// Credits as the model keeps them. A roll moves them to the new key, leaving the old one an
@@ -273,8 +316,7 @@ impl Model {
             rotated_from,
             replaced_by: None,
             credits: None,
-            limit: None,
-            uses: Vec::new(),
+            limits: ModelLimits::default(),
             owner: None,
         });
         Ok(())
@@ -288,7 +330,7 @@ impl Model {
             let refill = balance.refill.map(|(amount, every)| refill_of(amount, every));
             crate::Balance::new(crate::Credits { remaining: balance.left_at(now), refill }, now)
         });
-        let limits = crate::OwnerLimits::new(credits, ratelimits_of(owner.limit));
+        let limits = crate::OwnerLimits::new(credits, owner.limits.as_service());
         limits.limits_anything().then_some(limits)
     }
 
@@ -319,7 +361,7 @@ impl Model {
                     let refill = balance.refill.map(|(amount, every)| refill_of(amount, every));
                     crate::Credits { remaining: balance.left_at(now), refill }
                 }),
-                ratelimits: ratelimits_of(key.limit),
+                ratelimits: key.limits.as_service(),
             })
             .collect()
     }
@@ -609,10 +651,11 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let revocable = target_key.account == *account && target_key.is_active(now);
             expect_revocation(model, target, revocable, outcome)?;
         }
-        Op::CreateLimited { account, scopes, credits, refill, limit, owner } => {
+        Op::CreateLimited { account, scopes, credits, refill, limit, tokens, owner } => {
             let scopes = scopes_of(scopes.unwrap_or(0) & !MANAGING);
             let owner = owner.map(|owner| owner % OWNERS);
-            let mut request = NewKey::default().scopes(scopes.clone()).ratelimits(ratelimits_of(*limit));
+            let limits = ModelLimits::new(*limit, *tokens);
+            let mut request = NewKey::default().scopes(scopes.clone()).ratelimits(limits.as_service());
             let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
             if let Some(remaining) = credits {
                 request = request.credits(credits_of(*remaining, refill)?);
@@ -628,7 +671,7 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                 ensure_eq!(created.scopes, scopes);
                 model.add(&created, *account, None, None)?;
                 let key = model.keys.last_mut().ok_or("no key added")?;
-                key.limit = *limit;
+                key.limits = limits;
                 key.owner = owner;
                 if let Some(remaining) = credits {
                     key.credits = Some(model.balances.len());
@@ -641,7 +684,8 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             let owner = owner % OWNERS;
             let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
             let given = credits.map(|remaining| credits_of(remaining, refill)).transpose()?;
-            let update = crate::OwnerUpdate::default().credits(given).ratelimits(ratelimits_of(*limit));
+            let update =
+                crate::OwnerUpdate::default().credits(given).ratelimits(ModelLimits::new(*limit, None).as_service());
             let outcome = service.update_owner_as_admin(&model.accounts[*account], &owner_id(owner), update).await;
             let limits = outcome.map_err(|error| format!("owner limits: {error}"))?;
             let balance = credits.map(|remaining| {
@@ -649,13 +693,14 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                 model.balances.len() - 1
             });
             let modelled = &mut model.owners[*account][owner];
-            (modelled.credits, modelled.limit) = (balance, *limit);
+            modelled.credits = balance;
+            modelled.limits.set_requests(*limit);
             let expected = model.owner_limits(*account, owner);
             ensure_eq!(limits, expected, "owner limits as set");
         }
-        Op::Spend { key, cost } => {
+        Op::Spend { key, cost, checks } => {
             let Some(index) = model.pick(*key) else { return Ok(()) };
-            use_as_model_says(service, model, index, *cost).await?;
+            use_as_model_says(service, model, index, *cost, *checks).await?;
         }
         Op::Advance { seconds } => model.clock.advance(Duration::seconds(*seconds)),
         Op::Flush => service.flush().await.map_err(|error| format!("flush: {error}"))?,
@@ -670,23 +715,29 @@ async fn verify_as_model_says<S: KeyStore>(
     model: &mut Model,
     index: usize,
 ) -> Result<Option<AuthenticatedKey>, String> {
-    use_as_model_says(service, model, index, 1).await
+    use_as_model_says(service, model, index, 1, REQUESTS).await
 }
 
-/// Uses the key `index` for `cost` credits and its `"requests"` limit (through
-/// [`KeyService::verify`] for a cost of 1), and checks the outcome against the model: refusals
-/// in order (revoked, expired, rate limited, credits), what the use reports, and when to retry.
+/// Uses the key `index` for `cost` credits and the limits `checks` names (through
+/// [`KeyService::verify`] for a request's use), and checks the outcome against the model:
+/// refusals in order (revoked, expired, rate limited, credits), what the use reports, and when
+/// to retry.
 async fn use_as_model_says<S: KeyStore>(
     service: &KeyService<S>,
     model: &mut Model,
     index: usize,
     cost: u64,
+    checks: u8,
 ) -> Result<Option<AuthenticatedKey>, String> {
     let now = model.now();
     let token = model.keys[index].token.clone();
-    let outcome = match cost {
-        1 => service.verify(&token).await,
-        cost => service.verify_usage(&token, &crate::Usage::new().cost(cost)).await,
+    let outcome = match (cost, checks) {
+        (1, REQUESTS) => service.verify(&token).await,
+        _ => {
+            let names = LIMIT_NAMES.iter().enumerate().filter(|(bit, _)| checks & (1 << bit) != 0);
+            let usage = crate::Usage::new().cost(cost).ratelimits(names.map(|(_, name)| name));
+            service.verify_usage(&token, &usage).await
+        }
     };
     let Model { keys, balances, accounts, owners, .. } = model;
     let key = &mut keys[index];
@@ -699,19 +750,18 @@ async fn use_as_model_says<S: KeyStore>(
         return Ok(None);
     }
     let owner = key.owner.map(|owner| &mut owners[key.account][owner]);
-    let owner = owner.filter(|owner| owner.credits.is_some() || owner.limit.is_some());
+    let owner = owner.filter(|owner| owner.credits.is_some() || !owner.limits.is_empty());
     // Rate limits first, the owner's before the key's; then credits, the key's before the owner's.
-    let (owner_limit, owner_credits, owner_uses) = match owner {
-        Some(owner) => (owner.limit, owner.credits, Some(&mut owner.uses)),
-        None => (None, None, None),
+    let (mut owner_limits, owner_credits) = match owner {
+        Some(owner) => (Some(&mut owner.limits), owner.credits),
+        None => (None, None),
     };
-    let mut owner_uses = owner_uses;
-    if let Some(uses) = owner_uses.as_deref_mut()
-        && refused_by_limit(&outcome, owner_limit, uses, now, true)?
+    if let Some(limits) = owner_limits.as_deref_mut()
+        && refused_by_limit(&outcome, limits, checks, now, true)?
     {
         return Ok(None);
     }
-    if refused_by_limit(&outcome, key.limit, &mut key.uses, now, false)? {
+    if refused_by_limit(&outcome, &mut key.limits, checks, now, false)? {
         return Ok(None);
     }
     for (credits, by_owner) in [(key.credits, false), (owner_credits, true)] {
@@ -744,51 +794,55 @@ async fn use_as_model_says<S: KeyStore>(
     ensure_eq!(authenticated.usage.credits, spend(key.credits, balances), "credits left after the use");
     let owner_left = spend(owner_credits, balances);
     let owner_usage = authenticated.owner_usage.as_ref();
-    ensure_eq!(owner_usage.is_some(), owner_uses.is_some(), "the owner's limits were used");
+    ensure_eq!(owner_usage.is_some(), owner_limits.is_some(), "the owner's limits were used");
     ensure_eq!(owner_usage.and_then(|usage| usage.credits), owner_left, "the owner's credits left after the use");
     // A use of cost 0 only checks: it counts towards no limit.
-    for (limit, uses, usage) in
-        [(key.limit, Some(&mut key.uses), Some(&authenticated.usage)), (owner_limit, owner_uses, owner_usage)]
-    {
-        let (Some(limit), Some(uses), Some(usage)) = (limit, uses, usage) else { continue };
-        if cost > 0 {
-            uses.push(now);
+    for (limits, usage) in [(Some(&mut key.limits), Some(&authenticated.usage)), (owner_limits, owner_usage)] {
+        let (Some(limits), Some(usage)) = (limits, usage) else { continue };
+        let mut left = Vec::new();
+        for (name, limit, uses) in limits.checked(checks) {
+            if cost > 0 {
+                uses.push(now);
+            }
+            left.push((name.to_owned(), limit - uses.len() as u32));
         }
-        let remaining = usage.ratelimits().next().map(|state| state.remaining);
-        ensure_eq!(remaining, Some(limit - uses.len() as u32), "uses left in the window");
+        let reported: Vec<_> = usage.ratelimits().map(|state| (state.name.to_string(), state.remaining)).collect();
+        ensure_eq!(reported, left, "uses left in each window checked");
     }
     key.last_used_at = Some(now);
     Ok(Some(authenticated))
 }
 
-/// Forgets the uses that no longer count at `now`; whether the use is over `limit`, checking
-/// that it was then refused as the model says, by the owner's limit or the key's.
+/// Forgets the uses that no longer count at `now`; whether the use is over one of the limits it
+/// checks, checking that it was then refused as the model says, by the owner's limits or the
+/// key's, naming the limit that frees up last (the later of two that free up together).
 fn refused_by_limit(
     outcome: &Result<AuthenticatedKey, Rejection>,
-    limit: Option<u32>,
-    uses: &mut Vec<OffsetDateTime>,
+    limits: &mut ModelLimits,
+    checks: u8,
     now: OffsetDateTime,
     by_owner: bool,
 ) -> Result<bool, String> {
     // A use at a whole second counts in a slot of one second, until the window after it ends.
     let slot_window = LIMIT_WINDOW.as_secs() as i64 + 1;
-    uses.retain(|at| (now - *at).whole_seconds() < slot_window);
-    let Some(limit) = limit.filter(|&limit| uses.len() >= limit as usize) else { return Ok(false) };
+    let mut reached = None;
+    for (index, (name, limit, uses)) in limits.checked(checks).enumerate() {
+        uses.retain(|at| (now - *at).whole_seconds() < slot_window);
+        if uses.len() >= limit as usize {
+            let oldest = uses[uses.len() - limit as usize];
+            let retry = (oldest + Duration::seconds(slot_window) - now).unsigned_abs();
+            reached = reached.max(Some((retry, index, name)));
+        }
+    }
+    let Some((retry, _, name)) = reached else { return Ok(false) };
     let Err(Rejection::RateLimited(refusal)) = outcome else {
-        return Err(format!("over its limit, the use was not refused: {outcome:?}"));
+        return Err(format!("over its limit {name}, the use was not refused: {outcome:?}"));
     };
     ensure_eq!(refusal.by_owner, by_owner, "whose limit was reached");
-    let oldest = uses[uses.len() - limit as usize];
-    let retry = (oldest + Duration::seconds(slot_window) - now).unsigned_abs();
     ensure_eq!(refusal.retry_after, Some(retry), "retry after a rate limit");
-    ensure_eq!(refusal.limit().map(|limit| limit.remaining), Some(0));
+    let reached = refusal.limit().map(|limit| (limit.name.to_string(), limit.remaining));
+    ensure_eq!(reached, Some((name.to_owned(), 0)), "the limit reached");
     Ok(true)
-}
-
-/// The model's limits as the service's: `"requests"`, at most `limit` per [`LIMIT_WINDOW`].
-fn ratelimits_of(limit: Option<u32>) -> crate::RateLimits {
-    let limit = limit.and_then(|limit| crate::RateLimit::new(crate::RateLimit::REQUESTS, limit, LIMIT_WINDOW).ok());
-    crate::RateLimits::new(limit).unwrap_or_default()
 }
 
 fn credits_of(remaining: u64, refill: Option<(u64, i64)>) -> Result<crate::Credits, String> {
@@ -853,13 +907,12 @@ fn expect_roll(
     ensure_eq!(rolled.key.scopes, old.scopes);
     ensure_eq!(rolled.key.expires_at, old.expires_at);
     ensure_eq!(rolled.key.name, old.name);
-    let (account, name, old_id, credits, limit, owner) =
-        (old.account, old.name.clone(), old.id, old.credits, old.limit, old.owner);
+    let (account, name, old_id, credits, owner) = (old.account, old.name.clone(), old.id, old.credits, old.owner);
     // The new key's limits go on from the old key's uses (each key counts its own from then on).
-    let uses = old.uses.clone();
+    let limits = old.limits.clone();
     model.add(&rolled.key, account, name, Some(old_id))?;
     let new = model.keys.last_mut().ok_or("no key added")?;
-    (new.credits, new.limit, new.uses, new.owner) = (credits, limit, uses, owner);
+    (new.credits, new.limits, new.owner) = (credits, limits, owner);
     // The balance moved to the new key; the old one keeps none, and no refill.
     let emptied = credits.map(|_| {
         model.balances.push(ModelBalance { remaining: 0, as_of: now, refill: None });
