@@ -29,7 +29,14 @@ enum Step {
         tokens: Option<u8>,
         owner: Option<u8>,
     },
-    SetOwnerLimits { account: u8, owner: u8, credits: Option<u8>, refill: Option<(u8, u16)>, limit: Option<u8> },
+    SetOwnerLimits {
+        account: u8,
+        owner: u8,
+        credits: Option<u8>,
+        refill: Option<(u8, u16)>,
+        limit: Option<u8>,
+        tokens: Option<u8>,
+    },
     Spend { key: u8, cost: u8, checks: u8 },
 }
 
@@ -70,12 +77,13 @@ impl From<Step> for Op {
                 tokens: tokens.map(|tokens| u32::from(tokens % 4)).filter(|&tokens| tokens > 0),
                 owner: owner.map(usize::from),
             },
-            Step::SetOwnerLimits { account: a, owner, credits, refill, limit } => Op::SetOwnerLimits {
+            Step::SetOwnerLimits { account: a, owner, credits, refill, limit, tokens } => Op::SetOwnerLimits {
                 account: account(a),
                 owner: owner.into(),
                 credits: credits.map(u64::from),
                 refill: refill.map(|(amount, every)| (u64::from(amount), u32::from(every))),
                 limit: limit.map(|limit| u32::from(limit % 7)).filter(|&limit| limit > 0),
+                tokens: tokens.map(|tokens| u32::from(tokens % 4)).filter(|&tokens| tokens > 0),
             },
             Step::Spend { key, cost, checks } => Op::Spend { key: key.into(), cost: u64::from(cost % 8), checks: checks % 4 },
         }

@@ -97,13 +97,14 @@ pub enum Op {
         owner: Option<usize>,
     },
     /// The administrator sets the limits of one of the account's [`OWNERS`], as
-    /// [`Op::CreateLimited`] gives a key's: both at once, `None` for none.
+    /// [`Op::CreateLimited`] gives a key's: all at once, `None` for none.
     SetOwnerLimits {
         account: usize,
         owner: usize,
         credits: Option<u64>,
         refill: Option<(u64, u32)>,
         limit: Option<u32>,
+        tokens: Option<u32>,
     },
     /// A use of the key that costs `cost` credits and checks the limits of [`LIMIT_NAMES`]
     /// whose bits `checks` holds (counting towards them unless the cost is 0).
@@ -175,7 +176,7 @@ struct ModelKey {
     owner: Option<usize>,
 }
 
-/// An owner's limits: credits (in [`Model::balances`]) and a `"requests"` limit.
+/// An owner's limits: credits (in [`Model::balances`]) and rate limits.
 #[derive(Debug, Default)]
 struct ModelOwner {
     credits: Option<usize>,
@@ -193,9 +194,9 @@ impl ModelLimits {
         Self([(requests, Vec::new()), (tokens, Vec::new())])
     }
 
-    /// Sets the `"requests"` limit; its window keeps the uses it counted.
-    fn set_requests(&mut self, limit: Option<u32>) {
-        self.0[0].0 = limit;
+    /// Sets the limits; their windows keep the uses they counted.
+    fn set(&mut self, requests: Option<u32>, tokens: Option<u32>) {
+        (self.0[0].0, self.0[1].0) = (requests, tokens);
     }
 
     fn is_empty(&self) -> bool {
@@ -680,12 +681,12 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
                 }
             }
         }
-        Op::SetOwnerLimits { account, owner, credits, refill, limit } => {
+        Op::SetOwnerLimits { account, owner, credits, refill, limit, tokens } => {
             let owner = owner % OWNERS;
             let refill = refill.map(|(amount, every)| (amount, i64::from(every.max(1))));
             let given = credits.map(|remaining| credits_of(remaining, refill)).transpose()?;
             let update =
-                crate::OwnerUpdate::default().credits(given).ratelimits(ModelLimits::new(*limit, None).as_service());
+                crate::OwnerUpdate::default().credits(given).ratelimits(ModelLimits::new(*limit, *tokens).as_service());
             let outcome = service.update_owner_as_admin(&model.accounts[*account], &owner_id(owner), update).await;
             let limits = outcome.map_err(|error| format!("owner limits: {error}"))?;
             let balance = credits.map(|remaining| {
@@ -694,7 +695,7 @@ async fn apply<S: KeyStore>(service: &KeyService<S>, model: &mut Model, op: &Op)
             });
             let modelled = &mut model.owners[*account][owner];
             modelled.credits = balance;
-            modelled.limits.set_requests(*limit);
+            modelled.limits.set(*limit, *tokens);
             let expected = model.owner_limits(*account, owner);
             ensure_eq!(limits, expected, "owner limits as set");
         }

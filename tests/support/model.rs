@@ -33,8 +33,8 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         3 => (0..ACCOUNTS, scopes(), prop::option::of(0u64..15), prop::option::of((0u64..10, 1u32..300)), prop::option::of(1u32..4), prop::option::of(1u32..3), prop::option::of(0..OWNERS))
             .prop_map(|(account, scopes, credits, refill, limit, tokens, owner)| Op::CreateLimited { account, scopes, credits, refill, limit, tokens, owner }),
-        2 => (0..ACCOUNTS, 0..OWNERS, prop::option::of(0u64..20), prop::option::of((0u64..10, 1u32..300)), prop::option::of(1u32..6))
-            .prop_map(|(account, owner, credits, refill, limit)| Op::SetOwnerLimits { account, owner, credits, refill, limit }),
+        2 => (0..ACCOUNTS, 0..OWNERS, prop::option::of(0u64..20), prop::option::of((0u64..10, 1u32..300)), prop::option::of(1u32..6), prop::option::of(1u32..4))
+            .prop_map(|(account, owner, credits, refill, limit, tokens)| Op::SetOwnerLimits { account, owner, credits, refill, limit, tokens }),
         // Mostly what a request checks ("requests"); else "tokens", both, or neither.
         5 => (any::<usize>(), prop_oneof![3 => Just(1u64), 1 => Just(0u64), 2 => 2u64..6], prop_oneof![1 => Just(0b01u8), 1 => 0u8..4])
             .prop_map(|(key, cost, checks)| Op::Spend { key, cost, checks }),
