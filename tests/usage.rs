@@ -319,6 +319,25 @@ async fn an_owners_rate_limit_counts_every_key_of_the_owner() {
     }
 }
 
+/// A use checks the owner's limits it names, before any credits: a key out of credits is
+/// refused by the owner's full limit, not by its credits.
+#[tokio::test]
+async fn a_use_checks_the_owners_limits_that_it_names_before_the_keys_credits() {
+    let (service, _) = service(10);
+    let limit = |name, limit| RateLimit::new(name, limit, Duration::from_secs(60)).unwrap();
+    let limits = RateLimits::new([limit("requests", 3), limit("tokens", 1)]).unwrap();
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().ratelimits(limits)).await;
+    let (first, second) =
+        (key(&service, owned("org-1")).await, key(&service, owned("org-1").credits(Credits::new(0).unwrap())).await);
+    let tokens = Usage::new().ratelimits(["tokens"]);
+    service.verify_usage(&first, &tokens).await.unwrap();
+    let refused = service.verify_usage(&second, &tokens).await;
+    let Err(Rejection::RateLimited(refusal)) = refused else { panic!("{refused:?}") };
+    assert!(refusal.by_owner);
+    assert_eq!(refusal.limit().map(|limit| limit.name.to_string()).as_deref(), Some("tokens"));
+    assert!(matches!(service.verify(&second).await, Err(Rejection::UsageExceeded(_))), "requests has room");
+}
+
 /// One process's store of several instances sharing one memory store and one board.
 #[cfg(feature = "tokio")]
 type SharingStore = Arc<Instrumented<Arc<MemoryStore>>>;
