@@ -187,6 +187,27 @@ async fn reports_beyond_the_throttle_are_429_and_change_nothing() {
     assert!(leaks.service.verify(&key).await.is_ok(), "a throttled report revokes nothing");
 }
 
+/// What is not a key at all counts towards nothing: a flood of it leaves the throttle to the
+/// reports of real keys.
+#[tokio::test]
+async fn junk_does_not_use_up_the_throttle_that_real_reports_need() {
+    let leaks = Leaks::start(1).await;
+    let mut wrong_checksum = look_alike();
+    let changed = if wrong_checksum.as_bytes()[15] == b'a' { "b" } else { "a" };
+    wrong_checksum.replace_range(15..16, changed);
+    for junk in [json!({"key": "not a key"}), json!({"key": wrong_checksum}), json!({"nothing": 1})] {
+        for _ in 0..5 {
+            let status = leaks.report(junk.clone()).await.0;
+            assert!(status == StatusCode::ACCEPTED || status == StatusCode::BAD_REQUEST, "{junk}: {status}");
+        }
+    }
+    let key = leaks.key("acme").await;
+    assert_eq!(leaks.report(json!({"key": key})).await.0, StatusCode::ACCEPTED);
+    assert!(matches!(leaks.service.verify(&key).await, Err(apikeys::Rejection::Revoked)), "revoked");
+    let (status, ..) = leaks.report(json!({"key": look_alike()})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a well-formed key counts");
+}
+
 #[tokio::test]
 async fn bad_report_bodies_are_clear_errors_that_change_nothing() {
     let leaks = Leaks::start(1_000).await;

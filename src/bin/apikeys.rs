@@ -733,7 +733,8 @@ struct ServeLimits {
     /// How long requests in flight may take to finish after SIGTERM or SIGINT.
     #[arg(long, env = "APIKEYS_SHUTDOWN_DEADLINE", value_parser = humantime::parse_duration, default_value = "10s")]
     shutdown_deadline: Duration,
-    /// How many leak reports POST /leaks takes a minute, from everyone together (0: none).
+    /// How many leak reports of well-formed keys POST /leaks takes a minute, from everyone
+    /// together (0: none).
     #[arg(long, env = "APIKEYS_LEAK_REPORTS_PER_MINUTE", default_value_t = 60)]
     leak_reports_per_minute: u32,
     /// How many wrong administrator's credentials serve takes a minute, at the dashboard's

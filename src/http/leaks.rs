@@ -16,14 +16,16 @@ use super::body::{Sent, json_body};
 use super::throttle::Throttle;
 use super::{ApiError, BODY_LIMIT};
 use crate::leak::LeakReport;
-use crate::{KeyService, KeyStore};
+use crate::{KeyService, KeyStore, TokenParts};
 
 /// How the leak endpoints are served. Build with [`LeakOptions::default`] and set what differs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct LeakOptions {
-    /// How many reports `POST /leaks` takes a minute, from everyone together; more are 429.
-    /// 60 by default.
+    /// How many reports of well-formed keys `POST /leaks` takes a minute, from everyone
+    /// together; more are 429. What is not a key at all (a bad body, a string whose checksum
+    /// fails) touches no store and counts towards nothing, so that junk cannot use up what real
+    /// reports need. 60 by default.
     pub reports_per_minute: u32,
     /// GitHub's public keys, which serve `POST /leaks/github`; without them that path is not
     /// served.
@@ -97,7 +99,6 @@ async fn report_leak<St: KeyStore>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    reports.throttle.admit("Too many reports; try again later.")?;
     let request = json_body::<ReportRequest>(&headers, body)?;
     let Some(Sent::Valid(key)) = request.key else {
         return Err(ApiError::bad_request("invalid_key", "Give the leaked key as a string: {\"key\": \"…\"}."));
@@ -109,6 +110,9 @@ async fn report_leak<St: KeyStore>(
         Some(Sent::WrongType) => {
             return Err(ApiError::bad_request("invalid_url", "url must be a string: where the key was found."));
         }
+    }
+    if TokenParts::parse(&key).is_ok() {
+        reports.throttle.admit("Too many reports; try again later.")?;
     }
     reports.service.revoke_leaked(&key, &report).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "received": true }))).into_response())
