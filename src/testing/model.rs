@@ -171,6 +171,7 @@ struct ModelKey {
     replaced_by: Option<KeyId>,
     /// Where the key's credits are in [`Model::balances`]; `None`: unlimited.
     credits: Option<usize>,
+    /// The key's rate limits, and the uses each counted.
     limits: ModelLimits,
     /// Which of its account's [`OWNERS`] the key belongs to.
     owner: Option<usize>,
