@@ -1300,6 +1300,20 @@ mod tests {
     }
 
     #[test]
+    fn a_use_counts_until_the_slot_a_window_after_its_own_however_long_the_key_was_idle() {
+        let limit = limit(2, 3_200);
+        let mut key = KeyMeter::default();
+        window_at(&mut key, &limit, 0).add();
+        // Idle since: the window moves on 32 slots (of 100 ms) at once, and the use in slot 0
+        // still counts; the slot after, it does not.
+        assert_eq!(window_at(&mut key, &limit, 3_299_999).total, 1);
+        assert_eq!(window_at(&mut key, &limit, 3_300_000).total, 0);
+        let mut key = KeyMeter::default();
+        window_at(&mut key, &limit, 0).add();
+        assert_eq!(window_at(&mut key, &limit, 3_300_000).total, 0, "33 slots at once");
+    }
+
+    #[test]
     fn an_accepted_use_given_back_returns_its_credits_only_to_the_lease_it_came_from() {
         let (meter, id) = (Meter::new(10), MeterId(7));
         {
