@@ -126,6 +126,11 @@ pub const LIMIT_NAMES: [&str; 2] = [crate::RateLimit::REQUESTS, "tokens"];
 /// What an authenticated request checks: `"requests"`.
 const REQUESTS: u8 = 0b01;
 
+/// Whether a use with `checks` checks the limit at `position` in [`LIMIT_NAMES`].
+fn checks_limit(checks: u8, position: usize) -> bool {
+    checks & (1 << position) != 0
+}
+
 /// The grants that let a key manage keys, left out of a limited key's.
 const MANAGING: u8 = 0b1011;
 
@@ -214,7 +219,7 @@ impl ModelLimits {
     /// The limits a use with `checks` checks: name, limit and uses, in the key's order.
     fn checked(&mut self, checks: u8) -> impl Iterator<Item = (&'static str, u32, &mut Vec<OffsetDateTime>)> {
         let named = LIMIT_NAMES.iter().zip(&mut self.0).enumerate();
-        named.filter(move |(bit, _)| checks & (1 << bit) != 0).filter_map(|(_, (name, (limit, uses)))| {
+        named.filter(move |(position, _)| checks_limit(checks, *position)).filter_map(|(_, (name, (limit, uses)))| {
             let limit = (*limit)?;
             Some((*name, limit, uses))
         })
@@ -736,7 +741,7 @@ async fn use_as_model_says<S: KeyStore>(
     let outcome = match (cost, checks) {
         (1, REQUESTS) => service.verify(&token).await,
         _ => {
-            let names = LIMIT_NAMES.iter().enumerate().filter(|(bit, _)| checks & (1 << bit) != 0);
+            let names = LIMIT_NAMES.iter().enumerate().filter(|(position, _)| checks_limit(checks, *position));
             let usage = crate::Usage::new().cost(cost).ratelimits(names.map(|(_, name)| name));
             service.verify_usage(&token, &usage).await
         }
