@@ -693,17 +693,17 @@ impl Meter {
             return Opened::Accepted(UsageReport::default());
         }
         // While the counts are shared: how many other instances exchange them, and whether
-        // they are too old for a use that checks a limit (failing closed).
+        // they are too old for a use that checks a limit: then it fails closed, or counts this
+        // instance's uses alone (failing open), even while an exchange that will fail still runs.
         let exchanged_at = self.sharing.exchanged_at.load(Ordering::Acquire);
-        let peers = if count > 0 && exchanged_at != NOT_SHARED {
-            if !self.sharing.fail_open.load(Ordering::Relaxed)
-                && let Some(age) = self.age_if_stale(exchanged_at, now)
-            {
-                return Opened::Stale(age);
+        let (peers, alone) = if count > 0 && exchanged_at != NOT_SHARED {
+            match self.age_if_stale(exchanged_at, now) {
+                Some(age) if !self.sharing.fail_open.load(Ordering::Relaxed) => return Opened::Stale(age),
+                Some(_) => (0, true),
+                None => (self.sharing.peers.load(Ordering::Relaxed), false),
             }
-            self.sharing.peers.load(Ordering::Relaxed)
         } else {
-            0
+            (0, false)
         };
         let checked = &mut checked[..count];
         let mut shard = self.shard(&id, now);
@@ -715,6 +715,9 @@ impl Meter {
         let limit_at = |position: usize| &all[position];
         for (position, window) in checked.iter_mut() {
             *window = key.window(limit_at(*position), now, peers);
+            if alone {
+                key.windows[*window].others = None;
+            }
         }
         let store_left = credits.map_or(0, |balance| left_at(balance, now));
         let mut report = UsageReport { credits: credits.map(|_| key.lease + store_left), ..UsageReport::default() };
@@ -1155,11 +1158,20 @@ impl Window {
     /// Uses counted now, with what the other instances are assumed to have accepted since their
     /// counts came: as many each as this one.
     fn projected(&self) -> u32 {
+        self.projected_from(self.total, self.others.as_ref().map_or(0, |others| others.total))
+    }
+
+    /// What [`projected`](Self::projected) is once only `own` of this instance's uses and
+    /// `others` of the others' still count. The others are assumed to have accepted as many as
+    /// this instance since their counts came, at the same times, so those uses drop out of the
+    /// window with this instance's: of its uses since then, only those it still counts (the
+    /// newest `own`, as both are its newest uses) are assumed of each of them.
+    fn projected_from(&self, own: u32, others: u32) -> u32 {
         let unseen = self
             .others
             .as_ref()
-            .map_or(0, |others| others.peers.saturating_mul(others.since.saturating_add(others.before)));
-        self.counted().saturating_add(unseen)
+            .map_or(0, |assumed| assumed.peers.saturating_mul(assumed.since.saturating_add(assumed.before).min(own)));
+        own.saturating_add(others).saturating_add(unseen)
     }
 
     /// Uses counted in the slot at `ring`, this instance's and the others'.
@@ -1170,15 +1182,16 @@ impl Window {
     /// How long from `now` until fewer than `limit` uses are counted: each slot, oldest first,
     /// drops out when the slot `SLOTS + 1` after it begins.
     fn until_below(&self, limit: u32, now: i64) -> Duration {
-        let mut total = self.projected();
-        if total < limit {
+        if self.projected() < limit {
             return Duration::ZERO;
         }
+        let (mut own, mut others) = (self.total, self.others.as_ref().map_or(0, |others| others.total));
         let oldest = self.newest - SLOTS as i64;
         let mut ring = Self::ring(oldest);
         for number in oldest..=self.newest {
-            total = total.saturating_sub(self.counted_at(ring));
-            if total < limit {
+            own = own.saturating_sub(self.counts[ring]);
+            others = others.saturating_sub(self.others.as_ref().map_or(0, |others| others.counts[ring]));
+            if self.projected_from(own, others) < limit {
                 let drops_at = (number + SLOTS as i64 + 1).saturating_mul(self.slot);
                 return Duration::from_micros(drops_at.saturating_sub(now).max(0) as u64);
             }
@@ -1192,22 +1205,27 @@ impl Window {
         self.counted() > 0
     }
 
-    /// What is left of `limit` at `now`.
+    /// What is left of `limit` at `now`, and when more is: once the oldest counted slot drops
+    /// out, or, with nothing left, once one more use is accepted (a limit lowered below what
+    /// the window counts needs more than one slot to drop).
     fn left(&self, limit: &RateLimit, now: i64) -> Left {
-        // The oldest slot that counts a use: this instance's own is kept; the others' is rare.
-        let oldest = match &self.others {
-            None => self.oldest,
-            Some(_) => (self.newest - SLOTS as i64..=self.newest)
-                .find(|&number| self.counted_at(Self::ring(number)) > 0)
-                .unwrap_or(self.newest),
-        };
-        // One more use is accepted once the oldest counted slot drops out.
-        let reset = match self.counted() {
-            0 => 0,
-            _ => (oldest + SLOTS as i64 + 1).saturating_mul(self.slot).saturating_sub(now).max(0),
+        let remaining = limit.limit().saturating_sub(self.projected());
+        let reset = if remaining == 0 {
+            i64::try_from(self.until_below(limit.limit(), now).as_micros()).unwrap_or(i64::MAX)
+        } else if self.counted() == 0 {
+            0
+        } else {
+            // The oldest slot that counts a use: this instance's own is kept; the others' is rare.
+            let oldest = match &self.others {
+                None => self.oldest,
+                Some(_) => (self.newest - SLOTS as i64..=self.newest)
+                    .find(|&number| self.counted_at(Self::ring(number)) > 0)
+                    .unwrap_or(self.newest),
+            };
+            (oldest + SLOTS as i64 + 1).saturating_mul(self.slot).saturating_sub(now).max(0)
         };
         let reset_ms = u32::try_from(reset.div_euclid(1_000) + i64::from(reset % 1_000 != 0)).unwrap_or(u32::MAX);
-        Left { remaining: limit.limit().saturating_sub(self.projected()), reset_ms }
+        Left { remaining, reset_ms }
     }
 
     /// Adds what another instance counted, as it published its window with `newest` as its
@@ -1297,6 +1315,21 @@ mod tests {
         assert_eq!(retry, Duration::from_millis(1_300));
         assert_eq!(window_at(&mut key, &limit, 3_299_999).total, 2);
         assert_eq!(window_at(&mut key, &limit, 3_300_000).total, 1);
+    }
+
+    #[test]
+    fn with_nothing_left_of_a_lowered_limit_more_is_left_when_a_retry_is_accepted() {
+        let (before, lowered) = (limit(10, 3_200), limit(2, 3_200));
+        let mut key = KeyMeter::default();
+        for second in 0..4 {
+            window_at(&mut key, &before, second * 100_000).add();
+        }
+        let window = window_at(&mut key, &lowered, 400_000);
+        let left = window.left(&lowered, 400_000);
+        assert_eq!(left.remaining, 0);
+        // Three of the four uses must drop out, the third at slot 2 + 33 (3.5 s), not the first.
+        assert_eq!(window.until_below(2, 400_000), Duration::from_millis(3_100));
+        assert_eq!(left.reset_ms, 3_100);
     }
 
     #[test]
@@ -1390,6 +1423,55 @@ mod tests {
         let (most, all) = most_accepted_in_a_window(false);
         assert!(most <= 100, "{most}");
         assert!(all >= 270, "{all} accepted in 3 s by the one instance that used the key");
+    }
+
+    #[test]
+    fn uses_assumed_of_the_others_drop_out_of_a_window_shorter_than_the_exchange_with_its_own() {
+        let meter = Meter::new(0);
+        let limits = RateLimits::new([limit(10, 100)]).unwrap();
+        let start = 1_000_000_000;
+        let generation = meter.start_sharing(start, Duration::from_secs(10), false).unwrap();
+        // One other instance exchanges; no exchange follows for the 2 s the key is used.
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), 10_000, 0, Vec::new())], start, generation);
+        let (mut accepted, mut refusals) = (0, 0);
+        for step in 0..2_000_i64 {
+            let now = start + step * 1_000;
+            match meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None) {
+                Opened::Accepted(_) => accepted += 1,
+                Opened::Refused(Refused::RateLimited(_, retry), report) => {
+                    refusals += 1;
+                    assert!(retry > Duration::ZERO, "refused at {step} ms with nothing to wait for");
+                    let left = report.ratelimit(0).unwrap();
+                    assert_eq!(left.remaining, 0);
+                    assert!(
+                        left.reset >= retry,
+                        "{:?} until more is left, against a retry after {retry:?}",
+                        left.reset
+                    );
+                }
+                _ => panic!("neither accepted nor rate limited"),
+            }
+        }
+        // Half the limit each 100 ms window (the other is assumed to use as much), not a few
+        // windows' worth and then nothing until the next exchange.
+        assert!((90..=105).contains(&accepted), "{accepted} accepted in 2 s of 100 ms windows");
+        assert!(refusals > 0);
+    }
+
+    #[test]
+    fn failing_open_a_window_counts_alone_once_the_counts_are_stale_before_any_exchange_fails() {
+        let meter = Meter::new(0);
+        let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
+        let start = 1_000_000_000;
+        let generation = meter.start_sharing(start, Duration::from_secs(1), true).unwrap();
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new())], start, generation);
+        let use_at =
+            |now| matches!(meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_));
+        assert!(use_at(start));
+        // Stale 2 s on, the next exchange still under way: all of the limit, one use a ms.
+        let later = start + 2_000_000;
+        let accepted = (0..200_i64).filter(|step| use_at(later + step * 1_000)).count();
+        assert_eq!(accepted, 100);
     }
 
     #[test]

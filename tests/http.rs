@@ -1133,6 +1133,22 @@ async fn the_verify_endpoint_decides_every_outcome_behind_the_service_credential
     server.assert_log_clean();
 }
 
+/// The verify endpoint's waits are whole milliseconds rounded up, so that a retry at the time
+/// it gives is not refused again.
+#[tokio::test]
+async fn the_verify_endpoint_rounds_its_waits_up_to_whole_milliseconds() {
+    let server = Server::start().await;
+    let limit = apikeys::RateLimit::new("requests", 1, std::time::Duration::from_millis(1)).unwrap();
+    let new = NewKey::default().ratelimits(apikeys::RateLimits::new([limit]).unwrap());
+    let (key, _) = server.key_with("acme", new).await;
+    let (_, body) = verify_request(&server, &json!({"key": key})).send().await;
+    assert_eq!(body["code"], "valid");
+    // The use counts in a slot of 32 µs until the 33rd slot after it begins: 1,056 µs.
+    let (_, body) = verify_request(&server, &json!({"key": key})).send().await;
+    assert_eq!((&body["code"], &body["retryAfterMs"]), (&json!("rate_limited"), &json!(2)));
+    assert_eq!(body["ratelimits"][0]["resetMs"], 2);
+}
+
 /// A key with two limits, checked together and apart through the verify endpoint: each
 /// counts the uses that name it, and the body lists each one checked.
 #[tokio::test]

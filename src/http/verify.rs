@@ -159,7 +159,9 @@ impl<'a> Verdict<'a> {
         usage: &'a UsageReport,
         retry_after: Option<std::time::Duration>,
     ) -> Self {
-        let millis = |duration: std::time::Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        // Rounded up, so that a retry at the time given is not refused again.
+        let millis =
+            |duration: std::time::Duration| u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
         let ratelimits = usage.ratelimits().map(|limit| LimitBody {
             name: limit.name,
             limit: limit.limit,
