@@ -279,6 +279,17 @@ pub(crate) enum Closed {
     Store(StoreError),
 }
 
+/// How far [`Meter::open`] goes with a use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Settles it; it may wait for another use's lease rather than take from the store itself.
+    MayWait,
+    /// Settles it, taking from the store itself if the lease cannot pay.
+    TakeAlone,
+    /// Only finds whether it would be refused: counts nothing and spends nothing.
+    DryRun,
+}
+
 /// What [`Meter::open`] decided.
 pub(crate) enum Opened<'m> {
     /// Accepted, nothing more to do.
@@ -665,9 +676,8 @@ impl Meter {
 
     /// Checks and, where it can, settles a use of the key `id` at `now` (Unix µs), whose store
     /// balance was just read as `credits`. Order: rate limits, then credits; a refused use takes
-    /// no slot and no credit, and a use of cost 0 only checks. `may_wait`: whether the use may
-    /// wait for another's lease rather than take from the store itself. `used`, if given, is
-    /// filled with what an accepted use took, for [`give_back`](Self::give_back).
+    /// no slot and no credit, and a use of cost 0 only checks. `used`, if given, is filled with
+    /// what an accepted use took, for [`give_back`](Self::give_back).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         &self,
@@ -676,7 +686,7 @@ impl Meter {
         credits: Option<&Balance>,
         usage: &Usage,
         now: i64,
-        may_wait: bool,
+        settle: Settle,
         used: Option<&mut Used>,
     ) -> Opened<'_> {
         let cost = usage.cost;
@@ -745,7 +755,11 @@ impl Meter {
             let retry = credits.and_then(|balance| until_refill(balance, cost, now));
             return Opened::Refused(Refused::UsageExceeded(retry), report);
         }
-        if spends && key.lease < cost && key.leasing && may_wait {
+        if settle == Settle::DryRun {
+            fill(&mut report, key);
+            return Opened::Accepted(report);
+        }
+        if spends && key.lease < cost && key.leasing && settle == Settle::MayWait {
             return Opened::Wait(LeaseTaken { meter: self, id, ended: key.leases_ended });
         }
         // A use of cost 0 only checks.
@@ -1356,7 +1370,9 @@ mod tests {
         }
         let limits = RateLimits::new([limit(1, 1_000)]).unwrap();
         let spent = Balance::new(crate::usage::Credits::new(0).unwrap(), time::OffsetDateTime::UNIX_EPOCH);
-        let open = |now, used: Option<&mut Used>| meter.open(id, &limits, Some(&spent), &Usage::new(), now, true, used);
+        let open = |now, used: Option<&mut Used>| {
+            meter.open(id, &limits, Some(&spent), &Usage::new(), now, Settle::MayWait, used)
+        };
         let mut used = Used::default();
         assert!(matches!(open(10, Some(&mut used)), Opened::Accepted(_)));
         assert!(matches!(open(20, None), Opened::Refused(Refused::RateLimited(..), _)), "a limit of 1");
@@ -1402,7 +1418,9 @@ mod tests {
                 &meters[..1]
             };
             for meter in using {
-                if let Opened::Accepted(_) = meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None) {
+                if let Opened::Accepted(_) =
+                    meter.open(MeterId(1), &limits, None, &Usage::new(), now, Settle::MayWait, None)
+                {
                     accepted.push(now);
                 }
             }
@@ -1436,7 +1454,7 @@ mod tests {
         let (mut accepted, mut refusals) = (0, 0);
         for step in 0..2_000_i64 {
             let now = start + step * 1_000;
-            match meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None) {
+            match meter.open(MeterId(1), &limits, None, &Usage::new(), now, Settle::MayWait, None) {
                 Opened::Accepted(_) => accepted += 1,
                 Opened::Refused(Refused::RateLimited(_, retry), report) => {
                     refusals += 1;
@@ -1465,8 +1483,12 @@ mod tests {
         let start = 1_000_000_000;
         let generation = meter.start_sharing(start, Duration::from_secs(1), true).unwrap();
         meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new())], start, generation);
-        let use_at =
-            |now| matches!(meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_));
+        let use_at = |now| {
+            matches!(
+                meter.open(MeterId(1), &limits, None, &Usage::new(), now, Settle::MayWait, None),
+                Opened::Accepted(_)
+            )
+        };
         assert!(use_at(start));
         // Stale 2 s on, the next exchange still under way: all of the limit, one use a ms.
         let later = start + 2_000_000;
@@ -1481,7 +1503,10 @@ mod tests {
         let start = 1_000_000_000;
         let generation = meter.start_sharing(start, Duration::from_secs(1), false).unwrap();
         let id = MeterId(1);
-        assert!(matches!(meter.open(id, &limits, None, &Usage::new(), start, true, None), Opened::Accepted(_)));
+        assert!(matches!(
+            meter.open(id, &limits, None, &Usage::new(), start, Settle::MayWait, None),
+            Opened::Accepted(_)
+        ));
         let newest = start / Window::slot_width(Duration::from_secs(1));
         let theirs = RateCounts::new(9, 1, "requests".into(), 1_000, newest, vec![0; SLOTS + 1]);
         meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new()), theirs], start, generation);
@@ -1494,7 +1519,7 @@ mod tests {
         let accepted = (1..10_000_i64)
             .filter(|step| {
                 let now = start + step * 1_000;
-                matches!(meter.open(id, &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_))
+                matches!(meter.open(id, &limits, None, &Usage::new(), now, Settle::MayWait, None), Opened::Accepted(_))
             })
             .count();
         assert!(accepted >= 900, "{accepted} accepted after sharing stopped");
@@ -1514,7 +1539,10 @@ mod tests {
         let accepted = (0..500_i64)
             .filter(|step| {
                 let now = start + step * 10;
-                matches!(meter.open(MeterId(1), &limits, None, &Usage::new(), now, true, None), Opened::Accepted(_))
+                matches!(
+                    meter.open(MeterId(1), &limits, None, &Usage::new(), now, Settle::MayWait, None),
+                    Opened::Accepted(_)
+                )
             })
             .count();
         assert_eq!(accepted, 90, "what is left after its 10, not half of it");
@@ -1528,7 +1556,8 @@ mod tests {
         let mut store = Balance::new(Credits::new(100).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
         let (limits, second) = (RateLimits::none(), 1_000_000_i64);
         let take_and_close = |now: i64, store: &mut Balance| {
-            let Opened::Take(pending) = meter.open(id, &limits, Some(store), &Usage::new(), now, true, None) else {
+            let Opened::Take(pending) = meter.open(id, &limits, Some(store), &Usage::new(), now, Settle::MayWait, None)
+            else {
                 panic!("a take")
             };
             let taken = store.take(pending.take);
@@ -1539,7 +1568,8 @@ mod tests {
         assert_eq!(meter.lease_of(&id, 30 * second), 10);
         // A use just before the boundary at 60 s, given back after it, once a new lease is held.
         let mut used = Used::default();
-        let before = meter.open(id, &limits, Some(&store), &Usage::new(), 59 * second, true, Some(&mut used));
+        let before =
+            meter.open(id, &limits, Some(&store), &Usage::new(), 59 * second, Settle::MayWait, Some(&mut used));
         assert!(matches!(before, Opened::Accepted(_)));
         take_and_close(61 * second, &mut store);
         assert_eq!(meter.lease_of(&id, 61 * second), 10);
@@ -1558,18 +1588,18 @@ mod tests {
         let mut store = Balance::new(Credits::new(100).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
         let (limits, second) = (RateLimits::none(), 1_000_000_i64);
         let open =
-            |now, may_wait, store: &Balance| meter.open(id, &limits, Some(store), &Usage::new(), now, may_wait, None);
+            |now, settle, store: &Balance| meter.open(id, &limits, Some(store), &Usage::new(), now, settle, None);
         // A leasing take under way, and a use that may not wait for it takes for itself alone.
-        let Opened::Take(leasing) = open(30 * second, true, &store) else { panic!("a leasing take") };
+        let Opened::Take(leasing) = open(30 * second, Settle::MayWait, &store) else { panic!("a leasing take") };
         let mut used = Used::default();
-        let Opened::Take(alone) = open(30 * second, false, &store) else { panic!("a take of its own") };
+        let Opened::Take(alone) = open(30 * second, Settle::TakeAlone, &store) else { panic!("a take of its own") };
         let taken = store.take(alone.take);
         store = taken.balance;
         assert!(matches!(meter.close(alone, Ok(Some(taken)), 30 * second, Some(&mut used)), Closed::Accepted(_)));
         // The leasing take fails: the lease stays void, and no boundary voids it again.
         assert!(matches!(meter.close(leasing, Err(StoreError::Busy), 30 * second, None), Closed::Store(_)));
         // After the boundary at 60 s a take fills the lease from the refilled balance.
-        let Opened::Take(next) = open(61 * second, true, &store) else { panic!("a take") };
+        let Opened::Take(next) = open(61 * second, Settle::MayWait, &store) else { panic!("a take") };
         let taken = store.take(next.take);
         assert!(matches!(meter.close(next, Ok(Some(taken)), 61 * second, None), Closed::Accepted(_)));
         assert_eq!(meter.lease_of(&id, 61 * second), 10);
@@ -1586,7 +1616,8 @@ mod tests {
         let refill = Refill::new(0, RefillInterval::seconds(1).unwrap()).unwrap();
         let store = Balance::new(Credits::new(9).unwrap().refill(refill), time::OffsetDateTime::UNIX_EPOCH);
         let (limits, second) = (RateLimits::none(), 1_000_000_i64);
-        let Opened::Take(pending) = meter.open(old, &limits, Some(&store), &Usage::new(), 0, true, None) else {
+        let Opened::Take(pending) = meter.open(old, &limits, Some(&store), &Usage::new(), 0, Settle::MayWait, None)
+        else {
             panic!("a take")
         };
         let taken = store.take(pending.take);
@@ -1595,7 +1626,7 @@ mod tests {
         meter.succeed(&old, new, second);
         assert_eq!((meter.lease_of(&old, second), meter.lease_of(&new, second)), (0, 0));
         let spent = Balance::new(Credits::new(0).unwrap(), time::OffsetDateTime::UNIX_EPOCH);
-        let after = meter.open(old, &limits, Some(&spent), &Usage::new(), second, true, None);
+        let after = meter.open(old, &limits, Some(&spent), &Usage::new(), second, Settle::MayWait, None);
         assert!(matches!(after, Opened::Refused(Refused::UsageExceeded(_), _)), "the old key spends no void lease");
     }
 

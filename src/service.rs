@@ -11,7 +11,7 @@ use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
-use crate::meter::{Closed, LEASE_WAITS, Meter, MeterId, Opened, Refused, Usage, UsageReport, Used};
+use crate::meter::{Closed, LEASE_WAITS, Meter, MeterId, Opened, Refused, Settle, Usage, UsageReport, Used};
 use crate::owner::{Metered, OwnerCache, OwnerLimits, OwnerUpdate};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
@@ -141,7 +141,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
     /// crash of this instance can lose, at most, of each key's credits; and until this
     /// instance spends it, other instances sharing the store cannot. A take never asks for more
     /// than a quarter of what the key has left, so that near the end instances share it.
-    /// 0: every spend is a durable write, and nothing is lost.
+    /// 0: every spend is a durable write, and no lease is held.
     pub fn credit_lease(mut self, credits: u64) -> Self {
         self.credit_lease = credits;
         self
@@ -1111,8 +1111,8 @@ impl<S: KeyStore> Inner<S> {
         // Counted against the key's rate limits and spent from this instance's lease, at once;
         // only a use the lease cannot pay goes to the store, in a future of its own, so that
         // the verification's own future stays small.
-        key.usage = match self.meter.open(key.id.into(), &key.ratelimits, key.credits.as_ref(), usage, now, true, None)
-        {
+        let (id, credits) = (key.id.into(), key.credits.as_ref());
+        key.usage = match self.meter.open(id, &key.ratelimits, credits, usage, now, Settle::MayWait, None) {
             Opened::Accepted(report) => report,
             Opened::Refused(refused, report) => return Err(refusal(key, Spent::Refused(refused, report), false)),
             opened => {
@@ -1162,6 +1162,11 @@ impl<S: KeyStore> Inner<S> {
     /// key is used as any other, then the owner; if the owner refuses, the key gets back what
     /// the use took of it. The order of rate limits before credits holds across both, and a
     /// refused use takes nothing from either. Errors say whether the owner refused.
+    ///
+    /// Whether the owner can pay is checked before the key's credits are spent too: credits
+    /// the key took from the store for a use its owner then refuses go back to this instance's
+    /// lease, not the store, so only a race with another instance over the owner's last
+    /// credits leaves a lease above its size.
     async fn spend_with_owner(
         &self,
         key: &AuthenticatedKey,
@@ -1171,11 +1176,22 @@ impl<S: KeyStore> Inner<S> {
         now: i64,
     ) -> Result<(UsageReport, UsageReport), (Spent, bool)> {
         let owner = Purse::owner(&key.account, owner_id, metered);
-        let check = usage.clone().cost(0);
-        if let Opened::Refused(refused, report) =
-            self.meter.open(owner.id, owner.ratelimits, None, &check, now, false, None)
-        {
-            return Err((Spent::Refused(refused, report), true));
+        match self.meter.open(owner.id, owner.ratelimits, owner.credits, usage, now, Settle::DryRun, None) {
+            Opened::Refused(refused @ Refused::UsageExceeded(_), report) => {
+                // The balance may have been read before another instance changed it.
+                self.owners.forget(&key.account, owner_id);
+                // The key's own limits and credits come first.
+                let of_key = Purse::key(key);
+                let dry =
+                    self.meter.open(of_key.id, of_key.ratelimits, of_key.credits, usage, now, Settle::DryRun, None);
+                return Err(match dry {
+                    Opened::Refused(refused, report) => (Spent::Refused(refused, report), false),
+                    _ => (Spent::Refused(refused, report), true),
+                });
+            }
+            Opened::Refused(refused, report) => return Err((Spent::Refused(refused, report), true)),
+            Opened::Stale(age) => return Err((Spent::Store(StoreError::backend(StaleCounts(age))), true)),
+            _ => {}
         }
         let mut held = self.meter.hold(key.id.into(), now);
         let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut held.used)).await;
@@ -1204,7 +1220,15 @@ impl<S: KeyStore> Inner<S> {
         now: i64,
         mut used: Option<&mut Used>,
     ) -> Result<UsageReport, Spent> {
-        match self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, true, used.as_deref_mut()) {
+        match self.meter.open(
+            purse.id,
+            purse.ratelimits,
+            purse.credits,
+            usage,
+            now,
+            Settle::MayWait,
+            used.as_deref_mut(),
+        ) {
             Opened::Accepted(report) => Ok(report),
             Opened::Refused(refused, report) => Err(Spent::Refused(refused, report)),
             opened => self.spend_from_store(purse, usage, now, opened, used).await,
@@ -1231,9 +1255,9 @@ impl<S: KeyStore> Inner<S> {
                 Opened::Stale(age) => return Err(Spent::Store(StoreError::backend(StaleCounts(age)))),
             }
             waits += 1;
-            let may_wait = waits < LEASE_WAITS;
+            let settle = if waits < LEASE_WAITS { Settle::MayWait } else { Settle::TakeAlone };
             opened =
-                self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, may_wait, used.as_deref_mut());
+                self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, settle, used.as_deref_mut());
         };
         let taken = self.within(purse.take(&self.store, pending.take)).await;
         if let (Holder::Owner(account, owner), Ok(Some(taken))) = (&purse.holder, &taken) {

@@ -300,6 +300,24 @@ async fn a_use_the_owner_refuses_takes_nothing_from_the_key() {
     assert_eq!(used.owner_usage, None, "the owner limits nothing now");
 }
 
+/// A use its owner cannot pay for takes nothing of the key's from the store: credits taken and
+/// then given back would stay in this instance's lease, which a crash loses, above its size.
+#[tokio::test]
+async fn a_use_its_owner_cannot_pay_for_takes_nothing_from_the_store() {
+    let (service, store) = service(0);
+    limit_owner(&service, "org-1", apikeys::OwnerUpdate::default().credits(Some(Credits::new(10).unwrap()))).await;
+    let token = key(&service, owned("org-1").credits(Credits::new(1_000).unwrap())).await;
+    let refused = service.verify_usage(&token, &Usage::new().cost(500)).await;
+    assert!(matches!(&refused, Err(Rejection::UsageExceeded(refusal)) if refusal.by_owner), "{refused:?}");
+    assert_eq!(store.calls(Call::TakeCredits), 0, "the key's credits stayed in the store");
+    // Whose credits are short is still told in order: the key's first.
+    let refused = service.verify_usage(&token, &Usage::new().cost(2_000)).await;
+    assert!(matches!(&refused, Err(Rejection::UsageExceeded(refusal)) if !refusal.by_owner), "{refused:?}");
+    let used = service.verify_usage(&token, &Usage::new().cost(10)).await.expect("both can pay 10");
+    assert_eq!((used.usage.credits, used.owner_usage.and_then(|usage| usage.credits)), (Some(990), Some(0)));
+    assert_eq!(store.calls(Call::TakeCredits), 1);
+}
+
 /// An owner's rate limit counts the uses of all its keys, and is checked before any credits.
 #[tokio::test]
 async fn an_owners_rate_limit_counts_every_key_of_the_owner() {
