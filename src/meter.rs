@@ -272,6 +272,31 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Lets go of a lease when dropped, unless [`keep`](Self::keep) is called: held across a change
+/// of the credits, which replaces the balance the lease came from, and may land in the store
+/// even if the call fails or is given up on the way.
+pub(crate) struct LettingGo<'m> {
+    meter: &'m Meter,
+    id: MeterId,
+    now: i64,
+    kept: bool,
+}
+
+impl LettingGo<'_> {
+    /// The change surely did not land: the lease still stands.
+    pub(crate) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for LettingGo<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.meter.forget_lease(&self.id, self.now);
+        }
+    }
+}
+
 /// What [`Meter::close`] decided.
 pub(crate) enum Closed {
     Accepted(UsageReport),
@@ -887,6 +912,11 @@ impl Meter {
     pub(crate) fn lease_of(&self, id: &MeterId, now: i64) -> u64 {
         let shard = self.shard(id, now);
         shard.keys.get(id).map_or(0, |key| if now < key.lease_void_at { key.lease } else { 0 })
+    }
+
+    /// What lets go of `id`'s lease once dropped: see [`LettingGo`].
+    pub(crate) fn letting_go(&self, id: MeterId, now: i64) -> LettingGo<'_> {
+        LettingGo { meter: self, id, now, kept: false }
     }
 
     /// Lets go of what this instance holds of the key's credits: they were taken from a balance

@@ -808,11 +808,13 @@ impl<S: KeyStore> KeyService<S> {
         let now = self.now();
         let event = self.event(now, account, caller, Action::OwnerUpdated, None, detail::owner_updated(owner, &update));
         let store = &self.inner.store;
+        // What this instance holds was taken from the balance a change of the credits replaces.
+        let _letting_go = update
+            .credits
+            .is_some()
+            .then(|| self.inner.meter.letting_go(MeterId::owner(account, owner), unix_micros(now)));
         let changed = store.update_owner(account, owner, &update, now, &event);
         let limits = self.inner.within(changed).await.map_err(Error::Store)?;
-        if update.credits.is_some() {
-            self.inner.meter.forget_lease(&MeterId::owner(account, owner), unix_micros(now));
-        }
         // Read after the change: a verification that read the owner before it cannot undo it.
         self.inner.owners.put(account, owner, limits.clone(), self.inner.clock.now_unix_micros());
         Ok(self.as_of_now(account, owner, limits, now))
@@ -826,16 +828,18 @@ impl<S: KeyStore> KeyService<S> {
         now: time::OffsetDateTime,
         caller: Option<&AuthenticatedKey>,
     ) -> Result<ApiKey, Error> {
-        let sets_credits = update.credits.is_some();
+        // What this instance holds was taken from the balance a change of the credits replaces.
+        let letting_go = update.credits.is_some().then(|| self.inner.meter.letting_go((*id).into(), unix_micros(now)));
         let event = self.event(now, account, caller, Action::KeyUpdated, Some(*id), detail::updated(&update));
         let change = Change::new(update, now);
         let store = &self.inner.store;
         let changed = self.inner.within(store.update(account, id, &change, &event)).await.map_err(Error::Store)?;
-        let changed = changed.ok_or(Error::NotFound)?;
-        if sets_credits {
-            // What this instance holds was taken from the balance the change replaced.
-            self.inner.meter.forget_lease(&(*id).into(), unix_micros(now));
-        }
+        let Some(changed) = changed else {
+            if let Some(letting_go) = letting_go {
+                letting_go.keep();
+            }
+            return Err(Error::NotFound);
+        };
         Ok(ApiKey::at(changed, now))
     }
 

@@ -210,6 +210,25 @@ async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
     );
 }
 
+/// A change of credits that lands though its answer is lost lets go of the lease all the same.
+#[tokio::test]
+async fn a_change_of_credits_whose_answer_is_lost_still_lets_go_of_the_lease() {
+    let (service, store) = service(10);
+    let created = service.create(&AccountId::new("acme").unwrap(), credits(100)).await.unwrap();
+    let (token, id) = (created.key.expose_secret().to_owned(), created.id);
+    service.verify(&token).await.unwrap();
+    store.inject(Call::Update, Some(Fault::LoseAcknowledgement));
+    let five = apikeys::KeyUpdate::default().credits(Some(Credits::new(5).unwrap()));
+    let changed = service.update_as_admin(&AccountId::new("acme").unwrap(), &id, five).await;
+    assert!(changed.is_err());
+    store.inject(Call::Update, None);
+    let mut accepted = 0;
+    for _ in 0..20 {
+        accepted += usize::from(service.verify(&token).await.is_ok());
+    }
+    assert_eq!(accepted, 5, "the 5 credits set, none of the 10 leased before");
+}
+
 #[tokio::test]
 async fn a_roll_answers_with_what_a_change_landing_meanwhile_set() {
     let (service, store) = service(10);
