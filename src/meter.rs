@@ -1132,10 +1132,14 @@ impl Window {
     }
 
     /// Drops the slots that end a whole window before `now`'s slot. A clock that went back
-    /// moves nothing: uses then count in the newest slot.
+    /// moves nothing, and uses then count in the newest slot, unless it went back more than a
+    /// window: then the window moves back with it (see [`move_back`](Self::move_back)).
     fn advance(&mut self, now: i64) {
         let current = now.div_euclid(self.slot);
         if current <= self.newest {
+            if current < self.newest - SLOTS as i64 {
+                self.move_back(current);
+            }
             return;
         }
         if current.saturating_sub(self.newest) > SLOTS as i64 {
@@ -1158,6 +1162,20 @@ impl Window {
         if self.total > 0 && self.oldest < current - SLOTS as i64 {
             self.find_oldest(current - SLOTS as i64);
         }
+    }
+
+    /// Makes `current` the newest slot, every count keeping its place before it: the uses
+    /// counted are recent whatever the clock says now, so they still count, for as long as they
+    /// would have, rather than until the clock comes back to them (an hour for an hour's step
+    /// back). A use given back after the move may miss its slot, and then stays counted.
+    fn move_back(&mut self, current: i64) {
+        let shift = self.newest - current;
+        let turn = Self::ring(shift);
+        self.counts.rotate_left(turn);
+        if let Some(others) = &mut self.others {
+            others.counts.rotate_left(turn);
+        }
+        (self.newest, self.oldest) = (current, self.oldest - shift);
     }
 
     /// Moves `oldest` to the first slot from `from` on that counts a use.
@@ -1374,6 +1392,25 @@ mod tests {
         // Three of the four uses must drop out, the third at slot 2 + 33 (3.5 s), not the first.
         assert_eq!(window.until_below(2, 400_000), Duration::from_millis(3_100));
         assert_eq!(left.reset_ms, 3_100);
+    }
+
+    #[test]
+    fn uses_counted_before_the_clock_went_back_an_hour_count_a_window_from_then_on() {
+        let limit = limit(2, 3_200);
+        let mut key = KeyMeter::default();
+        let hour = 3_600_000_000;
+        window_at(&mut key, &limit, hour).add();
+        window_at(&mut key, &limit, hour + 100_000).add();
+        // An hour back, in the slot after the second use's: both still count, in slots 1 and 2.
+        let window = window_at(&mut key, &limit, 200_000);
+        assert_eq!((window.total, window.newest), (2, 2));
+        assert_eq!(window.until_below(2, 200_000), Duration::from_millis(3_200));
+        assert_eq!(window_at(&mut key, &limit, 3_399_999).total, 2);
+        assert_eq!(window_at(&mut key, &limit, 3_400_000).total, 1);
+        assert_eq!(window_at(&mut key, &limit, 3_500_000).total, 0);
+        // Back less than a window, the newest slot holds the uses that follow.
+        let window = window_at(&mut key, &limit, 3_000_000);
+        assert_eq!(window.add(), 35);
     }
 
     #[test]
