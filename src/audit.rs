@@ -222,10 +222,10 @@ impl RequestId {
     /// The longest request id.
     pub const MAX_LEN: usize = 128;
 
-    /// Validates a request id. One that holds `_v1_` is refused: it could be a token, which a
+    /// Validates a request id. One that holds `_v1_` is refused: it could hold a token, which a
     /// request id is kept and logged as.
     pub fn new(id: &str) -> Result<Self, ValidationError> {
-        let valid = is_label(id, Self::MAX_LEN) && !id.contains("_v1_");
+        let valid = is_label(id, Self::MAX_LEN) && !crate::token::may_hold_token(id);
         valid.then(|| Self(SmolStr::new(id))).ok_or(ValidationError::RequestId)
     }
 

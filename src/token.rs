@@ -341,9 +341,28 @@ fn is_environment(s: &str) -> bool {
     (1..=MAX_ENVIRONMENT).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_lowercase())
 }
 
+/// Whether `text` may hold a token of any format: it holds the version between underscores that
+/// every token has, also percent-encoded. Text that is kept and sent on (a request id, a leak's
+/// source URL) is refused with it, so that no token gets into an audit event or a webhook.
+pub(crate) fn may_hold_token(text: &str) -> bool {
+    let marker = format!("_{VERSION}_");
+    text.contains(&marker) || text.to_ascii_lowercase().replace("%5f", "_").contains(&marker)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_with_the_version_between_underscores_may_hold_a_token_even_percent_encoded() {
+        for text in ["as_live_v1_abcd", "https://x.example/?k=as_test_v1_q", "as%5Flive%5fv1%5Fabcd", "AS%5FLIVE_V1%5F"]
+        {
+            assert!(may_hold_token(text), "{text}");
+        }
+        for text in ["https://pastebin.example/raw/abc", "req_0123", "v1_abcd", "as_live_v2_abcd"] {
+            assert!(!may_hold_token(text), "{text}");
+        }
+    }
 
     fn live() -> KeyFormat {
         KeyFormat::new("as", Environment::LIVE).unwrap()

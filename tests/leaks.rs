@@ -130,6 +130,21 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
+/// Keys leak in URLs: a source URL that may hold one is not kept, so no token reaches the trail
+/// or a webhook through it.
+#[tokio::test]
+async fn a_source_url_that_may_hold_a_key_is_not_kept() {
+    let leaks = Leaks::start(1_000).await;
+    let (key, other) = (leaks.key("acme").await, leaks.key("acme").await);
+    let url = format!("https://paste.example/raw/x?api_key={}", other.replace('_', "%5F"));
+    let (status, _, _) = leaks.report(json!({"key": key, "url": url})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let events = leaks.leaked_events("acme").await;
+    assert_eq!((events.len(), &events[0].detail["sourceUrl"]), (1, &Value::Null));
+    assert!(!format!("{events:?}").contains(&other[15..]), "no event holds the other key");
+    leaks.service.verify(&other).await.expect("the other key was not reported");
+}
+
 #[tokio::test]
 async fn a_reported_key_is_revoked_at_once_and_a_look_alike_gets_the_same_answer() {
     let leaks = Leaks::start(1_000).await;

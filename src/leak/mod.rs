@@ -45,11 +45,14 @@ impl LeakReport {
     }
 
     /// Where the key was found. Only an `http(s)` URL without credentials, of at most
-    /// [`MAX_SOURCE_LEN`](Self::MAX_SOURCE_LEN) bytes, is kept (without its `#fragment`): the
-    /// event goes to the account's webhooks, so nothing else a reporter sends gets there.
+    /// [`MAX_SOURCE_LEN`](Self::MAX_SOURCE_LEN) bytes, that holds nothing like a token (keys
+    /// leak in URLs), is kept (without its `#fragment`): the event goes to the account's
+    /// webhooks, so nothing else a reporter sends gets there.
     pub fn found_at(mut self, url: &str) -> Self {
         let url = url.split('#').next().unwrap_or_default();
-        self.source = (url.len() <= Self::MAX_SOURCE_LEN && crate::webhook::is_http_url(url)).then(|| url.to_owned());
+        let kept =
+            url.len() <= Self::MAX_SOURCE_LEN && crate::webhook::is_http_url(url) && !crate::token::may_hold_token(url);
+        self.source = kept.then(|| url.to_owned());
         self
     }
 
