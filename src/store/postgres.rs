@@ -557,6 +557,41 @@ where
     Some(Box::new(move || drop(tokio::spawn(listen(cache, config, tls, channel)))))
 }
 
+/// See [`PostgresStore::changing`].
+struct Changing<'s> {
+    cache: Option<&'s KeyCache>,
+    id: KeyId,
+    settled: bool,
+}
+
+impl Changing<'_> {
+    /// The change's outcome: the cache is left to its own invalidation if it is not an error.
+    fn settled<T>(mut self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.settled = outcome.is_ok();
+        outcome
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        if let (Some(cache), false) = (self.cache, self.settled) {
+            cache.invalidate_key(&self.id);
+        }
+    }
+}
+
+/// Marks the cache down when dropped: however the listener's task ends (a runtime shut down, the
+/// task aborted), the cache is never left up with nothing to invalidate it.
+struct Unheard(Weak<KeyCache>);
+
+impl Drop for Unheard {
+    fn drop(&mut self) {
+        if let Some(cache) = self.0.upgrade() {
+            cache.down();
+        }
+    }
+}
+
 async fn listen<T>(cache: Weak<KeyCache>, config: tokio_postgres::Config, tls: T, channel: String)
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
@@ -564,6 +599,7 @@ where
     T::TlsConnect: Send,
     <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
 {
+    let _unheard = Unheard(cache.clone());
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(staleness) = cache.upgrade().map(|cache| cache.max_staleness()) else { return };
@@ -801,14 +837,12 @@ impl PostgresStore {
         }
     }
 
-    /// Forgets what this instance cached for the key `id` if `outcome` is an error: the change
-    /// may have been committed all the same (a call that ran out of time), and its own
-    /// invalidation, by digest, never ran.
-    fn changed_unless_refused<T>(&self, id: &KeyId, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
-        if let (Some(cache), Err(_)) = (&self.cache, &outcome) {
-            cache.invalidate_key(id);
-        }
-        outcome
+    /// What forgets what this instance cached for the key `id` unless the change about to be
+    /// made is [settled](Changing::settled) without an error: one that fails, or whose call is
+    /// given up on the way (a deadline, a client gone), may have been committed all the same,
+    /// and its own invalidation, by digest, never ran.
+    fn changing(&self, id: KeyId) -> Changing<'_> {
+        Changing { cache: self.cache.as_deref(), id, settled: false }
     }
 
     /// Creates the schema of a new database and upgrades an older one; refuses a newer one and
@@ -1440,6 +1474,7 @@ impl KeyStore for PostgresStore {
         at: OffsetDateTime,
         entry: &Entry,
     ) -> Result<bool, StoreError> {
+        let changing = self.changing(*id);
         let revoked = self
             .call("revoke", async |client| {
                 let transaction = client.transaction().await?;
@@ -1452,7 +1487,7 @@ impl KeyStore for PostgresStore {
                 Ok(true)
             })
             .await;
-        self.changed_unless_refused(id, revoked)
+        changing.settled(revoked)
     }
 
     async fn find_by_id(&self, account: &AccountId, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -1466,6 +1501,7 @@ impl KeyStore for PostgresStore {
 
     async fn roll(&self, roll: &Roll, max_active: u32, entry: &Entry) -> Result<bool, StoreError> {
         let (account, old, new) = (roll.account().as_str(), roll.old().as_uuid(), roll.new_key());
+        let changing = self.changing(*roll.old());
         let rolled = self
             .call("roll", async |client| {
                 let transaction = client.transaction().await?;
@@ -1511,7 +1547,7 @@ impl KeyStore for PostgresStore {
             })
             .await;
         self.changed(new.digest.as_bytes());
-        let rolled = self.changed_unless_refused(roll.old(), rolled)?;
+        let rolled = changing.settled(rolled)?;
         rolled.ok_or(StoreError::LimitReached { limit: max_active })
     }
 
@@ -1522,6 +1558,7 @@ impl KeyStore for PostgresStore {
         change: &Change,
         entry: &Entry,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        let changing = self.changing(*id);
         let updated = self
             .call("update", async |client| {
                 let transaction = client.transaction().await?;
@@ -1551,7 +1588,7 @@ impl KeyStore for PostgresStore {
                 Ok(Some(record))
             })
             .await;
-        self.changed_unless_refused(id, updated)
+        changing.settled(updated)
     }
 
     /// In one transaction that locks the key's row, so that takes by every instance queue on it.
@@ -1912,5 +1949,38 @@ mod tests {
         for bad in ["postgres://db?sslmode=verify", "postgres://db?sslrootcert=%zz", "host=db sslmode=allow"] {
             assert!(take_tls_parameters(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A change given up on the way (its future dropped) or failed forgets the key's cached
+    /// record, as it may have been committed; one settled without an error leaves that to the
+    /// change's own invalidation.
+    #[test]
+    fn a_change_forgets_the_cached_key_unless_it_settles_without_an_error() {
+        let cache = KeyCache::new(CacheOptions::default());
+        cache.up();
+        let prefix = crate::KeyPrefix::new("as_live_v1_abcd").unwrap();
+        let at = OffsetDateTime::UNIX_EPOCH;
+        let key = KeyRecord::new(KeyId::generate(), AccountId::new("acme").unwrap(), Digest::sha256("a"), prefix, at);
+        let cached = || {
+            cache.fill(cache.ticket(&key.digest).unwrap(), &key.digest, Some(&key));
+            assert!(cache.get(&key.digest).is_some());
+        };
+        let changing = || Changing { cache: Some(&cache), id: key.id, settled: false };
+        cached();
+        assert!(matches!(changing().settled(Ok(true)), Ok(true)));
+        assert!(cache.get(&key.digest).is_some(), "settled");
+        let _ = changing().settled(Err::<bool, _>(StoreError::Busy));
+        assert!(cache.get(&key.digest).is_none(), "failed");
+        cached();
+        drop(changing());
+        assert!(cache.get(&key.digest).is_none(), "given up");
+    }
+
+    #[test]
+    fn a_cache_whose_listener_ends_however_it_ends_is_down() {
+        let cache = Arc::new(KeyCache::new(CacheOptions::default()));
+        cache.up();
+        drop(Unheard(Arc::downgrade(&cache)));
+        assert!(!cache.is_up());
     }
 }
