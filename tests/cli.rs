@@ -904,6 +904,24 @@ fn signed(received: &support::receiver::Received) -> bool {
     apikeys::webhook::verify_signature(&secret, header, received.body.as_bytes(), now, Duration::from_secs(300)).is_ok()
 }
 
+/// A `--webhooks` file that does not parse is told where, never with the value it holds there.
+#[test]
+fn a_bad_webhooks_file_is_told_without_its_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("webhooks.json");
+    for (config, told) in [
+        (r#"{"endpoints": [{"name": "a", "url": "https://h.example", "secret": 8675309867530986}]}"#, "invalid type"),
+        (r#"{"endpoints": [{"name": "a", "url": "https://h.example"}], "extra": 1}"#, "unknown field `extra`"),
+    ] {
+        std::fs::write(&file, config).unwrap();
+        let output = run(dir.path(), &["--webhooks", file.to_str().unwrap(), "webhooks"]);
+        let told_of = stderr(&output);
+        assert!(!output.status.success() && told_of.contains(told), "{told_of}");
+        assert!(told_of.contains("line 1 column"), "{told_of}");
+        assert!(!told_of.contains("8675309"), "{told_of}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_outlive_a_kill_minus_9_and_arrive_after_the_restart() {
     use support::receiver::{Answer, Receiver};

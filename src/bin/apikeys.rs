@@ -647,7 +647,7 @@ fn webhook_endpoints(file: Option<&std::path::Path>) -> Result<Vec<Endpoint>, Fa
     let unreadable =
         |error: &dyn std::fmt::Display| Failure(format!("cannot read --webhooks {}: {error}", file.display()));
     let text = std::fs::read_to_string(file).map_err(|error| unreadable(&error))?;
-    let config: WebhookConfig = serde_json::from_str(&text).map_err(|error| unreadable(&error))?;
+    let config: WebhookConfig = serde_json::from_str(&text).map_err(|error| unreadable(&without_value(&error)))?;
     for endpoint in config.endpoints {
         let secret = match (endpoint.secret, endpoint.secret_env) {
             (Some(secret), None) => WebhookSecret::new(secret)?,
@@ -657,6 +657,17 @@ fn webhook_endpoints(file: Option<&std::path::Path>) -> Result<Vec<Endpoint>, Fa
         endpoints.push(Endpoint::new(EndpointName::new(&endpoint.name)?, &endpoint.url, secret)?);
     }
     Ok(endpoints)
+}
+
+/// What is wrong with a file of secrets, without the value it found: serde's "invalid type" and
+/// "invalid value" name it (`invalid type: integer `…`, expected a string`), and it may be a
+/// secret. What names only fields and places is kept whole.
+fn without_value(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    match message.split_once(": ") {
+        Some((kind, _)) if error.is_data() => format!("{kind} at line {} column {}", error.line(), error.column()),
+        _ => message,
+    }
 }
 
 /// A webhook secret from an environment variable, which must be set.

@@ -54,7 +54,7 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiv
 pub struct DashboardOptions {
     /// The administrator's credential: what signs in.
     pub admin: Credential,
-    /// How long a session lasts from sign-in; 8 hours by default.
+    /// How long a session lasts from sign-in; 8 hours by default, a year at most.
     pub session_lifetime: Duration,
     /// Whether the session cookie is `Secure`, and so the whole host's `__Host-` cookie, which no
     /// other site can plant. `None`, the default: when the request came over TLS, as the

@@ -72,9 +72,12 @@ pub(super) struct Signed {
     pub(super) csrf: String,
 }
 
+/// The longest a session lasts, whatever the options say: a year.
+const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
 impl Sessions {
     pub(super) fn new(lifetime: Duration) -> Self {
-        Self { lifetime, by_digest: Mutex::new(HashMap::new()) }
+        Self { lifetime: lifetime.min(MAX_LIFETIME), by_digest: Mutex::new(HashMap::new()) }
     }
 
     pub(super) fn lifetime(&self) -> Duration {
@@ -209,4 +212,16 @@ fn random_hex() -> Result<String, RandomError> {
     let mut bytes = [0u8; 32];
     SysRng.try_fill_bytes(&mut bytes).map_err(RandomError::new)?;
     Ok(crate::digest::hex(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_of_any_lifetime_starts_and_lasts_a_year_at_most() {
+        let sessions = Sessions::new(Duration::MAX);
+        assert!(sessions.start().is_ok());
+        assert_eq!(sessions.lifetime(), MAX_LIFETIME);
+    }
 }
