@@ -345,9 +345,14 @@ fn is_environment(s: &str) -> bool {
 /// every token has, also percent-encoded. Text that is kept and sent on (a request id, a leak's
 /// source URL) is refused with it, so that no token gets into an audit event or a webhook.
 pub(crate) fn may_hold_token(text: &str) -> bool {
-    let marker = format!("_{VERSION}_");
-    text.contains(&marker) || text.to_ascii_lowercase().replace("%5f", "_").contains(&marker)
+    text.contains(VERSION_MARKER) || text.to_ascii_lowercase().replace("%5f", "_").contains(VERSION_MARKER)
 }
+
+/// The version between underscores, which every token holds after its namespace and environment.
+pub(crate) const VERSION_MARKER: &str = "_v1_";
+
+/// How far a token's visible prefix reaches past its [`VERSION_MARKER`].
+pub(crate) const PREFIX_AFTER_MARKER: usize = VERSION_MARKER.len() + PREFIX_BODY_CHARS;
 
 #[cfg(test)]
 mod tests {

@@ -509,6 +509,16 @@ async fn the_key_table_sorts_and_filters_on_the_server() {
     let filtered = dashboard.page(&format!("{ACCOUNT_PAGE}?filter=ARL"), &browser).await;
     assert_eq!(order(&filtered), ["charlie"]);
     assert!(filtered.contains("1 of 3"));
+    // A key pasted into the filter: the page it asks for is the one of its prefix.
+    let created = dashboard.service.create(&account(), NewKey::named("delta").unwrap()).await.unwrap();
+    let token = created.key.expose_secret();
+    let pasted = dashboard.get(&format!("{ACCOUNT_PAGE}?sort=name&filter=+{token}+"), Some(&browser)).await;
+    assert_eq!(pasted.status(), StatusCode::SEE_OTHER);
+    let to = pasted.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(to, format!("{ACCOUNT_PAGE}?sort=name&dir=asc&filter={}", created.prefix));
+    assert!(!pasted.text().await.unwrap().contains(&token[15..]));
+    assert!(order(&dashboard.page(&to, &browser).await).is_empty(), "delta only");
+    assert!(dashboard.page(&to, &browser).await.contains(r#"<td data-label="Name">delta</td>"#));
 }
 
 #[tokio::test]

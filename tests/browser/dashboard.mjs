@@ -226,6 +226,14 @@ try {
   await page.getByLabel("Filter keys").fill(prefix);
   assert.equal(await visible(), 1, prefix);
   assert.equal(rows, 2);
+  // A key pasted to find it finds its row, and is sent as its prefix: never in an address.
+  await page.getByLabel("Filter keys").fill(rolled);
+  assert.equal(await visible(), 1, "a pasted key finds its row");
+  await page.getByLabel("Filter keys").press("Enter");
+  await page.waitForURL(/filter=as_live/);
+  assert.ok(!page.url().includes(rolled.slice(15)), page.url());
+  assert.equal(await page.getByLabel("Filter keys").inputValue(), rolled.slice(0, 15));
+  assert.equal(await page.locator("#keys tbody tr").count(), 1);
   await page.getByLabel("Filter keys").fill("");
   await page.getByRole("link", { name: "Name" }).click();
   await page.locator('th[aria-sort="ascending"]', { hasText: "Name" }).waitFor();

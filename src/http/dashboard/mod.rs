@@ -462,6 +462,12 @@ async fn account<St: AccountListing>(
     let signed = dashboard.signed(&headers)?;
     let account = account_of(&account, &signed)?;
     let view = view.map(|Query(view)| view).unwrap_or_default();
+    // A key pasted to find it filters by what is visible of it, at an address without it.
+    if let Some(visible) = visible_filter(&view.filter) {
+        let (sort, dir) = pages::sort_params(SortBy::named(&view.sort), view.dir == "desc");
+        let to = pages::account_view_href(&pages::account_href(&account), sort, dir, visible, None);
+        return Ok(Redirect::to(&to).into_response());
+    }
     let flash = dashboard.sessions.take_flash(&signed, &account);
     let page = account_page(&dashboard, &signed, &account, &view, flash.as_ref(), None).await;
     // A page that could not be shown keeps its flash for the next: a key is never lost unseen.
@@ -471,6 +477,18 @@ async fn account<St: AccountListing>(
         dashboard.sessions.flash(&signed, flash);
     }
     page
+}
+
+/// What of a filter that holds more of a key than its prefix may be shown: up to the end of
+/// that prefix, or nothing if the key is percent-encoded.
+fn visible_filter(filter: &str) -> Option<&str> {
+    let filter = filter.trim();
+    if !crate::token::may_hold_token(filter) {
+        return None;
+    }
+    let end = |at| at + crate::token::PREFIX_AFTER_MARKER;
+    let visible = filter.find(crate::token::VERSION_MARKER).map_or("", |at| filter.get(..end(at)).unwrap_or(filter));
+    (visible != filter).then_some(visible)
 }
 
 /// An account's page: its keys as `view` sorts and filters them, its audit trail, and what the

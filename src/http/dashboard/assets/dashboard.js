@@ -32,12 +32,21 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  // A key pasted to find it is looked for, and sent, as its visible prefix: its secret never
+  // goes into an address.
+  const visible = (value) => {
+    const key = value.match(/([a-z][a-z0-9]{1,15}_[a-z]{1,8}_v1_[a-z2-7]{4})[a-z2-7]*/);
+    return key ? key[1] : value;
+  };
   // Filter the key table as one types; the form still filters on the server when submitted.
   for (const input of document.querySelectorAll("input[data-filter]")) {
     const table = document.getElementById(input.dataset.filter);
     if (!table) continue;
+    input.form.addEventListener("submit", () => {
+      input.value = visible(input.value.trim());
+    });
     input.addEventListener("input", () => {
-      const needle = input.value.trim().toLowerCase();
+      const needle = visible(input.value.trim()).toLowerCase();
       for (const row of table.tBodies[0].rows) {
         row.hidden = needle !== "" && !(row.dataset.search || "").includes(needle);
       }
