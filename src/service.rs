@@ -809,12 +809,15 @@ impl<S: KeyStore> KeyService<S> {
         let event = self.event(now, account, caller, Action::OwnerUpdated, None, detail::owner_updated(owner, &update));
         let store = &self.inner.store;
         // What this instance holds was taken from the balance a change of the credits replaces.
-        let _letting_go = update
+        let letting_go = update
             .credits
             .is_some()
             .then(|| self.inner.meter.letting_go(MeterId::owner(account, owner), unix_micros(now)));
         let changed = store.update_owner(account, owner, &update, now, &event);
-        let limits = self.inner.within(changed).await.map_err(Error::Store)?;
+        let limits = self.inner.within(changed).await;
+        // Let go before the answer counts the lease in.
+        drop(letting_go);
+        let limits = limits.map_err(Error::Store)?;
         // Read after the change: a verification that read the owner before it cannot undo it.
         self.inner.owners.put(account, owner, limits.clone(), self.inner.clock.now_unix_micros());
         Ok(self.as_of_now(account, owner, limits, now))
@@ -833,13 +836,12 @@ impl<S: KeyStore> KeyService<S> {
         let event = self.event(now, account, caller, Action::KeyUpdated, Some(*id), detail::updated(&update));
         let change = Change::new(update, now);
         let store = &self.inner.store;
-        let changed = self.inner.within(store.update(account, id, &change, &event)).await.map_err(Error::Store)?;
-        let Some(changed) = changed else {
-            if let Some(letting_go) = letting_go {
-                letting_go.keep();
-            }
-            return Err(Error::NotFound);
-        };
+        let changed = self.inner.within(store.update(account, id, &change, &event)).await;
+        match (letting_go, &changed) {
+            (Some(letting_go), Ok(None)) => letting_go.keep(),
+            (letting_go, _) => drop(letting_go),
+        }
+        let changed = changed.map_err(Error::Store)?.ok_or(Error::NotFound)?;
         Ok(ApiKey::at(changed, now))
     }
 
