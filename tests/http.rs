@@ -551,6 +551,21 @@ async fn odd_methods_and_paths_get_json_errors_too() {
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     let body: Value = response.json().await.unwrap();
     assert_eq!(code(&body), "method_not_allowed");
+    // The other routers, and every route of the whole app, answer alike.
+    let mut options = apikeys::http::AppOptions::default();
+    options.verification = Some(apikeys::http::Credential::new(SERVICE_TOKEN).unwrap());
+    options.leaks = Some(apikeys::http::LeakOptions::default());
+    let app = serve_app(apikeys::http::app(server.service.clone(), options)).await;
+    for (base, method, path) in [
+        (&server.base, Method::GET, "/keys/verify"),
+        (&app, Method::GET, "/keys/verify"),
+        (&app, Method::PUT, "/openapi.json"),
+        (&app, Method::GET, "/leaks"),
+    ] {
+        let response = server.client.request(method.clone(), format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(code(&response.json().await.unwrap()), "method_not_allowed", "{method} {path}");
+    }
     let (status, body) = server.delete("%FF%FE", &key).send().await;
     assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_key_id"));
 }
@@ -1206,6 +1221,23 @@ async fn a_request_refused_for_its_scope_spends_nothing() {
     assert_eq!(limited(&server, "/whoami", &scoped).await.0, 200, "the 403 spent no credit");
     assert_eq!(limited(&server, "/whoami", &scoped).await.0, 429);
     assert_eq!(limited(&server, "/whoami", &key).await.0, 429, "the 200 did");
+
+    // The account API's own routes alike: each checks its scope before the key's limits.
+    let (orders, id) =
+        server.key_with("acme", self::scoped(&["orders:read"]).credits(apikeys::Credits::new(1).unwrap())).await;
+    let path = format!("/account/api-keys/{id}");
+    for (method, path) in [
+        (Method::GET, "/account/api-keys"),
+        (Method::POST, "/account/api-keys"),
+        (Method::DELETE, "/account/api-keys?ownerId=o"),
+        (Method::DELETE, path.as_str()),
+        (Method::GET, "/account/owners/o"),
+        (Method::GET, "/account/audit-log"),
+    ] {
+        let (status, body) = server.request(method.clone(), path).key(Some(&orders)).json(&json!({})).send().await;
+        assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{method} {path}");
+    }
+    assert_eq!(limited(&server, "/whoami", &orders).await.0, 200, "the 403s spent no credit");
 }
 
 #[tokio::test]

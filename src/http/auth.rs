@@ -82,6 +82,45 @@ where
 /// What an authenticated request uses: 1 credit, the `"requests"` limit.
 static REQUEST: Usage = Usage::REQUEST;
 
+/// The key of a request to a route of the account API that needs one scope of it. The scope is
+/// checked before the key's limits (SPEC §11's order), so a request refused for it (403) spends
+/// no credit and no rate-limit slot, as [`require_scope`] does for the host's routes.
+pub(super) struct Caller<N>(pub(super) AuthenticatedKey, pub(super) std::marker::PhantomData<N>);
+
+/// A scope a route of the account API needs, as a type for [`Caller`].
+pub(super) trait Needs {
+    /// A request's use (1 credit, `"requests"`) that needs the scope.
+    fn usage() -> &'static Usage;
+}
+
+macro_rules! needs {
+    ($($name:ident: $scope:expr),* $(,)?) => {$(
+        pub(super) struct $name;
+
+        impl Needs for $name {
+            fn usage() -> &'static Usage {
+                static USAGE: std::sync::LazyLock<Usage> = std::sync::LazyLock::new(|| Usage::new().scopes([$scope]));
+                &USAGE
+            }
+        }
+    )*};
+}
+
+needs!(KeysRead: crate::Scopes::KEYS_READ, KeysWrite: crate::Scopes::KEYS_WRITE, AuditRead: crate::Scopes::AUDIT_READ);
+
+impl<S, N: Needs> FromRequestParts<S> for Caller<N>
+where
+    Verifier: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let caller = authenticate(parts, Verifier::from_ref(state), N::usage()).await?;
+        caller.map(|caller| Self(caller, std::marker::PhantomData)).ok_or_else(ApiError::unauthorized)
+    }
+}
+
 /// Verifies the request's key for `usage`, once: a key verified by this verifier already (a
 /// layer in front) is taken as it is, and then only the scopes `usage` needs are checked.
 async fn authenticate(

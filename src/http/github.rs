@@ -116,6 +116,7 @@ pub(super) fn github_router<St: KeyStore, S: Clone + Send + Sync + 'static>(
 ) -> Router<S> {
     Router::new()
         .route("/leaks/github", post(github_report::<St>))
+        .method_not_allowed_fallback(super::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(GITHUB_BODY_LIMIT))
         .with_state(Partner { service, keys, throttle })
 }

@@ -63,6 +63,7 @@ pub fn leaks_router<St: KeyStore, S: Clone + Send + Sync + 'static>(
     let public = Reports { service: service.clone(), throttle: Throttle::per_minute(options.reports_per_minute) };
     let router = Router::new()
         .route("/leaks", post(report_leak::<St>))
+        .method_not_allowed_fallback(super::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(public);
     #[cfg(feature = "github")]

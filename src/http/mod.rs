@@ -87,7 +87,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use auth::CallerSlot;
+use auth::{AuditRead, Caller, CallerSlot, KeysRead, KeysWrite};
 pub use auth::{Authenticated, ScopeGuard, X_API_KEY, ratelimit_headers, require_api_key, require_scope};
 use body::{CreateRequest, OwnerRequest, RollRequest, UpdateRequest, json_body};
 pub use credential::Credential;
@@ -165,6 +165,9 @@ pub fn app<St: KeyStore>(service: KeyService<St>, options: AppOptions) -> Router
         .merge(leaks)
         .merge(options.routes)
         .route("/openapi.json", axum::routing::get(openapi))
+        // For the routes merged in that set none of their own (a fallback covers the routes
+        // there are when it is set).
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint.") })
         .layer(axum::middleware::from_fn(log_requests))
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -260,7 +263,7 @@ struct ListBody {
 
 async fn create_key<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -278,10 +281,9 @@ struct ListQuery {
 
 async fn list_keys<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysRead>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListBody>, ApiError> {
-    caller.require(Scopes::KEYS_READ)?;
     let Query(query) =
         query.map_err(|_| ApiError::bad_request("invalid_query", "The query string may hold only ownerId, once."))?;
     let owner = query.owner_id.map(OwnerId::new).transpose()?;
@@ -295,10 +297,9 @@ async fn list_keys<St: KeyStore>(
 /// `DELETE /account/api-keys?ownerId=…`: every active key of one owner.
 async fn revoke_owner<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<RevokedBody>, ApiError> {
-    caller.require(Scopes::KEYS_WRITE)?;
     let missing = || ApiError::bad_request("invalid_query", "Name the owner whose keys to revoke: ?ownerId=…, once.");
     let Query(query) = query.map_err(|_| missing())?;
     let owner = OwnerId::new(query.owner_id.ok_or_else(missing)?)?;
@@ -313,7 +314,7 @@ struct RevokedBody {
 
 async fn revoke_key<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     service.revoke(&caller, &key_id(id)?).await?;
@@ -322,7 +323,7 @@ async fn revoke_key<St: KeyStore>(
 
 async fn update_key<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -334,7 +335,7 @@ async fn update_key<St: KeyStore>(
 
 async fn roll_key<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -365,10 +366,9 @@ impl OwnerBody {
 /// `GET /account/owners/{ownerId}`: the limits the owner's keys share.
 async fn owner_limits<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysRead>,
     owner: Result<Path<String>, PathRejection>,
 ) -> Result<Json<OwnerBody>, ApiError> {
-    caller.require(Scopes::KEYS_READ)?;
     let owner = owner_id(owner)?;
     let limits = service.owner_limits(&caller.account, &owner).await?;
     Ok(OwnerBody::of(owner, limits))
@@ -377,7 +377,7 @@ async fn owner_limits<St: KeyStore>(
 /// `PATCH /account/owners/{ownerId}` `{"credits", "ratelimits"}`, each optional or null.
 async fn update_owner<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<KeysWrite>,
     owner: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -409,10 +409,9 @@ struct AuditBody {
 /// `GET /account/audit-log`: the caller's account's audit trail, newest first.
 async fn audit_log<St: KeyStore>(
     InRequest(service): InRequest<St>,
-    Authenticated(caller): Authenticated,
+    Caller(caller, _): Caller<AuditRead>,
     query: Result<Query<AuditQueryString>, QueryRejection>,
 ) -> Result<Json<AuditBody>, ApiError> {
-    caller.require(Scopes::AUDIT_READ)?;
     let (limit, after) = audit_page::<St>(query)?;
     let page = service.audit_log_as(&caller, limit, after).await?;
     let data = page.events.iter().map(crate::audit::AuditEvent::to_json).collect();

@@ -34,6 +34,7 @@ use crate::{AccountId, KeyId, Meta, OwnerId, RateLimits, Scopes, Usage, Validati
 pub fn verify_router<S: Clone + Send + Sync + 'static>(keys: impl Into<Verifier>, credential: Credential) -> Router<S> {
     Router::new()
         .route("/keys/verify", post(verify_key))
+        .method_not_allowed_fallback(super::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
         .with_state(Endpoint { verifier: keys.into(), credential })
