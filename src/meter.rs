@@ -40,6 +40,8 @@ pub struct Usage {
     cost: u64,
     ratelimits: Option<Vec<SmolStr>>,
     scopes: Vec<SmolStr>,
+    /// Whether an accepted use is the key's last use (lastUsedAt): not for an operator's check.
+    pub(crate) is_use: bool,
 }
 
 impl Default for Usage {
@@ -50,17 +52,18 @@ impl Default for Usage {
 
 impl Usage {
     /// What an authenticated request uses.
-    pub(crate) const REQUEST: Self = Self { cost: 1, ratelimits: None, scopes: Vec::new() };
+    pub(crate) const REQUEST: Self = Self { cost: 1, ratelimits: None, scopes: Vec::new(), is_use: true };
 
     /// Costs 1 credit, checks `"requests"`, needs no scope: what an authenticated request is.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Checks the key without spending anything or counting towards any limit: refused only
-    /// when the key itself is (unknown, revoked, expired).
+    /// Checks the key without using it: spends nothing, counts towards no limit, and leaves
+    /// its lastUsedAt alone; refused only when the key itself is (unknown, revoked, expired).
+    /// An operator's check, not a request's.
     pub fn check_only() -> Self {
-        Self { cost: 0, ratelimits: Some(Vec::new()), scopes: Vec::new() }
+        Self { cost: 0, ratelimits: Some(Vec::new()), scopes: Vec::new(), is_use: false }
     }
 
     /// Costs `cost` credits. A use of cost 0 only checks: it spends nothing, counts towards no

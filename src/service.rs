@@ -1111,7 +1111,9 @@ impl<S: KeyStore> Inner<S> {
                 Ok((usage, owner_usage)) => (usage, Some(owner_usage)),
                 Err((refused, by_owner)) => return Err(refusal(key, refused, by_owner)),
             };
-            self.note_use(key.id, now).await;
+            if usage.is_use {
+                self.note_use(key.id, now).await;
+            }
             return Ok(key);
         }
         // Counted against the key's rate limits and spent from this instance's lease, at once;
@@ -1126,7 +1128,9 @@ impl<S: KeyStore> Inner<S> {
                 spent.map_err(|refused| refusal(key.clone(), refused, false))?
             }
         };
-        self.note_use(key.id, now).await;
+        if usage.is_use {
+            self.note_use(key.id, now).await;
+        }
         Ok(key)
     }
 

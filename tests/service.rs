@@ -278,6 +278,19 @@ async fn last_used_is_shown_at_once_and_written_once_per_interval() {
     assert_eq!(stored.last_used_at, Some(T0 + Duration::seconds(60)));
 }
 
+/// An operator's check is no use of the key: its lastUsedAt stays as it was.
+#[tokio::test]
+async fn a_check_only_leaves_last_used_alone() {
+    let Fixture { service, store, .. } = fixture();
+    let acme = account("acme");
+    let created = service.create(&acme, NewKey::default()).await.unwrap();
+    let checked = service.verify_usage(created.key.expose_secret(), &apikeys::Usage::check_only()).await;
+    assert_eq!(checked.unwrap().id, created.id);
+    service.flush().await.unwrap();
+    assert_eq!(service.list(&acme).await.unwrap()[0].last_used_at, None);
+    assert_eq!(store.calls(Call::RecordLastUsed), 0);
+}
+
 #[tokio::test]
 async fn flush_writes_what_is_pending() {
     let Fixture { service, store, clock } = fixture();
