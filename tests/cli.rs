@@ -904,10 +904,28 @@ fn signed(received: &support::receiver::Received) -> bool {
     apikeys::webhook::verify_signature(&secret, header, received.body.as_bytes(), now, Duration::from_secs(300)).is_ok()
 }
 
+/// A command that reads or changes what a store holds refuses a store file that is not there,
+/// rather than answer from a new, empty one.
+#[test]
+fn commands_other_than_serve_create_and_owner_make_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["list", "--account", "acme"][..], &["revoke", "--account", "acme", "ak_01j9zxkp4qbc7n3m8td5e6fvg2"]]
+    {
+        let output = run(dir.path(), args);
+        assert!(!output.status.success() && stderr(&output).contains("no store at apikeys.db"), "{}", stderr(&output));
+    }
+    let output = run_with_stdin(dir.path(), &["verify"], "as_live_v1_x\n");
+    assert!(!output.status.success() && stderr(&output).contains("no store at"), "{}", stderr(&output));
+    assert!(!dir.path().join("apikeys.db").exists());
+    create(dir.path(), &[]);
+    assert!(run(dir.path(), &["list", "--account", "acme"]).status.success());
+}
+
 /// A `--webhooks` file that does not parse is told where, never with the value it holds there.
 #[test]
 fn a_bad_webhooks_file_is_told_without_its_values() {
     let dir = tempfile::tempdir().unwrap();
+    create(dir.path(), &[]);
     let file = dir.path().join("webhooks.json");
     for (config, told) in [
         (r#"{"endpoints": [{"name": "a", "url": "https://h.example", "secret": 8675309867530986}]}"#, "invalid type"),
@@ -1098,11 +1116,13 @@ fn scan_finds_keys_in_files_and_never_prints_them() {
     let clean = run(dir.path(), &["scan", "repo/clean.txt"]);
     assert_eq!((clean.status.code(), stdout(&clean).as_str()), (Some(0), ""));
     let missing = run(dir.path(), &["scan", "repo/ci", "repo/nothere"]);
-    assert_eq!(missing.status.code(), Some(2), "an unreadable path is an error");
+    assert_eq!(missing.status.code(), Some(1), "a key found is told whatever else failed");
     assert!(
         stderr(&missing).contains("repo/nothere") && stdout(&missing).contains("deploy.sh"),
         "the rest is still scanned"
     );
+    let missing = run(dir.path(), &["scan", "repo/clean.txt", "repo/nothere"]);
+    assert_eq!(missing.status.code(), Some(2), "an unreadable path is an error");
 
     let no_store = run(dir.path(), &["--db", "elsewhere.db", "scan", "repo/ci"]);
     assert_eq!(no_store.status.code(), Some(1));

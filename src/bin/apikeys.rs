@@ -244,7 +244,8 @@ enum Command {
     },
     /// Find keys in files and directories (of the namespace, in any environment, told by their
     /// checksum): print file:line:column, the prefix and, if the store knows the key, its id and
-    /// state; never the key. Exit 0 when none is found, 1 when one is, 2 on an error.
+    /// state; never the key. Exit 1 when one is found (whatever else failed), 2 when none is but a
+    /// path could not be read, 0 when none is.
     Scan {
         /// Files and directories to scan; binary files are skipped.
         #[arg(required = true)]
@@ -334,6 +335,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     if let Command::Scan { paths } = &cli.command {
         return scan(&cli.store, paths, cli.json).await;
     }
+    // Only serve and what sets things up (create, owner) make a store file that is not there:
+    // any other command run in the wrong directory, or with a mistyped --db, would answer from a
+    // new, empty store.
+    if !matches!(cli.command, Command::Serve { .. } | Command::Create { .. } | Command::Owner { .. })
+        && let Some(file) = cli.store.file().filter(|file| !file.exists())
+    {
+        return Err(Failure(format!(
+            "no store at {}: give --db the store's file (serve, create and owner make a new one)",
+            file.display()
+        )));
+    }
     let (service, store_is_empty) = open_service(&cli.store).await?;
     // What an operator changes here is the administrator's doing.
     let service = service.acting_as(Actor::admin("cli")?);
@@ -351,7 +363,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             let app = limits.app_options(&service, verification, admin)?;
             let timing = (cli.store.webhook_poll, cli.store.webhook_timeout, cli.store.webhook_lease);
-            serve(service.clone(), listen, first_key_for, limits.options(), app, timing, json).await?
+            let served = serve(service.clone(), listen, first_key_for, limits.options(), app, timing, json).await;
+            if served.is_err() {
+                // However serving ended, the last uses noted are written.
+                let _ = service.flush().await;
+            }
+            served?
         }
         Command::Create { account, name, expires_in, scopes, usage } => {
             let expires_at = expires_in.map(expiry_after).transpose()?;
@@ -1149,9 +1166,10 @@ async fn scan(args: &StoreArgs, paths: &[PathBuf], json: bool) -> Result<ExitCod
         }
     }
     scanning.await.map_err(|error| Failure(format!("the scan stopped: {error}")))?;
-    Ok(match (errors, keys) {
-        (1.., _) => ExitCode::from(2),
-        (0, 1..) => ExitCode::from(1),
+    // A key found is what a check in CI looks for (exit 1), whatever else could not be read.
+    Ok(match (keys, errors) {
+        (1.., _) => ExitCode::from(1),
+        (0, 1..) => ExitCode::from(2),
         (0, 0) => ExitCode::SUCCESS,
     })
 }
