@@ -921,6 +921,22 @@ fn commands_other_than_serve_create_and_owner_make_no_store() {
     assert!(run(dir.path(), &["list", "--account", "acme"]).status.success());
 }
 
+/// A database password is never taken from the command line, where the process list and shell
+/// history show it; the environment may hold it.
+#[test]
+fn a_database_url_with_a_password_is_refused_as_an_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "postgres://u:hunter2secret@127.0.0.1:9/keys";
+    let output = run(dir.path(), &["--backend", "postgres", "--database-url", url, "list", "--account", "a"]);
+    let told = stderr(&output);
+    assert!(!output.status.success() && told.contains("APIKEYS_DATABASE_URL"), "{told}");
+    assert!(!told.contains("hunter2"), "{told}");
+    let mut from_environment = apikeys(dir.path());
+    from_environment.env("APIKEYS_DATABASE_URL", url).args(["--backend", "postgres", "list", "--account", "a"]);
+    let told = stderr(&from_environment.stdin(Stdio::null()).output().unwrap());
+    assert!(!told.contains("APIKEYS_DATABASE_URL instead") && !told.contains("hunter2"), "{told}");
+}
+
 /// A `--webhooks` file that does not parse is told where, never with the value it holds there.
 #[test]
 fn a_bad_webhooks_file_is_told_without_its_values() {

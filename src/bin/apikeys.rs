@@ -18,7 +18,7 @@ use apikeys::{
     KeyUpdate, Maintenance, MemoryStore, Meta, NewKey, OwnerId, OwnerLimits, OwnerUpdate, Pepper, PostgresOptions,
     PostgresStore, RateLimit, RateLimits, RedbStore, Refill, RefillInterval, Scopes, SqliteStore, ValidationError,
 };
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 /// Issue, list, verify and revoke API keys.
@@ -54,7 +54,8 @@ struct StoreArgs {
     /// The database file [default: apikeys.db, or apikeys.redb with --backend redb].
     #[arg(long, env = "APIKEYS_DB", global = true)]
     db: Option<PathBuf>,
-    /// With --backend postgres: the server, e.g. postgres://user:password@host:5432/db.
+    /// With --backend postgres: the server, e.g. postgres://user@host:5432/db; one with a
+    /// password only from APIKEYS_DATABASE_URL, as arguments show in the process list.
     #[arg(long, env = "APIKEYS_DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
     /// With --backend postgres: TLS to the server, as libpq's sslmode: disable, prefer (the
@@ -276,8 +277,21 @@ impl<E: std::error::Error> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|matches| {
+        let cli = Cli::from_arg_matches(&matches)?;
+        Ok((cli, matches.value_source("database_url") == Some(clap::parser::ValueSource::CommandLine)))
+    });
+    let cli = match parsed {
+        Ok((cli, url_in_arguments))
+            if url_in_arguments && cli.store.database_url.as_deref().is_some_and(has_password) =>
+        {
+            return fail(Failure(
+                "--database-url holds a password, which the process list and shell history show: give it in \
+                 APIKEYS_DATABASE_URL instead"
+                    .into(),
+            ));
+        }
+        Ok((cli, _)) => cli,
         Err(error) if error.use_stderr() => {
             // clap repeats unexpected arguments; a key pasted into one must not be printed.
             eprint!("{}", redact_tokens(&error.render().to_string()));
@@ -295,6 +309,18 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(failure) => fail(failure),
+    }
+}
+
+/// Whether a PostgreSQL connection string holds a password: in a URL's user part
+/// (`postgres://user:password@host`), or as a `password=` setting.
+fn has_password(url: &str) -> bool {
+    match url.split_once("://") {
+        Some((_, rest)) => {
+            let authority = rest.split(['/', '?']).next().unwrap_or_default();
+            authority.rsplit_once('@').is_some_and(|(user, _)| user.contains(':'))
+        }
+        None => url.split_whitespace().any(|setting| setting.to_ascii_lowercase().starts_with("password")),
     }
 }
 
@@ -1176,7 +1202,17 @@ async fn scan(args: &StoreArgs, paths: &[PathBuf], json: bool) -> Result<ExitCod
 
 #[cfg(test)]
 mod tests {
-    use super::redact_tokens;
+    use super::{has_password, redact_tokens};
+
+    #[test]
+    fn a_connection_string_with_a_password_is_told_apart() {
+        for url in ["postgres://u:pw@db/keys", "postgresql://u:p%40w@db:5432/k?sslmode=require", "host=db password=x"] {
+            assert!(has_password(url), "{url}");
+        }
+        for url in ["postgres://u@db/keys", "postgres://db/keys?user=a:b", "postgres://db/x@y", "host=db user=u"] {
+            assert!(!has_password(url), "{url}");
+        }
+    }
 
     #[test]
     fn tokens_in_messages_keep_only_their_visible_prefix() {
