@@ -83,6 +83,19 @@ async fn an_event_arrives_signed_after_a_500_and_a_timeout() {
     );
 }
 
+/// A 2xx is the answer, whatever its body does after it: one that never ends is no timeout, so
+/// the event is not sent again (nor its account's later events held behind it).
+#[tokio::test]
+async fn a_2xx_whose_body_never_ends_is_delivered_once() {
+    let receiver = Receiver::start(&[Answer::StallBody(200, Duration::from_secs(3))], OK).await;
+    let clock = ManualClock::new(T0);
+    let (service, _) = service(&receiver, &clock);
+    service.create(&AccountId::new("acme").unwrap(), NewKey::named("first").unwrap()).await.unwrap();
+    assert_eq!(deliver(&service).await.delivered, 1);
+    assert_eq!(service.pending_webhooks().await.unwrap(), 0);
+    assert_eq!(receiver.received().len(), 1);
+}
+
 #[tokio::test]
 async fn each_accounts_events_arrive_in_order_and_others_do_not_wait() {
     let receiver = Receiver::start(&[Answer::Status(503)], OK).await;

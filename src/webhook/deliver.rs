@@ -89,11 +89,17 @@ impl Transport for HttpTransport {
         let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).map_err(|_| "invalid URL")?;
         let response = self.client.request(request).await.map_err(|error| describe(&error))?;
         let status = response.status().as_u16();
-        // Read (up to 64 KiB) so that the connection can be used again; what it says is not used.
-        let _ = Limited::new(response.into_body(), 64 * 1024).collect().await;
+        // The status is the answer. The body (up to 64 KiB, briefly) is read so that the
+        // connection can be used again; what it says is not used, and one that does not end
+        // soon is dropped with its connection rather than make a 2xx count as no answer.
+        let body = Limited::new(response.into_body(), 64 * 1024).collect();
+        let _ = tokio::time::timeout(BODY_DRAIN, body).await;
         Ok(status)
     }
 }
+
+/// How long a delivery's answer may take to send its body after its status.
+const BODY_DRAIN: Duration = Duration::from_millis(100);
 
 /// A transport's error as the operator sees it: the URL (which may hold a credential in its
 /// path or query) replaced by its origin, and at most 512 bytes.

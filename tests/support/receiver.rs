@@ -17,6 +17,9 @@ pub enum Answer {
     Status(u16),
     /// Not at all for this long, then it closes the connection.
     Hang(Duration),
+    /// With this status and headers at once, but a body that does not come for this long, then
+    /// it closes the connection.
+    StallBody(u16, Duration),
 }
 
 /// One request the receiver was sent, and how it answered.
@@ -124,7 +127,8 @@ impl Receiver {
     /// The requests it answered with 2xx.
     pub fn accepted(&self) -> Vec<Received> {
         let received = self.received();
-        received.into_iter().filter(|received| matches!(received.answer, Answer::Status(200..=299))).collect()
+        let accepted = |answer| matches!(answer, Answer::Status(200..=299) | Answer::StallBody(200..=299, _));
+        received.into_iter().filter(|received| accepted(received.answer)).collect()
     }
 }
 
@@ -149,6 +153,13 @@ async fn serve(mut connection: impl AsyncRead + AsyncWrite + Unpin, state: Arc<M
                 }
             }
             Answer::Hang(time) => {
+                tokio::time::sleep(time).await;
+                return;
+            }
+            Answer::StallBody(status, time) => {
+                let head = format!("HTTP/1.1 {status} Scripted\r\ncontent-length: 100\r\n\r\n");
+                let _ = connection.write_all(head.as_bytes()).await;
+                let _ = connection.flush().await;
                 tokio::time::sleep(time).await;
                 return;
             }
