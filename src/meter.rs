@@ -249,54 +249,59 @@ pub(crate) struct Used {
     void_at: i64,
 }
 
-/// What an accepted use took of a key, given back when this is dropped unless it was
-/// [kept](Self::keep): the key's part of a use that its owner has yet to accept, so that a use
-/// given up (its future dropped) while the owner's part waits for the store takes nothing.
-pub(crate) struct Held<'m> {
+/// What a use or a change did to a key's state in the meter, released when this is dropped
+/// unless it was [kept](Self::keep): so that however the future holding it ends (done, failed,
+/// or dropped on the way), what it did is undone if it did not stand.
+pub(crate) struct Guard<'m, R: Release> {
     meter: &'m Meter,
     id: MeterId,
-    pub(crate) used: Used,
     now: i64,
     kept: bool,
+    pub(crate) held: R,
 }
 
-impl Held<'_> {
-    /// The use was accepted: what it took stays taken.
+/// How a [`Guard`] releases what it holds.
+pub(crate) trait Release {
+    fn release(&self, meter: &Meter, id: MeterId, now: i64);
+}
+
+impl<R: Release> Guard<'_, R> {
+    /// It stands: nothing is released.
     pub(crate) fn keep(mut self) {
         self.kept = true;
     }
 }
 
-impl Drop for Held<'_> {
+impl<R: Release> Drop for Guard<'_, R> {
     fn drop(&mut self) {
         if !self.kept {
-            self.meter.give_back(self.id, &self.used, self.now);
+            self.held.release(self.meter, self.id, self.now);
         }
     }
 }
 
-/// Lets go of a lease when dropped, unless [`keep`](Self::keep) is called: held across a change
-/// of the credits, which replaces the balance the lease came from, and may land in the store
-/// even if the call fails or is given up on the way.
-pub(crate) struct LettingGo<'m> {
-    meter: &'m Meter,
-    id: MeterId,
-    now: i64,
-    kept: bool,
-}
+/// What an accepted use took of a key, given back unless kept: the key's part of a use that its
+/// owner has yet to accept, so that a use given up (its future dropped) while the owner's part
+/// waits for the store takes nothing.
+pub(crate) type Held<'m> = Guard<'m, Used>;
 
-impl LettingGo<'_> {
-    /// The change surely did not land: the lease still stands.
-    pub(crate) fn keep(mut self) {
-        self.kept = true;
+impl Release for Used {
+    fn release(&self, meter: &Meter, id: MeterId, now: i64) {
+        meter.give_back(id, self, now);
     }
 }
 
-impl Drop for LettingGo<'_> {
-    fn drop(&mut self) {
-        if !self.kept {
-            self.meter.forget_lease(&self.id, self.now);
-        }
+/// A lease let go of unless kept: held across a change of the credits, which replaces the
+/// balance the lease came from, and may land in the store even if the call fails or is given up
+/// on the way.
+pub(crate) type LettingGo<'m> = Guard<'m, Lease>;
+
+/// The lease of a key (or owner) in the meter.
+pub(crate) struct Lease;
+
+impl Release for Lease {
+    fn release(&self, meter: &Meter, id: MeterId, now: i64) {
+        meter.forget_lease(&id, now);
     }
 }
 
@@ -903,7 +908,7 @@ impl Meter {
 
     /// What a use of `id` at `now` takes, to give back unless kept: fill in its `used`.
     pub(crate) fn hold(&self, id: MeterId, now: i64) -> Held<'_> {
-        Held { meter: self, id, used: Used::default(), now, kept: false }
+        Guard { meter: self, id, now, kept: false, held: Used::default() }
     }
 
     /// Gives back what an accepted use took (its [`Used`]), in the same lease epoch only.
@@ -919,7 +924,7 @@ impl Meter {
 
     /// What lets go of `id`'s lease once dropped: see [`LettingGo`].
     pub(crate) fn letting_go(&self, id: MeterId, now: i64) -> LettingGo<'_> {
-        LettingGo { meter: self, id, now, kept: false }
+        Guard { meter: self, id, now, kept: false, held: Lease }
     }
 
     /// Lets go of what this instance holds of the key's credits: they were taken from a balance

@@ -1204,7 +1204,7 @@ impl<S: KeyStore> Inner<S> {
             _ => {}
         }
         let mut held = self.meter.hold(key.id.into(), now);
-        let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut held.used)).await;
+        let of_key = self.spend(&Purse::key(key), usage, now, Some(&mut held.held)).await;
         let of_key = of_key.map_err(|spent| (spent, false))?;
         match self.spend(&owner, usage, now, None).await {
             Ok(of_owner) => {
