@@ -1518,14 +1518,22 @@ mod tests {
         assert!(all >= 270, "{all} accepted in 3 s by the one instance that used the key");
     }
 
+    /// A meter that shares counts from `start` on, with one other instance that exchanges them
+    /// too (its heartbeat), and no exchange after that one.
+    fn sharing_with_another(start: i64, stale_after: Duration, fail_open: bool) -> Meter {
+        let meter = Meter::new(0);
+        let generation = meter.start_sharing(start, stale_after, fail_open).unwrap();
+        let alive_ms = stale_after.as_millis() as u64;
+        meter.take_others(&[RateCounts::new(9, 0, String::new(), alive_ms, 0, Vec::new())], start, generation);
+        meter
+    }
+
     #[test]
     fn uses_assumed_of_the_others_drop_out_of_a_window_shorter_than_the_exchange_with_its_own() {
-        let meter = Meter::new(0);
         let limits = RateLimits::new([limit(10, 100)]).unwrap();
         let start = 1_000_000_000;
-        let generation = meter.start_sharing(start, Duration::from_secs(10), false).unwrap();
-        // One other instance exchanges; no exchange follows for the 2 s the key is used.
-        meter.take_others(&[RateCounts::new(9, 0, String::new(), 10_000, 0, Vec::new())], start, generation);
+        // The key is used for 2 s after the one exchange.
+        let meter = sharing_with_another(start, Duration::from_secs(10), false);
         let (mut accepted, mut refusals) = (0, 0);
         for step in 0..2_000_i64 {
             let now = start + step * 1_000;
@@ -1553,11 +1561,9 @@ mod tests {
 
     #[test]
     fn failing_open_a_window_counts_alone_once_the_counts_are_stale_before_any_exchange_fails() {
-        let meter = Meter::new(0);
         let limits = RateLimits::new([limit(100, 1_000)]).unwrap();
         let start = 1_000_000_000;
-        let generation = meter.start_sharing(start, Duration::from_secs(1), true).unwrap();
-        meter.take_others(&[RateCounts::new(9, 0, String::new(), 1_000, 0, Vec::new())], start, generation);
+        let meter = sharing_with_another(start, Duration::from_secs(1), true);
         let use_at = |now| {
             matches!(
                 meter.open(MeterId(1), &limits, None, &Usage::new(), now, Settle::MayWait, None),
