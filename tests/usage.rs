@@ -187,12 +187,18 @@ async fn changing_a_limits_window_never_frees_the_uses_it_counted() {
     }
 }
 
-#[tokio::test]
-async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
+/// A key of 100 credits whose first use took a lease of 10, with its token and id.
+async fn leased_key() -> (KeyService<Store>, Store, String, apikeys::KeyId) {
     let (service, store) = service(10);
     let created = service.create(&AccountId::new("acme").unwrap(), credits(100)).await.unwrap();
-    let (token, id) = (created.key.expose_secret().to_owned(), created.id);
+    let token = created.key.expose_secret().to_owned();
     service.verify(&token).await.unwrap();
+    (service, store, token, created.id)
+}
+
+#[tokio::test]
+async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
+    let (service, store, token, id) = leased_key().await;
     // A use of 50 waits for the store while the credits are set to 0; then it is given up.
     store.inject(Call::TakeCredits, Some(Fault::Hang));
     let usage = Usage::new().cost(50);
@@ -213,10 +219,7 @@ async fn a_lease_taken_before_a_change_of_credits_is_not_spent_after_it() {
 /// A change of credits that lands though its answer is lost lets go of the lease all the same.
 #[tokio::test]
 async fn a_change_of_credits_whose_answer_is_lost_still_lets_go_of_the_lease() {
-    let (service, store) = service(10);
-    let created = service.create(&AccountId::new("acme").unwrap(), credits(100)).await.unwrap();
-    let (token, id) = (created.key.expose_secret().to_owned(), created.id);
-    service.verify(&token).await.unwrap();
+    let (service, store, token, id) = leased_key().await;
     store.inject(Call::Update, Some(Fault::LoseAcknowledgement));
     let five = apikeys::KeyUpdate::default().credits(Some(Credits::new(5).unwrap()));
     let changed = service.update_as_admin(&AccountId::new("acme").unwrap(), &id, five).await;
