@@ -191,6 +191,14 @@ pub(crate) struct Pending<'m> {
     settled: bool,
 }
 
+impl Pending<'_> {
+    /// The lease the use took from, which what its take grants is added to.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn epoch(&self) -> u64 {
+        self.used.epoch
+    }
+}
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.settled {
@@ -914,6 +922,18 @@ impl Meter {
     /// Gives back what an accepted use took (its [`Used`]), in the same lease epoch only.
     pub(crate) fn give_back(&self, id: MeterId, used: &Used, now: i64) {
         self.shard(&id, now).keys.entry(id).give_back(used, now);
+    }
+
+    /// Adds what a take granted to the lease `epoch` of `id`, at `now`, for a use that was given
+    /// up while the take was under way: the store spent those credits, so they are this
+    /// instance's to spend, as long as that lease stands and its refill period lasts.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn reclaim(&self, id: MeterId, epoch: u64, take: Take, taken: &Taken, now: i64) {
+        let void_at = taken.balance.next_refill(take.at).map_or(i64::MAX, unix_micros);
+        let granted = Used { slots: Vec::new(), credits: taken.granted, epoch, void_at };
+        if let Some(key) = self.shard(&id, now).keys.get_mut(&id) {
+            key.give_back(&granted, now);
+        }
     }
 
     /// The credits this instance holds for `id` at `now`: what lists add to the store's.

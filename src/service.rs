@@ -11,7 +11,7 @@ use crate::error::{Error, ValidationError};
 use crate::id::{AccountId, KeyId, OwnerId};
 use crate::key::{ApiKey, AuthenticatedKey, CreatedKey, KeyUpdate, NewKey, PreviousKey, RolledKey};
 use crate::last_used::{Batch, LastUsed};
-use crate::meter::{Closed, LEASE_WAITS, Meter, MeterId, Opened, Refused, Settle, Usage, UsageReport, Used};
+use crate::meter::{Closed, LEASE_WAITS, Meter, MeterId, Opened, Pending, Refused, Settle, Usage, UsageReport, Used};
 use crate::owner::{Metered, OwnerCache, OwnerLimits, OwnerUpdate};
 use crate::rejection::{Refusal, Rejection};
 use crate::scope::Scopes;
@@ -66,6 +66,9 @@ struct Inner<S> {
     /// Where every event is delivered, and their names, which each change's entry carries.
     endpoints: Arc<[Endpoint]>,
     deliveries: Arc<[EndpointName]>,
+    /// The service itself, for a task that must outlive the call that starts it.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    this: std::sync::Weak<Inner<S>>,
 }
 
 /// A [`KeyService`] that does not keep it alive.
@@ -233,7 +236,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
     pub fn build(self) -> KeyService<S> {
         let deliveries = self.endpoints.iter().map(|endpoint| endpoint.name().clone()).collect();
         KeyService {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|this| Inner {
                 store: self.store,
                 digester: Digester::new(self.pepper.as_ref()).accepting_unpeppered(self.accept_unpeppered),
                 format: self.format,
@@ -249,6 +252,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
                 audit_retention: self.audit_retention,
                 endpoints: self.endpoints.into(),
                 deliveries,
+                this: this.clone(),
             }),
             origin: Origin::default(),
         }
@@ -1269,7 +1273,7 @@ impl<S: KeyStore> Inner<S> {
             opened =
                 self.meter.open(purse.id, purse.ratelimits, purse.credits, usage, now, settle, used.as_deref_mut());
         };
-        let taken = self.within(purse.take(&self.store, pending.take)).await;
+        let taken = self.take_for(purse, &pending).await;
         if let (Holder::Owner(account, owner), Ok(Some(taken))) = (&purse.holder, &taken) {
             self.owners.taken(account, owner, taken.balance);
         }
@@ -1278,6 +1282,31 @@ impl<S: KeyStore> Inner<S> {
             Closed::Refused(refused, report) => Err(Spent::Refused(refused, report)),
             Closed::Store(error) => Err(Spent::Store(error)),
         }
+    }
+
+    /// Takes from the store what `pending` asks of `purse`. Under tokio, in a task of its own
+    /// that outlives the use: a take that lands after its use was given up (its future dropped,
+    /// or past the store's deadline) is not lost, as its credits go to this instance's lease.
+    async fn take_for(&self, purse: &Purse<'_>, pending: &Pending<'_>) -> Result<Option<Taken>, StoreError> {
+        #[cfg(feature = "tokio")]
+        if let (Some(inner), Ok(runtime)) = (self.this.upgrade(), tokio::runtime::Handle::try_current()) {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let (holder, id, take, epoch) = (purse.holder.clone(), purse.id, pending.take, pending.epoch());
+            runtime.spawn(async move {
+                let taken = holder.take(&inner.store, take).await;
+                // The use is gone: what the take granted is the lease's.
+                if let Err(Ok(Some(taken))) = answer.send(taken) {
+                    inner.meter.reclaim(id, epoch, take, &taken, inner.clock.now_unix_micros());
+                }
+            });
+            let mut awaiting = Awaiting { answered, inner: self, id, epoch, take };
+            let answered = async {
+                let answered = (&mut awaiting.answered).await;
+                answered.unwrap_or_else(|_| Err(StoreError::backend(TakeUnanswered)))
+            };
+            return self.within(answered).await;
+        }
+        self.within(purse.holder.take(&self.store, pending.take)).await
     }
 
     /// The record with this digest, checked to really carry it.
@@ -1352,34 +1381,64 @@ fn stale_after(interval: Duration) -> Duration {
 #[error("the other instances' rate-limit counts are {}ms old: the store has not answered", .0.as_millis())]
 struct StaleCounts(Duration);
 
+/// A use waiting for its take's answer. Given up after the answer came but before it was read,
+/// it puts what the take granted in the lease, as the take's task does once the use is gone.
+#[cfg(feature = "tokio")]
+struct Awaiting<'i, S> {
+    answered: tokio::sync::oneshot::Receiver<Result<Option<Taken>, StoreError>>,
+    inner: &'i Inner<S>,
+    id: MeterId,
+    epoch: u64,
+    take: Take,
+}
+
+#[cfg(feature = "tokio")]
+impl<S> Drop for Awaiting<'_, S> {
+    fn drop(&mut self) {
+        if let Ok(Ok(Some(taken))) = self.answered.try_recv() {
+            self.inner.meter.reclaim(self.id, self.epoch, self.take, &taken, self.inner.clock.now_unix_micros());
+        }
+    }
+}
+
+/// Why a take from the store ended without an answer: its task stopped (a store that panicked).
+#[cfg(feature = "tokio")]
+#[derive(Debug, thiserror::Error)]
+#[error("the take of credits from the store ended without an answer")]
+struct TakeUnanswered;
+
 /// What a use spends from and counts against: a key, or the owner of one.
 struct Purse<'a> {
     id: MeterId,
     ratelimits: &'a RateLimits,
     /// The balance as read: the key's at this verification, the owner's as cached.
     credits: Option<&'a Balance>,
-    holder: Holder<'a>,
+    holder: Holder,
 }
 
-enum Holder<'a> {
-    Key(&'a KeyId),
-    Owner(&'a AccountId, &'a OwnerId),
+/// Whose credits a purse's takes come from.
+#[derive(Clone)]
+enum Holder {
+    Key(KeyId),
+    Owner(AccountId, OwnerId),
 }
 
 impl<'a> Purse<'a> {
     fn key(key: &'a AuthenticatedKey) -> Self {
         let (ratelimits, credits) = (&key.ratelimits, key.credits.as_ref());
-        Self { id: key.id.into(), ratelimits, credits, holder: Holder::Key(&key.id) }
+        Self { id: key.id.into(), ratelimits, credits, holder: Holder::Key(key.id) }
     }
 
     /// The account's owner `owner`, with its limits as `metered` holds them.
     fn owner(account: &'a AccountId, owner: &'a OwnerId, metered: &'a Metered) -> Self {
         let (ratelimits, credits) = (&metered.limits.ratelimits, metered.limits.credits.as_ref());
-        Self { id: metered.id, ratelimits, credits, holder: Holder::Owner(account, owner) }
+        Self { id: metered.id, ratelimits, credits, holder: Holder::Owner(account.clone(), owner.clone()) }
     }
+}
 
+impl Holder {
     async fn take<S: KeyStore>(&self, store: &S, take: Take) -> Result<Option<Taken>, StoreError> {
-        match self.holder {
+        match self {
             Holder::Key(id) => store.take_credits(id, take).await,
             Holder::Owner(account, owner) => store.take_owner_credits(account, owner, take).await,
         }

@@ -351,9 +351,6 @@ pub(crate) fn may_hold_token(text: &str) -> bool {
 /// The version between underscores, which every token holds after its namespace and environment.
 pub(crate) const VERSION_MARKER: &str = "_v1_";
 
-/// How far a token's visible prefix reaches past its [`VERSION_MARKER`].
-pub(crate) const PREFIX_AFTER_MARKER: usize = VERSION_MARKER.len() + PREFIX_BODY_CHARS;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,33 @@ async fn a_use_given_up_while_it_waits_for_the_store_takes_nothing_with_it() {
     assert_eq!((uses.usage.credits, store.calls(Call::TakeCredits)), (Some(98), takes), "spent from the lease");
 }
 
+/// A take that lands after its use was given up (the future dropped, or past the store's
+/// deadline) loses nothing: what it was granted is the lease's, and the next uses spend it.
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn a_take_that_lands_after_its_use_was_given_up_loses_nothing() {
+    for deadline in [None, Some(Duration::from_millis(20))] {
+        let store = Arc::new(Instrumented::new(MemoryStore::new()));
+        let mut builder = KeyService::builder(store.clone(), live()).clock(ManualClock::new(T0)).credit_lease(10);
+        if let Some(deadline) = deadline {
+            builder = builder.store_deadline(deadline);
+        }
+        let service = builder.without_last_used().build();
+        let token = key(&service, credits(100)).await;
+        store.inject(Call::TakeCredits, Some(Fault::Delay(Duration::from_millis(100))));
+        match deadline {
+            None => assert!(tokio::time::timeout(Duration::from_millis(20), service.verify(&token)).await.is_err()),
+            Some(_) => assert!(matches!(service.verify(&token).await, Err(Rejection::Store(_)))),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let listed = service.list(&AccountId::new("acme").unwrap()).await.unwrap();
+        assert_eq!(listed[0].credits.map(|credits| credits.remaining), Some(100), "{deadline:?}: none lost");
+        let used = service.verify(&token).await.unwrap();
+        assert_eq!(used.usage.credits, Some(99));
+        assert_eq!(store.calls(Call::TakeCredits), 1, "{deadline:?}: spent from the take given up");
+    }
+}
+
 #[tokio::test]
 async fn a_use_of_cost_zero_checks_without_counting() {
     let (service, _) = service(10);

@@ -486,7 +486,7 @@ fn visible_filter(filter: &str) -> Option<&str> {
     if !crate::token::may_hold_token(filter) {
         return None;
     }
-    let end = |at| at + crate::token::PREFIX_AFTER_MARKER;
+    let end = |at| at + crate::token::VERSION_MARKER.len() + crate::token::PREFIX_BODY_CHARS;
     let visible = filter.find(crate::token::VERSION_MARKER).map_or("", |at| filter.get(..end(at)).unwrap_or(filter));
     (visible != filter).then_some(visible)
 }
