@@ -926,12 +926,16 @@ impl Meter {
 
     /// Adds what a take granted to the lease `epoch` of `id`, at `now`, for a use that was given
     /// up while the take was under way: the store spent those credits, so they are this
-    /// instance's to spend, as long as that lease stands and its refill period lasts.
+    /// instance's to spend, as long as that lease stands and its refill period lasts. The lease
+    /// then holds at most a lease and the use's cost: what takes given up one after another
+    /// (a store slower than its deadline) bring beyond that is let go, so that a crash never
+    /// loses more than that bound.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn reclaim(&self, id: MeterId, epoch: u64, take: Take, taken: &Taken, now: i64) {
         let void_at = taken.balance.next_refill(take.at).map_or(i64::MAX, unix_micros);
-        let granted = Used { slots: Vec::new(), credits: taken.granted, epoch, void_at };
         if let Some(key) = self.shard(&id, now).keys.get_mut(&id) {
+            let room = self.lease.saturating_add(take.need).saturating_sub(key.lease);
+            let granted = Used { slots: Vec::new(), credits: taken.granted.min(room), epoch, void_at };
             key.give_back(&granted, now);
         }
     }

@@ -144,7 +144,7 @@ impl<S: KeyStore> KeyServiceBuilder<S> {
     /// crash of this instance can lose, at most, of each key's credits; and until this
     /// instance spends it, other instances sharing the store cannot. A take never asks for more
     /// than a quarter of what the key has left, so that near the end instances share it.
-    /// 0: every spend is a durable write, and no lease is held.
+    /// 0: every spend is a durable write, and no lease is held but what a use given up had taken.
     pub fn credit_lease(mut self, credits: u64) -> Self {
         self.credit_lease = credits;
         self
@@ -1292,14 +1292,16 @@ impl<S: KeyStore> Inner<S> {
         if let (Some(inner), Ok(runtime)) = (self.this.upgrade(), tokio::runtime::Handle::try_current()) {
             let (answer, answered) = tokio::sync::oneshot::channel();
             let (holder, id, take, epoch) = (purse.holder.clone(), purse.id, pending.take, pending.epoch());
+            let reclaim = Reclaim { holder, id, epoch, take };
+            let task = reclaim.clone();
             runtime.spawn(async move {
-                let taken = holder.take(&inner.store, take).await;
+                let taken = task.holder.take(&inner.store, take).await;
                 // The use is gone: what the take granted is the lease's.
                 if let Err(Ok(Some(taken))) = answer.send(taken) {
-                    inner.meter.reclaim(id, epoch, take, &taken, inner.clock.now_unix_micros());
+                    task.reclaim(&inner, &taken);
                 }
             });
-            let mut awaiting = Awaiting { answered, inner: self, id, epoch, take };
+            let mut awaiting = Awaiting { answered, inner: self, reclaim };
             let answered = async {
                 let answered = (&mut awaiting.answered).await;
                 answered.unwrap_or_else(|_| Err(StoreError::backend(TakeUnanswered)))
@@ -1387,17 +1389,37 @@ struct StaleCounts(Duration);
 struct Awaiting<'i, S> {
     answered: tokio::sync::oneshot::Receiver<Result<Option<Taken>, StoreError>>,
     inner: &'i Inner<S>,
-    id: MeterId,
-    epoch: u64,
-    take: Take,
+    reclaim: Reclaim,
 }
 
 #[cfg(feature = "tokio")]
 impl<S> Drop for Awaiting<'_, S> {
     fn drop(&mut self) {
         if let Ok(Ok(Some(taken))) = self.answered.try_recv() {
-            self.inner.meter.reclaim(self.id, self.epoch, self.take, &taken, self.inner.clock.now_unix_micros());
+            self.reclaim.reclaim(self.inner, &taken);
         }
+    }
+}
+
+/// A take whose use may be given up before it lands: where what it grants then goes.
+#[cfg(feature = "tokio")]
+#[derive(Clone)]
+struct Reclaim {
+    holder: Holder,
+    id: MeterId,
+    epoch: u64,
+    take: Take,
+}
+
+#[cfg(feature = "tokio")]
+impl Reclaim {
+    /// Puts what the take granted in the lease, and an owner's balance as it now stands in the
+    /// cache, as a use that waited for the take would have.
+    fn reclaim<S>(&self, inner: &Inner<S>, taken: &Taken) {
+        if let Holder::Owner(account, owner) = &self.holder {
+            inner.owners.taken(account, owner, taken.balance);
+        }
+        inner.meter.reclaim(self.id, self.epoch, self.take, taken, inner.clock.now_unix_micros());
     }
 }
 

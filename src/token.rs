@@ -345,7 +345,19 @@ fn is_environment(s: &str) -> bool {
 /// every token has, also percent-encoded. Text that is kept and sent on (a request id, a leak's
 /// source URL) is refused with it, so that no token gets into an audit event or a webhook.
 pub(crate) fn may_hold_token(text: &str) -> bool {
-    text.contains(VERSION_MARKER) || text.to_ascii_lowercase().replace("%5f", "_").contains(VERSION_MARKER)
+    // Decoded up to three times over: a key in a URL may be percent-encoded, even twice.
+    let mut text = text.to_ascii_lowercase();
+    for _ in 0..3 {
+        if text.contains(VERSION_MARKER) {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(&text).decode_utf8_lossy().to_ascii_lowercase();
+        if decoded == text {
+            return false;
+        }
+        text = decoded;
+    }
+    text.contains(VERSION_MARKER)
 }
 
 /// The version between underscores, which every token holds after its namespace and environment.
@@ -357,8 +369,14 @@ mod tests {
 
     #[test]
     fn text_with_the_version_between_underscores_may_hold_a_token_even_percent_encoded() {
-        for text in ["as_live_v1_abcd", "https://x.example/?k=as_test_v1_q", "as%5Flive%5fv1%5Fabcd", "AS%5FLIVE_V1%5F"]
-        {
+        for text in [
+            "as_live_v1_abcd",
+            "https://x.example/?k=as_test_v1_q",
+            "as%5Flive%5fv1%5Fabcd",
+            "AS%5FLIVE_V1%5F",
+            "as_live_%76%31_abcd",
+            "as%255Flive%255Fv1%255Fabcd",
+        ] {
             assert!(may_hold_token(text), "{text}");
         }
         for text in ["https://pastebin.example/raw/abc", "req_0123", "v1_abcd", "as_live_v2_abcd"] {

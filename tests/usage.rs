@@ -126,6 +126,28 @@ async fn a_take_that_lands_after_its_use_was_given_up_loses_nothing() {
     }
 }
 
+/// Takes given up one after another (a store slower than its deadline) leave at most a lease
+/// and the use's cost in the lease: what a crash may lose stays within that bound.
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn takes_given_up_one_after_another_leave_at_most_a_lease_in_it() {
+    let (service, store) = service(10);
+    let token = key(&service, credits(100)).await;
+    store.inject(Call::TakeCredits, Some(Fault::Delay(Duration::from_millis(100))));
+    for _ in 0..2 {
+        assert!(tokio::time::timeout(Duration::from_millis(20), service.verify(&token)).await.is_err());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.inject(Call::TakeCredits, None);
+    // Each take granted 11 (1 and a lease of 10): 22 left the store, 11 of them are the lease's.
+    let listed = service.list(&AccountId::new("acme").unwrap()).await.unwrap();
+    assert_eq!(listed[0].credits.map(|credits| credits.remaining), Some(89));
+    for left in (78..89).rev() {
+        assert_eq!(service.verify(&token).await.unwrap().usage.credits, Some(left));
+    }
+    assert_eq!(store.calls(Call::TakeCredits), 2, "the lease paid for 11 uses");
+}
+
 #[tokio::test]
 async fn a_use_of_cost_zero_checks_without_counting() {
     let (service, _) = service(10);

@@ -313,12 +313,14 @@ fn main() -> ExitCode {
 }
 
 /// Whether a PostgreSQL connection string holds a password: in a URL's user part
-/// (`postgres://user:password@host`), or as a `password=` setting.
+/// (`postgres://user:password@host`) or its query (`?password=`), or as a `password=` setting.
 fn has_password(url: &str) -> bool {
     match url.split_once("://") {
         Some((_, rest)) => {
             let authority = rest.split(['/', '?']).next().unwrap_or_default();
-            authority.rsplit_once('@').is_some_and(|(user, _)| user.contains(':'))
+            let query = rest.split_once('?').map_or("", |(_, query)| query);
+            let in_query = query.split('&').any(|pair| pair.to_ascii_lowercase().starts_with("password="));
+            in_query || authority.rsplit_once('@').is_some_and(|(user, _)| user.contains(':'))
         }
         None => url.split_whitespace().any(|setting| setting.to_ascii_lowercase().starts_with("password")),
     }
@@ -1163,8 +1165,16 @@ async fn scan(args: &StoreArgs, paths: &[PathBuf], json: bool) -> Result<ExitCod
             }
         };
         keys += 1;
+        // A key the store cannot be asked about is still told, without its id.
         let state = match &service {
-            Some(service) => Some(service.identify(finding.token.expose_secret()).await?),
+            Some(service) => match service.identify(finding.token.expose_secret()).await {
+                Ok(state) => Some(state),
+                Err(error) => {
+                    errors += 1;
+                    eprintln!("cannot look up the key at {}:{}: {error}", path.display(), finding.line);
+                    None
+                }
+            },
             None => None,
         };
         let (state, key) = match &state {
@@ -1206,7 +1216,12 @@ mod tests {
 
     #[test]
     fn a_connection_string_with_a_password_is_told_apart() {
-        for url in ["postgres://u:pw@db/keys", "postgresql://u:p%40w@db:5432/k?sslmode=require", "host=db password=x"] {
+        for url in [
+            "postgres://u:pw@db/keys",
+            "postgresql://u:p%40w@db:5432/k?sslmode=require",
+            "postgres://u@db/keys?sslmode=require&password=x",
+            "host=db password=x",
+        ] {
             assert!(has_password(url), "{url}");
         }
         for url in ["postgres://u@db/keys", "postgres://db/keys?user=a:b", "postgres://db/x@y", "host=db user=u"] {

@@ -486,8 +486,10 @@ fn visible_filter(filter: &str) -> Option<&str> {
     if !crate::token::may_hold_token(filter) {
         return None;
     }
+    // Shorter than a prefix, it holds no secret; cut inside a character, nothing of it is shown.
+    let visible_to = |end: usize| if end >= filter.len() { filter } else { filter.get(..end).unwrap_or("") };
     let end = |at| at + crate::token::VERSION_MARKER.len() + crate::token::PREFIX_BODY_CHARS;
-    let visible = filter.find(crate::token::VERSION_MARKER).map_or("", |at| filter.get(..end(at)).unwrap_or(filter));
+    let visible = filter.find(crate::token::VERSION_MARKER).map_or("", |at| visible_to(end(at)));
     (visible != filter).then_some(visible)
 }
 
@@ -815,4 +817,20 @@ async fn asset(Path(file): Path<String>) -> Response {
         (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300")),
     ];
     (headers, body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible_filter;
+
+    #[test]
+    fn a_filter_that_holds_more_of_a_key_than_its_prefix_shows_the_prefix_at_most() {
+        let token = "as_live_v1_4xkqabcdefghijklmnopqrstuvwxyz234567";
+        assert_eq!(visible_filter(&format!(" {token} ")), Some("as_live_v1_4xkq"));
+        assert_eq!(visible_filter(&format!("as_live_v1_ab€ {token}")), Some(""), "cut inside a character");
+        assert_eq!(visible_filter(&token.replace('_', "%5F")), Some(""), "percent-encoded");
+        for shown in ["as_live_v1_4xkq", "as_live_v1_4x", "orders:read", ""] {
+            assert_eq!(visible_filter(shown), None, "{shown}");
+        }
+    }
 }
