@@ -96,6 +96,29 @@ async fn a_2xx_whose_body_never_ends_is_delivered_once() {
     assert_eq!(receiver.received().len(), 1);
 }
 
+/// A transport that panics is a failed attempt: counted and retried with backoff (and so given
+/// up in time), not tried again forever.
+#[tokio::test]
+async fn a_transport_that_panics_fails_the_attempt() {
+    struct Panics;
+    #[async_trait::async_trait]
+    impl Transport for Panics {
+        async fn post(&self, _: &Endpoint, _: &[(&'static str, String)], _: &str) -> Result<u16, String> {
+            panic!("a transport of the host's that panics");
+        }
+    }
+    let receiver = Receiver::start(&[], OK).await;
+    let clock = ManualClock::new(T0);
+    let (service, _) = service(&receiver, &clock);
+    service.create(&AccountId::new("acme").unwrap(), NewKey::named("first").unwrap()).await.unwrap();
+    let panics: Arc<dyn Transport> = Arc::new(Panics);
+    let report = service.deliver_webhooks(&panics, &options()).await.unwrap();
+    assert_eq!((report.retried, report.lost), (1, 0));
+    assert_eq!(deliver(&service).await.attempted(), 0, "not due again until its backoff passed");
+    clock.advance(time::Duration::seconds(4));
+    assert_eq!(deliver(&service).await.delivered, 1);
+}
+
 #[tokio::test]
 async fn each_accounts_events_arrive_in_order_and_others_do_not_wait() {
     let receiver = Receiver::start(&[Answer::Status(503)], OK).await;

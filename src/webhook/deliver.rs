@@ -98,6 +98,27 @@ impl Transport for HttpTransport {
     }
 }
 
+/// A transport's post that panics ends as a failed attempt: counted, retried with backoff and
+/// given up after three days like any other, rather than tried again forever.
+struct CatchUnwind<F>(F);
+
+/// What [`CatchUnwind`] gives for a post that panicked.
+struct Panicked;
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Panicked>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| std::pin::Pin::new(&mut self.0).poll(context)));
+        match polled {
+            Ok(std::task::Poll::Ready(answer)) => std::task::Poll::Ready(Ok(answer)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(Panicked)),
+        }
+    }
+}
+
 /// How long a delivery's answer may take to send its body after its status.
 const BODY_DRAIN: Duration = Duration::from_millis(100);
 
@@ -210,8 +231,9 @@ pub struct DeliveryReport {
     /// Deliveries given up.
     pub died: u32,
     /// Attempts the store would not settle: another claim holds the delivery now (this one ran
-    /// out) or it is gone, so it may arrive twice; or the transport panicked, and the delivery
-    /// is attempted again once this claim runs out.
+    /// out) or it is gone, so it may arrive twice; or the attempt panicked outside its transport
+    /// (a transport that panics is a failed attempt), and the delivery is attempted again once
+    /// this claim runs out.
     pub lost: u32,
 }
 
@@ -263,7 +285,8 @@ impl<S: KeyStore> KeyService<S> {
                 match attempted {
                     Ok(Ok(outcome)) => report.add(outcome.as_ref()),
                     Ok(Err(error)) => failed = failed.or(Some(error)),
-                    // A transport that panicked: its claim runs out and another look retries.
+                    // An attempt that panicked outside its transport: its claim runs out and
+                    // another look retries.
                     Err(_) => report.add(None),
                 }
             }
@@ -286,11 +309,12 @@ impl<S: KeyStore> KeyService<S> {
             ("apikeys-event-id", delivery.event_id.to_string()),
             (SIGNATURE_HEADER, endpoint.secret().sign(sent_at.unix_timestamp(), delivery.body.as_bytes())),
         ];
-        let posted = tokio::time::timeout(timeout, transport.post(endpoint, &headers, &delivery.body)).await;
-        let failure = match posted {
-            Ok(Ok(status)) if (200..300).contains(&status) => None,
-            Ok(Ok(status)) => Some(format!("the endpoint answered {status}")),
-            Ok(Err(error)) => Some(without_url(endpoint, error)),
+        let posting = CatchUnwind(transport.post(endpoint, &headers, &delivery.body));
+        let failure = match tokio::time::timeout(timeout, posting).await {
+            Ok(Ok(Ok(status))) if (200..300).contains(&status) => None,
+            Ok(Ok(Ok(status))) => Some(format!("the endpoint answered {status}")),
+            Ok(Ok(Err(error))) => Some(without_url(endpoint, error)),
+            Ok(Err(Panicked)) => Some("the transport panicked".to_owned()),
             Err(_) => Some(format!("no answer within {} ms", timeout.as_millis())),
         };
         let outcome = match failure {
