@@ -1115,9 +1115,7 @@ impl<S: KeyStore> Inner<S> {
                 Ok((usage, owner_usage)) => (usage, Some(owner_usage)),
                 Err((refused, by_owner)) => return Err(refusal(key, refused, by_owner)),
             };
-            if usage.is_use {
-                self.note_use(key.id, now).await;
-            }
+            self.note_use(key.id, usage, now).await;
             return Ok(key);
         }
         // Counted against the key's rate limits and spent from this instance's lease, at once;
@@ -1132,9 +1130,7 @@ impl<S: KeyStore> Inner<S> {
                 spent.map_err(|refused| refusal(key.clone(), refused, false))?
             }
         };
-        if usage.is_use {
-            self.note_use(key.id, now).await;
-        }
+        self.note_use(key.id, usage, now).await;
         Ok(key)
     }
 
@@ -1325,11 +1321,11 @@ impl<S: KeyStore> Inner<S> {
         Ok(found)
     }
 
-    /// Notes a successful verification and, when a write is due, writes one piece of the noted
-    /// times: a verification never waits for more. A failed write does not fail the
-    /// verification: its times are kept and retried.
-    async fn note_use(&self, id: KeyId, now_micros: i64) {
-        let Some(last_used) = &self.last_used else {
+    /// Notes a successful verification, unless `usage` is only an operator's check, and, when a
+    /// write is due, writes one piece of the noted times: a verification never waits for more. A
+    /// failed write does not fail the verification: its times are kept and retried.
+    async fn note_use(&self, id: KeyId, usage: &Usage, now_micros: i64) {
+        let Some(last_used) = self.last_used.as_ref().filter(|_| usage.is_use) else {
             return;
         };
         if !last_used.note(id, now_micros) {

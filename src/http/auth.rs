@@ -83,8 +83,9 @@ where
 static REQUEST: Usage = Usage::REQUEST;
 
 /// The key of a request to a route of the account API that needs one scope of it. The scope is
-/// checked before the key's limits (SPEC §11's order), so a request refused for it (403) spends
-/// no credit and no rate-limit slot, as [`require_scope`] does for the host's routes.
+/// checked before the key's limits (scopes, then rate limits, then credits), so a request
+/// refused for it (403) spends no credit and no rate-limit slot, as [`require_scope`] does for
+/// the host's routes.
 pub(super) struct Caller<N>(pub(super) AuthenticatedKey, pub(super) std::marker::PhantomData<N>);
 
 /// A scope a route of the account API needs, as a type for [`Caller`].
