@@ -1124,8 +1124,9 @@ fn create(c: &mut Criterion) {
 const KIND_SAMPLE: usize = 4_096;
 
 /// `n` keys: half with neither credits nor limits; a quarter with credits (far more than the
-/// runs spend) and a `"requests"` limit (far above the rate any key is used at); and a quarter
-/// with both too and an owner that has both as well. Samples of the tokens of each kind.
+/// runs spend) and a `"requests"` limit of `window` (far above the rate any key is used at);
+/// and a quarter with both too and an owner that has both as well. Samples of the tokens of
+/// each kind.
 struct UsageDataset {
     records: Vec<KeyRecord>,
     plain: Vec<String>,
@@ -1136,9 +1137,9 @@ struct UsageDataset {
 }
 
 impl UsageDataset {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, window: Duration) -> Self {
         let mut data = Dataset::new(n);
-        let limit = RateLimit::new("requests", 1_000_000, Duration::from_secs(1)).unwrap();
+        let limit = RateLimit::new("requests", 1_000_000, window).unwrap();
         let limits = RateLimits::new([limit]).unwrap();
         let credits = Balance::new(Credits::new(1 << 40).unwrap(), OffsetDateTime::now_utc());
         let sampled: std::collections::HashSet<Digest> = data.digests().into_iter().collect();
@@ -1173,15 +1174,21 @@ impl UsageDataset {
 /// with neither, in the same store, interleaved (see [`alternate`]). Also records how many of the
 /// sampled keys needed a durable take from the store during the measured runs: none, in the
 /// steady state, as each holds a lease.
+///
+/// Twice: with a window of 1 s, whose slots (31 ms) hold several uses of each sampled key; and
+/// with one of 32 ms (`first_in_slot`), whose slots (1 ms) are shorter than the time between two
+/// uses of a sampled key, so that every use is the first of its slot and none is settled by the
+/// meter's shortcut.
 fn usage(c: &mut Criterion) {
     if !selected("usage") {
         return;
     }
-    for n in sizes() {
-        let data = UsageDataset::new(n);
+    let windows = [("", Duration::from_secs(1)), ("first_in_slot_", Duration::from_millis(32))];
+    for (n, (kind, window)) in sizes().into_iter().flat_map(|n| windows.map(|window| (n, window))) {
+        let data = UsageDataset::new(n, window);
         let dir = tempfile::tempdir().unwrap();
         let runtime = runtime();
-        let limit = RateLimit::new("requests", 1_000_000, Duration::from_secs(1)).unwrap();
+        let limit = RateLimit::new("requests", 1_000_000, window).unwrap();
         let shared = OwnerUpdate::default()
             .credits(Some(Credits::new(1 << 40).unwrap()))
             .ratelimits(RateLimits::new([limit]).unwrap());
@@ -1219,7 +1226,7 @@ fn usage(c: &mut Criterion) {
                 ("verify_with_owner", &data.owned),
             ];
             for (label, tokens) in labelled {
-                group.bench_function(BenchmarkId::new(format!("{backend}/{label}"), n), |b| {
+                group.bench_function(BenchmarkId::new(format!("{backend}/{kind}{label}"), n), |b| {
                     b.iter_custom(|iters| timed(|| verify_cycle(&service, tokens, &runtime, 0, 0, iters)))
                 });
             }
@@ -1239,7 +1246,7 @@ fn usage(c: &mut Criterion) {
             runtime.block_on(service.flush()).unwrap();
             let ratio = |of: usize| median((0..ROUNDS).map(|round| times[of][round] / times[0][round]).collect());
             record_interleaved(
-                &format!("usage_{backend}"),
+                &format!("usage_{kind}{backend}"),
                 n,
                 &[
                     ("plain_ns", median(times[0].clone())),

@@ -449,6 +449,12 @@ impl RateLimits {
         self.0.is_none()
     }
 
+    /// Where this set is in memory, 0 for none: two sets at one address while either is held
+    /// are one set, with the same limits in the same order.
+    pub(crate) fn address(&self) -> usize {
+        self.0.as_ref().map_or(0, |limits| Arc::as_ptr(limits).cast::<()>().addr())
+    }
+
     /// Whether a key with these limits could do no more than one with `bound`: each of
     /// `bound`'s limits is here too, under the same name, allowing no more uses in a window
     /// that is no shorter.
